@@ -1,0 +1,1 @@
+"""Pyramid nodes, pooling heads, trainers, the multiple-kernel SVM, fine-tuning, evaluation."""

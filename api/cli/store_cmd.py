@@ -1,0 +1,81 @@
+"""``framepool store info|import-splits``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from storage import SPLIT_FORMATS, FeatureStore, parse_splits
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("store", help="inspect a feature store, import split lists")
+    ssub = p.add_subparsers(dest="store_command", metavar="ACTION")
+    ssub.required = True
+
+    info = ssub.add_parser("info", help="summarise a store")
+    info.add_argument("path", help="store path or fsspec URL")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(func=run_info)
+
+    imp = ssub.add_parser("import-splits", help="import UCF101/HMDB51 split lists")
+    imp.add_argument("path", help="store path or fsspec URL")
+    imp.add_argument("--format", required=True, choices=SPLIT_FORMATS)
+    imp.add_argument("--dir", required=True, help="folder with the split files")
+    imp.add_argument("--split", required=True, type=int, choices=(1, 2, 3))
+    imp.add_argument(
+        "--name", default=None, help="list name (default: <format>-<split>, e.g. ucf101-1)"
+    )
+    imp.set_defaults(func=run_import_splits)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [
+        f"store        {info['path']}",
+        f"created by   {info['created_by']} (schema {info['schema_version']})",
+        f"videos       {info['n_videos']}  "
+        + "  ".join(f"{k}={v}" for k, v in info["status"].items()),
+        f"frames       {info['total_frames']}",
+        "streams      " + (", ".join(f"{k} (d={v})" for k, v in info["streams"].items()) or "-"),
+        f"classes      {len(info['class_names'])}: "
+        + ", ".join(info["class_names"][:12])
+        + (" ..." if len(info["class_names"]) > 12 else ""),
+    ]
+    if info["videos_per_split"]:
+        lines.append(
+            "splits       " + ", ".join(f"{k}={v}" for k, v in info["videos_per_split"].items())
+        )
+    for name, parts in info["split_lists"].items():
+        lines.append(f"split list   {name}: " + ", ".join(f"{p}={n}" for p, n in parts.items()))
+    for stream, cfg in info["extractor"].items():
+        desc = ", ".join(f"{k}={v}" for k, v in cfg.items()) if isinstance(cfg, dict) else cfg
+        lines.append(f"extractor    {stream}: {desc}")
+    if info["failed"]:
+        lines.append(f"failed       {len(info['failed'])}:")
+        lines.extend(f"  {f['video_id']}: {f['error']}" for f in info["failed"])
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = FeatureStore.open(args.path, "r").info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def run_import_splits(args: argparse.Namespace) -> int:
+    store = FeatureStore.open(args.path, "r+")
+    parts = parse_splits(args.format, args.dir, args.split)
+    known = set(store.videos(status=None))
+    name = args.name or f"{args.format}-{args.split}"
+    store.set_split_list(name, parts)
+    for part, ids in parts.items():
+        missing = [v for v in ids if v not in known]
+        print(
+            f"{name}/{part}: {len(ids)} videos listed, {len(ids) - len(missing)} in the store"
+            + (f", {len(missing)} not extracted (e.g. {missing[0]})" if missing else "")
+        )
+    return 0

@@ -1,0 +1,14 @@
+"""The Zarr feature store. The only package here that imports zarr; depends on nothing else here."""
+
+from storage.ids import assign_video_ids, safe_video_id
+from storage.splits import SPLIT_FORMATS, parse_splits
+from storage.store import SCHEMA_VERSION, FeatureStore
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SPLIT_FORMATS",
+    "FeatureStore",
+    "assign_video_ids",
+    "parse_splits",
+    "safe_video_id",
+]
