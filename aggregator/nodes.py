@@ -1,8 +1,8 @@
 """Temporal pyramid nodes (seed 002): means of frame features over 2^(l-1) equal intervals.
 
 Node (k, l), levels l = 1..D and k = 1..2^(l-1), covers frames [s, e) with
-``s = floor((k-1) T / 2^(l-1))`` and ``e = max(floor(k T / 2^(l-1)), s + 1)``, clamped to T, so every
-node has at least one frame. Nodes are ordered level by level, left to right: node index
+``s = floor((k-1) T / 2^(l-1))`` and ``e = max(floor(k T / 2^(l-1)), s + 1)``, clamped to T, so
+every node has at least one frame. Nodes are ordered level by level, left to right: node index
 ``n = 2^(l-1) - 1 + (k-1)``. A node's value does not depend on D, so depth-6 nodes (63) serve
 every depth <= 6. Means come from prefix sums: O(T d) per video whatever D is.
 """
@@ -96,7 +96,7 @@ def batch_node_means(x: torch.Tensor, lengths: torch.Tensor, depth: int) -> torc
     """
     if x.dim() != 3:
         raise ValueError(f"expected x of shape [B, T, d], got {tuple(x.shape)}")
-    b, t, d = x.shape
+    b, _, d = x.shape
     starts, ends = batch_node_bounds(lengths.to(x.device), depth)  # [B, M]
     # Prefix sums over time with a leading zero row; padding is never inside any [s, e).
     csum = torch.cat([x.new_zeros(b, 1, d), torch.cumsum(x, dim=1)], dim=1)  # [B, T+1, d]

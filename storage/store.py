@@ -50,6 +50,12 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _attr(node: zarr.Group | zarr.Array, key: str, default: Any = None) -> Any:
+    """One attribute of a Zarr node, typed as Any (attrs are JSON values)."""
+    value: Any = node.attrs.get(key, default)
+    return default if value is None else value
+
+
 def _jsonable(value: Any) -> Any:
     """Convert numpy scalars and paths inside attrs to plain JSON values."""
     if isinstance(value, Mapping):
@@ -142,10 +148,10 @@ class FeatureStore:
         return store
 
     def _check_version(self) -> None:
-        version = self._root.attrs.get("schema_version")
+        version = _attr(self._root, "schema_version")
         if version is None:
             raise ValueError(f"{self.path!r} is not a framepool store (no schema_version)")
-        if int(version) > SCHEMA_VERSION:  # type: ignore[call-overload]
+        if int(version) > SCHEMA_VERSION:
             raise ValueError(
                 f"{self.path!r} has schema_version {version}; this framepool reads up to "
                 f"{SCHEMA_VERSION}"
@@ -163,7 +169,7 @@ class FeatureStore:
     @property
     def extractor(self) -> dict[str, Any]:
         """The extractor configuration per stream, as recorded at creation."""
-        return dict(self._root.attrs.get("extractor") or {})  # type: ignore[call-overload]
+        return dict(_attr(self._root, "extractor", {}))
 
     def _merge_extractor(self, extractor: dict[str, Any]) -> None:
         current = self.extractor
@@ -183,7 +189,7 @@ class FeatureStore:
     @property
     def class_names(self) -> list[str]:
         """Recorded class names, or the sorted labels of the stored videos when none recorded."""
-        names = list(self._root.attrs.get("class_names") or [])  # type: ignore[call-overload]
+        names = list(_attr(self._root, "class_names", []))
         if names:
             return names
         labels = {self.video_attrs(v).get("label") for v in self.videos(status=None)}
@@ -191,7 +197,7 @@ class FeatureStore:
 
     def add_class_names(self, names: list[str]) -> None:
         self._writable()
-        current = list(self._root.attrs.get("class_names") or [])  # type: ignore[call-overload]
+        current = list(_attr(self._root, "class_names", []))
         merged = sorted(set(current) | {str(n) for n in names})
         if merged != current:
             self._root.attrs.update({"class_names": merged})
@@ -226,8 +232,8 @@ class FeatureStore:
     ) -> None:
         """Write all streams of one video, then mark it ``complete``.
 
-        ``streams`` maps a stream name to a ``[T, d]`` array (stored as float16); every stream of one
-        video has the same T. A video already ``complete`` is rewritten only with ``overwrite``.
+        ``streams`` maps a stream name to a ``[T, d]`` array (stored as float16); every stream of
+        one video has the same T. A video already ``complete`` is rewritten only with ``overwrite``.
         """
         self._writable()
         if video_id != safe_video_id(video_id):
@@ -249,7 +255,8 @@ class FeatureStore:
                 raise ValueError(
                     f"video {video_id!r}, stream {name!r}: dtype {a.dtype} is not numeric"
                 )
-            a16 = a.astype(np.float16)
+            with np.errstate(over="ignore", invalid="ignore"):
+                a16 = a.astype(np.float16)
             if not np.isfinite(a16).all():
                 raise ValueError(
                     f"video {video_id!r}, stream {name!r}: features contain NaN or values beyond "
@@ -334,6 +341,7 @@ class FeatureStore:
 
     def n_frames(self, video_id: str, stream: str) -> int:
         arr = self._video_group(video_id)[stream]
+        assert isinstance(arr, zarr.Array)
         return int(arr.shape[0])
 
     def read(self, video_id: str, stream: str, dtype: Any = np.float32) -> np.ndarray:
@@ -401,7 +409,7 @@ class FeatureStore:
     def split_lists(self) -> dict[str, dict[str, list[str]]]:
         if "splits" not in self._root:
             return {}
-        return dict(self._root["splits"].attrs.get("lists") or {})  # type: ignore[call-overload]
+        return dict(_attr(self._root["splits"], "lists", {}))
 
     def set_split_list(self, name: str, parts: Mapping[str, list[str]]) -> None:
         """Record a named split list, e.g. ``ucf101-1`` with parts ``train`` and ``test``."""
@@ -409,7 +417,7 @@ class FeatureStore:
         if not name or "/" in name:
             raise ValueError(f"split list name {name!r} must be non-empty and contain no '/'")
         grp = self._root.require_group("splits")
-        lists = dict(grp.attrs.get("lists") or {})  # type: ignore[call-overload]
+        lists = dict(_attr(grp, "lists", {}))
         lists[name] = {str(p): sorted(map(str, ids)) for p, ids in parts.items()}
         grp.attrs.update({"lists": lists})
 
