@@ -28,7 +28,7 @@ def test_parse_ucf101(tmp_path: Path) -> None:
         "train": ["v_ApplyEyeMakeup_g08_c01", "v_Basketball_g08_c01"],
         "test": ["v_Basketball_g01_c01"],
     }
-    with pytest.raises(FileNotFoundError, match="trainlist02.txt"):
+    with pytest.raises(FileNotFoundError, match=r"trainlist02\.txt"):
         parse_splits("ucf101", tmp_path / "ucfTrainTestlist", 2)
 
 
@@ -37,7 +37,7 @@ def test_parse_hmdb51(tmp_path: Path) -> None:
     (tmp_path / "cartwheel_test_split1.txt").write_text("d.avi 2\n")
     assert parse_splits("hmdb51", tmp_path, 1) == {"train": ["a"], "test": ["b", "d"]}
     (tmp_path / "bad_test_split2.txt").write_text("e.avi 7\n")
-    with pytest.raises(ValueError, match="bad_test_split2.txt:1"):
+    with pytest.raises(ValueError, match=r"bad_test_split2\.txt:1"):
         parse_splits("hmdb51", tmp_path, 2)
     with pytest.raises(ValueError, match="split must be 1, 2 or 3"):
         parse_splits("hmdb51", tmp_path, 4)
