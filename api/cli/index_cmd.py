@@ -1,0 +1,41 @@
+"""``framepool index build``: the similar-video index of a run (faiss, cosine)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from api.cli import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("index", help="build the similar-video search index of a run")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    isub.required = True
+    build = isub.add_parser(
+        "build",
+        help="embed a store split with a run's head and write DIR/index.faiss + index_ids.json",
+    )
+    build.add_argument("--run", required=True, metavar="DIR", help="trained run directory")
+    build.add_argument("--store", required=True, help="the feature store the run was trained on")
+    build.add_argument(
+        "--split", default="train", help="store split to index (default train; 'all': every video)"
+    )
+    build.set_defaults(func=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from aggregator.similarity import build_index
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise UsageError(f"--run {args.run!r}: no such directory")
+    split = None if args.split == "all" else args.split
+    index = build_index(run_dir, args.store, split)
+    labels = {lb for lb in index.labels if lb is not None}
+    print(
+        f"indexed {len(index)} videos ({len(labels)} classes, dim {index.dim}, cosine) "
+        f"from split {args.split!r} -> {run_dir / 'index.faiss'}"
+    )
+    return 0

@@ -1,0 +1,108 @@
+"""``framepool serve``: the prediction service under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from api.cli import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve trained runs over HTTP (predict, similar videos, metrics)",
+        description="Start the REST service: POST /v1/predict, POST /v1/similar, GET /v1/models, "
+        "/healthz, /readyz, /metrics; OpenAPI docs at /docs.",
+    )
+    p.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="run directory to serve (repeat for several; the first answers by default)",
+    )
+    p.add_argument(
+        "--store", default=None, help="the runs' feature store: builds a missing similarity index"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="inference worker threads (default 1)")
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=8,
+        help="requests that may wait for a worker before the service answers 503 (default 8)",
+    )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=200.0, help="largest upload (default 200 MiB)"
+    )
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        default=None,
+        help="default frames used per video, evenly spread (default: all; requests may override)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch device for extraction: cpu, cuda, auto (default cpu)"
+    )
+    p.add_argument(
+        "--upload-dir",
+        default=None,
+        help="folder for uploads in flight (default: private temp dir)",
+    )
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from api.service.settings import Settings
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port!r}")
+    for run_dir in args.runs:
+        if not Path(run_dir).is_dir():
+            raise UsageError(f"--run {run_dir!r}: no such directory")
+    if args.store is not None and not Path(args.store).exists():
+        raise UsageError(f"--store {args.store!r}: no such store")
+    try:
+        return Settings(
+            runs=[Path(r) for r in args.runs],
+            store=None if args.store is None else Path(args.store),
+            device=args.device,
+            workers=args.workers,
+            queue_size=args.queue_size,
+            max_upload_mb=args.max_upload_mb,
+            default_max_frames=args.max_frames,
+            upload_dir=None if args.upload_dir is None else Path(args.upload_dir),
+            torch_threads=args.torch_threads,
+        )
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise UsageError(errors) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.service.app import create_app
+
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    print(f"framepool serve: http://{args.host}:{args.port}  (docs at /docs)")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        timeout_graceful_shutdown=10,
+    )
+    return 0

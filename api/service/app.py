@@ -1,0 +1,96 @@
+"""The FastAPI app factory: ``create_app(settings)``, models loaded once in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from api.service.deps import ServiceState
+from api.service.inference import InferenceQueue
+from api.service.metrics import MetricsMiddleware, ServiceMetrics
+from api.service.routes import health, metrics, models, predict, similar
+from api.service.runs import Registry, WorkerContext, load_registry, make_worker_context
+from api.service.settings import Settings
+from api.service.uploads import make_upload_dir
+
+log = logging.getLogger(__name__)
+
+
+def _load(settings: Settings) -> tuple[Registry, list[WorkerContext]]:
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    registry = load_registry(settings.runs, settings.store)
+    contexts = [make_worker_context(registry, settings.device) for _ in range(settings.workers)]
+    return registry, contexts
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    service_metrics: ServiceMetrics = app.state.metrics
+    registry, contexts = await anyio.to_thread.run_sync(_load, settings)
+    if settings.upload_dir is None:
+        upload_dir, owned = make_upload_dir(), True
+    else:
+        upload_dir, owned = settings.upload_dir, False
+        upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    queue = InferenceQueue(contexts, settings.queue_size, on_change=service_metrics.queue_changed)
+    app.state.service = ServiceState(
+        settings=settings,
+        registry=registry,
+        queue=queue,
+        upload_dir=upload_dir,
+        metrics=service_metrics,
+    )
+    log.info(
+        "serving %d run(s) (%s) with %d worker(s), queue %d",
+        len(registry.runs),
+        ", ".join(registry.runs),
+        settings.workers,
+        settings.queue_size,
+    )
+    try:
+        yield
+    finally:
+        app.state.service = None
+        await anyio.to_thread.run_sync(queue.close)
+        if owned:
+            shutil.rmtree(upload_dir, ignore_errors=True)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service for ``settings`` (default: from ``FRAMEPOOL_*`` environment variables).
+
+    Runs load when the app starts (the lifespan), so use it under uvicorn or as a context
+    manager (``with TestClient(create_app(s)) as client``).
+    """
+    settings = settings or Settings()
+    app = FastAPI(
+        title="framepool",
+        summary="Video classification and similar-video search with temporal pooling heads.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    app.state.service = None
+    for module in (predict, similar, models, health, metrics):
+        app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("framepool")
+    except Exception:  # pragma: no cover - source tree not installed
+        return "0+unknown"

@@ -1,0 +1,171 @@
+"""Dependencies shared by the routers: the service state, model selection, uploads, the queue.
+
+This module and the routers are the only places that turn errors into HTTP responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api.service.inference import InferenceQueue, QueueClosed, QueueFull
+from api.service.metrics import ServiceMetrics
+from api.service.runs import LoadedRun, Registry, WorkerContext
+from api.service.settings import Settings
+from api.service.uploads import Upload, UploadError, receive_upload, sniff_container
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+@dataclass
+class ServiceState:
+    """What the lifespan handler loads once and every request reads."""
+
+    settings: Settings
+    registry: Registry
+    queue: InferenceQueue[WorkerContext]
+    upload_dir: Path
+    metrics: ServiceMetrics
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        raise HTTPException(503, "the service is starting", headers={"Retry-After": "1"})
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def select_run(state: ServiceState, run_id: str | None) -> LoadedRun:
+    try:
+        return state.registry.get(run_id)
+    except KeyError as exc:
+        raise HTTPException(404, str(exc.args[0])) from None
+
+
+def _busy(state: ServiceState) -> HTTPException:
+    state.metrics.rejected.inc()
+    return HTTPException(
+        503,
+        f"busy: {state.queue.workers} worker(s) running and {state.queue.maxsize} request(s) "
+        "waiting; retry later",
+        headers={"Retry-After": str(state.settings.retry_after_s)},
+    )
+
+
+def refuse_if_busy(state: ServiceState) -> None:
+    """Answer 503 before reading an upload when a job could not be queued now anyway."""
+    if state.queue.full():
+        raise _busy(state)
+
+
+@contextlib.asynccontextmanager
+async def uploaded_file(
+    request: Request, state: ServiceState, *, require_file: bool = True
+) -> AsyncIterator[Upload]:
+    """The request's multipart upload in a private temporary file, removed afterwards."""
+    try:
+        async with receive_upload(
+            request,
+            state.upload_dir,
+            max_bytes=state.settings.max_upload_bytes,
+            require_file=require_file,
+        ) as upload:
+            yield upload
+    except UploadError as exc:
+        raise HTTPException(exc.status_code, exc.reason) from None
+
+
+def merge_options(query: M, fields: dict[str, str]) -> M:
+    """Options from the query string and from form fields (each may be given in one place)."""
+    model = type(query)
+    given = query.model_dump(exclude_none=True)
+    unknown = sorted(set(fields) - set(model.model_fields) - {"file"})
+    if unknown:
+        raise HTTPException(422, f"unknown form field(s) {unknown}")
+    both = sorted(set(given) & set(fields))
+    if both:
+        raise HTTPException(422, f"option(s) {both} given both in the query and in the form")
+    merged: dict[str, Any] = {**given, **{k: v for k, v in fields.items() if k != "file"}}
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise HTTPException(422, f"invalid option(s): {errors}") from None
+
+
+def frame_options(
+    state: ServiceState, stride: int | None, max_frames: int | None
+) -> tuple[int, int | None]:
+    settings = state.settings
+    s = settings.default_stride if stride is None else stride
+    m = settings.default_max_frames if max_frames is None else max_frames
+    limit = settings.max_frames_limit
+    if limit is not None:
+        if m is not None and m > limit:
+            raise HTTPException(422, f"max_frames={m} exceeds this service's limit of {limit}")
+        m = limit if m is None else m
+    return s, m
+
+
+async def probe_upload(path: Path) -> None:
+    """Check that the upload is a video with a video stream before queueing it."""
+    from extractor.decode import VideoError, probe
+
+    try:
+        await run_in_threadpool(probe, path)
+    except VideoError as exc:
+        raise video_error(path, exc) from None
+
+
+def video_error(path: Path, exc: Exception) -> HTTPException:
+    """415 for something that is not a video container, 422 for a video that will not decode."""
+    container = sniff_container(path)
+    # the decoder names the file; the client should not see where the service keeps uploads
+    reason = (str(exc) or type(exc).__name__).replace(repr(str(path)), "upload")
+    reason = reason.replace(str(path), "upload")
+    if container is None:
+        return HTTPException(415, f"not a supported video: {reason}")
+    if "no video stream" in reason.lower():
+        return HTTPException(415, f"{container} file without a video stream: {reason}")
+    return HTTPException(422, f"{container} file that cannot be decoded: {reason}")
+
+
+async def run_job(
+    state: ServiceState, upload: Upload | None, fn: Callable[[WorkerContext], T]
+) -> T:
+    """Run ``fn`` in an inference worker (503 when the queue is full); keep the upload until
+    the job ends, even when this request is cancelled."""
+    from extractor.decode import VideoError
+
+    try:
+        future = state.queue.submit(fn)
+    except QueueFull:
+        raise _busy(state) from None
+    except QueueClosed:
+        raise HTTPException(
+            503, "the service is shutting down", headers={"Retry-After": "5"}
+        ) from None
+    if upload is not None:
+        upload.hold_until(future)
+    try:
+        return await asyncio.wrap_future(future)
+    except VideoError as exc:
+        assert upload is not None and upload.path is not None
+        raise video_error(upload.path, exc) from None

@@ -1,0 +1,102 @@
+"""Prometheus metrics of one app: requests and latency per route, queue depth, in flight.
+
+Each app has its own ``CollectorRegistry`` so that several apps (tests) never share counters.
+Routes are labelled by their path template (``/v1/predict``), never by the raw URL, so that
+arbitrary paths cannot blow up the number of series.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "framepool_requests",
+            "HTTP requests answered, by route, method and status code",
+            ("route", "method", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "framepool_request_duration_seconds",
+            "HTTP request latency, by route",
+            ("route", "method"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "framepool_requests_in_flight",
+            "HTTP requests being answered now",
+            registry=self.registry,
+        )
+        self.queue_waiting = Gauge(
+            "framepool_queue_depth",
+            "inference jobs waiting for a worker",
+            registry=self.registry,
+        )
+        self.queue_running = Gauge(
+            "framepool_inference_running",
+            "inference jobs running in a worker",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "framepool_rejected",
+            "requests refused with 503 because the inference queue was full",
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "framepool_stage_duration_seconds",
+            "seconds per stage of an inference request",
+            ("stage",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def queue_changed(self, waiting: int, running: int) -> None:
+        self.queue_waiting.set(waiting)
+        self.queue_running.set(running)
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's path template, or ``"unmatched"``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: count and time every HTTP request (streaming-safe)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            route = route_label(scope)
+            method = str(scope.get("method", ""))
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)

@@ -1,0 +1,52 @@
+"""OpenAPI pieces shared by the upload routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from api.service.schemas import ErrorResponse, MaxFrames, RunId, Stride, TopK
+
+_OPTION_FIELDS: dict[str, Any] = {
+    name: TypeAdapter(kind).json_schema()
+    for name, kind in (
+        ("top_k", TopK),
+        ("model", RunId),
+        ("stride", Stride),
+        ("max_frames", MaxFrames),
+    )
+}
+
+
+def upload_body(required: bool, extra_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAPI request body of a streamed multipart upload (parsed by hand, not by FastAPI)."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the video"},
+            **_OPTION_FIELDS,
+            **(extra_fields or {}),
+        },
+    }
+    if required:
+        schema["required"] = ["file"]
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"multipart/form-data": {"schema": schema}},
+        }
+    }
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "empty upload or malformed multipart body"},
+    404: {"model": ErrorResponse, "description": "no loaded model with that id"},
+    413: {"model": ErrorResponse, "description": "upload larger than the limit"},
+    415: {"model": ErrorResponse, "description": "not a video, or no video stream"},
+    422: {
+        "model": ErrorResponse,
+        "description": "bad option, or a video that cannot be decoded",
+    },
+    503: {"model": ErrorResponse, "description": "busy (see Retry-After) or starting"},
+}

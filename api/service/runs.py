@@ -1,0 +1,189 @@
+"""The runs a service answers with, loaded once, and what a worker does with one upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aggregator.predictor import Predictor
+from aggregator.similarity import SimilarityIndex, build_index, has_index
+
+if TYPE_CHECKING:
+    from extractor.features import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("top1", "top5", "mean_class_accuracy", "n_train", "n_test", "seconds")
+
+
+@dataclass
+class LoadedRun:
+    """One trained run, ready to answer: its predictor, similarity index and metrics summary."""
+
+    run_id: str
+    run_dir: Path
+    predictor: Predictor
+    index: SimilarityIndex | None
+    metrics: dict[str, float | int | None]
+    extractor_config: dict[str, Any]
+
+    @property
+    def extractor_key(self) -> str:
+        return json.dumps(self.extractor_config, sort_keys=True, default=str)
+
+
+@dataclass
+class Registry:
+    """The loaded runs by id; the first one loaded answers requests that name none."""
+
+    runs: dict[str, LoadedRun]
+    default_id: str
+
+    def get(self, run_id: str | None) -> LoadedRun:
+        key = self.default_id if run_id is None else run_id
+        if key not in self.runs:
+            raise KeyError(f"model {key!r} is not loaded; loaded: {sorted(self.runs)}")
+        return self.runs[key]
+
+    def extractor_configs(self) -> dict[str, dict[str, Any]]:
+        """Distinct extractor configurations of the loaded runs, by key."""
+        return {run.extractor_key: run.extractor_config for run in self.runs.values()}
+
+
+@dataclass
+class WorkerContext:
+    """What one inference worker owns: a feature extractor per distinct extractor config."""
+
+    extractors: dict[str, FeatureExtractor] = field(default_factory=dict)
+
+
+def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
+    """Scalar test metrics of a run from its ``metrics.json`` (empty when there is none)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    out: dict[str, float | int | None] = {}
+    for key in METRIC_KEYS:
+        value = data.get(key)
+        if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            out[key] = value
+    return out
+
+
+def load_one(run_dir: Path, store: Path | None) -> LoadedRun:
+    """Load a run directory; build its similarity index from ``store`` when it has none."""
+    from aggregator.runs import load_run
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    predictor = load_run(run_dir)
+    index: SimilarityIndex | None = None
+    if has_index(run_dir):
+        index = SimilarityIndex.load(run_dir)
+    elif store is not None:
+        log.info("run %s has no similarity index; building it from %s", run_dir, store)
+        index = build_index(run_dir, store, "train", predictor=predictor)
+    else:
+        log.warning("run %s has no similarity index; /v1/similar is off for it", run_dir)
+    config = {s: predictor.extractor[s] for s in predictor.streams}
+    return LoadedRun(
+        run_id=predictor.run_id,
+        run_dir=run_dir,
+        predictor=predictor,
+        index=index,
+        metrics=metrics_summary(run_dir),
+        extractor_config=config,
+    )
+
+
+def load_registry(run_dirs: Sequence[Path], store: Path | None = None) -> Registry:
+    """Load every run once; run ids must be distinct."""
+    if not run_dirs:
+        raise ValueError("no run directory given; pass at least one --run DIR")
+    runs: dict[str, LoadedRun] = {}
+    for run_dir in run_dirs:
+        run = load_one(Path(run_dir), store)
+        if run.run_id in runs:
+            raise ValueError(
+                f"runs {str(runs[run.run_id].run_dir)!r} and {str(run_dir)!r} have the same "
+                f"id {run.run_id!r}"
+            )
+        runs[run.run_id] = run
+        log.info(
+            "loaded run %s (%s, streams %s)", run.run_id, run.predictor.head, run.predictor.streams
+        )
+    return Registry(runs=runs, default_id=next(iter(runs)))
+
+
+def make_worker_context(registry: Registry, device: str) -> WorkerContext:
+    """Fresh extractors (their own backbones, decoders and flow objects) for one worker."""
+    from extractor.features import FeatureExtractor
+
+    return WorkerContext(
+        extractors={
+            key: FeatureExtractor.from_config(config, device=device)
+            for key, config in registry.extractor_configs().items()
+        }
+    )
+
+
+@dataclass
+class Analysis:
+    """What a worker found in one uploaded video."""
+
+    proba: np.ndarray | None
+    embedding: np.ndarray | None
+    n_frames: int
+    used: dict[str, int]
+    fps: float | None
+    width: int
+    height: int
+    queue_s: float
+    decode_extract_s: float
+    head_s: float
+
+
+def analyse(
+    ctx: WorkerContext,
+    run: LoadedRun,
+    path: Path,
+    *,
+    stride: int,
+    max_frames: int | None,
+    proba: bool,
+    embedding: bool,
+    submitted_at: float,
+) -> Analysis:
+    """Decode and extract ``path`` with the run's extractor, then apply its head.
+
+    Runs in an inference worker. Raises the extractor's ``VideoError`` for a video it cannot
+    decode.
+    """
+    start = time.perf_counter()
+    extractor = ctx.extractors[run.extractor_key]
+    video = extractor.extract_file(path, stride=stride, max_frames=max_frames)
+    features: Mapping[str, np.ndarray] = {s: video.features[s] for s in run.predictor.streams}
+    extracted = time.perf_counter()
+    p = run.predictor.predict_proba(features) if proba else None
+    e = run.predictor.embed(features) if embedding else None
+    done = time.perf_counter()
+    return Analysis(
+        proba=None if p is None else np.asarray(p, dtype=np.float64),
+        embedding=None if e is None else np.asarray(e, dtype=np.float32),
+        n_frames=int(video.n_frames),
+        used={s: int(f.shape[0]) for s, f in features.items()},
+        fps=None if video.fps is None else float(video.fps),
+        width=int(video.width),
+        height=int(video.height),
+        queue_s=start - submitted_at,
+        decode_extract_s=extracted - start,
+        head_s=done - extracted,
+    )

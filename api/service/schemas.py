@@ -1,0 +1,129 @@
+"""Request options and response bodies of the service (pydantic models, shown in /docs)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TopK = Annotated[int, Field(ge=1, le=1000, description="number of classes/neighbours returned")]
+Stride = Annotated[int, Field(ge=1, le=1000, description="decode every stride-th frame")]
+MaxFrames = Annotated[
+    int, Field(ge=1, le=100_000, description="use at most this many frames (evenly spread)")
+]
+RunId = Annotated[
+    str, Field(min_length=1, max_length=200, description="id of a loaded run (see /v1/models)")
+]
+VideoId = Annotated[
+    str, Field(min_length=1, max_length=300, description="id of an indexed training video")
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PredictOptions(_Model):
+    """Options of /v1/predict, given as query parameters or as multipart form fields."""
+
+    top_k: TopK | None = None
+    model: RunId | None = None
+    stride: Stride | None = None
+    max_frames: MaxFrames | None = None
+
+
+class SimilarOptions(PredictOptions):
+    """Options of /v1/similar: an upload, or ``video_id`` of an indexed training video."""
+
+    video_id: VideoId | None = None
+
+
+class ErrorResponse(_Model):
+    detail: str = Field(description="what was wrong, in words")
+
+
+class ClassProbability(_Model):
+    label: str
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+class FramesInfo(_Model):
+    n_frames: int = Field(description="frames decoded from the video (before subsampling)")
+    used: dict[str, int] = Field(description="frame features the head saw, per stream")
+    stride: int
+    max_frames: int | None
+
+
+class VideoInfo(_Model):
+    width: int
+    height: int
+    fps: float | None
+    size_bytes: int = Field(description="size of the upload")
+
+
+class Timings(_Model):
+    """Seconds spent in each stage of one request."""
+
+    upload: float = Field(description="receiving the upload")
+    queue: float = Field(description="waiting for a free worker")
+    decode_extract: float = Field(description="decoding, optical flow and backbone features")
+    head: float = Field(description="the pooling head (and embedding, for /v1/similar)")
+    search: float = Field(default=0.0, description="the similarity search")
+    total: float = Field(description="whole request, as the service saw it")
+
+
+class PredictResponse(_Model):
+    model: str = Field(description="run id that answered")
+    head: str
+    top_k: list[ClassProbability] = Field(description="most probable classes, best first")
+    frames: FramesInfo
+    video: VideoInfo
+    beta: dict[str, list[list[float]]] | None = Field(
+        default=None, description="the run's learned pyramid weights per stream, level by level"
+    )
+    timings: Timings
+
+
+class Neighbour(_Model):
+    video_id: str
+    label: str | None
+    distance: float = Field(ge=0.0, le=2.0, description="cosine distance, 1 - cos, in [0, 2]")
+
+
+class SimilarResponse(_Model):
+    model: str = Field(description="run id whose embedding and index answered")
+    query: str = Field(description="'upload' or the video_id searched by")
+    neighbours: list[Neighbour] = Field(description="nearest indexed videos, nearest first")
+    index_size: int = Field(description="videos in the index")
+    index_split: str | None = Field(description="store split the index was built from")
+    frames: FramesInfo | None = Field(default=None, description="for an upload")
+    timings: Timings
+
+
+class ModelInfo(_Model):
+    id: str
+    head: str
+    streams: list[str]
+    classes: list[str]
+    beta: dict[str, list[list[float]]] | None
+    metrics: dict[str, float | int | None] = Field(
+        description="summary of the run's test metrics (top1, top5, mean_class_accuracy, ...)"
+    )
+    default: bool = Field(description="answers requests that name no model")
+    similarity_index: int | None = Field(description="indexed videos, or None without an index")
+
+
+class ModelsResponse(_Model):
+    models: list[ModelInfo]
+
+
+class Health(_Model):
+    status: str
+
+
+class Readiness(_Model):
+    ready: bool
+    models: int = Field(description="runs loaded")
+    workers: int = Field(description="inference workers alive")
+    queue_waiting: int
+    queue_size: int

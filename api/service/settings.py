@@ -1,0 +1,59 @@
+"""Service configuration: one pydantic-settings class (arguments or ``FRAMEPOOL_*`` env vars)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the prediction service reads; no path is taken from a request."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAMEPOOL_", extra="forbid")
+
+    runs: list[Path] = Field(
+        default_factory=list, description="run directories to load; the first is the default"
+    )
+    store: Path | None = Field(
+        default=None,
+        description="feature store the runs were trained on; builds a missing similarity index",
+    )
+    device: str = Field(default="cpu", description="torch device for extraction (cpu, cuda, auto)")
+    workers: int = Field(default=1, ge=1, le=64, description="inference worker threads")
+    queue_size: int = Field(
+        default=8, ge=1, le=10_000, description="requests waiting for a worker before 503"
+    )
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with a 503")
+    max_upload_mb: float = Field(default=200.0, gt=0, description="largest accepted upload")
+    upload_dir: Path | None = Field(
+        default=None,
+        description="private folder for uploads in flight (default: a fresh temporary folder)",
+    )
+    default_top_k: int = Field(default=5, ge=1)
+    default_stride: int = Field(default=1, ge=1, description="decode every stride-th frame")
+    default_max_frames: int | None = Field(
+        default=None, ge=1, description="frames used per video (evenly spread); None: all"
+    )
+    max_frames_limit: int | None = Field(
+        default=None, ge=1, description="upper bound a request may ask for in max_frames"
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads (default: torch's own)"
+    )
+
+    @field_validator("runs")
+    @classmethod
+    def _unique_runs(cls, runs: list[Path]) -> list[Path]:
+        seen: set[Path] = set()
+        for run in runs:
+            key = run.resolve()
+            if key in seen:
+                raise ValueError(f"run directory {str(run)!r} given twice")
+            seen.add(key)
+        return runs
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
