@@ -1,0 +1,93 @@
+"""Temporal pooling heads: one ``nn.Module`` per file, and the one name -> class table.
+
+Single-stream heads (:class:`NodeHead`) take ``forward(x [B, T, d], lengths [B]) -> [B, C]`` and
+``forward_nodes(nodes [B, M, d])``; a video model over named streams is a :class:`TwoStream` of
+them, or a :class:`CompactBilinearHead`, which fuses the streams itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from aggregator.heads.base import NodeHead
+from aggregator.heads.datp import AdaptiveTemporalPooling
+from aggregator.heads.gap import GlobalAveragePool
+from aggregator.heads.max_pool import GlobalMaxPool
+from aggregator.heads.pooling import Intervals
+from aggregator.heads.stcb import CompactBilinear, CompactBilinearHead
+from aggregator.heads.tp import TemporalPyramid
+from aggregator.heads.tpp import TemporalPyramidPooling
+from aggregator.heads.two_stream import TwoStream
+
+HEADS: dict[str, type[nn.Module]] = {
+    "gap": GlobalAveragePool,
+    "max": GlobalMaxPool,
+    "tp": TemporalPyramid,
+    "tpp": TemporalPyramidPooling,
+    "datp": AdaptiveTemporalPooling,
+    "stcb": CompactBilinearHead,
+}
+
+VideoModel = TwoStream | CompactBilinearHead
+
+
+def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON turns tuples into lists; heads take tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def build_model(
+    head: str,
+    *,
+    in_features: Mapping[str, int],
+    num_classes: int,
+    head_kwargs: Mapping[str, Any] | None = None,
+    fusion: str = "learned",
+    fusion_weights: Mapping[str, float] | None = None,
+) -> VideoModel:
+    """A video model over the streams of ``in_features`` (stream name -> feature size d).
+
+    ``head_kwargs`` are the head class's keyword arguments other than ``in_features`` and
+    ``num_classes`` (the same for every stream). For every head but ``stcb`` each stream gets its
+    own head and the streams are fused late by a :class:`TwoStream` with ``fusion`` ("learned" or
+    "fixed") and initial/fixed ``fusion_weights``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; known: {sorted(HEADS)}")
+    if not in_features:
+        raise ValueError("in_features names no stream")
+    kwargs = _tuples(head_kwargs or {})
+    for reserved in ("in_features", "num_classes"):
+        if reserved in kwargs:
+            raise ValueError(f"head_kwargs must not set {reserved!r}")
+    if head == "stcb":
+        return CompactBilinearHead(in_features=dict(in_features), num_classes=num_classes, **kwargs)
+    cls = HEADS[head]
+    heads = {}
+    for stream, d in in_features.items():
+        module = cls(in_features=int(d), num_classes=num_classes, **kwargs)
+        assert isinstance(module, NodeHead)
+        heads[stream] = module
+    if fusion not in ("learned", "fixed"):
+        raise ValueError(f"fusion must be 'learned' or 'fixed', got {fusion!r}")
+    return TwoStream(heads=heads, fusion=fusion, weights=fusion_weights)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "HEADS",
+    "AdaptiveTemporalPooling",
+    "CompactBilinear",
+    "CompactBilinearHead",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Intervals",
+    "NodeHead",
+    "TemporalPyramid",
+    "TemporalPyramidPooling",
+    "TwoStream",
+    "VideoModel",
+    "build_model",
+]

@@ -1,0 +1,167 @@
+"""``datp``: deep adaptive temporal pooling (seed 001).
+
+An auxiliary temporal conv net reads the N segment features of a video and regresses the
+parameters of a weight generator: a mixture of K Gaussians (rho, mu, sigma) evaluated at the
+segment times ``t_i`` in [0, 1], or N discrete weights. The segment class scores ``I_i`` are
+pooled as ``S = sum_i w_i I_i / ||w||_2`` (Eq. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aggregator.heads.base import NodeHead
+from aggregator.heads.pooling import Intervals
+
+_MIN_SIGMA = 0.01
+
+
+def mixture_weights(
+    t: torch.Tensor, rho: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """``w_i = sum_k rho_k N(t_i; mu_k, sigma_k^2)`` (Eq. 1).
+
+    Args:
+        t: ``[N]`` segment times in [0, 1].
+        rho, mu, sigma: ``[B, K]`` mixture weights, means and standard deviations.
+
+    Returns:
+        ``[B, N]`` temporal weights.
+    """
+    z = (t[None, None, :] - mu[..., None]) / sigma[..., None]  # [B, K, N]
+    density = torch.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma[..., None])
+    return (rho[..., None] * density).sum(dim=1)  # [B, N]
+
+
+def weighted_pool(scores: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``S = sum_i w_i I_i / ||w||_2`` (Eq. 3): ``scores [B, N, C]``, ``w [B, N]`` -> ``[B, C]``."""
+    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(1e-12)  # [B, 1]
+    return torch.einsum("bn,bnc->bc", w, scores) / norm
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class AdaptiveTemporalPooling(NodeHead):
+    """DATP over ``segments`` equal-interval segment means (same interval rule as pyramid nodes).
+
+    Segment features ``x [B, N, d]`` are batch-normalised; a shared linear classifier gives the
+    segment scores ``I [B, N, C]`` (logits, or probabilities with ``scores="softmax"`` as in the
+    paper; logits by default because pooled probabilities make weak logits for the loss).
+    The auxiliary net (Table 2 of seed 001, conv-feature column) is 1x1 conv to 64, two temporal
+    convs of width 3 to 32, two FC layers; its last layer starts at zero so that training starts
+    from ``rho_k = 1/K``, ``mu_k = k/(K+1)``, ``sigma_k = init_sigma`` (or uniform discrete
+    weights). ``rho = softmax``, ``sigma = softplus + 0.01``; ``mu`` is unconstrained.
+
+    Shapes: ``forward(x [B, T, d], lengths [B]) -> [B, C]``; ``forward_nodes(nodes [B, N, d])``;
+    ``features(nodes) -> [B, d]`` = ``sum_i w_i x_i / ||w||_2`` (the pooled segment features);
+    ``temporal_weights(nodes) -> [B, N]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_features: int = 2048,
+        num_classes: int = 101,
+        segments: int = 10,
+        gaussians: int = 2,
+        weights: Literal["mog", "discrete"] = "mog",
+        scores: Literal["logits", "softmax"] = "logits",
+        hidden: int = 64,
+        init_sigma: float = 0.2,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if weights not in ("mog", "discrete"):
+            raise ValueError(f"weights must be 'mog' or 'discrete', got {weights!r}")
+        if scores not in ("logits", "softmax"):
+            raise ValueError(f"scores must be 'logits' or 'softmax', got {scores!r}")
+        if segments < 1 or gaussians < 1:
+            raise ValueError(f"need segments >= 1 and gaussians >= 1, got {segments}, {gaussians}")
+        if init_sigma <= _MIN_SIGMA:
+            raise ValueError(f"init_sigma must exceed {_MIN_SIGMA}, got {init_sigma}")
+        self.input_spec = Intervals((segments,), "mean")
+        self.in_features = in_features
+        self.out_features = num_classes
+        self.feature_dim = in_features
+        self.segments = segments
+        self.gaussians = gaussians
+        self.weights_model = weights
+        self.scores = scores
+        self.register_buffer(
+            "times", (torch.arange(segments, dtype=torch.float32) + 0.5) / segments
+        )
+        self.norm = nn.BatchNorm1d(in_features)
+        self.aux = nn.Sequential(
+            nn.Conv1d(in_features, 64, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(64, 32, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(32, 32, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(32 * segments, hidden),
+            nn.ReLU(inplace=True),
+        )
+        k = gaussians
+        self.regress = nn.Linear(hidden, 3 * k if weights == "mog" else segments)
+        with torch.no_grad():
+            self.regress.weight.zero_()
+            if weights == "mog":
+                init_mu = torch.arange(1, k + 1, dtype=torch.float32) / (k + 1)
+                init_s = torch.full((k,), _inverse_softplus(init_sigma - _MIN_SIGMA))
+                self.regress.bias.copy_(torch.cat([torch.zeros(k), init_mu, init_s]))
+            else:
+                self.regress.bias.fill_(1.0)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def _normalised(self, nodes: torch.Tensor) -> torch.Tensor:
+        self.check_nodes(nodes)
+        b, n, d = nodes.shape
+        return self.norm(nodes.reshape(b * n, d)).view(b, n, d)  # [B, N, d]
+
+    def _weights(self, xn: torch.Tensor) -> torch.Tensor:
+        theta = self.regress(self.aux(xn.transpose(1, 2)))  # [B, 3K] or [B, N]
+        if self.weights_model == "discrete":
+            return theta
+        rho, mu, sigma = self._mixture(theta)
+        times = self.times
+        assert isinstance(times, torch.Tensor)
+        return mixture_weights(times.to(theta.dtype), rho, mu, sigma)  # [B, N]
+
+    def _mixture(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self.gaussians
+        rho = torch.softmax(theta[:, :k], dim=1)
+        mu = theta[:, k : 2 * k]
+        sigma = F.softplus(theta[:, 2 * k :]) + _MIN_SIGMA
+        return rho, mu, sigma
+
+    def mixture(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rho, mu, sigma)``, each ``[B, K]``, regressed for segment features ``nodes``."""
+        if self.weights_model != "mog":
+            raise ValueError("this DATP head uses discrete weights, not a mixture of Gaussians")
+        xn = self._normalised(nodes)
+        return self._mixture(self.regress(self.aux(xn.transpose(1, 2))))
+
+    def temporal_weights(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` weights ``w_i`` of the segments at times :attr:`times`."""
+        return self._weights(self._normalised(nodes))
+
+    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+        xn = self._normalised(nodes)
+        return weighted_pool(xn, self._weights(xn))  # [B, d]
+
+    def forward_nodes(self, nodes: torch.Tensor) -> torch.Tensor:
+        xn = self._normalised(nodes)
+        w = self._weights(xn)  # [B, N]
+        segment_scores = self.fc(self.drop(xn))  # [B, N, C]
+        if self.scores == "softmax":
+            segment_scores = torch.softmax(segment_scores, dim=-1)
+        return weighted_pool(segment_scores, w)  # [B, C]

@@ -1,0 +1,41 @@
+"""``max``: global max pooling over all frames, then batch norm and a linear classifier."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aggregator.heads.base import NodeHead
+from aggregator.heads.pooling import Intervals
+
+
+class GlobalMaxPool(NodeHead):
+    """Per-dimension maximum over the frames (the level-1 node max) -> BN -> dropout -> linear.
+
+    Shapes: ``forward(x [B, T, d], lengths [B]) -> [B, C]``; ``forward_nodes(nodes [B, 1, d])``;
+    ``features(nodes) -> [B, d]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_features: int = 2048,
+        num_classes: int = 101,
+        dropout: float = 0.5,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.input_spec = Intervals((1,), "max")
+        self.in_features = in_features
+        self.out_features = num_classes
+        self.feature_dim = in_features
+        self.norm = nn.BatchNorm1d(in_features) if batch_norm else nn.Identity()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+        self.check_nodes(nodes)
+        return self.norm(nodes[:, 0])  # [B, d]
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(features))  # [B, C]

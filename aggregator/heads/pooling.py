@@ -1,0 +1,146 @@
+"""Equal-interval pooling of frame features: pyramid nodes, DTPP bins and DATP segments alike.
+
+A partition of a video of T frames into ``p`` parts has part k = 1..p covering frames [s, e) with
+``s = floor((k-1) T / p)`` and ``e = max(floor(k T / p), s + 1)``, clamped to T: the pyramid node
+rule of :mod:`aggregator.nodes` for any ``p``, so every part has at least one frame and the parts
+``(1, 2, 4, ..., 2^(D-1))`` are exactly the nodes of a D-level pyramid, in the same order.
+
+An :class:`Intervals` names the fixed-size summary ``[M, d]`` a head reads (``M = sum(parts)``):
+heads compute it from padded frames in ``forward`` and take it precomputed (from the node cache)
+in ``forward_nodes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+PoolKind = Literal["mean", "max"]
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """Partitions of the time axis into ``parts`` equal intervals each, pooled by ``kind``."""
+
+    parts: tuple[int, ...]
+    kind: PoolKind = "mean"
+
+    def __post_init__(self) -> None:
+        if not self.parts or any(int(p) != p or p < 1 for p in self.parts):
+            raise ValueError(f"parts must be positive integers, got {self.parts!r}")
+        if self.kind not in ("mean", "max"):
+            raise ValueError(f"kind must be 'mean' or 'max', got {self.kind!r}")
+        object.__setattr__(self, "parts", tuple(int(p) for p in self.parts))
+
+    @classmethod
+    def pyramid(cls, depth: int, kind: PoolKind = "mean") -> Intervals:
+        """The ``2^depth - 1`` nodes of a pyramid of ``depth`` levels."""
+        if depth < 1:
+            raise ValueError(f"pyramid depth must be >= 1, got {depth}")
+        return cls(tuple(1 << level for level in range(depth)), kind)
+
+    @property
+    def count(self) -> int:
+        """Number of intervals M."""
+        return sum(self.parts)
+
+    def node_indices(self) -> list[int] | None:
+        """Indices of these intervals in the pyramid node order, or None when a part count is
+        not a power of two (then they are not pyramid nodes)."""
+        out: list[int] = []
+        for p in self.parts:
+            if p & (p - 1):
+                return None
+            out.extend(range(p - 1, 2 * p - 1))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": list(self.parts), "kind": self.kind}
+
+
+def interval_bounds(n_frames: int, parts: tuple[int, ...]) -> np.ndarray:
+    """``[M, 2]`` frame intervals [s, e) of a video of ``n_frames`` frames."""
+    if n_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got n_frames={n_frames}")
+    rows = []
+    for p in parts:
+        for k in range(1, p + 1):
+            s = min(((k - 1) * n_frames) // p, n_frames - 1)
+            e = min(max((k * n_frames) // p, s + 1), n_frames)
+            rows.append((s, e))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def pool_intervals(x: np.ndarray, spec: Intervals) -> np.ndarray:
+    """``[M, d]`` float32 summary of one video's frame features ``x [T, d]``.
+
+    Means use float64 prefix sums (O(T d) whatever M is), like :func:`aggregator.nodes.node_means`.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"expected frame features [T, d], got shape {x.shape}")
+    bounds = interval_bounds(x.shape[0], spec.parts)
+    if spec.kind == "max":
+        return np.stack([x[s:e].max(axis=0) for s, e in bounds]).astype(np.float32)
+    csum = np.zeros((x.shape[0] + 1, x.shape[1]), dtype=np.float64)
+    np.cumsum(x, axis=0, dtype=np.float64, out=csum[1:])
+    counts = (bounds[:, 1] - bounds[:, 0]).astype(np.float64)[:, None]
+    return ((csum[bounds[:, 1]] - csum[bounds[:, 0]]) / counts).astype(np.float32)
+
+
+def batch_interval_bounds(
+    lengths: torch.Tensor, parts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end frame of every interval for a batch: two ``[B, M]`` long tensors."""
+    lengths = lengths.to(torch.long)
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be [B], got shape {tuple(lengths.shape)}")
+    if (lengths < 1).any():
+        raise ValueError(f"every video needs at least one frame, got lengths {lengths.tolist()}")
+    starts, ends = [], []
+    for p in parts:
+        k = torch.arange(1, p + 1, device=lengths.device)
+        s = torch.div((k - 1)[None, :] * lengths[:, None], p, rounding_mode="floor")
+        s = torch.minimum(s, lengths[:, None] - 1)
+        e = torch.div(k[None, :] * lengths[:, None], p, rounding_mode="floor")
+        e = torch.minimum(torch.maximum(e, s + 1), lengths[:, None])
+        starts.append(s)
+        ends.append(e)
+    return torch.cat(starts, 1), torch.cat(ends, 1)
+
+
+def batch_pool_intervals(x: torch.Tensor, lengths: torch.Tensor, spec: Intervals) -> torch.Tensor:
+    """Differentiable interval summaries of a padded batch.
+
+    Args:
+        x: ``[B, T, d]`` frame features; anything past ``lengths`` (even NaN) is ignored.
+        lengths: ``[B]`` number of valid frames per video (1 <= length <= T).
+        spec: which intervals, pooled how.
+
+    Returns:
+        ``[B, M, d]`` with ``M = spec.count``, intervals in ``spec`` order.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"expected x of shape [B, T, d], got {tuple(x.shape)}")
+    b, t, _ = x.shape
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [{b}], got shape {tuple(lengths.shape)}")
+    lengths = lengths.to(x.device)
+    if int(lengths.max()) > t:
+        raise ValueError(f"lengths {lengths.tolist()} exceed the padded length T={t}")
+    starts, ends = batch_interval_bounds(lengths, spec.parts)  # [B, M]
+    frame = torch.arange(t, device=x.device)
+    inside = (frame[None, None, :] >= starts[..., None]) & (frame[None, None, :] < ends[..., None])
+    if spec.kind == "max":
+        out = []
+        for m in range(starts.shape[1]):  # one interval at a time keeps memory at O(B T d)
+            masked = x.masked_fill(~inside[:, m, :, None], float("-inf"))  # [B, T, d]
+            out.append(masked.amax(dim=1))  # [B, d]
+        return torch.stack(out, dim=1)  # [B, M, d]
+    valid = frame[None, :] < lengths[:, None]  # [B, T]
+    clean = x.masked_fill(~valid[..., None], 0.0)  # padding may hold NaN: zero it, not weight it
+    weights = inside.to(x.dtype) / (ends - starts).to(x.dtype)[..., None]  # [B, M, T]
+    return torch.bmm(weights, clean)  # [B, M, d]
