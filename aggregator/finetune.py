@@ -1,0 +1,322 @@
+"""Fine-tuning core: the surrogate gradient over periodic frame subsets (seed 002, Eq. 7).
+
+Every frame of a video goes through the backbone in the forward pass, so the pooling head sees all
+``T`` frame features. At epoch ``r`` only the frames of the periodic subset
+
+    P_r = {t : t ≡ r (mod K)},   t = 0 .. T-1
+
+carry gradient into the backbone; the others are computed under ``torch.no_grad`` (or read from a
+feature store). Activation memory therefore scales with ``|P_r| ≈ T / K`` (or with one chunk when
+``checkpoint=True``), and over ``K`` consecutive epochs every frame carries gradient exactly once.
+``K = 1`` is the exact gradient of the unfolded model.
+
+Scaling (a decision; Eq. 7 is silent on it). Written literally, Eq. 7 sums over ``t ∈ P_r`` only,
+which makes the backbone gradient about ``1/K`` of the exact one while the head's gradient stays
+exact: ``K`` would silently divide the backbone's learning rate. By default the gradient that flows
+from a subset frame's feature into the backbone is multiplied by ``K`` (``grad_scale="unbiased"``):
+averaged over the ``K`` residues it equals the exact gradient, so the paper's learning rates and
+step decay (tuned per epoch) keep their meaning at every ``K``. ``grad_scale="sum"`` is the
+literal Eq. 7. Both coincide at ``K = 1``.
+
+Batch normalisation. The backbone's BatchNorm layers stay in eval mode (running statistics frozen,
+affine parameters trained). A frame's feature is then a function of that frame alone, so chunking
+the forward pass, mixing gradient and no-gradient chunks, and recomputing a chunk under
+checkpointing all give exactly the unfolded model's features; statistics of chunks of one video's
+strongly correlated frames would be poor estimates anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+STREAMS = ("appearance", "motion")
+GradScale = Literal["unbiased", "sum"]
+
+# A function that turns a chunk of stored inputs (e.g. uint8 [n, C, H, W] on the CPU) into the
+# backbone's input on the right device (float, normalised).
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class FrameInputs(Protocol):
+    """A video's backbone inputs, loaded a chunk at a time (e.g. uint8 crops -> normalised)."""
+
+    @property
+    def n_frames(self) -> int: ...
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """Backbone inputs ``[len(index), *input]`` of frames ``index``, on the compute device."""
+        ...
+
+
+Frames = torch.Tensor | FrameInputs
+
+
+def n_frames_of(frames: Frames) -> int:
+    """``T`` of a tensor ``[T, ...]`` or of a :class:`FrameInputs`."""
+    if isinstance(frames, torch.Tensor):
+        return int(frames.shape[0])
+    return int(frames.n_frames)
+
+
+def periodic_subset(n_frames: int, period: int, epoch: int) -> torch.Tensor:
+    """Indices ``t`` in ``[0, n_frames)`` with ``t ≡ epoch (mod period)`` (int64, ascending)."""
+    if n_frames < 0:
+        raise ValueError(f"n_frames must be >= 0, got {n_frames!r}")
+    if period < 1:
+        raise ValueError(f"period K must be >= 1, got {period!r}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+    start = epoch % period
+    if start >= n_frames:
+        return torch.empty(0, dtype=torch.long)
+    return torch.arange(start, n_frames, period, dtype=torch.long)
+
+
+def grad_multiplier(period: int, grad_scale: GradScale) -> float:
+    """Factor applied to the gradient of a subset frame's feature (see the module docstring)."""
+    if grad_scale == "unbiased":
+        return float(period)
+    if grad_scale == "sum":
+        return 1.0
+    raise ValueError(f"grad_scale must be 'unbiased' or 'sum', got {grad_scale!r}")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass, gradient multiplied by ``factor`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, with the gradient flowing back through it multiplied by ``factor``."""
+    if factor == 1.0:
+        return x
+    out: torch.Tensor = _ScaleGrad.apply(x, factor)
+    return out
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (autocast) to float32; float32/float64 kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _chunks(index: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [index[i : i + size] for i in range(0, int(index.numel()), size)]
+
+
+def surrogate_features(
+    backbone: nn.Module,
+    frames: Frames,
+    grad_index: torch.Tensor,
+    *,
+    prepare: Prepare | None = None,
+    known: torch.Tensor | None = None,
+    chunk_size: int = 32,
+    grad_factor: float = 1.0,
+    checkpoint: bool = False,
+) -> torch.Tensor:
+    """Features of all ``T`` frames of one video, with autograd only through ``grad_index``.
+
+    Args:
+        backbone: ``[n, *input] -> [n, d]``, applied frame-wise (BatchNorm in eval mode).
+        frames: the video's inputs: a tensor ``[T, *stored]`` (``prepare`` maps a chunk of it to
+            backbone inputs on the compute device; default: as they are) or a
+            :class:`FrameInputs` that loads chunks itself.
+        grad_index: ``[n]`` int64 frame indices whose features carry gradient (e.g.
+            :func:`periodic_subset`); may be empty.
+        known: optional ``[T, d]`` features to use, without gradient, for the frames outside
+            ``grad_index`` instead of running the backbone on them (e.g. read from a store).
+        chunk_size: frames per backbone call.
+        grad_factor: multiplier of the gradient flowing into the backbone (see
+            :func:`grad_multiplier`).
+        checkpoint: recompute the gradient chunks in the backward pass instead of keeping their
+            activations: memory of one chunk instead of ``len(grad_index)`` frames, for one more
+            forward pass of those frames.
+
+    Returns:
+        ``[T, d]`` features (float32 for half-precision backbone outputs); rows in
+        ``grad_index`` are differentiable w.r.t. the backbone's parameters, the others are
+        constants.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    n_frames = n_frames_of(frames)
+    if n_frames < 1:
+        raise ValueError("a video needs at least one frame, got 0")
+    grad_index = grad_index.to(torch.long).cpu()
+    if grad_index.numel() and (int(grad_index.min()) < 0 or int(grad_index.max()) >= n_frames):
+        raise ValueError(f"grad_index out of range for T={n_frames}: {grad_index.tolist()!r}")
+    load: Callable[[torch.Tensor], torch.Tensor]
+    if isinstance(frames, torch.Tensor):
+        tensor = frames
+        prep: Prepare = prepare if prepare is not None else (lambda x: x)
+
+        def load(idx: torch.Tensor) -> torch.Tensor:
+            return prep(tensor[idx])
+
+    else:
+        load = frames.take
+
+    with_grad = torch.zeros(n_frames, dtype=torch.bool)
+    with_grad[grad_index] = True
+    rest = torch.nonzero(~with_grad).flatten()
+
+    fresh: list[torch.Tensor] = []
+    for idx in _chunks(grad_index, chunk_size):
+        x = load(idx)
+        f = _checkpoint(backbone, x, use_reentrant=False) if checkpoint else backbone(x)
+        fresh.append(scale_grad(_full(f), grad_factor))
+
+    if known is not None:
+        if known.dim() != 2 or int(known.shape[0]) != n_frames:
+            raise ValueError(
+                f"known features must be [T={n_frames}, d], got {tuple(known.shape)!r}"
+            )
+        const = known
+    else:
+        parts: list[torch.Tensor] = []
+        with torch.no_grad():
+            for idx in _chunks(rest, chunk_size):
+                parts.append(_full(backbone(load(idx))))
+        const = torch.cat(parts) if parts else torch.empty(0)
+
+    if not fresh:  # no frame carries gradient
+        if known is not None:
+            return _full(known.detach())
+        return const
+    grad_feats = torch.cat(fresh)  # [n, d]
+    d = int(grad_feats.shape[1])
+    if rest.numel() == 0:
+        return grad_feats  # every frame carries gradient, already in order
+    out = grad_feats.new_empty(n_frames, d)
+    with torch.no_grad():
+        if known is not None:
+            out[rest] = known[rest].to(out)
+        else:
+            out[rest] = const.to(out)
+    # Out of place, so that the result is differentiable w.r.t. the fresh rows.
+    return out.index_copy(0, grad_index.to(out.device), grad_feats)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in eval mode (running statistics frozen)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@dataclass(frozen=True)
+class VideoBatchItem:
+    """One video of a training batch: per-stream stored inputs and gradient frames.
+
+    ``frames[stream]`` is ``[T, *stored]``; ``grad_index`` the frames that carry gradient;
+    ``known[stream]`` optional ``[T, d]`` features for the other frames.
+    """
+
+    frames: Mapping[str, Frames]
+    grad_index: torch.Tensor
+    known: Mapping[str, torch.Tensor] | None = None
+
+    @property
+    def n_frames(self) -> int:
+        return n_frames_of(next(iter(self.frames.values())))
+
+
+class FinetuneModel(nn.Module):
+    """Backbone(s) + pooling head(s), trained end to end with the surrogate gradient.
+
+    One stream: ``logits = head(backbone(frames))``. Two streams: the per-stream logits are mixed
+    with learned weights ``(w_a, w_m) = softmax(fusion)``, ``w >= 0``, ``w_a + w_m = 1``.
+
+    ``forward(items, ...)`` takes a list of videos of any lengths and returns ``[B, C]`` logits;
+    the features of each video are computed with :func:`surrogate_features` and padded into the
+    head's ``[B, T, d]`` + ``lengths`` contract.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbones: Mapping[str, nn.Module],
+        heads: Mapping[str, nn.Module],
+        prepare: Mapping[str, Prepare] | None = None,
+    ) -> None:
+        super().__init__()
+        streams = [s for s in STREAMS if s in backbones]
+        if not streams or set(backbones) - set(STREAMS):
+            raise ValueError(f"backbones must be keyed by {STREAMS}, got {sorted(backbones)!r}")
+        if set(heads) != set(backbones):
+            raise ValueError(
+                f"one head per backbone stream: backbones {sorted(backbones)!r}, "
+                f"heads {sorted(heads)!r}"
+            )
+        self.streams: list[str] = streams
+        self.backbones = nn.ModuleDict({s: backbones[s] for s in streams})
+        self.heads = nn.ModuleDict({s: heads[s] for s in streams})
+        self.fusion = nn.Parameter(torch.zeros(len(streams))) if len(streams) > 1 else None
+        self._prepare: dict[str, Prepare] = dict(prepare or {})
+
+    def train(self, mode: bool = True) -> FinetuneModel:
+        super().train(mode)
+        freeze_batchnorm(self.backbones)
+        return self
+
+    def stream_weights(self) -> dict[str, float]:
+        """The learned fusion weights per stream (1.0 for a single stream)."""
+        if self.fusion is None:
+            return {self.streams[0]: 1.0}
+        w = torch.softmax(self.fusion.detach().float(), 0)
+        return {s: float(v) for s, v in zip(self.streams, w, strict=True)}
+
+    def forward(
+        self,
+        items: Sequence[VideoBatchItem],
+        chunk_size: int = 32,
+        grad_factor: float = 1.0,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        if not items:
+            raise ValueError("empty batch")
+        lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
+        logits: list[torch.Tensor] = []
+        for stream in self.streams:
+            feats = [
+                surrogate_features(
+                    self.backbones[stream],
+                    it.frames[stream],
+                    it.grad_index,
+                    prepare=self._prepare.get(stream),
+                    known=None if it.known is None else it.known.get(stream),
+                    chunk_size=chunk_size,
+                    grad_factor=grad_factor,
+                    checkpoint=checkpoint,
+                )
+                for it in items
+            ]
+            x = nn.utils.rnn.pad_sequence(feats, batch_first=True)  # [B, T_max, d]
+            logits.append(_full(self.heads[stream](x, lengths.to(x.device))))
+        if self.fusion is None:
+            return logits[0]
+        w = torch.softmax(_full(self.fusion), 0)
+        return sum((w[i] * z for i, z in enumerate(logits)), torch.zeros_like(logits[0]))
+
+
+def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy and the number of top-1 hits of a batch."""
+    loss = F.cross_entropy(_full(logits), labels)
+    correct = int((logits.detach().argmax(1) == labels).sum())
+    return loss, correct
