@@ -1,8 +1,9 @@
 """The node cache: pyramid node means (and maxes) of every complete video, built once per store.
 
-Stored under ``/cache/nodes-<stream>/<key>`` where the key hashes what the cache was derived
-from (the stream, the depth, and every complete video's id, frame count and extraction time), so
-adding, removing or re-extracting a video changes the key and the cache is rebuilt on next use.
+Stored under ``/cache/nodes-<stream>/<key>`` (``nodes-<stream>-max/<key>`` with maxes) where the
+key hashes what the cache was derived from (the stream, the depth, and every complete video's id,
+frame count and extraction time), so adding, removing or re-extracting a video changes the key
+and the cache is rebuilt on next use.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def load_node_cache(
     key, videos = cache_key(store, stream, depth, with_max)
     if not videos:
         raise ValueError(f"store {store.path!r} has no complete video with stream {stream!r}")
-    name = f"nodes-{stream}"
+    # means-only and means+maxes caches live side by side (write_cache drops other keys of a name)
+    name = f"nodes-{stream}" + ("-max" if with_max else "")
     cached = store.read_cache(name, key)
     ids = [v[0] for v in videos]
     if cached is not None:
