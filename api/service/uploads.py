@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
 from starlette.requests import ClientDisconnect, Request
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,6 @@ class _Receiver:
         self.max_bytes = max_bytes
         self.file_field = file_field
         self.fd: int | None = None
-        self.file_complete = False
         self.n_parts = 0
         self._header_field = b""
         self._header_value = b""
@@ -156,7 +160,6 @@ class _Receiver:
             assert self.fd is not None
             os.close(self.fd)
             self.fd = -1  # closed; a second file part is still refused
-            self.file_complete = True
         elif self._name is not None:
             if self._name in self.upload.fields:
                 raise UploadError(400, f"form field {self._name!r} given twice")
@@ -240,6 +243,8 @@ async def _read_body(
             if chunk:
                 parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:
+            raise UploadError(400, "multipart body ended before its closing boundary")
     except MultipartParseError as exc:
         raise UploadError(400, f"malformed multipart body: {exc}") from None
     except ClientDisconnect:
@@ -247,8 +252,6 @@ async def _read_body(
         raise
     finally:
         receiver.close()
-    if upload.path is not None and not receiver.file_complete:
-        raise UploadError(400, "multipart body ended inside the file part")
     upload.seconds = time.perf_counter() - t0
 
 
