@@ -238,49 +238,37 @@ class VideoBatchItem:
 
 
 class FinetuneModel(nn.Module):
-    """Backbone(s) + pooling head(s), trained end to end with the surrogate gradient.
+    """Backbone(s) + a video head, trained end to end with the surrogate gradient.
 
-    One stream: ``logits = head(backbone(frames))``. Two streams: the per-stream logits are mixed
-    with learned weights ``(w_a, w_m) = softmax(fusion)``, ``w >= 0``, ``w_a + w_m = 1``.
+    ``head`` takes ``forward(x {stream: [B, T, d]}, lengths [B]) -> [B, C]`` (e.g. a
+    :class:`aggregator.heads.TwoStream` of temporal pyramids, whose learned fusion weights mix the
+    streams). ``forward(items, ...)`` takes a list of videos of any lengths and returns ``[B, C]``
+    logits; each video's features are computed with :func:`surrogate_features` and padded into
+    the head's ``[B, T, d]`` + ``lengths`` contract.
 
-    ``forward(items, ...)`` takes a list of videos of any lengths and returns ``[B, C]`` logits;
-    the features of each video are computed with :func:`surrogate_features` and padded into the
-    head's ``[B, T, d]`` + ``lengths`` contract.
+    :meth:`train` keeps the backbones' BatchNorm layers in eval mode (see the module docstring).
     """
 
     def __init__(
         self,
         *,
         backbones: Mapping[str, nn.Module],
-        heads: Mapping[str, nn.Module],
+        head: nn.Module,
         prepare: Mapping[str, Prepare] | None = None,
     ) -> None:
         super().__init__()
         streams = [s for s in STREAMS if s in backbones]
         if not streams or set(backbones) - set(STREAMS):
             raise ValueError(f"backbones must be keyed by {STREAMS}, got {sorted(backbones)!r}")
-        if set(heads) != set(backbones):
-            raise ValueError(
-                f"one head per backbone stream: backbones {sorted(backbones)!r}, "
-                f"heads {sorted(heads)!r}"
-            )
         self.streams: list[str] = streams
         self.backbones = nn.ModuleDict({s: backbones[s] for s in streams})
-        self.heads = nn.ModuleDict({s: heads[s] for s in streams})
-        self.fusion = nn.Parameter(torch.zeros(len(streams))) if len(streams) > 1 else None
+        self.head = head
         self._prepare: dict[str, Prepare] = dict(prepare or {})
 
     def train(self, mode: bool = True) -> FinetuneModel:
         super().train(mode)
         freeze_batchnorm(self.backbones)
         return self
-
-    def stream_weights(self) -> dict[str, float]:
-        """The learned fusion weights per stream (1.0 for a single stream)."""
-        if self.fusion is None:
-            return {self.streams[0]: 1.0}
-        w = torch.softmax(self.fusion.detach().float(), 0)
-        return {s: float(v) for s, v in zip(self.streams, w, strict=True)}
 
     def forward(
         self,
@@ -292,7 +280,7 @@ class FinetuneModel(nn.Module):
         if not items:
             raise ValueError("empty batch")
         lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
-        logits: list[torch.Tensor] = []
+        x: dict[str, torch.Tensor] = {}
         for stream in self.streams:
             feats = [
                 surrogate_features(
@@ -307,12 +295,10 @@ class FinetuneModel(nn.Module):
                 )
                 for it in items
             ]
-            x = nn.utils.rnn.pad_sequence(feats, batch_first=True)  # [B, T_max, d]
-            logits.append(_full(self.heads[stream](x, lengths.to(x.device))))
-        if self.fusion is None:
-            return logits[0]
-        w = torch.softmax(_full(self.fusion), 0)
-        return sum((w[i] * z for i, z in enumerate(logits)), torch.zeros_like(logits[0]))
+            x[stream] = nn.utils.rnn.pad_sequence(feats, batch_first=True)  # [B, T_max, d]
+        device = next(iter(x.values())).device
+        out: torch.Tensor = self.head(x, lengths.to(device))
+        return _full(out)
 
 
 def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -13,7 +13,7 @@ from aggregator.finetune import (
     periodic_subset,
     surrogate_features,
 )
-from aggregator.nodes import batch_node_means
+from aggregator.heads import build_model
 
 
 class TinyBackbone(nn.Module):
@@ -33,29 +33,20 @@ class TinyBackbone(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
-class TinyPyramidHead(nn.Module):
-    """Node means of a depth-2 pyramid, softmax node weights, linear classifier."""
-
-    def __init__(self, d: int = 5, n_classes: int = 3) -> None:
-        super().__init__()
-        self.beta_hat = nn.Parameter(torch.randn(3))
-        self.fc = nn.Linear(d, n_classes)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        psi = batch_node_means(x, lengths, 2)  # [B, 3, d]
-        beta = torch.softmax(self.beta_hat, 0)
-        return self.fc((beta[None, :, None] * torch.tanh(psi)).sum(1))
-
-
 LENGTHS = (7, 3, 5)
 
 
 def _model(streams: tuple[str, ...] = ("appearance",)) -> FinetuneModel:
     torch.manual_seed(0)
     chans = {"appearance": 3, "motion": 4}
+    head = build_model(
+        "tp",
+        in_features={s: 5 for s in streams},
+        num_classes=3,
+        head_kwargs={"depth": 2, "node_dim": 4, "dropout": 0.0},
+    )
     model = FinetuneModel(
-        backbones={s: TinyBackbone(chans[s]) for s in streams},
-        heads={s: TinyPyramidHead() for s in streams},
+        backbones={s: TinyBackbone(chans[s]) for s in streams}, head=head
     ).double()
     return model.train()
 
@@ -79,24 +70,14 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _unfolded_grads(
-    model: FinetuneModel, videos: list[dict[str, torch.Tensor]], detach_outside: int | None = None
+    model: FinetuneModel, videos: list[dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
-    """Reference: each video's frames in one backbone call, the whole graph kept.
-
-    With ``detach_outside=(K, r)`` semantics given by a residue list, frames outside are detached.
-    """
-    lengths = torch.tensor(LENGTHS)
-    logits = []
-    for s in model.streams:
-        feats = [model.backbones[s](v[s]) for v in videos]
-        x = nn.utils.rnn.pad_sequence(feats, batch_first=True)
-        logits.append(model.heads[s](x, lengths))
-    if model.fusion is None:
-        z = logits[0]
-    else:
-        w = torch.softmax(model.fusion, 0)
-        z = w[0] * logits[0] + w[1] * logits[1]
-    nn.functional.cross_entropy(z, LABELS).backward()
+    """Reference: the unfolded model, each video's frames in one backbone call, all with grad."""
+    x = {
+        s: nn.utils.rnn.pad_sequence([model.backbones[s](v[s]) for v in videos], batch_first=True)
+        for s in model.streams
+    }
+    nn.functional.cross_entropy(model.head(x, torch.tensor(LENGTHS)), LABELS).backward()
     return _grads(model)
 
 
@@ -203,5 +184,5 @@ def test_batchnorm_stays_frozen_in_train_mode() -> None:
     before = model.backbones["appearance"].bn.running_mean.clone()
     _surrogate_grads(model, _videos(), 2, 0)
     assert not model.backbones["appearance"].bn.training
-    assert model.heads["appearance"].training
+    assert model.head.training
     assert torch.equal(before, model.backbones["appearance"].bn.running_mean)
