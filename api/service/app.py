@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from api.service.deps import ServiceState
 from api.service.inference import InferenceQueue
@@ -65,6 +67,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             shutil.rmtree(upload_dir, ignore_errors=True)
 
 
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """Invalid parameters answer 422 with one readable ``detail`` string, like every error."""
+    assert isinstance(exc, RequestValidationError)
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        for err in exc.errors()
+    )
+    return JSONResponse({"detail": f"invalid request: {detail}"}, status_code=422)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (default: from ``FRAMEPOOL_*`` environment variables).
 
@@ -83,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     for module in (predict, similar, models, health, metrics):
         app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

@@ -1,0 +1,68 @@
+"""Property-based requests generated from the OpenAPI schema: the service never answers 5xx.
+
+Every operation is fuzzed (query strings, multipart bodies with random bytes as the video, bad
+options); 503 would be overload, which this sequential run never causes, so any 5xx fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+)
+
+from api.service import Settings, create_app
+from tests.api.fakes import FakeExtractor, fake_loader
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-uploads")
+
+
+@pytest.fixture(scope="module")
+def fuzz_schema(uploads: Path) -> Iterator[schemathesis.BaseSchema]:
+    mp = pytest.MonkeyPatch()
+    mp.setattr("api.service.app._load", fake_loader(FakeExtractor()))
+    app = create_app(Settings(runs=[], upload_dir=uploads, max_upload_mb=0.5))
+    with TestClient(app):  # starts the lifespan: the run is loaded, the workers run
+        yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    mp.undo()
+    assert list(uploads.iterdir()) == []
+
+
+def test_no_server_errors(fuzz_schema: schemathesis.BaseSchema) -> None:
+    strategy = st.one_of(
+        fuzz_schema.as_strategy(generation_mode=GenerationMode.POSITIVE),
+        fuzz_schema.as_strategy(generation_mode=GenerationMode.NEGATIVE),
+    )
+    seen: set[str] = set()
+
+    @given(case=strategy)
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: schemathesis.Case) -> None:
+        seen.add(f"{case.method} {case.path}")
+        response = case.call()
+        assert response.status_code < 500, (case.as_curl_command(), response.text[:300])
+        case.validate_response(
+            response,
+            checks=[not_a_server_error, content_type_conformance, response_schema_conformance],
+        )
+
+    check()
+    assert {"POST /v1/predict", "POST /v1/similar", "GET /v1/models"} <= seen
