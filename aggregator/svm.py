@@ -1,0 +1,425 @@
+"""The shallow multiple-aggregation kernel SVM (seed 002, section 3.1) as a scikit-learn estimator.
+
+One-vs-rest soft-margin SVMs over the C classes share one weight vector ``beta`` on the simplex over
+the M = 2^D - 1 temporal-pyramid nodes. Training solves the multiple-kernel-learning saddle point
+
+    min_beta J(beta),  J(beta) = sum_c max_{alpha in A_c} [1'alpha - 1/2 u_c' K_beta u_c],
+    u_c = alpha∘y_c,  A_c = {0 <= alpha <= C, y_c'alpha = 0}
+
+(the paper's Eq. 3 read as a min over alpha too would favour the least discriminative node).
+
+- ``variant="concat"`` (map (*)): node m is scaled by sqrt(beta_m) and concatenated, so
+  ``K_beta = sum_m beta_m K_m`` is linear in beta and J is convex. Alternation of an alpha-step
+  (C SVMs by libsvm on the precomputed K_beta) and a beta-step (a cutting-plane LP over every cut
+  gathered so far) brackets the optimum: LB = LP optimum, UB = J at the SVMs' beta. It stops when
+  ``1 - LB / min UB <= eps`` and returns the iterate with the best UB.
+- ``variant="average"`` (map (**)): ``X_beta = sum_m beta_m Psi_m`` and ``K = X_beta X_beta'`` is
+  quadratic in beta; J is not convex. Projected gradient on the simplex with backtracking from
+  ``restarts`` starting points (uniform, then random), stopping at a relative Frank-Wolfe gap of
+  ``eps``; the best J wins. Only the linear kernel.
+
+There is no ``predict_proba``: SVM scores are not probabilities. Calibrate them on held-out data
+(``sklearn.calibration.CalibratedClassifierCV`` works on the 2-D input form), as ``svm_run`` does
+with a softmax temperature.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from aggregator.svm_solvers import (
+    KERNELS,
+    AlphaStep,
+    NodeGrams,
+    alpha_step,
+    average_objective,
+    clean_simplex,
+    cutting_plane_lp,
+    level_projection,
+    node_blocks,
+    node_kernel,
+    ovr_targets,
+    project_simplex,
+    scale_gammas,
+)
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("concat", "average")
+_FLOATS = [np.float64, np.float32, np.float16]
+
+
+def _is_pyramid(m: int) -> bool:
+    return m >= 1 and (m + 1) & m == 0
+
+
+class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
+    """One-vs-rest SVMs sharing learned temporal-pyramid node weights ``beta``.
+
+    Input ``X`` is node features ``[n, M, d]`` (``aggregator.nodes.node_means`` of each video, M =
+    2^D - 1 nodes in pyramid order), or the same flattened to ``[n, M*d]`` with ``n_nodes=M``. A
+    2-D ``X`` with ``n_nodes=None`` is one node: a plain SVM (so generic scikit-learn tools apply).
+
+    Parameters:
+        C: soft-margin penalty of every SVM.
+        variant: ``"concat"`` (kernel linear in beta, convex) or ``"average"`` (quadratic).
+        kernel: per-node kernel ``"linear"``, ``"rbf"`` or ``"chi2"`` (concat only). Non-linear
+            kernels keep all M node Gram matrices (M n^2 doubles) and raise when they exceed
+            ``gram_cache_gib``; the linear kernel never needs them all.
+        gamma: ``"scale"`` (per node, 1 / mean pairwise distance) or a float, for rbf/chi2.
+        n_nodes: number of nodes M when ``X`` is 2-D ``[n, M*d]``.
+        max_iter: most alpha-steps (concat) or accepted gradient steps per restart (average).
+        eps: stop at relative gap ``1 - LB/UB`` (concat) or relative Frank-Wolfe gap (average).
+        tol: libsvm stopping tolerance; keep it <= 1e-4 for duals accurate to ~1e-6.
+        restarts: starting points of the averaging variant (the first is uniform).
+        gram_cache_gib: memory for node Gram matrices kept between iterations.
+        n_jobs: worker processes fitting the classes of one alpha-step (pays when the SVMs take
+            longer than shipping the n x n kernel to the workers).
+        random_state: seeds the restarts of the averaging variant.
+
+    Fitted attributes: ``classes_``, ``beta_ [M]``, ``intercept_ [L]``, ``coef_ [L, M*d]`` (linear
+    kernel: primal weights on the raw node features, zero where beta is zero) or
+    ``support_``/``support_vectors_``/``dual_coef_``/``gammas_`` (rbf/chi2), ``objective_`` (J at
+    ``beta_``), ``dual_values_ [L]``, ``gap_``, ``n_iter_`` (alpha-steps run), ``history_`` (one
+    dict per iterate: iteration, lower, upper, gap, beta, seconds since fit began; average also
+    restart; lower is NaN there), ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1
+    for two classes (positive = ``classes_[1]``) and C otherwise.
+    """
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        *,
+        variant: str = "concat",
+        kernel: str = "linear",
+        gamma: float | str = "scale",
+        n_nodes: int | None = None,
+        max_iter: int = 50,
+        eps: float = 1e-3,
+        tol: float = 1e-4,
+        restarts: int = 3,
+        gram_cache_gib: float = 2.0,
+        n_jobs: int | None = None,
+        random_state: int | np.random.RandomState | None = None,
+        beta_step: str = "lp",
+        level: float = 0.9,
+    ) -> None:
+        self.beta_step = beta_step
+        self.level = level
+        self.C = C
+        self.variant = variant
+        self.kernel = kernel
+        self.gamma = gamma
+        self.n_nodes = n_nodes
+        self.max_iter = max_iter
+        self.eps = eps
+        self.tol = tol
+        self.restarts = restarts
+        self.gram_cache_gib = gram_cache_gib
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ validation
+    def _check_params(self) -> None:
+        def positive(name: str, value: Any) -> None:
+            if (
+                not isinstance(value, numbers.Real)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+        def count(name: str, value: Any) -> None:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+        positive("C", self.C)
+        positive("eps", self.eps)
+        positive("tol", self.tol)
+        count("max_iter", self.max_iter)
+        count("restarts", self.restarts)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.variant == "average" and self.kernel != "linear":
+            raise ValueError(
+                f"kernel={self.kernel!r} is a per-node kernel, defined for variant='concat' only; "
+                "variant='average' uses the linear kernel"
+            )
+        if self.gamma != "scale":
+            positive("gamma", self.gamma)
+        if self.n_nodes is not None:
+            count("n_nodes", self.n_nodes)
+        if not isinstance(self.gram_cache_gib, numbers.Real) or self.gram_cache_gib < 0:
+            raise ValueError(f"gram_cache_gib must be >= 0, got {self.gram_cache_gib!r}")
+
+    def _validate(self, X: Any, y: Any = None, *, reset: bool) -> Any:
+        """Return node features ``[n, M, d]`` (and y when given), checked against the fit."""
+        name = type(self).__name__
+        ndim = getattr(X, "ndim", None)
+        if ndim is None:
+            ndim = np.ndim(X)
+        if ndim > 3:
+            raise ValueError(
+                f"X must be node features [n, M, d] or flattened [n, M*d], got {ndim} dimensions"
+            )
+        if ndim == 3:
+            arr = check_array(X, allow_nd=True, dtype=_FLOATS, input_name="X")
+            n, m_nodes, dim = arr.shape
+            if not reset and (m_nodes, dim) != (self.n_nodes_, self.n_node_features_):
+                raise ValueError(
+                    f"X has {m_nodes} nodes of {dim} features, but {name} was fitted on "
+                    f"{self.n_nodes_} nodes of {self.n_node_features_} features"
+                )
+            if reset and self.n_nodes is not None and self.n_nodes != m_nodes:
+                raise ValueError(f"X has {m_nodes} nodes but n_nodes={self.n_nodes}")
+            X = arr.reshape(n, m_nodes * dim)
+        else:
+            m_nodes = (self.n_nodes or 1) if reset else self.n_nodes_
+        if y is None:
+            flat = validate_data(self, X, reset=reset, dtype=_FLOATS)
+        else:
+            flat, y = validate_data(self, X, y, reset=reset, dtype=_FLOATS)
+        n_features = flat.shape[1]
+        if n_features % m_nodes:
+            raise ValueError(
+                f"X has {n_features} features, which do not split into {m_nodes} nodes"
+            )
+        if not _is_pyramid(m_nodes):
+            raise ValueError(
+                f"X has M={m_nodes} nodes; a temporal pyramid of depth D has M = 2^D - 1 "
+                "(1, 3, 7, 15, 31, 63, ...)"
+            )
+        nodes = flat.reshape(flat.shape[0], m_nodes, n_features // m_nodes)
+        return nodes if y is None else (nodes, y)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: Any, y: Any) -> MultipleAggregationSVM:
+        """Learn ``beta_`` and the SVMs. ``X [n, M, d]`` (or ``[n, M*d]``), ``y [n]`` labels."""
+        self._check_params()
+        X, y = self._validate(X, y, reset=True)
+        check_classification_targets(y)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in y, got 1 class: "
+                f"{classes.tolist()!r}"
+            )
+        if self.kernel == "chi2" and (X < 0).any():
+            raise ValueError("kernel='chi2' needs non-negative features; X has negative values")
+        self.classes_ = classes
+        self.n_nodes_, self.n_node_features_ = X.shape[1], X.shape[2]
+        Y = ovr_targets(y_idx, len(classes))
+        if self.kernel == "linear":
+            self.gammas_ = None
+        elif self.gamma == "scale":
+            self.gammas_ = scale_gammas(X, self.kernel)
+        else:
+            self.gammas_ = np.full(X.shape[1], float(self.gamma))
+        if self.variant == "concat":
+            self._fit_concat(X, Y)
+        else:
+            self._fit_average(X, Y)
+        return self
+
+    def _fit_concat(self, X: np.ndarray, Y: np.ndarray) -> None:
+        m_nodes = X.shape[1]
+        n_cls = Y.shape[1]
+        grams = NodeGrams(
+            X, kernel=self.kernel, gammas=self.gammas_, budget_bytes=self.gram_cache_gib * 2**30
+        )
+        start = time.perf_counter()
+        beta = np.full(m_nodes, 1.0 / m_nodes)
+        cut_a: list[np.ndarray] = []
+        cut_S: list[np.ndarray] = []
+        history: list[dict[str, Any]] = []
+        best_ub, lb_best = math.inf, -math.inf
+        best: tuple[np.ndarray, AlphaStep, np.ndarray | None, np.ndarray] | None = None
+        it = 0
+        for it in range(1, self.max_iter + 1):
+            K = grams.combined(beta)
+            step = alpha_step(K, Y, C=float(self.C), tol=float(self.tol), n_jobs=self.n_jobs)
+            del K
+            P = grams.projections(step.U) if self.kernel == "linear" else None
+            S = grams.cut_coefficients(step.U, P)  # [L, M]
+            duals = step.a - S @ beta
+            ub = float(duals.sum())
+            if ub < best_ub:
+                best_ub, best = ub, (beta.copy(), step, P, duals)
+            cut_a.append(step.a)
+            cut_S.append(S)
+            if m_nodes == 1:
+                beta_next, lb = beta, ub  # nothing to learn: J is known exactly
+            else:
+                owner = np.tile(np.arange(n_cls), len(cut_a))
+                all_a, all_S = np.concatenate(cut_a), np.concatenate(cut_S)
+                beta_next, lb = cutting_plane_lp(all_a, all_S, owner, n_cls)
+                if self.beta_step == "level":
+                    level = lb + self.level * (best_ub - lb)
+                    beta_next = level_projection(all_a, all_S, owner, n_cls, beta, level)
+            lb_best = max(lb_best, lb)
+            gap = 1.0 - lb_best / best_ub if best_ub > 0 else 0.0
+            history.append(
+                {
+                    "iteration": it,
+                    "lower": lb,
+                    "upper": ub,
+                    "gap": gap,
+                    "beta": beta.tolist(),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            log.info(
+                "svm iter %d: LB %.6g UB %.6g gap %.3g, %d active nodes, %.1f s",
+                it,
+                lb,
+                ub,
+                gap,
+                int((beta > 0).sum()),
+                history[-1]["seconds"],
+            )
+            if gap <= self.eps or m_nodes == 1:
+                break
+            beta = clean_simplex(beta_next)
+        assert best is not None
+        beta_best, step_best, P_best, duals_best = best
+        self.history_ = history
+        self.n_iter_ = it
+        self.gap_ = history[-1]["gap"]
+        self._store(X, beta_best, step_best, duals_best, P=P_best)
+
+    def _fit_average(self, X: np.ndarray, Y: np.ndarray) -> None:
+        m_nodes = X.shape[1]
+        rng = check_random_state(self.random_state)
+        starts = [np.full(m_nodes, 1.0 / m_nodes)]
+        if m_nodes > 1:
+            starts += [rng.dirichlet(np.ones(m_nodes)) for _ in range(self.restarts - 1)]
+        kw: dict[str, Any] = {"C": float(self.C), "tol": float(self.tol), "n_jobs": self.n_jobs}
+        start = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        evaluations = 0
+        best: tuple[float, np.ndarray, AlphaStep, np.ndarray, float] | None = None
+        for restart, beta in enumerate(starts):
+            J, g, step, W = average_objective(X, beta, Y, **kw)
+            evaluations += 1
+            spread = float(g.max() - g.min())
+            eta = 1.0 / (m_nodes * spread) if spread > 0 else 1.0
+            for it in range(1, self.max_iter + 1):
+                fw_gap = float(g @ beta - g.min()) / J if J > 0 else 0.0
+                history.append(
+                    {
+                        "restart": restart,
+                        "iteration": it,
+                        "lower": math.nan,
+                        "upper": J,
+                        "gap": fw_gap,
+                        "beta": beta.tolist(),
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                log.info("svm average restart %d iter %d: J %.6g gap %.3g", restart, it, J, fw_gap)
+                if fw_gap <= self.eps or m_nodes == 1 or it == self.max_iter:
+                    break
+                moved = False
+                for _ in range(40):  # backtracking on the projected-gradient step
+                    cand = project_simplex(beta - eta * g)
+                    delta = cand - beta
+                    if np.abs(delta).max() < 1e-12:
+                        break
+                    Jc, gc, stepc, Wc = average_objective(X, cand, Y, **kw)
+                    evaluations += 1
+                    if Jc <= J + g @ delta + (delta @ delta) / (2 * eta):
+                        beta, J, g, step, W = cand, Jc, gc, stepc, Wc
+                        eta *= 2.0
+                        moved = True
+                        break
+                    eta /= 2.0
+                if not moved:
+                    break
+            if best is None or best[0] > J:
+                best = (J, beta, step, W, history[-1]["gap"])
+        assert best is not None
+        J, beta, step, W, gap = best
+        self.history_ = history
+        self.n_iter_ = evaluations
+        self.gap_ = gap
+        duals = step.a - 0.5 * (W * W).sum(axis=0)
+        # X_beta . w_l = sum_m Psi_m . (beta_m w_l): primal weights on the raw nodes
+        coef = np.einsum("m,dl->lmd", beta, W)
+        self._store(X, beta, step, duals, coef=coef)
+
+    def _store(
+        self,
+        X: np.ndarray,
+        beta: np.ndarray,
+        step: AlphaStep,
+        duals: np.ndarray,
+        *,
+        P: np.ndarray | None = None,
+        coef: np.ndarray | None = None,
+    ) -> None:
+        _, m_nodes, dim = X.shape
+        self.beta_ = beta
+        self.intercept_ = step.b
+        self.dual_values_ = duals
+        self.objective_ = float(duals.sum())
+        if self.kernel == "linear":
+            if coef is None:
+                assert P is not None
+                coef = np.einsum("m,mdl->lmd", beta, P)  # beta_m Psi_m' u_l
+            self.coef_ = coef.reshape(coef.shape[0], m_nodes * dim)
+        else:
+            support = np.flatnonzero(np.abs(step.U).sum(axis=1) > 0)
+            self.support_ = support
+            self.support_vectors_ = X[support].copy()
+            self.dual_coef_ = step.U[support].T.copy()  # [L, n_sv]
+
+    # ------------------------------------------------------------------ predict
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``[n, C]`` one-vs-rest scores (``[n]`` for two classes, positive = ``classes_[1]``)."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        n = X.shape[0]
+        if self.kernel == "linear":
+            scores = np.zeros((n, self.coef_.shape[0]))
+            coef = self.coef_.reshape(len(self.coef_), self.n_nodes_, -1)  # [L, M, d]
+            active = [int(m) for m in np.flatnonzero(self.beta_ > 0)]
+            for idx, block in node_blocks(X, active):
+                w = coef[:, idx, :].reshape(len(coef), -1).astype(block.dtype)
+                scores += block @ w.T
+        else:
+            gammas = self.gammas_
+            assert gammas is not None
+            scores = np.zeros((n, self.dual_coef_.shape[0]))
+            for m in np.flatnonzero(self.beta_ > 0):
+                Km = node_kernel(
+                    X[:, m, :], self.support_vectors_[:, m, :], self.kernel, float(gammas[m])
+                )
+                scores += self.beta_[m] * (Km @ self.dual_coef_.T)
+        scores += self.intercept_
+        return scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``[n]`` predicted class labels."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            return self.classes_[(scores > 0).astype(np.int64)]
+        return self.classes_[scores.argmax(axis=1)]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.input_tags.positive_only = self.kernel == "chi2"
+        return tags
