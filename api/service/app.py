@@ -29,7 +29,8 @@ def _load(settings: Settings) -> tuple[Registry, list[WorkerContext]]:
 
         torch.set_num_threads(settings.torch_threads)
     registry = load_registry(settings.runs, settings.store)
-    contexts = [make_worker_context(registry, settings.device) for _ in range(settings.workers)]
+    context = make_worker_context(registry, settings.device)
+    contexts = [context] * settings.workers  # extractors are thread-safe and shared
     return registry, contexts
 
 

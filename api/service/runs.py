@@ -59,7 +59,11 @@ class Registry:
 
 @dataclass
 class WorkerContext:
-    """What one inference worker owns: a feature extractor per distinct extractor config."""
+    """What an inference worker uses: a feature extractor per distinct extractor config.
+
+    ``FeatureExtractor.extract_file`` is safe to call from several threads (each call has its own
+    flow backend), so workers share one set of extractors and the backbones are loaded once.
+    """
 
     extractors: dict[str, FeatureExtractor] = field(default_factory=dict)
 
@@ -124,7 +128,7 @@ def load_registry(run_dirs: Sequence[Path], store: Path | None = None) -> Regist
 
 
 def make_worker_context(registry: Registry, device: str) -> WorkerContext:
-    """Fresh extractors (their own backbones, decoders and flow objects) for one worker."""
+    """The extractors of every loaded run, rebuilt exactly as their stores recorded them."""
     from extractor.features import FeatureExtractor
 
     return WorkerContext(
