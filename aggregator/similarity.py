@@ -187,9 +187,40 @@ def has_index(run_dir: str | Path) -> bool:
 
 
 def embed_store_videos(
-    predictor: Predictor, store: FeatureStore, video_ids: Sequence[str]
+    predictor: Predictor,
+    store: FeatureStore,
+    video_ids: Sequence[str],
+    *,
+    use_cache: bool = True,
+    batch_size: int = 256,
 ) -> np.ndarray:
-    """``[n, e]`` float32 embeddings of stored videos, one :meth:`Predictor.embed` call each."""
+    """``[n, e]`` float32 embeddings of stored videos.
+
+    A torch run (one with ``input_specs`` and ``embed_nodes``) embeds batches of the summaries its
+    head reads, taken from the store's node/interval caches (built once, already there after
+    training): no frame features are read again. Any other predictor, or ``use_cache=False``,
+    reads every video's frames and calls :meth:`Predictor.embed` once per video. The two agree
+    up to the float16 rounding of the cache.
+    """
+    specs = getattr(predictor, "input_specs", None)
+    embed_nodes = getattr(predictor, "embed_nodes", None)
+    if use_cache and specs is not None and embed_nodes is not None:
+        import torch
+
+        from aggregator.data import load_summaries
+
+        nodes = {
+            s: load_summaries(store, video_ids, s, spec, progress=False)
+            for s, spec in specs.items()
+        }
+        parts = []
+        for start in range(0, len(video_ids), batch_size):
+            batch = {
+                s: torch.from_numpy(a[start : start + batch_size].astype(np.float32))
+                for s, a in nodes.items()
+            }
+            parts.append(np.asarray(embed_nodes(batch), dtype=np.float32))
+        return np.concatenate(parts)
     rows = []
     for vid in video_ids:
         feats = {s: store.read(vid, s) for s in predictor.streams}

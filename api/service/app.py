@@ -28,7 +28,7 @@ def _load(settings: Settings) -> tuple[Registry, list[WorkerContext]]:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    registry = load_registry(settings.runs, settings.store)
+    registry = load_registry(settings.runs, settings.store, settings.device)
     context = make_worker_context(registry, settings.device)
     contexts = [context] * settings.workers  # extractors are thread-safe and shared
     return registry, contexts

@@ -82,13 +82,13 @@ def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
     return out
 
 
-def load_one(run_dir: Path, store: Path | None) -> LoadedRun:
+def load_one(run_dir: Path, store: Path | None, device: str = "cpu") -> LoadedRun:
     """Load a run directory; build its similarity index from ``store`` when it has none."""
     from aggregator.runs import load_run
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    predictor = load_run(run_dir)
+    predictor = load_run(run_dir, device=device)
     index: SimilarityIndex | None = None
     if has_index(run_dir):
         index = SimilarityIndex.load(run_dir)
@@ -108,13 +108,15 @@ def load_one(run_dir: Path, store: Path | None) -> LoadedRun:
     )
 
 
-def load_registry(run_dirs: Sequence[Path], store: Path | None = None) -> Registry:
+def load_registry(
+    run_dirs: Sequence[Path], store: Path | None = None, device: str = "cpu"
+) -> Registry:
     """Load every run once; run ids must be distinct."""
     if not run_dirs:
         raise ValueError("no run directory given; pass at least one --run DIR")
     runs: dict[str, LoadedRun] = {}
     for run_dir in run_dirs:
-        run = load_one(Path(run_dir), store)
+        run = load_one(Path(run_dir), store, device)
         if run.run_id in runs:
             raise ValueError(
                 f"runs {str(runs[run.run_id].run_dir)!r} and {str(run_dir)!r} have the same "

@@ -104,3 +104,21 @@ def test_bad_inputs(tmp_path: Path, data) -> None:
     # a zero embedding is allowed and is equally far (distance 1) from everything
     hits = index.search(np.zeros(12, dtype=np.float32), 3)
     assert all(h.distance == pytest.approx(1.0) for h in hits)
+
+
+@pytest.mark.parametrize("head", ["gap", "tp"])
+def test_cached_embeddings_equal_per_video_embeddings(served, head: str) -> None:
+    from aggregator.runs import load_run
+    from aggregator.similarity import embed_store_videos
+    from storage import FeatureStore
+
+    run = load_run(getattr(served, head))
+    store = FeatureStore.open(served.store, "r")
+    ids = store.videos(split="train")
+    fast = embed_store_videos(run, store, ids)
+    slow = embed_store_videos(run, store, ids, use_cache=False)
+    assert fast.shape == slow.shape and fast.shape[0] == len(ids)
+    # the cache holds float16 node summaries; the slow path pools float32 frames
+    np.testing.assert_allclose(fast, slow, rtol=2e-2, atol=2e-2 * np.abs(slow).max())
+    cos = (normalize(fast) * normalize(slow)).sum(1)
+    assert cos.min() > 0.9999
