@@ -12,7 +12,7 @@ Outputs in ``out_dir``:
   may be raised to train longer. The random streams are re-seeded from ``(seed, epoch, rank)`` at
   every epoch, so a resumed run retraces an uninterrupted one.
 - ``metrics.json``: ``{"epochs": [{epoch, residue, frames_with_grad, frames_total, loss,
-  accuracy, seconds, lr}, ...], ...}``, rewritten after every epoch.
+  accuracy, seconds, cpu_seconds, lr}, ...], ...}``, rewritten after every epoch.
 - at the end: ``backbone_<stream>.pt`` (the backbone's state dict), ``head.pt`` (the head's
   state dict) and ``config.json`` (what rebuilds them, plus the learned fusion weights).
 """
@@ -345,7 +345,7 @@ def finetune(
         _seed_everything(settings.seed, epoch, rank)
         sampler.set_epoch(epoch)
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_sum = torch.zeros((), dtype=torch.float64)
         counts = torch.zeros(4, dtype=torch.float64)  # correct, videos, frames_grad, frames
         for batch in _batches(list(sampler), settings.batch_videos):
@@ -388,6 +388,7 @@ def finetune(
         lr = [float(g["lr"]) for g in opt.param_groups]
         sched.step()
         seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
         if dist.is_available() and dist.is_initialized():
             stats = torch.cat([loss_sum[None], counts]).to(dev)
             dist.all_reduce(stats)
@@ -403,6 +404,7 @@ def finetune(
             "loss": float(loss_sum) / n,
             "accuracy": float(counts[0]) / n,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,  # this process's CPU time (rank 0)
             "lr": {g["stream"]: v for g, v in zip(opt.param_groups, lr, strict=True)},
         }
         history.append(record)

@@ -1,0 +1,150 @@
+"""Seconds per fine-tuning epoch for several periods K, and the speed-up over K = 1.
+
+At epoch r only the frames t ≡ r (mod K) go through the backbone with gradient (forward +
+backward, about 3 forward passes each); the other frames need a forward pass without gradient
+(``compute`` mode) or are read from a feature store extracted with the same backbone (``store``
+mode). Decoding and flow are done once before the timed epochs (inputs cached in memory).
+
+    python benchmarks/finetune.py --arch resnet18 --max-frames 24 --videos 4 --periods 1,4,8
+
+prints a markdown table: mode, K, frames with gradient per epoch, seconds per epoch (mean over
+``--epochs``), and the K = 1 / K ratio within each mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aggregator.finetune_job import BackboneSpec, run_finetune_job, start_extractor  # noqa: E402
+from aggregator.finetune_train import FinetuneSettings  # noqa: E402
+from storage import FeatureStore, assign_video_ids  # noqa: E402
+
+CLIPS = REPO.parent / "shared" / "data" / "videos"
+DEFAULT_CLIPS = (
+    "mm_part_0.mp4",
+    "mm_demo_spatiotemporal_det.mp4",
+    "mm_test.avi",
+    "tu_v_Basketball_g01_c01.avi",
+    "mm_demo.mp4",
+    "tu_abseiling_k400.mp4",
+    "mm_test.mp4",
+    "vf_v_GGSY1Qvo990.mp4",
+)
+
+
+def make_store(
+    path: Path,
+    videos: dict[str, Path],
+    spec: BackboneSpec,
+    device: torch.device,
+    amp: bool,
+    max_frames: int | None,
+) -> None:
+    """Extract the starting backbones' features of ``videos`` into a new store."""
+    fx = start_extractor(spec, device, amp)
+    store = FeatureStore.create(path, extractor=fx.config())
+    for vid, p in videos.items():
+        ex = fx.extract_file(p, max_frames=max_frames)
+        store.write_video(
+            vid,
+            ex.features,
+            label=vid,
+            meta={"n_frames": ex.n_frames, "frame_indices": ex.frame_indices.tolist()},
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clips", nargs="*", help="video files (default: real clips in shared/)")
+    ap.add_argument("--videos", type=int, default=4, help="how many clips")
+    ap.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50", "resnet101"))
+    ap.add_argument("--stream", default="appearance", choices=("appearance", "motion", "both"))
+    ap.add_argument("--max-frames", type=int, default=24, help="frames kept per clip")
+    ap.add_argument("--periods", default="1,4,8", help="comma-separated K values (24 on a GPU)")
+    ap.add_argument("--modes", default="compute,store", help="compute and/or store")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per setting")
+    ap.add_argument("--batch-videos", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=32)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    paths = [Path(p) for p in args.clips] if args.clips else [CLIPS / n for n in DEFAULT_CLIPS]
+    paths = paths[: args.videos]
+    ids = assign_video_ids(paths)
+    videos = {ids[str(p)]: p for p in paths}
+    labels = {v: f"c{i % 2}" for i, v in enumerate(sorted(videos))}
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    amp = device.type == "cuda"
+    streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
+    spec = BackboneSpec(streams=streams, arch=args.arch, weights="random")
+    periods = [int(k) for k in args.periods.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+
+    rows: list[tuple[str, int, float, float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = Path(tmp) / "store.zarr"
+        if "store" in modes:
+            t0 = time.perf_counter()
+            make_store(store_path, videos, spec, device, amp, args.max_frames)
+            print(f"store extracted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        for mode in modes:
+            for k in periods:
+                settings = FinetuneSettings(
+                    period=k,
+                    epochs=args.epochs,
+                    batch_videos=args.batch_videos,
+                    chunk_size=args.chunk_size,
+                    amp=amp,
+                )
+                history = run_finetune_job(
+                    videos,
+                    labels,
+                    Path(tmp) / f"{mode}-{k}",
+                    backbone=spec,
+                    settings=settings,
+                    head="tp",
+                    head_kwargs={"depth": 4},
+                    device=device,
+                    store=store_path if mode == "store" else None,
+                    cache_dir="memory",
+                    max_frames=args.max_frames,
+                )
+                secs = sum(h["seconds"] for h in history) / len(history)
+                grad = sum(h["frames_with_grad"] for h in history) / len(history)
+                total = history[0]["frames_total"]
+                rows.append((mode, k, grad, total, secs))
+                print(f"{mode} K={k}: {secs:.2f} s/epoch", file=sys.stderr)
+
+    print(
+        f"\nfine-tuning epoch time, {args.arch}, stream {args.stream}, {len(videos)} clips x "
+        f"<= {args.max_frames} frames, device {device}, {torch.get_num_threads()} threads\n"
+    )
+    print("| mode | K | frames with grad / epoch | frames / epoch | s / epoch | K=1 / K |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for mode, k, grad, total, secs in rows:
+        base = next((s for m, kk, _, _, s in rows if m == mode and kk == 1), None)
+        ratio = f"{base / secs:.2f}" if base is not None else "-"
+        print(f"| {mode} | {k} | {grad:.1f} | {total} | {secs:.2f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
