@@ -1,0 +1,351 @@
+"""Training data over a FeatureStore.
+
+Two ways in, one per kind of head:
+
+- node-only heads read fixed-size interval summaries (pyramid nodes, DTPP bins, DATP segments),
+  held as one in-memory tensor ``[n, M, d]`` per stream (:class:`NodeTensors`) and batched by
+  plain indexing, with no DataLoader in the loop. Pyramid nodes come from the store's node cache
+  (:func:`aggregator.node_cache.load_node_cache`, built once per store, reused afterwards); other
+  partitions from an interval cache kept the same way (:func:`load_interval_cache`).
+- heads that need frames read padded batches ``[B, T, d]`` + lengths + mask through a DataLoader
+  (:class:`FrameDataset`, :func:`pad_collate`, :func:`frame_loader`).
+
+Labels become class indices through ``store.class_names``. Any feature size, one or more streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from aggregator.heads.pooling import Intervals, pool_intervals
+from aggregator.node_cache import CACHE_DEPTH, cache_key, load_node_cache
+from aggregator.nodes import n_nodes
+from storage import FeatureStore
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 64  # videos per chunk of a stored interval cache
+
+
+def open_store(path: str, *, writable: bool = True) -> FeatureStore:
+    """Open a store for training: writable when possible (to keep the caches it builds)."""
+    if writable:
+        try:
+            return FeatureStore.open(path, "r+")
+        except PermissionError:
+            log.info("store %s is not writable; caches will be built in memory", path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            log.info("store %s is not writable (%s); caches will be built in memory", path, exc)
+    return FeatureStore.open(path, "r")
+
+
+# ---------------------------------------------------------------------------------- labels, splits
+def label_indices(
+    store: FeatureStore, video_ids: Sequence[str], class_names: list[str]
+) -> np.ndarray:
+    """``[n]`` int64 class index of each video's label in ``class_names``."""
+    index = {c: i for i, c in enumerate(class_names)}
+    out = np.empty(len(video_ids), dtype=np.int64)
+    for i, (vid, label) in enumerate(zip(video_ids, store.labels(list(video_ids)), strict=True)):
+        if label not in index:
+            raise ValueError(
+                f"video {vid!r} has label {label!r}, which is not among the store's class names"
+            )
+        out[i] = index[label]
+    return out
+
+
+def split_videos(store: FeatureStore, split: str) -> list[str]:
+    """Complete videos of ``split`` (a video's ``split`` attr or ``<list>/<part>``); never empty."""
+    ids = store.videos(split=split)
+    if not ids:
+        known = sorted(store.info()["videos_per_split"]) + [
+            f"{name}/{part}" for name, parts in store.split_lists().items() for part in parts
+        ]
+        raise ValueError(f"split {split!r} has no complete video in {store.path!r}; known: {known}")
+    return ids
+
+
+def stratified_holdout(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, validation)`` with about ``fraction`` of every class held out.
+
+    A class with at least two videos gives at least one to validation and keeps at least one;
+    a class with a single video keeps it for training. Seeded, so the same labels and seed give
+    the same partition.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = round(fraction * len(idx))
+        k = min(max(k, 1), len(idx) - 1) if fraction > 0 and len(idx) >= 2 else 0
+        val.append(idx[:k])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx.astype(np.int64), val_idx.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------- node tensors
+def _cache_name(stream: str, spec: Intervals) -> str:
+    return f"intervals-{stream}-{spec.kind}-" + "-".join(str(p) for p in spec.parts)
+
+
+def load_interval_cache(
+    store: FeatureStore, stream: str, spec: Intervals, *, progress: bool = True
+) -> tuple[list[str], np.ndarray]:
+    """``(video_ids, [N, M, d] float16)`` summaries of every complete video with ``stream``.
+
+    Like the node cache, stored under ``/cache/intervals-<stream>-<kind>-<parts>/<key>`` with a key
+    that hashes the videos it was derived from, so it is rebuilt when a video is added, removed or
+    re-extracted; built in memory when the store is read-only.
+    """
+    base, videos = cache_key(store, stream, 0, spec.kind == "max")
+    if not videos:
+        raise ValueError(f"store {store.path!r} has no complete video with stream {stream!r}")
+    payload = json.dumps({"videos": base, **spec.to_dict()}, sort_keys=True)
+    key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    name = _cache_name(stream, spec)
+    ids = [v[0] for v in videos]
+    cached = store.read_cache(name, key)
+    if cached is not None:
+        log.info("interval cache %s/%s hit (%d videos)", name, key, len(ids))
+        return ids, np.asarray(cached["values"][...])
+    d = store.read(ids[0], stream).shape[1]
+    values = np.empty((len(ids), spec.count, d), dtype=np.float16)
+    for i, vid in enumerate(tqdm(ids, desc=f"{name} cache", disable=not progress)):
+        x = store.read(vid, stream)
+        if x.shape[1] != d:
+            raise ValueError(
+                f"stream {stream!r} of video {vid!r} has d={x.shape[1]}, others have d={d}"
+            )
+        values[i] = pool_intervals(x, spec)
+    if store.mode != "r":
+        shape = (len(ids), spec.count, d)
+        arrays = store.write_cache(
+            name,
+            key,
+            {"values": (shape, "float16", (min(_BLOCK, len(ids)), spec.count, d))},
+            {"video_ids": ids, **spec.to_dict()},
+        )
+        arrays["values"][...] = values
+        store.finish_cache(name, key)
+        log.info("interval cache %s/%s written (%d videos)", name, key, len(ids))
+    return ids, values
+
+
+def load_summaries(
+    store: FeatureStore,
+    video_ids: Sequence[str],
+    stream: str,
+    spec: Intervals,
+    *,
+    progress: bool = True,
+) -> np.ndarray:
+    """``[n, M, d]`` float16 summaries of ``video_ids`` for one stream, from the store's caches.
+
+    Pyramid-node partitions (power-of-two part counts up to the cache depth) come from the node
+    cache; anything else from the interval cache.
+    """
+    idx = spec.node_indices()
+    if idx is not None and max(idx) < n_nodes(CACHE_DEPTH):
+        cache = load_node_cache(store, stream, with_max=spec.kind == "max", progress=progress)
+        src = cache.means if spec.kind == "mean" else cache.maxes
+        assert src is not None
+        rows = cache.rows(list(video_ids))
+    else:
+        ids, src = load_interval_cache(store, stream, spec, progress=progress)
+        position = {v: i for i, v in enumerate(ids)}
+        missing = [v for v in video_ids if v not in position]
+        if missing:
+            raise KeyError(f"video {missing[0]!r} is not in the {stream!r} interval cache")
+        rows = np.array([position[v] for v in video_ids], dtype=np.int64)
+        idx = list(range(spec.count))
+    whole_rows = len(rows) == src.shape[0] and bool((rows == np.arange(len(rows))).all())
+    if whole_rows and idx == list(range(src.shape[1])):
+        return np.ascontiguousarray(src, dtype=np.float16)  # no copy when it is the whole cache
+    return np.ascontiguousarray(src[np.ix_(rows, np.asarray(idx))], dtype=np.float16)
+
+
+@dataclass
+class NodeTensors:
+    """In-memory summaries of ``video_ids``: ``nodes[stream] [n, M_s, d_s]`` and ``labels [n]``."""
+
+    video_ids: list[str]
+    nodes: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def take(
+        self, index: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Rows ``index`` of every stream, converted to ``dtype`` (contiguous)."""
+        out = {}
+        for s, t in self.nodes.items():
+            rows = t.index_select(0, index)
+            out[s] = rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
+        return out
+
+    def batches(
+        self,
+        index: np.ndarray | torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """``(nodes {stream: [b, M, d]}, labels [b], rows [b])`` over the rows ``index``."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if shuffle:
+            index = index[torch.randperm(len(index), generator=generator)]
+        for start in range(0, len(index), batch_size):
+            rows = index[start : start + batch_size]
+            nodes = self.take(rows, dtype)
+            if torch.device(device).type != "cpu":
+                nodes = {s: t.to(device, non_blocking=True) for s, t in nodes.items()}
+            yield nodes, self.labels[rows].to(device), rows
+
+
+def load_node_tensors(
+    store: FeatureStore,
+    video_ids: Sequence[str],
+    labels: np.ndarray,
+    specs: Mapping[str, Intervals],
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> NodeTensors:
+    """Summaries of ``video_ids`` for every stream of ``specs`` (stream -> what its head reads)."""
+    if len(labels) != len(video_ids):
+        raise ValueError(f"{len(video_ids)} videos but {len(labels)} labels")
+    nodes = {}
+    for stream, spec in specs.items():
+        arr = load_summaries(store, video_ids, stream, spec, progress=progress)
+        nodes[stream] = torch.from_numpy(arr).to(dtype).contiguous()
+    return NodeTensors(list(video_ids), nodes, torch.as_tensor(labels, dtype=torch.long))
+
+
+def summaries_of(
+    features: Mapping[str, np.ndarray], specs: Mapping[str, Intervals]
+) -> dict[str, torch.Tensor]:
+    """``{stream: [1, M, d]}`` float32 summaries of one video's frames ``{stream: [T, d]}``."""
+    out = {}
+    for stream, spec in specs.items():
+        if stream not in features:
+            raise KeyError(f"features lack stream {stream!r}; given {sorted(features)}")
+        x = np.asarray(features[stream])
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise ValueError(f"stream {stream!r}: expected features [T, d], got shape {x.shape}")
+        out[stream] = torch.from_numpy(pool_intervals(x, spec))[None]
+    return out
+
+
+# ---------------------------------------------------------------------------------- padded frames
+class FrameDataset(Dataset[dict[str, Any]]):
+    """One item per video: ``{"features": {stream: [T, d] float32}, "label": int, "video_id"}``."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        video_ids: Sequence[str],
+        streams: Sequence[str],
+        labels: np.ndarray | None = None,
+    ) -> None:
+        if labels is not None and len(labels) != len(video_ids):
+            raise ValueError(f"{len(video_ids)} videos but {len(labels)} labels")
+        self.store = store
+        self.video_ids = list(video_ids)
+        self.streams = list(streams)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        vid = self.video_ids[i]
+        feats = {s: torch.from_numpy(self.store.read(vid, s)) for s in self.streams}
+        return {
+            "features": feats,
+            "label": -1 if self.labels is None else int(self.labels[i]),
+            "video_id": vid,
+        }
+
+
+@dataclass
+class FrameBatch:
+    """Padded frames ``{stream: [B, T, d]}``, ``lengths [B]``, ``mask [B, T]`` (True: a frame)."""
+
+    features: dict[str, torch.Tensor]
+    lengths: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    video_ids: list[str]
+
+
+def pad_collate(items: Sequence[Mapping[str, Any]]) -> FrameBatch:
+    """Stack videos of different lengths into a zero-padded batch."""
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    streams = list(items[0]["features"])
+    lengths = torch.tensor([int(next(iter(it["features"].values())).shape[0]) for it in items])
+    t_max = int(lengths.max())
+    features = {}
+    for s in streams:
+        d = items[0]["features"][s].shape[1]
+        out = torch.zeros(len(items), t_max, d, dtype=torch.float32)
+        for i, it in enumerate(items):
+            x = it["features"][s]
+            if x.shape[0] != lengths[i]:
+                raise ValueError(
+                    f"video {it['video_id']!r}: stream {s!r} has {x.shape[0]} frames, "
+                    f"expected {int(lengths[i])}"
+                )
+            out[i, : x.shape[0]] = x
+        features[s] = out
+    mask = torch.arange(t_max)[None, :] < lengths[:, None]
+    labels = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
+    return FrameBatch(features, lengths, mask, labels, [str(it["video_id"]) for it in items])
+
+
+def frame_loader(
+    store: FeatureStore,
+    video_ids: Sequence[str],
+    streams: Sequence[str],
+    labels: np.ndarray | None = None,
+    *,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader[dict[str, Any]]:
+    """A DataLoader of :class:`FrameBatch` es over the videos (seeded shuffling)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        FrameDataset(store, video_ids, streams, labels),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        num_workers=num_workers,
+        collate_fn=pad_collate,
+    )

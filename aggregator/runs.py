@@ -1,0 +1,128 @@
+"""Load a trained run directory as a :class:`aggregator.predictor.Predictor`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregator.data import summaries_of
+from aggregator.heads import VideoModel, build_model
+from aggregator.heads.pooling import Intervals
+from aggregator.predictor import Predictor
+from aggregator.train import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    fusion_weights_of,
+    model_betas,
+    resolve_device,
+)
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``config.json``; a missing file names the directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or "head" not in config:
+        raise ValueError(f"{str(path)!r} is not a framepool run config (no 'head')")
+    return config
+
+
+class TorchRun:
+    """A trained torch head, ready for one video at a time (or node batches).
+
+    Attributes follow the Predictor protocol: ``run_id``, ``head``, ``class_names``, ``streams``,
+    ``extractor`` (the store's extractor config per stream, which inputs must match), plus
+    ``model`` and ``input_specs`` (what each stream's head reads).
+    """
+
+    def __init__(self, config: Mapping[str, Any], model: VideoModel, device: torch.device) -> None:
+        self.config = dict(config)
+        self.run_id: str = str(config.get("run_id", "run"))
+        self.head: str = str(config["head"])
+        self.class_names: list[str] = list(config["class_names"])
+        self.streams: list[str] = list(config["streams"])
+        self.extractor: dict[str, Any] = dict(config.get("extractor") or {})
+        self.model = model.eval()
+        self.device = device
+        self.input_specs: dict[str, Intervals] = dict(model.input_specs)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, *, device: str = "cpu") -> TorchRun:
+        config = read_config(run_dir)
+        model = build_model(
+            config["head"],
+            in_features=config["in_features"],
+            num_classes=int(config["num_classes"]),
+            head_kwargs=config.get("head_kwargs"),
+            fusion=config.get("fusion") or "learned",
+            fusion_weights=config.get("fusion_weights"),
+        )
+        weights = Path(run_dir) / MODEL_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {MODEL_FILE}")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        dev = resolve_device(device)
+        return cls(config, model.to(dev), dev)
+
+    def summaries(self, features: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """``{stream: [1, M, d]}`` interval summaries of one video's ``{stream: [T, d]}`` frames."""
+        for s in self.streams:
+            if s in features:
+                d = np.shape(features[s])[-1]
+                expected = int(self.config["in_features"][s])
+                if d != expected:
+                    raise ValueError(
+                        f"stream {s!r} has d={d}, this run was trained on d={expected}"
+                    )
+        nodes = summaries_of(features, self.input_specs)
+        return {s: t.to(self.device) for s, t in nodes.items()}
+
+    @torch.no_grad()
+    def predict_proba_nodes(self, nodes: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """``[B, C]`` class probabilities of precomputed summaries ``{stream: [B, M, d]}``."""
+        logits = self.model.forward_nodes({s: t.to(self.device) for s, t in nodes.items()})
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def predict_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[C]`` class probabilities of one video (``{stream: [T, d]}`` frame features)."""
+        return self.predict_proba_nodes(self.summaries(features))[0]
+
+    @torch.no_grad()
+    def embed_nodes(self, nodes: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """``[B, e]`` float32 embeddings of precomputed summaries."""
+        feats = self.model.features({s: t.to(self.device) for s, t in nodes.items()})
+        return feats.float().cpu().numpy().astype(np.float32)
+
+    def embed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[e]`` float32 video-level embedding: the head's pooled representation."""
+        return self.embed_nodes(self.summaries(features))[0]
+
+    def beta(self) -> dict[str, list[list[float]]] | None:
+        """Learned node weights per stream, level by level (None when the head has none)."""
+        return model_betas(self.model) or None
+
+    def fusion_weights(self) -> dict[str, float] | None:
+        return fusion_weights_of(self.model)
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
+    """Load a run directory written by ``framepool train`` as a Predictor.
+
+    Torch heads come back as :class:`TorchRun`; ``svm`` runs as
+    ``aggregator.svm_run.SVMPredictor``.
+    """
+    config = read_config(run_dir)
+    if config["head"] == "svm":
+        from aggregator.svm_run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
+
+        predictor: Predictor = SVMPredictor.load(run_dir)
+        return predictor
+    return TorchRun.load(run_dir, device=device)
