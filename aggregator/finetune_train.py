@@ -317,12 +317,14 @@ def finetune(
 
     net: nn.Module = model
     if dist.is_available() and dist.is_initialized():
-        # Frames outside P_r never reach the backbone's graph, and a batch can have no frame in
-        # P_r at all (videos shorter than K): backbone parameters may go unused in a step.
+        # Frames outside P_r never reach the backbone's graph; when a video is shorter than K, a
+        # batch can have no frame in P_r at all and the backbone's parameters go unused in that
+        # step, which DDP must be told about (it costs a graph traversal per step, so only then).
+        shortest = min(n_frames_of(next(iter(source.frames(v.video_id).values()))) for v in videos)
         net = DistributedDataParallel(
             model,
             device_ids=None,  # inputs stay where the sources put them; the module is on `dev`
-            find_unused_parameters=settings.period > 1,
+            find_unused_parameters=shortest < settings.period,
         )
     indices: Any = list(range(len(videos)))  # a map-style dataset of video indices
     sampler: DistributedSampler[int] = DistributedSampler(

@@ -54,14 +54,14 @@ class TensorSource:
         return None
 
 
-def _data() -> tuple[list[TrainVideo], TensorSource]:
+def _data(lengths: tuple[int, ...] = LENGTHS) -> tuple[list[TrainVideo], TensorSource]:
     g = torch.Generator().manual_seed(3)
     frames = {}
-    for v, t in enumerate(LENGTHS):
+    for v, t in enumerate(lengths):
         x = torch.randn(t, 4, 5, 5, generator=g)
         x[:, 0] = (100 * v + torch.arange(t, dtype=torch.float32))[:, None, None]
         frames[f"v{v}"] = x
-    videos = [TrainVideo(f"v{v}", v % 3) for v in range(len(LENGTHS))]
+    videos = [TrainVideo(f"v{v}", v % 3) for v in range(len(lengths))]
     return videos, TensorSource(frames)
 
 
@@ -170,3 +170,16 @@ def test_ddp_one_process_gloo(tmp_path: Path, period: int) -> None:
     a, b = _state(plain), _state(ddp)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_ddp_step_without_any_gradient_frame(tmp_path: Path) -> None:
+    """Videos shorter than K: at epoch 2 no frame carries gradient, the backbone goes unused."""
+    videos, source = _data((1, 1, 1, 1))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        history = finetune(_model(), videos, source, _settings(period=2, epochs=2), tmp_path)
+    finally:
+        dist.destroy_process_group()
+    assert [h["frames_with_grad"] for h in history] == [4, 0]
