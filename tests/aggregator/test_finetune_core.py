@@ -186,3 +186,32 @@ def test_batchnorm_stays_frozen_in_train_mode() -> None:
     assert not model.backbones["appearance"].bn.training
     assert model.head.training
     assert torch.equal(before, model.backbones["appearance"].bn.running_mean)
+
+
+def _saved_bytes(period: int, checkpoint: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one 24-frame video's features."""
+    torch.manual_seed(0)
+    net = TinyBackbone().eval()
+    frames = torch.randn(24, 3, 6, 6)
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        feats = surrogate_features(
+            net, frames, periodic_subset(24, period, 0), chunk_size=3, checkpoint=checkpoint
+        )
+    feats.sum().backward()
+    return saved
+
+
+def test_memory_scales_with_the_subset_not_the_video() -> None:
+    full, quarter = _saved_bytes(1, False), _saved_bytes(4, False)
+    assert quarter * 4 == pytest.approx(full, rel=0.05)
+    # recomputing in the backward pass keeps only the gradient frames' inputs
+    frame_bytes = 3 * 6 * 6 * 4
+    assert _saved_bytes(1, True) == 24 * frame_bytes < full / 2
+    assert _saved_bytes(4, True) == pytest.approx(6 * frame_bytes, rel=0.1)
