@@ -1,0 +1,301 @@
+"""The two ResNet backbones: appearance (RGB) and motion (a 20-channel flow stack).
+
+Both are torchvision ResNets with ``fc`` replaced by ``Identity``, so they map ``[N, C, 224, 224]``
+to the globally average-pooled ``[N, d]`` feature (d = 2048 for resnet50/101, 512 for resnet18).
+Their state dicts are torchvision's, without ``fc.*``: a backbone fine-tuned elsewhere and saved
+with ``model.state_dict()`` loads here as ``--weights PATH`` / ``--motion-weights PATH``.
+
+Weights (``weights=``):
+
+- ``"imagenet"``: torchvision's cached checkpoint ``<torch hub dir>/checkpoints/<arch>-*.pth``;
+  never downloaded; a missing file is a :class:`FileNotFoundError` naming where it looked.
+- a path: a torchvision-style state dict (optionally wrapped in ``{"state_dict": ...}``, keys
+  optionally prefixed by ``module.``/``backbone.``; ``fc.*`` ignored).
+- ``"random"``: explicit random weights, rebuilt bit-identically anywhere from the seed: drawn with
+  NumPy's PCG64 generator (not torch's RNG, whose streams may differ between builds), convolutions
+  He-normal (fan-out), batch norms identity, and the last batch norm of every residual branch scaled
+  by ``1/sqrt(number of blocks)`` so that activations stay O(1) in eval mode (the plain init gives
+  resnet101 features of order 1e5, beyond float16).
+
+Motion stream: conv1 takes 20 channels. A 3-channel conv1 (ImageNet, random, or an RGB file) gets
+the cross-modality initialisation: the RGB weights averaged over their 3 input channels and
+replicated over the 20; a 20-channel conv1 in the file is used as it is.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import ResNet, resnet18, resnet50, resnet101
+
+from extractor.flow import sha256_file
+from extractor.transforms import STACK_LENGTH
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("appearance", "motion")
+ARCHS: dict[str, tuple[Callable[..., ResNet], int]] = {
+    "resnet18": (resnet18, 512),
+    "resnet50": (resnet50, 2048),
+    "resnet101": (resnet101, 2048),
+}
+RANDOM_SEED = 0
+MOTION_CHANNELS = 2 * STACK_LENGTH
+
+
+def feature_dim(arch: str) -> int:
+    """Output width of :func:`build_backbone` for ``arch``."""
+    _check_arch(arch)
+    return ARCHS[arch][1]
+
+
+def in_channels(stream: str) -> int:
+    _check_stream(stream)
+    return 3 if stream == "appearance" else MOTION_CHANNELS
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown backbone arch {arch!r}; choose from {sorted(ARCHS)}")
+
+
+def _check_stream(stream: str) -> None:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; choose from {list(STREAMS)}")
+
+
+def cross_modality_conv1(
+    rgb_weight: torch.Tensor, in_channels: int = MOTION_CHANNELS
+) -> torch.Tensor:
+    """RGB conv weights ``[out, 3, k, k]`` -> ``[out, in_channels, k, k]``: mean, replicated."""
+    if rgb_weight.ndim != 4 or rgb_weight.shape[1] != 3:
+        raise ValueError(
+            f"expected RGB conv weights [out, 3, k, k], got shape {tuple(rgb_weight.shape)}"
+        )
+    mean = rgb_weight.mean(dim=1, keepdim=True)  # [out, 1, k, k]
+    return mean.repeat(1, in_channels, 1, 1).contiguous()
+
+
+def imagenet_checkpoint(arch: str) -> Path:
+    """torchvision's cached ImageNet checkpoint for ``arch``; FileNotFoundError when absent.
+
+    Several cached versions: the original (V1) weights are preferred, as the papers used them.
+    """
+    _check_arch(arch)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    pattern = str(folder / f"{arch}-*.pth")
+    found = sorted(Path(p) for p in glob.glob(pattern))
+    if not found:
+        raise FileNotFoundError(
+            f"no ImageNet weights for {arch} in torchvision's cache (looked for {pattern}); "
+            f"framepool does not download weights: put the torchvision checkpoint there or pass "
+            f"--weights PATH (a {arch} state dict), or --weights random explicitly"
+        )
+    v1 = {"resnet18": "f37072fd", "resnet50": "0676ba61", "resnet101": "63fe2227"}[arch]
+    return next((p for p in found if v1 in p.name), found[0])
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes), in key order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _random_init_(model: ResNet, seed: int) -> None:
+    """Fill ``model`` (fc removed) with the seeded, platform-independent random weights."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    blocks = [
+        b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer
+    ]
+    last_bns = {id(b.bn3 if hasattr(b, "bn3") else b.bn2) for b in blocks}
+    residual_gamma = 1.0 / math.sqrt(len(blocks))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                out_c, _, kh, kw = module.weight.shape
+                std = math.sqrt(2.0 / (out_c * kh * kw))
+                w = rng.standard_normal(tuple(module.weight.shape), dtype=np.float32) * std
+                module.weight.copy_(torch.from_numpy(w))
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.fill_(residual_gamma if id(module) in last_bns else 1.0)
+                module.bias.zero_()
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+
+
+def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    if "conv1.weight" not in state:
+        prefixes = [k[: -len("conv1.weight")] for k in state if k.endswith(".conv1.weight")]
+        top = [p for p in prefixes if p.count(".") == 1]  # e.g. "backbone." but not "layer1.0."
+        if len(top) == 1:
+            state = {k[len(top[0]) :]: v for k, v in state.items() if k.startswith(top[0])}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ResNet state dict from a file, unwrapped, prefixes stripped, ``fc.*`` dropped."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read weights file {str(p)!r}: {exc}") from exc
+    return _unwrap_state(obj, p)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where a backbone's weights come from, as recorded in a store."""
+
+    origin: str  # "random", "imagenet" or "file"
+    path: Path | None
+    sha256: str | None  # of the file; None for random
+    seed: int | None  # for random only
+
+    @property
+    def label(self) -> str:
+        return "random" if self.origin == "random" else str(self.sha256)
+
+
+def resolve_weights(weights: str | Path, arch: str, *, seed: int = RANDOM_SEED) -> WeightsSpec:
+    """Turn ``"random"``, ``"imagenet"`` or a path into a :class:`WeightsSpec` (hashes files)."""
+    _check_arch(arch)
+    if isinstance(weights, str) and weights == "random":
+        return WeightsSpec("random", None, None, int(seed))
+    if isinstance(weights, str) and weights == "imagenet":
+        path = imagenet_checkpoint(arch).resolve()
+        return WeightsSpec("imagenet", path, sha256_file(path), None)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {str(weights)!r} does not exist (expected 'imagenet', 'random' or the "
+            "path of a torchvision-style state dict)"
+        )
+    path = path.resolve()
+    return WeightsSpec("file", path, sha256_file(path), None)
+
+
+def _new_resnet(arch: str) -> ResNet:
+    build, _ = ARCHS[arch]
+    model = build(weights=None)
+    model.fc = nn.Identity()
+    return model
+
+
+def _set_conv1(model: ResNet, weight: torch.Tensor) -> None:
+    old = model.conv1
+    conv = nn.Conv2d(
+        weight.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    model.conv1 = conv
+
+
+def _load_into(model: ResNet, state: dict[str, torch.Tensor], spec: WeightsSpec, arch: str) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:3]]
+        raise ValueError(
+            f"weights {str(spec.path)!r} do not fit a {arch} backbone: {' '.join(lines)} ... "
+            "(a different --arch?)"
+        ) from exc
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {str(spec.path)!r} do not fit a {arch} backbone: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''} (a different --arch?)"
+        )
+
+
+def load_backbone(
+    stream: str, weights: WeightsSpec, arch: str = "resnet101"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build one stream's backbone from resolved weights; returns it (eval mode) and its record."""
+    _check_stream(stream)
+    _check_arch(arch)
+    model = _new_resnet(arch)
+    conv1_note = "rgb"
+    if weights.origin == "random":
+        assert weights.seed is not None
+        _random_init_(model, weights.seed)
+        if stream == "motion":
+            _set_conv1(model, cross_modality_conv1(model.conv1.weight, MOTION_CHANNELS))
+            conv1_note = "cross-modality from the 3-channel conv1"
+    else:
+        assert weights.path is not None
+        state = load_state_file(weights.path)
+        conv1 = state.get("conv1.weight")
+        if conv1 is None:
+            raise ValueError(f"weights {str(weights.path)!r} have no conv1.weight: not a ResNet")
+        c = int(conv1.shape[1])
+        if stream == "appearance" and c != 3:
+            raise ValueError(
+                f"appearance weights {str(weights.path)!r} have a {c}-channel conv1; expected 3"
+            )
+        if stream == "motion":
+            if c == 3:
+                state = {**state, "conv1.weight": cross_modality_conv1(conv1, MOTION_CHANNELS)}
+                conv1_note = "cross-modality from the 3-channel conv1"
+            elif c == MOTION_CHANNELS:
+                conv1_note = "20-channel conv1 as stored"
+            else:
+                raise ValueError(
+                    f"motion weights {str(weights.path)!r} have a {c}-channel conv1; expected 3 "
+                    f"(cross-modality initialisation) or {MOTION_CHANNELS}"
+                )
+            _set_conv1(model, torch.zeros_like(state["conv1.weight"]))
+        _load_into(model, state, weights, arch)
+    model.eval()
+    record: dict[str, Any] = {
+        "arch": arch,
+        "feature_dim": ARCHS[arch][1],
+        "in_channels": in_channels(stream),
+        "weights": weights.label,
+        "weights_origin": weights.origin,
+        "weights_path": str(weights.path) if weights.path is not None else None,
+        "seed": weights.seed,
+        "conv1": conv1_note,
+        "state_sha256": state_sha256(model),
+    }
+    return model, record
+
+
+def build_backbone(
+    stream: str, weights: str | Path = "random", arch: str = "resnet101"
+) -> nn.Module:
+    """A stream's backbone mapping ``[N, C, 224, 224] -> [N, feature_dim(arch)]`` (eval mode, CPU).
+
+    ``stream`` is ``"appearance"`` (C = 3) or ``"motion"`` (C = 20); ``weights`` is ``"random"``
+    (seed 0), ``"imagenet"`` (torchvision's cache) or a state-dict path (see the module doc).
+    """
+    model, _ = load_backbone(stream, resolve_weights(weights, arch), arch)
+    return model

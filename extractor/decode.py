@@ -1,0 +1,163 @@
+"""Decoding: every frame of a file's first video stream, in presentation order, at its native rate.
+
+No resampling, no frame dropping: ``T`` is the number of frames the decoder returns. A file that
+cannot give its frames is a :class:`VideoError` whose message names the file and the problem:
+
+- the path is missing, is a directory, or is an empty (zero-byte) file;
+- the container cannot be opened (not a video, e.g. a text file named ``.mp4``; an unknown
+  container; an MP4 cut short before its index);
+- the container has no video stream (e.g. audio only);
+- decoding fails before a single frame;
+- **truncation**: decoding fails part-way (a decode error after some frames), or the container
+  declares a frame count and decoding stops well short of it (AVI files cut short end silently).
+  The whole video then fails: features of a partial video would silently stand for the whole.
+  A shortfall of up to ``max(2, 1%)`` of the declared count is tolerated with a warning, because
+  some containers count frames the decoder legitimately drops (e.g. before an MP4 edit list).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import av.error
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class VideoError(ValueError):
+    """A video file that cannot be decoded; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about its first video stream.
+
+    ``n_frames_hint`` is the frame count the container declares (None when it declares none); the
+    decoded count ``T`` is the truth and can differ.
+    """
+
+    fps: float
+    width: int
+    height: int
+    codec: str
+    n_frames_hint: int | None
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise VideoError(f"{str(path)!r}: no such file")
+    if path.is_dir():
+        raise VideoError(f"{str(path)!r}: is a directory, not a video file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{str(path)!r}: empty file (0 bytes)")
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    _check_path(path)
+    try:
+        return av.open(str(path), mode="r")
+    except av.error.FFmpegError as exc:
+        raise VideoError(
+            f"{str(path)!r}: cannot be read as a video: not a video, an unrecognised container, "
+            f"or a damaged file ({_ffmpeg_reason(exc)})"
+        ) from exc
+
+
+def _ffmpeg_reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return str(text).split(":", 1)[0].strip() or type(exc).__name__
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+    if not container.streams.video:
+        kinds = sorted({str(s.type) for s in container.streams}) or ["none"]
+        raise VideoError(
+            f"{str(path)!r}: no video stream (container {container.format.name!r} has "
+            f"{', '.join(kinds)} streams)"
+        )
+    return container.streams.video[0]
+
+
+def _fps(stream: av.VideoStream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0:
+            return float(Fraction(rate))
+    return math.nan
+
+
+def _info(stream: av.VideoStream) -> VideoInfo:
+    frames = int(stream.frames or 0)
+    return VideoInfo(
+        fps=_fps(stream),
+        width=int(stream.codec_context.width),
+        height=int(stream.codec_context.height),
+        codec=str(stream.codec_context.name),
+        n_frames_hint=frames if frames > 0 else None,
+    )
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """The first video stream's rate, size, codec and declared frame count, without decoding."""
+    p = Path(path)
+    with _open(p) as container:
+        return _info(_video_stream(container, p))
+
+
+def truncation_tolerance(declared: int) -> int:
+    """How many fewer frames than declared are accepted before a video counts as truncated."""
+    return max(2, declared // 100)
+
+
+def _decode(p: Path, threads: bool) -> Iterator[av.VideoFrame]:
+    with _open(p) as container:
+        stream = _video_stream(container, p)
+        if threads:
+            stream.thread_type = "AUTO"
+        declared = int(stream.frames or 0)
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                yield frame
+                n += 1
+        except av.error.FFmpegError as exc:
+            if n == 0:
+                raise VideoError(
+                    f"{str(p)!r}: undecodable video stream ({_ffmpeg_reason(exc)})"
+                ) from exc
+            raise VideoError(
+                f"{str(p)!r}: truncated or corrupt: decoding failed after {n} frames "
+                f"({_ffmpeg_reason(exc)})"
+            ) from exc
+    if n == 0:
+        raise VideoError(f"{str(p)!r}: the video stream has no decodable frames")
+    if declared and n < declared:
+        if declared - n > truncation_tolerance(declared):
+            raise VideoError(
+                f"{str(p)!r}: truncated: decoded {n} of the {declared} frames the container "
+                "declares"
+            )
+        log.warning("%s: decoded %d of %d declared frames", p, n, declared)
+
+
+def iter_frames(path: str | Path, *, threads: bool = True) -> Iterator[np.ndarray]:
+    """Yield every frame of the first video stream as an ``[H, W, 3]`` uint8 RGB array.
+
+    Frames come in presentation order (the decoder reorders B-frames). Raises :class:`VideoError`
+    on any of the problems listed in this module's docstring; it may do so after having yielded
+    frames (truncation), in which case the caller must discard what it got.
+    ``threads`` lets FFmpeg decode with its own frame/slice threads.
+    """
+    for frame in _decode(Path(path), threads):
+        yield frame.to_ndarray(format="rgb24")
+
+
+def count_frames(path: str | Path) -> int:
+    """The number of frames :func:`iter_frames` yields (a full decode; raises like it)."""
+    return sum(1 for _ in _decode(Path(path), True))

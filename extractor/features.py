@@ -1,0 +1,396 @@
+"""``FeatureExtractor``: the backbones, the flow backend and their exact configuration.
+
+One object holds everything that determines a feature: per stream the backbone (arch, weights,
+conv1 initialisation), the input transform, the flow backend and its parameters, and the compute
+dtype. :meth:`FeatureExtractor.config` is what a store records under its ``extractor`` attribute,
+and :meth:`FeatureExtractor.from_config` rebuilds an identical extractor from it (weights reloaded
+from the recorded path and checked against the recorded sha256; random weights rebuilt from their
+seed and checked against the recorded state hash), so that the service and the fine-tuner compute
+features comparable with the store's.
+
+:meth:`FeatureExtractor.extract_file` extracts one video in memory; batch extraction into a store
+is :mod:`extractor.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from extractor.backbones import (
+    STREAMS,
+    WeightsSpec,
+    imagenet_checkpoint,
+    load_backbone,
+    resolve_weights,
+)
+from extractor.flow import FLOW_BACKENDS, FlowBackend, flow_from_config, make_flow, sha256_file
+from extractor.prepare import FrameChunk, VideoDone, prepare_video
+from extractor.transforms import (
+    CROP_SIZE,
+    FLOW_BOUND,
+    FLOW_MEAN,
+    FLOW_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESIZE_SHORTER,
+    STACK_LENGTH,
+    normalize_appearance,
+    normalize_motion,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; ``cuda`` under torchrun: ``cuda:$LOCAL_RANK``."""
+    if isinstance(device, torch.device):
+        return device
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto`` -> ``bfloat16`` on CUDA with bf16 and on CPUs with native bf16, else ``float32``."""
+    if dtype in ("bf16", "bfloat16"):
+        return "bfloat16"
+    if dtype in ("fp32", "float32"):
+        return "float32"
+    if dtype != "auto":
+        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_supports_bf16() else "float32"
+
+
+@dataclass
+class ExtractedVideo:
+    """Features of one video: ``features[stream]`` is ``[n, d]`` float32, one row per kept frame.
+
+    ``n_frames`` is the number of decoded frames T; ``frame_indices`` (int64 ``[n]``) says which
+    frames the rows are (``arange(T)`` unless subsampled).
+    """
+
+    features: dict[str, np.ndarray]
+    n_frames: int
+    frame_indices: np.ndarray
+    fps: float
+    width: int
+    height: int
+    codec: str
+
+
+def _input_config(stream: str) -> dict[str, Any]:
+    if stream == "appearance":
+        return {
+            "input_size": CROP_SIZE,
+            "resize_shorter": RESIZE_SHORTER,
+            "resize": "bilinear, antialiased, on uint8",
+            "crop": "center",
+            "normalize_mean": list(IMAGENET_MEAN),
+            "normalize_std": list(IMAGENET_STD),
+        }
+    return {
+        "input_size": CROP_SIZE,
+        "resize_shorter": RESIZE_SHORTER,
+        "flow_input": "grayscale at the resized resolution, before cropping",
+        "flow_bound": FLOW_BOUND,
+        "flow_quantization": "floor((clip(f, -20, 20) + 20) * 255 / 40 + 0.5)",
+        "stack_length": STACK_LENGTH,
+        "stack_order": "dx_t, dy_t, dx_t+1, dy_t+1, ...; last field repeated past the end",
+        "crop": "center",
+        "normalize_mean": FLOW_MEAN,
+        "normalize_std": FLOW_STD,
+    }
+
+
+class FeatureExtractor:
+    """Per-frame appearance and/or motion features with one fixed, recordable configuration.
+
+    ``weights`` is ``"imagenet"`` (torchvision's cache; never downloaded), ``"random"`` (explicit,
+    seeded) or a state-dict path; ``motion_weights`` defaults to ``weights`` (a 3-channel conv1 gets
+    the cross-modality initialisation). ``flow`` names the flow backend; ``flow_weights`` is the
+    RAFT weights file. ``dtype``: ``auto`` uses bfloat16 autocast where the device supports it.
+    """
+
+    def __init__(
+        self,
+        *,
+        streams: Sequence[str] = STREAMS,
+        flow: str = "dis",
+        flow_weights: str | Path | None = None,
+        weights: str | Path = "imagenet",
+        motion_weights: str | Path | None = None,
+        arch: str = "resnet101",
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        dtype: str = "auto",
+        seed: int = 0,
+        flow_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        streams = tuple(streams)
+        if (
+            not streams
+            or any(s not in STREAMS for s in streams)
+            or len(set(streams)) != len(streams)
+        ):
+            raise ValueError(
+                f"streams must be a non-empty subset of {list(STREAMS)}, got {streams!r}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if flow not in FLOW_BACKENDS:
+            raise ValueError(f"unknown flow backend {flow!r}; choose from {list(FLOW_BACKENDS)}")
+        self.device = resolve_device(device)
+        specs: dict[str, WeightsSpec] = {}
+        if "appearance" in streams:
+            specs["appearance"] = resolve_weights(weights, arch, seed=seed)
+        if "motion" in streams:
+            mw = weights if motion_weights is None else motion_weights
+            specs["motion"] = resolve_weights(mw, arch, seed=seed)
+        flow_backend = None
+        if "motion" in streams:
+            flow_backend = make_flow(
+                flow, weights=flow_weights, device=self.device, **dict(flow_params or {})
+            )
+        elif flow_weights is not None:
+            raise ValueError("--flow-weights given but the motion stream is not extracted")
+        self._init(
+            streams=streams,
+            specs=specs,
+            arch={s: arch for s in streams},
+            flow=flow_backend,
+            dtype=resolve_dtype(dtype, self.device),
+            batch_size=batch_size,
+        )
+
+    def _init(
+        self,
+        *,
+        streams: tuple[str, ...],
+        specs: Mapping[str, WeightsSpec],
+        arch: Mapping[str, str],
+        flow: FlowBackend | None,
+        dtype: str,
+        batch_size: int,
+    ) -> None:
+        self.streams = streams
+        self.flow = flow
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.models: dict[str, nn.Module] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+        for stream in streams:
+            model, record = load_backbone(stream, specs[stream], arch[stream])
+            model = model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.models[stream] = model
+            self._records[stream] = record
+        self.feature_dims = {s: int(self._records[s]["feature_dim"]) for s in streams}
+
+    # ------------------------------------------------------------------ configuration
+    def config(self) -> dict[str, dict[str, Any]]:
+        """Per stream, everything that determines its features (JSON-able; the store records it)."""
+        out: dict[str, dict[str, Any]] = {}
+        for stream in self.streams:
+            cfg: dict[str, Any] = {"stream": stream, **self._records[stream]}
+            cfg.update(_input_config(stream))
+            if stream == "motion":
+                assert self.flow is not None
+                cfg["flow"] = self.flow.config()
+            cfg["dtype"] = self.dtype
+            out[stream] = cfg
+        return out
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Mapping[str, Any]],
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        streams: Iterable[str] | None = None,
+        weights_paths: Mapping[str, str | Path] | None = None,
+        dtype: str | None = None,
+    ) -> FeatureExtractor:
+        """Rebuild the extractor a store recorded (``store.extractor``), checking it is identical.
+
+        File weights are reloaded from the recorded path (or ``weights_paths[stream]`` when the
+        file has moved) and must have the recorded sha256; ImageNet weights are looked up in this
+        machine's torchvision cache and must match too; random weights are rebuilt from the seed.
+        The rebuilt backbone's state hash must equal the recorded one. ``dtype`` overrides the
+        recorded compute dtype (features then differ at bf16 precision).
+        """
+        wanted = tuple(streams) if streams is not None else tuple(s for s in STREAMS if s in config)
+        if not wanted:
+            raise ValueError(f"no extractor streams in the recorded config: {sorted(config)}")
+        missing = [s for s in wanted if s not in config]
+        if missing:
+            raise ValueError(f"streams {missing} not in the recorded config {sorted(config)}")
+        self = cls.__new__(cls)
+        self.device = resolve_device(device)
+        specs: dict[str, WeightsSpec] = {}
+        arch: dict[str, str] = {}
+        for stream in wanted:
+            cfg = config[stream]
+            arch[stream] = str(cfg["arch"])
+            override = (weights_paths or {}).get(stream)
+            specs[stream] = _recorded_weights(stream, cfg, override)
+        flow = None
+        if "motion" in wanted:
+            flow = flow_from_config(dict(config["motion"]["flow"]), device=self.device)
+        dtypes = {str(config[s]["dtype"]) for s in wanted}
+        if len(dtypes) != 1:
+            raise ValueError(f"recorded streams differ in dtype: {sorted(dtypes)}")
+        use_dtype = resolve_dtype(dtype, self.device) if dtype is not None else dtypes.pop()
+        self._init(
+            streams=wanted,
+            specs=specs,
+            arch=arch,
+            flow=flow,
+            dtype=use_dtype,
+            batch_size=batch_size,
+        )
+        for stream in wanted:
+            recorded = config[stream].get("state_sha256")
+            rebuilt = self._records[stream]["state_sha256"]
+            if recorded is not None and recorded != rebuilt:
+                raise ValueError(
+                    f"the {stream} backbone rebuilt from {_describe(config[stream])} differs from "
+                    f"the recorded one (state sha256 {rebuilt} != {recorded}); random weights "
+                    "depend on the NumPy version, file weights on the file"
+                )
+        return self
+
+    # ------------------------------------------------------------------ computing
+    def embed(self, batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
+        """Features of a batch of uint8 model inputs (NHWC, as :class:`FrameChunk` holds them).
+
+        ``batch[stream]`` is ``[N, 224, 224, 3]`` (appearance) or ``[N, 224, 224, 20]`` (motion);
+        returns ``[N, d]`` float32 per stream.
+        """
+        out: dict[str, np.ndarray] = {}
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=torch.bfloat16,
+                enabled=self.dtype == "bfloat16",
+            ),
+        ):
+            for stream in self.streams:
+                x = torch.as_tensor(batch[stream])
+                if self.device.type == "cuda":
+                    if not x.is_pinned():
+                        x = x.pin_memory()
+                    x = x.to(self.device, non_blocking=True)
+                inp = normalize_appearance(x) if stream == "appearance" else normalize_motion(x)
+                out[stream] = self.models[stream](inp).float().cpu().numpy()
+        return out
+
+    def extract_file(
+        self, path: str | Path, *, stride: int = 1, max_frames: int | None = None
+    ) -> ExtractedVideo:
+        """Decode and embed one video (every frame unless ``stride``/``max_frames`` subsample).
+
+        Raises :class:`extractor.decode.VideoError` for a file that cannot be decoded in full.
+        Safe to call from several threads (each call uses its own flow backend instance).
+        """
+        flow = self.flow.clone() if self.flow is not None else None
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in self.streams}
+        pending: list[FrameChunk] = []
+        n_pending = 0
+        done: VideoDone | None = None
+
+        def run_pending() -> None:
+            nonlocal n_pending
+            if not pending:
+                return
+            batch = {s: np.concatenate([getattr(c, s) for c in pending]) for s in self.streams}
+            for s, feats in self.embed(batch).items():
+                parts[s].append(feats)
+            pending.clear()
+            n_pending = 0
+
+        for item in prepare_video(
+            path, streams=self.streams, flow=flow, stride=stride, max_frames=max_frames
+        ):
+            if isinstance(item, VideoDone):
+                done = item
+                break
+            pending.append(item)
+            n_pending += len(item)
+            if n_pending >= self.batch_size:
+                run_pending()
+        run_pending()
+        assert done is not None
+        features = {s: np.concatenate(parts[s]) for s in self.streams}
+        for s, f in features.items():
+            assert f.shape[0] == len(done.frame_indices), (s, f.shape, len(done.frame_indices))
+        return ExtractedVideo(
+            features=features,
+            n_frames=done.n_frames,
+            frame_indices=done.frame_indices,
+            fps=done.fps,
+            width=done.width,
+            height=done.height,
+            codec=done.codec,
+        )
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("weights_origin") == "random":
+        return f"random weights (seed {cfg.get('seed')})"
+    return f"{cfg.get('weights_origin')} weights {cfg.get('weights_path')!r}"
+
+
+def _recorded_weights(
+    stream: str, cfg: Mapping[str, Any], override: str | Path | None
+) -> WeightsSpec:
+    origin = cfg.get("weights_origin")
+    if origin == "random":
+        return WeightsSpec("random", None, None, int(cfg["seed"]))
+    if origin not in ("imagenet", "file"):
+        raise ValueError(f"unknown weights origin {origin!r} in the recorded {stream} config")
+    if override is not None:
+        path = Path(override).expanduser().resolve()
+    elif origin == "imagenet":
+        path = imagenet_checkpoint(str(cfg["arch"])).resolve()
+    else:
+        path = Path(str(cfg["weights_path"]))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the {stream} weights recorded in the store, {str(path)!r} (sha256 "
+            f"{cfg.get('weights')}), are missing; pass the file's new location"
+        )
+    digest = sha256_file(path)
+    if digest != cfg.get("weights"):
+        raise ValueError(
+            f"the {stream} weights file {str(path)!r} has changed since extraction: sha256 "
+            f"{digest} != recorded {cfg.get('weights')}"
+        )
+    return WeightsSpec(str(origin), path, digest, None)
