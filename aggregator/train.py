@@ -578,8 +578,7 @@ def _plots(
             with torch.no_grad():
                 nodes = data.take(torch.as_tensor(rows), torch.float32)
                 weights = {s: h.temporal_weights(nodes[s]).numpy() for s, h in datp_heads.items()}
-            times = next(iter(datp_heads.values())).times
-            assert isinstance(times, torch.Tensor)
+            times = next(iter(datp_heads.values())).segment_times()
             written.append(
                 plots.plot_datp_weights(
                     times.numpy(), weights, [all_ids[i] for i in rows], out / "datp_weights.png"

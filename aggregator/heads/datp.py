@@ -61,7 +61,7 @@ class AdaptiveTemporalPooling(NodeHead):
 
     Shapes: ``forward(x [B, T, d], lengths [B]) -> [B, C]``; ``forward_nodes(nodes [B, N, d])``;
     ``features(nodes) -> [B, d]`` = ``sum_i w_i x_i / ||w||_2`` (the pooled segment features);
-    ``temporal_weights(nodes) -> [B, N]``.
+    ``temporal_weights(nodes) -> [B, N]`` at :meth:`segment_times`.
     """
 
     def __init__(
@@ -94,9 +94,6 @@ class AdaptiveTemporalPooling(NodeHead):
         self.gaussians = gaussians
         self.weights_model = weights
         self.scores = scores
-        self.register_buffer(
-            "times", (torch.arange(segments, dtype=torch.float32) + 0.5) / segments
-        )
         self.norm = nn.BatchNorm1d(in_features)
         self.aux = nn.Sequential(
             nn.Conv1d(in_features, 64, kernel_size=1),
@@ -132,9 +129,15 @@ class AdaptiveTemporalPooling(NodeHead):
         if self.weights_model == "discrete":
             return theta
         rho, mu, sigma = self._mixture(theta)
-        times = self.times
-        assert isinstance(times, torch.Tensor)
-        return mixture_weights(times.to(theta.dtype), rho, mu, sigma)  # [B, N]
+        times = self.segment_times(dtype=theta.dtype, device=theta.device)
+        return mixture_weights(times, rho, mu, sigma)  # [B, N]
+
+    def segment_times(
+        self, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """``[N]`` segment times ``t_i = (i - 1/2) / N`` in [0, 1]: the segment centres."""
+        n = self.segments
+        return (torch.arange(n, dtype=dtype, device=device) + 0.5) / n
 
     def _mixture(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.gaussians
@@ -151,7 +154,7 @@ class AdaptiveTemporalPooling(NodeHead):
         return self._mixture(self.regress(self.aux(xn.transpose(1, 2))))
 
     def temporal_weights(self, nodes: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` weights ``w_i`` of the segments at times :attr:`times`."""
+        """``[B, N]`` weights ``w_i`` of the segments at :meth:`segment_times`."""
         return self._weights(self._normalised(nodes))
 
     def features(self, nodes: torch.Tensor) -> torch.Tensor:

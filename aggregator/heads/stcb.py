@@ -68,8 +68,12 @@ class CompactBilinear(nn.Module):
 
 
 def signed_sqrt_l2(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``sign(z) sqrt(|z|)`` then L2 normalisation per row (the usual bilinear-feature scaling)."""
-    z = torch.sign(z) * torch.sqrt(z.abs() + eps)
+    """Signed square root then L2 normalisation per row (the usual bilinear-feature scaling).
+
+    ``z / sqrt(|z| + eps)`` is ``sign(z) sqrt(|z|)`` away from 0 and, unlike it, continuous with a
+    finite gradient at 0, so that round-off around 0 (FFT output) does not flip values.
+    """
+    z = z * torch.rsqrt(z.abs() + eps)
     return z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(eps)
 
 
