@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
         "--queue-size",
         type=int,
         default=8,
-        help="requests that may wait for a worker before the service answers 503 (default 8)",
+        help="requests that may wait for a busy worker; one more is answered 503 (default 8)",
     )
     p.add_argument(
         "--max-upload-mb", type=float, default=200.0, help="largest upload (default 200 MiB)"

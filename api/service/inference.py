@@ -1,9 +1,10 @@
 """A bounded job queue with a fixed pool of worker threads for CPU-heavy inference.
 
 Decoding, feature extraction and the head run in worker threads, never on the event loop. At most
-``maxsize`` jobs wait; one more is refused at once with :class:`QueueFull` (the service answers
-503 with Retry-After) instead of piling up without bound. Each worker owns a context (its own
-feature extractors), so workers never share a stateful decoder or flow object.
+``workers + maxsize`` jobs are in the system (running or waiting); one more is refused at once
+with :class:`QueueFull` (the service answers 503 with Retry-After) instead of piling up without
+bound, so an answered request never waits behind more than ``maxsize`` others. Each worker is
+handed a context (the service's: the feature extractors, which are safe to share between threads).
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ class QueueClosed(Exception):
 class _Job(Generic[C]):
     fn: Callable[[C], Any]
     future: Future[Any]
-    enqueued: float
 
 
 class InferenceQueue(Generic[C]):
-    """``len(contexts)`` worker threads (one per context) serving at most ``maxsize`` waiting jobs.
+    """``len(contexts)`` worker threads (one per context); at most ``maxsize`` jobs wait for one.
 
     ``submit(fn)`` returns a :class:`concurrent.futures.Future` resolved with ``fn(context)`` run in
     a worker thread. A future cancelled while its job still waits (its client went away) is
@@ -56,13 +56,13 @@ class InferenceQueue(Generic[C]):
     ) -> None:
         if not contexts:
             raise ValueError("an inference queue needs at least one worker context")
-        if maxsize < 1:
-            raise ValueError(f"maxsize must be >= 1, got {maxsize!r}")
+        if maxsize < 0:
+            raise ValueError(f"maxsize must be >= 0, got {maxsize!r}")
         self.maxsize = maxsize
-        # unbounded underneath; the bound is enforced on ``_waiting`` so that shutdown sentinels
-        # never block behind waiting jobs
+        # unbounded underneath; the bound is enforced on ``_pending`` (jobs submitted and not yet
+        # finished) so that shutdown sentinels never block behind waiting jobs
         self._queue: queue.Queue[_Job[C] | None] = queue.Queue()
-        self._waiting = 0
+        self._pending = 0
         self._on_change = on_change
         self._lock = threading.Lock()
         self._running = 0
@@ -82,7 +82,7 @@ class InferenceQueue(Generic[C]):
     @property
     def waiting(self) -> int:
         with self._lock:
-            return self._waiting
+            return self._pending - self._running
 
     @property
     def running(self) -> int:
@@ -93,13 +93,18 @@ class InferenceQueue(Generic[C]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def capacity(self) -> int:
+        """Jobs the queue holds at most: one running per worker plus ``maxsize`` waiting."""
+        return self.workers + self.maxsize
+
     def alive(self) -> bool:
         return not self._closed and all(t.is_alive() for t in self._threads)
 
     def full(self) -> bool:
         """True when a job submitted now would be refused (no free worker, no free slot)."""
         with self._lock:
-            return self._waiting >= self.maxsize
+            return self._pending >= self.capacity
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -112,12 +117,12 @@ class InferenceQueue(Generic[C]):
             raise QueueClosed("the inference queue is shutting down")
         fut: Future[T] = Future()
         with self._lock:
-            if self._waiting >= self.maxsize:
+            if self._pending >= self.capacity:
                 raise QueueFull(
                     f"{self.workers} worker(s) busy and {self.maxsize} request(s) waiting"
                 )
-            self._waiting += 1
-            self._queue.put_nowait(_Job(fn, fut, time.perf_counter()))
+            self._pending += 1
+            self._queue.put_nowait(_Job(fn, fut))
         self._changed()
         return fut
 
@@ -128,9 +133,9 @@ class InferenceQueue(Generic[C]):
                 self._queue.task_done()
                 return
             try:
-                with self._lock:
-                    self._waiting -= 1
                 if not job.future.set_running_or_notify_cancel():
+                    with self._lock:
+                        self._pending -= 1
                     continue  # cancelled while waiting
                 with self._lock:
                     self._running += 1
@@ -144,6 +149,7 @@ class InferenceQueue(Generic[C]):
                 finally:
                     with self._lock:
                         self._running -= 1
+                        self._pending -= 1
             finally:
                 self._queue.task_done()
                 self._changed()
@@ -160,7 +166,7 @@ class InferenceQueue(Generic[C]):
                 break
             if job is not None:
                 with self._lock:
-                    self._waiting -= 1
+                    self._pending -= 1
                 job.future.cancel()
             self._queue.task_done()
         for _ in self._threads:

@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device for extraction (cpu, cuda, auto)")
     workers: int = Field(default=1, ge=1, le=64, description="inference worker threads")
     queue_size: int = Field(
-        default=8, ge=1, le=10_000, description="requests waiting for a worker before 503"
+        default=8,
+        ge=0,
+        le=10_000,
+        description="requests that may wait for a busy worker; one more is answered 503",
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with a 503")
     max_upload_mb: float = Field(default=200.0, gt=0, description="largest accepted upload")

@@ -72,3 +72,20 @@ def test_cancelled_waiting_job_is_skipped_and_close_cancels() -> None:
     with pytest.raises(QueueClosed):
         q.submit(lambda ctx: None)
     gate.set()
+
+
+def test_no_waiting_room_means_one_job_per_worker() -> None:
+    gate = threading.Event()
+    q = InferenceQueue([None, None], maxsize=0)
+    try:
+        a = q.submit(lambda ctx: gate.wait(10))
+        b = q.submit(lambda ctx: gate.wait(10))
+        assert q.full() and q.capacity == 2
+        with pytest.raises(QueueFull):
+            q.submit(lambda ctx: None)
+        gate.set()
+        assert a.result(timeout=10) and b.result(timeout=10)
+        assert q.submit(lambda ctx: "free again").result(timeout=10) == "free again"
+    finally:
+        gate.set()
+        q.close()
