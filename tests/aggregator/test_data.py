@@ -1,0 +1,181 @@
+"""Training data: cached node summaries equal direct computation and follow the store; loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.data import (
+    frame_loader,
+    label_indices,
+    load_node_tensors,
+    load_summaries,
+    open_store,
+    split_videos,
+    stratified_holdout,
+)
+from aggregator.heads.pooling import Intervals, pool_intervals
+from aggregator.node_cache import cache_key
+from aggregator.nodes import node_maxes, node_means
+from storage import FeatureStore
+
+LENGTHS = [1, 2, 5, 31, 32, 33, 70]
+
+
+def make_store(path: Path) -> FeatureStore:
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(path, extractor={"appearance": {"backbone": "toy"}})
+    for i, t in enumerate(LENGTHS):
+        store.write_video(
+            f"v{i}",
+            {"appearance": rng.normal(size=(t, 6)), "motion": rng.normal(size=(t, 3))},
+            label=f"class{i % 3}",
+            split="train" if i % 2 else "test",
+        )
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    return make_store(tmp_path / "store.zarr")
+
+
+def direct(store: FeatureStore, vid: str, stream: str) -> np.ndarray:
+    return store.read(vid, stream)
+
+
+def test_pyramid_nodes_come_from_the_node_cache_and_equal_direct_means(
+    store: FeatureStore,
+) -> None:
+    ids = store.videos()
+    got = load_summaries(store, ids, "appearance", Intervals.pyramid(6), progress=False)
+    assert got.dtype == np.float16 and got.shape == (len(ids), 63, 6)
+    for i, vid in enumerate(ids):
+        want = node_means(direct(store, vid, "appearance"), 6).astype(np.float16)
+        np.testing.assert_array_equal(got[i], want)
+    # a level subset and a reordered subset of videos
+    sub = load_summaries(store, ids[::-1][:3], "motion", Intervals((4,)), progress=False)
+    for i, vid in enumerate(ids[::-1][:3]):
+        want = node_means(direct(store, vid, "motion"), 3)[3:7].astype(np.float16)
+        np.testing.assert_array_equal(sub[i], want)
+    key, _ = cache_key(store, "appearance", 6, False)
+    assert store.read_cache("nodes-appearance", key) is not None  # stored for the next run
+
+
+def test_max_nodes_and_other_partitions(store: FeatureStore) -> None:
+    ids = store.videos()
+    maxes = load_summaries(store, ids, "appearance", Intervals.pyramid(3, "max"), progress=False)
+    segs = load_summaries(store, ids, "appearance", Intervals((10,)), progress=False)
+    paths = load_summaries(store, ids, "motion", Intervals((1, 3)), progress=False)
+    for i, vid in enumerate(ids):
+        x, xm = direct(store, vid, "appearance"), direct(store, vid, "motion")
+        np.testing.assert_array_equal(maxes[i], node_maxes(x, 3).astype(np.float16))
+        np.testing.assert_array_equal(
+            segs[i], pool_intervals(x, Intervals((10,))).astype(np.float16)
+        )
+        np.testing.assert_array_equal(
+            paths[i], pool_intervals(xm, Intervals((1, 3))).astype(np.float16)
+        )
+
+
+@pytest.mark.parametrize("spec", [Intervals.pyramid(6), Intervals((10,))])
+def test_cache_is_reused_then_rebuilt_when_a_video_is_added(
+    store: FeatureStore, spec: Intervals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = store.videos()
+    first = load_summaries(store, ids, "appearance", spec, progress=False)
+    reopened = FeatureStore.open(store.path, "r+")
+
+    def no_frames(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("the cache should have been reused, not rebuilt from frames")
+
+    with monkeypatch.context() as m:
+        m.setattr(reopened, "read", no_frames)
+        again = load_summaries(reopened, ids, "appearance", spec, progress=False)
+    np.testing.assert_array_equal(again, first)
+
+    rng = np.random.default_rng(9)
+    new = rng.normal(size=(12, 6))
+    reopened.write_video("v_new", {"appearance": new, "motion": new[:, :3]}, label="class0")
+    ids2 = reopened.videos()
+    assert "v_new" in ids2
+    rebuilt = load_summaries(reopened, ids2, "appearance", spec, progress=False)
+    k = ids2.index("v_new")
+    want = pool_intervals(reopened.read("v_new", "appearance"), spec).astype(np.float16)
+    np.testing.assert_array_equal(rebuilt[k], want)
+    for vid in ids:  # the others are unchanged
+        np.testing.assert_array_equal(rebuilt[ids2.index(vid)], first[ids.index(vid)])
+
+
+def test_read_only_store_builds_in_memory(tmp_path: Path) -> None:
+    make_store(tmp_path / "ro.zarr")
+    ro = open_store(str(tmp_path / "ro.zarr"), writable=False)
+    assert ro.mode == "r"
+    got = load_summaries(ro, ro.videos(), "appearance", Intervals((1, 3)), progress=False)
+    assert got.shape == (len(LENGTHS), 4, 6)
+    assert not (tmp_path / "ro.zarr" / "cache").exists()  # nothing written
+
+
+def test_node_tensors_and_batches(store: FeatureStore) -> None:
+    ids = store.videos()
+    y = label_indices(store, ids, store.class_names)
+    specs = {"appearance": Intervals.pyramid(2), "motion": Intervals((3,))}
+    data = load_node_tensors(store, ids, y, specs, progress=False)
+    assert data.nodes["appearance"].shape == (len(ids), 3, 6)
+    assert data.nodes["motion"].shape == (len(ids), 3, 3)
+    assert data.nodes["appearance"].dtype == torch.float32
+    seen = []
+    gen = torch.Generator().manual_seed(0)
+    for nodes, labels, rows in data.batches(np.arange(len(ids)), 3, shuffle=True, generator=gen):
+        assert set(nodes) == {"appearance", "motion"} and len(labels) == len(rows) <= 3
+        torch.testing.assert_close(nodes["motion"], data.nodes["motion"][rows])
+        torch.testing.assert_close(labels, data.labels[rows])
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(ids)))
+
+
+def test_labels_and_splits(store: FeatureStore) -> None:
+    assert store.class_names == ["class0", "class1", "class2"]
+    ids = split_videos(store, "train")
+    np.testing.assert_array_equal(label_indices(store, ids, store.class_names), [1, 0, 2])
+    with pytest.raises(ValueError, match="'class2'"):
+        label_indices(store, ids, ["class0", "class1"])
+    with pytest.raises(ValueError, match=r"known: \['test', 'train'\]"):
+        split_videos(store, "val")
+
+
+def test_stratified_holdout() -> None:
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 2 + [3])
+    train, val = stratified_holdout(labels, 0.2, seed=3)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(labels)))
+    counts = {c: int((labels[val] == c).sum()) for c in range(4)}
+    assert counts == {0: 2, 1: 1, 2: 1, 3: 0}  # >= 1 per class that can spare one
+    again = stratified_holdout(labels, 0.2, seed=3)
+    np.testing.assert_array_equal(again[1], val)
+    assert not np.array_equal(stratified_holdout(labels, 0.2, seed=4)[1], val)
+    assert len(stratified_holdout(labels, 0.0, seed=0)[1]) == 0
+    with pytest.raises(ValueError, match=r"\[0, 1\), got 1\.0"):
+        stratified_holdout(labels, 1.0, seed=0)
+
+
+def test_frame_loader_pads_and_masks(store: FeatureStore) -> None:
+    ids = store.videos()
+    loader = frame_loader(store, ids, ["appearance", "motion"], np.arange(len(ids)), batch_size=4)
+    batches = list(loader)
+    assert [len(b.video_ids) for b in batches] == [4, 3]
+    for batch in batches:
+        t_max = int(batch.lengths.max())
+        assert batch.features["appearance"].shape == (len(batch.video_ids), t_max, 6)
+        assert batch.features["motion"].shape == (len(batch.video_ids), t_max, 3)
+        for i, vid in enumerate(batch.video_ids):
+            n = int(batch.lengths[i])
+            assert n == store.n_frames(vid, "appearance")
+            assert batch.mask[i].sum() == n and batch.mask[i, :n].all()
+            np.testing.assert_array_equal(
+                batch.features["motion"][i, :n].numpy(), store.read(vid, "motion")
+            )
+            assert (batch.features["appearance"][i, n:] == 0).all()
+            assert int(batch.labels[i]) == ids.index(vid)
