@@ -1,6 +1,6 @@
 """A tiny real store and trained runs, built once per session for the end-to-end service tests.
 
-Real clips are extracted with a random-weight resnet18 and DIS flow, 16 frames per video (the
+Real clips are extracted with a random-weight resnet18 and DIS flow, 8 frames per video (the
 extractor's own subsampling), then ``gap`` and ``tp`` heads are trained on them for a few epochs.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from storage import FeatureStore, safe_video_id
 from tests.conftest import real_video_paths
 
-STORE_FRAMES = 16
+STORE_FRAMES = 8
 # real clips with made-up labels: enough to train a head and to index
 TRAIN_CLIPS = {
     "mm_part_0.mp4": "people",
