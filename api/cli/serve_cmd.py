@@ -47,6 +47,12 @@ def register(sub: Any) -> None:
         help="default frames used per video, evenly spread (default: all; requests may override)",
     )
     p.add_argument(
+        "--max-frames-limit",
+        type=int,
+        default=None,
+        help="largest max_frames a request may ask for (bounds the work one request can cause)",
+    )
+    p.add_argument(
         "--device", default="cpu", help="torch device for extraction: cpu, cuda, auto (default cpu)"
     )
     p.add_argument(
@@ -79,6 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             queue_size=args.queue_size,
             max_upload_mb=args.max_upload_mb,
             default_max_frames=args.max_frames,
+            max_frames_limit=args.max_frames_limit,
             upload_dir=None if args.upload_dir is None else Path(args.upload_dir),
             torch_threads=args.torch_threads,
         )

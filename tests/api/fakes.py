@@ -46,7 +46,8 @@ class FakeExtractor:
         if self.gate is not None:
             self.gate.wait(30)
         info = probe(path)
-        frames = [f for i, f in enumerate(iter_frames(path)) if i % stride == 0]
+        decoded = list(iter_frames(path))
+        frames = decoded[::stride]
         idx = np.arange(len(frames)) * stride
         if max_frames is not None and len(frames) > max_frames:
             keep = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
@@ -55,7 +56,7 @@ class FakeExtractor:
         feats = np.stack([f.reshape(-1, 3).mean(0) / 255.0 for f in frames]).astype(np.float32)
         return FakeVideo(
             features={"appearance": feats},
-            n_frames=len(frames) if stride == 1 and max_frames is None else int(idx[-1]) + 1,
+            n_frames=len(decoded),
             frame_indices=idx,
             fps=info.fps,
             width=info.width,

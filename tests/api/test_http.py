@@ -206,3 +206,24 @@ def test_metrics_count_requests_by_route(client: TestClient, short_real_video: P
     assert 'framepool_request_duration_seconds_count{method="POST",route="/v1/predict"} 1.0' in text
     assert "framepool_requests_in_flight" in text
     assert 'framepool_stage_duration_seconds_count{stage="decode_extract"} 1.0' in text
+
+
+def test_frame_limit_and_defaults(
+    monkeypatch: pytest.MonkeyPatch, uploads: Path, short_real_video: Path
+) -> None:
+    data = short_real_video.read_bytes()
+    with make_client(
+        monkeypatch, uploads, FakeExtractor(), max_frames_limit=5, default_stride=2
+    ) as client:
+        r = post(client, data, max_frames=10)
+        assert r.status_code == 422 and "limit of 5" in r.text
+        body = post(client, data).json()
+        assert body["frames"] == {
+            "n_frames": 32,
+            "used": {"appearance": 5},
+            "stride": 2,
+            "max_frames": 5,
+        }
+        assert post(client, data, max_frames=3, stride=1).json()["frames"]["used"] == {
+            "appearance": 3
+        }
