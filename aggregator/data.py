@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from aggregator.heads.pooling import Intervals, pool_intervals
+from aggregator.heads.base import NodeInput
+from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals, pyramid_mix
 from aggregator.node_cache import CACHE_DEPTH, cache_key, load_node_cache
 from aggregator.nodes import n_nodes
 from storage import FeatureStore
@@ -184,25 +185,52 @@ def load_summaries(
     return np.ascontiguousarray(src[np.ix_(rows, np.asarray(idx))], dtype=np.float16)
 
 
+def load_pyramid_leaves(
+    store: FeatureStore,
+    video_ids: Sequence[str],
+    stream: str,
+    depth: int,
+    *,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(leaves [n, 2^(D-1), d] float16, n_frames [n])`` from the node cache: the last pyramid
+    level, from which :func:`aggregator.heads.pooling.pyramid_mix` rebuilds every node."""
+    if not 1 <= depth <= CACHE_DEPTH:
+        raise ValueError(f"leaves come from the node cache: depth must be 1..{CACHE_DEPTH}")
+    cache = load_node_cache(store, stream, progress=progress)
+    rows = cache.rows(list(video_ids))
+    first = (1 << (depth - 1)) - 1
+    leaves = np.ascontiguousarray(cache.means[rows, first : 2 * first + 1], dtype=np.float16)
+    return leaves, np.asarray(cache.n_frames)[rows]
+
+
 @dataclass
 class NodeTensors:
-    """In-memory summaries of ``video_ids``: ``nodes[stream] [n, M_s, d_s]`` and ``labels [n]``."""
+    """In-memory summaries of ``video_ids``: ``nodes[stream] [n, M_s, d_s]`` and ``labels [n]``.
+
+    A stream with an entry in ``mix`` holds pyramid leaves ``[n, L, d]`` in ``nodes`` and their
+    mixing ``[n, M, L]`` in ``mix``; :meth:`take` hands it out as :class:`PyramidLeaves`.
+    """
 
     video_ids: list[str]
     nodes: dict[str, torch.Tensor]
     labels: torch.Tensor
+    mix: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.video_ids)
 
-    def take(
-        self, index: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> dict[str, torch.Tensor]:
+    def take(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, NodeInput]:
         """Rows ``index`` of every stream, converted to ``dtype`` (contiguous)."""
-        out = {}
+        out: dict[str, NodeInput] = {}
         for s, t in self.nodes.items():
             rows = t.index_select(0, index)
-            out[s] = rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
+            rows = rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
+            if s in self.mix:
+                mix = self.mix[s].index_select(0, index)
+                out[s] = PyramidLeaves(rows, mix if dtype is None else mix.to(dtype))
+            else:
+                out[s] = rows
         return out
 
     def batches(
@@ -214,7 +242,7 @@ class NodeTensors:
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = torch.float32,
         device: torch.device | str = "cpu",
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[dict[str, NodeInput], torch.Tensor, torch.Tensor]]:
         """``(nodes {stream: [b, M, d]}, labels [b], rows [b])`` over the rows ``index``."""
         index = torch.as_tensor(index, dtype=torch.long)
         if shuffle:
@@ -223,7 +251,7 @@ class NodeTensors:
             rows = index[start : start + batch_size]
             nodes = self.take(rows, dtype)
             if torch.device(device).type != "cpu":
-                nodes = {s: t.to(device, non_blocking=True) for s, t in nodes.items()}
+                nodes = {s: t.to(device) for s, t in nodes.items()}
             yield nodes, self.labels[rows].to(device), rows
 
 
@@ -234,16 +262,28 @@ def load_node_tensors(
     specs: Mapping[str, Intervals],
     *,
     dtype: torch.dtype = torch.float32,
+    leaves: Collection[str] = (),
     progress: bool = True,
 ) -> NodeTensors:
-    """Summaries of ``video_ids`` for every stream of ``specs`` (stream -> what its head reads)."""
+    """Summaries of ``video_ids`` for every stream of ``specs`` (stream -> what its head reads).
+
+    Streams in ``leaves`` whose spec is a full pyramid of means are held as pyramid leaves and
+    their mixing (half the memory; for heads that take :class:`PyramidLeaves`).
+    """
     if len(labels) != len(video_ids):
         raise ValueError(f"{len(video_ids)} videos but {len(labels)} labels")
-    nodes = {}
+    nodes, mixes = {}, {}
     for stream, spec in specs.items():
-        arr = load_summaries(store, video_ids, stream, spec, progress=progress)
+        depth = len(spec.parts)
+        if stream in leaves and spec == Intervals.pyramid(depth) and depth <= CACHE_DEPTH:
+            arr, n_frames = load_pyramid_leaves(store, video_ids, stream, depth, progress=progress)
+            mix = np.stack([pyramid_mix(int(t), depth) for t in n_frames]).astype(np.float32)
+            mixes[stream] = torch.from_numpy(mix)
+        else:
+            arr = load_summaries(store, video_ids, stream, spec, progress=progress)
         nodes[stream] = torch.from_numpy(arr).to(dtype).contiguous()
-    return NodeTensors(list(video_ids), nodes, torch.as_tensor(labels, dtype=torch.long))
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    return NodeTensors(list(video_ids), nodes, labels_t, mixes)
 
 
 def summaries_of(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from aggregator.data import summaries_of
-from aggregator.heads import VideoModel, build_model
+from aggregator.heads import NodeInput, VideoModel, build_model
 from aggregator.heads.pooling import Intervals
 from aggregator.predictor import Predictor
 from aggregator.train import (
@@ -86,7 +86,7 @@ class TorchRun:
         return {s: t.to(self.device) for s, t in nodes.items()}
 
     @torch.no_grad()
-    def predict_proba_nodes(self, nodes: Mapping[str, torch.Tensor]) -> np.ndarray:
+    def predict_proba_nodes(self, nodes: Mapping[str, NodeInput]) -> np.ndarray:
         """``[B, C]`` class probabilities of precomputed summaries ``{stream: [B, M, d]}``."""
         logits = self.model.forward_nodes({s: t.to(self.device) for s, t in nodes.items()})
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -96,7 +96,7 @@ class TorchRun:
         return self.predict_proba_nodes(self.summaries(features))[0]
 
     @torch.no_grad()
-    def embed_nodes(self, nodes: Mapping[str, torch.Tensor]) -> np.ndarray:
+    def embed_nodes(self, nodes: Mapping[str, NodeInput]) -> np.ndarray:
         """``[B, e]`` float32 embeddings of precomputed summaries."""
         feats = self.model.features({s: t.to(self.device) for s, t in nodes.items()})
         return feats.float().cpu().numpy().astype(np.float32)

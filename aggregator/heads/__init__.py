@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from aggregator.heads.base import NodeHead
+from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.datp import AdaptiveTemporalPooling
 from aggregator.heads.gap import GlobalAveragePool
 from aggregator.heads.max_pool import GlobalMaxPool
-from aggregator.heads.pooling import Intervals
+from aggregator.heads.pooling import Intervals, PyramidLeaves, pyramid_mix
 from aggregator.heads.stcb import CompactBilinear, CompactBilinearHead
 from aggregator.heads.tp import TemporalPyramid
 from aggregator.heads.tpp import TemporalPyramidPooling
@@ -85,9 +85,12 @@ __all__ = [
     "GlobalMaxPool",
     "Intervals",
     "NodeHead",
+    "NodeInput",
+    "PyramidLeaves",
     "TemporalPyramid",
     "TemporalPyramidPooling",
     "TwoStream",
     "VideoModel",
     "build_model",
+    "pyramid_mix",
 ]

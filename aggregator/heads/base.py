@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aggregator.heads.pooling import Intervals, batch_pool_intervals
+from aggregator.heads.pooling import Intervals, PyramidLeaves, batch_pool_intervals
+
+NodeInput = torch.Tensor | PyramidLeaves
 
 
 class NodeHead(nn.Module):
@@ -18,7 +20,7 @@ class NodeHead(nn.Module):
     - ``forward(x [B, T, d], lengths [B]) -> [B, C]``: from padded frames; padding is masked, so
       whatever lies past ``lengths`` never changes the output.
     - ``forward_nodes(nodes [B, M, d]) -> [B, C]``: the same from precomputed summaries (the node
-      cache), ``M = input_spec.count``.
+      cache), ``M = input_spec.count``. Pyramid nodes may also come as :class:`PyramidLeaves`.
     - ``features(nodes [B, M, d]) -> [B, feature_dim]``: the video-level pooled representation
       (the input of the final classifier), used as an embedding for similarity search.
     """
@@ -32,6 +34,13 @@ class NodeHead(nn.Module):
         """``[B, M, d]`` summaries of padded frames ``x [B, T, d]`` with ``lengths [B]``."""
         return batch_pool_intervals(x, lengths, self.input_spec)
 
+    def node_tensor(self, nodes: NodeInput) -> torch.Tensor:
+        """``nodes`` as a checked ``[B, M, d]`` tensor (leaves are mixed back into nodes)."""
+        if isinstance(nodes, PyramidLeaves):
+            nodes = nodes.nodes()
+        self.check_nodes(nodes)
+        return nodes
+
     def check_nodes(self, nodes: torch.Tensor) -> None:
         expected = (self.input_spec.count, self.in_features)
         if nodes.dim() != 3 or tuple(nodes.shape[1:]) != expected:
@@ -40,14 +49,14 @@ class NodeHead(nn.Module):
                 f"got {tuple(nodes.shape)}"
             )
 
-    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+    def features(self, nodes: NodeInput) -> torch.Tensor:
         raise NotImplementedError
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C]`` from :meth:`features`."""
         raise NotImplementedError
 
-    def forward_nodes(self, nodes: torch.Tensor) -> torch.Tensor:
+    def forward_nodes(self, nodes: NodeInput) -> torch.Tensor:
         return self.classify(self.features(nodes))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aggregator.heads.base import NodeHead
+from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 _MIN_SIGMA = 0.01
@@ -119,8 +119,8 @@ class AdaptiveTemporalPooling(NodeHead):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
-    def _normalised(self, nodes: torch.Tensor) -> torch.Tensor:
-        self.check_nodes(nodes)
+    def _normalised(self, nodes: NodeInput) -> torch.Tensor:
+        nodes = self.node_tensor(nodes)
         b, n, d = nodes.shape
         return self.norm(nodes.reshape(b * n, d)).view(b, n, d)  # [B, N, d]
 
@@ -146,22 +146,22 @@ class AdaptiveTemporalPooling(NodeHead):
         sigma = F.softplus(theta[:, 2 * k :]) + _MIN_SIGMA
         return rho, mu, sigma
 
-    def mixture(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mixture(self, nodes: NodeInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rho, mu, sigma)``, each ``[B, K]``, regressed for segment features ``nodes``."""
         if self.weights_model != "mog":
             raise ValueError("this DATP head uses discrete weights, not a mixture of Gaussians")
         xn = self._normalised(nodes)
         return self._mixture(self.regress(self.aux(xn.transpose(1, 2))))
 
-    def temporal_weights(self, nodes: torch.Tensor) -> torch.Tensor:
+    def temporal_weights(self, nodes: NodeInput) -> torch.Tensor:
         """``[B, N]`` weights ``w_i`` of the segments at :meth:`segment_times`."""
         return self._weights(self._normalised(nodes))
 
-    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+    def features(self, nodes: NodeInput) -> torch.Tensor:
         xn = self._normalised(nodes)
         return weighted_pool(xn, self._weights(xn))  # [B, d]
 
-    def forward_nodes(self, nodes: torch.Tensor) -> torch.Tensor:
+    def forward_nodes(self, nodes: NodeInput) -> torch.Tensor:
         xn = self._normalised(nodes)
         w = self._weights(xn)  # [B, N]
         segment_scores = self.fc(self.drop(xn))  # [B, N, C]

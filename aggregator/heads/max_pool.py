@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aggregator.heads.base import NodeHead
+from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 
@@ -33,8 +33,8 @@ class GlobalMaxPool(NodeHead):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
-    def features(self, nodes: torch.Tensor) -> torch.Tensor:
-        self.check_nodes(nodes)
+    def features(self, nodes: NodeInput) -> torch.Tensor:
+        nodes = self.node_tensor(nodes)
         return self.norm(nodes[:, 0])  # [B, d]
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:

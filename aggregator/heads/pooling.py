@@ -12,6 +12,7 @@ in ``forward_nodes``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,3 +145,53 @@ def batch_pool_intervals(x: torch.Tensor, lengths: torch.Tensor, spec: Intervals
     clean = x.masked_fill(~valid[..., None], 0.0)  # padding may hold NaN: zero it, not weight it
     weights = inside.to(x.dtype) / (ends - starts).to(x.dtype)[..., None]  # [B, M, T]
     return torch.bmm(weights, clean)  # [B, M, d]
+
+
+# ------------------------------------------------------------------------------- pyramid leaves
+@functools.lru_cache(maxsize=8192)
+def _pyramid_mix(n_frames: int, depth: int) -> np.ndarray:
+    leaves = interval_bounds(n_frames, (1 << (depth - 1),))  # [L, 2]
+    nodes = interval_bounds(n_frames, Intervals.pyramid(depth).parts)  # [M, 2]
+    n_leaves = leaves.shape[0]
+    # every frame is represented by the last leaf starting at or before it: when T >= L the leaves
+    # partition the frames; when T < L every leaf is a single frame
+    owner = np.searchsorted(leaves[:, 0], np.arange(n_frames), side="right") - 1  # [T]
+    counts = np.zeros((n_frames + 1, n_leaves))
+    counts[np.arange(1, n_frames + 1), owner] = 1.0
+    np.cumsum(counts, axis=0, out=counts)  # counts[t, j]: frames < t owned by leaf j
+    share = counts[nodes[:, 1]] - counts[nodes[:, 0]]  # [M, L] frames of node n owned by leaf j
+    mix = share / (nodes[:, 1] - nodes[:, 0])[:, None]
+    mix.setflags(write=False)
+    return mix
+
+
+def pyramid_mix(n_frames: int, depth: int) -> np.ndarray:
+    """``[M, L]`` weights with ``node means = mix @ leaf means`` for a video of ``n_frames``.
+
+    ``M = 2^D - 1`` nodes, ``L = 2^(D-1)`` leaves (the last level). Exact for every T: when
+    ``T >= L`` a node is the union of the leaves below it (the floor bounds nest), weighted by
+    their frame counts; when ``T < L`` every leaf holds a single frame. Rows sum to 1.
+    """
+    if n_frames < 1 or depth < 1:
+        raise ValueError(f"need n_frames >= 1 and depth >= 1, got {n_frames}, {depth}")
+    return _pyramid_mix(int(n_frames), int(depth))
+
+
+@dataclass
+class PyramidLeaves:
+    """Pyramid nodes held as their leaves: ``nodes = mix @ leaves`` (see :func:`pyramid_mix`).
+
+    ``leaves [B, L, d]`` and ``mix [B, M, L]``. A head whose first map is linear in the nodes (the
+    temporal pyramid) applies it to the L leaves and mixes after, which halves its cost and the
+    memory the node tensors need.
+    """
+
+    leaves: torch.Tensor
+    mix: torch.Tensor
+
+    def nodes(self) -> torch.Tensor:
+        """``[B, M, d]`` node means."""
+        return torch.bmm(self.mix.to(self.leaves.dtype), self.leaves)
+
+    def to(self, device: torch.device | str) -> PyramidLeaves:
+        return PyramidLeaves(self.leaves.to(device), self.mix.to(device))

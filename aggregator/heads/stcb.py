@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from aggregator.heads.pooling import Intervals, batch_pool_intervals
+from aggregator.heads.base import NodeInput
+from aggregator.heads.pooling import Intervals, PyramidLeaves, batch_pool_intervals
 
 
 class CompactBilinear(nn.Module):
@@ -150,10 +151,8 @@ class CompactBilinearHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(out_dim, num_classes)
 
-    def _as_streams(
-        self, x: torch.Tensor | Mapping[str, torch.Tensor]
-    ) -> Mapping[str, torch.Tensor]:
-        if isinstance(x, torch.Tensor):
+    def _as_streams(self, x: NodeInput | Mapping[str, NodeInput]) -> Mapping[str, NodeInput]:
+        if isinstance(x, torch.Tensor | PyramidLeaves):
             if len(self.streams) != 1:
                 raise ValueError(f"this head fuses streams {self.streams}; pass a dict of them")
             return {self.streams[0]: x}
@@ -162,8 +161,10 @@ class CompactBilinearHead(nn.Module):
             raise KeyError(f"missing streams {missing!r}; this head reads {self.streams}")
         return x
 
-    def stream_vector(self, stream: str, nodes: torch.Tensor) -> torch.Tensor:
+    def stream_vector(self, stream: str, nodes: NodeInput) -> torch.Tensor:
         """The vector a stream contributes to the final fusion: ``[B, out_dim]`` or ``[B, d]``."""
+        if isinstance(nodes, PyramidLeaves):
+            nodes = nodes.nodes()
         spec = self.input_specs[stream]
         d = self.in_features[stream]
         if nodes.dim() != 3 or tuple(nodes.shape[1:]) != (spec.count, d):
@@ -176,23 +177,27 @@ class CompactBilinearHead(nn.Module):
             return self.temporal[stream](*normed[:, 1:].unbind(dim=1))  # [B, out_dim]
         return normed[:, 0]  # [B, d]
 
-    def features(self, nodes: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        nodes = self._as_streams(nodes)
-        vectors = [self.stream_vector(s, nodes[s]) for s in self.streams]
+    def features(self, nodes: NodeInput | Mapping[str, NodeInput]) -> torch.Tensor:
+        streams = self._as_streams(nodes)
+        vectors = [self.stream_vector(s, streams[s]) for s in self.streams]
         if self.single_multipath:
             fused = vectors[0]
         else:
             fused = self.fusion(*(vectors * 2 if len(vectors) == 1 else vectors))
         return signed_sqrt_l2(fused)  # [B, out_dim]
 
-    def forward_nodes(self, nodes: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward_nodes(self, nodes: NodeInput | Mapping[str, NodeInput]) -> torch.Tensor:
         return self.fc(self.drop(self.features(nodes)))  # [B, C]
 
     def forward(
         self, x: torch.Tensor | Mapping[str, torch.Tensor], lengths: torch.Tensor
     ) -> torch.Tensor:
-        frames = self._as_streams(x)
-        nodes = {
-            s: batch_pool_intervals(frames[s], lengths, self.input_specs[s]) for s in self.streams
-        }
+        if isinstance(x, torch.Tensor):
+            if len(self.streams) != 1:
+                raise ValueError(f"this head fuses streams {self.streams}; pass a dict of them")
+            x = {self.streams[0]: x}
+        missing = [s for s in self.streams if s not in x]
+        if missing:
+            raise KeyError(f"missing streams {missing!r}; this head reads {self.streams}")
+        nodes = {s: batch_pool_intervals(x[s], lengths, self.input_specs[s]) for s in self.streams}
         return self.forward_nodes(nodes)

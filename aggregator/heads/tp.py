@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from aggregator.heads.base import NodeHead
-from aggregator.heads.pooling import Intervals
+from aggregator.heads.pooling import Intervals, PyramidLeaves
 from aggregator.metrics import beta_by_level
 from aggregator.nodes import n_nodes
 
@@ -28,7 +28,9 @@ class TemporalPyramid(NodeHead):
     - ``P = 1``: ``logits = FC(dropout(r_1))``. ``P > 1`` (Table 5): the pyramids' ``r_p`` are
       concatenated and reduced by FC + ReLU + BN to ``hidden`` before dropout and the final FC.
 
-    Shapes: ``forward(x [B, T, d], lengths [B]) -> [B, C]``; ``forward_nodes(nodes [B, M, d])``;
+    Shapes: ``forward(x [B, T, d], lengths [B]) -> [B, C]``; ``forward_nodes(nodes [B, M, d])``,
+    or nodes as :class:`PyramidLeaves` (``leaves [B, L, d]``, ``mix [B, M, L]``: the linear maps are
+    applied to the ``L = 2^(D-1)`` leaves and mixed after, same result at half the cost);
     ``features(nodes) -> [B, feature_dim]`` with ``feature_dim`` = ``M * node_dim`` (concat),
     ``d`` (average) for one pyramid, ``hidden`` for several.
     """
@@ -96,24 +98,56 @@ class TemporalPyramid(NodeHead):
         row = b.mean(dim=0) if pyramid is None else b[pyramid]
         return beta_by_level(row.double().numpy())
 
-    def pyramid_representations(self, nodes: torch.Tensor) -> torch.Tensor:
+    def check_leaves(self, nodes: PyramidLeaves) -> None:
+        n_leaves, m = 1 << (self.depth - 1), self.input_spec.count
+        leaves, mix = nodes.leaves, nodes.mix
+        if (
+            leaves.dim() != 3
+            or tuple(leaves.shape[1:]) != (n_leaves, self.in_features)
+            or tuple(mix.shape) != (leaves.shape[0], m, n_leaves)
+        ):
+            raise ValueError(
+                f"TemporalPyramid expects leaves [B, {n_leaves}, {self.in_features}] and mix "
+                f"[B, {m}, {n_leaves}], got {tuple(leaves.shape)} and {tuple(mix.shape)}"
+            )
+
+    def pyramid_representations(self, nodes: torch.Tensor | PyramidLeaves) -> torch.Tensor:
         """``[B, P * rep]`` concatenated pyramid representations ``r_p`` (before the reduction)."""
-        self.check_nodes(nodes)
-        b, m, _ = nodes.shape
         p = self.pyramids
         beta = self.node_weights()  # [P, M]
+        if isinstance(nodes, PyramidLeaves):
+            self.check_leaves(nodes)
+            b = nodes.leaves.shape[0]
+            if self.variant == "concat":
+                # proj is affine and the rows of mix sum to 1: mix @ proj(leaves) = proj(nodes)
+                leaf_z = self.proj(nodes.leaves)  # [B, L, P * node_dim]
+                z = torch.bmm(nodes.mix.to(leaf_z.dtype), leaf_z)  # [B, M, P * node_dim]
+                return self._concat(z, beta)
+            gamma = torch.einsum("pm,bml->bpl", beta, nodes.mix.to(beta.dtype))  # [B, P, L]
+            pooled = torch.einsum("bpl,bld->bpd", gamma.to(nodes.leaves.dtype), nodes.leaves)
+            return self.norm(pooled.reshape(b, p * self.in_features))  # [B, P * d]
+        self.check_nodes(nodes)
+        b = nodes.shape[0]
         if self.variant == "concat":
-            z = self.proj(nodes)  # [B, M, P * node_dim]
-            if p > 1:
-                z = z.view(b, m, p, self.node_dim).transpose(1, 2)  # [B, P, M, node_dim]
-            z = self.norm(z.reshape(b, p * m * self.node_dim))  # [B, P * M * node_dim]
-            z = z.view(b, p, m, self.node_dim) * beta[None, :, :, None]  # [B, P, M, node_dim]
-            return z.reshape(b, p * m * self.node_dim)
+            return self._concat(self.proj(nodes), beta)  # proj: [B, M, P * node_dim]
         pooled = torch.einsum("pm,bmd->bpd", beta.to(nodes.dtype), nodes)  # [B, P, d]
         return self.norm(pooled.reshape(b, p * self.in_features))  # [B, P * d]
 
-    def features(self, nodes: torch.Tensor) -> torch.Tensor:
+    def _concat(self, z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Batch-normalised node projections ``z [B, M, P * node_dim]`` scaled by beta, flat."""
+        b, m, _ = z.shape
+        p = self.pyramids
+        if p > 1:
+            z = z.view(b, m, p, self.node_dim).transpose(1, 2)  # [B, P, M, node_dim]
+        z = self.norm(z.reshape(b, p * m * self.node_dim))  # [B, P * M * node_dim]
+        z = z.view(b, p, m, self.node_dim) * beta[None, :, :, None]  # [B, P, M, node_dim]
+        return z.reshape(b, p * m * self.node_dim)
+
+    def features(self, nodes: torch.Tensor | PyramidLeaves) -> torch.Tensor:
         return self.reduce(self.pyramid_representations(nodes))  # [B, feature_dim]
+
+    def forward_nodes(self, nodes: torch.Tensor | PyramidLeaves) -> torch.Tensor:
+        return self.classify(self.features(nodes))  # [B, C]
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(features))  # [B, C]

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aggregator.heads.base import NodeHead
+from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 
@@ -41,8 +41,8 @@ class TemporalPyramidPooling(NodeHead):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(self.feature_dim, num_classes)
 
-    def features(self, nodes: torch.Tensor) -> torch.Tensor:
-        self.check_nodes(nodes)
+    def features(self, nodes: NodeInput) -> torch.Tensor:
+        nodes = self.node_tensor(nodes)
         return nodes.reshape(nodes.shape[0], self.feature_dim)  # [B, M * d]
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:

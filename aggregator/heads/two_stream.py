@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aggregator.heads.base import NodeHead
+from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 
@@ -86,17 +86,17 @@ class TwoStream(nn.Module):
         w = self.weights_tensor().detach().cpu().tolist()
         return {s: float(v) for s, v in zip(self.streams, w, strict=True)}
 
-    def _check(self, x: Mapping[str, torch.Tensor]) -> None:
+    def _check(self, x: Mapping[str, object]) -> None:
         missing = [s for s in self.streams if s not in x]
         if missing:
             raise KeyError(f"missing streams {missing!r}; this model reads {self.streams}")
 
-    def stream_logits(self, nodes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def stream_logits(self, nodes: Mapping[str, NodeInput]) -> dict[str, torch.Tensor]:
         """Each stream head's own logits ``[B, C]``."""
         self._check(nodes)
         return {s: self.stream_head(s).forward_nodes(nodes[s]) for s in self.streams}
 
-    def forward_nodes(self, nodes: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward_nodes(self, nodes: Mapping[str, NodeInput]) -> torch.Tensor:
         w = self.weights_tensor()
         logits = self.stream_logits(nodes)
         out = w[0] * logits[self.streams[0]]
@@ -104,7 +104,7 @@ class TwoStream(nn.Module):
             out = out + w[i] * logits[s]
         return out  # [B, C]
 
-    def features(self, nodes: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def features(self, nodes: Mapping[str, NodeInput]) -> torch.Tensor:
         self._check(nodes)
         w = self.weights_tensor().detach()
         parts = [

@@ -17,7 +17,7 @@ from aggregator.data import (
     split_videos,
     stratified_holdout,
 )
-from aggregator.heads.pooling import Intervals, pool_intervals
+from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals
 from aggregator.node_cache import cache_key
 from aggregator.nodes import node_maxes, node_means
 from storage import FeatureStore
@@ -179,3 +179,16 @@ def test_frame_loader_pads_and_masks(store: FeatureStore) -> None:
             )
             assert (batch.features["appearance"][i, n:] == 0).all()
             assert int(batch.labels[i]) == ids.index(vid)
+
+
+def test_pyramid_leaves_rebuild_the_cached_nodes(store: FeatureStore) -> None:
+    ids = store.videos()
+    y = np.zeros(len(ids), dtype=np.int64)
+    spec = {"appearance": Intervals.pyramid(6)}
+    full = load_node_tensors(store, ids, y, spec, progress=False)
+    held = load_node_tensors(store, ids, y, spec, leaves=["appearance"], progress=False)
+    assert held.nodes["appearance"].shape == (len(ids), 32, 6)  # half of the 63 nodes
+    got = held.take(torch.arange(len(ids)))["appearance"]
+    assert isinstance(got, PyramidLeaves)
+    # exact up to the float16 rounding of the cached means
+    torch.testing.assert_close(got.nodes(), full.nodes["appearance"], rtol=2e-3, atol=2e-3)

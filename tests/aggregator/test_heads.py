@@ -17,12 +17,13 @@ from aggregator.heads import (
     GlobalAveragePool,
     GlobalMaxPool,
     NodeHead,
+    PyramidLeaves,
     TemporalPyramid,
     TemporalPyramidPooling,
     TwoStream,
     build_model,
 )
-from aggregator.heads.pooling import pool_intervals
+from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
 from tests.aggregator.reference import (
     randomize,
     ref_datp,
@@ -333,3 +334,35 @@ def test_stcb_defaults_follow_the_paper() -> None:
     assert head.feature_dim == 4096 and head.multipath == ("motion",)
     assert head.input_specs["motion"].parts == (1, 3)
     assert head.input_specs["appearance"].parts == (1,)
+
+
+@pytest.mark.parametrize("name", ["tp-concat", "tp-average", "tp-concat-3pyr", "tp-average-2pyr"])
+def test_tp_from_pyramid_leaves_equals_from_nodes(name: str) -> None:
+    """The leaf fast path (linear maps on the last level, mixed after) is exact, T < L included."""
+    head = randomize(SINGLE[name]().double(), seed=6).eval()
+    assert isinstance(head, TemporalPyramid)
+    clean, _, _ = frames(seed=7)
+    n_leaves = 1 << (head.depth - 1)
+    leaves, mixes, nodes = [], [], []
+    for b, n in enumerate(LENGTHS):
+        x = clean[b, :n].numpy()
+        leaves.append(pool_intervals(x, Intervals((n_leaves,))))
+        nodes.append(pool_intervals(x, head.input_spec))
+        mixes.append(pyramid_mix(n, head.depth))
+    packed = PyramidLeaves(
+        torch.from_numpy(np.stack(leaves)).double(), torch.from_numpy(np.stack(mixes))
+    )
+    with torch.no_grad():
+        via_leaves = head.forward_nodes(packed.to("cpu"))
+        via_nodes = head.forward_nodes(torch.from_numpy(np.stack(nodes)).double())
+        feats = head.features(packed)
+    torch.testing.assert_close(via_leaves, via_nodes, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        feats, head.features(torch.from_numpy(np.stack(nodes)).double()), rtol=1e-5, atol=1e-6
+    )
+    # heads without a leaf path take them too (mixed back into nodes)
+    gap = GlobalAveragePool(in_features=D, num_classes=C).double().eval()
+    one = PyramidLeaves(packed.leaves, packed.mix[:, :1])
+    torch.testing.assert_close(gap.forward_nodes(one), gap.forward_nodes(packed.nodes()[:, :1]))
+    with pytest.raises(ValueError, match="leaves"):
+        head.forward_nodes(PyramidLeaves(packed.leaves[:, :-1], packed.mix[:, :, :-1]))

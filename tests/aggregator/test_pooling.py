@@ -11,6 +11,7 @@ from aggregator.heads.pooling import (
     batch_pool_intervals,
     interval_bounds,
     pool_intervals,
+    pyramid_mix,
 )
 from aggregator.nodes import batch_node_means, node_bounds, node_means
 
@@ -121,3 +122,19 @@ def test_bad_lengths_are_rejected() -> None:
         batch_pool_intervals(x, torch.tensor([6, 1]), Intervals((1,)))
     with pytest.raises(ValueError, match=r"\[B, T, d\]"):
         batch_pool_intervals(x[0], torch.tensor([5]), Intervals((1,)))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 6])
+def test_pyramid_mix_rebuilds_every_node_from_the_leaves(depth: int) -> None:
+    """nodes = mix @ leaves exactly, for T below, at and above the number of leaves."""
+    rng = np.random.default_rng(depth)
+    for t in [*range(1, 70), 127, 128, 129, 1000]:
+        x = rng.normal(size=(t, 3))
+        leaves = naive_pool(x, t, (1 << (depth - 1),), "mean")
+        nodes = naive_pool(x, t, Intervals.pyramid(depth).parts, "mean")
+        mix = pyramid_mix(t, depth)
+        assert mix.shape == ((1 << depth) - 1, 1 << (depth - 1))
+        np.testing.assert_allclose(mix.sum(axis=1), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(mix @ leaves, nodes, rtol=1e-10, atol=1e-12, err_msg=f"T={t}")
+    with pytest.raises(ValueError, match="n_frames"):
+        pyramid_mix(0, depth)
