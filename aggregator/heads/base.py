@@ -65,3 +65,28 @@ class NodeHead(nn.Module):
                 f"{type(self).__name__} expects x [B, T, {self.in_features}], got {tuple(x.shape)}"
             )
         return self.forward_nodes(self.pool(x, lengths))
+
+
+class Dropout(nn.Module):
+    """Inverted dropout drawing its mask from ``torch.rand`` (same semantics as ``nn.Dropout``).
+
+    On CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, about five times slower than
+    ``rand``; on the wide pooled features of these heads that was a sixth of a training step.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        keep = torch.rand_like(x) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aggregator.heads.base import NodeHead, NodeInput
+from aggregator.heads.base import Dropout, NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 _MIN_SIGMA = 0.01
@@ -116,7 +116,7 @@ class AdaptiveTemporalPooling(NodeHead):
                 self.regress.bias.copy_(torch.cat([torch.zeros(k), init_mu, init_s]))
             else:
                 self.regress.bias.fill_(1.0)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
     def _normalised(self, nodes: NodeInput) -> torch.Tensor:

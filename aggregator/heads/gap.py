@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aggregator.heads.base import NodeHead, NodeInput
+from aggregator.heads.base import Dropout, NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 
@@ -30,7 +30,7 @@ class GlobalAveragePool(NodeHead):
         self.out_features = num_classes
         self.feature_dim = in_features
         self.norm = nn.BatchNorm1d(in_features) if batch_norm else nn.Identity()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
     def features(self, nodes: NodeInput) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from aggregator.heads.base import NodeInput
+from aggregator.heads.base import Dropout, NodeInput
 from aggregator.heads.pooling import Intervals, PyramidLeaves, batch_pool_intervals
 
 
@@ -148,7 +148,7 @@ class CompactBilinearHead(nn.Module):
             self.fusion = CompactBilinear(
                 in_features=tuple(fused_dims), out_features=out_dim, seed=seed
             )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc = nn.Linear(out_dim, num_classes)
 
     def _as_streams(self, x: NodeInput | Mapping[str, NodeInput]) -> Mapping[str, NodeInput]:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aggregator.heads.base import NodeHead
+from aggregator.heads.base import Dropout, NodeHead
 from aggregator.heads.pooling import Intervals, PyramidLeaves
 from aggregator.metrics import beta_by_level
 from aggregator.nodes import n_nodes
@@ -78,7 +78,7 @@ class TemporalPyramid(NodeHead):
         else:
             self.reduce = nn.Identity()
             self.feature_dim = rep_dim
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc = nn.Linear(self.feature_dim, num_classes)
 
     def node_weights(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aggregator.heads.base import NodeHead, NodeInput
+from aggregator.heads.base import Dropout, NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
 
 
@@ -38,7 +38,7 @@ class TemporalPyramidPooling(NodeHead):
         self.levels = tuple(levels)
         self.pooling = pooling
         self.feature_dim = self.input_spec.count * in_features
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, nodes: NodeInput) -> torch.Tensor:

@@ -23,6 +23,7 @@ from aggregator.heads import (
     TwoStream,
     build_model,
 )
+from aggregator.heads.base import Dropout
 from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
 from tests.aggregator.reference import (
     randomize,
@@ -366,3 +367,17 @@ def test_tp_from_pyramid_leaves_equals_from_nodes(name: str) -> None:
     torch.testing.assert_close(gap.forward_nodes(one), gap.forward_nodes(packed.nodes()[:, :1]))
     with pytest.raises(ValueError, match="leaves"):
         head.forward_nodes(PyramidLeaves(packed.leaves[:, :-1], packed.mix[:, :, :-1]))
+
+
+def test_dropout_keeps_the_expectation() -> None:
+    drop = Dropout(0.8)
+    x = torch.ones(200, 500)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = (y != 0).float().mean()
+    assert abs(float(kept) - 0.2) < 0.01  # 100,000 draws: sd 0.0013
+    assert torch.allclose(y[y != 0], torch.tensor(5.0))
+    assert abs(float(y.mean()) - 1.0) < 0.05
+    assert torch.equal(drop.eval()(x), x)
+    with pytest.raises(ValueError, match=r"got 1\.5"):
+        Dropout(1.5)

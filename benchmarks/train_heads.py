@@ -1,0 +1,260 @@
+"""Seconds per training epoch of the pooling heads on cached features, beside matmul throughput.
+
+Synthetic node tensors in memory (no store, no disk): UCF101 scale by default (13,320 videos,
+101 classes, depth-6 pyramids, d = 2048, two streams). Each epoch runs the trainer's own loop
+(:func:`aggregator.train.fit_epoch`: shuffled index batches over in-memory tensors, Adam,
+gradient clipping), so the numbers are what ``framepool train`` spends per epoch once the node
+cache exists. The machine's fp32 (and bf16) matmul throughput is measured in the same run; each
+head's FLOPs per epoch are counted analytically (matmul-like work, forward + backward) and
+reported as a fraction of that peak.
+
+Run at a smaller ``--videos`` to finish quickly: time per epoch is linear in the number of videos,
+and the table extrapolates to ``--scale-to`` videos.
+
+    python benchmarks/train_heads.py --videos 2000 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregator.data import NodeTensors
+from aggregator.heads import TwoStream, build_model, pyramid_mix
+from aggregator.train import fit_epoch, param_groups
+
+STREAMS = ("appearance", "motion")
+
+
+@dataclass
+class Config:
+    name: str
+    head: str
+    head_kwargs: dict[str, Any]
+    leaves: bool
+    flops: Callable[[int, int], float]  # (d, C) -> FLOPs per video per stream, fwd + bwd
+    inputs: Callable[[int, np.ndarray], tuple[int, bool]]  # -> (M per video, needs mix)
+
+
+def tp_concat_flops(depth: int, node_dim: int, leaves: bool) -> Callable[[int, int], float]:
+    m, n_leaves = (1 << depth) - 1, 1 << (depth - 1)
+
+    def f(d: int, c: int) -> float:
+        rows = n_leaves if leaves else m
+        proj = 2 * 2 * rows * d * node_dim  # forward + weight gradient (nodes need no gradient)
+        mix = 2 * 2 * m * n_leaves * node_dim if leaves else 0  # bmm forward + its input gradient
+        fc = 3 * 2 * m * node_dim * c  # forward, input and weight gradients
+        return float(proj + mix + fc)
+
+    return f
+
+
+def tp_average_flops(depth: int, leaves: bool) -> Callable[[int, int], float]:
+    m, n_leaves = (1 << depth) - 1, 1 << (depth - 1)
+
+    def f(d: int, c: int) -> float:
+        rows = n_leaves if leaves else m
+        pool = 2 * 2 * rows * d  # weighted sum forward + gradient to the weights
+        return float(pool + 3 * 2 * d * c)
+
+    return f
+
+
+def tpp_flops(bins: int) -> Callable[[int, int], float]:
+    return lambda d, c: float(2 * 2 * bins * d * c)  # forward + weight gradient
+
+
+def datp_flops(segments: int, gaussians: int) -> Callable[[int, int], float]:
+    def f(d: int, c: int) -> float:
+        n = segments
+        aux = 3 * 2 * n * (d * 64 + 64 * 32 * 3 + 32 * 32 * 3) + 3 * 2 * (
+            32 * n * 64 + 64 * 3 * gaussians
+        )
+        scores = 3 * 2 * n * d * c
+        return float(aux + scores)
+
+    return f
+
+
+def configs(depth: int, leaves: bool) -> dict[str, Config]:
+    m = (1 << depth) - 1
+    n_leaves = 1 << (depth - 1)
+    tp_m = n_leaves if leaves else m
+    return {
+        "tp-concat": Config(
+            f"tp concat D={depth}",
+            "tp",
+            {"depth": depth, "variant": "concat"},
+            leaves,
+            tp_concat_flops(depth, 128, leaves),
+            lambda d, t: (tp_m, leaves),
+        ),
+        "tp-average": Config(
+            f"tp average D={depth}",
+            "tp",
+            {"depth": depth, "variant": "average"},
+            leaves,
+            tp_average_flops(depth, leaves),
+            lambda d, t: (tp_m, leaves),
+        ),
+        "tpp": Config(
+            "tpp max {1,2,4}",
+            "tpp",
+            {},
+            False,
+            tpp_flops(7),
+            lambda d, t: (7, False),
+        ),
+        "datp": Config(
+            "datp N=10 K=2",
+            "datp",
+            {},
+            False,
+            datp_flops(10, 2),
+            lambda d, t: (10, False),
+        ),
+    }
+
+
+def matmul_gflops(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best-of-``repeats`` throughput of a ``[2 size, size] @ [size, size]`` matmul."""
+    a = torch.randn(2 * size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2 * size**3 / best / 1e9
+
+
+def synthetic(
+    cfg: Config, n: int, d: int, c: int, depth: int, dtype: torch.dtype, seed: int
+) -> NodeTensors:
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(29, 500, size=n)  # UCF101 clips: 29 .. 1776 frames, mean ~186
+    m, with_mix = cfg.inputs(d, lengths)
+    nodes, mixes = {}, {}
+    for s in STREAMS:
+        nodes[s] = torch.rand(n, m, d, generator=gen, dtype=torch.float32).to(dtype)
+        if with_mix:
+            mixes[s] = torch.from_numpy(
+                np.stack([pyramid_mix(int(t), depth) for t in lengths]).astype(np.float32)
+            )
+    labels = torch.randint(c, (n,), generator=gen)
+    return NodeTensors([f"v{i}" for i in range(n)], nodes, labels, mixes)
+
+
+def run_config(cfg: Config, args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    bf16 = precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    data = synthetic(cfg, args.videos, args.dim, args.classes, args.depth, dtype, args.seed)
+    model = build_model(
+        cfg.head,
+        in_features=dict.fromkeys(STREAMS, args.dim),
+        num_classes=args.classes,
+        head_kwargs=cfg.head_kwargs,
+    )
+    assert isinstance(model, TwoStream)
+    opt = torch.optim.Adam(param_groups(model, 1e-3, 1e-4, 10.0), lr=1e-3)
+    gen = torch.Generator().manual_seed(args.seed)
+    index = np.arange(args.videos)
+    times = []
+    for _ in range(args.warmup + args.epochs):
+        batches = (
+            (nodes, y)
+            for nodes, y, _ in data.batches(
+                index, args.batch_size, shuffle=True, generator=gen, dtype=dtype
+            )
+        )
+        t0 = time.perf_counter()
+        fit_epoch(model, batches, opt, grad_clip=40.0, bf16=bf16)
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times[args.warmup :]))
+    flops = cfg.flops(args.dim, args.classes) * len(STREAMS) * args.videos
+    return {"seconds": sec, "flops": flops}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--videos", type=int, default=13320, help="videos per epoch (measured)")
+    p.add_argument("--scale-to", type=int, default=13320, help="videos to extrapolate to")
+    p.add_argument("--classes", type=int, default=101)
+    p.add_argument("--depth", type=int, default=6, help="pyramid depth (63 nodes at 6)")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument(
+        "--heads",
+        default="tp-concat,tp-average,tpp,datp",
+        help="comma-separated: tp-concat, tp-average, tpp, datp",
+    )
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
+    p.add_argument("--no-leaves", action="store_true", help="tp on all nodes, not on leaves")
+    p.add_argument("--both-tp-paths", action="store_true", help="tp on leaves and on all nodes")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precisions = [s.strip() for s in args.precision.split(",") if s.strip()]
+    peak = {"fp32": matmul_gflops(torch.float32, args.matmul_size)}
+    if "bf16" in precisions:
+        peak["bf16"] = matmul_gflops(torch.bfloat16, args.matmul_size)
+
+    rows = []
+    leaf_modes = [True, False] if args.both_tp_paths else [not args.no_leaves]
+    for name in [h.strip() for h in args.heads.split(",") if h.strip()]:
+        for leaves in leaf_modes if name.startswith("tp-") else [False]:
+            cfg = configs(args.depth, leaves)[name]
+            for precision in precisions:
+                r = run_config(cfg, args, precision)
+                scale = args.scale_to / args.videos
+                gflops = r["flops"] / r["seconds"] / 1e9
+                label = cfg.name + (" (leaves)" if cfg.leaves else "")
+                rows.append(
+                    f"| {label} | {precision} | {args.videos} | {r['seconds']:.2f} | "
+                    f"{r['seconds'] * scale:.1f} | {r['flops'] * scale / 1e9:.0f} | "
+                    f"{gflops:.1f} | {100 * gflops / peak['fp32']:.0f}% | "
+                    f"{120 / (r['seconds'] * scale):.1f} |"
+                )
+                print(rows[-1].replace("|", " ").strip(), flush=True)
+
+    print()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}; matmul peak fp32 {peak['fp32']:.1f} GFLOP/s"
+        + (f", bf16 {peak['bf16']:.1f} GFLOP/s" if "bf16" in peak else "")
+        + f" ([{2 * args.matmul_size}x{args.matmul_size}] @ [{args.matmul_size}x"
+        f"{args.matmul_size}], best of 5)"
+    )
+    print(
+        f"synthetic node tensors: {args.videos} videos measured, {len(STREAMS)} streams, "
+        f"d={args.dim}, {args.classes} classes, batch {args.batch_size}, Adam; "
+        f"extrapolated linearly to {args.scale_to} videos"
+    )
+    print()
+    print(
+        f"| head | precision | videos | s/epoch | s/epoch at {args.scale_to} | "
+        f"GFLOP/epoch at {args.scale_to} | GFLOP/s | of fp32 matmul peak | "
+        f"epochs in 2 min at {args.scale_to} |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
