@@ -9,10 +9,15 @@ the M = 2^D - 1 temporal-pyramid nodes. Training solves the multiple-kernel-lear
 (the paper's Eq. 3 read as a min over alpha too would favour the least discriminative node).
 
 - ``variant="concat"`` (map (*)): node m is scaled by sqrt(beta_m) and concatenated, so
-  ``K_beta = sum_m beta_m K_m`` is linear in beta and J is convex. Alternation of an alpha-step
-  (C SVMs by libsvm on the precomputed K_beta) and a beta-step (a cutting-plane LP over every cut
-  gathered so far) brackets the optimum: LB = LP optimum, UB = J at the SVMs' beta. It stops when
-  ``1 - LB / min UB <= eps`` and returns the iterate with the best UB.
+  ``K_beta = sum_m beta_m K_m`` is linear in beta and J is convex. Each iteration runs an alpha-step
+  (C SVMs by libsvm on the precomputed K_beta) whose dual objectives are cuts
+  ``t_c >= a_c - S_c . beta`` lower-bounding J; the multi-cut LP over every cut gathered so far
+  gives LB (its optimum), and J at the iterate gives UB. It stops when ``1 - LB / min UB <= eps``
+  and returns the iterate with the best UB, whose SVMs were trained there. The next iterate is the
+  LP's minimiser (``beta_step="lp"``, Kelley's cutting planes), or, by default
+  (``beta_step="level"``, the level method), the point closest to the current beta whose cut model
+  is below ``LB + level (UB - LB)``, a small QP: the same cuts and bounds, without the LP's jumps
+  between simplex vertices (5-8 iterations to a gap of 1e-3 instead of 50-90 on 63 nodes).
 - ``variant="average"`` (map (**)): ``X_beta = sum_m beta_m Psi_m`` and ``K = X_beta X_beta'`` is
   quadratic in beta; J is not convex. Projected gradient on the simplex with backtracking from
   ``restarts`` starting points (uniform, then random), stopping at a relative Frank-Wolfe gap of
@@ -31,6 +36,7 @@ import numbers
 import time
 from typing import Any
 
+import cvxpy as cp
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
@@ -56,6 +62,7 @@ from aggregator.svm_solvers import (
 log = logging.getLogger(__name__)
 
 VARIANTS = ("concat", "average")
+BETA_STEPS = ("level", "lp")
 _FLOATS = [np.float64, np.float32, np.float16]
 
 
@@ -76,6 +83,8 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         kernel: per-node kernel ``"linear"``, ``"rbf"`` or ``"chi2"`` (concat only). Non-linear
             kernels keep all M node Gram matrices (M n^2 doubles) and raise when they exceed
             ``gram_cache_gib``; the linear kernel never needs them all.
+        beta_step: ``"level"`` (level-set projection) or ``"lp"`` (the LP minimiser), concat only.
+        level: where the level sits between LB (0) and UB (1) for ``beta_step="level"``.
         gamma: ``"scale"`` (per node, 1 / mean pairwise distance) or a float, for rbf/chi2.
         n_nodes: number of nodes M when ``X`` is 2-D ``[n, M*d]``.
         max_iter: most alpha-steps (concat) or accepted gradient steps per restart (average).
@@ -102,6 +111,8 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         *,
         variant: str = "concat",
         kernel: str = "linear",
+        beta_step: str = "level",
+        level: float = 0.5,
         gamma: float | str = "scale",
         n_nodes: int | None = None,
         max_iter: int = 50,
@@ -111,14 +122,12 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         gram_cache_gib: float = 2.0,
         n_jobs: int | None = None,
         random_state: int | np.random.RandomState | None = None,
-        beta_step: str = "lp",
-        level: float = 0.9,
     ) -> None:
-        self.beta_step = beta_step
-        self.level = level
         self.C = C
         self.variant = variant
         self.kernel = kernel
+        self.beta_step = beta_step
+        self.level = level
         self.gamma = gamma
         self.n_nodes = n_nodes
         self.max_iter = max_iter
@@ -151,6 +160,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         count("restarts", self.restarts)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.beta_step not in BETA_STEPS:
+            raise ValueError(f"beta_step must be one of {BETA_STEPS}, got {self.beta_step!r}")
+        if not isinstance(self.level, numbers.Real) or not 0 < self.level < 1:
+            raise ValueError(f"level must lie in (0, 1), got {self.level!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.variant == "average" and self.kernel != "linear":
@@ -249,9 +262,12 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         best: tuple[np.ndarray, AlphaStep, np.ndarray | None, np.ndarray] | None = None
         it = 0
         for it in range(1, self.max_iter + 1):
+            t0, grams_before = time.perf_counter(), grams.n_computed
             K = grams.combined(beta)
+            t1 = time.perf_counter()
             step = alpha_step(K, Y, C=float(self.C), tol=float(self.tol), n_jobs=self.n_jobs)
             del K
+            t2 = time.perf_counter()
             P = grams.projections(step.U) if self.kernel == "linear" else None
             S = grams.cut_coefficients(step.U, P)  # [L, M]
             duals = step.a - S @ beta
@@ -268,9 +284,13 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                 beta_next, lb = cutting_plane_lp(all_a, all_S, owner, n_cls)
                 if self.beta_step == "level":
                     level = lb + self.level * (best_ub - lb)
-                    beta_next = level_projection(all_a, all_S, owner, n_cls, beta, level)
+                    try:
+                        beta_next = level_projection(all_a, all_S, owner, n_cls, beta, level)
+                    except (RuntimeError, cp.error.SolverError) as exc:
+                        log.warning("level projection failed (%s); taking the LP minimiser", exc)
             lb_best = max(lb_best, lb)
             gap = 1.0 - lb_best / best_ub if best_ub > 0 else 0.0
+            t3 = time.perf_counter()
             history.append(
                 {
                     "iteration": it,
@@ -278,7 +298,11 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                     "upper": ub,
                     "gap": gap,
                     "beta": beta.tolist(),
-                    "seconds": time.perf_counter() - start,
+                    "seconds": t3 - start,
+                    "kernel_seconds": t1 - t0,
+                    "svm_seconds": t2 - t1,
+                    "beta_step_seconds": t3 - t2,
+                    "node_grams_computed": grams.n_computed - grams_before,
                 }
             )
             log.info(

@@ -1,0 +1,497 @@
+"""Train the shallow multiple-aggregation SVM on a store, write a run directory, load it back.
+
+``framepool train --head svm`` calls :func:`train_svm`: one :class:`MultipleAggregationSVM` per
+stream (one beta per stream) on the pyramid node means of the store's node cache, the streams'
+scores fused with weights, and a run directory like the deep heads' (``config.json``,
+``model.pt``, ``metrics.json``, PNGs). :class:`SVMPredictor` loads it as an
+:class:`aggregator.predictor.Predictor`.
+
+Fusion weights and probabilities are *learned on a validation part*: a stratified 10% of every
+class of the training split (:func:`aggregator.data.stratified_holdout`, seeded) is held out and
+the SVMs are fitted on the rest. On the held-out videos a grid over the simplex of stream weights
+(step 1/20) picks the best top-1 (ties: the most even weights), then a softmax temperature is fitted
+by minimum negative log-likelihood. Learned rather than fixed, because two streams' SVM scores have
+no reason to be equally reliable (seed 002 learns w_a, w_m and finds them unequal) and SVM scores
+need a scale before a softmax; on held-out videos, because training videos' scores sit at the
+margins the SVMs were fitted to. The test split is never looked at. The SVMs are not refitted on the
+whole training split afterwards (that would double the cost); like the deep heads, the run keeps its
+validation part. Without any validation video (every class has a single training video) the
+weights are equal, the temperature is 1, and ``metrics.json`` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from aggregator import plots
+from aggregator.data import label_indices, open_store, split_videos, stratified_holdout
+from aggregator.metrics import beta_by_level, classification_metrics
+from aggregator.node_cache import CACHE_DEPTH, load_node_cache
+from aggregator.nodes import node_means
+from aggregator.svm import MultipleAggregationSVM
+from aggregator.svm_plots import plot_convergence
+from aggregator.svm_solvers import node_kernel
+from storage import FeatureStore
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+FORMAT = "framepool-svm/1"
+VALIDATION_FRACTION = 0.1
+FUSION_GRID = 20  # simplex step 1/20 for the stream weights
+EMBED_DIM = 4096  # embeddings longer than this are count-sketched down to it
+
+
+# ------------------------------------------------------------------------------------ model state
+def export_state(est: MultipleAggregationSVM) -> dict[str, Any]:
+    """The fitted estimator as plain tensors, keeping only the nodes with ``beta > 0``."""
+    beta = np.asarray(est.beta_, dtype=np.float64)
+    active = np.flatnonzero(beta > 0)
+    state: dict[str, Any] = {
+        "beta": torch.from_numpy(beta.copy()),
+        "nodes": torch.from_numpy(active.astype(np.int64)),
+        "intercept": torch.from_numpy(np.asarray(est.intercept_, dtype=np.float64).copy()),
+        "kernel": est.kernel,
+        "variant": est.variant,
+    }
+    if est.kernel == "linear":
+        coef = est.coef_.reshape(len(est.coef_), est.n_nodes_, -1)[:, active, :]  # [L, A, d]
+        state["coef"] = torch.from_numpy(np.ascontiguousarray(coef, dtype=np.float32))
+    else:
+        sv = est.support_vectors_[:, active, :]  # [n_sv, A, d]
+        state["support_vectors"] = torch.from_numpy(np.ascontiguousarray(sv, dtype=np.float32))
+        state["dual_coef"] = torch.from_numpy(np.asarray(est.dual_coef_, dtype=np.float64).copy())
+        assert est.gammas_ is not None
+        state["gammas"] = torch.from_numpy(np.asarray(est.gammas_[active], dtype=np.float64))
+    return state
+
+
+def stream_decision(state: Mapping[str, Any], nodes: np.ndarray) -> np.ndarray:
+    """``[n, L]`` one-vs-rest scores of one stream's exported SVMs on node means ``[n, M, d]``."""
+    active = state["nodes"].numpy()
+    x = np.asarray(nodes, dtype=np.float32)[:, active, :]  # [n, A, d]
+    n = x.shape[0]
+    intercept = state["intercept"].numpy()
+    if "coef" in state:
+        coef = state["coef"].numpy()  # [L, A, d]
+        scores = x.reshape(n, -1).astype(np.float64) @ coef.reshape(len(coef), -1).T
+    else:
+        beta = state["beta"].numpy()
+        sv = state["support_vectors"].numpy()
+        dual = state["dual_coef"].numpy()
+        gammas = state["gammas"].numpy()
+        scores = np.zeros((n, len(dual)))
+        for j, m in enumerate(active):
+            Km = node_kernel(x[:, j], sv[:, j], str(state["kernel"]), float(gammas[j]))
+            scores += beta[m] * (Km @ dual.T)
+    return scores + intercept
+
+
+def class_scores(decision: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n, n_classes]`` scores from ``[n, L]`` one-vs-rest ones over ``classes`` (indices into
+    the class names): two classes share one score (s, -s); classes the SVMs never saw get -inf."""
+    out = np.full((decision.shape[0], n_classes), -np.inf)
+    if decision.shape[1] == 1:
+        out[:, classes[0]] = -decision[:, 0]
+        out[:, classes[1]] = decision[:, 0]
+    else:
+        out[:, classes] = decision
+    return out
+
+
+def fused_scores(
+    stream_scores: Mapping[str, np.ndarray], weights: Mapping[str, float]
+) -> np.ndarray:
+    """``sum_s w_s scores_s`` (classes at -inf stay there)."""
+    total: np.ndarray | None = None
+    for s, sc in stream_scores.items():
+        part = np.where(np.isfinite(sc), weights[s] * sc, -np.inf)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+# ------------------------------------------------------------------------------------ calibration
+def _weight_grid(n_streams: int, steps: int) -> list[tuple[float, ...]]:
+    if n_streams == 1:
+        return [(1.0,)]
+
+    def compositions(total: int, parts: int) -> list[tuple[int, ...]]:
+        if parts == 1:
+            return [(total,)]
+        return [(i, *rest) for i in range(total + 1) for rest in compositions(total - i, parts - 1)]
+
+    step = steps if n_streams == 2 else max(2, steps // 2)
+    return [tuple(k / step for k in c) for c in compositions(step, n_streams)]
+
+
+def choose_fusion(
+    stream_scores: Mapping[str, np.ndarray], y: np.ndarray
+) -> tuple[dict[str, float], float]:
+    """Stream weights on the simplex with the best top-1 on ``y`` (ties: most even); its top-1."""
+    streams = list(stream_scores)
+    even = np.full(len(streams), 1.0 / len(streams))
+    best: tuple[float, float, tuple[float, ...]] | None = None
+    for w in _weight_grid(len(streams), FUSION_GRID):
+        fused = fused_scores(stream_scores, dict(zip(streams, w, strict=True)))
+        acc = float((fused.argmax(axis=1) == y).mean())
+        key = (acc, -float(np.abs(np.array(w) - even).sum()))
+        if best is None or key > best[:2]:
+            best = (*key, w)
+    assert best is not None
+    return dict(zip(streams, best[2], strict=True)), best[0]
+
+
+def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
+    """Softmax temperature ``T`` minimising the mean negative log-likelihood of ``y``."""
+
+    def nll(log_t: float) -> float:
+        logp = log_softmax(scores / math.exp(log_t), axis=1)
+        return float(-logp[np.arange(len(y)), y].mean())
+
+    res = minimize_scalar(nll, bounds=(-7.0, 7.0), method="bounded")
+    return float(math.exp(res.x))
+
+
+def probabilities(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise softmax of ``scores / temperature`` (-inf scores get probability 0)."""
+    return softmax(scores / temperature, axis=1)
+
+
+# ------------------------------------------------------------------------------------ training
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python, so that the JSON files stay strict."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def train_svm(
+    store: FeatureStore | str | Path,
+    out_dir: Path | str,
+    *,
+    streams: list[str],
+    levels: int,
+    variant: str,
+    C: float,
+    kernel: str,
+    train_split: str,
+    test_split: str | None,
+    seed: int,
+    max_iter: int,
+    eps: float,
+) -> dict[str, Any]:
+    """Fit one multiple-aggregation SVM per stream on ``train_split``, evaluate on ``test_split``
+    (None: no test), and write the run directory ``out_dir``. Returns the metrics written.
+
+    ``store`` is a FeatureStore or its path (opened writable when possible, to keep the node
+    cache). See the module docstring for the validation part, fusion and calibration.
+    """
+    t_start = time.perf_counter()
+    if isinstance(store, str | Path):
+        store = open_store(str(store))
+    out = Path(out_dir)
+    streams = list(dict.fromkeys(streams))
+    if not streams:
+        raise ValueError("no stream given")
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    # the estimator validates C, variant, kernel, max_iter and eps before any work
+    estimator = MultipleAggregationSVM(
+        C=C, variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
+    )
+    estimator._check_params()
+    class_names = store.class_names
+    if not class_names:
+        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
+    train_ids = split_videos(store, train_split)
+    test_ids = split_videos(store, test_split) if test_split else []
+    overlap = sorted(set(train_ids) & set(test_ids))
+    if overlap:
+        raise ValueError(
+            f"splits {train_split!r} and {test_split!r} share {len(overlap)} videos, "
+            f"e.g. {overlap[0]!r}"
+        )
+    y_train = label_indices(store, train_ids, class_names)
+    y_test = label_indices(store, test_ids, class_names)
+    fit_idx, val_idx = stratified_holdout(y_train, VALIDATION_FRACTION, seed)
+    fit_ids = [train_ids[i] for i in fit_idx]
+    val_ids = [train_ids[i] for i in val_idx]
+    y_fit, y_val = y_train[fit_idx], y_train[val_idx]
+    if len(np.unique(y_fit)) < 2:
+        raise ValueError(
+            f"split {train_split!r} has videos of {len(np.unique(y_fit))} class(es); "
+            "an SVM needs at least 2"
+        )
+    train_args = {
+        "streams": streams,
+        "levels": levels,
+        "variant": variant,
+        "C": C,
+        "kernel": kernel,
+        "train_split": train_split,
+        "test_split": test_split,
+        "seed": seed,
+        "max_iter": max_iter,
+        "eps": eps,
+    }
+    config: dict[str, Any] = {
+        "format": "framepool-run/1",
+        "head": "svm",
+        "params": {**estimator.get_params(), "levels": levels},
+        "streams": streams,
+        "store": store.path,
+        "extractor": {s: store.extractor.get(s) for s in streams},
+        "class_names": class_names,
+        "splits": {
+            "train": train_split,
+            "test": test_split,
+            "val_fraction": VALIDATION_FRACTION,
+            "validation_ids": val_ids,
+        },
+        "seed": seed,
+        "train_args": train_args,
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    config["run_id"] = f"{out.resolve().name}-{digest[:8]}"
+
+    states: dict[str, dict[str, Any]] = {}
+    val_scores: dict[str, np.ndarray] = {}
+    test_scores: dict[str, np.ndarray] = {}
+    svm_info: dict[str, Any] = {}
+    in_features: dict[str, int] = {}
+    classes = np.unique(y_fit)
+    for s in streams:
+        t_stream = time.perf_counter()
+        cache = load_node_cache(store, s, depth=max(CACHE_DEPTH, levels), progress=False)
+        X_fit = cache.take(fit_ids, levels)
+        in_features[s] = int(X_fit.shape[2])
+        est = MultipleAggregationSVM(**estimator.get_params()).fit(X_fit, y_fit)
+        del X_fit
+        seconds_fit = time.perf_counter() - t_stream
+        state = export_state(est)
+        states[s] = state
+        for ids, bucket in ((val_ids, val_scores), (test_ids, test_scores)):
+            if ids:
+                decision = stream_decision(state, cache.take(ids, levels))
+                bucket[s] = class_scores(decision, classes, len(class_names))
+        svm_info[s] = {
+            "n_iter": est.n_iter_,
+            "gap": est.gap_,
+            "objective": est.objective_,
+            "active_nodes": int((est.beta_ > 0).sum()),
+            "seconds_fit": seconds_fit,
+            "history": [{k: v for k, v in h.items() if k != "beta"} for h in est.history_],
+        }
+        log.info(
+            "svm %s: %d iterations, gap %.2g, J %.6g, %.1f s",
+            s,
+            est.n_iter_,
+            est.gap_,
+            est.objective_,
+            seconds_fit,
+        )
+        del cache
+
+    if len(val_ids):
+        weights, val_top1 = choose_fusion(val_scores, y_val)
+        temperature = fit_temperature(fused_scores(val_scores, weights), y_val)
+        calibration = "validation"
+    else:
+        weights = {s: 1.0 / len(streams) for s in streams}
+        val_top1, temperature, calibration = None, 1.0, "none (no validation video)"
+        log.warning("no validation video: equal stream weights and temperature 1")
+
+    if test_ids:
+        test_fused = fused_scores(test_scores, weights)
+        metrics = classification_metrics(
+            probabilities(test_fused, temperature), y_test, class_names
+        )
+        per_stream = {}
+        for s, sc in test_scores.items():
+            m = classification_metrics(sc, y_test, class_names)
+            per_stream[s] = {k: m[k] for k in ("top1", "top5", "mean_class_accuracy")}
+    else:
+        metrics = classification_metrics(np.zeros((0, len(class_names))), np.zeros(0), class_names)
+        per_stream = {}
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / CONFIG_FILE, config)
+    model = {
+        "format": FORMAT,
+        "levels": levels,
+        "classes": torch.from_numpy(classes.astype(np.int64)),
+        "fusion_weights": torch.tensor([weights[s] for s in streams], dtype=torch.float64),
+        "temperature": float(temperature),
+        "in_features": in_features,
+        "streams": states,
+    }
+    tmp = out / (MODEL_FILE + ".tmp")
+    torch.save(model, tmp)
+    os.replace(tmp, out / MODEL_FILE)
+
+    betas = {s: states[s]["beta"].numpy() for s in streams}
+    metrics.update(
+        run_id=config["run_id"],
+        head="svm",
+        streams=streams,
+        n_train=len(fit_ids),
+        n_val=len(val_ids),
+        n_test=len(test_ids),
+        beta={s: beta_by_level(b) for s, b in betas.items()},
+        fusion_weights=weights,
+        temperature=temperature,
+        calibration=calibration,
+        val_top1=val_top1,
+        per_stream=per_stream or None,
+        svm=svm_info,
+    )
+    written = [
+        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png"),
+        plot_convergence({s: svm_info[s]["history"] for s in streams}, out / "svm_convergence.png"),
+    ]
+    if test_ids:
+        written.append(
+            plots.plot_confusion(metrics["confusion_matrix"], class_names, out / "confusion.png")
+        )
+    metrics["plots"] = [p.name for p in written]
+    metrics["seconds"] = time.perf_counter() - t_start
+    metrics = _finite(metrics)
+    _write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ predictor
+class SVMPredictor:
+    """A trained ``svm`` run for one video at a time (the :class:`Predictor` protocol)."""
+
+    head = "svm"
+
+    def __init__(self, config: Mapping[str, Any], model: Mapping[str, Any]) -> None:
+        if model.get("format") != FORMAT:
+            raise ValueError(f"model format {model.get('format')!r} is not {FORMAT!r}")
+        self.config = dict(config)
+        self.run_id: str = str(config.get("run_id", "run"))
+        self.class_names: list[str] = list(config["class_names"])
+        self.streams: list[str] = list(config["streams"])
+        self.extractor: dict[str, Any] = dict(config.get("extractor") or {})
+        self.levels = int(model["levels"])
+        self.classes = model["classes"].numpy()
+        self.states: dict[str, Any] = dict(model["streams"])
+        self.in_features: dict[str, int] = {s: int(d) for s, d in model["in_features"].items()}
+        w = model["fusion_weights"].numpy()
+        self.fusion_weights = {s: float(w[i]) for i, s in enumerate(self.streams)}
+        self.temperature = float(model["temperature"])
+        self._sketch: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> SVMPredictor:
+        run = Path(run_dir)
+        path = run / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+        config = json.loads(path.read_text())
+        if config.get("head") != "svm":
+            raise ValueError(f"run {str(run_dir)!r} has head {config.get('head')!r}, not 'svm'")
+        weights = run / MODEL_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {MODEL_FILE}")
+        return cls(config, torch.load(weights, map_location="cpu", weights_only=True))
+
+    def nodes(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{stream: [1, M, d]}`` node means of one video's ``{stream: [T, d]}`` features."""
+        out = {}
+        for s in self.streams:
+            if s not in features:
+                raise ValueError(
+                    f"features lack stream {s!r}; run {self.run_id!r} needs {self.streams}"
+                )
+            x = np.asarray(features[s])
+            if x.ndim != 2 or x.shape[1] != self.in_features[s]:
+                raise ValueError(
+                    f"stream {s!r} features must be [T, {self.in_features[s]}], got {x.shape}"
+                )
+            out[s] = node_means(x, self.levels)[None]
+        return out
+
+    def scores_nodes(self, nodes: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[n, C]`` fused class scores of node means ``{stream: [n, M, d]}``."""
+        per_stream = {
+            s: class_scores(
+                stream_decision(self.states[s], nodes[s]), self.classes, len(self.class_names)
+            )
+            for s in self.streams
+        }
+        return fused_scores(per_stream, self.fusion_weights)
+
+    def predict_proba_nodes(self, nodes: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[n, C]`` class probabilities of node means ``{stream: [n, M, d]}``."""
+        return probabilities(self.scores_nodes(nodes), self.temperature)
+
+    def predict_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[C]`` class probabilities (sum to 1) of one video."""
+        return self.predict_proba_nodes(self.nodes(features))[0]
+
+    def feature_map(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The fused kernel's feature map: per stream ``sqrt(w_s)`` times the concatenated
+        ``sqrt(beta_m) psi_m`` of the active nodes (concat) or ``sum_m beta_m psi_m`` (average),
+        so that inner products are ``sum_s w_s K_s``."""
+        parts = []
+        for s, x in self.nodes(features).items():
+            state = self.states[s]
+            active = state["nodes"].numpy()
+            beta = state["beta"].numpy()[active]
+            psi = x[0, active, :].astype(np.float64)  # [A, d]
+            if state["variant"] == "average":
+                v = (beta[:, None] * psi).sum(axis=0)
+            else:
+                v = (np.sqrt(beta)[:, None] * psi).ravel()
+            parts.append(math.sqrt(self.fusion_weights[s]) * v)
+        return np.concatenate(parts)
+
+    def embed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[e]`` float32 embedding: :meth:`feature_map`, count-sketched (a seeded signed hash of
+        coordinates into ``EMBED_DIM`` buckets, which preserves inner products in expectation) when
+        it is longer than ``EMBED_DIM``."""
+        v = self.feature_map(features)
+        if v.size <= EMBED_DIM:
+            return v.astype(np.float32)
+        if self._sketch is None or self._sketch[0].size != v.size:
+            rng = np.random.default_rng(0)
+            self._sketch = (
+                rng.integers(0, EMBED_DIM, size=v.size),
+                rng.choice(np.array([-1.0, 1.0]), size=v.size),
+            )
+        bucket, sign = self._sketch
+        return np.bincount(bucket, weights=sign * v, minlength=EMBED_DIM).astype(np.float32)
+
+    def beta(self) -> dict[str, list[list[float]]] | None:
+        """Learned node weights per stream, level by level."""
+        return {s: beta_by_level(self.states[s]["beta"].numpy()) for s in self.streams}
