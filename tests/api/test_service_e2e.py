@@ -166,3 +166,17 @@ def test_serve_command_rejects_bad_values(tmp_path: Path) -> None:
     assert cli_main(["serve", "--run", str(tmp_path / "missing")]) == 2
     assert cli_main(["serve", "--run", str(tmp_path), "--workers", "0"]) == 2
     assert cli_main(["serve", "--run", str(tmp_path), "--port", "70000"]) == 2
+
+
+def test_bad_uploads_with_the_real_extractor(client: TestClient, real_videos: list[Path]) -> None:
+    avi = next(p for p in real_videos if p.name == "tu_v_Basketball_g01_c01.avi").read_bytes()
+    mp4 = next(p for p in real_videos if p.name == "mm_part_0.mp4").read_bytes()
+    for data, status in (
+        (avi[: len(avi) // 2], 422),
+        (mp4[:-2000], 422),
+        (b"GIF89a not really", 415),
+        (b"", 400),
+    ):
+        r = client.post("/v1/predict", params={"max_frames": 2}, files={"file": ("v", data)})
+        assert r.status_code == status, r.text
+        assert r.json()["detail"]
