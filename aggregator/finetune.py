@@ -115,8 +115,118 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _chunks(index: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [index[i : i + size] for i in range(0, int(index.numel()), size)]
+def _loader(frames: Frames, prepare: Prepare | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not isinstance(frames, torch.Tensor):
+        return frames.take
+    tensor = frames
+    prep: Prepare = prepare if prepare is not None else (lambda x: x)
+    return lambda idx: prep(tensor[idx])
+
+
+def _plan(indices: Sequence[torch.Tensor], size: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """Chunks of at most ``size`` frames that cross video boundaries: ``[(video, frames), ...]``."""
+    chunks: list[list[tuple[int, torch.Tensor]]] = []
+    room = 0
+    for v, idx in enumerate(indices):
+        start = 0
+        while start < idx.numel():
+            if room == 0:
+                chunks.append([])
+                room = size
+            piece = idx[start : start + room]
+            chunks[-1].append((v, piece))
+            start += piece.numel()
+            room -= piece.numel()
+    return chunks
+
+
+def _run(
+    loaders: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    indices: Sequence[torch.Tensor],
+    chunk_size: int,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+) -> list[list[torch.Tensor]]:
+    """Per video, the features of its ``indices`` (in order), as pieces of cross-video chunks."""
+    out: list[list[torch.Tensor]] = [[] for _ in indices]
+    for chunk in _plan(indices, chunk_size):
+        x = torch.cat([loaders[v](idx) for v, idx in chunk])
+        feats = forward(x)
+        for (v, _), f in zip(chunk, feats.split([int(i.numel()) for _, i in chunk]), strict=True):
+            out[v].append(f)
+    return out
+
+
+def batch_surrogate_features(
+    backbone: nn.Module,
+    frames: Sequence[Frames],
+    grad_index: Sequence[torch.Tensor],
+    *,
+    prepare: Prepare | None = None,
+    known: Sequence[torch.Tensor | None] | None = None,
+    chunk_size: int = 32,
+    grad_factor: float = 1.0,
+    checkpoint: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`surrogate_features` of several videos; backbone calls batch frames across videos.
+
+    Small subsets (``T / K`` frames per video) are gathered into chunks of ``chunk_size`` frames
+    whatever video they come from, so that a large K does not turn into many tiny backbone calls.
+    Returns one ``[T_i, d]`` tensor per video.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    if len(grad_index) != len(frames):
+        raise ValueError(f"{len(frames)} videos but {len(grad_index)} grad_index tensors")
+    known_list: list[torch.Tensor | None] = (
+        list(known) if known is not None else [None] * len(frames)
+    )
+    lengths = [n_frames_of(f) for f in frames]
+    grads: list[torch.Tensor] = []
+    rests: list[torch.Tensor] = []
+    for v, (t, gi, kn) in enumerate(zip(lengths, grad_index, known_list, strict=True)):
+        if t < 1:
+            raise ValueError(f"video {v}: a video needs at least one frame, got 0")
+        gi = gi.to(torch.long).cpu()
+        if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= t):
+            raise ValueError(f"video {v}: grad_index out of range for T={t}: {gi.tolist()!r}")
+        if kn is not None and (kn.dim() != 2 or int(kn.shape[0]) != t):
+            raise ValueError(
+                f"video {v}: known features must be [T={t}, d], got {tuple(kn.shape)!r}"
+            )
+        with_grad = torch.zeros(t, dtype=torch.bool)
+        with_grad[gi] = True
+        grads.append(gi)
+        # frames without gradient that need the backbone: none when their features are known
+        rests.append(torch.nonzero(~with_grad).flatten() if kn is None else gi[:0])
+    loaders = [_loader(f, prepare) for f in frames]
+
+    def with_graph(x: torch.Tensor) -> torch.Tensor:
+        f = _checkpoint(backbone, x, use_reentrant=False) if checkpoint else backbone(x)
+        return scale_grad(_full(f), grad_factor)
+
+    def without_graph(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _full(backbone(x))
+
+    fresh = _run(loaders, grads, chunk_size, with_graph)
+    const = _run(loaders, rests, chunk_size, without_graph)
+
+    out: list[torch.Tensor] = []
+    for t, gi, kn, fr, co in zip(lengths, grads, known_list, fresh, const, strict=True):
+        if not fr:  # no frame carries gradient
+            out.append(_full(kn.detach()) if kn is not None else torch.cat(co))
+            continue
+        grad_feats = torch.cat(fr)  # [n, d]
+        if gi.numel() == t:
+            out.append(grad_feats)  # every frame carries gradient, already in order
+            continue
+        rest = torch.nonzero(torch.isin(torch.arange(t), gi, invert=True)).flatten()
+        feats = grad_feats.new_empty(t, int(grad_feats.shape[1]))
+        with torch.no_grad():
+            feats[rest] = kn[rest].to(feats) if kn is not None else torch.cat(co).to(feats)
+        # out of place, so that the result is differentiable w.r.t. the fresh rows
+        out.append(feats.index_copy(0, gi.to(feats.device), grad_feats))
+    return out
 
 
 def surrogate_features(
@@ -153,64 +263,16 @@ def surrogate_features(
         ``grad_index`` are differentiable w.r.t. the backbone's parameters, the others are
         constants.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    n_frames = n_frames_of(frames)
-    if n_frames < 1:
-        raise ValueError("a video needs at least one frame, got 0")
-    grad_index = grad_index.to(torch.long).cpu()
-    if grad_index.numel() and (int(grad_index.min()) < 0 or int(grad_index.max()) >= n_frames):
-        raise ValueError(f"grad_index out of range for T={n_frames}: {grad_index.tolist()!r}")
-    load: Callable[[torch.Tensor], torch.Tensor]
-    if isinstance(frames, torch.Tensor):
-        tensor = frames
-        prep: Prepare = prepare if prepare is not None else (lambda x: x)
-
-        def load(idx: torch.Tensor) -> torch.Tensor:
-            return prep(tensor[idx])
-
-    else:
-        load = frames.take
-
-    with_grad = torch.zeros(n_frames, dtype=torch.bool)
-    with_grad[grad_index] = True
-    rest = torch.nonzero(~with_grad).flatten()
-
-    fresh: list[torch.Tensor] = []
-    for idx in _chunks(grad_index, chunk_size):
-        x = load(idx)
-        f = _checkpoint(backbone, x, use_reentrant=False) if checkpoint else backbone(x)
-        fresh.append(scale_grad(_full(f), grad_factor))
-
-    if known is not None:
-        if known.dim() != 2 or int(known.shape[0]) != n_frames:
-            raise ValueError(
-                f"known features must be [T={n_frames}, d], got {tuple(known.shape)!r}"
-            )
-        const = known
-    else:
-        parts: list[torch.Tensor] = []
-        with torch.no_grad():
-            for idx in _chunks(rest, chunk_size):
-                parts.append(_full(backbone(load(idx))))
-        const = torch.cat(parts) if parts else torch.empty(0)
-
-    if not fresh:  # no frame carries gradient
-        if known is not None:
-            return _full(known.detach())
-        return const
-    grad_feats = torch.cat(fresh)  # [n, d]
-    d = int(grad_feats.shape[1])
-    if rest.numel() == 0:
-        return grad_feats  # every frame carries gradient, already in order
-    out = grad_feats.new_empty(n_frames, d)
-    with torch.no_grad():
-        if known is not None:
-            out[rest] = known[rest].to(out)
-        else:
-            out[rest] = const.to(out)
-    # Out of place, so that the result is differentiable w.r.t. the fresh rows.
-    return out.index_copy(0, grad_index.to(out.device), grad_feats)
+    return batch_surrogate_features(
+        backbone,
+        [frames],
+        [grad_index],
+        prepare=prepare,
+        known=[known],
+        chunk_size=chunk_size,
+        grad_factor=grad_factor,
+        checkpoint=checkpoint,
+    )[0]
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -282,19 +344,16 @@ class FinetuneModel(nn.Module):
         lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
         x: dict[str, torch.Tensor] = {}
         for stream in self.streams:
-            feats = [
-                surrogate_features(
-                    self.backbones[stream],
-                    it.frames[stream],
-                    it.grad_index,
-                    prepare=self._prepare.get(stream),
-                    known=None if it.known is None else it.known.get(stream),
-                    chunk_size=chunk_size,
-                    grad_factor=grad_factor,
-                    checkpoint=checkpoint,
-                )
-                for it in items
-            ]
+            feats = batch_surrogate_features(
+                self.backbones[stream],
+                [it.frames[stream] for it in items],
+                [it.grad_index for it in items],
+                prepare=self._prepare.get(stream),
+                known=[None if it.known is None else it.known.get(stream) for it in items],
+                chunk_size=chunk_size,
+                grad_factor=grad_factor,
+                checkpoint=checkpoint,
+            )
             x[stream] = nn.utils.rnn.pad_sequence(feats, batch_first=True)  # [B, T_max, d]
         device = next(iter(x.values())).device
         out: torch.Tensor = self.head(x, lengths.to(device))

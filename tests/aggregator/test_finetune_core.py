@@ -215,3 +215,18 @@ def test_memory_scales_with_the_subset_not_the_video() -> None:
     frame_bytes = 3 * 6 * 6 * 4
     assert _saved_bytes(1, True) == 24 * frame_bytes < full / 2
     assert _saved_bytes(4, True) == pytest.approx(6 * frame_bytes, rel=0.1)
+
+
+def test_backbone_calls_batch_frames_across_videos() -> None:
+    model, videos = _model(), _videos()
+    sizes: list[int] = []
+    model.backbones["appearance"].register_forward_hook(
+        lambda m, args, out: sizes.append(int(args[0].shape[0]))
+    )
+    items = [
+        VideoBatchItem(frames=v, grad_index=periodic_subset(t, 4, 1))
+        for v, t in zip(videos, LENGTHS, strict=True)
+    ]
+    model(items, chunk_size=4)
+    # 15 frames: 2 + 1 + 1 with gradient (one call), 11 without (4 + 4 + 3)
+    assert sizes == [4, 4, 4, 3]
