@@ -85,8 +85,8 @@ class Dropout(nn.Module):
             return x
         if self.p == 1.0:
             return torch.zeros_like(x)
-        keep = torch.rand_like(x) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        scaled_keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p)
+        return x * scaled_keep
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

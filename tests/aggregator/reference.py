@@ -125,7 +125,8 @@ def ref_datp(head: AdaptiveTemporalPooling, x: np.ndarray, length: int) -> np.nd
     seg = naive_pool(x, length, (n_seg,), "mean")
     xn = np.stack([bn_eval(row, head.norm) for row in seg])  # [N, d]
     with torch.no_grad():
-        theta = _np(head.regress(head.aux(torch.from_numpy(xn.T[None]).to(head.fc.weight))))[0]
+        seg = torch.from_numpy(xn[None]).to(head.fc.weight)
+        theta = _np(head.regress(head.aux(head.aux_in(seg).transpose(1, 2))))[0]
     if head.weights_model == "discrete":
         w = theta
     else:
