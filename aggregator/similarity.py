@@ -186,6 +186,18 @@ def has_index(run_dir: str | Path) -> bool:
     return (run / INDEX_FILE).is_file() and (run / IDS_FILE).is_file()
 
 
+def training_split(predictor: Predictor, default: str = "train") -> str:
+    """The store split a run was trained on, as its config records it (else ``default``)."""
+    config = getattr(predictor, "config", None)
+    if isinstance(config, Mapping):
+        splits = config.get("splits")
+        if isinstance(splits, Mapping) and isinstance(splits.get("train"), str):
+            return str(splits["train"])
+        if isinstance(config.get("train_split"), str):
+            return str(config["train_split"])
+    return default
+
+
 def embed_store_videos(
     predictor: Predictor,
     store: FeatureStore,

@@ -20,22 +20,26 @@ def register(sub: Any) -> None:
     build.add_argument("--run", required=True, metavar="DIR", help="trained run directory")
     build.add_argument("--store", required=True, help="the feature store the run was trained on")
     build.add_argument(
-        "--split", default="train", help="store split to index (default train; 'all': every video)"
+        "--split",
+        default=None,
+        help="store split to index (default: the run's training split; 'all': every video)",
     )
     build.set_defaults(func=run_build)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from aggregator.similarity import build_index
+    from aggregator.runs import load_run
+    from aggregator.similarity import build_index, training_split
 
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UsageError(f"--run {args.run!r}: no such directory")
-    split = None if args.split == "all" else args.split
-    index = build_index(run_dir, args.store, split)
+    predictor = load_run(run_dir)
+    split = training_split(predictor) if args.split is None else args.split
+    index = build_index(run_dir, args.store, None if split == "all" else split, predictor=predictor)
     labels = {lb for lb in index.labels if lb is not None}
     print(
         f"indexed {len(index)} videos ({len(labels)} classes, dim {index.dim}, cosine) "
-        f"from split {args.split!r} -> {run_dir / 'index.faiss'}"
+        f"from split {split!r} -> {run_dir / 'index.faiss'}"
     )
     return 0

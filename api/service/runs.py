@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aggregator.predictor import Predictor
-from aggregator.similarity import SimilarityIndex, build_index, has_index
+from aggregator.similarity import SimilarityIndex, build_index, has_index, training_split
 
 if TYPE_CHECKING:
     from extractor.features import FeatureExtractor
@@ -94,7 +94,7 @@ def load_one(run_dir: Path, store: Path | None, device: str = "cpu") -> LoadedRu
         index = SimilarityIndex.load(run_dir)
     elif store is not None:
         log.info("run %s has no similarity index; building it from %s", run_dir, store)
-        index = build_index(run_dir, store, "train", predictor=predictor)
+        index = build_index(run_dir, store, training_split(predictor), predictor=predictor)
     else:
         log.warning("run %s has no similarity index; /v1/similar is off for it", run_dir)
     config = {s: predictor.extractor[s] for s in predictor.streams}
