@@ -1,0 +1,237 @@
+"""``framepool finetune``: backbone + pooling head trained end to end with the surrogate gradient.
+
+Every frame goes through the backbone; at epoch r only frames t ≡ r (mod K) carry gradient
+(seed 002, Eq. 7). Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m api.cli finetune ...``
+(one process per GPU, videos sharded across ranks, rank 0 writes). A directory that already holds
+a ``checkpoint.pt`` is resumed from it (``--no-resume`` starts over).
+
+Writes in ``--out``: ``backbone_appearance.pt`` / ``backbone_motion.pt`` (for ``framepool extract
+--weights`` / ``--motion-weights``), ``head.pt`` (= ``model.pt``) and ``config.json`` (a run
+directory for ``evaluate`` / ``serve`` on a store re-extracted with those backbones),
+``metrics.json`` and ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from api.cli import UsageError
+
+STREAM_CHOICES = ("appearance", "motion", "both")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the backbone(s) and a pooling head end to end",
+        description="Fine-tune backbone(s) + pooling head end to end on videos; at epoch r only "
+        "frames t = r (mod K) carry gradient into the backbone (seed 002, Eq. 7).",
+        epilog="Re-extract a store with the result: framepool extract VIDEOS --store NEW "
+        "--weights OUT/backbone_appearance.pt --motion-weights OUT/backbone_motion.pt",
+    )
+    p.add_argument("--videos", nargs="+", required=True, help="video files, folders, or list files")
+    p.add_argument(
+        "--labels", help="CSV path,label[,split]; default: label = the video's parent folder"
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory (resumed when it has a checkpoint)"
+    )
+    p.add_argument("--stream", default="appearance", choices=STREAM_CHOICES)
+    p.add_argument("--train-split", default="train", help="with a split column: the split to use")
+
+    head = p.add_argument_group("head")
+    head.add_argument("--head", default="tp", help="pooling head (default tp)")
+    head.add_argument("--levels", type=int, help="pyramid depth D (tp: 6, tpp: 3)")
+    head.add_argument("--variant", choices=("concat", "average"), help="tp node map (concat)")
+    head.add_argument("--dropout", type=float, help="dropout before the classifier")
+
+    bb = p.add_argument_group("backbone and inputs")
+    bb.add_argument("--arch", default="resnet101", choices=("resnet18", "resnet50", "resnet101"))
+    bb.add_argument("--weights", default="imagenet", help="imagenet | random | PATH (state dict)")
+    bb.add_argument("--motion-weights", help="motion backbone PATH (default: --weights)")
+    bb.add_argument("--flow", default="dis", choices=("dis", "farneback", "tvl1", "raft"))
+    bb.add_argument("--flow-weights", help="RAFT weights file (--flow raft)")
+    bb.add_argument("--max-frames", type=int, help="keep at most N evenly spaced frames per video")
+    bb.add_argument(
+        "--store",
+        help="feature store of the same videos: frames outside the subset read their features "
+        "from it when it was extracted with the same backbone configuration",
+    )
+    bb.add_argument(
+        "--cache-dir",
+        help="where decoded inputs are cached as uint8 (default OUT/inputs, removed at the end; "
+        "'memory' keeps them in memory)",
+    )
+    bb.add_argument("--keep-inputs", action="store_true", help="keep OUT/inputs at the end")
+
+    opt = p.add_argument_group("optimisation (seed 002 defaults)")
+    opt.add_argument("--period", type=int, default=1, help="K: 1/K of the frames carry gradient")
+    opt.add_argument("--epochs", type=int, default=130)
+    opt.add_argument("--batch-videos", type=int, default=4, help="videos per step and process")
+    opt.add_argument("--lr", type=float, default=1e-3, help="appearance learning rate")
+    opt.add_argument("--motion-lr", type=float, default=5e-3, help="motion learning rate")
+    opt.add_argument(
+        "--lr-steps", default="25,50,75,100,125", help="appearance: epochs where lr /= 10"
+    )
+    opt.add_argument("--motion-lr-steps", default="80,110", help="motion: epochs where lr /= 10")
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--weight-decay", type=float, default=5e-4)
+    opt.add_argument(
+        "--grad-scale",
+        default="unbiased",
+        choices=("unbiased", "sum"),
+        help="unbiased: subset gradient x K (its mean over r is the exact gradient); sum: Eq. 7 "
+        "literally",
+    )
+    opt.add_argument("--chunk-size", type=int, default=32, help="frames per backbone call")
+    opt.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="recompute gradient chunks in the backward pass: memory of one chunk, not 1/K of T",
+    )
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    opt.add_argument(
+        "--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto: GPU)"
+    )
+    opt.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=run)
+
+
+def _steps(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(int(s) for s in text.split(",") if s.strip()))
+    except ValueError as exc:
+        raise UsageError(f"{option} must be comma-separated epochs, got {text!r}") from exc
+
+
+def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
+    """Video id -> path and video id -> label, from ``--videos`` and ``--labels``."""
+    from extractor.sources import make_sources
+
+    sources = make_sources(args.videos, labels=args.labels)
+    if any(s.split is not None for s in sources) and args.train_split:
+        sources = [s for s in sources if s.split == args.train_split]
+        if not sources:
+            raise UsageError(f"no video has split {args.train_split!r} in {args.labels!r}")
+    paths = {s.video_id: Path(s.path) for s in sources}
+    labels = {s.video_id: str(s.label) for s in sources if s.label is not None}
+    unlabelled = sorted(set(paths) - set(labels))
+    if unlabelled:
+        raise UsageError(f"videos without a label: {unlabelled[:5]} (give --labels)")
+    return paths, labels
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("period", "epochs", "batch_videos", "chunk_size", "levels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError(f"--max-frames must be >= 1, got {args.max_frames}")
+
+    import torch
+
+    from aggregator.finetune_job import BackboneSpec, run_finetune_job
+    from aggregator.finetune_train import (
+        CHECKPOINT,
+        FinetuneSettings,
+        distributed,
+        init_distributed,
+    )
+    from aggregator.heads import HEADS
+
+    if args.head not in HEADS or args.head == "stcb":
+        raise UsageError(
+            f"--head must be one of {sorted(set(HEADS) - {'stcb'})}, got {args.head!r}"
+        )
+    streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
+    head_kwargs: dict[str, Any] = {}
+    if args.head == "tp":
+        head_kwargs["depth"] = args.levels or 6
+    elif args.head == "tpp":
+        head_kwargs["levels"] = tuple(2**i for i in range(args.levels or 3))
+    elif args.levels is not None:
+        raise UsageError("--levels applies to --head tp or tpp only")
+    if args.variant is not None:
+        if args.head != "tp":
+            raise UsageError("--variant applies to --head tp only")
+        head_kwargs["variant"] = args.variant
+    if args.dropout is not None:
+        head_kwargs["dropout"] = args.dropout
+
+    device = init_distributed(args.device)
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    settings = FinetuneSettings(
+        period=args.period,
+        epochs=args.epochs,
+        batch_videos=args.batch_videos,
+        lr={"appearance": args.lr, "motion": args.motion_lr},
+        milestones={
+            "appearance": _steps(args.lr_steps, "--lr-steps"),
+            "motion": _steps(args.motion_lr_steps, "--motion-lr-steps"),
+        },
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        grad_scale=args.grad_scale,
+        chunk_size=args.chunk_size,
+        checkpoint=args.checkpoint_activations,
+        seed=args.seed,
+        amp=amp,
+    )
+    paths, labels = _videos(args)
+    out = Path(args.out)
+    rank, world = distributed()
+    if args.no_resume and rank == 0 and (out / CHECKPOINT).exists():
+        (out / CHECKPOINT).unlink()
+    if world > 1:
+        torch.distributed.barrier()
+    if args.motion_weights is not None and "motion" not in streams:
+        raise UsageError("--motion-weights given but the motion stream is not trained")
+    history = run_finetune_job(
+        paths,
+        labels,
+        out,
+        backbone=BackboneSpec(
+            streams=streams,
+            arch=args.arch,
+            weights=args.weights,
+            motion_weights=args.motion_weights,
+            flow=args.flow,
+            flow_weights=args.flow_weights,
+        ),
+        settings=settings,
+        head=args.head,
+        head_kwargs=head_kwargs,
+        device=device,
+        store=args.store,
+        cache_dir=args.cache_dir,
+        max_frames=args.max_frames,
+        resume=not args.no_resume,
+        keep_inputs=args.keep_inputs,
+    )
+    if rank == 0:
+        last = history[-1] if history else None
+        if last is not None:
+            print(
+                f"{len(paths)} videos, {last['epoch']} epochs, K={args.period}: loss "
+                f"{last['loss']:.4f}, accuracy {last['accuracy']:.3f}"
+            )
+        files = [f"backbone_{s}.pt" for s in streams]
+        print(f"wrote {out}: " + ", ".join([*files, "head.pt", "config.json", "metrics.json"]))
+        weights = f" --weights {out / files[0]}"
+        if "motion" in streams:
+            weights = (
+                f" --weights {out / 'backbone_appearance.pt'}" if "appearance" in streams else ""
+            ) + f" --motion-weights {out / 'backbone_motion.pt'}"
+        print(
+            "re-extract: framepool extract VIDEOS --store NEW --streams "
+            + ",".join(streams)
+            + f" --arch {args.arch} --flow {args.flow}"
+            + weights
+        )
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0

@@ -1,0 +1,72 @@
+"""``framepool finetune`` on real clips: run, resume with more epochs, re-extract with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from api.cli import main
+from storage import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def labelled(real_videos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    names = {"mm_part_0.mp4": "a", "mm_demo_spatiotemporal_det.mp4": "b", "mm_test.avi": "a"}
+    csv = tmp_path_factory.mktemp("labels") / "labels.csv"
+    rows = [
+        f"{p},{names[p.name]},{'test' if p.name == 'mm_test.avi' else 'train'}"
+        for p in real_videos
+        if p.name in names
+    ]
+    csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return csv
+
+
+def _videos(labels: Path) -> list[str]:
+    return [line.split(",")[0] for line in labels.read_text().splitlines()[1:]]
+
+
+def _args(labels: Path, out: Path, *extra: str) -> list[str]:
+    videos = _videos(labels)
+    return [
+        "finetune", "--videos", *videos, "--labels", str(labels), "--out", str(out),
+        "--arch", "resnet18", "--weights", "random", "--max-frames", "3", "--levels", "2",
+        "--period", "2", "--batch-videos", "2", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_bad_values_are_usage_errors(labelled: Path, tmp_path: Path) -> None:
+    assert main(_args(labelled, tmp_path / "o", "--period", "0", "--epochs", "1")) == 2
+    assert main(_args(labelled, tmp_path / "o", "--lr-steps", "x", "--epochs", "1")) == 2
+    assert main([*_args(labelled, tmp_path / "o", "--epochs", "1"), "--head", "nope"]) == 2
+
+
+def test_run_resume_and_reextract(
+    labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(_args(labelled, out, "--epochs", "1")) == 0
+    first = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert len(first) == 1 and first[0]["frames_total"] == 6  # the two train-split clips
+    assert first[0]["frames_with_grad"] == 4  # frames 0 and 2 of each
+
+    assert main(_args(labelled, out, "--epochs", "2")) == 0  # resumes at epoch 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["epochs"][0] == first[0]
+    assert metrics["epochs"][1]["frames_with_grad"] == 2  # frame 1 of each
+    printed = capsys.readouterr().out
+    assert "--weights" in printed and "backbone_appearance.pt" in printed
+
+    store = tmp_path / "tuned.zarr"
+    code = main([
+        "extract", *_videos(labelled), "--labels", str(labelled), "--store", str(store),
+        "--streams", "appearance", "--arch", "resnet18", "--max-frames", "3", "--device", "cpu",
+        "--weights", str(out / "backbone_appearance.pt"), "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    recorded = FeatureStore.open(store).extractor["appearance"]
+    config = json.loads((out / "config.json").read_text())
+    assert recorded["state_sha256"] == config["extractor"]["appearance"]["state_sha256"]
