@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("concat", "average")
 BETA_STEPS = ("level", "lp")
+_BACKTRACKS = 12  # step halvings before the averaging variant stops
+_STALL = 1e-3  # ... or when a step gains less than this times eps, relatively
 _FLOATS = [np.float64, np.float32, np.float16]
 
 
@@ -178,12 +180,12 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         if not isinstance(self.gram_cache_gib, numbers.Real) or self.gram_cache_gib < 0:
             raise ValueError(f"gram_cache_gib must be >= 0, got {self.gram_cache_gib!r}")
 
-    def _validate(self, X: Any, y: Any = None, *, reset: bool) -> Any:
+    def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
         """Return node features ``[n, M, d]`` (and y when given), checked against the fit."""
         name = type(self).__name__
         ndim = getattr(X, "ndim", None)
-        if ndim is None:
-            ndim = np.ndim(X)
+        if ndim is None:  # a list, or an object with __array__
+            ndim = np.asarray(X).ndim
         if ndim > 3:
             raise ValueError(
                 f"X must be node features [n, M, d] or flattened [n, M*d], got {ndim} dimensions"
@@ -201,9 +203,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             X = arr.reshape(n, m_nodes * dim)
         else:
             m_nodes = (self.n_nodes or 1) if reset else self.n_nodes_
-        if y is None:
+        no_y = isinstance(y, str) and y == "no_validation"
+        if no_y:
             flat = validate_data(self, X, reset=reset, dtype=_FLOATS)
-        else:
+        else:  # y=None is refused here with scikit-learn's message
             flat, y = validate_data(self, X, y, reset=reset, dtype=_FLOATS)
         n_features = flat.shape[1]
         if n_features % m_nodes:
@@ -216,7 +219,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                 "(1, 3, 7, 15, 31, 63, ...)"
             )
         nodes = flat.reshape(flat.shape[0], m_nodes, n_features // m_nodes)
-        return nodes if y is None else (nodes, y)
+        return nodes if no_y else (nodes, y)
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: Any, y: Any) -> MultipleAggregationSVM:
@@ -340,6 +343,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             evaluations += 1
             spread = float(g.max() - g.min())
             eta = 1.0 / (m_nodes * spread) if spread > 0 else 1.0
+            stalled = False
             for it in range(1, self.max_iter + 1):
                 fw_gap = float(g @ beta - g.min()) / J if J > 0 else 0.0
                 history.append(
@@ -354,10 +358,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                     }
                 )
                 log.info("svm average restart %d iter %d: J %.6g gap %.3g", restart, it, J, fw_gap)
-                if fw_gap <= self.eps or m_nodes == 1 or it == self.max_iter:
+                if fw_gap <= self.eps or m_nodes == 1 or it == self.max_iter or stalled:
                     break
                 moved = False
-                for _ in range(40):  # backtracking on the projected-gradient step
+                for _ in range(_BACKTRACKS):  # backtracking on the projected-gradient step
                     cand = project_simplex(beta - eta * g)
                     delta = cand - beta
                     if np.abs(delta).max() < 1e-12:
@@ -365,6 +369,9 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                     Jc, gc, stepc, Wc = average_objective(X, cand, Y, **kw)
                     evaluations += 1
                     if Jc <= J + g @ delta + (delta @ delta) / (2 * eta):
+                        # J is not differentiable where the SVM duals are not unique; there the
+                        # gradient is a subgradient and the steps shrink without closing the gap
+                        stalled = J - Jc <= _STALL * self.eps * abs(J)
                         beta, J, g, step, W = cand, Jc, gc, stepc, Wc
                         eta *= 2.0
                         moved = True

@@ -239,6 +239,12 @@ def train_svm(
             f"splits {train_split!r} and {test_split!r} share {len(overlap)} videos, "
             f"e.g. {overlap[0]!r}"
         )
+    for s in streams:
+        if s not in store.streams(train_ids[0]):
+            raise ValueError(
+                f"stream {s!r} is not in store {store.path!r}; video {train_ids[0]!r} has "
+                f"{store.streams(train_ids[0])}"
+            )
     y_train = label_indices(store, train_ids, class_names)
     y_test = label_indices(store, test_ids, class_names)
     fit_idx, val_idx = stratified_holdout(y_train, VALIDATION_FRACTION, seed)

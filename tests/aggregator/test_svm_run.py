@@ -1,0 +1,204 @@
+"""train_svm writes a complete run directory; SVMPredictor reloads it and matches the metrics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.evaluate import evaluate_run
+from aggregator.metrics import classification_metrics
+from aggregator.node_cache import load_node_cache
+from aggregator.predictor import Predictor
+from aggregator.runs import load_run
+from aggregator.svm_run import SVMPredictor, choose_fusion, fit_temperature, train_svm
+from storage import FeatureStore
+
+STREAMS = {"appearance": 8, "motion": 6}
+
+
+def order_store(path: Path, *, n_train: int = 8, n_test: int = 3, seed: int = 0) -> FeatureStore:
+    """Six classes = the six orders of three patterns over thirds of the video: the mean over all
+    frames is the same for every class, so only nodes below the root can tell them apart. The
+    motion stream sees the same content through another linear map, with more noise."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.normal(size=(3, 8))
+    maps = {s: rng.normal(size=(8, d)) for s, d in STREAMS.items()}
+    store = FeatureStore.create(path, extractor={s: {"backbone": "toy"} for s in STREAMS})
+    for c, order in enumerate(itertools.permutations(range(3))):
+        for i in range(n_train + n_test):
+            t = 3 * int(rng.integers(4, 16))
+            x = rng.normal(size=(t, 8))
+            for part, p in enumerate(order):
+                x[part * t // 3 : (part + 1) * t // 3] += 1.5 * patterns[p]
+            feats = {
+                s: x @ m + (0.5 if s == "motion" else 0.0) * rng.normal(size=(t, m.shape[1]))
+                for s, m in maps.items()
+            }
+            store.write_video(
+                f"c{c}_v{i:02d}",
+                feats,
+                label=f"order{c}",
+                split="train" if i < n_train else "test",
+            )
+    return store
+
+
+def run_args(**overrides: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "streams": ["appearance", "motion"],
+        "levels": 3,
+        "variant": "concat",
+        "C": 1.0,
+        "kernel": "linear",
+        "train_split": "train",
+        "test_split": "test",
+        "seed": 0,
+        "max_iter": 30,
+        "eps": 1e-3,
+    }
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureStore, Path, dict]:
+    root = tmp_path_factory.mktemp("svm_run")
+    store = order_store(root / "store.zarr")
+    metrics = train_svm(store, root / "run", **run_args())
+    return store, root / "run", metrics
+
+
+def test_run_directory_is_complete(trained: tuple[FeatureStore, Path, dict]) -> None:
+    store, run, metrics = trained
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "model.pt", "metrics.json", "beta_pyramid.png"} <= names
+    assert {"svm_convergence.png", "confusion.png"} <= names
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"] == "svm"
+    assert config["streams"] == ["appearance", "motion"]
+    assert config["store"] == store.path
+    assert config["extractor"] == {s: {"backbone": "toy"} for s in STREAMS}
+    assert config["class_names"] == [f"order{c}" for c in range(6)]
+    assert config["splits"]["train"] == "train" and config["splits"]["test"] == "test"
+    assert config["seed"] == 0
+    assert config["params"]["C"] == 1.0 and config["params"]["levels"] == 3
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk == metrics
+    for key in ("top1", "top5", "mean_class_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n_train"] + metrics["n_val"] == 48 and metrics["n_test"] == 18
+    assert metrics["seconds"] > 0
+    assert len(metrics["per_class_accuracy"]) == 6
+    assert np.asarray(metrics["confusion_matrix"]).sum() == 18
+    for s in STREAMS:
+        levels = metrics["beta"][s]
+        assert [len(lv) for lv in levels] == [1, 2, 4]
+        assert sum(map(sum, levels)) == pytest.approx(1.0)
+        history = metrics["svm"][s]["history"]
+        assert history and {"lower", "upper", "gap", "seconds"} <= set(history[0])
+        assert metrics["svm"][s]["gap"] <= 1e-3
+    assert sum(metrics["fusion_weights"].values()) == pytest.approx(1.0)
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert state["streams"]["appearance"]["coef"].shape[0] == 6
+
+
+def test_learns_temporal_order(trained: tuple[FeatureStore, Path, dict]) -> None:
+    _, _, metrics = trained
+    assert metrics["top1"] >= 0.9
+    for s in STREAMS:  # the root (the plain mean) cannot separate the classes
+        assert metrics["beta"][s][0][0] < 0.2
+
+
+def test_predictor_agrees_with_the_metrics(trained: tuple[FeatureStore, Path, dict]) -> None:
+    store, run, metrics = trained
+    predictor = SVMPredictor.load(run)
+    assert isinstance(predictor, Predictor)
+    assert predictor.head == "svm" and predictor.streams == ["appearance", "motion"]
+    assert predictor.run_id == metrics["run_id"]
+    assert predictor.beta() == metrics["beta"]
+    ids = store.videos(split="test")
+    y = np.array([predictor.class_names.index(label) for label in store.labels(ids)])
+    # from the cached node means the run was scored on: the same metrics exactly
+    nodes = {s: load_node_cache(store, s, progress=False).take(ids, 3) for s in STREAMS}
+    cached = predictor.predict_proba_nodes(nodes)
+    again = classification_metrics(cached, y, predictor.class_names)
+    for key in ("top1", "top5", "mean_class_accuracy", "confusion_matrix"):
+        assert again[key] == metrics[key]
+    # from raw frame features (float32 node means instead of the float16 cache): nearly the same
+    raw = np.stack([predictor.predict_proba({s: store.read(v, s) for s in STREAMS}) for v in ids])
+    np.testing.assert_allclose(raw.sum(axis=1), 1.0)
+    np.testing.assert_allclose(raw, cached, atol=1e-2)
+    assert classification_metrics(raw, y, predictor.class_names)["top1"] == metrics["top1"]
+    embedding = predictor.embed({s: store.read(ids[0], s) for s in STREAMS})
+    assert embedding.dtype == np.float32 and embedding.ndim == 1 and np.isfinite(embedding).all()
+
+
+def test_load_run_and_evaluate_use_the_predictor(trained: tuple[FeatureStore, Path, dict]) -> None:
+    store, run, metrics = trained
+    assert isinstance(load_run(run), SVMPredictor)
+    evaluation = evaluate_run(run, store.path, split="test", write=False)
+    assert evaluation["top1"] == metrics["top1"]
+
+
+def test_embedding_inner_products_are_the_fused_kernel(
+    trained: tuple[FeatureStore, Path, dict],
+) -> None:
+    store, run, _ = trained
+    predictor = SVMPredictor.load(run)
+    a, b = store.videos(split="test")[:2]
+    fa = {s: store.read(a, s) for s in STREAMS}
+    fb = {s: store.read(b, s) for s in STREAMS}
+    expected = 0.0
+    for s in STREAMS:
+        na, nb = predictor.nodes(fa)[s][0], predictor.nodes(fb)[s][0]
+        beta = predictor.states[s]["beta"].numpy()
+        expected += predictor.fusion_weights[s] * sum(
+            beta[m] * na[m] @ nb[m] for m in range(len(beta))
+        )
+    assert predictor.embed(fa) @ predictor.embed(fb) == pytest.approx(expected, rel=1e-4)
+
+
+def test_single_stream_average_variant(tmp_path: Path) -> None:
+    store = order_store(tmp_path / "store.zarr", n_train=5, n_test=2, seed=1)
+    metrics = train_svm(
+        store, tmp_path / "run", **run_args(streams=["motion"], variant="average", max_iter=10)
+    )
+    assert metrics["fusion_weights"] == {"motion": 1.0}
+    assert metrics["svm"]["motion"]["history"][0]["lower"] is None  # no bound: J is not convex
+    probs = SVMPredictor.load(tmp_path / "run").predict_proba(
+        {"motion": store.read("c0_v05", "motion")}
+    )
+    assert probs.shape == (6,) and probs.sum() == pytest.approx(1.0)
+
+
+def test_bad_requests_are_named(trained: tuple[FeatureStore, Path, dict], tmp_path: Path) -> None:
+    store, _, _ = trained
+    with pytest.raises(ValueError, match="levels must be"):
+        train_svm(store, tmp_path / "a", **run_args(levels=0))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        train_svm(store, tmp_path / "b", **run_args(kernel="poly"))
+    with pytest.raises(ValueError, match="share"):
+        train_svm(store, tmp_path / "c", **run_args(test_split="train"))
+    with pytest.raises(ValueError, match="stream 'optical' is not in store"):
+        train_svm(store, tmp_path / "d", **run_args(streams=["optical"]))
+    predictor = SVMPredictor.load(trained[1])
+    with pytest.raises(ValueError, match="lack stream 'motion'"):
+        predictor.predict_proba({"appearance": np.zeros((5, 8))})
+    with pytest.raises(ValueError, match=r"\[T, 6\]"):
+        predictor.predict_proba({"appearance": np.zeros((5, 8)), "motion": np.zeros((5, 7))})
+
+
+def test_fusion_and_temperature_helpers() -> None:
+    y = np.array([0, 1, 1, 0])
+    good = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    bad = good[:, ::-1].copy()
+    weights, acc = choose_fusion({"a": bad, "b": good}, y)
+    assert weights["b"] > 0.5 and acc == 1.0
+    noisy = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])  # half right
+    assert fit_temperature(noisy, np.array([0, 1, 1, 0])) > 10  # no confidence deserved
