@@ -233,26 +233,86 @@ class NodeTensors:
                 out[s] = rows
         return out
 
+    def window(
+        self, start: int, stop: int, dtype: torch.dtype | None = None
+    ) -> dict[str, NodeInput]:
+        """Rows ``start:stop`` of every stream as views (no copy unless ``dtype`` converts)."""
+        out: dict[str, NodeInput] = {}
+        for s, t in self.nodes.items():
+            rows = t[start:stop]
+            rows = rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
+            if s in self.mix:
+                mix = self.mix[s][start:stop]
+                out[s] = PyramidLeaves(rows, mix if dtype is None else mix.to(dtype))
+            else:
+                out[s] = rows
+        return out
+
     def batches(
         self,
         index: np.ndarray | torch.Tensor,
         batch_size: int,
         *,
         shuffle: bool = False,
+        windows: bool = False,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = torch.float32,
         device: torch.device | str = "cpu",
     ) -> Iterator[tuple[dict[str, NodeInput], torch.Tensor, torch.Tensor]]:
-        """``(nodes {stream: [b, M, d]}, labels [b], rows [b])`` over the rows ``index``."""
+        """``(nodes {stream: [b, M, d]}, labels [b], rows [b])`` over the rows ``index``.
+
+        ``shuffle`` draws a new order of the rows. ``windows`` (rows stored in random order, so
+        ``index`` must be a contiguous range) instead cuts the range at a random offset into
+        windows of ``batch_size`` rows taken as views, in random order, and gathers the few rows
+        left at both ends: the batches change from epoch to epoch without copying the node
+        tensors (a gather of every batch was a sixth of a CPU training step).
+        """
         index = torch.as_tensor(index, dtype=torch.long)
+        if windows:
+            yield from self._windows(index, batch_size, generator, dtype, device)
+            return
         if shuffle:
             index = index[torch.randperm(len(index), generator=generator)]
         for start in range(0, len(index), batch_size):
             rows = index[start : start + batch_size]
-            nodes = self.take(rows, dtype)
-            if torch.device(device).type != "cpu":
-                nodes = {s: t.to(device) for s, t in nodes.items()}
-            yield nodes, self.labels[rows].to(device), rows
+            yield self._place(self.take(rows, dtype), rows, device)
+
+    def _place(
+        self, nodes: dict[str, NodeInput], rows: torch.Tensor, device: torch.device | str
+    ) -> tuple[dict[str, NodeInput], torch.Tensor, torch.Tensor]:
+        if torch.device(device).type != "cpu":
+            nodes = {s: t.to(device) for s, t in nodes.items()}
+        return nodes, self.labels[rows].to(device), rows
+
+    def _windows(
+        self,
+        index: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str,
+    ) -> Iterator[tuple[dict[str, NodeInput], torch.Tensor, torch.Tensor]]:
+        n = len(index)
+        if n == 0:
+            return
+        first = int(index[0])
+        if not torch.equal(index, torch.arange(first, first + n)):
+            raise ValueError("windowed batches need a contiguous range of rows")
+        offset = int(torch.randint(min(batch_size, n), (1,), generator=generator))
+        n_windows = (n - offset) // batch_size
+        # ("w", start) is a window of rows; ("g", rows) gathers the ends left over
+        plan: list[tuple[str, Any]] = [
+            ("w", first + offset + k * batch_size) for k in range(n_windows)
+        ]
+        ends = torch.cat([index[:offset], index[offset + n_windows * batch_size :]])
+        plan += [("g", ends[i : i + batch_size]) for i in range(0, len(ends), batch_size)]
+        for k in torch.randperm(len(plan), generator=generator).tolist():
+            kind, what = plan[k]
+            if kind == "w":
+                rows = torch.arange(what, what + batch_size)
+                yield self._place(self.window(what, what + batch_size, dtype), rows, device)
+            else:
+                yield self._place(self.take(what, dtype), what, device)
 
 
 def load_node_tensors(

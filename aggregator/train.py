@@ -411,15 +411,15 @@ def _train(
 
     # ---- data
     t_data = time.perf_counter()
-    all_ids = sorted(set(train_ids) | set(test_ids))
-    pos = {v: i for i, v in enumerate(all_ids)}
-    labels_all = np.empty(len(all_ids), dtype=np.int64)
-    labels_all[[pos[v] for v in train_ids]] = y_train
-    if test_ids:
-        labels_all[[pos[v] for v in test_ids]] = y_test
-    rows_train = np.array([pos[v] for v in train_ids], dtype=np.int64)
-    rows_fit, rows_val = rows_train[fit_idx], rows_train[val_idx]
-    rows_test = np.array([pos[v] for v in test_ids], dtype=np.int64)
+    # rows in memory: the videos to fit first, in a seeded random order (training batches are
+    # windows of them, see NodeTensors.batches), then validation, then test
+    fit_idx = fit_idx[np.random.default_rng(seed).permutation(len(fit_idx))]
+    all_ids = [train_ids[i] for i in fit_idx] + [train_ids[i] for i in val_idx] + list(test_ids)
+    labels_all = np.concatenate([y_train[fit_idx], y_train[val_idx], y_test]).astype(np.int64)
+    n_fit, n_val = len(fit_idx), len(val_idx)
+    rows_fit = np.arange(n_fit)
+    rows_val = np.arange(n_fit, n_fit + n_val)
+    rows_test = np.arange(n_fit + n_val, len(all_ids))
     bf16 = args["precision"] == "bf16"
     data: NodeTensors | None = None
     hold = torch.float32
@@ -492,7 +492,7 @@ def _train(
                 for nodes, y, _ in data.batches(
                     rows_fit,
                     args["batch_size"],
-                    shuffle=True,
+                    windows=True,
                     generator=gen,
                     dtype=compute_dtype,
                     device=dev,

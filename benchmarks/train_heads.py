@@ -174,7 +174,7 @@ def run_config(cfg: Config, args: argparse.Namespace, precision: str) -> dict[st
         batches = (
             (nodes, y)
             for nodes, y, _ in data.batches(
-                index, args.batch_size, shuffle=True, generator=gen, dtype=dtype
+                index, args.batch_size, windows=True, generator=gen, dtype=dtype
             )
         )
         t0 = time.perf_counter()

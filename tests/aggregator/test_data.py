@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from aggregator.data import (
+    NodeTensors,
     frame_loader,
     label_indices,
     load_node_tensors,
@@ -192,3 +193,29 @@ def test_pyramid_leaves_rebuild_the_cached_nodes(store: FeatureStore) -> None:
     assert isinstance(got, PyramidLeaves)
     # exact up to the float16 rounding of the cached means
     torch.testing.assert_close(got.nodes(), full.nodes["appearance"], rtol=2e-3, atol=2e-3)
+
+
+def test_windowed_batches_cover_every_row_once_without_copies() -> None:
+    n, d = 23, 4
+    nodes = {"appearance": torch.arange(n * 3 * d, dtype=torch.float32).view(n, 3, d)}
+    data = NodeTensors([f"v{i}" for i in range(n)], nodes, torch.arange(n) % 5)
+    gen = torch.Generator().manual_seed(0)
+    groupings = []
+    for _ in range(3):
+        seen: list[int] = []
+        batches = []
+        for batch, labels, rows in data.batches(np.arange(2, n), 4, windows=True, generator=gen):
+            x = batch["appearance"]
+            assert isinstance(x, torch.Tensor)
+            torch.testing.assert_close(x, nodes["appearance"][rows])
+            torch.testing.assert_close(labels, data.labels[rows])
+            assert 1 <= len(rows) <= 4
+            if len(rows) == 4 and bool((rows.diff() == 1).all()):
+                assert x.data_ptr() == nodes["appearance"][int(rows[0])].data_ptr()  # a view
+            seen.extend(rows.tolist())
+            batches.append(tuple(rows.tolist()))
+        assert sorted(seen) == list(range(2, n))
+        groupings.append(sorted(batches))
+    assert len(set(map(tuple, groupings))) > 1  # the windows move between epochs
+    with pytest.raises(ValueError, match="contiguous"):
+        next(data.batches(np.array([0, 2, 3]), 2, windows=True))
