@@ -1,22 +1,24 @@
 """A tiny real store and trained runs, built once per session for the end-to-end service tests.
 
-Real clips are extracted with a random-weight resnet18 and DIS flow, 8 frames per video (the
-extractor's own subsampling), then ``gap`` and ``tp`` heads are trained on them for a few epochs.
+Real clips (with made-up labels) and generated demo clips are extracted by ``framepool extract``
+with a random-weight resnet18 and DIS flow, 8 frames per video, then ``framepool train`` fits
+``gap`` and ``tp`` heads on them for a few epochs.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from storage import FeatureStore, safe_video_id
+from api.cli import main as cli_main
+from storage import FeatureStore
 from tests.conftest import real_video_paths
 
 STORE_FRAMES = 8
-# real clips with made-up labels: enough to train a head and to index
-TRAIN_CLIPS = {
+REAL_CLIPS = {
     "mm_part_0.mp4": "people",
     "mm_test.avi": "people",
     "mm_demo_spatiotemporal_det.mp4": "people",
@@ -24,6 +26,7 @@ TRAIN_CLIPS = {
     "tu_abseiling_k400.mp4": "sport",
     "vf_v_GGSY1Qvo990.mp4": "sport",
 }
+CLASSES = ["left_then_right", "people", "right_then_left", "sport"]
 
 
 @dataclass
@@ -31,49 +34,36 @@ class Served:
     store: Path
     gap: Path
     tp: Path
-    clips: dict[str, Path]  # training clip video_id -> its file
+    clips: dict[str, Path]  # video_id -> its file, every video in the store
+    train: list[str]  # video ids of the train split
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
-    from aggregator.train import train_run
-    from extractor.features import FeatureExtractor
+    from extractor.synthetic import make_demo_clips
 
     root = tmp_path_factory.mktemp("served")
-    extractor = FeatureExtractor(
-        streams=("appearance", "motion"),
-        flow="dis",
-        weights="random",
-        arch="resnet18",
-        device="cpu",
-    )
-    store = FeatureStore.create(root / "store.zarr", extractor=extractor.config())
     paths = {p.name: p for p in real_video_paths()}
-    clips: dict[str, Path] = {}
-    for name, label in TRAIN_CLIPS.items():
-        video = extractor.extract_file(paths[name], max_frames=STORE_FRAMES)
-        vid = safe_video_id(Path(name).stem)
-        store.write_video(
-            vid,
-            video.features,
-            label=label,
-            split="train",
-            meta={"source": str(paths[name]), "n_frames": video.n_frames},
-        )
-        clips[vid] = paths[name]
-    out = {}
-    for head, kwargs in (("gap", {}), ("tp", {"depth": 3})):
-        out[head] = root / f"run-{head}"
-        train_run(
-            root / "store.zarr",
-            out[head],
-            head=head,
-            streams=("appearance", "motion"),
-            head_kwargs=kwargs,
-            test_split=None,
-            val_fraction=0.0,
-            epochs=5,
-            device="cpu",
-            make_plots=False,
-        )
-    return Served(store=root / "store.zarr", gap=out["gap"], tp=out["tp"], clips=clips)
+    rows = [(paths[name], label, "train") for name, label in REAL_CLIPS.items()]
+    demo = make_demo_clips(root / "demo", n_per_class=3, n_frames=16, size=(96, 96))
+    rows += [(p, label, "test" if p.stem.endswith("2") else "train") for p, label in demo]
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows((str(p), label, split) for p, label, split in rows)
+    store = root / "store.zarr"
+    extract = ["extract", *(str(p) for p, _, _ in rows), "--store", str(store)]
+    extract += ["--labels", str(labels), "--arch", "resnet18", "--weights", "random"]
+    extract += ["--flow", "dis", "--max-frames", str(STORE_FRAMES), "--device", "cpu"]
+    assert cli_main([*extract, "--no-progress"]) == 0
+    runs = {}
+    for head, extra in (("gap", []), ("tp", ["--levels", "3"])):
+        runs[head] = root / f"run-{head}"
+        train = ["train", "--store", str(store), "--head", head, "--out", str(runs[head])]
+        train += ["--epochs", "5", "--val-fraction", "0", "--device", "cpu", "--no-plots"]
+        assert cli_main([*train, *extra]) == 0
+    fs = FeatureStore.open(store)
+    clips = {vid: Path(fs.video_attrs(vid)["source"]) for vid in fs.videos()}
+    assert len(clips) == len(rows)
+    return Served(store, runs["gap"], runs["tp"], clips, fs.videos(split="train"))
