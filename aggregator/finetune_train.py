@@ -410,7 +410,7 @@ def finetune(
             "lr": {g["stream"]: v for g, v in zip(opt.param_groups, lr, strict=True)},
         }
         history.append(record)
-        log.info(
+        (log.info if rank == 0 else log.debug)(
             "epoch %d/%d: loss %.4f, accuracy %.3f, %d/%d frames with gradient, %.1f s",
             epoch + 1,
             settings.epochs,

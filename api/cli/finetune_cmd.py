@@ -65,6 +65,12 @@ def register(sub: Any) -> None:
         "'memory' keeps them in memory)",
     )
     bb.add_argument("--keep-inputs", action="store_true", help="keep OUT/inputs at the end")
+    bb.add_argument(
+        "--reextract",
+        metavar="NEW_STORE",
+        help="after training, extract the same videos with the fine-tuned backbone(s) into "
+        "NEW_STORE (sharded across torchrun ranks like framepool extract)",
+    )
 
     opt = p.add_argument_group("optimisation (seed 002 defaults)")
     opt.add_argument("--period", type=int, default=1, help="K: 1/K of the frames carry gradient")
@@ -212,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         keep_inputs=args.keep_inputs,
     )
+    files = {s: out / f"backbone_{s}.pt" for s in streams}
     if rank == 0:
         last = history[-1] if history else None
         if last is not None:
@@ -219,19 +226,57 @@ def run(args: argparse.Namespace) -> int:
                 f"{len(paths)} videos, {last['epoch']} epochs, K={args.period}: loss "
                 f"{last['loss']:.4f}, accuracy {last['accuracy']:.3f}"
             )
-        files = [f"backbone_{s}.pt" for s in streams]
-        print(f"wrote {out}: " + ", ".join([*files, "head.pt", "config.json", "metrics.json"]))
-        weights = f" --weights {out / files[0]}"
-        if "motion" in streams:
-            weights = (
-                f" --weights {out / 'backbone_appearance.pt'}" if "appearance" in streams else ""
-            ) + f" --motion-weights {out / 'backbone_motion.pt'}"
-        print(
-            "re-extract: framepool extract VIDEOS --store NEW --streams "
-            + ",".join(streams)
-            + f" --arch {args.arch} --flow {args.flow}"
-            + weights
-        )
+        names = [p.name for p in files.values()]
+        print(f"wrote {out}: " + ", ".join([*names, "head.pt", "config.json", "metrics.json"]))
+        print(f"re-extract: {reextract_command(args, files, streams)}")
+    status = 0
+    if args.reextract is not None:
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 has written the backbones
+        status = _reextract(args, files, streams, str(device))
     if world > 1:
         torch.distributed.destroy_process_group()
-    return 0
+    return status
+
+
+def _weights_options(files: dict[str, Path]) -> tuple[Path, Path | None]:
+    """``(--weights, --motion-weights)`` for ``framepool extract`` with the tuned backbones."""
+    return files.get("appearance", files.get("motion", Path())), files.get("motion")
+
+
+def reextract_command(
+    args: argparse.Namespace, files: dict[str, Path], streams: tuple[str, ...]
+) -> str:
+    """The ``framepool extract`` command line that re-extracts a store with the tuned backbones."""
+    weights, motion = _weights_options(files)
+    cmd = (
+        f"framepool extract VIDEOS --store NEW_STORE --streams {','.join(streams)} "
+        f"--arch {args.arch} --weights {weights}"
+    )
+    if motion is not None:
+        cmd += f" --motion-weights {motion} --flow {args.flow}"
+    return cmd
+
+
+def _reextract(
+    args: argparse.Namespace, files: dict[str, Path], streams: tuple[str, ...], device: str
+) -> int:
+    from extractor.pipeline import run_extract
+
+    weights, motion = _weights_options(files)
+    summary = run_extract(
+        args.videos,
+        args.reextract,
+        labels=args.labels,
+        streams=streams,
+        flow=args.flow,
+        flow_weights=args.flow_weights,
+        weights=weights,
+        motion_weights=motion,
+        arch=args.arch,
+        device=device,
+        max_frames=args.max_frames,
+        progress=False,
+    )
+    print(summary.format())
+    return 0 if summary.ok else 1

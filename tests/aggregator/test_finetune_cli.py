@@ -52,21 +52,19 @@ def test_run_resume_and_reextract(
     assert len(first) == 1 and first[0]["frames_total"] == 6  # the two train-split clips
     assert first[0]["frames_with_grad"] == 4  # frames 0 and 2 of each
 
-    assert main(_args(labelled, out, "--epochs", "2")) == 0  # resumes at epoch 2
+    store = tmp_path / "tuned.zarr"
+    # resumes at epoch 2, then extracts the clips with the tuned backbone
+    assert main(_args(labelled, out, "--epochs", "2", "--reextract", str(store))) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert metrics["epochs"][0] == first[0]
     assert metrics["epochs"][1]["frames_with_grad"] == 2  # frame 1 of each
     printed = capsys.readouterr().out
-    assert "--weights" in printed and "backbone_appearance.pt" in printed
+    assert f"--weights {out / 'backbone_appearance.pt'}" in printed
 
-    store = tmp_path / "tuned.zarr"
-    code = main([
-        "extract", *_videos(labelled), "--labels", str(labelled), "--store", str(store),
-        "--streams", "appearance", "--arch", "resnet18", "--max-frames", "3", "--device", "cpu",
-        "--weights", str(out / "backbone_appearance.pt"), "--no-progress",
-    ])  # fmt: skip
-    assert code == 0
     recorded = FeatureStore.open(store).extractor["appearance"]
     config = json.loads((out / "config.json").read_text())
     assert recorded["state_sha256"] == config["extractor"]["appearance"]["state_sha256"]
+    assert sorted(FeatureStore.open(store).videos()) == sorted(
+        Path(v).stem for v in _videos(labelled)
+    )
