@@ -183,3 +183,13 @@ def test_ddp_step_without_any_gradient_frame(tmp_path: Path) -> None:
     finally:
         dist.destroy_process_group()
     assert [h["frames_with_grad"] for h in history] == [4, 0]
+
+
+def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
+    videos, source = _data()
+    model = _model()
+    history = finetune(
+        model, videos, source, _settings(epochs=1, amp=True, checkpoint=True), tmp_path
+    )
+    assert torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
