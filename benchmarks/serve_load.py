@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_ready(base, proc, args.ready_timeout)
         idle_rss = rss_kib(proc.pid, "VmRSS")
+        load_before = os.getloadavg()[0]
         lock = threading.Lock()
         deadline = time.monotonic() + args.duration
         threads = [
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"serve load: {args.clients} clients, {args.duration:g} s, max_frames={args.max_frames}, "
         f"workers={args.workers}, queue={args.queue_size}, {len(clips)} clips, "
-        f"{os.cpu_count()} CPUs\n"
+        f"{os.cpu_count()} CPUs, load average {load_before:.1f} before / "
+        f"{os.getloadavg()[0]:.1f} after\n"
     )
     print("| metric | value |")
     print("| --- | --- |")
