@@ -10,7 +10,7 @@ feature store). Activation memory therefore scales with ``|P_r| ≈ T / K`` (or 
 ``checkpoint=True``), and over ``K`` consecutive epochs every frame carries gradient exactly once.
 ``K = 1`` is the exact gradient of the unfolded model.
 
-Scaling (a decision; Eq. 7 is silent on it). Written literally, Eq. 7 sums over ``t ∈ P_r`` only,
+Scaling (a decision the paper leaves open). Written literally, Eq. 7 sums over ``t ∈ P_r`` only,
 which makes the backbone gradient about ``1/K`` of the exact one while the head's gradient stays
 exact: ``K`` would silently divide the backbone's learning rate. By default the gradient that flows
 from a subset frame's feature into the backbone is multiplied by ``K`` (``grad_scale="unbiased"``):
@@ -23,6 +23,10 @@ affine parameters trained). A frame's feature is then a function of that frame a
 the forward pass, mixing gradient and no-gradient chunks, and recomputing a chunk under
 checkpointing all give exactly the unfolded model's features; statistics of chunks of one video's
 strongly correlated frames would be poor estimates anyway.
+
+Batching. The frames that need the backbone are gathered into chunks of ``chunk_size`` frames
+across the videos of a batch (:func:`batch_surrogate_features`), so that the ``T / K`` gradient
+frames of each video still fill the device when K is large.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ Outputs in ``out_dir``:
 
 - ``checkpoint.pt`` after every epoch (model, optimiser, scheduler, next epoch, per-epoch history,
   RNG states, settings), written atomically. A run started on a directory holding a checkpoint
-  resumes from it (``resume=True``, the default) when its settings agree, except ``epochs``, which
-  may be raised to train longer. The random streams are re-seeded from ``(seed, epoch, rank)`` at
-  every epoch, so a resumed run retraces an uninterrupted one.
+  resumes from it (``resume=True``, the default) when its settings agree (see
+  :meth:`FinetuneSettings.resumable`; ``epochs`` may be raised to train longer). The random
+  streams are re-seeded from ``(seed, epoch, rank)`` at every epoch, so a resumed run retraces an
+  uninterrupted one.
 - ``metrics.json``: ``{"epochs": [{epoch, residue, frames_with_grad, frames_total, loss,
   accuracy, seconds, cpu_seconds, lr}, ...], ...}``, rewritten after every epoch.
 - at the end: ``backbone_<stream>.pt`` (the backbone's state dict), ``head.pt`` (the head's
@@ -94,10 +95,13 @@ class FinetuneSettings:
         grad_multiplier(self.period, self.grad_scale)  # validates grad_scale
 
     def resumable(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the checkpoint (all but ``epochs``)."""
-        d = _jsonable(asdict(self))
-        d.pop("epochs")
-        return dict(d)
+        """The settings a resumed run must share with the checkpoint: all but ``epochs`` (a run
+        may be extended) and those that do not change the optimisation beyond rounding
+        (``chunk_size``, ``checkpoint``, ``amp``: a run may resume on other hardware)."""
+        d = dict(_jsonable(asdict(self)))
+        for key in ("epochs", "chunk_size", "checkpoint", "amp"):
+            d.pop(key)
+        return d
 
 
 @dataclass(frozen=True)
