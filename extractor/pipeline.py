@@ -1,0 +1,468 @@
+"""Batch extraction into a feature store: a pipeline, not a per-frame loop.
+
+::
+
+    sources --> worker threads (decode, resize, flow, stacks; uint8) --bounded queue--> main thread
+                (batches of frames that cross video boundaries, both backbones, bf16 autocast,
+                channels_last) --> writer thread (one ``store.write_video`` per finished video)
+
+Threads rather than processes: decoding (FFmpeg), resizing (torch) and flow (OpenCV) release the
+GIL, and the uint8 inputs (about 1 MB per frame with motion) then never cross a process boundary.
+
+Guarantees:
+
+- **Atomic completion**: a video is written, and marked ``complete``, only once every requested
+  stream of every kept frame is computed; a crash leaves it absent or ``incomplete``.
+- **Resumable**: videos already ``complete`` (with every requested stream) are skipped; absent,
+  ``incomplete`` and ``failed`` ones are (re)done, so a rerun finishes exactly the unfinished
+  videos; a file that is still bad fails again with its reason. A complete video that lacks a
+  requested stream gets it added, its other streams kept.
+- **Failures** are per video: ``store.mark_failed(video_id, reason)`` (the reason names the file)
+  and the run goes on; the summary lists them.
+- **Sharding**: with ``shard=(i, n)`` only the videos whose id hashes to shard i are done; class
+  names come from the whole input list, so every shard records the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from extractor.backbones import STREAMS
+from extractor.decode import VideoError
+from extractor.features import FeatureExtractor
+from extractor.flow import sha256_file
+from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
+from extractor.sharding import in_shard, parse_shard, shard_from_env
+from extractor.sources import Source, make_sources
+from storage import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractionSummary:
+    """What one run did. ``complete``: extracted now; ``skipped``: complete before the run."""
+
+    store: str
+    complete: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # video id -> reason
+    outside_shard: int = 0
+    frames: int = 0  # frames of the videos completed in this run
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"{len(self.complete)} extracted ({self.frames} frames, {rate:.1f} frames/s, "
+            f"{self.seconds:.1f} s), {len(self.skipped)} already complete, "
+            f"{len(self.failed)} failed"
+            + (f", {self.outside_shard} in other shards" if self.outside_shard else "")
+            + f" -> {self.store}"
+        ]
+        lines.extend(f"  failed {vid}: {reason}" for vid, reason in sorted(self.failed.items()))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- messages
+@dataclass
+class _Chunk:
+    key: int
+    chunk: FrameChunk
+
+
+@dataclass
+class _Done:
+    key: int
+    done: VideoDone
+    sha256: str
+
+
+@dataclass
+class _Failed:
+    key: int
+    reason: str
+
+
+class _WorkerExit:
+    pass
+
+
+@dataclass
+class _Video:
+    """Features of one video as batches come back."""
+
+    source: Source
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    indices: list[np.ndarray] = field(default_factory=list)
+    n_embedded: int = 0
+    done: VideoDone | None = None
+    sha256: str | None = None
+
+
+def _video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "source": str(source.path),
+        "source_sha256": sha256,
+        "n_frames": done.n_frames,
+        "fps": done.fps,
+        "width": done.width,
+        "height": done.height,
+        "codec": done.codec,
+    }
+    if subsampled:
+        meta["frame_indices"] = done.frame_indices.tolist()
+    return meta
+
+
+class _Writer(threading.Thread):
+    """Writes finished videos (and failures) to the store, in order, off the main thread."""
+
+    def __init__(self, store: FeatureStore, summary: ExtractionSummary, bar: tqdm) -> None:
+        super().__init__(name="framepool-writer", daemon=True)
+        self.store = store
+        self.summary = summary
+        self.bar = bar
+        self.jobs: queue.Queue[tuple[str, Source, Any] | None] = queue.Queue()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            kind, source, payload = job
+            if kind == "write":
+                self._write(source, *payload)
+            else:
+                self._fail(source, payload)
+            with self.lock:
+                self.bar.update(1)
+                self.bar.set_postfix(failed=len(self.summary.failed), refresh=False)
+
+    def _write(
+        self, source: Source, streams: dict[str, np.ndarray], meta: dict[str, Any], n: int
+    ) -> None:
+        vid = source.video_id
+        try:
+            if self.store.status(vid) == "complete":  # adding streams: keep the others
+                for name in self.store.streams(vid):
+                    if name not in streams and self.store.n_frames(vid, name) == n:
+                        streams[name] = self.store.read(vid, name, dtype=np.float16)
+            self.store.write_video(vid, streams, label=source.label, split=source.split, meta=meta)
+        except Exception as exc:
+            log.exception("writing %s failed", vid)
+            self._fail(source, f"{str(source.path)!r}: could not write its features: {exc}")
+            return
+        with self.lock:
+            self.summary.complete.append(vid)
+
+    def _fail(self, source: Source, reason: str) -> None:
+        with self.lock:
+            self.summary.failed[source.video_id] = reason
+        try:
+            self.store.mark_failed(
+                source.video_id,
+                reason,
+                label=source.label,
+                split=source.split,
+                meta={"source": str(source.path)},
+            )
+        except Exception:
+            log.exception("could not record the failure of %s", source.video_id)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+
+
+def _todo(
+    store: FeatureStore,
+    sources: Sequence[Source],
+    streams: Sequence[str],
+    shard: tuple[int, int] | None,
+    summary: ExtractionSummary,
+) -> list[Source]:
+    todo = []
+    for src in sources:
+        if not in_shard(src.video_id, shard):
+            summary.outside_shard += 1
+            continue
+        if store.status(src.video_id) == "complete" and set(streams) <= set(
+            store.streams(src.video_id)
+        ):
+            summary.skipped.append(src.video_id)
+            continue
+        todo.append(src)
+    return todo
+
+
+def run_extraction(
+    sources: Sequence[Source],
+    store: str | Path,
+    extractor: FeatureExtractor,
+    *,
+    workers: int = 2,
+    shard: tuple[int, int] | None = None,
+    stride: int = 1,
+    max_frames: int | None = None,
+    progress: bool = True,
+    queue_frames: int | None = None,
+) -> ExtractionSummary:
+    """Extract ``sources`` into the store at ``store`` (created if needed) with ``extractor``.
+
+    ``workers`` threads prepare videos; the calling thread runs the model on batches of
+    ``extractor.batch_size`` frames; a writer thread stores finished videos. ``queue_frames``
+    bounds the prepared frames waiting for the model (default: 2 batches + one chunk per worker).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    check_selection(stride, max_frames)
+    ids = [s.video_id for s in sources]
+    if len(set(ids)) != len(ids):
+        raise ValueError("video ids are not unique; build sources with make_sources")
+    start = time.perf_counter()
+    class_names = sorted({s.label for s in sources if s.label is not None})
+    fstore = FeatureStore.create(store, extractor=extractor.config(), class_names=class_names)
+    summary = ExtractionSummary(store=str(store))
+    todo = _todo(fstore, sources, extractor.streams, shard, summary)
+    if not todo:
+        summary.seconds = time.perf_counter() - start
+        return summary
+    log.info(
+        "extracting %d videos (%d already complete, %d in other shards) into %s",
+        len(todo),
+        len(summary.skipped),
+        summary.outside_shard,
+        store,
+    )
+
+    chunk_size = 8
+    bound = queue_frames or 2 * extractor.batch_size + chunk_size * workers
+    items: queue.Queue[_Chunk | _Done | _Failed | _WorkerExit] = queue.Queue(
+        maxsize=max(1, bound // chunk_size)
+    )
+    sources_q: queue.Queue[int] = queue.Queue()
+    for key in range(len(todo)):
+        sources_q.put(key)
+    stop = threading.Event()
+    subsampled = stride > 1 or max_frames is not None
+
+    def put(msg: _Chunk | _Done | _Failed | _WorkerExit) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        flow = extractor.flow.clone() if extractor.flow is not None else None
+        while not stop.is_set():
+            try:
+                key = sources_q.get_nowait()
+            except queue.Empty:
+                break
+            path = todo[key].path
+            try:
+                for item in prepare_video(
+                    path,
+                    streams=extractor.streams,
+                    flow=flow,
+                    stride=stride,
+                    max_frames=max_frames,
+                    chunk_size=chunk_size,
+                    should_stop=stop.is_set,
+                ):
+                    if isinstance(item, VideoDone):
+                        ok = put(_Done(key, item, sha256_file(path)))
+                    else:
+                        ok = put(_Chunk(key, item))
+                    if not ok:
+                        return
+            except VideoError as exc:
+                put(_Failed(key, str(exc)))
+            except Exception as exc:
+                log.exception("preparing %s failed", path)
+                put(_Failed(key, f"{str(path)!r}: {type(exc).__name__}: {exc}"))
+        put(_WorkerExit())
+
+    bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not progress, leave=True)
+    writer = _Writer(fstore, summary, bar)
+    writer.start()
+    threads = [
+        threading.Thread(target=work, name=f"framepool-prepare-{i}", daemon=True)
+        for i in range(min(workers, len(todo)))
+    ]
+    for t in threads:
+        t.start()
+
+    videos: dict[int, _Video] = {}
+    dead: set[int] = set()
+    pending: list[tuple[int, FrameChunk]] = []
+    n_pending = 0
+    embedded = [0]  # frames through the model so far (for the frames/s shown)
+
+    def finish_if_done(key: int) -> None:
+        v = videos.get(key)
+        if v is None or v.done is None or v.n_embedded < len(v.done.frame_indices):
+            return
+        del videos[key]
+        order = np.argsort(np.concatenate(v.indices), kind="stable")
+        feats = {s: np.concatenate(v.parts[s])[order] for s in extractor.streams}
+        got = np.concatenate(v.indices)[order]
+        if not np.array_equal(got, v.done.frame_indices):  # internal invariant
+            raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
+        assert v.sha256 is not None
+        meta = _video_meta(v.source, v.done, v.sha256, subsampled)
+        summary.frames += len(got)
+        writer.jobs.put(("write", v.source, (feats, meta, len(got))))
+
+    def run_batch(n: int) -> None:
+        nonlocal n_pending
+        taken: list[tuple[int, FrameChunk]] = []
+        count = 0
+        while count < n:
+            key, chunk = pending[0]
+            need = n - count
+            if len(chunk) <= need:
+                pending.pop(0)
+                taken.append((key, chunk))
+                count += len(chunk)
+            else:
+                taken.append((key, _slice(chunk, 0, need)))
+                pending[0] = (key, _slice(chunk, need, len(chunk)))
+                count += need
+        n_pending -= count
+        batch = {s: np.concatenate([getattr(c, s) for _, c in taken]) for s in extractor.streams}
+        out = extractor.embed(batch)
+        row = 0
+        for key, c in taken:
+            v = videos.get(key)
+            if v is not None:
+                for s in extractor.streams:
+                    v.parts.setdefault(s, []).append(out[s][row : row + len(c)])
+                v.indices.append(c.indices)
+                v.n_embedded += len(c)
+            row += len(c)
+        embedded[0] += count
+        with writer.lock:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(fps=f"{embedded[0] / elapsed:.1f}", refresh=False)
+        for key in {k for k, _ in taken}:
+            finish_if_done(key)
+
+    exited = 0
+    try:
+        while exited < len(threads):
+            msg = items.get()
+            if isinstance(msg, _WorkerExit):
+                exited += 1
+            elif isinstance(msg, _Chunk):
+                if msg.key in dead:
+                    continue
+                videos.setdefault(msg.key, _Video(todo[msg.key]))
+                pending.append((msg.key, msg.chunk))
+                n_pending += len(msg.chunk)
+                while n_pending >= extractor.batch_size:
+                    run_batch(extractor.batch_size)
+            elif isinstance(msg, _Done):
+                v = videos.setdefault(msg.key, _Video(todo[msg.key]))
+                v.done, v.sha256 = msg.done, msg.sha256
+                finish_if_done(msg.key)
+            else:
+                dead.add(msg.key)
+                videos.pop(msg.key, None)
+                pending[:] = [(k, c) for k, c in pending if k != msg.key]
+                n_pending = sum(len(c) for _, c in pending)
+                writer.jobs.put(("fail", todo[msg.key], msg.reason))
+        if n_pending:
+            run_batch(n_pending)
+        if videos:  # internal invariant: every video ended with Done or Failed
+            raise AssertionError(f"videos left unfinished: {sorted(videos)}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        writer.finish()
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.complete.sort()
+    summary.skipped.sort()
+    return summary
+
+
+def _slice(chunk: FrameChunk, a: int, b: int) -> FrameChunk:
+    return FrameChunk(
+        indices=chunk.indices[a:b],
+        appearance=chunk.appearance[a:b] if chunk.appearance is not None else None,
+        motion=chunk.motion[a:b] if chunk.motion is not None else None,
+    )
+
+
+def run_extract(
+    inputs: Sequence[str | Path],
+    store: str | Path,
+    *,
+    labels: str | Path | None = None,
+    streams: Sequence[str] = STREAMS,
+    flow: str = "dis",
+    flow_weights: str | Path | None = None,
+    weights: str | Path = "imagenet",
+    motion_weights: str | Path | None = None,
+    arch: str = "resnet101",
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 32,
+    workers: int = 2,
+    shard: str | tuple[int, int] | None = None,
+    stride: int = 1,
+    max_frames: int | None = None,
+    progress: bool = True,
+) -> ExtractionSummary:
+    """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
+
+    ``shard`` is ``"I/N"`` or ``(I, N)``; without it, torchrun's ``RANK``/``WORLD_SIZE`` are used
+    when set. Raises ValueError/FileNotFoundError for unusable arguments (bad shard, missing
+    weights, an extractor that differs from the store's); per-video problems are in the summary.
+    """
+    check_selection(stride, max_frames)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    part = parse_shard(shard) if isinstance(shard, str) else shard
+    if part is None:
+        part = shard_from_env()
+    sources = make_sources(inputs, labels=labels)
+    extractor = FeatureExtractor(
+        streams=streams,
+        flow=flow,
+        flow_weights=flow_weights,
+        weights=weights,
+        motion_weights=motion_weights,
+        arch=arch,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    return run_extraction(
+        sources,
+        store,
+        extractor,
+        workers=workers,
+        shard=part,
+        stride=stride,
+        max_frames=max_frames,
+        progress=progress,
+    )

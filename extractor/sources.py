@@ -1,0 +1,156 @@
+"""What to extract: inputs (files, folders, list files) -> sources with ids, labels and splits.
+
+- A file is a video (whatever its name, so that a broken one is recorded as failed, not skipped),
+  except ``.txt`` files, which are lists: one path per line, relative paths taken relative to the
+  list's folder, blank lines and ``#`` comments ignored. A missing path is kept (it fails later
+  with a reason) except a missing list, which is an error.
+- A folder is searched recursively for files with a video suffix (:data:`VIDEO_SUFFIXES`).
+- Labels: from a CSV with a header and columns ``path,label[,split]`` (paths relative to the CSV's
+  folder, or bare file names when unique), else the name of the video's parent folder.
+- Video ids: the safe file stem, deterministic whatever the input order
+  (:func:`storage.assign_video_ids`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage import assign_video_ids
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv"}
+)
+LIST_SUFFIX = ".txt"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One video to extract."""
+
+    path: Path  # absolute
+    video_id: str
+    label: str | None
+    split: str | None
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised (``..`` removed), symlinks kept as they are."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _read_list(path: Path) -> list[Path]:
+    if not path.is_file():
+        raise FileNotFoundError(f"video list {str(path)!r} does not exist")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry).expanduser()
+        out.append(p if p.is_absolute() else path.parent / p)
+    return out
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Absolute video paths (first occurrence of duplicates kept) from files, folders, lists."""
+    seen: set[Path] = set()
+    out: list[Path] = []
+
+    def add(p: Path) -> None:
+        a = _absolute(p)
+        if a not in seen:
+            seen.add(a)
+            out.append(a)
+
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES:
+                    add(f)
+        elif p.suffix.lower() == LIST_SUFFIX:
+            for entry in _read_list(p):
+                if entry.is_dir():
+                    raise ValueError(f"list {str(p)!r} names a folder, {str(entry)!r}; list files")
+                add(entry)
+        else:
+            add(p)
+    return out
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Labels (and splits) from a CSV, looked up by absolute path or unique file name."""
+
+    by_path: dict[Path, tuple[str, str | None]]
+    by_name: dict[str, tuple[str, str | None]]
+
+    def get(self, path: Path) -> tuple[str, str | None] | None:
+        return self.by_path.get(_absolute(path)) or self.by_name.get(path.name)
+
+
+def read_labels(csv_path: str | Path) -> LabelTable:
+    """Read ``path,label[,split]`` rows (with a header) from ``csv_path``."""
+    p = Path(csv_path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"labels file {str(p)!r} does not exist")
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in fields or "label" not in fields:
+            raise ValueError(
+                f"labels file {str(p)!r} needs a header with columns path,label[,split]; "
+                f"found {fields}"
+            )
+        by_path: dict[Path, tuple[str, str | None]] = {}
+        names: dict[str, list[tuple[str, str | None]]] = {}
+        for n, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not row.get("path") or not row.get("label"):
+                raise ValueError(f"labels file {str(p)!r}, line {n}: empty path or label: {row}")
+            entry = (row["label"], row.get("split") or None)
+            rel = Path(row["path"]).expanduser()
+            by_path[_absolute(rel if rel.is_absolute() else p.parent / rel)] = entry
+            if rel.name == row["path"]:  # a bare file name
+                names.setdefault(rel.name, []).append(entry)
+    by_name = {name: entries[0] for name, entries in names.items() if len(entries) == 1}
+    return LabelTable(by_path, by_name)
+
+
+def make_sources(inputs: Sequence[str | Path], *, labels: str | Path | None = None) -> list[Source]:
+    """Expand ``inputs`` and attach ids, labels and splits (see the module doc)."""
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ValueError(f"no videos found in {[str(i) for i in inputs]}")
+    ids = assign_video_ids(str(p) for p in paths)
+    table = read_labels(labels) if labels is not None else None
+    out = []
+    unlabelled = []
+    for p in paths:
+        label: str | None
+        split: str | None = None
+        if table is None:
+            label = p.parent.name or None
+        else:
+            found = table.get(p)
+            if found is None:
+                unlabelled.append(str(p))
+                label = None
+            else:
+                label, split = found
+        out.append(Source(path=p, video_id=ids[str(p)], label=label, split=split))
+    if unlabelled:
+        log.warning(
+            "%d videos are not in the labels file %s (extracted without a label): %s",
+            len(unlabelled),
+            labels,
+            ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else ""),
+        )
+    return out
