@@ -231,9 +231,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto a GPU moved it there
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -246,6 +246,17 @@ def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=2))
     os.replace(tmp, path)
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The part of a job's ``config`` a resumed run must share: what the model and data are, not
+    where the starting weights or the stored features came from (the checkpoint replaces them)."""
+    skip = ("run_id", "store", "store_streams", "start_extractor")
+    return {k: v for k, v in _jsonable(dict(config or {})).items() if k not in skip}
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -292,15 +303,12 @@ def finetune(
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ckpt["settings"] != settings.resumable():
-            diff = sorted(
-                k
-                for k in set(ckpt["settings"]) | set(settings.resumable())
-                if ckpt["settings"].get(k) != settings.resumable().get(k)
-            )
+        diff = _differences(ckpt["settings"], settings.resumable())
+        diff += _differences(ckpt.get("config", {}), _resume_key(config))
+        if diff:
             raise ValueError(
-                f"{str(ckpt_path)!r} was written with other settings (differ: {diff}); use a new "
-                "output directory or start over without resuming"
+                f"{str(ckpt_path)!r} was written by a run with other settings (differ: {diff}); "
+                "use a new output directory or start over without resuming"
             )
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -434,6 +442,7 @@ def finetune(
                     "history": history,
                     "rng": _rng_state(),
                     "settings": settings.resumable(),
+                    "config": _resume_key(config),
                 },
                 ckpt_path,
             )

@@ -150,6 +150,10 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     finetune(_model(), videos, source, _settings(epochs=1), tmp_path)
     with pytest.raises(ValueError, match="period"):
         finetune(_model(), videos, source, _settings(epochs=2, period=4), tmp_path)
+    with pytest.raises(ValueError, match="head_kwargs"):
+        finetune(
+            _model(), videos, source, _settings(epochs=2), tmp_path, config={"head_kwargs": {}}
+        )
 
 
 @pytest.mark.parametrize("period", [1, 2])
