@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from aggregator.data import label_indices, load_node_tensors, open_store, split_videos
 from aggregator.metrics import classification_metrics
 from aggregator.runs import TorchRun, load_run
-from aggregator.train import METRICS_FILE, _write_json
+from aggregator.train import METRICS_FILE, pyramid_leaf_streams, write_json
 
 SUMMARY_KEYS = ("top1", "top5", "mean_class_accuracy")
 
@@ -55,7 +56,16 @@ def evaluate_run(
     ids = split_videos(store, split)
     y = label_indices(store, ids, predictor.class_names)
     if isinstance(predictor, TorchRun):
-        data = load_node_tensors(store, ids, y, predictor.input_specs, progress=progress)
+        leaves = pyramid_leaf_streams(predictor.model)
+        data = load_node_tensors(
+            store,
+            ids,
+            y,
+            predictor.input_specs,
+            dtype=torch.float16,  # as cached; converted batch by batch
+            leaves=leaves,
+            progress=progress,
+        )
         chunks = []
         for nodes, _, _ in data.batches(np.arange(len(ids)), batch_size):
             chunks.append(predictor.predict_proba_nodes(nodes))
@@ -73,7 +83,7 @@ def evaluate_run(
         seconds=time.perf_counter() - t0,
     )
     if write:
-        _write_json(Path(run_dir) / evaluation_file(split), metrics)
+        write_json(Path(run_dir) / evaluation_file(split), metrics)
     return metrics
 
 

@@ -57,7 +57,15 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2}
-_FP32_BUDGET = 4 << 30  # node tensors up to this many bytes are held as float32, else float16
+
+
+def fp32_budget() -> int:
+    """Bytes of node tensors held as float32 (else float16, converted batch by batch): a third of
+    the memory available now, 4 GiB where that cannot be read."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 3
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +85,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
     os.replace(tmp, path)
@@ -407,7 +415,7 @@ def _train(
     }
     config["run_id"] = _run_id(out, config)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / CONFIG_FILE, config)
+    write_json(out / CONFIG_FILE, config)
 
     # ---- data
     t_data = time.perf_counter()
@@ -430,7 +438,7 @@ def _train(
         }
         n_bytes = 4 * len(all_ids) * sum(counts[s] * in_features[s] for s in streams)
         hold = (
-            torch.bfloat16 if bf16 else torch.float32 if n_bytes <= _FP32_BUDGET else torch.float16
+            torch.bfloat16 if bf16 else torch.float32 if n_bytes <= fp32_budget() else torch.float16
         )
         data = load_node_tensors(
             store, all_ids, labels_all, specs, dtype=hold, leaves=leaves, progress=progress
@@ -553,6 +561,8 @@ def _train(
         n_test=len(rows_test),
         epochs_run=len(history),
         best_epoch=best_epoch,
+        node_dtype=str(hold).removeprefix("torch.") if data is not None else None,
+        pyramid_leaves=sorted(data.mix) if data is not None else [],
         val_top1=best[0] if best_state is not None else None,
         beta=model_betas(model) or None,
         fusion_weights=fusion_weights_of(model),
@@ -574,7 +584,7 @@ def _train(
         metrics["seconds_plots"] = time.perf_counter() - t_plots
     metrics["seconds"] = time.perf_counter() - t_start
     metrics = _finite(metrics)
-    _write_json(out / METRICS_FILE, metrics)
+    write_json(out / METRICS_FILE, metrics)
     return metrics
 
 
