@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from aggregator.evaluate import evaluate_run, evaluation_file
 
-    metrics = evaluate_run(args.run, args.store, split=args.split, progress=args.verbose > 0)
+    progress = args.verbose > 0 or sys.stderr.isatty()
+    metrics = evaluate_run(args.run, args.store, split=args.split, progress=progress)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from api.cli import UsageError
@@ -260,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             threads=args.threads,
             make_plots=not args.no_plots,
-            progress=args.verbose > 0,
+            progress=args.verbose > 0 or sys.stderr.isatty(),
         )
     print(format_summary(metrics, args.out))
     return 0
