@@ -102,7 +102,11 @@ def register(sub: Any) -> None:
     opt.add_argument(
         "--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto: GPU)"
     )
-    opt.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    opt.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over (OUT's checkpoint is replaced)",
+    )
     p.set_defaults(func=run)
 
 
@@ -141,12 +145,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from aggregator.finetune_job import BackboneSpec, run_finetune_job
-    from aggregator.finetune_train import (
-        CHECKPOINT,
-        FinetuneSettings,
-        distributed,
-        init_distributed,
-    )
+    from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
     from aggregator.heads import HEADS
 
     if args.head not in HEADS or args.head == "stcb":
@@ -168,6 +167,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dropout is not None:
         head_kwargs["dropout"] = args.dropout
 
+    if args.motion_weights is not None and "motion" not in streams:
+        raise UsageError("--motion-weights given but the motion stream is not trained")
+    milestones = {
+        "appearance": _steps(args.lr_steps, "--lr-steps"),
+        "motion": _steps(args.motion_lr_steps, "--motion-lr-steps"),
+    }
+
     device = init_distributed(args.device)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     settings = FinetuneSettings(
@@ -175,10 +181,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_videos=args.batch_videos,
         lr={"appearance": args.lr, "motion": args.motion_lr},
-        milestones={
-            "appearance": _steps(args.lr_steps, "--lr-steps"),
-            "motion": _steps(args.motion_lr_steps, "--motion-lr-steps"),
-        },
+        milestones=milestones,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         grad_scale=args.grad_scale,
@@ -190,12 +193,6 @@ def run(args: argparse.Namespace) -> int:
     paths, labels = _videos(args)
     out = Path(args.out)
     rank, world = distributed()
-    if args.no_resume and rank == 0 and (out / CHECKPOINT).exists():
-        (out / CHECKPOINT).unlink()
-    if world > 1:
-        torch.distributed.barrier()
-    if args.motion_weights is not None and "motion" not in streams:
-        raise UsageError("--motion-weights given but the motion stream is not trained")
     history = run_finetune_job(
         paths,
         labels,
