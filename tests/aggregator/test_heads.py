@@ -376,8 +376,19 @@ def test_dropout_keeps_the_expectation() -> None:
     y = drop(x)
     kept = (y != 0).float().mean()
     assert abs(float(kept) - 0.2) < 0.01  # 100,000 draws: sd 0.0013
-    assert torch.allclose(y[y != 0], torch.tensor(5.0))
-    assert abs(float(y.mean()) - 1.0) < 0.05
+    for lane in range(4):  # each 16-bit lane of the random words is fair (25,000 draws each)
+        assert abs(float((y.view(-1)[lane::4] != 0).float().mean()) - 0.2) < 0.012
+    q = (65536 - round(0.8 * 65536)) / 65536  # the keep probability, on a 2^-16 grid
+    assert abs(q - 0.2) < 2**-16
+    assert torch.allclose(y[y != 0], torch.tensor(1 / q))
+    assert abs(float(y.mean()) - 1.0) < 0.05  # sd of the mean: 2 / sqrt(100,000)
+    # masks differ across calls and elements; gradients flow through kept elements only
+    x2 = torch.ones(4, 1000, requires_grad=True)
+    out = Dropout(0.5)(x2)
+    out.sum().backward()
+    assert x2.grad is not None
+    torch.testing.assert_close(x2.grad, out.detach())
+    assert not torch.equal(out[0], out[1])
     assert torch.equal(drop.eval()(x), x)
     with pytest.raises(ValueError, match=r"got 1\.5"):
         Dropout(1.5)
