@@ -330,6 +330,9 @@ class FinetuneModel(nn.Module):
         self.backbones = nn.ModuleDict({s: backbones[s] for s in streams})
         self.head = head
         self._prepare: dict[str, Prepare] = dict(prepare or {})
+        # with keep_features, forward leaves each video's detached [T, d] features per stream here
+        self.keep_features = False
+        self.last_features: list[dict[str, torch.Tensor]] = []
 
     def train(self, mode: bool = True) -> FinetuneModel:
         super().train(mode)
@@ -345,6 +348,7 @@ class FinetuneModel(nn.Module):
     ) -> torch.Tensor:
         if not items:
             raise ValueError("empty batch")
+        self.last_features = [{} for _ in items]
         lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
         x: dict[str, torch.Tensor] = {}
         for stream in self.streams:
@@ -358,6 +362,9 @@ class FinetuneModel(nn.Module):
                 grad_factor=grad_factor,
                 checkpoint=checkpoint,
             )
+            if self.keep_features:
+                for i, f in enumerate(feats):
+                    self.last_features[i][stream] = f.detach()
             x[stream] = nn.utils.rnn.pad_sequence(feats, batch_first=True)  # [B, T_max, d]
         device = next(iter(x.values())).device
         out: torch.Tensor = self.head(x, lengths.to(device))

@@ -327,8 +327,56 @@ class StoreFeatures:
         return out
 
 
+class FeatureMemory:
+    """Each video's latest frame features, kept to stand in for the frames outside later subsets.
+
+    After a video's step its ``[T, d]`` features are remembered (float16): the rows of the
+    epoch's subset fresh, the others as they were used. At a later epoch the frames outside the
+    subset read their features here instead of running the backbone, so an epoch costs about
+    ``|P_r|`` gradient frames (as with a store) while no feature is older than ``K - 1`` epochs
+    (a store's are as old as the run). The first visit of a video computes every frame.
+
+    Entries live in ``folder`` (one ``.npy`` per video and stream, replaced atomically; shared by
+    the ranks of a run on one filesystem, which write disjoint videos within an epoch) or in
+    memory. Cost: ``T * d * 2`` bytes per video and stream.
+    """
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self._memory: dict[tuple[str, str], np.ndarray] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, video_id: str, stream: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{video_id}.{stream}.npy"
+
+    def get(self, video_id: str, stream: str, n_frames: int) -> np.ndarray | None:
+        """The remembered ``[T, d]`` float16 features, or None (absent, or another T)."""
+        if self.folder is None:
+            feats = self._memory.get((video_id, stream))
+        else:
+            path = self._path(video_id, stream)
+            feats = np.load(path) if path.is_file() else None
+        if feats is None or feats.shape[0] != n_frames:
+            return None
+        return feats
+
+    def put(self, video_id: str, stream: str, feats: torch.Tensor | np.ndarray) -> None:
+        arr = feats.detach().float().cpu().numpy() if isinstance(feats, torch.Tensor) else feats
+        arr = np.asarray(arr, dtype=np.float16)
+        if self.folder is None:
+            self._memory[(video_id, stream)] = arr
+            return
+        path = self._path(video_id, stream)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+
+
 class DecodedSource:
-    """The :class:`aggregator.finetune_train.VideoSource` of decoded videos (+ optional store)."""
+    """The :class:`aggregator.finetune_train.VideoSource` of decoded videos, with features for
+    the frames outside the subset from a :class:`StoreFeatures` and/or a :class:`FeatureMemory`."""
 
     def __init__(
         self,
@@ -337,11 +385,15 @@ class DecodedSource:
         *,
         device: torch.device,
         store: StoreFeatures | None = None,
+        memory: FeatureMemory | None = None,
     ) -> None:
         self.paths = dict(paths)
         self.cache = cache
         self.device = device
         self.store = store
+        self.memory = memory
+        if memory is not None:
+            self.remember = self._remember
 
     def prepared(self, video_id: str) -> PreparedVideo:
         return self.cache.get(video_id, self.paths[video_id])
@@ -350,6 +402,20 @@ class DecodedSource:
         return self.prepared(video_id).frames(self.device)
 
     def known(self, video_id: str) -> dict[str, torch.Tensor] | None:
-        if self.store is None:
-            return None
-        return self.store.features(video_id, self.prepared(video_id))
+        """Features for the frames outside the subset: remembered ones first (fresher), then
+        stored ones, per stream; None when neither has any."""
+        video = self.prepared(video_id)
+        out: dict[str, torch.Tensor] = {}
+        if self.store is not None:
+            out.update(self.store.features(video_id, video) or {})
+        if self.memory is not None:
+            for stream in self.cache.streams:
+                feats = self.memory.get(video_id, stream, video.n_frames)
+                if feats is not None:
+                    out[stream] = torch.from_numpy(feats).to(self.device, torch.float32)
+        return out or None
+
+    def _remember(self, video_id: str, features: Mapping[str, torch.Tensor]) -> None:
+        assert self.memory is not None
+        for stream, feats in features.items():
+            self.memory.put(video_id, stream, feats)

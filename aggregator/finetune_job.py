@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from aggregator.finetune import FinetuneModel
-from aggregator.finetune_inputs import DecodedSource, InputCache, StoreFeatures
+from aggregator.finetune_inputs import DecodedSource, FeatureMemory, InputCache, StoreFeatures
 from aggregator.finetune_train import (
     FinetuneSettings,
     TrainVideo,
@@ -100,6 +100,7 @@ def run_finetune_job(
     max_frames: int | None = None,
     resume: bool = True,
     keep_inputs: bool = False,
+    reuse_features: bool = False,
 ) -> list[dict[str, Any]]:
     """Fine-tune on ``videos`` (video id -> path) with ``labels`` (video id -> class name).
 
@@ -107,6 +108,8 @@ def run_finetune_job(
     keeps them in memory); it is removed at the end unless ``keep_inputs``. With ``store``, the
     frames outside each epoch's subset read their features from it for every stream whose
     recorded extractor configuration equals the starting backbone's (others are computed).
+    With ``reuse_features``, they read the features each video had at its previous step instead
+    (:class:`aggregator.finetune_inputs.FeatureMemory`, kept next to the input cache).
     Returns the per-epoch history (see :func:`aggregator.finetune_train.finetune`).
     """
     if not videos:
@@ -142,7 +145,9 @@ def run_finetune_job(
     cache = InputCache(
         folder, streams=extractor.streams, flow=extractor.flow, max_frames=max_frames
     )
-    source = DecodedSource(videos, cache, device=dev, store=known)
+    memory_dir = None if folder is None else out / "features"
+    memory = FeatureMemory(memory_dir) if reuse_features else None
+    source = DecodedSource(videos, cache, device=dev, store=known, memory=memory)
     ids = sorted(videos)
     _, world = distributed()
     for i, vid in enumerate(ids):  # decode up front, each rank its share of the cache
@@ -173,6 +178,7 @@ def run_finetune_job(
         "store": None if store is None else str(store),
         "store_streams": [] if known is None else known.streams,
         "max_frames": max_frames,
+        "reuse_features": reuse_features,
     }
     history = finetune(
         model,
@@ -190,6 +196,8 @@ def run_finetune_job(
         _record_finetuned_extractor(out, backbone, extractor)
         if not keep_inputs and folder is not None and folder == out / "inputs":
             shutil.rmtree(folder, ignore_errors=True)
+        if not keep_inputs and memory_dir is not None:
+            shutil.rmtree(memory_dir, ignore_errors=True)
     return history
 
 

@@ -111,7 +111,12 @@ class TrainVideo:
 
 
 class VideoSource(Protocol):
-    """Where a training video's inputs (and optional precomputed features) come from."""
+    """Where a training video's inputs (and optional precomputed features) come from.
+
+    A source may also have ``remember(video_id, features: {stream: [T, d]})``: the loop then
+    hands it every video's features after its step (see
+    :class:`aggregator.finetune_inputs.FeatureMemory`).
+    """
 
     def frames(self, video_id: str) -> dict[str, Frames]:
         """Per stream the video's backbone inputs (loaded chunk by chunk on the device)."""
@@ -255,7 +260,7 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The part of a job's ``config`` a resumed run must share: what the model and data are, not
     where the starting weights or the stored features came from (the checkpoint replaces them)."""
-    skip = ("run_id", "store", "store_streams", "start_extractor")
+    skip = ("run_id", "store", "store_streams", "start_extractor", "reuse_features")
     return {k: v for k, v in _jsonable(dict(config or {})).items() if k not in skip}
 
 
@@ -347,6 +352,8 @@ def finetune(
             f"{len(videos)} video(s) over {world} process(es) leaves {len(sampler)} per process; "
             "a head with batch normalisation needs at least 2"
         )
+    remember = getattr(source, "remember", None)
+    model.keep_features = callable(remember)
     factor = grad_multiplier(settings.period, settings.grad_scale)
     amp: AbstractContextManager[Any] = (
         torch.autocast(dev.type, dtype=torch.bfloat16) if settings.amp else nullcontext()
@@ -389,6 +396,10 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if callable(remember):
+                for vid, feats in zip(ids, model.last_features, strict=True):
+                    remember(vid, feats)
+                model.last_features = []
             loss_sum += float(loss.detach()) * len(batch)
             counts += torch.tensor(
                 [

@@ -60,6 +60,12 @@ def register(sub: Any) -> None:
         "from it when it was extracted with the same backbone configuration",
     )
     bb.add_argument(
+        "--reuse-features",
+        action="store_true",
+        help="frames outside the subset reuse the features they had at the video's previous "
+        "step (at most K-1 epochs old) instead of a no-gradient pass; first epoch computes all",
+    )
+    bb.add_argument(
         "--cache-dir",
         help="where decoded inputs are cached as uint8 (default OUT/inputs, removed at the end; "
         "'memory' keeps them in memory)",
@@ -214,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         resume=not args.no_resume,
         keep_inputs=args.keep_inputs,
+        reuse_features=args.reuse_features,
     )
     files = {s: out / f"backbone_{s}.pt" for s in streams}
     if rank == 0:

@@ -86,13 +86,13 @@ def test_job_on_real_clips(two_clips: dict[str, Path], tmp_path: Path) -> None:
         labels,
         out,
         backbone=SPEC,
-        settings=FinetuneSettings(period=2, epochs=1, batch_videos=2, chunk_size=4),
+        settings=FinetuneSettings(period=2, epochs=2, batch_videos=2, chunk_size=4),
         head="tp",
         head_kwargs={"depth": 2, "node_dim": 16},
         max_frames=4,
+        reuse_features=True,  # epoch 2 reads the other frames' features from OUT/features
     )
-    assert len(history) == 1
-    assert history[0]["frames_total"] == 8 and history[0]["frames_with_grad"] == 4
+    assert [(h["frames_total"], h["frames_with_grad"]) for h in history] == [(8, 4), (8, 4)]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["epochs"][0]) >= {
         "epoch",
@@ -103,6 +103,7 @@ def test_job_on_real_clips(two_clips: dict[str, Path], tmp_path: Path) -> None:
         "seconds",
     }
     assert not (out / "inputs").exists()  # decoded inputs are removed after a finished run
+    assert not (out / "features").exists()
     for stream in ("appearance", "motion"):
         state = torch.load(out / f"backbone_{stream}.pt", weights_only=True)
         tuned = build_backbone(stream, out / f"backbone_{stream}.pt", arch="resnet18")

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from aggregator.finetune import FinetuneModel, Frames
+from aggregator.finetune_inputs import FeatureMemory
 from aggregator.finetune_train import CHECKPOINT, FinetuneSettings, TrainVideo, finetune
 from aggregator.heads import build_model
 
@@ -197,3 +198,52 @@ def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
     )
     assert torch.isfinite(torch.tensor(history[0]["loss"]))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+
+
+class RememberingSource(TensorSource):
+    def __init__(self, frames: dict[str, torch.Tensor]) -> None:
+        super().__init__(frames)
+        self.memory = FeatureMemory(None)
+
+    def known(self, video_id: str) -> dict[str, torch.Tensor] | None:
+        feats = self.memory.get(video_id, "appearance", int(self._frames[video_id].shape[0]))
+        return None if feats is None else {"appearance": torch.from_numpy(feats).float()}
+
+    def remember(self, video_id: str, features: dict[str, torch.Tensor]) -> None:
+        for stream, f in features.items():
+            self.memory.put(video_id, stream, f)
+
+
+def test_feature_memory_runs_the_backbone_on_the_subset_only(tmp_path: Path) -> None:
+    videos, plain = _data()
+    source = RememberingSource(plain._frames)
+    model = _model()
+    seen: list[int] = []
+    model.backbones["appearance"].register_forward_hook(
+        lambda m, args, out: seen.append(int(args[0].shape[0]))
+    )
+    per_epoch: list[int] = []
+
+    def on_batch(epoch: int, ids: list[str], items: object) -> None:
+        while len(per_epoch) < epoch:
+            per_epoch.append(sum(seen))
+            seen.clear()
+
+    finetune(model, videos, source, _settings(), tmp_path, on_batch=on_batch)
+    per_epoch.append(sum(seen))
+    total = sum(LENGTHS)
+    subsets = [sum(len(range(r, t, 3)) for t in LENGTHS) for r in range(3)]
+    assert per_epoch == [total, subsets[1], subsets[2]]
+    assert all(source.memory.get(v.video_id, "appearance", t) is not None
+               for v, t in zip(videos, LENGTHS, strict=True))  # fmt: skip
+
+
+def test_feature_memory_changes_nothing_at_period_one(tmp_path: Path) -> None:
+    videos, plain = _data()
+    a, b = _model(), _model()
+    finetune(a, videos, plain, _settings(period=1, epochs=2), tmp_path / "a")
+    finetune(
+        b, videos, RememberingSource(plain._frames), _settings(period=1, epochs=2), tmp_path / "b"
+    )
+    for k, v in _state(a).items():
+        assert torch.equal(v, _state(b)[k]), k
