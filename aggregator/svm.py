@@ -121,7 +121,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         eps: float = 1e-3,
         tol: float = 1e-4,
         restarts: int = 3,
-        gram_cache_gib: float = 2.0,
+        gram_cache_gib: float = 4.0,
         n_jobs: int | None = None,
         random_state: int | np.random.RandomState | None = None,
     ) -> None:

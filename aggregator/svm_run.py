@@ -39,8 +39,8 @@ from scipy.special import log_softmax, softmax
 from aggregator import plots
 from aggregator.data import label_indices, open_store, split_videos, stratified_holdout
 from aggregator.metrics import beta_by_level, classification_metrics
-from aggregator.node_cache import CACHE_DEPTH, load_node_cache
-from aggregator.nodes import node_means
+from aggregator.node_cache import CACHE_DEPTH, NodeCache, load_node_cache
+from aggregator.nodes import n_nodes, node_means
 from aggregator.svm import MultipleAggregationSVM
 from aggregator.svm_plots import plot_convergence
 from aggregator.svm_solvers import node_kernel
@@ -193,6 +193,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _node_means(cache: NodeCache, video_ids: list[str], levels: int) -> np.ndarray:
+    """``[n, 2^levels - 1, d]`` node means as the cache holds them (float16: half the memory of
+    ``NodeCache.take``'s float32 copy, and no precision lost, as the estimator widens blocks)."""
+    if cache.means.dtype != np.float16:
+        return cache.take(video_ids, levels)
+    return np.ascontiguousarray(cache.means[cache.rows(video_ids), : n_nodes(levels)])
+
+
 def train_svm(
     store: FeatureStore | str | Path,
     out_dir: Path | str,
@@ -297,7 +305,7 @@ def train_svm(
     for s in streams:
         t_stream = time.perf_counter()
         cache = load_node_cache(store, s, depth=max(CACHE_DEPTH, levels), progress=False)
-        X_fit = cache.take(fit_ids, levels)
+        X_fit = _node_means(cache, fit_ids, levels)
         in_features[s] = int(X_fit.shape[2])
         est = MultipleAggregationSVM(**estimator.get_params()).fit(X_fit, y_fit)
         del X_fit
@@ -306,7 +314,7 @@ def train_svm(
         states[s] = state
         for ids, bucket in ((val_ids, val_scores), (test_ids, test_scores)):
             if ids:
-                decision = stream_decision(state, cache.take(ids, levels))
+                decision = stream_decision(state, _node_means(cache, ids, levels))
                 bucket[s] = class_scores(decision, classes, len(class_names))
         svm_info[s] = {
             "n_iter": est.n_iter_,

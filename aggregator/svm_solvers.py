@@ -175,13 +175,44 @@ def node_blocks(
         yield idx, np.asarray(block, dtype=dtype)
 
 
+def pack_upper(K: np.ndarray) -> np.ndarray:
+    """The upper triangle of a symmetric ``[n, n]`` matrix, row by row (``n (n + 1) / 2``)."""
+    n = K.shape[0]
+    out = np.empty(n * (n + 1) // 2, dtype=K.dtype)
+    start = 0
+    for i in range(n):
+        out[start : start + n - i] = K[i, i:]
+        start += n - i
+    return out
+
+
+def unpack_upper(packed: np.ndarray, out: np.ndarray, block: int = 256) -> np.ndarray:
+    """Fill the symmetric ``out [n, n]`` from :func:`pack_upper`'s layout (any dtype cast)."""
+    n = out.shape[0]
+    start = 0
+    for i in range(n):
+        out[i, i:] = packed[start : start + n - i]
+        start += n - i
+    for r0 in range(0, n, block):  # mirror the upper triangle tile by tile
+        r1 = min(n, r0 + block)
+        tile = out[r0:r1, r0:r1]
+        lower = np.tril_indices(r1 - r0, -1)
+        tile[lower] = tile.T[lower]
+        for c0 in range(r1, n, block):
+            c1 = min(n, c0 + block)
+            out[c0:c1, r0:r1] = out[r0:r1, c0:c1].T
+    return out
+
+
 class NodeGrams:
     """Node Gram matrices ``K_m = kappa(Psi_m, Psi_m)`` computed on demand within a memory budget.
 
-    For ``kernel="linear"`` a Gram matrix that does not fit the budget is never stored: the combined
-    kernel is then accumulated from blocks of ``sqrt(beta_m) Psi_m`` and the cut coefficients come
-    from ``Psi_m' U``, so memory stays at O(n^2 + n M d) whatever M is. Non-linear kernels have no
-    such shortcut and need all M matrices; the constructor raises when they do not fit.
+    Linear-kernel Gram matrices are kept as packed upper triangles (half the memory), as many as
+    the budget holds, least recently used out first but never one the current beta uses. One that
+    does not fit is never stored: the combined kernel then takes a product of the blocks
+    ``sqrt(beta_m) Psi_m`` instead, and the cut coefficients come from ``Psi_m' U``, so memory stays
+    at O(n^2 + n M d) whatever M is. Non-linear kernels have no such shortcut and need all M
+    matrices (kept whole, in float64); the constructor raises when they do not fit.
     ``n_computed`` counts the node Gram matrices computed so far (cache misses).
     """
 
@@ -199,12 +230,15 @@ class NodeGrams:
         self.kernel = kernel
         self.gammas = gammas
         self.n, self.n_nodes, self.dim = X.shape
-        self.dtype = work_dtype(X.dtype) if kernel == "linear" else np.dtype(np.float64)
-        self.gram_bytes = self.n * self.n * self.dtype.itemsize
+        self.packed = kernel == "linear"
+        self.dtype = work_dtype(X.dtype) if self.packed else np.dtype(np.float64)
+        entries = self.n * (self.n + 1) // 2 if self.packed else self.n * self.n
+        self.gram_bytes = entries * self.dtype.itemsize
         self.capacity = int(budget_bytes // self.gram_bytes) if self.gram_bytes else 0
         self.n_computed = 0
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        if kernel != "linear":
+        self._out: np.ndarray | None = None  # the combined kernel, reused from call to call
+        if not self.packed:
             if self.capacity < self.n_nodes:
                 need = self.n_nodes * self.gram_bytes / 2**30
                 raise ValueError(
@@ -238,16 +272,20 @@ class NodeGrams:
         return True
 
     def combined(self, beta: np.ndarray) -> np.ndarray:
-        """``[n, n]`` float64 ``K_beta = sum_m beta_m K_m`` over the nodes with ``beta_m > 0``."""
+        """``[n, n]`` float64 ``K_beta = sum_m beta_m K_m`` over the nodes with ``beta_m > 0``.
+
+        The linear kernel's result lives in a buffer that the next call overwrites.
+        """
         active = [int(m) for m in np.flatnonzero(beta > 0)]
-        K = np.zeros((self.n, self.n), dtype=np.float64)
-        tmp = np.empty((self.n, self.n), dtype=self.dtype)
+        shape = (self.n * (self.n + 1) // 2,) if self.packed else (self.n, self.n)
+        acc = np.zeros(shape, dtype=self.dtype if self.packed else np.float64)
+        tmp = np.empty(shape, dtype=self.dtype)
         missing = []
         for m in active:
             if m in self._cache:
                 self._cache.move_to_end(m)
                 np.multiply(self._cache[m], beta[m], out=tmp)
-                K += tmp
+                acc += tmp
             else:
                 missing.append(m)
         keep = set(active)
@@ -255,13 +293,20 @@ class NodeGrams:
         for m in missing:
             if self.capacity and self._make_room(keep):
                 Km = self._compute(m)
-                self._cache[m] = Km
-                np.multiply(Km, beta[m], out=tmp)
-                K += tmp
+                self._cache[m] = pack_upper(Km) if self.packed else Km
+                del Km
+                np.multiply(self._cache[m], beta[m], out=tmp)
+                acc += tmp
             else:
                 rest.append(m)
         del tmp
-        # linear kernel only: blocks [sqrt(beta_m) Psi_m] of the nodes left, one product each
+        if not self.packed:
+            return acc
+        if self._out is None:
+            self._out = np.empty((self.n, self.n), dtype=np.float64)
+        K = unpack_upper(acc, self._out)
+        del acc
+        # nodes left out of the cache: blocks [sqrt(beta_m) Psi_m], one product each
         for idx, block in node_blocks(self.X, rest):
             self.n_computed += len(idx)
             scale = np.repeat(np.sqrt(beta[idx]), self.dim).astype(block.dtype)

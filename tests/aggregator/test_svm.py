@@ -12,12 +12,15 @@ from sklearn.svm import SVC
 
 from aggregator.svm import MultipleAggregationSVM
 from aggregator.svm_solvers import (
+    NodeGrams,
     alpha_step,
     average_objective,
     dual_values,
     node_kernel,
     ovr_targets,
+    pack_upper,
     project_simplex,
+    unpack_upper,
 )
 
 
@@ -325,3 +328,21 @@ def test_nonlinear_kernel_over_the_memory_budget_is_an_error() -> None:
     X, y = informative_nodes(40, 7, 4, 2, {}, seed=23)
     with pytest.raises(ValueError, match="needs all 7 node Gram matrices"):
         MultipleAggregationSVM(kernel="rbf", gram_cache_gib=1e-5).fit(X, y)
+
+
+def test_packed_triangles_round_trip() -> None:
+    A = np.random.default_rng(24).normal(size=(700, 9))
+    K = A @ A.T
+    np.testing.assert_array_equal(unpack_upper(pack_upper(K), np.empty_like(K), block=128), K)
+
+
+@pytest.mark.parametrize("room", [0, 2, 100])
+def test_combined_kernel_equals_the_weighted_sum_at_any_budget(room: int) -> None:
+    X = np.random.default_rng(25).normal(size=(60, 7, 5))
+    grams = NodeGrams(X, kernel="linear", gammas=None, budget_bytes=room * 60 * 61 / 2 * 8)
+    for seed in range(3):  # several betas: cache hits, misses and evictions
+        beta = np.random.default_rng(seed).dirichlet(np.ones(7))
+        beta[seed] = 0.0
+        expected = sum(b * X[:, m] @ X[:, m].T for m, b in enumerate(beta))
+        np.testing.assert_allclose(grams.combined(beta), expected, rtol=1e-12, atol=1e-12)
+    assert len(grams.cached) == min(room, 7)
