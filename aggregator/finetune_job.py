@@ -109,7 +109,8 @@ def run_finetune_job(
     frames outside each epoch's subset read their features from it for every stream whose
     recorded extractor configuration equals the starting backbone's (others are computed).
     With ``reuse_features``, they read the features each video had at its previous step instead
-    (:class:`aggregator.finetune_inputs.FeatureMemory`, kept next to the input cache).
+    (:class:`aggregator.finetune_inputs.FeatureMemory` in ``out_dir/features``, or in memory
+    with the in-memory input cache; removed at the end unless ``keep_inputs``).
     Returns the per-epoch history (see :func:`aggregator.finetune_train.finetune`).
     """
     if not videos:
