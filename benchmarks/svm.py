@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import subprocess
 import sys
@@ -165,23 +166,26 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-uniform", action="store_true", help="skip the uniform-beta SVM")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per scale")
+    p.add_argument("--verbose", action="store_true", help="log every iteration to stderr")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
+        if args.verbose:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         print(json.dumps(run_one(args.one, args)))
         return 0
     rows = []
     for spec in args.scales.split(","):
         cmd = [sys.executable, __file__, "--one", spec, *sys.argv[1:]]
         try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=args.timeout, check=False
+            done = subprocess.run(  # the child's log goes straight to stderr
+                cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout, check=False
             )
         except subprocess.TimeoutExpired:
             rows.append({"spec": spec, "error": f"over {args.timeout:.0f} s"})
             continue
         if done.returncode != 0:
-            rows.append({"spec": spec, "error": done.stderr.strip().splitlines()[-1:]})
+            rows.append({"spec": spec, "error": f"exit status {done.returncode} (see stderr)"})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
