@@ -39,7 +39,9 @@ def register(sub: Any) -> None:
         "--out", required=True, help="output directory (resumed when it has a checkpoint)"
     )
     p.add_argument("--stream", default="appearance", choices=STREAM_CHOICES)
-    p.add_argument("--train-split", default="train", help="with a split column: the split to use")
+    p.add_argument(
+        "--train-split", default="train", help="with a split column: the split to use ('': all)"
+    )
 
     head = p.add_argument_group("head")
     head.add_argument("--head", default="tp", help="pooling head (default tp)")
