@@ -84,7 +84,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         variant: ``"concat"`` (kernel linear in beta, convex) or ``"average"`` (quadratic).
         kernel: per-node kernel ``"linear"``, ``"rbf"`` or ``"chi2"`` (concat only). Non-linear
             kernels keep all M node Gram matrices (M n^2 doubles) and raise when they exceed
-            ``gram_cache_gib``; the linear kernel never needs them all.
+            ``gram_cache_gib``; the linear kernel never needs them all (see ``gram_cache_gib``).
         beta_step: ``"level"`` (level-set projection) or ``"lp"`` (the LP minimiser), concat only.
         level: where the level sits between LB (0) and UB (1) for ``beta_step="level"``.
         gamma: ``"scale"`` (per node, 1 / mean pairwise distance) or a float, for rbf/chi2.
@@ -93,7 +93,9 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         eps: stop at relative gap ``1 - LB/UB`` (concat) or relative Frank-Wolfe gap (average).
         tol: libsvm stopping tolerance; keep it <= 1e-4 for duals accurate to ~1e-6.
         restarts: starting points of the averaging variant (the first is uniform).
-        gram_cache_gib: memory for node Gram matrices kept between iterations.
+        gram_cache_gib: memory for the linear kernel's node Gram matrices kept between
+            iterations (packed triangles, n^2/2 floats each); nodes beyond it are recomputed
+            when beta uses them. 0 keeps none.
         n_jobs: worker processes fitting the classes of one alpha-step (pays when the SVMs take
             longer than shipping the n x n kernel to the workers).
         random_state: seeds the restarts of the averaging variant.
@@ -102,9 +104,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
     kernel: primal weights on the raw node features, zero where beta is zero) or
     ``support_``/``support_vectors_``/``dual_coef_``/``gammas_`` (rbf/chi2), ``objective_`` (J at
     ``beta_``), ``dual_values_ [L]``, ``gap_``, ``n_iter_`` (alpha-steps run), ``history_`` (one
-    dict per iterate: iteration, lower, upper, gap, beta, seconds since fit began; average also
-    restart; lower is NaN there), ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1
-    for two classes (positive = ``classes_[1]``) and C otherwise.
+    dict per iterate: iteration, lower, upper, gap, beta, seconds since fit began; concat also
+    kernel_seconds, svm_seconds, beta_step_seconds, node_grams_computed; average also restart,
+    with lower NaN), ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1 for two
+    classes (positive = ``classes_[1]``) and C otherwise.
     """
 
     def __init__(

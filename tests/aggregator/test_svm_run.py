@@ -202,3 +202,17 @@ def test_fusion_and_temperature_helpers() -> None:
     assert weights["b"] > 0.5 and acc == 1.0
     noisy = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])  # half right
     assert fit_temperature(noisy, np.array([0, 1, 1, 0])) > 10  # no confidence deserved
+
+
+def test_framepool_train_head_svm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from api.cli import main
+
+    store = order_store(tmp_path / "store.zarr", n_train=5, n_test=2, seed=2)
+    out = tmp_path / "run"
+    argv = ["train", "--store", store.path, "--head", "svm", "--out", str(out), "--levels", "2"]
+    assert main([*argv, "--stream", "appearance", "--C", "0.5"]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    assert config["params"]["C"] == 0.5 and config["params"]["levels"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(lv) for lv in metrics["beta"]["appearance"]] == [1, 2]
