@@ -47,6 +47,8 @@ def register(sub: Any) -> None:
     head.add_argument("--head", default="tp", help="pooling head (default tp)")
     head.add_argument("--levels", type=int, help="pyramid depth D (tp: 6, tpp: 3)")
     head.add_argument("--variant", choices=("concat", "average"), help="tp node map (concat)")
+    head.add_argument("--pyramids", type=int, help="tp: number of stacked pyramids P (1)")
+    head.add_argument("--node-dim", type=int, help="tp concat: node projection size (128)")
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
 
     bb = p.add_argument_group("backbone and inputs")
@@ -143,7 +145,8 @@ def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("period", "epochs", "batch_videos", "chunk_size", "levels"):
+    positive = ("period", "epochs", "batch_videos", "chunk_size", "levels", "pyramids", "node_dim")
+    for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -168,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
         head_kwargs["levels"] = tuple(2**i for i in range(args.levels or 3))
     elif args.levels is not None:
         raise UsageError("--levels applies to --head tp or tpp only")
-    if args.variant is not None:
-        if args.head != "tp":
-            raise UsageError("--variant applies to --head tp only")
-        head_kwargs["variant"] = args.variant
+    for option in ("variant", "pyramids", "node_dim"):  # same names as the head's arguments
+        value = getattr(args, option)
+        if value is not None:
+            if args.head != "tp":
+                raise UsageError(f"--{option.replace('_', '-')} applies to --head tp only")
+            head_kwargs[option] = value
     if args.dropout is not None:
         head_kwargs["dropout"] = args.dropout
 

@@ -32,8 +32,9 @@ def _args(labels: Path, out: Path, *extra: str) -> list[str]:
     videos = _videos(labels)
     return [
         "finetune", "--videos", *videos, "--labels", str(labels), "--out", str(out),
-        "--arch", "resnet18", "--weights", "random", "--max-frames", "3", "--levels", "2",
-        "--period", "2", "--batch-videos", "2", "--device", "cpu", *extra,
+        "--arch", "resnet18", "--weights", "random", "--max-frames", "3",
+        "--levels", "2", "--node-dim", "16", "--period", "2", "--batch-videos", "2",
+        "--device", "cpu", *extra,
     ]  # fmt: skip
 
 
@@ -41,6 +42,8 @@ def test_bad_values_are_usage_errors(labelled: Path, tmp_path: Path) -> None:
     assert main(_args(labelled, tmp_path / "o", "--period", "0", "--epochs", "1")) == 2
     assert main(_args(labelled, tmp_path / "o", "--lr-steps", "x", "--epochs", "1")) == 2
     assert main([*_args(labelled, tmp_path / "o", "--epochs", "1"), "--head", "nope"]) == 2
+    # --levels (in every call here) does not apply to gap
+    assert main([*_args(labelled, tmp_path / "o", "--epochs", "1"), "--head", "gap"]) == 2
 
 
 def test_run_resume_and_reextract(
