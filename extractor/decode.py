@@ -27,6 +27,7 @@ from pathlib import Path
 import av
 import av.error
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,9 @@ def iter_frames(path: str | Path, *, threads: bool = True) -> Iterator[np.ndarra
     frames (truncation), in which case the caller must discard what it got.
     ``threads`` lets FFmpeg decode with its own frame/slice threads.
     """
+    rgb = VideoReformatter()  # one cached conversion context for the whole video
     for frame in _decode(Path(path), threads):
-        yield frame.to_ndarray(format="rgb24")
+        yield rgb.reformat(frame, format="rgb24").to_ndarray()
 
 
 def count_frames(path: str | Path) -> int:

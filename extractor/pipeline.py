@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from extractor.backbones import STREAMS
@@ -167,6 +168,7 @@ class _Writer(threading.Thread):
             return
         with self.lock:
             self.summary.complete.append(vid)
+            self.summary.frames += n
 
     def _fail(self, source: Source, reason: str) -> None:
         with self.lock:
@@ -269,6 +271,9 @@ def run_extraction(
         return False
 
     def work() -> None:
+        # Parallelism comes from the workers: torch ops in this thread (the resize) stay on it
+        # instead of starting an OpenMP team that competes with the model's.
+        torch.set_num_threads(1)
         flow = extractor.flow.clone() if extractor.flow is not None else None
         while not stop.is_set():
             try:
@@ -327,7 +332,6 @@ def run_extraction(
             raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
         assert v.sha256 is not None
         meta = _video_meta(v.source, v.done, v.sha256, subsampled)
-        summary.frames += len(got)
         writer.jobs.put(("write", v.source, (feats, meta, len(got))))
 
     def run_batch(n: int) -> None:

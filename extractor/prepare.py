@@ -116,25 +116,18 @@ def prepare_video(
     def field_needed(i: int) -> bool:  # some kept frame's stack covers field i
         return any(selected(t) for t in range(max(0, i - length + 1), i + 1))
 
-    fields: dict[int, np.ndarray] = {}  # field index -> cropped uint8 [224, 224, 2]
+    window = _FieldWindow(CROP_SIZE, length)
     pending: deque[tuple[int, np.ndarray | None]] = deque()  # kept frames awaiting their stack
-    ready: list[tuple[int, np.ndarray | None, np.ndarray | None]] = []
+    ready = _ChunkBuilder(chunk_size, want_app=want_app, want_motion=want_motion, length=length)
     grays: deque[np.ndarray] = deque(maxlen=2)  # the last two grayscale frames
     crop_box: tuple[int, int] | None = None
     kept: list[int] = []
+    last_computed = -1  # highest flow field index computed so far
     n = 0
 
-    def stack_for(t0: int, last_field: int) -> np.ndarray:
-        return np.concatenate([fields[min(t0 + j, last_field)] for j in range(length)], axis=-1)
-
     def flush(final: bool = False) -> Iterator[FrameChunk]:
-        while len(ready) >= chunk_size or (final and ready):
-            part, ready[:] = ready[:chunk_size], ready[chunk_size:]
-            yield FrameChunk(
-                indices=np.array([p[0] for p in part], dtype=np.int64),
-                appearance=np.stack([p[1] for p in part]) if want_app else None,  # type: ignore[misc]
-                motion=np.stack([p[2] for p in part]) if want_motion else None,  # type: ignore[misc]
-            )
+        if ready.full() or (final and ready.count):
+            yield ready.take()
 
     for t, frame in enumerate(iter_frames(path)):
         if should_stop is not None and should_stop():
@@ -144,39 +137,43 @@ def prepare_video(
         if crop_box is None:
             crop_box = center_crop_box(resized.shape[0], resized.shape[1])
         keep = selected(t)
-        app = np.ascontiguousarray(center_crop(resized)) if want_app and keep else None
+        # a view, copied once into the chunk
+        app = np.asarray(center_crop(resized)) if want_app and keep else None
         if keep:
             kept.append(t)
         if not want_motion:
             if keep:
-                ready.append((t, app, None))
+                ready.add(t, app, None)
             yield from flush()
             continue
         grays.append(to_gray(resized))
+        if keep:  # the crop waits up to L frames for its stack: hold a copy, not a view
+            pending.append((t, None if app is None else app.copy()))
         if t >= 1 and field_needed(t - 1):
-            fields[t - 1] = _flow_field(flow, grays[0], grays[1], crop_box)  # type: ignore[arg-type]
-        if keep:
-            pending.append((t, app))
+            field = _flow_field(flow, grays[0], grays[1], crop_box)  # type: ignore[arg-type]
+            window.put(t - 1, field, keep_from=min(pending[0][0], t - 1) if pending else t - 1)
+            last_computed = t - 1
         # frame t0's stack is complete once field t0 + L - 1 exists, i.e. at frame t0 + L
         while pending and pending[0][0] + length <= t:
             t0, a = pending.popleft()
-            ready.append((t0, a, stack_for(t0, t0 + length - 1)))
-        oldest = pending[0][0] if pending else t
-        for i in [i for i in fields if i < oldest and i < t - 1]:
-            del fields[i]
+            ready.add(t0, a, window.stack_view(t0))
+            yield from flush()
         yield from flush()
 
     if want_motion and pending:
-        last_field = n - 2
+        last_field = max(n - 2, 0)  # fields 0 .. T-2; the last one is repeated past the end
+        keep_from = min(pending[0][0], last_field)
         if n == 1:
+            window.put(0, zero_flow_field(CROP_SIZE, CROP_SIZE), keep_from=0)
+        elif last_computed != last_field:
             assert crop_box is not None
-            last_field = 0
-            fields[0] = zero_flow_field(CROP_SIZE, CROP_SIZE)
-        elif last_field not in fields:
-            fields[last_field] = _flow_field(flow, grays[0], grays[1], crop_box)  # type: ignore[arg-type]
+            field = _flow_field(flow, grays[0], grays[1], crop_box)  # type: ignore[arg-type]
+            window.put(last_field, field, keep_from=keep_from)
+        window.repeat_after(last_field, keep_from=keep_from)
         while pending:
             t0, a = pending.popleft()
-            ready.append((t0, a, stack_for(t0, last_field)))
+            ready.add(t0, a, window.stack_view(t0))
+            yield from flush()
     yield from flush(final=True)
     yield VideoDone(
         n_frames=n,
@@ -186,6 +183,93 @@ def prepare_video(
         height=info.height,
         codec=info.codec,
     )
+
+
+class _FieldWindow:
+    """Recent quantised flow fields side by side in one ``[H, W, 2 * slots]`` uint8 array.
+
+    Field i sits in channels ``2 (i - base), 2 (i - base) + 1``, so the stack of frame t (fields
+    t .. t+L-1, interleaved dx, dy) is the contiguous channel slice starting at ``2 (t - base)``:
+    one strided copy per stack instead of interleaving L fields every time.
+    """
+
+    def __init__(self, size: int, length: int, capacity: int = 64) -> None:
+        self.length = length
+        self.buf = np.empty((size, size, 2 * (capacity + 2 * length)), dtype=np.uint8)
+        self.base = 0
+
+    @property
+    def slots(self) -> int:
+        return self.buf.shape[2] // 2
+
+    def put(self, i: int, field: np.ndarray, *, keep_from: int) -> None:
+        """Store field i; fields before ``keep_from`` may be dropped to make room."""
+        if i - self.base >= self.slots:
+            k = keep_from - self.base
+            assert k >= 0 and keep_from <= i < keep_from + self.slots, (i, keep_from, self.base)
+            n_keep = self.slots - k
+            if n_keep > 0:
+                self.buf[:, :, : 2 * n_keep] = self.buf[:, :, 2 * k :].copy()
+            self.base = keep_from
+        s = i - self.base
+        self.buf[:, :, 2 * s : 2 * s + 2] = field
+
+    def repeat_after(self, last: int, *, keep_from: int) -> None:
+        """Fill the L slots after field ``last`` with copies of it (the end padding).
+
+        The last frame (T-1) needs fields T-1 .. T+L-2, all of them copies of field T-2.
+        """
+        field = self.buf[:, :, 2 * (last - self.base) : 2 * (last - self.base) + 2].copy()
+        for j in range(1, self.length + 1):
+            self.put(last + j, field, keep_from=keep_from)
+
+    def stack_view(self, t: int) -> np.ndarray:
+        """``[H, W, 2L]`` uint8: fields t .. t+L-1, interleaved (a view: copy it before the next
+        :meth:`put`)."""
+        s = t - self.base
+        return self.buf[:, :, 2 * s : 2 * (s + self.length)]
+
+
+class _ChunkBuilder:
+    """Fills preallocated chunk arrays frame by frame (one copy per input)."""
+
+    def __init__(self, size: int, *, want_app: bool, want_motion: bool, length: int) -> None:
+        self.size = size
+        self.want_app = want_app
+        self.want_motion = want_motion
+        self.length = length
+        self._new()
+
+    def _new(self) -> None:
+        n, c = self.size, CROP_SIZE
+        self.indices = np.empty(n, dtype=np.int64)
+        self.app = np.empty((n, c, c, 3), dtype=np.uint8) if self.want_app else None
+        self.motion = np.empty((n, c, c, 2 * self.length), np.uint8) if self.want_motion else None
+        self.count = 0
+
+    def add(self, t: int, app: np.ndarray | None, stack: np.ndarray | None) -> None:
+        i = self.count
+        self.indices[i] = t
+        if self.app is not None:
+            assert app is not None
+            self.app[i] = app
+        if self.motion is not None:
+            assert stack is not None
+            self.motion[i] = stack
+        self.count += 1
+
+    def full(self) -> bool:
+        return self.count == self.size
+
+    def take(self) -> FrameChunk:
+        n = self.count
+        chunk = FrameChunk(
+            indices=self.indices[:n],
+            appearance=self.app[:n] if self.app is not None else None,
+            motion=self.motion[:n] if self.motion is not None else None,
+        )
+        self._new()
+        return chunk
 
 
 def _flow_field(

@@ -71,6 +71,25 @@ def test_streamed_inputs_equal_the_offline_computation(short_real_video: Path) -
     np.testing.assert_array_equal(only["appearance"], crops[[0, 12, 24]])
 
 
+def test_long_clip_and_sparse_frames(real_videos: list[Path]) -> None:
+    # 141 frames: more fields than the window holds at once, so it must slide
+    clip = next(p for p in real_videos if p.name == "tu_v_Basketball_g01_c01.avi")
+    crops, stacks = _offline(clip)
+    got, done = _collect(list(prepare_video(clip, flow=make_flow("dis"), chunk_size=16)))
+    assert done.n_frames == 141
+    np.testing.assert_array_equal(got["motion"], stacks)
+    np.testing.assert_array_equal(got["appearance"], crops)
+    # stride 12 > L: only the fields some kept frame needs are computed, the last padded
+    for stride, max_frames in ((12, None), (1, 9), (7, 3)):
+        sub, done = _collect(
+            list(prepare_video(clip, flow=make_flow("dis"), stride=stride, max_frames=max_frames))
+        )
+        keep = select_frames(141, stride, max_frames)
+        assert keep[-1] >= 132  # the last kept frames need the end padding
+        np.testing.assert_array_equal(sub["indices"], keep)
+        np.testing.assert_array_equal(sub["motion"], stacks[keep])
+
+
 @pytest.mark.parametrize("n", [1, 2, 11])
 def test_short_videos(tmp_path: Path, n: int) -> None:
     clip = write_clip(tmp_path / f"n{n}.avi", textured_frames(n, 96, 128))
