@@ -29,7 +29,7 @@ from aggregator.finetune_train import (
     finetune,
 )
 from aggregator.heads import build_model
-from extractor.features import FeatureExtractor
+from extractor.features import FeatureExtractor, resolve_dtype
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def run_finetune_job(
     finished = bool(history) and history[-1]["epoch"] >= settings.epochs
     if rank == 0 and finished:
         shutil.copyfile(out / HEAD_FILE, out / MODEL_FILE)
-        _record_finetuned_extractor(out, backbone, extractor)
+        _record_finetuned_extractor(out, backbone, extractor, dev)
         if not keep_inputs and folder is not None and folder == out / "inputs":
             shutil.rmtree(folder, ignore_errors=True)
         if not keep_inputs and memory_dir is not None:
@@ -202,9 +202,15 @@ def run_finetune_job(
     return history
 
 
-def _record_finetuned_extractor(out: Path, spec: BackboneSpec, start: FeatureExtractor) -> None:
+def _record_finetuned_extractor(
+    out: Path, spec: BackboneSpec, start: FeatureExtractor, device: torch.device
+) -> None:
     """Add to ``config.json`` the extractor configuration ``framepool extract`` records with the
-    fine-tuned backbones (what a re-extracted store's features must match to use this head)."""
+    fine-tuned backbones (what a re-extracted store's features must match to use this head).
+
+    Its compute dtype is the one ``extract --dtype auto`` picks on this run's device type; pass
+    it as ``--dtype`` when re-extracting elsewhere (see :func:`reextract_dtype`).
+    """
     files = {s: out / f"backbone_{s}.pt" for s in start.streams}
     tuned = FeatureExtractor(
         streams=start.streams,
@@ -214,9 +220,18 @@ def _record_finetuned_extractor(out: Path, spec: BackboneSpec, start: FeatureExt
         motion_weights=files.get("motion"),
         arch=spec.arch,
         device="cpu",
-        dtype=start.dtype,
+        dtype=resolve_dtype("auto", device),
     )
     path = out / "config.json"
     config = json.loads(path.read_text())
     config["extractor"] = tuned.config()
     path.write_text(json.dumps(config, indent=2))
+
+
+def reextract_dtype(out_dir: str | Path) -> str:
+    """The compute dtype recorded for the fine-tuned backbones in ``out_dir/config.json``."""
+    config = json.loads((Path(out_dir) / "config.json").read_text())
+    dtypes = {str(c["dtype"]) for c in config["extractor"].values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"{str(out_dir)!r}: streams recorded with different dtypes {dtypes}")
+    return dtypes.pop()

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from aggregator.finetune_job import BackboneSpec, run_finetune_job
+    from aggregator.finetune_job import BackboneSpec, reextract_dtype, run_finetune_job
     from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
     from aggregator.heads import HEADS
 
@@ -239,12 +239,12 @@ def run(args: argparse.Namespace) -> int:
             )
         names = [p.name for p in files.values()]
         print(f"wrote {out}: " + ", ".join([*names, "head.pt", "config.json", "metrics.json"]))
-        print(f"re-extract: {reextract_command(args, files, streams)}")
+        print(f"re-extract: {reextract_command(args, files, streams, reextract_dtype(out))}")
     status = 0
     if args.reextract is not None:
         if world > 1:
             torch.distributed.barrier()  # rank 0 has written the backbones
-        status = _reextract(args, files, streams, str(device))
+        status = _reextract(args, files, streams, str(device), reextract_dtype(out))
     if world > 1:
         torch.distributed.destroy_process_group()
     return status
@@ -256,13 +256,14 @@ def _weights_options(files: dict[str, Path]) -> tuple[Path, Path | None]:
 
 
 def reextract_command(
-    args: argparse.Namespace, files: dict[str, Path], streams: tuple[str, ...]
+    args: argparse.Namespace, files: dict[str, Path], streams: tuple[str, ...], dtype: str
 ) -> str:
-    """The ``framepool extract`` command line that re-extracts a store with the tuned backbones."""
+    """The ``framepool extract`` command line that re-extracts a store with the tuned backbones
+    (with the dtype recorded in the run's config, which a store must match to use its head)."""
     weights, motion = _weights_options(files)
     cmd = (
         f"framepool extract VIDEOS --store NEW_STORE --streams {','.join(streams)} "
-        f"--arch {args.arch} --weights {weights}"
+        f"--arch {args.arch} --dtype {dtype} --weights {weights}"
     )
     if motion is not None:
         cmd += f" --motion-weights {motion} --flow {args.flow}"
@@ -270,7 +271,11 @@ def reextract_command(
 
 
 def _reextract(
-    args: argparse.Namespace, files: dict[str, Path], streams: tuple[str, ...], device: str
+    args: argparse.Namespace,
+    files: dict[str, Path],
+    streams: tuple[str, ...],
+    device: str,
+    dtype: str,
 ) -> int:
     from extractor.pipeline import run_extract
 
@@ -286,6 +291,7 @@ def _reextract(
         motion_weights=motion,
         arch=args.arch,
         device=device,
+        dtype=dtype,
         max_frames=args.max_frames,
         progress=False,
     )

@@ -67,7 +67,8 @@ def test_run_resume_and_reextract(
 
     recorded = FeatureStore.open(store).extractor["appearance"]
     config = json.loads((out / "config.json").read_text())
-    assert recorded["state_sha256"] == config["extractor"]["appearance"]["state_sha256"]
+    assert recorded == config["extractor"]["appearance"]  # the tuned head fits the new store
+    assert main(["evaluate", "--run", str(out), "--store", str(store), "--split", "test"]) == 0
     assert sorted(FeatureStore.open(store).videos()) == sorted(
         Path(v).stem for v in _videos(labelled)
     )
