@@ -79,6 +79,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Native bfloat16 matmuls: CUDA with bf16, or a CPU with AVX512-BF16/AMX (oneDNN)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where bfloat16 is native, else ``fp32``."""
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))  # noqa: NPY002 - for code that uses the global state
@@ -261,7 +278,7 @@ def train_run(
     device: str = "auto",
     inputs: Literal["nodes", "frames"] = "nodes",
     pyramid_leaves: bool = True,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
     threads: int | None = None,
     make_plots: bool = True,
     progress: bool = False,
@@ -289,7 +306,10 @@ def train_run(
         pyramid_leaves: hold the temporal pyramid's nodes as their leaves (the last level) and
             apply its linear maps to those before mixing them into nodes: exact, half the
             FLOPs and half the memory of the node tensors.
-        precision: ``bf16`` runs the head under bfloat16 autocast with bfloat16 node tensors.
+        precision: ``bf16`` trains under bfloat16 autocast (node tensors held at the cache's
+            float16); ``auto`` picks it on CUDA with bfloat16 and on CPUs with native bfloat16
+            (AVX512-BF16/AMX), else ``fp32``. Validation and test always run in float32, as
+            :func:`aggregator.runs.load_run` does.
         threads: torch CPU threads for the run (restored afterwards).
 
     Returns:
@@ -307,8 +327,8 @@ def train_run(
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     if inputs not in ("nodes", "frames"):
         raise ValueError(f"inputs must be 'nodes' or 'frames', got {inputs!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     fusion = fusion or ("fixed" if head == "tpp" else "learned")
     head_kwargs = dict(head_kwargs or {})
     lr = DEFAULT_LR[optimizer] if lr is None else lr
@@ -339,6 +359,7 @@ def train_run(
         "threads": threads,
     }
     dev = resolve_device(device)
+    train_args["precision"] = resolve_precision(precision, dev)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -437,9 +458,8 @@ def _train(
             s: (1 << (len(specs[s].parts) - 1)) if s in leaves else specs[s].count for s in streams
         }
         n_bytes = 4 * len(all_ids) * sum(counts[s] * in_features[s] for s in streams)
-        hold = (
-            torch.bfloat16 if bf16 else torch.float32 if n_bytes <= fp32_budget() else torch.float16
-        )
+        # bf16 keeps the cache's float16 (batches converted as they go); fp32 while it fits
+        hold = torch.float32 if not bf16 and n_bytes <= fp32_budget() else torch.float16
         data = load_node_tensors(
             store, all_ids, labels_all, specs, dtype=hold, leaves=leaves, progress=progress
         )
@@ -462,9 +482,6 @@ def _train(
         else None
     )
 
-    def autocast() -> Any:
-        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
     gen = torch.Generator().manual_seed(seed)
     frames_train = None
     if data is None:
@@ -479,12 +496,12 @@ def _train(
         )
 
     def evaluate(rows: np.ndarray, per_stream: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-        with autocast():
-            if data is not None:
-                return predict_nodes(
-                    model, data, rows, device=dev, dtype=compute_dtype, per_stream=per_stream
-                )
-            return _predict_frames(model, store, [all_ids[i] for i in rows], streams, dev)
+        # float32, as a loaded run predicts: the test metrics are what `evaluate` reproduces
+        if data is not None:
+            return predict_nodes(
+                model, data, rows, device=dev, dtype=torch.float32, per_stream=per_stream
+            )
+        return _predict_frames(model, store, [all_ids[i] for i in rows], streams, dev)
 
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, -math.inf)
@@ -561,6 +578,7 @@ def _train(
         n_test=len(rows_test),
         epochs_run=len(history),
         best_epoch=best_epoch,
+        precision=args["precision"],
         node_dtype=str(hold).removeprefix("torch.") if data is not None else None,
         pyramid_leaves=sorted(data.mix) if data is not None else [],
         val_top1=best[0] if best_state is not None else None,

@@ -173,7 +173,9 @@ def run_config(cfg: Config, args: argparse.Namespace, precision: str) -> dict[st
     torch.manual_seed(args.seed)
     bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    data = synthetic(cfg, args.videos, args.dim, args.classes, args.depth, dtype, args.seed)
+    # as the trainer: bf16 runs keep the node tensors at the cache's float16 and convert batches
+    hold = torch.float16 if bf16 else torch.float32
+    data = synthetic(cfg, args.videos, args.dim, args.classes, args.depth, hold, args.seed)
     model = build_model(
         cfg.head,
         in_features=dict.fromkeys(STREAMS, args.dim),

@@ -82,7 +82,12 @@ def register(sub: Any) -> None:
     opt.add_argument("--patience", type=int, default=10, help="early stopping; 0 disables")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    opt.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    opt.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16 trains under bfloat16 autocast; auto: bf16 where native (CUDA, AVX512-BF16)",
+    )
     opt.add_argument("--threads", type=int, help="torch CPU threads")
     opt.add_argument(
         "--inputs",

@@ -18,7 +18,7 @@ from aggregator.evaluate import evaluate_run, summarize_runs
 from aggregator.heads import build_model
 from aggregator.predictor import Predictor
 from aggregator.runs import TorchRun, load_run
-from aggregator.train import retrain, train_run
+from aggregator.train import bf16_supported, resolve_precision, retrain, train_run
 from api.cli import main
 from storage import FeatureStore
 from tests.aggregator.toy_store import write_order_store
@@ -294,3 +294,24 @@ def test_summarize_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["summarize", *dirs]) == 0
     assert "70.00 ± 10.00" in capsys.readouterr().out
     assert main(["summarize", str(tmp_path / "missing")]) == 2
+
+
+def test_precision_is_resolved_and_recorded(order_store: str, tmp_path: Path) -> None:
+    auto = resolve_precision("auto", torch.device("cpu"))
+    assert auto == ("bf16" if bf16_supported(torch.device("cpu")) else "fp32")
+    for precision, want in (("auto", auto), ("fp32", "fp32"), ("bf16", "bf16")):
+        out = tmp_path / precision
+        m = train_run(
+            order_store,
+            out,
+            head="tp",
+            streams=["motion"],
+            head_kwargs={"depth": 2},
+            epochs=1,
+            precision=precision,  # type: ignore[arg-type]
+            make_plots=False,
+            **FAST,
+        )
+        config = json.loads((out / "config.json").read_text())
+        assert m["precision"] == config["train_args"]["precision"] == want
+        assert m["node_dtype"] == ("float16" if want == "bf16" else "float32")
