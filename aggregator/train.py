@@ -422,7 +422,7 @@ def _train(
         "fusion_weights": args["fusion_weights"],
         "streams": streams,
         "input_specs": {s: spec.to_dict() for s, spec in specs.items()},
-        "store": store.path,
+        "store": store.path if "://" in store.path else os.path.abspath(store.path),
         "extractor": {s: store.extractor.get(s) for s in streams},
         "class_names": class_names,
         "splits": {
