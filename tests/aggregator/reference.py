@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -191,3 +193,13 @@ def ref_stcb(head: CompactBilinearHead, x: dict[str, np.ndarray], length: int) -
     z = fused / np.sqrt(np.abs(fused) + 1e-6)
     z = z / max(np.linalg.norm(z), 1e-6)
     return linear(z, head.fc)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread (a second one only adds synchronisation, badly so on a
+    shared machine). Imported by the test modules that use these references."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

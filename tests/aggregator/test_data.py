@@ -22,6 +22,7 @@ from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals
 from aggregator.node_cache import cache_key
 from aggregator.nodes import node_maxes, node_means
 from storage import FeatureStore
+from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 
 LENGTHS = [1, 2, 5, 31, 32, 33, 70]
 

@@ -10,7 +10,10 @@ from torch.autograd.functional import jacobian
 
 from aggregator.heads import CompactBilinear
 from aggregator.heads.datp import mixture_weights, weighted_pool
-from tests.aggregator.reference import naive_compact_bilinear
+from tests.aggregator.reference import (
+    naive_compact_bilinear,
+    one_thread,  # noqa: F401 - autouse fixture
+)
 
 
 def gaussian(t: float, mu: float, sigma: float) -> float:

@@ -26,6 +26,7 @@ from aggregator.heads import (
 from aggregator.heads.base import Dropout
 from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
 from tests.aggregator.reference import (
+    one_thread,  # noqa: F401 - autouse fixture
     randomize,
     ref_datp,
     ref_global,

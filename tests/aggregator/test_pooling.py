@@ -14,6 +14,7 @@ from aggregator.heads.pooling import (
     pyramid_mix,
 )
 from aggregator.nodes import batch_node_means, node_bounds, node_means
+from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 
 
 def naive_bounds(t: int, parts: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -21,6 +21,7 @@ from aggregator.nodes import node_means
 from aggregator.runs import TorchRun, load_run
 from api.cli import main
 from storage import FeatureStore, safe_video_id
+from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 from tests.conftest import real_video_paths
 
 

@@ -21,6 +21,7 @@ from aggregator.runs import TorchRun, load_run
 from aggregator.train import bf16_supported, resolve_precision, retrain, train_run
 from api.cli import main
 from storage import FeatureStore
+from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 from tests.aggregator.toy_store import write_order_store
 
 FAST = {"threads": 1, "batch_size": 16, "device": "cpu"}
