@@ -208,11 +208,12 @@ class NodeGrams:
     """Node Gram matrices ``K_m = kappa(Psi_m, Psi_m)`` computed on demand within a memory budget.
 
     Linear-kernel Gram matrices are kept as packed upper triangles (half the memory), as many as
-    the budget holds, least recently used out first but never one the current beta uses. One that
-    does not fit is never stored: the combined kernel then takes a product of the blocks
-    ``sqrt(beta_m) Psi_m`` instead, and the cut coefficients come from ``Psi_m' U``, so memory stays
-    at O(n^2 + n M d) whatever M is. Non-linear kernels have no such shortcut and need all M
-    matrices (kept whole, in float64); the constructor raises when they do not fit.
+    the budget holds, the nodes with the largest current beta first (heavy nodes tend to stay in
+    use from one iterate to the next). One that does not fit is never stored: the combined kernel
+    then takes a product of the blocks ``sqrt(beta_m) Psi_m`` instead, and the cut coefficients
+    come from ``Psi_m' U``, so memory stays at O(n^2 + n M d) whatever M is. Non-linear kernels
+    have no such shortcut and need all M matrices (kept whole, in float64); the constructor raises
+    when they do not fit.
     ``n_computed`` counts the node Gram matrices computed so far (cache misses).
     """
 
@@ -263,10 +264,14 @@ class NodeGrams:
         P = np.asarray(self.X[:, m, :], dtype=np.float64)
         return node_kernel(P, P, self.kernel, float(self.gammas[m]))
 
-    def _make_room(self, keep: set[int]) -> bool:
+    def _make_room(self, weight: np.ndarray, candidate: int) -> bool:
+        """Free a slot for ``candidate`` by evicting cached nodes that weigh less in the current
+        beta (unused ones first, least recently used first among equals); False if none does."""
+        if self.capacity == 0:
+            return False
         while len(self._cache) >= self.capacity:
-            victim = next((m for m in self._cache if m not in keep), None)
-            if victim is None:
+            victim = min(self._cache, key=lambda m: weight[m])  # ties: least recently used
+            if weight[victim] >= weight[candidate]:
                 return False
             del self._cache[victim]
         return True
@@ -288,10 +293,9 @@ class NodeGrams:
                 acc += tmp
             else:
                 missing.append(m)
-        keep = set(active)
         rest = []
-        for m in missing:
-            if self.capacity and self._make_room(keep):
+        for m in sorted(missing, key=lambda m: -beta[m]):  # the heaviest nodes get the room
+            if self._make_room(beta, m):
                 Km = self._compute(m)
                 self._cache[m] = pack_upper(Km) if self.packed else Km
                 del Km

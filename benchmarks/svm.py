@@ -42,17 +42,20 @@ def synthetic_nodes(
     seed: int,
     *,
     dtype: str = "float32",
-    signal: float = 0.7,
-    weak: float = 0.15,
+    signal: float = 1.0,
     offset: float = 2.0,
     noise: float = 6.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``([n, 2^D - 1, d] node means, [n] labels)``; built leaf block by leaf block in place."""
+    """``([n, 2^D - 1, d] node means, [n] labels)``; built leaf block by leaf block in place.
+
+    Class signals shrink as 1/sqrt(d) (times ``signal``) so that the task is about as hard for
+    every d: a linear classifier's margin grows with sqrt(d) at a fixed per-coordinate signal."""
     rng = np.random.default_rng(seed)
     m_nodes, leaves = (1 << depth) - 1, 1 << (depth - 1)
     y = rng.permutation(np.arange(n) % n_classes)
-    strong = rng.normal(size=(n_classes, d)).astype(np.float32) / np.sqrt(d)
-    faint = rng.normal(size=(n_classes, d)).astype(np.float32) / np.sqrt(d)
+    scale = signal * np.sqrt(512 / d) / np.sqrt(d)
+    strong = 0.7 * scale * rng.normal(size=(n_classes, d)).astype(np.float32)
+    faint = 0.15 * scale * rng.normal(size=(n_classes, d)).astype(np.float32)
     lo, hi = leaves // 4, max(leaves // 2, leaves // 4 + 1)  # the second quarter
     X = np.empty((n, m_nodes, d), dtype=dtype)
     for start in range(0, n, 256):
@@ -60,8 +63,8 @@ def synthetic_nodes(
         k = rows.stop - rows.start
         leaf = rng.standard_normal((k, leaves, d), dtype=np.float32) * (noise / np.sqrt(d))
         leaf += rng.standard_normal((k, 1, d), dtype=np.float32) * (offset / np.sqrt(d))
-        leaf += weak * faint[y[rows]][:, None, :]
-        leaf[:, lo:hi] += signal * strong[y[rows]][:, None, :]
+        leaf += faint[y[rows]][:, None, :]
+        leaf[:, lo:hi] += strong[y[rows]][:, None, :]
         block = np.empty((k, m_nodes, d), dtype=np.float32)
         block[:, leaves - 1 :] = leaf
         for level in range(depth - 1, 0, -1):  # parents are the means of their two children
@@ -80,7 +83,9 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     n, depth, d, n_classes = (int(v) for v in spec.split(":"))
     n_test = args.n_test or max(n_classes, n // 2)
     t0 = time.perf_counter()
-    X, y = synthetic_nodes(n + n_test, depth, d, n_classes, args.seed, dtype=args.dtype)
+    X, y = synthetic_nodes(
+        n + n_test, depth, d, n_classes, args.seed, dtype=args.dtype, signal=args.signal
+    )
     Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:], y[n:]
     data_s = time.perf_counter() - t0
     params = {
@@ -167,6 +172,7 @@ def main() -> int:
         help="node features as stored (the node cache holds float16)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signal", type=float, default=1.0, help="class signal strength (x 1/sqrt(d))")
     p.add_argument("--no-uniform", action="store_true", help="skip the uniform-beta SVM")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per scale")
     p.add_argument("--verbose", action="store_true", help="log every iteration to stderr")
