@@ -60,8 +60,7 @@ class NodeCache:
 
 def cache_key(store: FeatureStore, stream: str, depth: int, with_max: bool) -> tuple[str, list]:
     videos = []
-    for vid in store.videos(status="complete"):
-        attrs = store.video_attrs(vid)
+    for vid, attrs in store.all_video_attrs(status="complete").items():
         if stream in (attrs.get("streams") or []):
             videos.append((vid, attrs.get("extracted_at"), attrs.get("n_frames")))
     payload = json.dumps(

@@ -277,7 +277,8 @@ def build_index(
                 f"{predictor.extractor.get(stream)}"
             )
     embeddings = embed_store_videos(predictor, store, video_ids)
-    labels = [store.video_attrs(v).get("label") for v in video_ids]
+    attrs = store.all_video_attrs()
+    labels = [attrs[v].get("label") for v in video_ids]
     meta = {
         "run_id": predictor.run_id,
         "store": str(store_path),

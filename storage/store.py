@@ -392,14 +392,36 @@ class FeatureStore:
             out.append(vid)
         return sorted(out)
 
+    def all_video_attrs(self, status: str | None = None) -> dict[str, dict[str, Any]]:
+        """Attrs of every video (with ``status``, or any when None) in one listing pass.
+
+        Much faster than :meth:`video_attrs` per video on large stores: the group listing reads
+        each video's metadata once.
+        """
+        if "videos" not in self._root:
+            return {}
+        out = {}
+        for vid, grp in self._videos_group().groups():
+            attrs = dict(grp.attrs)
+            if status is None or attrs.get("status", "incomplete") == status:
+                out[vid] = attrs
+        return dict(sorted(out.items()))
+
     def iter_videos(self, **kw: Any) -> Iterator[tuple[str, dict[str, Any]]]:
         for vid in self.videos(**kw):
             yield vid, self.video_attrs(vid)
 
     def labels(self, video_ids: list[str]) -> list[str]:
+        """Labels of ``video_ids``; ValueError naming the first video without one."""
+        everything = self.all_video_attrs() if len(video_ids) > 16 else None
         out = []
         for vid in video_ids:
-            label = self.video_attrs(vid).get("label")
+            attrs = (
+                everything[vid]
+                if everything is not None and vid in everything
+                else self.video_attrs(vid)
+            )
+            label = attrs.get("label")
             if label is None:
                 raise ValueError(f"video {vid!r} in {self.path!r} has no label")
             out.append(str(label))

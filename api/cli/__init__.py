@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with other work (or with
+# framepool's own decode threads), spinning workers stall each other. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # subcommand name -> module under api.cli (imported lazily so `framepool --help` stays fast)
 _SUBCOMMANDS: dict[str, str] = {

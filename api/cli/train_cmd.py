@@ -96,6 +96,11 @@ def register(sub: Any) -> None:
         help="cached node summaries (fast) or padded frames through a DataLoader",
     )
     opt.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    opt.add_argument(
+        "--no-index",
+        action="store_true",
+        help="skip building the similar-video index of the training videos",
+    )
     svm = p.add_argument_group("svm")
     svm.add_argument("--C", type=float, help="SVM soft-margin C (1.0)")
     svm.add_argument("--kernel", choices=("linear", "rbf", "chi2"), help="node kernel (linear)")
@@ -269,4 +274,9 @@ def run(args: argparse.Namespace) -> int:
             progress=args.verbose > 0 or sys.stderr.isatty(),
         )
     print(format_summary(metrics, args.out))
+    if not args.no_index:
+        from aggregator.similarity import build_index
+
+        index = build_index(args.out, args.store, split=args.train_split)
+        print(f"index        {len(index)} training videos for /v1/similar -> {args.out}")
     return 0

@@ -258,7 +258,7 @@ def test_svm_head_goes_to_the_svm_trainer(
     out = tmp_path / "svm"
     argv = ["train", "--store", order_store, "--head", "svm", "--out", str(out), "--levels", "3"]
     argv += ["--variant", "average", "--C", "2.5", "--kernel", "chi2", "--max-iter", "7"]
-    argv += ["--eps", "1e-4", "--seed", "5", "--stream", "motion"]
+    argv += ["--eps", "1e-4", "--seed", "5", "--stream", "motion", "--no-index"]
     assert main(argv) == 0
     ((args, kwargs),) = calls
     assert args == (order_store, str(out))
