@@ -346,3 +346,13 @@ def test_combined_kernel_equals_the_weighted_sum_at_any_budget(room: int) -> Non
         expected = sum(b * X[:, m] @ X[:, m].T for m, b in enumerate(beta))
         np.testing.assert_allclose(grams.combined(beta), expected, rtol=1e-12, atol=1e-12)
     assert len(grams.cached) == min(room, 7)
+
+
+def test_classes_in_worker_processes_give_the_same_svms() -> None:
+    X, y = informative_nodes(40, 3, 4, 4, {1: 1.0}, seed=26)
+    Y = ovr_targets(y, 4)
+    K = concat_kernel(X, np.full(3, 1 / 3))
+    one = alpha_step(K, Y, C=1.0, tol=1e-4)
+    two = alpha_step(K, Y, C=1.0, tol=1e-4, n_jobs=2)
+    np.testing.assert_array_equal(one.U, two.U)
+    np.testing.assert_array_equal(one.b, two.b)
