@@ -3,7 +3,7 @@
 Per stream, frames per second on real clips for
 
 (a) ``framepool extract``'s pipeline (``run_extraction`` into a temporary store: decode, resize,
-    flow in worker threads, batched model with bf16 autocast where supported, writer thread);
+    flow in worker threads, batched model in bfloat16 where supported, writer thread);
 (b) a naive loop as commonly written: decode in the main thread, PIL transforms, the model on one
     frame at a time in float32 (for motion: all flows first, then one stack per frame);
 (c) the model alone on random input of the pipeline's batch size and dtype (the ceiling).
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from extractor.backbones import build_backbone
 from extractor.decode import count_frames, iter_frames
 from extractor.features import FeatureExtractor
 from extractor.flow import make_flow
@@ -132,16 +133,15 @@ def naive_motion(model: torch.nn.Module, clips: Sequence[Path], limit: int) -> i
 def model_alone(fx: FeatureExtractor, streams: Sequence[str], n_batches: int) -> float:
     """Frames per second of the backbones alone (all of ``streams`` per frame)."""
     b = fx.batch_size
+    dtype = torch.bfloat16 if fx.dtype == "bfloat16" else torch.float32
     inputs = {
         "appearance": torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last),
         "motion": torch.randn(b, 20, 224, 224).contiguous(memory_format=torch.channels_last),
     }
+    inputs = {k: v.to(dtype) for k, v in inputs.items()}
 
     def step() -> None:
-        with (
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=fx.dtype == "bfloat16"),
-        ):
+        with torch.inference_mode():
             for s in streams:
                 fx.models[s](inputs[s]).float()
 
@@ -228,10 +228,7 @@ def main() -> None:
             assert summary.ok and summary.frames == n_frames, summary.format()
         b = float("nan")
         if stream != "both":
-            naive = FeatureExtractor(
-                streams=use, weights="random", arch=args.arch, device="cpu", dtype="float32"
-            ).models[stream]
-            naive = naive.to(memory_format=torch.contiguous_format)  # as commonly written
+            naive = build_backbone(stream, "random", args.arch)  # float32, BatchNorm as it is
             run = naive_appearance if stream == "appearance" else naive_motion
             b = timed(partial(run, naive, paths, args.naive_frames))
         rows.append((stream, fx.dtype, a, b, c))

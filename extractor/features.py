@@ -28,6 +28,7 @@ from torch import nn
 from extractor.backbones import (
     STREAMS,
     WeightsSpec,
+    fold_batchnorm,
     imagenet_checkpoint,
     load_backbone,
     resolve_weights,
@@ -135,7 +136,12 @@ class FeatureExtractor:
     ``weights`` is ``"imagenet"`` (torchvision's cache; never downloaded), ``"random"`` (explicit,
     seeded) or a state-dict path; ``motion_weights`` defaults to ``weights`` (a 3-channel conv1 gets
     the cross-modality initialisation). ``flow`` names the flow backend; ``flow_weights`` is the
-    RAFT weights file. ``dtype``: ``auto`` uses bfloat16 autocast where the device supports it.
+    RAFT weights file. ``dtype``: ``auto`` computes in bfloat16 where the device supports it
+    natively, else float32.
+
+    ``models[stream]`` are inference copies of the backbones: BatchNorm folded into the
+    convolutions, in the compute dtype, channels_last; :func:`extractor.backbones.build_backbone`
+    gives the trainable ones.
     """
 
     def __init__(
@@ -207,7 +213,9 @@ class FeatureExtractor:
         self._records: dict[str, dict[str, Any]] = {}
         for stream in streams:
             model, record = load_backbone(stream, specs[stream], arch[stream])
-            model = model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+            model = fold_batchnorm(model).to(
+                self.device, dtype=DTYPES[dtype], memory_format=torch.channels_last
+            )  # type: ignore[call-overload]
             self.models[stream] = model
             self._records[stream] = record
         self.feature_dims = {s: int(self._records[s]["feature_dim"]) for s in streams}
@@ -223,6 +231,7 @@ class FeatureExtractor:
                 assert self.flow is not None
                 cfg["flow"] = self.flow.config()
             cfg["dtype"] = self.dtype
+            cfg["inference"] = "batchnorm folded into the convolutions, channels_last"
             out[stream] = cfg
         return out
 
@@ -294,14 +303,7 @@ class FeatureExtractor:
         returns ``[N, d]`` float32 per stream.
         """
         out: dict[str, np.ndarray] = {}
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=torch.bfloat16,
-                enabled=self.dtype == "bfloat16",
-            ),
-        ):
+        with torch.inference_mode():
             for stream in self.streams:
                 x = torch.as_tensor(batch[stream])
                 if self.device.type == "cuda":
@@ -309,6 +311,7 @@ class FeatureExtractor:
                         x = x.pin_memory()
                     x = x.to(self.device, non_blocking=True)
                 inp = normalize_appearance(x) if stream == "appearance" else normalize_motion(x)
+                inp = inp.to(DTYPES[self.dtype])  # normalised in float32, then rounded once
                 out[stream] = self.models[stream](inp).float().cpu().numpy()
         return out
 

@@ -3,8 +3,9 @@
 ::
 
     sources --> worker threads (decode, resize, flow, stacks; uint8) --bounded queue--> main thread
-                (batches of frames that cross video boundaries, both backbones, bf16 autocast,
-                channels_last) --> writer thread (one ``store.write_video`` per finished video)
+                (batches of frames that cross video boundaries, both backbones in bfloat16 where
+                the device supports it, BatchNorm folded, channels_last)
+                --> writer thread (one ``store.write_video`` per finished video)
 
 Threads rather than processes: decoding (FFmpeg), resizing (torch) and flow (OpenCV) release the
 GIL, and the uint8 inputs (about 1 MB per frame with motion) then never cross a process boundary.

@@ -92,10 +92,12 @@ def normalize_appearance(crops: torch.Tensor) -> torch.Tensor:
     """uint8 crops ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]`` (channels_last), ImageNet norm."""
     if crops.ndim != 4 or crops.shape[-1] != 3:
         raise ValueError(f"expected RGB crops [N, H, W, 3], got shape {tuple(crops.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
-    x = crops.permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, H, W], channels_last memory
-    return x.sub_(mean).div_(std)
+    # (q / 255 - mean) / std as one multiply and one subtract per value
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std)).float().view(1, 3, 1, 1).to(crops.device)
+    shift = (torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / std).float().view(1, 3, 1, 1)
+    x = crops.permute(0, 3, 1, 2).float()  # [N, 3, H, W], channels_last memory
+    return x.mul_(scale).sub_(shift.to(crops.device))
 
 
 def appearance_transform(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -158,5 +160,5 @@ def normalize_motion(stacks: torch.Tensor) -> torch.Tensor:
     """uint8 stacks ``[N, H, W, 2L]`` -> float32 ``[N, 2L, H, W]`` (channels_last), normalised."""
     if stacks.ndim != 4:
         raise ValueError(f"expected motion stacks [N, H, W, 2L], got shape {tuple(stacks.shape)}")
-    x = stacks.permute(0, 3, 1, 2).float().div_(255.0)  # [N, 2L, H, W], channels_last memory
-    return x.sub_(FLOW_MEAN).div_(FLOW_STD)
+    x = stacks.permute(0, 3, 1, 2).float()  # [N, 2L, H, W], channels_last memory
+    return x.mul_(1.0 / (255.0 * FLOW_STD)).sub_(FLOW_MEAN / FLOW_STD)

@@ -10,6 +10,7 @@ from extractor.backbones import (
     build_backbone,
     cross_modality_conv1,
     feature_dim,
+    fold_batchnorm,
     load_backbone,
     resolve_weights,
     state_sha256,
@@ -119,3 +120,20 @@ def test_missing_weights_path_and_bad_names(tmp_path: Path) -> None:
         build_backbone("appearance", "random", "resnet34")
     with pytest.raises(ValueError, match="'depth'"):
         build_backbone("depth", "random", "resnet18")
+
+
+def test_folded_batchnorm_computes_the_same_features() -> None:
+    model = build_backbone("motion", "random", "resnet18")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial statistics, so that folding has something to fold
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # not in place
+    x = torch.randn(2, 20, 224, 224, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
