@@ -281,7 +281,7 @@ def train_svm(
         "head": "svm",
         "params": {**estimator.get_params(), "levels": levels},
         "streams": streams,
-        "store": store.path,
+        "store": store.path if "://" in store.path else os.path.abspath(store.path),
         "extractor": {s: store.extractor.get(s) for s in streams},
         "class_names": class_names,
         "splits": {

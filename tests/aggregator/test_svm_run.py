@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def test_run_directory_is_complete(trained: tuple[FeatureStore, Path, dict]) -> 
     config = json.loads((run / "config.json").read_text())
     assert config["head"] == "svm"
     assert config["streams"] == ["appearance", "motion"]
-    assert config["store"] == store.path
+    assert config["store"] == os.path.abspath(store.path)
     assert config["extractor"] == {s: {"backbone": "toy"} for s in STREAMS}
     assert config["class_names"] == [f"order{c}" for c in range(6)]
     assert config["splits"]["train"] == "train" and config["splits"]["test"] == "test"
