@@ -78,7 +78,7 @@ def build_finetune_model(
         num_classes=num_classes,
         head_kwargs=head_kwargs,
     )
-    backbones = {s: extractor.models[s] for s in extractor.streams}
+    backbones = {s: extractor.trainable_backbone(s) for s in extractor.streams}
     for b in backbones.values():
         b.requires_grad_(True)
     return FinetuneModel(backbones=backbones, head=video_head).to(extractor.device)

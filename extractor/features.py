@@ -211,6 +211,8 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.models: dict[str, nn.Module] = {}
         self._records: dict[str, dict[str, Any]] = {}
+        self._specs = dict(specs)
+        self._arch = dict(arch)
         for stream in streams:
             model, record = load_backbone(stream, specs[stream], arch[stream])
             model = fold_batchnorm(model).to(
@@ -219,6 +221,17 @@ class FeatureExtractor:
             self.models[stream] = model
             self._records[stream] = record
         self.feature_dims = {s: int(self._records[s]["feature_dim"]) for s in streams}
+
+    def trainable_backbone(self, stream: str) -> nn.Module:
+        """A fresh float32 copy of ``stream``'s backbone with its BatchNorm layers, for training.
+
+        :attr:`models` are inference copies (BatchNorm folded, maybe bfloat16): their state dicts
+        do not load as torchvision ResNets, so fine-tuning starts from this one instead.
+        """
+        if stream not in self._specs:
+            raise ValueError(f"stream {stream!r} is not extracted; streams: {list(self.streams)}")
+        model, _ = load_backbone(stream, self._specs[stream], self._arch[stream])
+        return model.to(self.device)
 
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict[str, dict[str, Any]]:
