@@ -263,11 +263,12 @@ def build_index(
     video_ids = store.videos(split=split)
     if not video_ids:
         raise ValueError(f"store {str(store_path)!r} has no complete video in split {split!r}")
-    missing = [s for s in predictor.streams if s not in store.extractor]
+    held = set(store.extractor) | set(store.streams(video_ids[0]))
+    missing = [s for s in predictor.streams if s not in held]
     if missing:
         raise ValueError(
             f"run {predictor.run_id!r} uses streams {missing} that store {str(store_path)!r} "
-            f"does not hold (it has {sorted(store.extractor)})"
+            f"does not hold (it has {sorted(held)})"
         )
     for stream in predictor.streams:
         if predictor.extractor.get(stream) != store.extractor.get(stream):
