@@ -1,13 +1,16 @@
 """Generated demo clips whose classes differ only in the temporal order of their motion.
 
-A textured square moves over a textured background. Along its axis its offset from the centre is
-``s * a * sin(2 pi t / T)``: class ``left_then_right`` (s = -1) first swings left and back, then
-right and back; ``right_then_left`` (s = +1) does the opposite. For even T, a clip of one class
-with given jitter is, before noise, exactly the clip of the other class with the same jitter
-shifted by half a period: the classes have the same distribution of per-frame appearance and of
-per-frame motion, so a global average (or max) over frames cannot tell them apart; the order,
-which a temporal pyramid's second level sees, can. ``up_then_down`` and
-``down_then_up`` are the vertical pair (they differ from the horizontal pair in appearance).
+A textured square moves over a textured background. A clip is ``rest`` still frames, an excursion
+to one side and back, ``rest`` still frames, an excursion to the other side and back, and ``rest``
+still frames: class ``left_then_right`` swings left first, ``right_then_left`` right first;
+``up_then_down`` and ``down_then_up`` are the vertical pair (they differ from the horizontal pair
+in appearance). With the same jitter, a clip of one class is the clip of the other with its two
+excursions swapped. With ``rest`` at least the motion stream's stack length (10 flow fields), no
+flow stack sees both excursions and the stacks past the end see still frames only, so the two
+classes have the same distribution of per-frame appearance *and* of per-frame motion stacks: a
+global average (or max) over frames cannot tell them apart; the order, which a temporal pyramid's
+second level sees, can. ``rest=0`` gives one sine period instead (the classes are then half a
+period apart; flow stacks near the end still differ between them).
 
 Every clip has its own jitter, drawn from ``seed``: the centre, amplitude (and so the speed),
 object size, colours and textures, the background, and per-frame sensor noise.
@@ -52,6 +55,7 @@ def render_clip(
     width: int,
     height: int,
     noise: bool = True,
+    rest: int = 0,
 ) -> np.ndarray:
     """Frames ``[T, H, W, 3]`` uint8 of one clip of class ``label`` with jitter from ``rng``.
 
@@ -74,7 +78,7 @@ def render_clip(
     sigma = rng.uniform(2.0, 5.0)
     frames = np.empty((n_frames, height, width, 3), dtype=np.uint8)
     for t in range(n_frames):
-        offset = sign * amplitude * math.sin(2 * math.pi * t / n_frames)
+        offset = sign * amplitude * _path(t, n_frames, rest)
         pos = round(centre + offset - side / 2)
         other = round(cross - side / 2)
         x0, y0 = (pos, other) if axis == 0 else (other, pos)
@@ -86,6 +90,21 @@ def render_clip(
             img += rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
         frames[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return frames
+
+
+def _path(t: int, n_frames: int, rest: int) -> float:
+    """Offset of the object at frame ``t`` in units of the amplitude, for the first-swing sign +1.
+
+    ``rest == 0``: one sine period. Otherwise rest, out-and-back to +1, rest, out-and-back to -1,
+    rest (any frames left over from an odd split go to the last rest).
+    """
+    if rest == 0:
+        return math.sin(2 * math.pi * t / n_frames)
+    excursion = (n_frames - 3 * rest) // 2
+    for k, start in enumerate((rest, 2 * rest + excursion)):
+        if start <= t < start + excursion:
+            return (1.0 if k == 0 else -1.0) * math.sin(math.pi * (t - start + 0.5) / excursion)
+    return 0.0
 
 
 def write_video(path: Path, frames: np.ndarray, *, fps: int = 25) -> Path:
@@ -119,11 +138,15 @@ def make_demo_clips(
     classes: Sequence[str] = ("left_then_right", "right_then_left"),
     seed: int = 0,
     fps: int = 25,
+    rest: int = 0,
 ) -> list[tuple[Path, str]]:
     """Write ``n_per_class`` clips per class as ``out_dir/<class>/<class>_<i>.mp4``.
 
     ``size`` is ``(width, height)`` (even); ``n_frames`` should be even for the classes to share
-    per-frame statistics exactly. Returns ``(path, class)`` pairs, sorted. The same arguments
+    per-frame statistics exactly when ``rest`` is 0; with ``rest`` >= 10 (the flow stack length)
+    the classes also share per-frame motion-stack statistics (see the module doc), and
+    ``n_frames`` must leave room for two excursions of at least 4 frames (``3 rest + 8``).
+    Returns ``(path, class)`` pairs, sorted. The same arguments
     always give the same clips; the folder names are the labels ``framepool extract`` infers.
     """
     width, height = size
@@ -131,6 +154,11 @@ def make_demo_clips(
         raise ValueError(f"need n_per_class >= 1 and n_frames >= 2, got {n_per_class}, {n_frames}")
     if width < 32 or height < 32 or width % 2 or height % 2:
         raise ValueError(f"size must be even and at least 32x32, got {size!r}")
+    if rest < 0 or (rest > 0 and n_frames < 3 * rest + 8):
+        raise ValueError(
+            f"rest={rest} still frames need n_frames >= {3 * rest + 8} (3 rests and two "
+            f"excursions of at least 4 frames), got n_frames={n_frames}"
+        )
     unknown = [c for c in classes if c not in _MOTION]
     if unknown or not classes:
         raise ValueError(f"unknown demo classes {unknown}; choose from {list(DEMO_CLASSES)}")
@@ -141,7 +169,9 @@ def make_demo_clips(
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             rng = np.random.default_rng([seed, DEMO_CLASSES.index(label), i])
-            frames = render_clip(label, rng, n_frames=n_frames, width=width, height=height)
+            frames = render_clip(
+                label, rng, n_frames=n_frames, width=width, height=height, rest=rest
+            )
             path = write_video(folder / f"{label}_{i:03d}.mp4", frames, fps=fps)
             clips.append((path, label))
     log.info("wrote %d demo clips to %s", len(clips), out)

@@ -54,7 +54,7 @@ def register(sub: Any) -> None:
         help="imagenet, random or a state-dict path (default: imagenet when torchvision's "
         "cache has it, else random, said out loud)",
     )
-    p.add_argument("--per-class", type=int, default=16, help="generated clips per class")
+    p.add_argument("--per-class", type=int, default=12, help="generated clips per class")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--no-serve", action="store_true", help="skip the serving step")
     p.add_argument("--device", default="auto")
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     store_path = root / "store.zarr"
 
     t0 = _step(f"1/4 generating demo clips in {root / 'clips'}")
-    clips = make_demo_clips(root / "clips", n_per_class=args.per_class)
+    # 10 still frames (the flow stack length) around each excursion: only the order differs
+    clips = make_demo_clips(root / "clips", n_per_class=args.per_class, n_frames=54, rest=10)
     by_class: dict[str, list[Path]] = {}
     for path, label in clips:
         by_class.setdefault(label, []).append(path)

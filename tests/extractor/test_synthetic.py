@@ -48,3 +48,26 @@ def test_bad_arguments(tmp_path: Path) -> None:
         make_demo_clips(tmp_path, classes=["spin"])
     with pytest.raises(ValueError, match="even"):
         make_demo_clips(tmp_path, size=(65, 64))
+
+
+def test_resting_clips_are_the_other_class_with_excursions_swapped() -> None:
+    rest, t = 10, 46  # two excursions of 8 frames
+    kw = {"n_frames": t, "width": 96, "height": 64, "noise": False, "rest": rest}
+    x = render_clip("left_then_right", np.random.default_rng(3), **kw).astype(np.int64)  # type: ignore[arg-type]
+    y = render_clip("right_then_left", np.random.default_rng(3), **kw).astype(np.int64)  # type: ignore[arg-type]
+    e = (t - 3 * rest) // 2
+    first, second = slice(rest, rest + e), slice(2 * rest + e, 2 * rest + 2 * e)
+    swapped = x.copy()
+    swapped[first], swapped[second] = x[second], x[first]
+    np.testing.assert_array_equal(swapped, y)
+    # still at both ends and between the excursions: equal frames there, in both classes
+    still = [*range(rest), *range(rest + e, 2 * rest + e), *range(2 * rest + 2 * e, t)]
+    for i in still:
+        np.testing.assert_array_equal(x[i], x[0])
+        np.testing.assert_array_equal(y[i], x[0])
+    assert np.abs(x[first].mean(0) - y[first].mean(0)).max() > 20  # the order differs
+
+
+def test_rest_needs_room(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="n_frames >= 38"):
+        make_demo_clips(tmp_path, n_frames=32, rest=10)
