@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"framepool {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError, PermissionError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         print(f"framepool {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
