@@ -28,59 +28,89 @@ def node_level_index(node: int) -> tuple[int, int]:
     return level, node - ((1 << (level - 1)) - 1) + 1
 
 
-def node_bounds(n_frames: int, depth: int) -> np.ndarray:
-    """``[2^D - 1, 2]`` int array of frame intervals [s, e) for a video of ``n_frames`` frames."""
+def pyramid_parts(depth: int) -> tuple[int, ...]:
+    """Parts per level of a ``depth``-level pyramid: ``(1, 2, 4, ..., 2^(D-1))``."""
+    n_nodes(depth)  # validates depth
+    return tuple(1 << (level - 1) for level in range(1, depth + 1))
+
+
+def interval_bounds(n_frames: int, parts: tuple[int, ...]) -> np.ndarray:
+    """``[sum(parts), 2]`` frame intervals [s, e): each ``p`` in ``parts`` splits T into p parts.
+
+    Part k = 1..p covers ``s = floor((k-1) T / p)``, ``e = max(floor(k T / p), s + 1)``, clamped
+    to T: the node rule for any partition (DTPP bins and DATP segments use it too).
+    """
     if n_frames < 1:
         raise ValueError(f"a video needs at least one frame, got n_frames={n_frames}")
-    bounds = np.empty((n_nodes(depth), 2), dtype=np.int64)
-    i = 0
-    for level in range(1, depth + 1):
-        parts = 1 << (level - 1)
-        for k in range(1, parts + 1):
-            s = min(((k - 1) * n_frames) // parts, n_frames - 1)
-            e = min(max((k * n_frames) // parts, s + 1), n_frames)
-            bounds[i] = (s, e)
-            i += 1
-    return bounds
+    rows = []
+    for p in parts:
+        for k in range(1, p + 1):
+            s = min(((k - 1) * n_frames) // p, n_frames - 1)
+            e = min(max((k * n_frames) // p, s + 1), n_frames)
+            rows.append((s, e))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def node_means(x: np.ndarray, depth: int) -> np.ndarray:
-    """``[M, d]`` node means of frame features ``x [T, d]`` (float64 prefix sums, float32 out)."""
+def interval_means(x: np.ndarray, parts: tuple[int, ...]) -> np.ndarray:
+    """``[sum(parts), d]`` interval means of ``x [T, d]`` (float64 prefix sums, float32 out)."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"expected frame features [T, d], got shape {x.shape}")
-    bounds = node_bounds(x.shape[0], depth)
+    bounds = interval_bounds(x.shape[0], parts)
     csum = np.zeros((x.shape[0] + 1, x.shape[1]), dtype=np.float64)
     np.cumsum(x, axis=0, dtype=np.float64, out=csum[1:])
     counts = (bounds[:, 1] - bounds[:, 0]).astype(np.float64)[:, None]
     return ((csum[bounds[:, 1]] - csum[bounds[:, 0]]) / counts).astype(np.float32)
 
 
-def node_maxes(x: np.ndarray, depth: int) -> np.ndarray:
-    """``[M, d]`` node maxima of frame features ``x [T, d]``."""
+def interval_maxes(x: np.ndarray, parts: tuple[int, ...]) -> np.ndarray:
+    """``[sum(parts), d]`` interval maxima of ``x [T, d]``."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"expected frame features [T, d], got shape {x.shape}")
-    bounds = node_bounds(x.shape[0], depth)
+    bounds = interval_bounds(x.shape[0], parts)
     return np.stack([x[s:e].max(axis=0) for s, e in bounds]).astype(np.float32)
 
 
-def batch_node_bounds(lengths: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and end frame of every node for a batch: two ``[B, M]`` long tensors."""
+def node_bounds(n_frames: int, depth: int) -> np.ndarray:
+    """``[2^D - 1, 2]`` int array of frame intervals [s, e) for a video of ``n_frames`` frames."""
+    return interval_bounds(n_frames, pyramid_parts(depth))
+
+
+def node_means(x: np.ndarray, depth: int) -> np.ndarray:
+    """``[M, d]`` node means of frame features ``x [T, d]`` (float64 prefix sums, float32 out)."""
+    return interval_means(x, pyramid_parts(depth))
+
+
+def node_maxes(x: np.ndarray, depth: int) -> np.ndarray:
+    """``[M, d]`` node maxima of frame features ``x [T, d]``."""
+    return interval_maxes(x, pyramid_parts(depth))
+
+
+def batch_interval_bounds(
+    lengths: torch.Tensor, parts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end frame of every interval for a batch: two ``[B, sum(parts)]`` long tensors."""
     lengths = lengths.to(torch.long)
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be [B], got shape {tuple(lengths.shape)}")
     if (lengths < 1).any():
         raise ValueError(f"every video needs at least one frame, got lengths {lengths.tolist()}")
     starts, ends = [], []
-    for level in range(1, depth + 1):
-        parts = 1 << (level - 1)
-        k = torch.arange(1, parts + 1, device=lengths.device)
-        s = torch.div((k - 1)[None, :] * lengths[:, None], parts, rounding_mode="floor")
+    for p in parts:
+        k = torch.arange(1, p + 1, device=lengths.device)
+        s = torch.div((k - 1)[None, :] * lengths[:, None], p, rounding_mode="floor")
         s = torch.minimum(s, lengths[:, None] - 1)
-        e = torch.div(k[None, :] * lengths[:, None], parts, rounding_mode="floor")
+        e = torch.div(k[None, :] * lengths[:, None], p, rounding_mode="floor")
         e = torch.minimum(torch.maximum(e, s + 1), lengths[:, None])
         starts.append(s)
         ends.append(e)
     return torch.cat(starts, 1), torch.cat(ends, 1)
+
+
+def batch_node_bounds(lengths: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end frame of every node for a batch: two ``[B, M]`` long tensors."""
+    return batch_interval_bounds(lengths, pyramid_parts(depth))
 
 
 def batch_node_means(x: torch.Tensor, lengths: torch.Tensor, depth: int) -> torch.Tensor:

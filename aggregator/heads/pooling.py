@@ -19,6 +19,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from aggregator.nodes import batch_interval_bounds, interval_bounds, interval_maxes, interval_means
+
+__all__ = [
+    "Intervals",
+    "PyramidLeaves",
+    "batch_interval_bounds",
+    "batch_pool_intervals",
+    "interval_bounds",
+    "pool_intervals",
+    "pyramid_mix",
+]
+
 PoolKind = Literal["mean", "max"]
 
 
@@ -62,55 +74,14 @@ class Intervals:
         return {"parts": list(self.parts), "kind": self.kind}
 
 
-def interval_bounds(n_frames: int, parts: tuple[int, ...]) -> np.ndarray:
-    """``[M, 2]`` frame intervals [s, e) of a video of ``n_frames`` frames."""
-    if n_frames < 1:
-        raise ValueError(f"a video needs at least one frame, got n_frames={n_frames}")
-    rows = []
-    for p in parts:
-        for k in range(1, p + 1):
-            s = min(((k - 1) * n_frames) // p, n_frames - 1)
-            e = min(max((k * n_frames) // p, s + 1), n_frames)
-            rows.append((s, e))
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-
-
 def pool_intervals(x: np.ndarray, spec: Intervals) -> np.ndarray:
     """``[M, d]`` float32 summary of one video's frame features ``x [T, d]``.
 
     Means use float64 prefix sums (O(T d) whatever M is), like :func:`aggregator.nodes.node_means`.
     """
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"expected frame features [T, d], got shape {x.shape}")
-    bounds = interval_bounds(x.shape[0], spec.parts)
     if spec.kind == "max":
-        return np.stack([x[s:e].max(axis=0) for s, e in bounds]).astype(np.float32)
-    csum = np.zeros((x.shape[0] + 1, x.shape[1]), dtype=np.float64)
-    np.cumsum(x, axis=0, dtype=np.float64, out=csum[1:])
-    counts = (bounds[:, 1] - bounds[:, 0]).astype(np.float64)[:, None]
-    return ((csum[bounds[:, 1]] - csum[bounds[:, 0]]) / counts).astype(np.float32)
-
-
-def batch_interval_bounds(
-    lengths: torch.Tensor, parts: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and end frame of every interval for a batch: two ``[B, M]`` long tensors."""
-    lengths = lengths.to(torch.long)
-    if lengths.dim() != 1:
-        raise ValueError(f"lengths must be [B], got shape {tuple(lengths.shape)}")
-    if (lengths < 1).any():
-        raise ValueError(f"every video needs at least one frame, got lengths {lengths.tolist()}")
-    starts, ends = [], []
-    for p in parts:
-        k = torch.arange(1, p + 1, device=lengths.device)
-        s = torch.div((k - 1)[None, :] * lengths[:, None], p, rounding_mode="floor")
-        s = torch.minimum(s, lengths[:, None] - 1)
-        e = torch.div(k[None, :] * lengths[:, None], p, rounding_mode="floor")
-        e = torch.minimum(torch.maximum(e, s + 1), lengths[:, None])
-        starts.append(s)
-        ends.append(e)
-    return torch.cat(starts, 1), torch.cat(ends, 1)
+        return interval_maxes(x, spec.parts)
+    return interval_means(x, spec.parts)
 
 
 def batch_pool_intervals(x: torch.Tensor, lengths: torch.Tensor, spec: Intervals) -> torch.Tensor:

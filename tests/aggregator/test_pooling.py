@@ -14,27 +14,11 @@ from aggregator.heads.pooling import (
     pyramid_mix,
 )
 from aggregator.nodes import batch_node_means, node_bounds, node_means
-from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
-
-
-def naive_bounds(t: int, parts: tuple[int, ...]) -> list[tuple[int, int]]:
-    out = []
-    for p in parts:
-        for k in range(1, p + 1):
-            s = min((k - 1) * t // p, t - 1)
-            e = min(max(k * t // p, s + 1), t)
-            out.append((s, e))
-    return out
-
-
-def naive_pool(x: np.ndarray, length: int, parts: tuple[int, ...], kind: str) -> np.ndarray:
-    rows = []
-    for s, e in naive_bounds(length, parts):
-        acc = x[s].astype(np.float64).copy()
-        for t in range(s + 1, e):
-            acc = np.maximum(acc, x[t]) if kind == "max" else acc + x[t]
-        rows.append(acc if kind == "max" else acc / (e - s))
-    return np.stack(rows)
+from tests.aggregator.reference import (
+    naive_bounds,
+    naive_pool,
+    one_thread,  # noqa: F401 - autouse fixture
+)
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 5, 7, 31, 32, 33, 100])
