@@ -348,6 +348,20 @@ def _lp_solver() -> str:
     raise RuntimeError(f"no LP solver available to cvxpy (installed: {installed})")
 
 
+def _cut_model(
+    a: np.ndarray, S: np.ndarray, owner: np.ndarray, n_classifiers: int
+) -> tuple[cp.Variable, cp.Variable, list[cp.Constraint]]:
+    """Variables ``beta`` (on the simplex) and ``t >= 0`` with every cut
+    ``t_owner[k] >= a[k] - S[k] . beta``: the model shared by both beta-steps."""
+    n_cuts, m_nodes = S.shape
+    beta = cp.Variable(m_nodes, nonneg=True)
+    t = cp.Variable(n_classifiers, nonneg=True)
+    owner_matrix = sparse.csr_matrix(
+        (np.ones(n_cuts), (np.arange(n_cuts), owner)), shape=(n_cuts, n_classifiers)
+    )
+    return beta, t, [cp.sum(beta) == 1, owner_matrix @ t + S @ beta >= a]
+
+
 def cutting_plane_lp(
     a: np.ndarray, S: np.ndarray, owner: np.ndarray, n_classifiers: int
 ) -> tuple[np.ndarray, float]:
@@ -357,15 +371,10 @@ def cutting_plane_lp(
     Each cut is the dual objective of a trained SVM, which lower-bounds that classifier's
     optimum at every beta; ``t >= 0`` is the cut of alpha = 0. Returns ``(beta, LP optimum)``.
     """
-    n_cuts, m_nodes = S.shape
-    beta = cp.Variable(m_nodes, nonneg=True)
-    t = cp.Variable(n_classifiers, nonneg=True)
-    owner_matrix = sparse.csr_matrix(
-        (np.ones(n_cuts), (np.arange(n_cuts), owner)), shape=(n_cuts, n_classifiers)
-    )
+    beta, t, cuts = _cut_model(a, S, owner, n_classifiers)
     problem = cp.Problem(
         cp.Minimize(cp.sum(t)),
-        [cp.sum(beta) == 1, owner_matrix @ t + S @ beta >= a],
+        cuts,
     )
     problem.solve(solver=_lp_solver())
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or beta.value is None:
@@ -384,15 +393,10 @@ def level_projection(
     """The level-method beta-step: the point of ``{beta on the simplex : model(beta) <= level}``
     closest to ``center``, where ``model(beta) = sum_l max(0, max_k owned by l (a[k] - S[k].beta))``
     is the same cut model as :func:`cutting_plane_lp` (a QP in cvxpy)."""
-    n_cuts, m_nodes = S.shape
-    beta = cp.Variable(m_nodes, nonneg=True)
-    t = cp.Variable(n_classifiers, nonneg=True)
-    owner_matrix = sparse.csr_matrix(
-        (np.ones(n_cuts), (np.arange(n_cuts), owner)), shape=(n_cuts, n_classifiers)
-    )
+    beta, t, cuts = _cut_model(a, S, owner, n_classifiers)
     problem = cp.Problem(
         cp.Minimize(cp.sum_squares(beta - center)),
-        [cp.sum(beta) == 1, owner_matrix @ t + S @ beta >= a, cp.sum(t) <= level],
+        [*cuts, cp.sum(t) <= level],
     )
     problem.solve(solver="CLARABEL" if "CLARABEL" in cp.installed_solvers() else None)
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or beta.value is None:
