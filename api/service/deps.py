@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
 from api.service.metrics import ServiceMetrics
-from api.service.runs import LoadedRun, Registry, WorkerContext
+from api.service.runs import Analysis, LoadedRun, Registry, WorkerContext, analyse
 from api.service.settings import Settings
 from api.service.uploads import Upload, UploadError, receive_upload, sniff_container
 
@@ -169,3 +171,30 @@ async def run_job(
     except VideoError as exc:
         assert upload is not None and upload.path is not None
         raise video_error(upload.path, exc) from None
+
+
+async def analyse_upload(
+    state: ServiceState,
+    upload: Upload,
+    run: LoadedRun,
+    *,
+    stride: int,
+    max_frames: int | None,
+    proba: bool,
+    embedding: bool,
+) -> Analysis:
+    """Probe the uploaded video, then decode, extract and apply ``run``'s head in a worker
+    (``stride`` and ``max_frames`` as resolved by :func:`frame_options`)."""
+    assert upload.path is not None
+    await probe_upload(upload.path)
+    job = functools.partial(
+        analyse,
+        run=run,
+        path=upload.path,
+        stride=stride,
+        max_frames=max_frames,
+        proba=proba,
+        embedding=embedding,
+        submitted_at=time.perf_counter(),
+    )
+    return await run_job(state, upload, job)

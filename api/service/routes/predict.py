@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Annotated
 
@@ -11,16 +10,14 @@ from fastapi import APIRouter, Query, Request
 
 from api.service.deps import (
     StateDep,
+    analyse_upload,
     frame_options,
     merge_options,
-    probe_upload,
     refuse_if_busy,
-    run_job,
     select_run,
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
-from api.service.runs import analyse
 from api.service.schemas import (
     ClassProbability,
     FramesInfo,
@@ -65,19 +62,15 @@ async def predict(
         opts = merge_options(query, upload.fields)
         run = select_run(state, opts.model)
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
-        assert upload.path is not None
-        await probe_upload(upload.path)
-        job = functools.partial(
-            analyse,
-            run=run,
-            path=upload.path,
+        result = await analyse_upload(
+            state,
+            upload,
+            run,
             stride=n_stride,
             max_frames=n_max,
             proba=True,
             embedding=False,
-            submitted_at=time.perf_counter(),
         )
-        result = await run_job(state, upload, job)
     assert result.proba is not None
     k = min(opts.top_k or state.settings.default_top_k, len(result.proba))
     order = np.argsort(-result.proba, kind="stable")[:k]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Annotated
 
@@ -14,16 +13,15 @@ from aggregator.similarity import SimilarityIndex
 from api.service.deps import (
     ServiceState,
     StateDep,
+    analyse_upload,
     frame_options,
     merge_options,
-    probe_upload,
     refuse_if_busy,
-    run_job,
     select_run,
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
-from api.service.runs import LoadedRun, analyse
+from api.service.runs import LoadedRun
 from api.service.schemas import (
     FramesInfo,
     MaxFrames,
@@ -102,18 +100,15 @@ async def similar(
         run = select_run(state, opts.model)
         index = _index(run)
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
-        await probe_upload(upload.path)
-        job = functools.partial(
-            analyse,
-            run=run,
-            path=upload.path,
+        result = await analyse_upload(
+            state,
+            upload,
+            run,
             stride=n_stride,
             max_frames=n_max,
             proba=False,
             embedding=True,
-            submitted_at=time.perf_counter(),
         )
-        result = await run_job(state, upload, job)
     assert result.embedding is not None
     t_search = time.perf_counter()
     hits = index.search(result.embedding, opts.top_k or state.settings.default_top_k)
