@@ -7,8 +7,9 @@ with ``model.state_dict()`` loads here as ``--weights PATH`` / ``--motion-weight
 
 Weights (``weights=``):
 
-- ``"imagenet"``: torchvision's cached checkpoint ``<torch hub dir>/checkpoints/<arch>-*.pth``;
-  never downloaded; a missing file is a :class:`FileNotFoundError` naming where it looked.
+- ``"imagenet"``: torchvision's checkpoint ``<torch hub dir>/checkpoints/<arch>-<hash>.pth``,
+  downloaded there when missing (progress shown, sha256 checked: :mod:`extractor.weights`); offline,
+  a missing file is a :class:`FileNotFoundError` naming the file and where to put it.
 - a path: a torchvision-style state dict (optionally wrapped in ``{"state_dict": ...}``, keys
   optionally prefixed by ``module.``/``backbone.``; ``fc.*`` ignored).
 - ``"random"``: explicit random weights, rebuilt bit-identically anywhere from the seed: drawn with
@@ -25,7 +26,6 @@ replicated over the 20; a 20-channel conv1 in the file is used as it is.
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import logging
 import math
@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 from torchvision.models import ResNet, resnet18, resnet50, resnet101
 
+from extractor import weights as weights_module
 from extractor.flow import sha256_file
 from extractor.transforms import STACK_LENGTH
 
@@ -88,23 +89,12 @@ def cross_modality_conv1(
     return mean.repeat(1, in_channels, 1, 1).contiguous()
 
 
-def imagenet_checkpoint(arch: str) -> Path:
-    """torchvision's cached ImageNet checkpoint for ``arch``; FileNotFoundError when absent.
-
-    Several cached versions: the original (V1) weights are preferred, as the papers used them.
+def imagenet_checkpoint(arch: str, *, download: bool = True) -> Path:
+    """torchvision's ImageNet checkpoint for ``arch`` in the torch hub cache, downloaded when
+    missing (hash checked); see :mod:`extractor.weights`. FileNotFoundError when it cannot be had.
     """
     _check_arch(arch)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    pattern = str(folder / f"{arch}-*.pth")
-    found = sorted(Path(p) for p in glob.glob(pattern))
-    if not found:
-        raise FileNotFoundError(
-            f"no ImageNet weights for {arch} in torchvision's cache (looked for {pattern}); "
-            f"framepool does not download weights: put the torchvision checkpoint there or pass "
-            f"--weights PATH (a {arch} state dict), or --weights random explicitly"
-        )
-    v1 = {"resnet18": "f37072fd", "resnet50": "0676ba61", "resnet101": "63fe2227"}[arch]
-    return next((p for p in found if v1 in p.name), found[0])
+    return weights_module.imagenet_checkpoint(arch, download=download)
 
 
 def state_sha256(module: nn.Module) -> str:

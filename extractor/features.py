@@ -133,11 +133,11 @@ def _input_config(stream: str) -> dict[str, Any]:
 class FeatureExtractor:
     """Per-frame appearance and/or motion features with one fixed, recordable configuration.
 
-    ``weights`` is ``"imagenet"`` (torchvision's cache; never downloaded), ``"random"`` (explicit,
-    seeded) or a state-dict path; ``motion_weights`` defaults to ``weights`` (a 3-channel conv1 gets
-    the cross-modality initialisation). ``flow`` names the flow backend; ``flow_weights`` is the
-    RAFT weights file. ``dtype``: ``auto`` computes in bfloat16 where the device supports it
-    natively, else float32.
+    ``weights`` is ``"imagenet"`` (torchvision's cache, downloaded there when missing),
+    ``"random"`` (explicit, seeded) or a state-dict path; ``motion_weights`` defaults to
+    ``weights`` (a 3-channel conv1 gets the cross-modality initialisation). ``flow`` names the
+    flow backend; ``flow_weights`` is the RAFT weights file. ``dtype``: ``auto`` computes in
+    bfloat16 where the device supports it natively, else float32.
 
     ``models[stream]`` are inference copies of the backbones: BatchNorm folded into the
     convolutions, in the compute dtype, channels_last; :func:`extractor.backbones.build_backbone`

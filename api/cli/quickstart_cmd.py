@@ -78,7 +78,7 @@ def _choose_weights(arg: str | None, arch: str) -> str:
     from extractor.backbones import imagenet_checkpoint
 
     try:
-        imagenet_checkpoint(arch)
+        imagenet_checkpoint(arch, download=False)  # the demo never needs the network
     except FileNotFoundError:
         print(
             f"  no ImageNet {arch} weights in torchvision's cache: using --weights random "
