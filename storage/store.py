@@ -21,12 +21,15 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
 
 from storage.ids import safe_video_id
+
+if TYPE_CHECKING:
+    from storage.export import ExportSummary, SplitArrays
 
 log = logging.getLogger(__name__)
 
@@ -539,3 +542,20 @@ class FeatureStore:
             "extractor": attrs.get("extractor", {}),
             "failed": sorted(failures, key=lambda f: f["video_id"]),
         }
+
+    # ------------------------------------------------------------------ export
+    def to_numpy(
+        self, split: str | None, stream: str, pooling: str = "mean", levels: int = 3
+    ) -> SplitArrays:
+        """A split as ``(X, y, video_ids)`` for scikit-learn: :func:`storage.export.to_numpy`."""
+        from storage.export import to_numpy
+
+        return to_numpy(self, split, stream, pooling=pooling, levels=levels)
+
+    def export(
+        self, out_dir: str | Path, fmt: str = "npy", split: str | None = None
+    ) -> ExportSummary:
+        """Per-video, per-stream NumPy files; see :func:`storage.export.export_store`."""
+        from storage.export import export_store
+
+        return export_store(self, out_dir, fmt=fmt, split=split)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from storage import SPLIT_FORMATS, FeatureStore, parse_splits
+from storage.export import EXPORT_FORMATS, export_store
 
 
 def register(sub: Any) -> None:
@@ -28,6 +29,28 @@ def register(sub: Any) -> None:
         "--name", default=None, help="list name (default: <format>-<split>, e.g. ucf101-1)"
     )
     imp.set_defaults(func=run_import_splits)
+
+    exp = ssub.add_parser(
+        "export",
+        help="write per-video NumPy files (<video_id>_<stream>.npy, as video_features names them)",
+        description="Write one float32 [T, d] file per video and stream, named "
+        "<video_id>_<stream>.npy (or .npz, the array stored under the stream's name).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exp.add_argument("path", metavar="STORE", help="store path or fsspec URL")
+    exp.add_argument("--format", default="npy", choices=EXPORT_FORMATS, help="file format")
+    exp.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    exp.add_argument(
+        "--split",
+        default=None,
+        help="only videos of this split (a split attr or LIST/PART); default: every complete video",
+    )
+    exp.add_argument(
+        "--streams",
+        default=None,
+        help="comma-separated streams to write; default: every stream of each video",
+    )
+    exp.set_defaults(func=run_export)
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -78,4 +101,14 @@ def run_import_splits(args: argparse.Namespace) -> int:
             f"{name}/{part}: {len(ids)} videos listed, {len(ids) - len(missing)} in the store"
             + (f", {len(missing)} not extracted (e.g. {missing[0]})" if missing else "")
         )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    store = FeatureStore.open(args.path, "r")
+    streams = None
+    if args.streams is not None:
+        streams = [s.strip() for s in args.streams.split(",") if s.strip()]
+    summary = export_store(store, args.out, fmt=args.format, split=args.split, streams=streams)
+    print(summary.format())
     return 0
