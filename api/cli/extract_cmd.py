@@ -25,6 +25,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _arch(text: str) -> str:
+    if text in ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(sorted(ARCHS))} or timm:<name>, got {text!r}"
+    )
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "extract",
@@ -56,7 +64,20 @@ def register(sub: Any) -> None:
         help="motion backbone weights (default: --weights; a 3-channel conv1 is "
         "cross-modality initialised)",
     )
-    g.add_argument("--arch", default="resnet101", choices=sorted(ARCHS))
+    g.add_argument(
+        "--arch",
+        default="resnet101",
+        type=_arch,
+        metavar="ARCH",
+        help=f"backbone: {', '.join(sorted(ARCHS))}, or timm:<name> for any timm model "
+        "(appearance only, with the model's own preprocessing)",
+    )
+    g.add_argument(
+        "--motion-arch",
+        default=None,
+        choices=sorted(ARCHS),
+        help="the motion stream's ResNet (default: --arch; required with a timm --arch)",
+    )
     g.add_argument(
         "--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="compute dtype"
     )
@@ -103,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         motion_weights=args.motion_weights,
         arch=args.arch,
+        motion_arch=args.motion_arch,
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,
