@@ -141,11 +141,14 @@ class FeatureStore:
             raise ValueError(f"mode must be 'r', 'r+' or 'a', got {mode!r}")
         spath = str(path)
         if not _is_url(spath) and not Path(spath).exists():
-            raise FileNotFoundError(f"no feature store at {spath!r}")
+            raise FileNotFoundError(f"no framepool store at {spath} (no such path)")
         try:
             root = zarr.open_group(spath, mode="r" if mode == "r" else "r+")
-        except Exception as exc:
-            raise FileNotFoundError(f"cannot open a feature store at {spath!r}: {exc}") from exc
+        except Exception as exc:  # zarr: "No group found in store ... at path ''"
+            raise FileNotFoundError(
+                f"no framepool store at {spath} (not a Zarr group; create one with framepool "
+                "extract)"
+            ) from exc
         store = cls(root, spath, mode)
         store._check_version()
         return store
@@ -153,7 +156,9 @@ class FeatureStore:
     def _check_version(self) -> None:
         version = _attr(self._root, "schema_version")
         if version is None:
-            raise ValueError(f"{self.path!r} is not a framepool store (no schema_version)")
+            raise ValueError(
+                f"no framepool store at {self.path} (a Zarr group without schema_version)"
+            )
         if int(version) > SCHEMA_VERSION:
             raise ValueError(
                 f"{self.path!r} has schema_version {version}; this framepool reads up to "
