@@ -23,7 +23,7 @@ from typing import Any, Literal
 DEFAULT_STEPS = 1000
 MAX_BATCH = 128
 MIN_BATCH = 8
-DEFAULT_LR_GRID = {"adam": (1e-3, 3e-3, 1e-2), "sgd": (3e-3, 1e-2, 3e-2)}
+DEFAULT_LR_GRID = {"adam": (1e-3, 1e-2, 1e-1), "sgd": (1e-3, 1e-2, 1e-1)}
 DEFAULT_WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2)
 EVALUATIONS = 20  # validation passes per training phase
 

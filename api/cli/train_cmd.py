@@ -90,7 +90,7 @@ def register(sub: Any) -> None:
     )
     opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     opt.add_argument(
-        "--lr", type=float, help="fixed learning rate (default: chosen from adam 1e-3, 3e-3, 1e-2)"
+        "--lr", type=float, help="fixed learning rate (default: chosen from 1e-3, 1e-2, 1e-1)"
     )
     opt.add_argument(
         "--weight-decay", type=float, help="fixed L2 weight decay (default: chosen from 1e-4..1e-2)"
