@@ -82,8 +82,8 @@ def plot_beta_pyramid(beta: Mapping[str, np.ndarray], path: str | Path, *, title
             im = ax.imshow(grid, aspect="auto", cmap="turbo", vmin=0.0, vmax=vmax)
             ax.set_yticks(range(grid.shape[0]), [f"l={i + 1}" for i in range(grid.shape[0])])
             ax.set_xticks([])
-            title = stream if mat.shape[0] == 1 else f"{stream}, pyramid {c + 1}"
-            ax.set_title(title, fontsize=9)
+            panel = stream if mat.shape[0] == 1 else f"{stream}, pyramid {c + 1}"
+            ax.set_title(panel, fontsize=9)
             if grid.shape[0] <= 4:  # few nodes: print the weights
                 for n, b in enumerate(mat[c]):
                     level, k = node_level_index(n)

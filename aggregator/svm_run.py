@@ -502,7 +502,9 @@ def train_svm(
     )
     written = [
         plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title),
-        plot_convergence({s: svm_info[s]["history"] for s in streams}, out / "svm_convergence.png"),
+        plot_convergence(
+            {s: svm_info[s]["history"] for s in streams}, out / "svm_convergence.png", title=title
+        ),
     ]
     if test_ids:
         written.append(

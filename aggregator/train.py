@@ -388,7 +388,10 @@ class Trainer:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
+        """The dtype batches are handed over in: bfloat16 under bf16 precision, except that
+        standardised inputs go in as float32 (16-bit features far from zero would lose their
+        differences before the standardisation; the head's matmuls still run in bfloat16)."""
+        return torch.bfloat16 if self.bf16 and not self.config.standardize else torch.float32
 
     def model(self, stats_key: str) -> VideoModel:
         """A freshly initialised model (same seed, so every configuration starts alike)."""

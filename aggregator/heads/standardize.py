@@ -67,8 +67,9 @@ class InputStandardizer(nn.Module):
 
     @staticmethod
     def _affine(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float64) else torch.float32
-        return ((x.to(dtype) - mean.to(dtype)) / std.to(dtype)).to(dtype)
+        # float32 at least: features far from zero lose their differences in 16-bit arithmetic
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.to(dtype) - mean.to(dtype)) / std.to(dtype)
 
     def forward(self, nodes: Mapping[str, NodeInput]) -> dict[str, NodeInput]:
         return {s: self.transform(s, v) if s in self.streams else v for s, v in nodes.items()}
