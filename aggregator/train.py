@@ -539,6 +539,22 @@ def final_training(trainer: Trainer, budget: Budget, selection: Selection) -> Fi
     )
     if trial.best_state is not None:
         trial.model.load_state_dict(trial.best_state)
+    chosen = selection.chosen_trial
+    if c.refit and chosen is not None and chosen.best_state is not None:
+        # the refit has no held-out videos to watch; it has trained on the validation videos, so
+        # it must score on them at least what the chosen configuration scored without them.
+        # Below that it diverged (a learning rate that held for the selection's shorter
+        # schedule can fail over the full one): keep the chosen configuration instead.
+        seen_top1, _ = trainer.validator()(trial.model)
+        if seen_top1 < chosen.best[0]:
+            log.warning(
+                "the refit scores %.4f on the validation videos it trained on, below the "
+                "selection's %.4f without them: keeping the selected weights",
+                seen_top1,
+                chosen.best[0],
+            )
+            chosen.model.load_state_dict(chosen.best_state)
+            return Final(chosen.model, chosen.history, data.n_fit, chosen.steps_run, False, seconds)
     return Final(trial.model, trial.history, len(rows), trial.steps_run, c.refit, seconds)
 
 
@@ -754,6 +770,7 @@ def _train(
         },
         training={
             "refit": final.refit,
+            "refit_fallback": chosen is not None and config.refit and not final.refit,
             "steps": final.steps,
             "batch_size": budget.batch_size,
             "epochs": final.steps * budget.batch_size / max(1, final.n_train),

@@ -277,3 +277,15 @@ def test_plot_text_reads_and_beta_panels_share_a_scale(tmp_path: Path) -> None:
     ]
     refit = [{"step": k, "train_loss": 0.5 / k, "train_top1": 0.6} for k in (1, 2)]
     assert plot_history(history, tmp_path / "h.png", title="run (tp)", refit=refit).is_file()
+
+
+def test_top1_breaks_ties_as_argmax_does() -> None:
+    """A model that scores every class alike is right only where argmax happens to be."""
+    from aggregator.metrics import classification_metrics
+
+    y = np.array([0, 1, 2, 2])
+    m = classification_metrics(np.zeros((4, 3)), y, ["a", "b", "c"])
+    assert m["top1"] == 0.25 == np.trace(np.array(m["confusion_matrix"])) / 4
+    assert m["top5"] == 1.0
+    scores = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 0.0, 0.0]])
+    assert classification_metrics(scores, np.array([1, 0, 2, 0]), ["a", "b", "c"])["top1"] == 0.5
