@@ -355,6 +355,7 @@ def prepare_data(
 
 
 SMALL_FEATURES = 64
+REFIT_DROP = 0.2  # top-1 on the validation videos a healthy refit cannot lose after seeing them
 
 
 def resolve_dropout(
@@ -541,17 +542,21 @@ def final_training(trainer: Trainer, budget: Budget, selection: Selection) -> Fi
         trial.model.load_state_dict(trial.best_state)
     chosen = selection.chosen_trial
     if c.refit and chosen is not None and chosen.best_state is not None:
-        # the refit has no held-out videos to watch; it has trained on the validation videos, so
-        # it must score on them at least what the chosen configuration scored without them.
-        # Below that it diverged (a learning rate that held for the selection's shorter
-        # schedule can fail over the full one): keep the chosen configuration instead.
-        seen_top1, _ = trainer.validator()(trial.model)
-        if seen_top1 < chosen.best[0]:
+        # the refit has no held-out videos to watch, but it has trained on the validation
+        # videos: if it scores them far below what the chosen configuration scored without
+        # them, or its outputs no longer tell the classes apart, it has diverged or collapsed
+        # (a learning rate that held for the selection's shorter schedule can fail over the
+        # full one). Keep the chosen configuration's weights instead.
+        outputs, _ = trainer.outputs(trial.model, data.rows_val)
+        seen_top1, _ = validation_score(outputs, data.labels[data.rows_val])
+        collapsed = not np.isfinite(outputs).all() or bool(np.ptp(outputs, axis=1).max() < 1e-6)
+        if collapsed or seen_top1 < chosen.best[0] - REFIT_DROP:
             log.warning(
-                "the refit scores %.4f on the validation videos it trained on, below the "
-                "selection's %.4f without them: keeping the selected weights",
+                "the refit scores %.4f on the validation videos it trained on (selection: %.4f "
+                "without them)%s: keeping the selected weights",
                 seen_top1,
                 chosen.best[0],
+                ", every class alike" if collapsed else "",
             )
             chosen.model.load_state_dict(chosen.best_state)
             return Final(chosen.model, chosen.history, data.n_fit, chosen.steps_run, False, seconds)
