@@ -23,6 +23,9 @@ from api.cli.options import PRECISIONS, Deprecated, add_streams, streams_choice
 STREAM_CHOICES = ("appearance", "motion", "both")
 
 
+_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
 def _finetune_streams(text: str) -> str:
     value = streams_choice(text)
     if value not in STREAM_CHOICES:
@@ -294,7 +297,8 @@ def reextract_command(
     weights, motion = _weights_options(files)
     cmd = (
         f"framepool extract VIDEOS --store NEW_STORE --streams {','.join(streams)} "
-        f"--arch {args.arch} --dtype {dtype} --weights {weights}"
+        f"--arch {args.arch} --precision {_PRECISION_OF_DTYPE.get(dtype, dtype)} "
+        f"--weights {weights}"
     )
     if motion is not None:
         cmd += f" --motion-weights {motion} --flow {args.flow}"

@@ -66,6 +66,23 @@ def register(sub: Any) -> None:
     exp.set_defaults(func=run_export)
 
 
+_SUMMARY_KEYS = ("arch", "feature_dim", "weights", "input_size", "dtype")
+
+
+def describe_extractor(cfg: Any) -> str:
+    """The fields of one stream's extractor config a reader needs (``--json`` shows them all)."""
+    if not isinstance(cfg, dict):
+        return str(cfg)
+    parts = [f"{k}={cfg[k]}" for k in _SUMMARY_KEYS if cfg.get(k) is not None]
+    flow = cfg.get("flow")
+    if isinstance(flow, dict) and "backend" in flow:
+        parts.append(f"flow={flow['backend']}")
+    known = set(_SUMMARY_KEYS) | {"flow"}
+    if not any(k in cfg for k in known):  # not framepool's layout: show what there is
+        parts = [f"{k}={v}" for k, v in cfg.items()]
+    return ", ".join(parts)
+
+
 def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"store        {info['path']}",
@@ -85,8 +102,7 @@ def format_info(info: dict[str, Any]) -> str:
     for name, parts in info["split_lists"].items():
         lines.append(f"split list   {name}: " + ", ".join(f"{p}={n}" for p, n in parts.items()))
     for stream, cfg in info["extractor"].items():
-        desc = ", ".join(f"{k}={v}" for k, v in cfg.items()) if isinstance(cfg, dict) else cfg
-        lines.append(f"extractor    {stream}: {desc}")
+        lines.append(f"extractor    {stream}: {describe_extractor(cfg)}")
     if info["failed"]:
         lines.append(f"failed       {len(info['failed'])}:")
         lines.extend(f"  {f['video_id']}: {f['error']}" for f in info["failed"])
