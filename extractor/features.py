@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,12 +347,19 @@ class FeatureExtractor:
         return out
 
     def extract_file(
-        self, path: str | Path, *, stride: int = 1, max_frames: int | None = None
+        self,
+        path: str | Path,
+        *,
+        stride: int = 1,
+        max_frames: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> ExtractedVideo:
         """Decode and embed one video (every frame unless ``stride``/``max_frames`` subsample).
 
         Raises :class:`extractor.decode.VideoError` for a file that cannot be decoded in full.
         Safe to call from several threads (each call uses its own flow backend instance).
+        ``should_stop`` is polled at every decoded frame; once it returns true the video is
+        abandoned with :class:`InterruptedError` (at most one batch later).
         """
         flow = self.flow.clone() if self.flow is not None else None
         parts: dict[str, list[np.ndarray]] = {s: [] for s in self.streams}
@@ -376,6 +383,7 @@ class FeatureExtractor:
             flow=flow,
             stride=stride,
             max_frames=max_frames,
+            should_stop=should_stop,
             appearance_input=self.appearance_input,
         ):
             if isinstance(item, VideoDone):
@@ -385,8 +393,9 @@ class FeatureExtractor:
             n_pending += len(item)
             if n_pending >= self.batch_size:
                 run_pending()
+        if done is None:
+            raise InterruptedError(f"{str(path)!r}: extraction stopped before the end")
         run_pending()
-        assert done is not None
         features = {s: np.concatenate(parts[s]) for s in self.streams}
         for s, f in features.items():
             assert f.shape[0] == len(done.frame_indices), (s, f.shape, len(done.frame_indices))

@@ -53,7 +53,8 @@ def register(sub: Any) -> None:
         "--max-frames-limit",
         type=int,
         default=None,
-        help="largest max_frames a request may ask for (bounds the work one request can cause)",
+        help="largest max_frames a request may ask for; longer videos are subsampled to it "
+        "(bounds the work one request can cause; default 300, see GET /v1/limits)",
     )
     p.add_argument(
         "--device", default="cpu", help="torch device for extraction: cpu, cuda, auto (default cpu)"
@@ -101,7 +102,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             queue_size=args.queue_size,
             max_upload_mb=args.max_upload_mb,
             default_max_frames=args.max_frames,
-            max_frames_limit=args.max_frames_limit,
+            **(
+                {} if args.max_frames_limit is None else {"max_frames_limit": args.max_frames_limit}
+            ),
             upload_dir=None if args.upload_dir is None else Path(args.upload_dir),
             torch_threads=args.torch_threads,
         )
@@ -127,5 +130,6 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         timeout_graceful_shutdown=10,
+        access_log=False,  # the app writes its own access line (status, bytes, model)
     )
     return 0
