@@ -45,7 +45,9 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from api.cli.options import Parser
+
+    parser = Parser(
         prog="framepool",
         description="Per-frame video features once; temporal pooling heads in seconds.",
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from api.cli import UsageError
+from api.cli.options import Deprecated, positive_int
 
 
 def register(sub: Any) -> None:
@@ -30,7 +31,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--workers", type=int, default=1, help="inference worker threads (default 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="inference workers (threads running models)"
+    )
     p.add_argument(
         "--queue-size",
         type=int,
@@ -61,7 +64,20 @@ def register(sub: Any) -> None:
         default=None,
         help="folder for uploads in flight (default: private temp dir)",
     )
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--threads",
+        dest="torch_threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        dest="torch_threads",
+        action=Deprecated,
+        new="--threads",
+        convert=positive_int,
+    )
     p.set_defaults(func=run)
 
 
