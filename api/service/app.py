@@ -19,6 +19,7 @@ from api.service.deps import ServiceState
 from api.service.inference import InferenceQueue
 from api.service.metrics import MetricsMiddleware, ServiceMetrics
 from api.service.routes import health, limits, metrics, models, predict, similar
+from api.service.routes.docs import add_offline_docs
 from api.service.runs import Registry, WorkerContext, load_registry, make_worker_context
 from api.service.settings import Settings
 from api.service.uploads import UploadBudget, make_upload_dir
@@ -94,12 +95,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Video classification and similar-video search with temporal pooling heads.",
         version=_version(),
         lifespan=lifespan,
+        docs_url=None,  # served from local assets below
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.service = None
     for module in (predict, similar, models, limits, health, metrics):
         app.include_router(module.router)
+    add_offline_docs(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
     _describe_loaded_models(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -299,3 +299,15 @@ def test_the_schema_says_what_the_service_takes(
         r = client.delete("/v1/limits")
         assert r.status_code == 405 and r.headers["allow"] == "GET"
     assert list(uploads.iterdir()) == []
+
+
+def test_docs_need_no_network(monkeypatch: pytest.MonkeyPatch, uploads: Path) -> None:
+    with TestClient(fake_app(monkeypatch, uploads)) as client:
+        for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+            html = client.get(page)
+            assert html.status_code == 200 and f"/docs-static/{asset}" in html.text
+            assert "cdn." not in html.text and "fonts.googleapis" not in html.text
+            js = client.get(f"/docs-static/{asset}")
+            assert js.status_code == 200 and len(js.content) > 100_000
+        assert client.get("/docs-static/swagger-ui.css").status_code == 200
+        assert "/docs-static/swagger-ui.css" in client.get("/docs").text
