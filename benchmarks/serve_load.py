@@ -12,7 +12,7 @@ server's stage times, and the server's peak resident memory (VmHWM).
 ``--hostile N`` adds N misbehaving clients of each kind beside the normal ones, to show that
 they are still served: ``slow`` (sends its upload at 4 KiB/s), ``stall`` (sends half of it, then
 nothing), ``oversize`` (declares 1 GiB; and streams zeros without a length until cut off),
-``flood`` (a 3,000-frame 16x16 video, a few tens of KB that decode to far more frames than the
+``flood`` (a 3,000-frame 16x16 video, about 200 KB that decode to far more frames than the
 service's frame limit). The server then runs with short upload timeouts and a small upload disk
 budget (``--hostile-env``); the table gives status codes and latency per kind of client.
 """

@@ -311,3 +311,23 @@ def test_docs_need_no_network(monkeypatch: pytest.MonkeyPatch, uploads: Path) ->
             assert js.status_code == 200 and len(js.content) > 100_000
         assert client.get("/docs-static/swagger-ui.css").status_code == 200
         assert "/docs-static/swagger-ui.css" in client.get("/docs").text
+
+
+def test_predict_can_return_the_nearest_training_videos(
+    monkeypatch: pytest.MonkeyPatch, uploads: Path, short_real_video: Path
+) -> None:
+    video = short_real_video.read_bytes()
+    with TestClient(fake_app(monkeypatch, uploads)) as client:
+        r = post(client, video, similar=3, max_frames=5)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["similar"]) == 3 and body["frames"]["used"] == {"appearance": 5}
+        assert [n["distance"] for n in body["similar"]] == sorted(
+            n["distance"] for n in body["similar"]
+        )
+        alone = client.post("/v1/similar", params={"top_k": 3, "max_frames": 5},
+                            files={"file": ("clip.mp4", video)})  # fmt: skip
+        assert body["similar"] == alone.json()["neighbours"]  # one extraction, the same answer
+        assert post(client, video).json()["similar"] is None
+        assert post(client, video, similar=0).status_code == 422
+    assert list(uploads.iterdir()) == []
