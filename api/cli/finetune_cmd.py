@@ -131,6 +131,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="recompute gradient chunks in the backward pass: memory of one chunk, not 1/K of T",
     )
+    opt.add_argument(
+        "--grad-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="backward pass in chunks of N frames with gradient (their activations recomputed): "
+        "memory of N frames whatever the videos' length; the same gradients, one more forward "
+        "pass of the subset (default: one graph over all of a batch's subset frames)",
+    )
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     opt.add_argument(
@@ -179,7 +188,8 @@ def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    positive = ("period", "epochs", "batch_videos", "chunk_size", "levels", "pyramids", "node_dim")
+    positive: tuple[str, ...] = ("period", "epochs", "batch_videos", "chunk_size", "levels")
+    positive += ("pyramids", "node_dim", "grad_frames")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -234,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         grad_scale=args.grad_scale,
         chunk_size=args.chunk_size,
         checkpoint=args.checkpoint_activations,
+        grad_frames=args.grad_frames,
         seed=args.seed,
         amp=amp,
     )
