@@ -443,6 +443,19 @@ class FrameDataset(Dataset[dict[str, Any]]):
             "video_id": vid,
         }
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items (the DataLoader's batched fetch), read with a thread pool."""
+        ids = [self.video_ids[i] for i in indices]
+        feats = {s: self.store.read_many(ids, s) for s in self.streams}
+        return [
+            {
+                "features": {s: torch.from_numpy(feats[s][k]) for s in self.streams},
+                "label": -1 if self.labels is None else int(self.labels[i]),
+                "video_id": ids[k],
+            }
+            for k, i in enumerate(indices)
+        ]
+
 
 @dataclass
 class FrameBatch:

@@ -24,6 +24,7 @@ damage raises :class:`CorruptVideoError` instead of reading back as zeros.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 import threading
@@ -114,6 +115,32 @@ def _index_record(
     rec["n_frames"] = attrs.get("n_frames")
     rec["shapes"] = dict(shapes)
     return rec
+
+
+def _check_chunk_count(files: Any, video_id: str, stream: str, where: str) -> None:
+    """Arrays in an older layout (fill value 0, no checksum) read a lost chunk as zeros: count
+    their chunk files against the shape instead."""
+    base = f"videos/{video_id}/{stream}"
+    raw = files.read(f"{base}/zarr.json")
+    meta = json.loads(raw) if raw else {}
+    try:
+        t = int(meta["shape"][0])
+        rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CorruptVideoError(
+            f"video {video_id!r} in {where!r}: unreadable array metadata {base}/zarr.json",
+            video_id,
+            f"{base}/zarr.json",
+        ) from None
+    for i in range(-(-t // rows)):
+        if "0" not in files.list(f"{base}/c/{i}"):
+            key = f"{base}/c/{i}/0"
+            raise CorruptVideoError(
+                f"video {video_id!r} in {where!r} is damaged: chunk file {key!r} of stream "
+                f"{stream!r} is missing (this array would read it back as zeros)",
+                video_id,
+                key,
+            )
 
 
 class FeatureStore:
@@ -631,6 +658,45 @@ class FeatureStore:
             return [self.read(v, stream, dtype) for v in video_ids]
         with ThreadPoolExecutor(min(threads, len(video_ids))) as pool:
             return list(pool.map(lambda v: self.read(v, stream, dtype), video_ids))
+
+    def verify(
+        self, *, workers: int = 8, mark: bool = False, progress: Any = None
+    ) -> list[dict[str, str]]:
+        """Read every stream of every complete video (in ``workers`` threads) and return the
+        damaged ones as ``{"video_id", "key", "error"}``, sorted by id.
+
+        Damage: a chunk file missing, truncated or altered (checksum), or for arrays written
+        before the checksummed layout, fewer chunk files than the array's shape needs. With
+        ``mark`` (a writable store) damaged videos are marked ``incomplete`` (see
+        :meth:`mark_damaged`), so that the next ``extract`` redoes them. ``progress`` is called
+        with the number of videos checked so far.
+        """
+        ids = self.videos()
+        done = [0]
+        lock = threading.Lock()
+
+        def check(vid: str) -> dict[str, str] | None:
+            try:
+                for stream in self.streams(vid):
+                    self.read(vid, stream, np.float16)
+                    if int(self._shapes(vid)[stream][2]) <= 0:
+                        _check_chunk_count(self._files, vid, stream, self.path)
+            except CorruptVideoError as exc:
+                return {"video_id": vid, "key": exc.key, "error": str(exc)}
+            finally:
+                with lock:
+                    done[0] += 1
+                    if progress is not None:
+                        progress(done[0])
+            return None
+
+        with ThreadPoolExecutor(max(1, min(workers, len(ids) or 1))) as pool:
+            damaged = [r for r in pool.map(check, ids) if r is not None]
+        if mark and damaged:
+            self._writable()
+            for r in damaged:
+                self.mark_damaged(r["video_id"], f"{r['key']}: {r['error']}")
+        return damaged
 
     def videos(self, split: str | None = None, status: str | None = "complete") -> list[str]:
         """Sorted video ids with the given ``status`` (None: any) and ``split``.
