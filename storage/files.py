@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,11 @@ class Files(Protocol):
         """Replace ``key`` with ``data`` in one step (readers see the old or the new bytes)."""
         ...
 
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``key`` without the atomic replace (for files nothing reads until a later
+        atomic write points to them, e.g. the chunks of a video not yet complete)."""
+        ...
+
     def append(self, key: str, data: bytes) -> None:
         """Append ``data`` to ``key`` (created when missing)."""
         ...
@@ -44,6 +50,10 @@ class Files(Protocol):
 
     def size(self, key: str) -> int | None:
         """Size of ``key`` in bytes, or None when it does not exist."""
+        ...
+
+    def remove_tree(self, folder: str) -> None:
+        """Delete ``folder`` and everything under it; no error when it is absent."""
         ...
 
 
@@ -76,6 +86,11 @@ class LocalFiles:
             if tmp.exists():
                 tmp.unlink()
 
+    def put(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
     def append(self, key: str, data: bytes) -> None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +110,9 @@ class LocalFiles:
             return (self.root / key).stat().st_size
         except FileNotFoundError:
             return None
+
+    def remove_tree(self, folder: str) -> None:
+        shutil.rmtree(self.root / folder, ignore_errors=True)
 
 
 class FsspecFiles:
@@ -124,6 +142,9 @@ class FsspecFiles:
         # object stores replace an object in one PUT; readers never see a partial object
         self.fs.pipe_file(self._path(key), data)
 
+    def put(self, key: str, data: bytes) -> None:
+        self.write(key, data)
+
     def append(self, key: str, data: bytes) -> None:
         with self.fs.open(self._path(key), "ab") as f:
             f.write(data)
@@ -137,6 +158,10 @@ class FsspecFiles:
             return int(self.fs.size(self._path(key)))
         except FileNotFoundError:
             return None
+
+    def remove_tree(self, folder: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(folder), recursive=True)
 
 
 def files_for(path: str) -> Files:

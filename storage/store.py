@@ -57,10 +57,11 @@ from storage.index import (
 )
 from storage.layout import (
     CorruptVideoError,
-    new_stream_array,
     read_direct,
     read_zarr,
     record_from_group,
+    write_group,
+    write_stream,
 )
 
 log = logging.getLogger(__name__)
@@ -455,14 +456,6 @@ class FeatureStore:
         assert isinstance(grp, zarr.Group)
         return grp
 
-    def _video_group(self, video_id: str) -> zarr.Group:
-        videos = self._videos_group()
-        if video_id not in videos:
-            raise KeyError(f"video {video_id!r} is not in store {self.path!r}")
-        grp = videos[video_id]
-        assert isinstance(grp, zarr.Group)
-        return grp
-
     def write_video(
         self,
         video_id: str,
@@ -527,15 +520,27 @@ class FeatureStore:
             "streams": sorted(arrays),
         }
         self._begin(video_id)
-        # The group is (re)created "incomplete"; only the last write below marks it complete.
-        grp = self._videos_group().create_group(video_id, overwrite=True, attributes=attrs)
+        # The group is (re)created "incomplete"; only its last write below marks it complete.
+        self._clear_group(video_id)
+        write_group(self._files, video_id, attrs)
         shapes_out = {}
         for name, a16 in arrays.items():
-            rows = new_stream_array(grp, name, a16)
+            rows = write_stream(self._files, video_id, name, a16)
             shapes_out[name] = [int(a16.shape[0]), int(a16.shape[1]), rows]
         done = {"status": "complete", "error": None, "extracted_at": _now()}
-        grp.update_attributes(done)  # one zarr.json write: status, error and time together
+        write_group(self._files, video_id, {**attrs, **done})  # one write: status, error, time
         self._log([_index_record(video_id, {**attrs, **done}, shapes_out)])
+
+    def _clear_group(self, video_id: str) -> None:
+        """Remove a previous version of the group (its old chunks must not outlive it)."""
+        if self._files.list(f"videos/{video_id}"):
+            self._files.remove_tree(f"videos/{video_id}")
+
+    def _group_attrs(self, video_id: str) -> dict[str, Any]:
+        raw = self._files.read(f"videos/{video_id}/zarr.json")
+        if raw is None:
+            raise KeyError(f"video {video_id!r} is not in store {self.path!r}")
+        return dict(json.loads(raw).get("attributes") or {})
 
     def mark_failed(
         self,
@@ -558,25 +563,25 @@ class FeatureStore:
             "streams": [],
         }
         self._begin(video_id)
-        self._videos_group().create_group(video_id, overwrite=True, attributes=attrs)
+        self._clear_group(video_id)
+        write_group(self._files, video_id, _jsonable(attrs))
         self._log([_index_record(video_id, attrs, {})])
 
     def mark_damaged(self, video_id: str, reason: str) -> None:
         """Mark a stored video ``incomplete`` because its data is damaged, so that the next
         ``extract`` redoes it; the reason is kept in its ``error``."""
         self._writable()
+        attrs = self._group_attrs(video_id)
         self._begin(video_id)
-        grp = self._video_group(video_id)
-        grp.update_attributes({"status": "incomplete", "error": f"damaged: {reason}"})
-        rec = record_from_group(self._files, video_id)
-        self._log([rec])
+        attrs.update(status="incomplete", error=f"damaged: {reason}")
+        write_group(self._files, video_id, attrs)
+        self._log([record_from_group(self._files, video_id)])
 
     def delete_video(self, video_id: str) -> None:
         self._writable()
-        videos = self._videos_group()
-        if video_id in videos:
+        if self._files.list(f"videos/{video_id}"):
             self._begin(video_id)
-            del videos[video_id]
+            self._files.remove_tree(f"videos/{video_id}")
             self._log([{"id": video_id, "op": "del"}])
 
     def status(self, video_id: str) -> str | None:
@@ -586,16 +591,16 @@ class FeatureStore:
 
     def video_attrs(self, video_id: str) -> dict[str, Any]:
         """Every attr of one video, read from its group."""
-        return dict(self._video_group(video_id).attrs)
+        return self._group_attrs(video_id)
 
     def update_video_attrs(self, video_id: str, **attrs: Any) -> None:
         """Change descriptive attrs (label, split, ...) of a stored video; never its status."""
         self._writable()
         if "status" in attrs:
             raise ValueError("status is set by write_video/mark_failed only")
-        grp = self._video_group(video_id)
+        current = self._group_attrs(video_id)
         self._begin(video_id)
-        grp.update_attributes(_jsonable(attrs))
+        write_group(self._files, video_id, {**current, **_jsonable(attrs)})
         self._log([record_from_group(self._files, video_id)])
 
     def _shapes(self, video_id: str) -> dict[str, list[int]]:

@@ -174,7 +174,6 @@ def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
 _CRASH = """
 import os, signal, sys
 import numpy as np
-import zarr.storage
 import storage.files
 from storage import FeatureStore
 
@@ -189,21 +188,11 @@ def tick(what):
     if writes[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 
-set_ = zarr.storage.LocalStore.set
-async def counted_set(self, key, value):
-    tick(key)
-    return await set_(self, key, value)
-zarr.storage.LocalStore.set = counted_set
-append = storage.files.LocalFiles.append
-def counted_append(self, key, data):
-    tick(key)
-    return append(self, key, data)
-storage.files.LocalFiles.append = counted_append
-delete = zarr.storage.LocalStore.delete_dir
-async def counted_delete(self, prefix):
-    tick(prefix)
-    return await delete(self, prefix)
-zarr.storage.LocalStore.delete_dir = counted_delete
+for method in ("write", "put", "append", "remove_tree"):
+    def counted(self, key, *args, _original=getattr(storage.files.LocalFiles, method)):
+        tick(key)
+        return _original(self, key, *args)
+    setattr(storage.files.LocalFiles, method, counted)
 
 rng = np.random.default_rng(1)
 if op == "write":
