@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 INDEX_FORMAT = 1
-ROLL = 4096  # records in a live part before it is frozen into columns
+ROLL = 1024  # records in a live part before it is frozen into columns
 MAX_FROZEN = 8  # frozen parts beyond which a writer compacts them into one base
 
 OPS = ("put", "del", "pending")
@@ -224,6 +224,13 @@ def latest(table: IndexTable) -> IndexTable:
 
 # ---------------------------------------------------------------------------------- reading
 def _parse_part(data: bytes, name: str) -> list[dict[str, Any]]:
+    body = data.strip()
+    if body:
+        try:  # one decoder call for the whole part (a torn last line falls back to line by line)
+            whole = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+            return [r for r in whole if isinstance(r, dict) and "id" in r]
+        except ValueError:
+            pass
     records = []
     lines = data.split(b"\n")
     for k, line in enumerate(lines):
@@ -311,6 +318,16 @@ class IndexWriter:
             if len(self.buffer) >= ROLL:
                 self._freeze()
         return recs
+
+    def close(self) -> None:
+        """Freeze the live part (readers then load columns, not JSON) and compact the frozen
+        parts when there are several. Called when the writing store is closed or collected,
+        and at interpreter exit."""
+        with self.lock:
+            if self.buffer:
+                self._freeze()
+            if sum(n.endswith(".npz") for n in self.files.list(INDEX_DIR)) > 2:
+                compact(self.files)
 
     def _freeze(self) -> None:
         table = latest(IndexTable.from_records(self.buffer))

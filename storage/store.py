@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _close_quietly(writer: IndexWriter) -> None:
+    try:
+        writer.close()
+    except Exception:  # at exit a filesystem may be gone; the live part stays valid as it is
+        log.debug("could not freeze index part %s", writer.name, exc_info=True)
+
+
 def _index_record(
     video_id: str, attrs: Mapping[str, Any], shapes: Mapping[str, list[int]]
 ) -> dict[str, Any]:
@@ -156,6 +164,7 @@ class FeatureStore:
         self.mode = mode
         self._files = files_for(path)
         self._writer: IndexWriter | None = None
+        self._closer: weakref.finalize | None = None
         self._table: IndexTable | None = None  # the loaded index, one row per video
         self._rows: dict[str, int] | None = None  # id -> row of _table
         self._overlay: dict[str, dict[str, Any]] = {}  # own records since _table was built
@@ -287,7 +296,14 @@ class FeatureStore:
     def _index_writer(self) -> IndexWriter:
         if self._writer is None:
             self._writer = IndexWriter(self._files)
+            self._closer = weakref.finalize(self, _close_quietly, self._writer)
         return self._writer
+
+    def close(self) -> None:
+        """Freeze this writer's index part and compact the index (also done when the store
+        object is collected or the interpreter exits); the store stays usable."""
+        if self._writer is not None:
+            self._writer.close()
 
     def _log(self, records: list[dict[str, Any]]) -> None:
         """Append records to this writer's index part and to the in-memory view."""
@@ -335,11 +351,16 @@ class FeatureStore:
             table = IndexTable.empty()
         else:
             table = found[0]
-        live = table.op == PUT
-        known = set(table.ids[live].tolist())
+        live_ids = table.ids[table.op == PUT]
         pending = table.ids[table.op == PENDING].tolist()
-        unknown = sorted((listing - known) | set(pending))
-        gone = known - listing
+        names = np.sort(np.array(list(listing), dtype=str))
+        if not pending and np.array_equal(names, live_ids):
+            unknown: list[str] = []  # the usual case, checked in C: index and groups agree
+            gone: set[str] = set()
+        else:
+            known = set(live_ids.tolist())
+            unknown = sorted((listing - known) | set(pending))
+            gone = known - listing
         if gone:
             log.warning(
                 "store %s: %d indexed videos have no group (e.g. %r); dropped from the view",
