@@ -306,3 +306,17 @@ def test_two_concurrent_writers(tmp_path: Path) -> None:
     assert_agrees(str(path))
     parts = json.dumps(sorted(files_for(str(path)).list("index")))
     assert "base-" in parts  # both writers froze and compacted parts while the other wrote
+
+
+def test_close_freezes_the_live_part(store_path: str) -> None:
+    store = FeatureStore.create(store_path)
+    for i in range(5):
+        store.write_video(f"v{i}", {"appearance": np.ones((2, 3))}, label="x")
+    names = files_for(store_path).list("index")
+    assert any(n.endswith(".jsonl") for n in names)
+    store.close()
+    names = files_for(store_path).list("index")
+    assert not any(n.endswith(".jsonl") for n in names)
+    assert FeatureStore.open(store_path).videos() == [f"v{i}" for i in range(5)]
+    store.write_video("v5", {"appearance": np.ones((2, 3))}, label="x")  # still usable
+    assert_agrees(store_path)
