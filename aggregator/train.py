@@ -35,7 +35,7 @@ from aggregator.data import (
     NodeTensors,
     frame_loader,
     label_indices,
-    load_node_tensors,
+    load_node_data,
     open_store,
     split_videos,
     stratified_holdout,
@@ -49,6 +49,7 @@ from aggregator.heads import (
     build_model,
 )
 from aggregator.metrics import beta_by_level, classification_metrics
+from aggregator.node_cache import NodeBlocks
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def fit_epoch(
 @torch.no_grad()
 def predict_nodes(
     model: VideoModel,
-    data: NodeTensors,
+    data: NodeTensors | NodeBlocks,
     index: np.ndarray,
     *,
     batch_size: int = 512,
@@ -450,7 +451,7 @@ def _train(
     rows_val = np.arange(n_fit, n_fit + n_val)
     rows_test = np.arange(n_fit + n_val, len(all_ids))
     bf16 = args["precision"] == "bf16"
-    data: NodeTensors | None = None
+    data: NodeTensors | NodeBlocks | None = None
     hold = torch.float32
     if args["inputs"] == "nodes":
         leaves = pyramid_leaf_streams(model) if args["pyramid_leaves"] else []
@@ -460,7 +461,7 @@ def _train(
         n_bytes = 4 * len(all_ids) * sum(counts[s] * in_features[s] for s in streams)
         # bf16 keeps the cache's float16 (batches converted as they go); fp32 while it fits
         hold = torch.float32 if not bf16 and n_bytes <= fp32_budget() else torch.float16
-        data = load_node_tensors(
+        data = load_node_data(
             store, all_ids, labels_all, specs, dtype=hold, leaves=leaves, progress=progress
         )
     seconds_data = time.perf_counter() - t_data
@@ -627,7 +628,7 @@ def _plots(
     out: Path,
     metrics: Mapping[str, Any],
     betas: Mapping[str, np.ndarray],
-    data: NodeTensors | None,
+    data: NodeTensors | NodeBlocks | None,
     rows_test: np.ndarray,
     all_ids: list[str],
     class_names: list[str],
