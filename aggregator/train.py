@@ -38,6 +38,7 @@ from aggregator.data import (
     NodeTensors,
     frame_loader,
     label_indices,
+    load_node_data,
     load_node_tensors,
     open_store,
     stratified_holdout,
@@ -49,8 +50,9 @@ from aggregator.heads import (
     VideoModel,
     build_model,
 )
-from aggregator.heads.pooling import Intervals
+from aggregator.heads.pooling import Intervals, PyramidLeaves
 from aggregator.metrics import beta_by_level, classification_metrics
+from aggregator.node_cache import NodeBlocks
 from aggregator.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -174,7 +176,7 @@ def pyramid_leaf_streams(model: VideoModel) -> list[str]:
 @torch.no_grad()
 def predict_nodes(
     model: VideoModel,
-    data: NodeTensors,
+    data: NodeTensors | NodeBlocks,
     index: np.ndarray,
     *,
     batch_size: int = 512,
@@ -226,7 +228,7 @@ class RunData:
     n_val: int
     n_test: int
     val_ids: list[str]
-    nodes: NodeTensors | None  # None: frames through a DataLoader
+    nodes: NodeTensors | NodeBlocks | None  # None: frames through a DataLoader
     node_dtype: torch.dtype | None
     stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -262,23 +264,27 @@ def build(config: TrainConfig, in_features: Mapping[str, int], n_classes: int) -
 
 
 def standardization_stats(
-    nodes: NodeTensors, rows: np.ndarray, chunk: int = 256
+    nodes: NodeTensors | NodeBlocks, rows: np.ndarray, chunk: int = 256
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per stream, the mean and standard deviation ``[d]`` of every feature over the summaries
-    of ``rows`` (all their nodes or leaves), accumulated in float64 chunk by chunk."""
-    out = {}
-    index = torch.as_tensor(rows, dtype=torch.long)
-    if len(index) == 0:
+    of ``rows`` (all their nodes or leaves), accumulated in float64 chunk by chunk (in memory or
+    streamed from the out-of-core node cache alike)."""
+    if len(rows) == 0:
         raise ValueError("no training video to compute standardisation statistics from")
-    for s, t in nodes.nodes.items():
-        d = t.shape[-1]
-        shift = t[index[:1]].reshape(-1, d).double().mean(0)  # stabilises the sum of squares
-        total, square, count = torch.zeros(d, dtype=torch.float64), torch.zeros(d).double(), 0
-        for start in range(0, len(index), chunk):
-            x = t.index_select(0, index[start : start + chunk]).reshape(-1, d).double() - shift
-            total += x.sum(0)
-            square += (x * x).sum(0)
-            count += x.shape[0]
+    acc: dict[str, list[Any]] = {}
+    for batch, _, _ in nodes.batches(np.asarray(rows), chunk, dtype=torch.float32):
+        for s, v in batch.items():
+            t = v.leaves if isinstance(v, PyramidLeaves) else v
+            x = t.reshape(-1, t.shape[-1]).double()
+            if s not in acc:  # the first rows' mean as a shift stabilises the sum of squares
+                acc[s] = [x.mean(0), torch.zeros_like(x[0]), torch.zeros_like(x[0]), 0]
+            shift, total, square, _ = acc[s]
+            x = x - shift
+            acc[s][1] = total + x.sum(0)
+            acc[s][2] = square + (x * x).sum(0)
+            acc[s][3] += x.shape[0]
+    out = {}
+    for s, (shift, total, square, count) in acc.items():
         mean = total / count
         var = (square / count - mean * mean).clamp_min(0.0)
         out[s] = ((mean + shift).float(), var.sqrt().float())
@@ -311,7 +317,7 @@ def prepare_data(
     in_features = {s: int(store.read(train_ids[0], s).shape[1]) for s in config.streams}
     n_train = len(fit_idx) + len(val_idx)
 
-    data: NodeTensors | None = None
+    data: NodeTensors | NodeBlocks | None = None
     hold: torch.dtype | None = None
     bf16 = config.precision == "bf16"
     if config.inputs == "nodes":
@@ -322,10 +328,11 @@ def prepare_data(
         n_bytes = 4 * len(ids) * sum(counts[s] * in_features[s] for s in config.streams)
         # bf16 keeps the cache's float16 (batches converted as they go); fp32 while it fits
         hold = torch.float32 if not bf16 and n_bytes <= fp32_budget() else torch.float16
-        data = load_node_tensors(
+        data = load_node_data(
             store, ids, labels, specs, dtype=hold, leaves=leaves, progress=progress
         )
-        stats_source, stats_rows = data, np.arange(n_train)
+        stats_source: NodeTensors | NodeBlocks = data
+        stats_rows = np.arange(n_train)
     else:  # the statistics still come from the summaries the head reads, as on the nodes path
         stats_source = load_node_tensors(
             store, ids[:n_train], labels[:n_train], specs, leaves=leaves, progress=progress
