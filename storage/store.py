@@ -233,7 +233,8 @@ class FeatureStore:
         """Write all streams of one video, then mark it ``complete``.
 
         ``streams`` maps a stream name to a ``[T, d]`` array (stored as float16); every stream of
-        one video has the same T. A video already ``complete`` is rewritten only with ``overwrite``.
+        one video has the same T. A map stream is ``[T', h, w, C]`` with its own T'. A video
+        already ``complete`` is rewritten only with ``overwrite``.
         """
         self._writable()
         if video_id != safe_video_id(video_id):
@@ -246,10 +247,10 @@ class FeatureStore:
             if not name or name != safe_video_id(name):
                 raise ValueError(f"video {video_id!r}: invalid stream name {name!r}")
             a = np.asarray(arr)
-            if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            if a.ndim not in (2, 4) or min(a.shape) < 1:
                 raise ValueError(
-                    f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1, "
-                    f"got shape {a.shape}"
+                    f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1 "
+                    f"(or a [T', h, w, C] map), got shape {a.shape}"
                 )
             if not np.issubdtype(a.dtype, np.number):
                 raise ValueError(
@@ -263,8 +264,9 @@ class FeatureStore:
                     "float16 range"
                 )
             arrays[name] = a16
-            lengths.add(a.shape[0])
-        if len(lengths) != 1:
+            if a.ndim == 2:  # maps may be kept at a frame stride: their T' is their own
+                lengths.add(a.shape[0])
+        if len(lengths) > 1:
             shapes = {k: v.shape for k, v in arrays.items()}
             raise ValueError(f"video {video_id!r}: streams differ in T: {shapes}")
 
@@ -284,9 +286,11 @@ class FeatureStore:
         # complete, so an interrupted write is never mistaken for a finished one.
         grp = videos.create_group(video_id, overwrite=True, attributes=attrs)
         for name, a16 in arrays.items():
-            t, d = a16.shape
-            rows = max(1, min(t, (1 << 20) // (2 * d)))  # about 1 MiB per chunk
-            z = grp.create_array(name=name, shape=(t, d), dtype="float16", chunks=(rows, d))
+            t, per_row = a16.shape[0], int(np.prod(a16.shape[1:]))
+            rows = max(1, min(t, (1 << 20) // (2 * per_row)))  # about 1 MiB per chunk
+            z = grp.create_array(
+                name=name, shape=a16.shape, dtype="float16", chunks=(rows, *a16.shape[1:])
+            )
             z[...] = a16
         grp.attrs.update({"status": "complete", "error": None, "extracted_at": _now()})
 
@@ -517,7 +521,7 @@ class FeatureStore:
                     by_class[str(label)] = by_class.get(str(label), 0) + 1
                 lengths = []
                 for name, arr in grp.arrays():
-                    stream_dims[name] = int(arr.shape[1])
+                    stream_dims[name] = int(arr.shape[-1])
                     lengths.append(int(arr.shape[0]))
                 total_frames += max(lengths, default=0)
         attrs = self.attrs

@@ -8,6 +8,7 @@ from typing import Any
 
 from api.cli import UsageError
 from extractor.backbones import ARCHS, STREAMS
+from extractor.features import MAP_STREAMS
 from extractor.flow import FLOW_BACKENDS
 from extractor.pipeline import ExtractionSummary, run_extract
 from extractor.sharding import parse_shard
@@ -67,15 +68,24 @@ def register(sub: Any) -> None:
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
     r.add_argument("--stride", type=_positive, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=_positive, help="keep at most N frames, evenly spaced")
+    m = p.add_argument_group("spatial maps (--streams appearance_map,motion_map)")
+    m.add_argument(
+        "--map-dim", type=_positive, help="reduce map channels to N by a seeded random projection"
+    )
+    m.add_argument(
+        "--map-stride", type=_positive, default=1, help="keep the maps of every N-th frame"
+    )
+    m.add_argument("--map-seed", type=int, default=0, help="seed of the map projection")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def _streams(text: str) -> list[str]:
     streams = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in streams if s not in STREAMS]
+    known = [*STREAMS, *MAP_STREAMS]
+    bad = [s for s in streams if s not in known]
     if not streams or bad or len(set(streams)) != len(streams):
-        raise UsageError(f"--streams must list some of {list(STREAMS)}, got {text!r}")
+        raise UsageError(f"--streams must list some of {known}, got {text!r}")
     return streams
 
 
@@ -93,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "--flow raft needs --flow-weights PATH (RAFT weights are never downloaded)"
         )
+    if not any(s in MAP_STREAMS for s in streams) and (
+        args.map_dim is not None or args.map_stride != 1
+    ):
+        raise UsageError("--map-dim and --map-stride need a map stream in --streams")
     summary = run_extract(
         args.inputs,
         args.store,
@@ -111,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_frames=args.max_frames,
         progress=not args.no_progress and sys.stderr.isatty(),
+        map_dim=args.map_dim,
+        map_stride=args.map_stride,
+        map_seed=args.map_seed,
     )
     print(summary.format())
     return exit_status(summary)
