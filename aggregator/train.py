@@ -316,6 +316,27 @@ def train_run(
         The metrics written to ``metrics.json``.
     """
     t_start = time.perf_counter()
+    if head == "stpn":  # reads the spatial map streams, through its own loader
+        from aggregator.map_train import train_map_run
+
+        return train_map_run(
+            store_path,
+            out_dir,
+            head_kwargs=head_kwargs,
+            train_split=train_split,
+            test_split=test_split,
+            val_fraction=val_fraction,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            patience=patience,
+            grad_clip=grad_clip,
+            seed=seed,
+            device=device,
+            threads=threads,
+            make_plots=make_plots,
+        )
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; known: {sorted(HEADS)}")
     streams = list(dict.fromkeys(streams))

@@ -23,10 +23,11 @@ convolutional layer, without attention).
 
 The pathways are fused by a third compact bilinear layer into ``out_dim``, scaled by signed square
 root + L2, and classified by dropout + FC. With ``fusion_constant`` (the default) every pathway
-vector gets a constant 1 appended before that fusion, so the sketch holds each pathway alone and
-each pair of pathways as well as their triple product: in the plain product a pathway that carries
-no class information on some data (a zero-mean, class-independent vector) multiplies the others'
-information away, which the constant avoids; ``fusion_constant=False`` is the seed's exact form.
+vector is scaled to unit norm and gets a constant 1 appended before that fusion, so the sketch
+holds each pathway alone and the product of every subset of pathways, with equal energy: in the
+plain product a pathway that carries no class information on some data (a zero-mean,
+class-independent vector) multiplies the others' information away, which the constant avoids;
+``fusion_constant=False`` is the seed's exact form.
 The last attention convolution starts at zero, so the attention starts as average pooling.
 """
 
@@ -300,8 +301,10 @@ class SpatiotemporalPyramid(nn.Module):
     def features(self, x: Mapping[str, torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         vectors = self.pathway_vectors(x, lengths)
         parts = [vectors[p] for p in self.pathways]
-        if self.fusion_constant:  # [v, 1]: the sketch then holds every lower-order product too
-            parts = [torch.cat([v, v.new_ones(v.shape[0], 1)], dim=1) for v in parts]
+        if self.fusion_constant:  # [v / |v|, 1]: every product of a subset of pathways, alike
+            parts = [
+                torch.cat([F.normalize(v, dim=1), v.new_ones(v.shape[0], 1)], dim=1) for v in parts
+            ]
         fused = self.fusion(*(parts * 2 if len(parts) == 1 else parts))
         return signed_sqrt_l2(fused)  # [B, out_dim]
 

@@ -10,7 +10,7 @@ from api.cli import UsageError
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
-HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "svm")
+HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "svm")
 
 # head-specific options: option dest -> heads it applies to
 _APPLIES: dict[str, tuple[str, ...]] = {
@@ -22,9 +22,9 @@ _APPLIES: dict[str, tuple[str, ...]] = {
     "segments": ("datp",),
     "gaussians": ("datp",),
     "weights_model": ("datp",),
-    "out_dim": ("stcb",),
-    "paths": ("stcb",),
-    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb"),
+    "out_dim": ("stcb", "stpn"),
+    "paths": ("stcb", "stpn"),
+    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"),
     "C": ("svm",),
     "kernel": ("svm",),
     "max_iter": ("svm",),
@@ -66,8 +66,8 @@ def register(sub: Any) -> None:
     head.add_argument("--segments", type=int, help="datp: number of segments N (10)")
     head.add_argument("--gaussians", type=int, help="datp: mixture size K (2)")
     head.add_argument("--weights-model", choices=("mog", "discrete"), help="datp weights (mog)")
-    head.add_argument("--out-dim", type=int, help="stcb: fused dimension (4096)")
-    head.add_argument("--paths", type=int, help="stcb: temporal paths fused per stream (3)")
+    head.add_argument("--out-dim", type=int, help="stcb, stpn: fused dimension (4096)")
+    head.add_argument("--paths", type=int, help="stcb, stpn: temporal paths fused (3)")
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
     head.add_argument("--fusion", choices=("learned", "fixed"), help="stream fusion weights")
     head.add_argument(
@@ -168,7 +168,7 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
             kw["gaussians"] = args.gaussians
         if args.weights_model is not None:
             kw["weights"] = args.weights_model
-    elif args.head == "stcb":
+    elif args.head in ("stcb", "stpn"):
         if args.out_dim is not None:
             kw["out_dim"] = args.out_dim
         if args.paths is not None:
@@ -274,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
             progress=args.verbose > 0 or sys.stderr.isatty(),
         )
     print(format_summary(metrics, args.out))
-    if not args.no_index:
+    if args.head == "stpn":  # its runs read map streams, which the index does not
+        print("index        none: stpn runs read map streams")
+    elif not args.no_index:
         from aggregator.similarity import build_index
 
         index = build_index(args.out, args.store, split=args.train_split)
