@@ -24,6 +24,7 @@ _APPLIES: dict[str, tuple[str, ...]] = {
     "weights_model": ("datp",),
     "out_dim": ("stcb", "stpn"),
     "paths": ("stcb", "stpn"),
+    "pathways": ("stpn",),
     "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"),
     "C": ("svm",),
     "kernel": ("svm",),
@@ -68,6 +69,11 @@ def register(sub: Any) -> None:
     head.add_argument("--weights-model", choices=("mog", "discrete"), help="datp weights (mog)")
     head.add_argument("--out-dim", type=int, help="stcb, stpn: fused dimension (4096)")
     head.add_argument("--paths", type=int, help="stcb, stpn: temporal paths fused (3)")
+    head.add_argument(
+        "--pathways",
+        help="stpn: pathways fused at the top, comma-separated among spatial, temporal, "
+        "attended, fused (spatial,temporal,attended)",
+    )
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
     head.add_argument("--fusion", choices=("learned", "fixed"), help="stream fusion weights")
     head.add_argument(
@@ -173,6 +179,8 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
             kw["out_dim"] = args.out_dim
         if args.paths is not None:
             kw["paths"] = args.paths
+        if args.pathways is not None:
+            kw["pathways"] = tuple(p.strip() for p in args.pathways.split(",") if p.strip())
     if args.dropout is not None:
         kw["dropout"] = args.dropout
     return kw

@@ -88,6 +88,7 @@ def test_cli_trains_stpn_and_other_commands_refuse_it(tiny_store: Path, tmp_path
     out = tmp_path / "run"
     args = ["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out)]
     args += ["--epochs", "2", "--batch-size", "4", "--out-dim", "64", "--device", "cpu"]
+    args += ["--pathways", "spatial,temporal,attended,fused"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head"] == "stpn" and metrics["n_test"] == 4
@@ -96,11 +97,14 @@ def test_cli_trains_stpn_and_other_commands_refuse_it(tiny_store: Path, tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["streams"] == ["appearance_map", "motion_map"]
     assert config["in_features"] == {"appearance_map": 4, "motion_map": 4}
+    assert config["head_kwargs"]["pathways"] == ["spatial", "temporal", "attended", "fused"]
     state = torch.load(out / "model.pt", weights_only=True)
-    assert "attention.conv1.weight" in state
+    assert "attention.conv1.weight" in state and "fused_norm.weight" in state
     assert main(["evaluate", "--run", str(out), "--store", str(tiny_store)]) == 2
     assert main(["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out),
                  "--levels", "3"]) == 2  # fmt: skip
+    assert main(["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out),
+                 "--pathways", "spatial,nodes"]) == 2  # fmt: skip
 
 
 def test_stpn_on_a_store_without_maps_names_the_fix(tmp_path: Path) -> None:
@@ -113,3 +117,37 @@ def test_stpn_on_a_store_without_maps_names_the_fix(tmp_path: Path) -> None:
         from aggregator.train import train_run
 
         train_run(tmp_path / "v.zarr", out, head="stpn", test_split=None, epochs=1)
+
+
+@pytest.mark.slow
+def test_stpn_sees_where_the_motion_is_and_pooled_heads_do_not(tmp_path: Path) -> None:
+    from aggregator.train import train_run
+
+    task = LocationTask(grid=5, channels=16, frames=(4, 8))
+    write_location_store(tmp_path / "loc.zarr", train_per_class=60, test_per_class=25, task=task)
+    common = {"epochs": 12, "batch_size": 16, "patience": None, "make_plots": False}
+    stpn = train_run(
+        tmp_path / "loc.zarr",
+        tmp_path / "stpn",
+        head="stpn",
+        head_kwargs={
+            "out_dim": 1024,
+            "temporal_dim": 128,
+            "attention_dim": 64,
+            "pathways": ("spatial", "temporal", "attended", "fused"),
+        },
+        **common,  # type: ignore[arg-type]
+    )
+    stcb = train_run(
+        tmp_path / "loc.zarr",
+        tmp_path / "stcb",
+        head="stcb",
+        streams=["appearance", "motion"],
+        head_kwargs={"out_dim": 1024},
+        **common,  # type: ignore[arg-type]
+    )
+    assert stcb["top1"] < 0.4, stcb["top1"]  # chance is 0.25: pooled vectors carry no location
+    assert stpn["top1"] >= 0.45 and stpn["top1"] >= stcb["top1"] + 0.15, (
+        stpn["top1"],
+        stcb["top1"],
+    )
