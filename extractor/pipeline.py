@@ -314,6 +314,7 @@ def run_extraction(
                     max_frames=max_frames,
                     chunk_size=chunk_size,
                     should_stop=stop.is_set,
+                    appearance_input=extractor.appearance_input,
                 ):
                     if isinstance(item, VideoDone):
                         ok = put(_Done(key, item, sha256_file(path)))
@@ -517,6 +518,7 @@ def run_extract(
     stride: int = 1,
     max_frames: int | None = None,
     progress: bool = True,
+    motion_arch: str | None = None,
     map_dim: int | None = None,
     map_stride: int = 1,
     map_seed: int = 0,
@@ -554,6 +556,7 @@ def run_extract(
         device=device,
         batch_size=batch_size,
         dtype=dtype,
+        motion_arch=motion_arch,
     )
     if maps or map_dim is not None or map_stride != 1:
         if not maps:

@@ -4,26 +4,53 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
-from extractor.backbones import ARCHS, STREAMS
-from extractor.features import MAP_STREAMS
-from extractor.flow import FLOW_BACKENDS
-from extractor.pipeline import ExtractionSummary, run_extract
-from extractor.sharding import parse_shard
+from api.cli.options import (
+    FLOW_BACKENDS,
+    RESNET_ARCHS,
+    VIDEO_EXTENSIONS,
+    Deprecated,
+    add_precision,
+    add_streams,
+    positive_int,
+    stream_list,
+)
 
-__all__ = ["register", "run", "run_extract"]
+if TYPE_CHECKING:
+    from extractor.pipeline import ExtractionSummary
+
+__all__ = ["register", "run"]
+
+_PRECISION_TO_DTYPE = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
+MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
 
 
-def _positive(text: str) -> int:
+def _extract_streams(text: str) -> str:
+    """The pooled streams (as :func:`stream_list` reads them) and any map streams."""
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    maps = [s for s in parts if s in MAP_STREAMS]
+    rest = ",".join(s for s in parts if s not in MAP_STREAMS)
+    if len(set(maps)) != len(maps):
+        raise argparse.ArgumentTypeError(f"a map stream is repeated in {text}")
+    if not rest and maps:
+        return ",".join(maps)
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        return ",".join([*stream_list(rest), *maps])
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected appearance, motion, appearance,motion or both, and optionally "
+            f"appearance_map, motion_map; got {text}"
+        ) from None
+
+
+def _arch(text: str) -> str:
+    if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(sorted(RESNET_ARCHS))} or timm:<name>, got {text}"
+    )
 
 
 def register(sub: Any) -> None:
@@ -34,6 +61,8 @@ def register(sub: Any) -> None:
             "Decode every frame of every video, compute ResNet appearance features (RGB frame) and "
             "motion features (a stack of 10 optical-flow fields) per frame, and write them to a "
             "Zarr store. Resumable: complete videos are skipped, unfinished and failed ones redone."
+            f"\n\nFolders are searched for {', '.join(VIDEO_EXTENSIONS)} files; a .txt file lists "
+            "one video path per line."
         ),
     )
     p.add_argument(
@@ -42,55 +71,79 @@ def register(sub: Any) -> None:
     p.add_argument("--store", required=True, help="feature store path or fsspec URL")
     p.add_argument("--labels", help="CSV with columns path,label[,split] (default: parent folder)")
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--streams", default=",".join(STREAMS), help="comma-separated: appearance,motion"
+    add_streams(
+        g,
+        default=",".join(("appearance", "motion")),
+        type=_extract_streams,
+        help="appearance, motion, or both (appearance,motion); add appearance_map, motion_map "
+        "for the spatial maps of the last conv block",
+        old_stream=False,
     )
     g.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
     g.add_argument("--flow-weights", help="RAFT weights file (for --flow raft)")
     g.add_argument(
         "--weights",
         default="imagenet",
-        help="imagenet (torchvision's cache), random (seeded), or a state-dict PATH",
+        help="imagenet (torchvision's checkpoint, downloaded into the torch hub cache when "
+        "missing; timm's pretrained weights for timm:<name>), random (seeded), or a "
+        "state-dict PATH",
     )
     g.add_argument(
         "--motion-weights",
         help="motion backbone weights (default: --weights; a 3-channel conv1 is "
         "cross-modality initialised)",
     )
-    g.add_argument("--arch", default="resnet101", choices=sorted(ARCHS))
     g.add_argument(
-        "--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="compute dtype"
+        "--arch",
+        default="resnet101",
+        type=_arch,
+        metavar="ARCH",
+        help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, or timm:<name> for any timm model "
+        "(appearance only, with the model's own preprocessing)",
     )
+    g.add_argument(
+        "--motion-arch",
+        default=None,
+        choices=sorted(RESNET_ARCHS),
+        help="the motion stream's ResNet (default: --arch; required with a timm --arch)",
+    )
+    add_precision(g, old_dtype=True)
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--batch-size", type=_positive, default=32, help="frames per model batch")
-    r.add_argument("--workers", type=_positive, default=2, help="video preparation threads")
+    r.add_argument("--batch-size", type=positive_int, default=32, help="frames per model batch")
+    r.add_argument(
+        "--decode-workers",
+        dest="decode_workers",
+        type=positive_int,
+        default=2,
+        help="threads that decode and prepare videos",
+    )
+    r.add_argument(
+        "--workers",
+        dest="decode_workers",
+        action=Deprecated,
+        new="--decode-workers",
+        convert=lambda t: positive_int(t),
+    )
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
-    r.add_argument("--stride", type=_positive, default=1, help="keep every N-th frame")
-    r.add_argument("--max-frames", type=_positive, help="keep at most N frames, evenly spaced")
-    m = p.add_argument_group("spatial maps (--streams appearance_map,motion_map)")
+    r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
+    r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
-        "--map-dim", type=_positive, help="reduce map channels to N by a seeded random projection"
+        "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
     )
     m.add_argument(
-        "--map-stride", type=_positive, default=1, help="keep the maps of every N-th frame"
+        "--map-stride", type=positive_int, default=1, help="keep the maps of every N-th frame"
     )
     m.add_argument("--map-seed", type=int, default=0, help="seed of the map projection")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _streams(text: str) -> list[str]:
-    streams = [s.strip() for s in text.split(",") if s.strip()]
-    known = [*STREAMS, *MAP_STREAMS]
-    bad = [s for s in streams if s not in known]
-    if not streams or bad or len(set(streams)) != len(streams):
-        raise UsageError(f"--streams must list some of {known}, got {text!r}")
-    return streams
-
-
 def run(args: argparse.Namespace) -> int:
-    streams = _streams(args.streams)
+    from extractor.sharding import parse_shard
+
+    streams = args.streams.split(",")
     shard = None
     if args.shard is not None:
         try:
@@ -107,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         args.map_dim is not None or args.map_stride != 1
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    from extractor.pipeline import run_extract
+
     summary = run_extract(
         args.inputs,
         args.store,
@@ -117,10 +172,11 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         motion_weights=args.motion_weights,
         arch=args.arch,
+        motion_arch=args.motion_arch,
         device=args.device,
-        dtype=args.dtype,
+        dtype=_PRECISION_TO_DTYPE[args.precision],
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=args.decode_workers,
         shard=shard,
         stride=args.stride,
         max_frames=args.max_frames,
