@@ -11,6 +11,8 @@ videos.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
@@ -33,19 +35,40 @@ from aggregator.train import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
-    _finite,
-    _run_id,
     fit_epoch,
     param_groups,
     resolve_device,
     seed_everything,
-    write_json,
 )
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
 
 MAP_HEADS = ("stpn",)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Strict JSON written atomically (NaN/inf become null)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _run_id(out: Path, config: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{out.resolve().name}-{digest[:8]}"
+
+
 IN_MEMORY_BYTES = 2 << 30  # map streams up to this size (float16) stay in memory after epoch 1
 
 
