@@ -107,6 +107,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     ``aggregator.svm_run.SVMPredictor``.
     """
     config = read_config(run_dir)
+    if config["head"] == "stpn":
+        raise ValueError(
+            f"run {str(run_dir)!r} has head stpn, which reads spatial map streams: loading it "
+            "to evaluate or serve is not supported; its test metrics are in metrics.json"
+        )
     if config["head"] == "svm":
         from aggregator.svm_run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
 

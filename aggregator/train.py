@@ -720,6 +720,27 @@ def train_run(
     """
     t_start = time.perf_counter()
     config = (config or TrainConfig()).replace(**options) if options else config or TrainConfig()
+    if config.head == "stpn":  # reads the spatial map streams, through its own loader
+        from aggregator.map_train import train_map_run
+
+        return train_map_run(
+            store_path,
+            out_dir,
+            head_kwargs=config.head_kwargs,
+            train_split=config.train_split,
+            test_split=config.test_split,
+            val_fraction=config.val_fraction,
+            epochs=config.epochs if config.epochs is not None else 30,
+            batch_size=config.batch_size if config.batch_size is not None else 32,
+            lr=config.lr,
+            weight_decay=config.weight_decay if config.weight_decay is not None else 1e-4,
+            patience=config.patience,
+            grad_clip=config.grad_clip,
+            seed=config.seed,
+            device=config.device,
+            threads=config.threads,
+            make_plots=make_plots,
+        )
     from aggregator.heads import HEADS
 
     if config.head not in HEADS:

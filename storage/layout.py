@@ -62,11 +62,11 @@ def _group_doc(attrs: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2, allow_nan=False).encode()
 
 
-def _array_doc(t: int, d: int, rows: int) -> bytes:
+def _array_doc(shape: tuple[int, ...], rows: int) -> bytes:
     doc = {
-        "shape": [t, d],
+        "shape": list(shape),
         "data_type": "float16",
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [rows, d]}},
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [rows, *shape[1:]]}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": "NaN",
         "codecs": _CODECS,
@@ -90,16 +90,19 @@ def write_group(files: Files, video_id: str, attrs: dict[str, Any]) -> None:
 
 
 def write_stream(files: Files, video_id: str, name: str, a16: np.ndarray) -> int:
-    """Write ``a16`` ``[T, d]`` float16 as the array ``videos/<video_id>/<name>`` (chunks first,
-    then its document); returns the rows per chunk."""
-    t, d = a16.shape
-    rows = chunk_rows(t, d)
+    """Write ``a16`` float16 (``[T, d]``, or ``[T', h, w, C]`` for a map stream) as the array
+    ``videos/<video_id>/<name>`` (chunks of whole rows first, then its document); returns the
+    rows per chunk."""
+    t, rest = int(a16.shape[0]), tuple(int(x) for x in a16.shape[1:])
+    rows = chunk_rows(t, int(np.prod(rest)))
     for i, start in enumerate(range(0, t, rows)):
         block = a16[start : start + rows]
         if len(block) < rows:  # Zarr stores edge chunks whole, padded with the fill value
-            block = np.concatenate([block, np.full((rows - len(block), d), np.nan, np.float16)])
-        files.put(f"videos/{video_id}/{name}/c/{i}/0", encode_chunk(block))
-    files.put(f"videos/{video_id}/{name}/zarr.json", _array_doc(t, d, rows))
+            pad = np.full((rows - len(block), *rest), np.nan, np.float16)
+            block = np.concatenate([block, pad])
+        key = "/".join(["c", str(i)] + ["0"] * len(rest))
+        files.put(f"videos/{video_id}/{name}/{key}", encode_chunk(block))
+    files.put(f"videos/{video_id}/{name}/zarr.json", _array_doc((t, *rest), rows))
     return rows
 
 
@@ -224,9 +227,10 @@ def record_from_group(files: Files, video_id: str) -> dict[str, Any]:
                 continue
             try:
                 meta = json.loads(meta_raw)
-                if meta.get("node_type") != "array" or len(meta["shape"]) != 2:
+                if meta.get("node_type") != "array" or len(meta["shape"]) < 2:
                     continue
-                t, d = (int(x) for x in meta["shape"])
+                # a map stream [T', h, w, C] is indexed by its T' and C
+                t, d = int(meta["shape"][0]), int(meta["shape"][-1])
             except (ValueError, KeyError, TypeError):
                 rec.update(status="incomplete", error=f"damaged: unreadable {stream!r} metadata")
                 continue

@@ -498,7 +498,8 @@ class FeatureStore:
         """Write all streams of one video, then mark it ``complete``.
 
         ``streams`` maps a stream name to a ``[T, d]`` array (stored as float16); every stream of
-        one video has the same T. A video already ``complete`` is rewritten only with ``overwrite``.
+        one video has the same T. A map stream is ``[T', h, w, C]`` with its own T'. A video
+        already ``complete`` is rewritten only with ``overwrite``.
 
         Steps: a ``pending`` index record; the group, created ``incomplete``; the arrays; one
         metadata write that sets status, error and extracted_at together; the index record. A
@@ -515,10 +516,10 @@ class FeatureStore:
             if not name or name != safe_video_id(name):
                 raise ValueError(f"video {video_id!r}: invalid stream name {name!r}")
             a = np.asarray(arr)
-            if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            if a.ndim not in (2, 4) or min(a.shape) < 1:
                 raise ValueError(
-                    f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1, "
-                    f"got shape {a.shape}"
+                    f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1 "
+                    f"(or a [T', h, w, C] map), got shape {a.shape}"
                 )
             if not np.issubdtype(a.dtype, np.number):
                 raise ValueError(
@@ -532,8 +533,9 @@ class FeatureStore:
                     "float16 range"
                 )
             arrays[name] = a16
-            lengths.add(a.shape[0])
-        if len(lengths) != 1:
+            if a.ndim == 2:  # maps may be kept at a frame stride: their T' is their own
+                lengths.add(a.shape[0])
+        if len(lengths) > 1:
             shapes = {k: v.shape for k, v in arrays.items()}
             raise ValueError(f"video {video_id!r}: streams differ in T: {shapes}")
         if not overwrite:
@@ -555,7 +557,9 @@ class FeatureStore:
         shapes_out = {}
         for name, a16 in arrays.items():
             rows = write_stream(self._files, video_id, name, a16)
-            shapes_out[name] = [int(a16.shape[0]), int(a16.shape[1]), rows]
+            # map streams [T', h, w, C] are read through Zarr (rows -1); the index keeps T' and C
+            direct = rows if a16.ndim == 2 else -1
+            shapes_out[name] = [int(a16.shape[0]), int(a16.shape[-1]), direct]
         done = {"status": "complete", "error": None, "extracted_at": _now()}
         write_group(self._files, video_id, {**attrs, **done})  # one write: status, error, time
         self._log([_index_record(video_id, {**attrs, **done}, shapes_out)])
@@ -669,7 +673,7 @@ class FeatureStore:
             data = read_direct(self._files, video_id, stream, t, d, rows, self.path)
         else:
             data = read_zarr(self._root, video_id, stream, self.path)
-            if data.shape != (t, d):
+            if (data.shape[0], data.shape[-1]) != (t, d):
                 raise CorruptVideoError(
                     f"video {video_id!r} in {self.path!r}: stream {stream!r} has shape "
                     f"{data.shape}, the index records {(t, d)}; run `framepool store reindex`",

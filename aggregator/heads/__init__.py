@@ -19,6 +19,7 @@ from aggregator.heads.max_pool import GlobalMaxPool
 from aggregator.heads.pooling import Intervals, PyramidLeaves, pyramid_mix
 from aggregator.heads.standardize import InputStandardizer
 from aggregator.heads.stcb import CompactBilinear, CompactBilinearHead
+from aggregator.heads.stpn import SpatiotemporalPyramid
 from aggregator.heads.tp import TemporalPyramid
 from aggregator.heads.tpp import TemporalPyramidPooling
 from aggregator.heads.two_stream import TwoStream
@@ -30,9 +31,11 @@ HEADS: dict[str, type[nn.Module]] = {
     "tpp": TemporalPyramidPooling,
     "datp": AdaptiveTemporalPooling,
     "stcb": CompactBilinearHead,
+    "stpn": SpatiotemporalPyramid,
 }
 
 VideoModel = TwoStream | CompactBilinearHead
+MapModel = SpatiotemporalPyramid  # reads map streams [B, T, h, w, C], not frame vectors
 
 
 def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,6 +71,10 @@ def build_model(
             raise ValueError(f"head_kwargs must not set {reserved!r}")
     if head == "stcb":
         return CompactBilinearHead(in_features=dict(in_features), num_classes=num_classes, **kwargs)
+    if head == "stpn":
+        return SpatiotemporalPyramid(  # type: ignore[return-value]
+            in_features=dict(in_features), num_classes=num_classes, **kwargs
+        )
     cls = HEADS[head]
     heads = {}
     for stream, d in in_features.items():
@@ -93,9 +100,11 @@ __all__ = [
     "GlobalMaxPool",
     "InputStandardizer",
     "Intervals",
+    "MapModel",
     "NodeHead",
     "NodeInput",
     "PyramidLeaves",
+    "SpatiotemporalPyramid",
     "TemporalPyramid",
     "TemporalPyramidPooling",
     "TwoStream",

@@ -203,9 +203,15 @@ def run(args: argparse.Namespace) -> int:
     from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
     from aggregator.heads import HEADS
 
-    if args.head not in HEADS or args.head == "stcb":
+    if args.head in ("stcb", "stpn"):
         raise UsageError(
-            f"--head must be one of {sorted(set(HEADS) - {'stcb'})}, got {args.head!r}"
+            f"framepool finetune does not support --head {args.head}: it fuses the streams "
+            "itself (stpn also reads feature maps), which end-to-end fine-tuning does not "
+            "provide; train it on cached features with framepool train"
+        )
+    if args.head not in HEADS:
+        raise UsageError(
+            f"--head must be one of {sorted(set(HEADS) - {'stcb', 'stpn'})}, got {args.head!r}"
         )
     streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
     head_kwargs: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from api.cli.options import add_streams
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
-HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "svm")
+HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "svm")
 
 # head-specific options: option dest -> heads it applies to
 _APPLIES: dict[str, tuple[str, ...]] = {
@@ -23,9 +23,10 @@ _APPLIES: dict[str, tuple[str, ...]] = {
     "segments": ("datp",),
     "gaussians": ("datp",),
     "weights_model": ("datp",),
-    "out_dim": ("stcb",),
-    "paths": ("stcb",),
-    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb"),
+    "out_dim": ("stcb", "stpn"),
+    "paths": ("stcb", "stpn"),
+    "pathways": ("stpn",),
+    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"),
     "C": ("svm",),
     "kernel": ("svm",),
     "max_iter": ("svm",),
@@ -68,8 +69,13 @@ def register(sub: Any) -> None:
     head.add_argument("--segments", type=int, help="datp: number of segments N (10)")
     head.add_argument("--gaussians", type=int, help="datp: mixture size K (2)")
     head.add_argument("--weights-model", choices=("mog", "discrete"), help="datp weights (mog)")
-    head.add_argument("--out-dim", type=int, help="stcb: fused dimension (4096)")
-    head.add_argument("--paths", type=int, help="stcb: temporal paths fused per stream (3)")
+    head.add_argument("--out-dim", type=int, help="stcb, stpn: fused dimension (4096)")
+    head.add_argument("--paths", type=int, help="stcb, stpn: temporal paths fused (3)")
+    head.add_argument(
+        "--pathways",
+        help="stpn: pathways fused at the top, comma-separated among spatial, temporal, "
+        "attended, fused (spatial,temporal,attended)",
+    )
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
     head.add_argument("--fusion", choices=("learned", "fixed"), help="stream fusion weights")
     head.add_argument(
@@ -200,11 +206,13 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
             kw["gaussians"] = args.gaussians
         if args.weights_model is not None:
             kw["weights"] = args.weights_model
-    elif args.head == "stcb":
+    elif args.head in ("stcb", "stpn"):
         if args.out_dim is not None:
             kw["out_dim"] = args.out_dim
         if args.paths is not None:
             kw["paths"] = args.paths
+        if args.pathways is not None:
+            kw["pathways"] = tuple(p.strip() for p in args.pathways.split(",") if p.strip())
     if args.dropout is not None:
         kw["dropout"] = args.dropout
     return kw
@@ -352,7 +360,9 @@ def run(args: argparse.Namespace) -> int:
             progress=args.verbose > 0 or sys.stderr.isatty(),
         )
     print(format_summary(metrics, args.out))
-    if not args.no_index:
+    if args.head == "stpn":  # its runs read map streams, which the index does not
+        print("index        none: stpn runs read map streams")
+    elif not args.no_index:
         from aggregator.similarity import build_index
 
         index = build_index(args.out, args.store, split=args.train_split)

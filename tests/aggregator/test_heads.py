@@ -18,6 +18,7 @@ from aggregator.heads import (
     GlobalMaxPool,
     NodeHead,
     PyramidLeaves,
+    SpatiotemporalPyramid,
     TemporalPyramid,
     TemporalPyramidPooling,
     TwoStream,
@@ -136,7 +137,7 @@ def test_node_fast_path_equals_frames(name: str) -> None:
 
 
 def test_every_registered_head_is_covered() -> None:
-    covered = {type(f()) for f in SINGLE.values()} | {CompactBilinearHead}
+    covered = {type(f()) for f in SINGLE.values()} | {CompactBilinearHead, SpatiotemporalPyramid}
     assert set(HEADS.values()) == covered
 
 
