@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
     add_streams(
         g,
         default=",".join(("appearance", "motion")),
-        type=lambda t: ",".join(stream_list(t)),
+        type=str,
         help="appearance, motion, or both (appearance,motion)",
         old_stream=False,
     )
@@ -115,7 +115,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from extractor.sharding import parse_shard
 
-    streams = args.streams.split(",")
+    try:
+        streams = stream_list(args.streams)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--streams: {exc}") from None
     shard = None
     if args.shard is not None:
         try:
