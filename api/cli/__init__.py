@@ -105,6 +105,10 @@ def known_failure(exc: BaseException) -> tuple[int, str] | None:
     """
     if isinstance(exc, UsageError):
         return EXIT_USAGE, _message(exc)
+    from storage.layout import CorruptVideoError  # here: the CLI starts without the store
+
+    if isinstance(exc, CorruptVideoError):  # damaged data, not a bad value: the work failed
+        return EXIT_FAILED, _message(exc)
     if isinstance(exc, _BAD_PATH):
         return EXIT_USAGE, _message(exc)
     frames = _frames(exc.__traceback__)
