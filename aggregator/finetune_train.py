@@ -24,6 +24,7 @@ import bisect
 import json
 import logging
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,7 @@ from aggregator.finetune import (
     loss_and_correct,
     n_frames_of,
     periodic_subset,
+    step_in_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class FinetuneSettings:
     grad_scale: GradScale = "unbiased"
     chunk_size: int = 32
     checkpoint: bool = False
+    grad_frames: int | None = None
     seed: int = 0
     amp: bool = False
 
@@ -92,14 +95,17 @@ class FinetuneSettings:
             raise ValueError(f"batch_videos must be >= 1, got {self.batch_videos!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
+        if self.grad_frames is not None and self.grad_frames < 1:
+            raise ValueError(f"grad_frames must be >= 1 (or None), got {self.grad_frames!r}")
         grad_multiplier(self.period, self.grad_scale)  # validates grad_scale
 
     def resumable(self) -> dict[str, Any]:
         """The settings a resumed run must share with the checkpoint: all but ``epochs`` (a run
         may be extended) and those that do not change the optimisation beyond rounding
-        (``chunk_size``, ``checkpoint``, ``amp``: a run may resume on other hardware)."""
+        (``chunk_size``, ``checkpoint``, ``grad_frames``, ``amp``: a run may resume on other
+        hardware)."""
         d = dict(_jsonable(asdict(self)))
-        for key in ("epochs", "chunk_size", "checkpoint", "amp"):
+        for key in ("epochs", "chunk_size", "checkpoint", "grad_frames", "amp"):
             d.pop(key)
         return d
 
@@ -247,6 +253,32 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path, *, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`finetune` without running code from the file.
+
+    Everything in it (tensors, the optimiser's and scheduler's state dicts, the Python RNG state as
+    a tuple of ints, the history as plain numbers and strings) is what ``torch.load``'s
+    ``weights_only`` unpickler accepts, so it is loaded with it: a crafted file that would call a
+    function when unpickled is refused instead.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a framepool fine-tuning checkpoint that loads safely "
+            f"(it holds objects other than tensors and plain values: {first}); "
+            "delete it or use a new output directory"
+        ) from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a fine-tuning checkpoint (missing {missing})")
+    return ckpt
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "settings")
+
+
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=2))
@@ -266,6 +298,18 @@ def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """All-reduce every trainable parameter's gradient to the mean over ``world`` processes (a
+    parameter without a gradient on some rank counts as zero there)."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
 
 def _unwrap(model: nn.Module) -> FinetuneModel:
@@ -307,7 +351,7 @@ def finetune(
     start = 0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, map_location=dev)
         diff = _differences(ckpt["settings"], settings.resumable())
         diff += _differences(ckpt.get("config", {}), _resume_key(config))
         if diff:
@@ -333,7 +377,8 @@ def finetune(
             )
 
     net: nn.Module = model
-    if dist.is_available() and dist.is_initialized():
+    # in chunks, one step runs several backward passes: gradients are averaged by hand instead
+    if settings.grad_frames is None and dist.is_available() and dist.is_initialized():
         # Frames outside P_r never reach the backbone's graph; when a video is shorter than K, a
         # batch can have no frame in P_r at all and the backbone's parameters go unused in that
         # step, which DDP must be told about (it costs a graph traversal per step, so only then).
@@ -355,9 +400,11 @@ def finetune(
     remember = getattr(source, "remember", None)
     model.keep_features = callable(remember)
     factor = grad_multiplier(settings.period, settings.grad_scale)
-    amp: AbstractContextManager[Any] = (
-        torch.autocast(dev.type, dtype=torch.bfloat16) if settings.amp else nullcontext()
-    )
+
+    def autocast() -> AbstractContextManager[Any]:
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if settings.amp else nullcontext()
+
+    amp = autocast()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -385,16 +432,29 @@ def finetune(
             if on_batch is not None:
                 on_batch(epoch, ids, items)
             labels = torch.tensor([videos[i].label for i in batch], device=dev)
-            with amp:
-                logits = net(
+            opt.zero_grad(set_to_none=True)
+            if settings.grad_frames is None:
+                with amp:
+                    logits = net(
+                        items,
+                        chunk_size=settings.chunk_size,
+                        grad_factor=factor,
+                        checkpoint=settings.checkpoint,
+                    )
+                loss, correct = loss_and_correct(logits, labels)
+                loss.backward()
+            else:
+                loss, correct = step_in_chunks(
+                    model,
                     items,
+                    labels,
+                    grad_frames=settings.grad_frames,
                     chunk_size=settings.chunk_size,
                     grad_factor=factor,
-                    checkpoint=settings.checkpoint,
+                    autocast=autocast,
                 )
-            loss, correct = loss_and_correct(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                if world > 1:
+                    _average_gradients(model, world)
             opt.step()
             if callable(remember):
                 for vid, feats in zip(ids, model.last_features, strict=True):
@@ -513,6 +573,7 @@ __all__ = [
     "distributed",
     "finetune",
     "init_distributed",
+    "load_checkpoint",
     "make_optimizer",
     "write_outputs",
 ]

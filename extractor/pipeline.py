@@ -291,6 +291,7 @@ def run_extraction(
                     max_frames=max_frames,
                     chunk_size=chunk_size,
                     should_stop=stop.is_set,
+                    appearance_input=extractor.appearance_input,
                 ):
                     if isinstance(item, VideoDone):
                         ok = put(_Done(key, item, sha256_file(path)))
@@ -436,6 +437,7 @@ def run_extract(
     stride: int = 1,
     max_frames: int | None = None,
     progress: bool = True,
+    motion_arch: str | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
 
@@ -460,6 +462,7 @@ def run_extract(
         device=device,
         batch_size=batch_size,
         dtype=dtype,
+        motion_arch=motion_arch,
     )
     return run_extraction(
         sources,

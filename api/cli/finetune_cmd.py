@@ -18,8 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from api.cli import UsageError
+from api.cli.options import PRECISIONS, Deprecated, add_streams, streams_choice
 
 STREAM_CHOICES = ("appearance", "motion", "both")
+
+
+_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def _finetune_streams(text: str) -> str:
+    value = streams_choice(text)
+    if value not in STREAM_CHOICES:
+        raise argparse.ArgumentTypeError(f"expected appearance, motion or both, got {text}")
+    return value
+
+
+def _amp_to_precision(text: str) -> str:
+    mapping = {"auto": "auto", "on": "bf16", "off": "fp32"}
+    if text not in mapping:
+        raise argparse.ArgumentTypeError(f"--amp takes auto, on or off, got {text}")
+    return mapping[text]
 
 
 def register(sub: Any) -> None:
@@ -38,7 +56,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--out", required=True, help="output directory (resumed when it has a checkpoint)"
     )
-    p.add_argument("--stream", default="appearance", choices=STREAM_CHOICES)
+    add_streams(
+        p,
+        default="appearance",
+        dest="stream",
+        type=_finetune_streams,
+        help="appearance, motion, or both (appearance,motion)",
+    )
     p.add_argument(
         "--train-split", default="train", help="with a split column: the split to use ('': all)"
     )
@@ -107,10 +131,29 @@ def register(sub: Any) -> None:
         action="store_true",
         help="recompute gradient chunks in the backward pass: memory of one chunk, not 1/K of T",
     )
+    opt.add_argument(
+        "--grad-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="backward pass in chunks of N frames with gradient (their activations recomputed): "
+        "memory of N frames whatever the videos' length; the same gradients, one more forward "
+        "pass of the subset (default: one graph over all of a batch's subset frames)",
+    )
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     opt.add_argument(
-        "--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto: GPU)"
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16 trains under bfloat16 autocast; auto: bf16 on a GPU, fp32 on a CPU",
+    )
+    opt.add_argument(
+        "--amp",
+        dest="precision",
+        action=Deprecated,
+        new="--precision",
+        convert=_amp_to_precision,
     )
     opt.add_argument(
         "--no-resume",
@@ -145,7 +188,8 @@ def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    positive = ("period", "epochs", "batch_videos", "chunk_size", "levels", "pyramids", "node_dim")
+    positive: tuple[str, ...] = ("period", "epochs", "batch_videos", "chunk_size", "levels")
+    positive += ("pyramids", "node_dim", "grad_frames")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -188,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     }
 
     device = init_distributed(args.device)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     settings = FinetuneSettings(
         period=args.period,
         epochs=args.epochs,
@@ -200,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         grad_scale=args.grad_scale,
         chunk_size=args.chunk_size,
         checkpoint=args.checkpoint_activations,
+        grad_frames=args.grad_frames,
         seed=args.seed,
         amp=amp,
     )
@@ -263,7 +308,8 @@ def reextract_command(
     weights, motion = _weights_options(files)
     cmd = (
         f"framepool extract VIDEOS --store NEW_STORE --streams {','.join(streams)} "
-        f"--arch {args.arch} --dtype {dtype} --weights {weights}"
+        f"--arch {args.arch} --precision {_PRECISION_OF_DTYPE.get(dtype, dtype)} "
+        f"--weights {weights}"
     )
     if motion is not None:
         cmd += f" --motion-weights {motion} --flow {args.flow}"

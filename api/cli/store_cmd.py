@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
-from storage import SPLIT_FORMATS, FeatureStore, parse_splits
+from api.cli.options import SPLIT_FORMATS
+
+if TYPE_CHECKING:
+    from storage import FeatureStore
+
+EXPORT_FORMATS = ("npy", "npz")
+
+
+def open_store(path: str, mode: str = "r") -> FeatureStore:
+    from storage import FeatureStore
+
+    return FeatureStore.open(path, mode)  # type: ignore[arg-type]
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("store", help="inspect a feature store, import split lists")
+    p = sub.add_parser(
+        "store",
+        help="inspect a feature store, import split lists, export features",
+        description="Inspect a feature store, import split lists, export features as NumPy files.",
+    )
     ssub = p.add_subparsers(dest="store_command", metavar="ACTION")
     ssub.required = True
 
@@ -29,6 +44,27 @@ def register(sub: Any) -> None:
         "--name", default=None, help="list name (default: <format>-<split>, e.g. ucf101-1)"
     )
     imp.set_defaults(func=run_import_splits)
+
+    exp = ssub.add_parser(
+        "export",
+        help="write per-video NumPy files (<video_id>_<stream>.npy, as video_features names them)",
+        description="Write one float32 [T, d] file per video and stream, named "
+        "<video_id>_<stream>.npy (or .npz, the array stored under the stream's name).",
+    )
+    exp.add_argument("path", metavar="STORE", help="store path or fsspec URL")
+    exp.add_argument("--format", default="npy", choices=EXPORT_FORMATS, help="file format")
+    exp.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    exp.add_argument(
+        "--split",
+        default=None,
+        help="only videos of this split (a split attr or LIST/PART); default: every complete video",
+    )
+    exp.add_argument(
+        "--streams",
+        default=None,
+        help="comma-separated streams to write; default: every stream of each video",
+    )
+    exp.set_defaults(func=run_export)
 
     rei = ssub.add_parser(
         "reindex",
@@ -56,6 +92,23 @@ def register(sub: Any) -> None:
     ver.set_defaults(func=run_verify)
 
 
+_SUMMARY_KEYS = ("arch", "feature_dim", "weights", "input_size", "dtype")
+
+
+def describe_extractor(cfg: Any) -> str:
+    """The fields of one stream's extractor config a reader needs (``--json`` shows them all)."""
+    if not isinstance(cfg, dict):
+        return str(cfg)
+    parts = [f"{k}={cfg[k]}" for k in _SUMMARY_KEYS if cfg.get(k) is not None]
+    flow = cfg.get("flow")
+    if isinstance(flow, dict) and "backend" in flow:
+        parts.append(f"flow={flow['backend']}")
+    known = set(_SUMMARY_KEYS) | {"flow"}
+    if not any(k in cfg for k in known):  # not framepool's layout: show what there is
+        parts = [f"{k}={v}" for k, v in cfg.items()]
+    return ", ".join(parts)
+
+
 def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"store        {info['path']}",
@@ -75,8 +128,7 @@ def format_info(info: dict[str, Any]) -> str:
     for name, parts in info["split_lists"].items():
         lines.append(f"split list   {name}: " + ", ".join(f"{p}={n}" for p, n in parts.items()))
     for stream, cfg in info["extractor"].items():
-        desc = ", ".join(f"{k}={v}" for k, v in cfg.items()) if isinstance(cfg, dict) else cfg
-        lines.append(f"extractor    {stream}: {desc}")
+        lines.append(f"extractor    {stream}: {describe_extractor(cfg)}")
     if info["failed"]:
         lines.append(f"failed       {len(info['failed'])}:")
         lines.extend(f"  {f['video_id']}: {f['error']}" for f in info["failed"])
@@ -84,7 +136,7 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    info = FeatureStore.open(args.path, "r").info()
+    info = open_store(args.path, "r").info()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -93,7 +145,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_import_splits(args: argparse.Namespace) -> int:
-    store = FeatureStore.open(args.path, "r+")
+    from storage import parse_splits
+
+    store = open_store(args.path, "r+")
     parts = parse_splits(args.format, args.dir, args.split)
     known = set(store.videos(status=None))
     name = args.name or f"{args.format}-{args.split}"
@@ -107,8 +161,20 @@ def run_import_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from storage.export import export_store
+
+    store = open_store(args.path, "r")
+    streams = None
+    if args.streams is not None:
+        streams = [s.strip() for s in args.streams.split(",") if s.strip()]
+    summary = export_store(store, args.out, fmt=args.format, split=args.split, streams=streams)
+    print(summary.format())
+    return 0
+
+
 def run_reindex(args: argparse.Namespace) -> int:
-    store = FeatureStore.open(args.path, "r+")
+    store = open_store(args.path, "r+")
     counts = store.reindex()
     print(
         f"reindexed {args.path}: {counts['videos']} videos  "
@@ -120,7 +186,7 @@ def run_reindex(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    store = FeatureStore.open(args.path, "r" if args.dry_run else "r+")
+    store = open_store(args.path, "r" if args.dry_run else "r+")
     n = len(store.videos())
     damaged = store.verify(workers=args.workers, mark=not args.dry_run)
     if args.json:

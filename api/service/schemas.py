@@ -11,6 +11,14 @@ Stride = Annotated[int, Field(ge=1, le=1000, description="decode every stride-th
 MaxFrames = Annotated[
     int, Field(ge=1, le=100_000, description="use at most this many frames (evenly spread)")
 ]
+SimilarK = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1000,
+        description="also return this many nearest training videos (from the same extraction)",
+    ),
+]
 RunId = Annotated[
     str, Field(min_length=1, max_length=200, description="id of a loaded run (see /v1/models)")
 ]
@@ -30,11 +38,16 @@ class PredictOptions(_Model):
     model: RunId | None = None
     stride: Stride | None = None
     max_frames: MaxFrames | None = None
+    similar: SimilarK | None = None
 
 
-class SimilarOptions(PredictOptions):
+class SimilarOptions(_Model):
     """Options of /v1/similar: an upload, or ``video_id`` of an indexed training video."""
 
+    top_k: TopK | None = None
+    model: RunId | None = None
+    stride: Stride | None = None
+    max_frames: MaxFrames | None = None
     video_id: VideoId | None = None
 
 
@@ -81,6 +94,11 @@ class PredictResponse(_Model):
     beta: dict[str, list[list[float]]] | None = Field(
         default=None, description="the run's learned pyramid weights per stream, level by level"
     )
+    similar: list[Neighbour] | None = Field(
+        default=None,
+        description="with ?similar=K: the K nearest training videos, nearest first (the same "
+        "decoding and extraction as the prediction)",
+    )
     timings: Timings
 
 
@@ -88,6 +106,9 @@ class Neighbour(_Model):
     video_id: str
     label: str | None
     distance: float = Field(ge=0.0, le=2.0, description="cosine distance, 1 - cos, in [0, 2]")
+
+
+PredictResponse.model_rebuild()
 
 
 class SimilarResponse(_Model):
@@ -127,3 +148,25 @@ class Readiness(_Model):
     workers: int = Field(description="inference workers alive")
     queue_waiting: int
     queue_size: int
+
+
+class LimitsResponse(_Model):
+    """What one request may cost this service; larger requests are refused, not queued."""
+
+    max_upload_bytes: int = Field(description="largest upload (413 beyond)")
+    max_frames: int | None = Field(
+        description="frames used per video at most; a longer video is subsampled to this many "
+        "(evenly spread) and a larger max_frames is refused (422); None: no bound"
+    )
+    default_max_frames: int | None = Field(description="frames used when a request names none")
+    max_decoded_frames: int = Field(description="frames a video may have (413 beyond)")
+    max_frame_pixels: int = Field(description="width x height of a frame at most (413 beyond)")
+    job_timeout_s: float = Field(description="wall seconds one video may take in a worker (503)")
+    upload_budget_bytes: int = Field(
+        description="disk all uploads in progress may hold together (503 with Retry-After beyond)"
+    )
+    upload_budget_used_bytes: int = Field(description="disk uploads in progress hold now")
+    upload_idle_timeout_s: float = Field(description="an upload silent this long is dropped (408)")
+    upload_timeout_s: float = Field(description="an upload may take this long in all (408)")
+    workers: int = Field(description="inference workers")
+    queue_size: int = Field(description="requests that may wait for a worker (503 beyond)")

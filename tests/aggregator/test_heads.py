@@ -231,8 +231,11 @@ def test_two_stream_fusion_is_a_convex_combination() -> None:
     with torch.no_grad():
         got = model(feats, lengths)
         parts = {s: model.stream_head(s)(feats[s], lengths) for s in model.streams}
-    want = w["appearance"] * parts["appearance"] + w["motion"] * parts["motion"]
-    torch.testing.assert_close(got, want)
+    # learned weights mix the streams' probabilities; the output is log p
+    want = w["appearance"] * torch.softmax(parts["appearance"], 1) + w["motion"] * torch.softmax(
+        parts["motion"], 1
+    )
+    torch.testing.assert_close(got, torch.log(want))
     with pytest.raises(KeyError, match="motion"):
         model({"appearance": x.float()}, lengths)
 
