@@ -403,7 +403,7 @@ def load_node_data(
         )
     caches = {s: load_node_cache(store, s, progress=progress, budget=budget // 2) for s in ranges}
     log.info("node data (%.1f GiB) exceeds the memory budget: streaming row blocks", need / 2**30)
-    return NodeBlocks(caches, ranges, video_ids, labels, leaves=depths)
+    return NodeBlocks(caches, ranges, video_ids, labels, leaves=depths, budget=budget)
 
 
 def summaries_of(

@@ -383,8 +383,8 @@ class NodeBlocks:
     The same interface as :class:`aggregator.data.NodeTensors` (``video_ids``, ``labels``,
     ``mix``, ``take``, ``window``, ``batches``), for summaries that are pyramid nodes of the node
     cache: ``nodes[stream]`` is the node range a stream's head reads, and streams in ``leaves``
-    get :class:`PyramidLeaves` (mix computed from the frame counts). Memory: the blocks in flight
-    (``buffer_blocks`` of them, plus one read ahead), whatever the number of videos.
+    get :class:`PyramidLeaves` (mix computed from the frame counts). Memory: two groups of rows (one
+    training, one read ahead), an eighth of ``budget`` each, whatever the number of videos.
     """
 
     def __init__(
@@ -395,7 +395,7 @@ class NodeBlocks:
         labels: np.ndarray,
         *,
         leaves: dict[str, int] | None = None,
-        buffer_blocks: int = 4,
+        budget: int | None = None,
     ) -> None:
         if len(labels) != len(video_ids):
             raise ValueError(f"{len(video_ids)} videos but {len(labels)} labels")
@@ -405,8 +405,17 @@ class NodeBlocks:
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.mix: dict[str, int] = dict(leaves or {})  # stream -> pyramid depth of its leaves
         self.cache_rows = {s: c.rows(self.video_ids) for s, c in caches.items()}
-        self.buffer_blocks = buffer_blocks
         self._primary = next(iter(caches))
+        # rows read at once: two groups are in memory (one training, one read ahead), each held
+        # as float16 nodes plus float32 mixes; a group takes an eighth of the budget
+        row_bytes = 0
+        for s, c in caches.items():
+            count = len(range(*nodes[s].indices(n_nodes(c.depth))))
+            row_bytes += 2 * count * c.d
+            if s in self.mix:
+                row_bytes += 4 * n_nodes(self.mix[s]) * count
+        budget = memory_budget() if budget is None else budget
+        self.group_rows = max(1, budget // 8 // max(1, row_bytes))
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -436,20 +445,33 @@ class NodeBlocks:
     def _plan(
         self, index: np.ndarray, batch_size: int, shuffle: bool, generator: torch.Generator | None
     ) -> list[np.ndarray]:
-        """Groups of rows to read together: in index order (a group per budget window), or,
-        shuffled, the rows of ``buffer_blocks`` random blocks at a time in random order."""
+        """Groups of rows to read together (at most ``group_rows`` each, at least a batch): in
+        index order, or, shuffled, the rows of random blocks (a block whole when it fits a group,
+        else in random pieces), in random order within the group."""
+        per = max(batch_size, self.group_rows)
         if not shuffle:
-            per = max(batch_size, self.caches[self._primary].rows_per_block * self.buffer_blocks)
-            per -= per % batch_size
             return [index[i : i + per] for i in range(0, len(index), per)]
-        blocks = self.cache_rows[self._primary][index] // self.caches[self._primary].rows_per_block
-        uniq = np.unique(blocks)
-        uniq = uniq[torch.randperm(len(uniq), generator=generator).numpy()]
-        groups = []
-        for g in range(0, len(uniq), self.buffer_blocks):
-            rows = index[np.isin(blocks, uniq[g : g + self.buffer_blocks])]
-            groups.append(rows[torch.randperm(len(rows), generator=generator).numpy()])
-        return groups
+        cache = self.caches[self._primary]
+        blocks = self.cache_rows[self._primary][index] // cache.rows_per_block
+        order = np.argsort(blocks, kind="stable")
+        pieces: list[np.ndarray] = []
+        for part in np.split(order, np.flatnonzero(np.diff(blocks[order])) + 1):
+            rows = index[part]
+            rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            pieces.extend(rows[i : i + per] for i in range(0, len(rows), per))
+        picked = torch.randperm(len(pieces), generator=generator).tolist()
+        groups: list[np.ndarray] = []
+        current: list[np.ndarray] = []
+        size = 0
+        for k in picked:  # several small pieces share a group, up to its size
+            if current and size + len(pieces[k]) > per:
+                groups.append(np.concatenate(current))
+                current, size = [], 0
+            current.append(pieces[k])
+            size += len(pieces[k])
+        if current:
+            groups.append(np.concatenate(current))
+        return [g[torch.randperm(len(g), generator=generator).numpy()] for g in groups]
 
     def batches(
         self,
@@ -466,31 +488,40 @@ class NodeBlocks:
 
         Without ``shuffle``/``windows`` the batches follow ``index``'s order (as
         ``NodeTensors.batches``); with either, every row comes once per epoch, in an order that
-        reads each block once: random blocks, shuffled together ``buffer_blocks`` at a time. The
+        reads each block once: random blocks (or pieces of them), shuffled within a group. The
         next group of rows is read in the background while the current one trains.
         """
         idx = np.asarray(torch.as_tensor(index).cpu().numpy(), dtype=np.int64)
         if len(idx) == 0:
             return
         groups = self._plan(idx, batch_size, shuffle or windows, generator)
-        carry = np.zeros(0, dtype=np.int64)
-        carry_nodes: dict[str, NodeInput] = {}
+        carry_rows = np.zeros(0, dtype=np.int64)
+        carry: dict[str, NodeInput] = {}
         with ThreadPoolExecutor(1) as pool:
             ahead: Future[dict[str, NodeInput]] = pool.submit(self._fetch, groups[0])
             for g, rows in enumerate(groups):
-                fetched = ahead.result()
+                got = ahead.result()
                 if g + 1 < len(groups):
                     ahead = pool.submit(self._fetch, groups[g + 1])
-                got = _cat(carry_nodes, fetched) if len(carry) else fetched
-                all_rows = np.concatenate([carry, rows]) if len(carry) else rows
-                n_full = len(all_rows) - len(all_rows) % batch_size
-                if g + 1 == len(groups):
-                    n_full = len(all_rows)
-                for a in range(0, n_full, batch_size):
-                    b = min(a + batch_size, n_full)
-                    yield self._place(_slice(got, a, b), all_rows[a:b], dtype, device)
-                carry = all_rows[n_full:]
-                carry_nodes = _slice(got, n_full, len(all_rows))
+                a = 0
+                if len(carry_rows):  # the rows left over from the last group start this one
+                    a = min(batch_size - len(carry_rows), len(rows))
+                    carry = _cat(carry, _slice(got, 0, a))
+                    carry_rows = np.concatenate([carry_rows, rows[:a]])
+                    if len(carry_rows) == batch_size:
+                        yield self._place(carry, carry_rows, dtype, device)
+                        carry_rows, carry = np.zeros(0, dtype=np.int64), {}
+                last = g + 1 == len(groups)
+                while a < len(rows):
+                    b = min(a + batch_size, len(rows))
+                    if b - a < batch_size and not last:
+                        carry_rows, carry = rows[a:b], _slice(got, a, b)
+                        break
+                    yield self._place(_slice(got, a, b), rows[a:b], dtype, device)
+                    a = b
+                del got
+            if len(carry_rows):
+                yield self._place(carry, carry_rows, dtype, device)
 
     def _fetch(self, rows: np.ndarray) -> dict[str, NodeInput]:
         return self.take(torch.from_numpy(rows), None)

@@ -111,6 +111,9 @@ def known_failure(exc: BaseException) -> tuple[int, str] | None:
         return EXIT_FAILED, _message(exc)
     if isinstance(exc, _BAD_PATH):
         return EXIT_USAGE, _message(exc)
+    layout = sys.modules.get("storage.layout")  # loaded whenever the store raised its error
+    if layout is not None and isinstance(exc, layout.CorruptVideoError):
+        return EXIT_FAILED, _message(exc)  # damaged store data, named by video and chunk file
     frames = _frames(exc.__traceback__)
     raised_here = bool(frames) and _ours(frames[-1][0])
     if isinstance(exc, ValueError | KeyError) and raised_here:

@@ -86,11 +86,13 @@ def _leaf_data(store: FeatureStore, budget: int) -> tuple[NodeTensors | nc.NodeB
     return data, ids
 
 
-def test_streamed_batches_give_the_same_logits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", [0, 28_800])  # groups of one batch; of 10 rows (carries)
+def test_streamed_batches_give_the_same_logits(tmp_path: Path, budget: int) -> None:
     store = toy(str(tmp_path / "s.zarr"), streams=("appearance", "motion"))
-    blocks, ids = _leaf_data(store, budget=0)
+    blocks, ids = _leaf_data(store, budget=budget)
     memory, _ = _leaf_data(store, budget=1 << 30)
     assert isinstance(blocks, nc.NodeBlocks) and isinstance(memory, NodeTensors)
+    assert blocks.group_rows == (1 if budget == 0 else 10)
     assert sorted(blocks.mix) == sorted(memory.mix) == ["appearance"]
     model = build_model(
         "tp",
