@@ -8,7 +8,8 @@ from typing import Any
 
 from api.cli import UsageError
 from extractor.backbones import ARCHS, STREAMS
-from extractor.flow import FLOW_BACKENDS
+from extractor.decode_torchcodec import DECODERS
+from extractor.flow import FLOW_BACKENDS, RAFT_DTYPES
 from extractor.pipeline import ExtractionSummary, run_extract
 from extractor.sharding import parse_shard
 
@@ -47,6 +48,11 @@ def register(sub: Any) -> None:
     g.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
     g.add_argument("--flow-weights", help="RAFT weights file (for --flow raft)")
     g.add_argument(
+        "--flow-dtype",
+        choices=RAFT_DTYPES,
+        help="RAFT compute dtype (for --flow raft; default float32)",
+    )
+    g.add_argument(
         "--weights",
         default="imagenet",
         help="imagenet (torchvision's cache), random (seeded), or a state-dict PATH",
@@ -64,6 +70,12 @@ def register(sub: Any) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--batch-size", type=_positive, default=32, help="frames per model batch")
     r.add_argument("--workers", type=_positive, default=2, help="video preparation threads")
+    r.add_argument(
+        "--decoder",
+        default="auto",
+        choices=DECODERS,
+        help="auto: torchcodec (NVDEC) when the device is CUDA, else PyAV",
+    )
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
     r.add_argument("--stride", type=_positive, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=_positive, help="keep at most N frames, evenly spaced")
@@ -87,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             shard = parse_shard(args.shard)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if args.flow_dtype is not None and args.flow != "raft":
+        raise UsageError("--flow-dtype is only used with --flow raft")
     if args.flow_weights is not None and args.flow != "raft":
         raise UsageError("--flow-weights is only used with --flow raft")
     if args.flow == "raft" and args.flow_weights is None and "motion" in streams:
@@ -111,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_frames=args.max_frames,
         progress=not args.no_progress and sys.stderr.isatty(),
+        decoder=args.decoder,
+        flow_params={"dtype": args.flow_dtype} if args.flow_dtype else None,
     )
     print(summary.format())
     return exit_status(summary)
