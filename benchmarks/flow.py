@@ -2,16 +2,17 @@
 
 Pairs of consecutive grayscale frames of the real clips, resized to ``--size`` (default 240x320).
 
-- DIS (preset fast): the pairs split over 1..``--processes`` worker processes (each single
-  threaded); pairs/s and pairs per CPU-second (the rate per core).
+- DIS (preset fast): the pairs split over each of ``--processes`` worker process counts (each
+  process single threaded); pairs/s and pairs per CPU-second (the rate per core).
 - RAFT small and large, float32 and bfloat16 autocast, in batches of ``--batch`` pairs on
   ``--device``: pairs/s (the model alone, inputs already decoded), and the mean end-point error of
   bfloat16 against float32 on the same pairs. Weights: ``--raft-small``/``--raft-large`` files
   (torchvision state dicts); without them random weights (a speed figure; their end-point error
   says nothing about accuracy and the table says so).
 
-    python benchmarks/flow.py --processes 2                        # CPU here
-    python benchmarks/flow.py --device cuda --pairs 512 --batch 32 # a GPU
+    python benchmarks/flow.py --processes 1,2 --raft-pairs 2 --batch 2 --raft-size 128x128 \
+        --iters 2 --models small                                    # CPU: proves the code path
+    python benchmarks/flow.py --device cuda --processes 1,4,8,16 --raft-pairs 512 --batch 32
 
 prints markdown tables with wall s, CPU s and peak RSS.
 """
@@ -139,7 +140,7 @@ def main() -> None:
     p.add_argument("--videos", type=Path, default=DEFAULT_VIDEOS, help="folder of real clips")
     p.add_argument("--size", default="240x320", help="HxW of the flow input")
     p.add_argument("--pairs", type=int, default=240, help="frame pairs for DIS")
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="most DIS workers")
+    p.add_argument("--processes", default="1,2", help="DIS worker process counts, e.g. 1,4,16")
     p.add_argument("--device", default="cpu", help="RAFT device: cpu or cuda")
     p.add_argument("--raft-pairs", type=int, default=None, help="pairs for RAFT (default --pairs)")
     p.add_argument("--batch", type=int, default=16, help="RAFT pairs per batch")
@@ -158,7 +159,7 @@ def main() -> None:
     print("DIS (preset fast), the pairs split over N single-threaded processes:\n")
     print("| processes | pairs | wall s | CPU s | pairs/s | pairs per CPU-s |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n in range(1, args.processes + 1):
+    for n in (int(v) for v in args.processes.split(",") if v):
         r = bench_dis(prev, nxt, n)
         print(
             f"| {n} | {int(r['pairs'])} | {r['wall']:.2f} | {r['cpu']:.2f} | "
