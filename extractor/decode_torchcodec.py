@@ -11,15 +11,16 @@ access maps frames through their timestamps, and AVI files with B-frames end wit
 carry none, which index access never returns (2 of the 103 frames of
 ``mm_S001C001P001R001A001_rgb.avi`` and 1 of the 164 of ``mm_test.avi`` among the real clips).
 
-On the CPU the frames equal PyAV's bit for bit on 11 of the 12 real clips (h264 and mpeg4, AVI
-and MP4), so the YUV to RGB conversion agrees; on the mpeg4 clip ``tu_v_Basketball_g01_c01.avi``
-30 of its 32.5 million values differ, by at most 2 (torchcodec links the system's FFmpeg, PyAV
-bundles its own of another version, and their mpeg4 decoders differ on that file). On a CUDA
-device NVDEC converts YUV to RGB itself, and frames differ from PyAV's by a few levels.
+On the CPU the frames equal PyAV's bit for bit on every real clip when torchcodec loads the FFmpeg
+that PyAV bundles (FFmpeg 8; ``benchmarks/gpu_check.sh`` shows how). With the system's FFmpeg
+5.1 they are equal on 11 of the 12 clips (h264 and mpeg4, AVI and MP4, so the YUV to RGB
+conversion agrees), and on the mpeg4 clip ``tu_v_Basketball_g01_c01.avi`` 30 of its 32.5 million
+values differ, by at most 2: the two FFmpeg versions' mpeg4 decoders differ on that file. On a
+CUDA device NVDEC converts YUV to RGB itself, and frames differ from PyAV's by a few levels.
 
 ``--decoder auto`` picks torchcodec with NVDEC when the model runs on a CUDA device and torchcodec
-loads, else PyAV; ``pyav`` and ``torchcodec`` force one (torchcodec then decodes on the model's
-device).
+loads, else PyAV, and decodes with PyAV a file that torchcodec fails on before its first frame;
+``pyav`` and ``torchcodec`` force one (torchcodec then decodes on the model's device).
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ DECODERS = ("auto", "pyav", "torchcodec")
 FrameReader = Callable[[Path], Iterator[np.ndarray | torch.Tensor]]
 
 
+class TorchcodecError(VideoError):
+    """torchcodec failed on a file that PyAV opened: before its first frame, so nothing was read.
+
+    With ``--decoder auto`` the video is then decoded with PyAV instead (e.g. a GPU whose driver
+    lacks NVDEC, or a codec torchcodec's FFmpeg does not know).
+    """
+
+
 @functools.cache
 def torchcodec_problem() -> str | None:
     """Why torchcodec cannot decode here (not installed, no FFmpeg libraries), or None."""
@@ -63,7 +72,8 @@ def torchcodec_problem() -> str | None:
             f"torchcodec cannot be loaded ({type(exc).__name__}: {first}); install it "
             "(pip install torchcodec, a release matching torch) and FFmpeg's shared libraries "
             "4 to 8 (e.g. apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 "
-            "libswresample4 libavdevice59 libavfilter8)"
+            "libswresample4 libavdevice59 libavfilter8), or put links to PyAV's own copies on "
+            "LD_LIBRARY_PATH as benchmarks/gpu_check.sh does"
         )
     if not hasattr(_core, "get_next_frame"):
         return "this torchcodec release lacks sequential decoding (torchcodec._core.get_next_frame)"
@@ -112,8 +122,8 @@ def iter_frames_torchcodec(
             seek_mode="approximate",  # sequential reading needs no index scan
         )
     except (RuntimeError, ValueError) as exc:
-        raise VideoError(
-            f"{str(p)!r}: torchcodec cannot open its video stream ({_ffmpeg_reason(exc)})"
+        raise TorchcodecError(
+            f"{str(p)!r}: torchcodec cannot open its video stream on {dev} ({_ffmpeg_reason(exc)})"
         ) from exc
     n = 0
     while True:
@@ -121,8 +131,9 @@ def iter_frames_torchcodec(
             frame = _next_frame(decoder)
         except RuntimeError as exc:
             if n == 0:
-                raise VideoError(
-                    f"{str(p)!r}: undecodable video stream ({_ffmpeg_reason(exc)})"
+                raise TorchcodecError(
+                    f"{str(p)!r}: torchcodec cannot decode the video stream on {dev} "
+                    f"({_ffmpeg_reason(exc)})"
                 ) from exc
             raise VideoError(
                 f"{str(p)!r}: truncated or corrupt: decoding failed after {n} frames "
@@ -135,7 +146,7 @@ def iter_frames_torchcodec(
         yield frame
         n += 1
     if n == 0:
-        raise VideoError(f"{str(p)!r}: the video stream has no decodable frames")
+        raise TorchcodecError(f"{str(p)!r}: torchcodec decoded no frame of the video stream")
     if declared and n < declared:
         if declared - n > truncation_tolerance(declared):
             raise VideoError(
@@ -174,10 +185,17 @@ def make_frame_reader(decoder: str = "auto", device: str | torch.device = "cpu")
     name, dev = resolve_decoder(decoder, device)
     if name == "pyav":
         return iter_frames
+    fallback = decoder == "auto"
 
     def read(path: Path) -> Iterator[np.ndarray | torch.Tensor]:
-        for frame in iter_frames_torchcodec(path, device=dev):
-            yield frame.numpy() if frame.device.type == "cpu" else frame
+        try:
+            for frame in iter_frames_torchcodec(path, device=dev):
+                yield frame.numpy() if frame.device.type == "cpu" else frame
+        except TorchcodecError as exc:  # raised before any frame was yielded
+            if not fallback:
+                raise
+            log.warning("%s; decoding it with PyAV", exc)
+            yield from iter_frames(path)
 
     read.__name__ = f"torchcodec_{dev.type}"
     return read

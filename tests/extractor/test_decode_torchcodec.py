@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from extractor import decode_torchcodec
 from extractor.decode import VideoError, iter_frames
 from extractor.decode_torchcodec import (
+    TorchcodecError,
     iter_frames_torchcodec,
     make_frame_reader,
     resolve_decoder,
@@ -23,9 +25,10 @@ needs_torchcodec = pytest.mark.skipif(
     torchcodec_problem() is not None, reason=str(torchcodec_problem())
 )
 
-# Measured on the real clips: 11 of 12 decode to PyAV's frames bit for bit; on the mpeg4 clip
-# tu_v_Basketball_g01_c01.avi 30 of 32.5 million values differ, by at most 2 (the two FFmpeg
-# builds' mpeg4 decoders). The bounds leave no room for a colour conversion or a frame shift.
+# Measured on the real clips with the system's FFmpeg 5.1: 11 of 12 decode to PyAV's frames bit
+# for bit; on the mpeg4 clip tu_v_Basketball_g01_c01.avi 30 of 32.5 million values differ, by at
+# most 2 (the mpeg4 decoders of FFmpeg 5.1 and PyAV's FFmpeg 8; with PyAV's FFmpeg all 12 are
+# equal). The bounds leave no room for a colour conversion or a frame shift.
 MAX_LEVELS = 2
 MAX_DIFFERING = 1e-5
 
@@ -139,3 +142,20 @@ def test_nvdec_frames_close_to_pyav(real_videos: list[Path]) -> None:
         print(f"{path.name}: {n} frames, mean |diff| {mean:.3f}, >8: {differing / values:.2e}")
         assert mean < 2.0, (path.name, mean)
         assert differing < 0.01 * values, (path.name, differing / values)
+
+
+def test_auto_falls_back_to_pyav_when_torchcodec_fails_first(
+    monkeypatch: pytest.MonkeyPatch, short_real_video: Path
+) -> None:
+    def failing(path: Path, **_: object) -> Iterator[torch.Tensor]:
+        raise TorchcodecError(f"{str(path)!r}: torchcodec cannot decode the video stream")
+        yield torch.zeros(0)  # a generator, like the real one
+
+    monkeypatch.setattr(decode_torchcodec, "torchcodec_problem", lambda: None)
+    monkeypatch.setattr(decode_torchcodec, "iter_frames_torchcodec", failing)
+    frames = list(make_frame_reader("auto", torch.device("cuda:0"))(short_real_video))
+    want = list(iter_frames(short_real_video))
+    assert len(frames) == len(want) == 32
+    np.testing.assert_array_equal(frames[5], want[5])
+    with pytest.raises(TorchcodecError, match="torchcodec cannot decode"):
+        list(make_frame_reader("torchcodec", "cpu")(short_real_video))
