@@ -75,7 +75,15 @@ def split_videos(store: FeatureStore, split: str) -> list[str]:
         known = sorted(store.info()["videos_per_split"]) + [
             f"{name}/{part}" for name, parts in store.split_lists().items() for part in parts
         ]
-        raise ValueError(f"split {split!r} has no complete video in {store.path!r}; known: {known}")
+        if not known:
+            raise ValueError(
+                f"the store {store.path} has no splits, so split {split} is empty: give "
+                "framepool extract a labels CSV with a split column (path,label,split), or "
+                "import split lists with framepool store import-splits"
+            )
+        raise ValueError(
+            f"split {split} has no complete video in {store.path}; its splits: {', '.join(known)}"
+        )
     return ids
 
 

@@ -26,6 +26,19 @@ def evaluation_file(split: str) -> str:
     return "evaluation-" + re.sub(r"[^A-Za-z0-9._-]+", "_", split) + ".json"
 
 
+def config_differences(run: Any, store: Any) -> str:
+    """The fields where two extractor configs differ, as ``key: run value != store value``."""
+    if not isinstance(run, dict) or not isinstance(store, dict):
+        return f"run {run}, store {store}"
+    keys = sorted(set(run) | set(store), key=str)
+    parts = [
+        f"{k}: {run.get(k, '(absent)')} (run) != {store.get(k, '(absent)')} (store)"
+        for k in keys
+        if run.get(k) != store.get(k)
+    ]
+    return "; ".join(parts)
+
+
 def evaluate_run(
     run_dir: str | Path,
     store_path: str | Path,
@@ -50,8 +63,8 @@ def evaluate_run(
         have = recorded.get(s)
         if want != have:
             raise ValueError(
-                f"stream {s!r} of store {store.path!r} was extracted with {have!r}, but run "
-                f"{predictor.run_id!r} was trained on features from {want!r}"
+                f"the {s} features of store {store.path} come from another extractor than run "
+                f"{predictor.run_id} was trained on: {config_differences(want, have)}"
             )
     ids = split_videos(store, split)
     y = label_indices(store, ids, predictor.class_names)

@@ -24,6 +24,7 @@ import bisect
 import json
 import logging
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -247,6 +248,32 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path, *, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`finetune` without running code from the file.
+
+    Everything in it (tensors, the optimiser's and scheduler's state dicts, the Python RNG state as
+    a tuple of ints, the history as plain numbers and strings) is what ``torch.load``'s
+    ``weights_only`` unpickler accepts, so it is loaded with it: a crafted file that would call a
+    function when unpickled is refused instead.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a framepool fine-tuning checkpoint that loads safely "
+            f"(it holds objects other than tensors and plain values: {first}); "
+            "delete it or use a new output directory"
+        ) from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a fine-tuning checkpoint (missing {missing})")
+    return ckpt
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "settings")
+
+
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=2))
@@ -307,7 +334,7 @@ def finetune(
     start = 0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, map_location=dev)
         diff = _differences(ckpt["settings"], settings.resumable())
         diff += _differences(ckpt.get("config", {}), _resume_key(config))
         if diff:
@@ -513,6 +540,7 @@ __all__ = [
     "distributed",
     "finetune",
     "init_distributed",
+    "load_checkpoint",
     "make_optimizer",
     "write_outputs",
 ]

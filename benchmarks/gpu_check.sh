@@ -120,12 +120,13 @@ step "extract: appearance, 4 x the clips" 50 "$PY" benchmarks/extract.py --video
 # torchrun: extraction sharded over ranks (one GPU: two ranks share cuda:0; no process group)
 step "torchrun extract, 2 ranks" 50 "$PY" -m torch.distributed.run --standalone \
     --nproc-per-node 2 -m api.cli extract "$VIDEOS" --store "$WORK/store.zarr" --weights random \
-    --arch resnet101 --device cuda:0 --batch-size 128 --workers 6 --streams appearance --no-progress
+    --arch resnet101 --device cuda:0 --batch-size 128 --decode-workers 6 --streams appearance --no-progress
 
 # fine-tuning with K = 24: seconds per epoch (benchmark), then the CLI under torchrun (nccl when
 # this machine has several GPUs, one rank per GPU: NCCL refuses two ranks on one GPU)
-step "finetune benchmark K=1,24" 60 "$PY" benchmarks/finetune.py --arch resnet101 --videos 8 \
-    --max-frames 96 --periods 1,24 --modes compute --epochs 1 --device cuda
+step "finetune benchmark K=1,24" 60 "$PY" benchmarks/finetune.py --clips "$VIDEOS"/*.mp4 \
+    --arch resnet101 --videos 8 --max-frames 96 --periods 1,24 --modes compute --epochs 1 \
+    --device cuda
 { echo "path,label"; for f in "$VIDEOS"/*; do echo "$f,${f##*/}" | sed -E 's/,(..)_.*/,\1/'; done; } \
     >"$WORK/labels.csv"
 step "torchrun finetune K=24 on $NGPU GPU(s)" 50 "$PY" -m torch.distributed.run --standalone \

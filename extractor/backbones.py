@@ -7,8 +7,9 @@ with ``model.state_dict()`` loads here as ``--weights PATH`` / ``--motion-weight
 
 Weights (``weights=``):
 
-- ``"imagenet"``: torchvision's cached checkpoint ``<torch hub dir>/checkpoints/<arch>-*.pth``;
-  never downloaded; a missing file is a :class:`FileNotFoundError` naming where it looked.
+- ``"imagenet"``: torchvision's checkpoint ``<torch hub dir>/checkpoints/<arch>-<hash>.pth``,
+  downloaded there when missing (progress shown, sha256 checked: :mod:`extractor.weights`); offline,
+  a missing file is a :class:`FileNotFoundError` naming the file and where to put it.
 - a path: a torchvision-style state dict (optionally wrapped in ``{"state_dict": ...}``, keys
   optionally prefixed by ``module.``/``backbone.``; ``fc.*`` ignored).
 - ``"random"``: explicit random weights, rebuilt bit-identically anywhere from the seed: drawn with
@@ -16,6 +17,16 @@ Weights (``weights=``):
   He-normal (fan-out), batch norms identity, and the last batch norm of every residual branch scaled
   by ``1/sqrt(number of blocks)`` so that activations stay O(1) in eval mode (the plain init gives
   resnet101 features of order 1e5, beyond float16).
+
+Other appearance backbones come from timm: ``arch="timm:<name>"`` (any ``timm.list_models()``
+name) builds ``timm.create_model(name, num_classes=0)``, whose output is its pooled feature
+(``num_features`` wide), with the model's own preprocessing (:func:`appearance_input`: input
+size, resize, interpolation, mean, std from ``timm.data.resolve_data_config``). Its weights:
+``"imagenet"`` is timm's default pretrained tag, downloaded and cached by timm (Hugging Face
+cache); a path is a state dict or ``.safetensors`` file of that model (classifier keys ignored);
+``"random"`` is timm's own initialisation under ``torch.manual_seed(seed)``, checked through the
+recorded state hash.
+The motion stream is always a ResNet.
 
 Motion stream: conv1 takes 20 channels. A 3-channel conv1 (ImageNet, random, or an RGB file) gets
 the cross-modality initialisation: the RGB weights averaged over their 3 input channels and
@@ -25,7 +36,6 @@ replicated over the 20; a 20-channel conv1 in the file is used as it is.
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import logging
 import math
@@ -40,8 +50,9 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 from torchvision.models import ResNet, resnet18, resnet50, resnet101
 
+from extractor import weights as weights_module
 from extractor.flow import sha256_file
-from extractor.transforms import STACK_LENGTH
+from extractor.transforms import STACK_LENGTH, AppearanceInput
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +64,58 @@ ARCHS: dict[str, tuple[Callable[..., ResNet], int]] = {
 }
 RANDOM_SEED = 0
 MOTION_CHANNELS = 2 * STACK_LENGTH
+TIMM_PREFIX = "timm:"
+
+
+def is_timm(arch: str) -> bool:
+    """Whether ``arch`` names a timm model (``timm:<name>``)."""
+    return arch.startswith(TIMM_PREFIX)
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - timm is a dependency
+        raise ValueError("--arch timm:<name> needs the timm package (pip install timm)") from exc
+    return timm
+
+
+def _new_timm(arch: str) -> nn.Module:
+    return _timm().create_model(arch[len(TIMM_PREFIX) :], pretrained=False, num_classes=0)
 
 
 def feature_dim(arch: str) -> int:
     """Output width of :func:`build_backbone` for ``arch``."""
     _check_arch(arch)
+    if is_timm(arch):
+        return int(getattr(_new_timm(arch), "num_features"))  # noqa: B009
     return ARCHS[arch][1]
+
+
+def appearance_input(arch: str) -> AppearanceInput:
+    """The appearance input ``arch`` expects: framepool's default for a ResNet, the model's own
+    preprocessing config for a timm model (shorter side ``floor(size / crop_pct)``)."""
+    _check_arch(arch)
+    if not is_timm(arch):
+        return AppearanceInput()
+    timm = _timm()
+    model = _new_timm(arch)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    if h != w:
+        raise ValueError(f"{arch} expects a {h}x{w} input; only square inputs are supported")
+    if cfg.get("crop_mode", "center") != "center":
+        raise ValueError(f"{arch} uses crop mode {cfg['crop_mode']!r}; only 'center' is supported")
+    interpolation = str(cfg.get("interpolation", "bicubic"))
+    if interpolation not in ("bilinear", "bicubic"):
+        interpolation = "bicubic"
+    return AppearanceInput(
+        resize_shorter=math.floor(h / float(cfg.get("crop_pct", 1.0))),
+        crop_size=int(h),
+        interpolation=interpolation,
+        mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
+    )
 
 
 def in_channels(stream: str) -> int:
@@ -67,8 +124,18 @@ def in_channels(stream: str) -> int:
 
 
 def _check_arch(arch: str) -> None:
+    if is_timm(arch):
+        name = arch[len(TIMM_PREFIX) :]
+        if not name or not _timm().is_model(name):
+            raise ValueError(
+                f"unknown timm model {name!r} in --arch {arch}; list them with "
+                'python -c "import timm; print(timm.list_models())"'
+            )
+        return
     if arch not in ARCHS:
-        raise ValueError(f"unknown backbone arch {arch!r}; choose from {sorted(ARCHS)}")
+        raise ValueError(
+            f"unknown backbone arch {arch!r}; choose from {', '.join(sorted(ARCHS))} or timm:<name>"
+        )
 
 
 def _check_stream(stream: str) -> None:
@@ -88,23 +155,14 @@ def cross_modality_conv1(
     return mean.repeat(1, in_channels, 1, 1).contiguous()
 
 
-def imagenet_checkpoint(arch: str) -> Path:
-    """torchvision's cached ImageNet checkpoint for ``arch``; FileNotFoundError when absent.
-
-    Several cached versions: the original (V1) weights are preferred, as the papers used them.
+def imagenet_checkpoint(arch: str, *, download: bool = True) -> Path:
+    """torchvision's ImageNet checkpoint for ``arch`` in the torch hub cache, downloaded when
+    missing (hash checked); see :mod:`extractor.weights`. FileNotFoundError when it cannot be had.
     """
     _check_arch(arch)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    pattern = str(folder / f"{arch}-*.pth")
-    found = sorted(Path(p) for p in glob.glob(pattern))
-    if not found:
-        raise FileNotFoundError(
-            f"no ImageNet weights for {arch} in torchvision's cache (looked for {pattern}); "
-            f"framepool does not download weights: put the torchvision checkpoint there or pass "
-            f"--weights PATH (a {arch} state dict), or --weights random explicitly"
-        )
-    v1 = {"resnet18": "f37072fd", "resnet50": "0676ba61", "resnet101": "63fe2227"}[arch]
-    return next((p for p in found if v1 in p.name), found[0])
+    if is_timm(arch):
+        raise ValueError(f"{arch} weights come from timm, not from torchvision's checkpoints")
+    return weights_module.imagenet_checkpoint(arch, download=download)
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -175,14 +233,16 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 class WeightsSpec:
     """Where a backbone's weights come from, as recorded in a store."""
 
-    origin: str  # "random", "imagenet" or "file"
+    origin: str  # "random", "imagenet", "file", or "timm-pretrained" (timm's own download)
     path: Path | None
     sha256: str | None  # of the file; None for random
     seed: int | None  # for random only
 
     @property
     def label(self) -> str:
-        return "random" if self.origin == "random" else str(self.sha256)
+        if self.origin in ("random", "timm-pretrained"):
+            return self.origin
+        return str(self.sha256)
 
 
 def resolve_weights(weights: str | Path, arch: str, *, seed: int = RANDOM_SEED) -> WeightsSpec:
@@ -190,6 +250,8 @@ def resolve_weights(weights: str | Path, arch: str, *, seed: int = RANDOM_SEED) 
     _check_arch(arch)
     if isinstance(weights, str) and weights == "random":
         return WeightsSpec("random", None, None, int(seed))
+    if isinstance(weights, str) and weights == "imagenet" and is_timm(arch):
+        return WeightsSpec("timm-pretrained", None, None, None)
     if isinstance(weights, str) and weights == "imagenet":
         path = imagenet_checkpoint(arch).resolve()
         return WeightsSpec("imagenet", path, sha256_file(path), None)
@@ -197,7 +259,7 @@ def resolve_weights(weights: str | Path, arch: str, *, seed: int = RANDOM_SEED) 
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file {str(weights)!r} does not exist (expected 'imagenet', 'random' or the "
-            "path of a torchvision-style state dict)"
+            "path of a state dict)"
         )
     path = path.resolve()
     return WeightsSpec("file", path, sha256_file(path), None)
@@ -244,6 +306,13 @@ def load_backbone(
     """Build one stream's backbone from resolved weights; returns it (eval mode) and its record."""
     _check_stream(stream)
     _check_arch(arch)
+    if is_timm(arch):
+        if stream != "appearance":
+            raise ValueError(
+                f"the {stream} stream is a ResNet with a {MOTION_CHANNELS}-channel conv1; {arch} "
+                f"can only be the appearance backbone (motion arch: {', '.join(sorted(ARCHS))})"
+            )
+        return _load_timm(arch, weights)
     model = _new_resnet(arch)
     conv1_note = "rgb"
     if weights.origin == "random":
@@ -291,15 +360,95 @@ def load_backbone(
     return model, record
 
 
+def _timm_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as exc:
+            raise ValueError(f"cannot read weights file {str(path)!r}: {exc}") from exc
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read weights file {str(path)!r}: {exc}") from exc
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_timm(arch: str, weights: WeightsSpec) -> tuple[nn.Module, dict[str, Any]]:
+    name = arch[len(TIMM_PREFIX) :]
+    timm = _timm()
+    if weights.origin == "random":
+        assert weights.seed is not None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.seed)
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+    elif weights.origin == "timm-pretrained":
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as exc:  # hub errors, no network, no pretrained tag
+            raise FileNotFoundError(
+                f"timm could not load pretrained weights for {name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); timm downloads them "
+                "into the Hugging Face cache ($HF_HOME): copy that cache from a connected "
+                f"machine, or pass --weights PATH (a {name} state dict or .safetensors file), or "
+                "--weights random"
+            ) from exc
+    else:
+        assert weights.path is not None
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        state = _timm_state_file(weights.path)
+        head = str(model.pretrained_cfg.get("classifier") or "")
+        heads = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
+        state = {k: v for k, v in state.items() if not (heads and k.startswith(heads))}
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines()[1:3]]
+            raise ValueError(
+                f"weights {str(weights.path)!r} do not fit {arch}: {' '.join(lines)}"
+            ) from exc
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"weights {str(weights.path)!r} do not fit {arch}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+    model.eval()
+    tag = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("tag")
+    record: dict[str, Any] = {
+        "arch": arch,
+        "feature_dim": int(model.num_features),
+        "in_channels": 3,
+        "weights": weights.label,
+        "weights_origin": weights.origin,
+        "weights_path": str(weights.path) if weights.path is not None else None,
+        "seed": weights.seed,
+        "pretrained_tag": tag if weights.origin == "timm-pretrained" else None,
+        "state_sha256": state_sha256(model),
+    }
+    return model, record
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An inference copy of a ResNet backbone with every BatchNorm folded into its convolution.
+    """An inference copy of a ResNet backbone with every BatchNorm folded into its convolution
+    (another model, such as a timm one, is copied as it is).
 
     Eval-mode batch norm is a per-channel affine map, so ``bn(conv(x))`` equals one convolution
     with scaled weights and a bias (up to float rounding); folding removes a memory pass over
     every activation (about a third faster on CPU). Not for training.
     """
     if not isinstance(model, ResNet):
-        raise TypeError(f"expected a torchvision ResNet, got {type(model).__name__}")
+        return copy.deepcopy(model).eval()  # a timm model: used as it is
     folded = copy.deepcopy(model).eval()
 
     def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:

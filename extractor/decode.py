@@ -13,13 +13,18 @@ cannot give its frames is a :class:`VideoError` whose message names the file and
   The whole video then fails: features of a partial video would silently stand for the whole.
   A shortfall of up to ``max(2, 1%)`` of the declared count is tolerated with a warning, because
   some containers count frames the decoder legitimately drops (e.g. before an MP4 edit list).
+
+Only video containers are opened, and only as local files: FFmpeg is told to use the demuxers in
+:data:`VIDEO_DEMUXERS` and no protocol but ``file``. An image (PNG, JPEG, GIF, ...), a playlist
+(ffconcat, HLS) or any other format FFmpeg knows is an :class:`UnsupportedFormat` whatever the
+file is called, so a crafted upload cannot make FFmpeg read other files or URLs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +39,22 @@ log = logging.getLogger(__name__)
 
 class VideoError(ValueError):
     """A video file that cannot be decoded; the message names the file and the problem."""
+
+
+class UnsupportedFormat(VideoError):
+    """A file FFmpeg could read but that is not a video container framepool accepts."""
+
+
+class VideoTooLarge(VideoError):
+    """A video with more frames, or larger frames, than a caller's limit."""
+
+
+# FFmpeg demuxer names (each matches the demuxer's whole name list, e.g. "mov" is
+# "mov,mp4,m4a,3gp,3g2,mj2" and "matroska" is "matroska,webm").
+VIDEO_DEMUXERS: tuple[str, ...] = ("mov", "matroska", "avi", "mpegts", "mpeg", "flv", "asf", "ogg")
+ACCEPTED = "mp4/mov, matroska/webm, avi, mpeg-ts, mpeg-ps, flv, asf/wmv, ogg"
+_OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(VIDEO_DEMUXERS)}
+_PLAYLIST_HEADS = {b"ffconcat": "an FFmpeg concat playlist", b"#EXTM3U": "an M3U/HLS playlist"}
 
 
 @dataclass(frozen=True)
@@ -60,15 +81,62 @@ def _check_path(path: Path) -> None:
         raise VideoError(f"{str(path)!r}: empty file (0 bytes)")
 
 
+def _is_video_demuxer(name: str) -> bool:
+    return any(n in VIDEO_DEMUXERS for n in name.split(","))
+
+
+def _detected_format(path: Path) -> str | None:
+    """What FFmpeg takes ``path`` for, found without letting it open anything else: the file is
+    handed over as a Python file object and every protocol is refused. None when even that fails
+    (a playlist's demuxer fails opening its first entry)."""
+    try:
+        with (
+            path.open("rb") as fh,
+            av.open(fh, mode="r", options={"protocol_whitelist": "none"}) as container,
+        ):
+            return str(container.format.name)
+    except (av.error.FFmpegError, OSError):
+        return None
+
+
+def _refusal(path: Path) -> str | None:
+    """Why ``path`` is not an accepted container, or None when it seems to be one."""
+    with path.open("rb") as fh:
+        head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    for magic, what in _PLAYLIST_HEADS.items():
+        if head.startswith(magic):
+            return what
+    name = _detected_format(path)
+    if name is None:
+        return "a format that refers to other files (a playlist?) or none FFmpeg can open"
+    if _is_video_demuxer(name):
+        return None
+    return f"FFmpeg reads it as {name!r}"
+
+
 def _open(path: Path) -> av.container.InputContainer:
     _check_path(path)
     try:
-        return av.open(str(path), mode="r")
+        # "file:" so that no part of the name is taken for a protocol ("concat:", "http:")
+        container = av.open(f"file:{path}", mode="r", options=dict(_OPEN_OPTIONS))
     except av.error.FFmpegError as exc:
+        # A demuxer outside the allowlist is refused with EINVAL before it reads its header
+        why = _refusal(path) if isinstance(exc, av.error.ArgumentError) else None
+        if why is not None:
+            raise UnsupportedFormat(
+                f"{str(path)!r}: not an accepted video container ({why}); accepted: {ACCEPTED}"
+            ) from None
         raise VideoError(
             f"{str(path)!r}: cannot be read as a video: not a video, an unrecognised container, "
             f"or a damaged file ({_ffmpeg_reason(exc)})"
         ) from exc
+    if not _is_video_demuxer(str(container.format.name)):  # the allowlist held; belt and braces
+        container.close()
+        raise UnsupportedFormat(
+            f"{str(path)!r}: not an accepted video container (FFmpeg reads it as "
+            f"{container.format.name!r}); accepted: {ACCEPTED}"
+        )
+    return container
 
 
 def _ffmpeg_reason(exc: BaseException) -> str:
@@ -163,3 +231,32 @@ def iter_frames(path: str | Path, *, threads: bool = True) -> Iterator[np.ndarra
 def count_frames(path: str | Path) -> int:
     """The number of frames :func:`iter_frames` yields (a full decode; raises like it)."""
     return sum(1 for _ in _decode(Path(path), True))
+
+
+def count_frames_within(
+    path: str | Path,
+    *,
+    max_frames: int,
+    max_pixels: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> int:
+    """:func:`count_frames` for untrusted input: stop as soon as the video is too large.
+
+    Raises :class:`VideoTooLarge` naming the limit when the video has more than ``max_frames``
+    frames or a frame of more than ``max_pixels`` pixels (a stream may change size part-way), and
+    :class:`InterruptedError` when ``should_stop()`` turns true (it is polled at every frame).
+    """
+    p = Path(path)
+    n = 0
+    for frame in _decode(p, True):
+        if should_stop is not None and should_stop():
+            raise InterruptedError(f"{str(p)!r}: stopped after counting {n} frames")
+        if max_pixels is not None and frame.width * frame.height > max_pixels:
+            raise VideoTooLarge(
+                f"{str(p)!r}: frame {n} is {frame.width}x{frame.height} = "
+                f"{frame.width * frame.height} pixels, more than the limit of {max_pixels}"
+            )
+        n += 1
+        if n > max_frames:
+            raise VideoTooLarge(f"{str(p)!r}: more than the limit of {max_frames} frames")
+    return n

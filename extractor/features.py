@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,13 @@ import torch
 from torch import nn
 
 from extractor.backbones import (
+    ARCHS,
     STREAMS,
     WeightsSpec,
+    appearance_input,
     fold_batchnorm,
     imagenet_checkpoint,
+    is_timm,
     load_backbone,
     resolve_weights,
 )
@@ -37,13 +40,13 @@ from extractor.flow import FLOW_BACKENDS, FlowBackend, flow_from_config, make_fl
 from extractor.prepare import FrameChunk, VideoDone, prepare_video
 from extractor.transforms import (
     CROP_SIZE,
+    DEFAULT_APPEARANCE_INPUT,
     FLOW_BOUND,
     FLOW_MEAN,
     FLOW_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     RESIZE_SHORTER,
     STACK_LENGTH,
+    AppearanceInput,
     normalize_appearance,
     normalize_motion,
 )
@@ -106,16 +109,9 @@ class ExtractedVideo:
     codec: str
 
 
-def _input_config(stream: str) -> dict[str, Any]:
+def _input_config(stream: str, app_input: AppearanceInput) -> dict[str, Any]:
     if stream == "appearance":
-        return {
-            "input_size": CROP_SIZE,
-            "resize_shorter": RESIZE_SHORTER,
-            "resize": "bilinear, antialiased, on uint8",
-            "crop": "center",
-            "normalize_mean": list(IMAGENET_MEAN),
-            "normalize_std": list(IMAGENET_STD),
-        }
+        return app_input.config()
     return {
         "input_size": CROP_SIZE,
         "resize_shorter": RESIZE_SHORTER,
@@ -133,11 +129,13 @@ def _input_config(stream: str) -> dict[str, Any]:
 class FeatureExtractor:
     """Per-frame appearance and/or motion features with one fixed, recordable configuration.
 
-    ``weights`` is ``"imagenet"`` (torchvision's cache; never downloaded), ``"random"`` (explicit,
-    seeded) or a state-dict path; ``motion_weights`` defaults to ``weights`` (a 3-channel conv1 gets
-    the cross-modality initialisation). ``flow`` names the flow backend; ``flow_weights`` is the
-    RAFT weights file. ``dtype``: ``auto`` computes in bfloat16 where the device supports it
-    natively, else float32.
+    ``weights`` is ``"imagenet"`` (torchvision's cache, downloaded there when missing),
+    ``"random"`` (explicit, seeded) or a state-dict path; ``motion_weights`` defaults to
+    ``weights`` (a 3-channel conv1 gets the cross-modality initialisation). ``arch`` is a ResNet
+    or ``timm:<name>`` (appearance only, with its own preprocessing); ``motion_arch`` (default:
+    ``arch``) is the motion stream's ResNet, required when ``arch`` is a timm model. ``flow``
+    names the flow backend; ``flow_weights`` is the RAFT weights file. ``dtype``: ``auto``
+    computes in bfloat16 where the device supports it natively, else float32.
 
     ``models[stream]`` are inference copies of the backbones: BatchNorm folded into the
     convolutions, in the compute dtype, channels_last; :func:`extractor.backbones.build_backbone`
@@ -158,6 +156,7 @@ class FeatureExtractor:
         dtype: str = "auto",
         seed: int = 0,
         flow_params: Mapping[str, Any] | None = None,
+        motion_arch: str | None = None,
     ) -> None:
         streams = tuple(streams)
         if (
@@ -172,13 +171,22 @@ class FeatureExtractor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if flow not in FLOW_BACKENDS:
             raise ValueError(f"unknown flow backend {flow!r}; choose from {list(FLOW_BACKENDS)}")
+        m_arch = arch if motion_arch is None else motion_arch
+        if "motion" in streams and is_timm(m_arch):
+            raise ValueError(
+                f"the motion stream is a ResNet with a 20-channel conv1, not {m_arch}: choose "
+                f"--motion-arch from {', '.join(sorted(ARCHS))}, or extract --streams appearance"
+            )
         self.device = resolve_device(device)
         specs: dict[str, WeightsSpec] = {}
+        archs: dict[str, str] = {}
         if "appearance" in streams:
             specs["appearance"] = resolve_weights(weights, arch, seed=seed)
+            archs["appearance"] = arch
         if "motion" in streams:
             mw = weights if motion_weights is None else motion_weights
-            specs["motion"] = resolve_weights(mw, arch, seed=seed)
+            specs["motion"] = resolve_weights(mw, m_arch, seed=seed)
+            archs["motion"] = m_arch
         flow_backend = None
         if "motion" in streams:
             flow_backend = make_flow(
@@ -189,10 +197,11 @@ class FeatureExtractor:
         self._init(
             streams=streams,
             specs=specs,
-            arch={s: arch for s in streams},
+            arch=archs,
             flow=flow_backend,
             dtype=resolve_dtype(dtype, self.device),
             batch_size=batch_size,
+            app_input=appearance_input(arch) if "appearance" in streams else None,
         )
 
     def _init(
@@ -204,8 +213,10 @@ class FeatureExtractor:
         flow: FlowBackend | None,
         dtype: str,
         batch_size: int,
+        app_input: AppearanceInput | None = None,
     ) -> None:
         self.streams = streams
+        self.appearance_input = app_input or DEFAULT_APPEARANCE_INPUT
         self.flow = flow
         self.dtype = dtype
         self.batch_size = batch_size
@@ -239,7 +250,7 @@ class FeatureExtractor:
         out: dict[str, dict[str, Any]] = {}
         for stream in self.streams:
             cfg: dict[str, Any] = {"stream": stream, **self._records[stream]}
-            cfg.update(_input_config(stream))
+            cfg.update(_input_config(stream, self.appearance_input))
             if stream == "motion":
                 assert self.flow is not None
                 cfg["flow"] = self.flow.config()
@@ -296,6 +307,9 @@ class FeatureExtractor:
             flow=flow,
             dtype=use_dtype,
             batch_size=batch_size,
+            app_input=_recorded_appearance_input(config["appearance"])
+            if "appearance" in wanted
+            else None,
         )
         for stream in wanted:
             recorded = config[stream].get("state_sha256")
@@ -323,18 +337,29 @@ class FeatureExtractor:
                     if not x.is_pinned():
                         x = x.pin_memory()
                     x = x.to(self.device, non_blocking=True)
-                inp = normalize_appearance(x) if stream == "appearance" else normalize_motion(x)
+                if stream == "appearance":
+                    app = self.appearance_input
+                    inp = normalize_appearance(x, app.mean, app.std)
+                else:
+                    inp = normalize_motion(x)
                 inp = inp.to(DTYPES[self.dtype])  # normalised in float32, then rounded once
                 out[stream] = self.models[stream](inp).float().cpu().numpy()
         return out
 
     def extract_file(
-        self, path: str | Path, *, stride: int = 1, max_frames: int | None = None
+        self,
+        path: str | Path,
+        *,
+        stride: int = 1,
+        max_frames: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> ExtractedVideo:
         """Decode and embed one video (every frame unless ``stride``/``max_frames`` subsample).
 
         Raises :class:`extractor.decode.VideoError` for a file that cannot be decoded in full.
         Safe to call from several threads (each call uses its own flow backend instance).
+        ``should_stop`` is polled at every decoded frame; once it returns true the video is
+        abandoned with :class:`InterruptedError` (at most one batch later).
         """
         flow = self.flow.clone() if self.flow is not None else None
         parts: dict[str, list[np.ndarray]] = {s: [] for s in self.streams}
@@ -353,7 +378,13 @@ class FeatureExtractor:
             n_pending = 0
 
         for item in prepare_video(
-            path, streams=self.streams, flow=flow, stride=stride, max_frames=max_frames
+            path,
+            streams=self.streams,
+            flow=flow,
+            stride=stride,
+            max_frames=max_frames,
+            should_stop=should_stop,
+            appearance_input=self.appearance_input,
         ):
             if isinstance(item, VideoDone):
                 done = item
@@ -362,8 +393,9 @@ class FeatureExtractor:
             n_pending += len(item)
             if n_pending >= self.batch_size:
                 run_pending()
+        if done is None:
+            raise InterruptedError(f"{str(path)!r}: extraction stopped before the end")
         run_pending()
-        assert done is not None
         features = {s: np.concatenate(parts[s]) for s in self.streams}
         for s, f in features.items():
             assert f.shape[0] == len(done.frame_indices), (s, f.shape, len(done.frame_indices))
@@ -384,12 +416,26 @@ def _describe(cfg: Mapping[str, Any]) -> str:
     return f"{cfg.get('weights_origin')} weights {cfg.get('weights_path')!r}"
 
 
+def _recorded_appearance_input(cfg: Mapping[str, Any]) -> AppearanceInput:
+    """The appearance input a store recorded (stores without the fields: the default)."""
+    default = DEFAULT_APPEARANCE_INPUT
+    return AppearanceInput(
+        resize_shorter=int(cfg.get("resize_shorter", default.resize_shorter)),
+        crop_size=int(cfg.get("input_size", default.crop_size)),
+        interpolation=str(cfg.get("resize", default.interpolation)).split(",")[0].strip(),
+        mean=tuple(float(v) for v in cfg.get("normalize_mean", default.mean)),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg.get("normalize_std", default.std)),  # type: ignore[arg-type]
+    )
+
+
 def _recorded_weights(
     stream: str, cfg: Mapping[str, Any], override: str | Path | None
 ) -> WeightsSpec:
     origin = cfg.get("weights_origin")
     if origin == "random":
         return WeightsSpec("random", None, None, int(cfg["seed"]))
+    if origin == "timm-pretrained":  # timm's own download; the state hash is checked after
+        return WeightsSpec("timm-pretrained", None, None, None)
     if origin not in ("imagenet", "file"):
         raise ValueError(f"unknown weights origin {origin!r} in the recorded {stream} config")
     if override is not None:

@@ -298,6 +298,7 @@ def run_extraction(
                     max_frames=max_frames,
                     chunk_size=chunk_size,
                     should_stop=stop.is_set,
+                    appearance_input=extractor.appearance_input,
                     read_frames=read_frames,
                 ):
                     if isinstance(item, VideoDone):
@@ -444,6 +445,7 @@ def run_extract(
     stride: int = 1,
     max_frames: int | None = None,
     progress: bool = True,
+    motion_arch: str | None = None,
     decoder: str = "auto",
     flow_params: dict[str, Any] | None = None,
 ) -> ExtractionSummary:
@@ -474,6 +476,7 @@ def run_extract(
         device=device,
         batch_size=batch_size,
         dtype=dtype,
+        motion_arch=motion_arch,
         flow_params=flow_params,
     )
     return run_extraction(

@@ -26,7 +26,10 @@ from extractor.decode_torchcodec import FrameReader
 from extractor.flow import FlowBackend
 from extractor.transforms import (
     CROP_SIZE,
+    DEFAULT_APPEARANCE_INPUT,
+    RESIZE_SHORTER,
     STACK_LENGTH,
+    AppearanceInput,
     center_crop,
     center_crop_box,
     quantize_flow,
@@ -40,7 +43,8 @@ from extractor.transforms import (
 class FrameChunk:
     """Consecutive kept frames of one video, as uint8 model inputs.
 
-    ``appearance``: ``[n, 224, 224, 3]`` RGB crops; ``motion``: ``[n, 224, 224, 20]`` flow stacks
+    ``appearance``: ``[n, 224, 224, 3]`` RGB crops (another size for a backbone with its own
+    :class:`~extractor.transforms.AppearanceInput`); ``motion``: ``[n, 224, 224, 20]`` flow stacks
     (channels interleaved dx, dy per field); either is None when its stream is not wanted.
     """
 
@@ -91,9 +95,13 @@ def prepare_video(
     chunk_size: int = 8,
     length: int = STACK_LENGTH,
     should_stop: Callable[[], bool] | None = None,
+    appearance_input: AppearanceInput = DEFAULT_APPEARANCE_INPUT,
     read_frames: FrameReader | None = None,
 ) -> Iterator[FrameChunk | VideoDone]:
     """Stream one video's kept frames as uint8 model inputs; the last item is a :class:`VideoDone`.
+
+    ``appearance_input`` sets the appearance crops' geometry (a timm backbone's own); the motion
+    stream always works at the resized 256 / crop 224 geometry.
 
     Raises :class:`extractor.decode.VideoError` (possibly after some chunks: discard them) when the
     file cannot be decoded in full. ``flow`` is required for the motion stream and is used from
@@ -122,7 +130,18 @@ def prepare_video(
 
     window = _FieldWindow(CROP_SIZE, length)
     pending: deque[tuple[int, np.ndarray | None]] = deque()  # kept frames awaiting their stack
-    ready = _ChunkBuilder(chunk_size, want_app=want_app, want_motion=want_motion, length=length)
+    ready = _ChunkBuilder(
+        chunk_size,
+        want_app=want_app,
+        want_motion=want_motion,
+        length=length,
+        app_size=appearance_input.crop_size,
+    )
+    own_geometry = (
+        appearance_input.resize_shorter,
+        appearance_input.crop_size,
+        appearance_input.interpolation,
+    ) != (RESIZE_SHORTER, CROP_SIZE, "bilinear")
     grays: deque[np.ndarray] = deque(maxlen=2)  # the last two grayscale frames
     crop_box: tuple[int, int] | None = None
     kept: list[int] = []
@@ -137,12 +156,21 @@ def prepare_video(
         if should_stop is not None and should_stop():
             return
         n = t + 1
-        resized = resize_shorter(frame)[0].cpu().numpy()  # [h, w, 3] uint8
-        if crop_box is None:
-            crop_box = center_crop_box(resized.shape[0], resized.shape[1])
         keep = selected(t)
-        # a view, copied once into the chunk
-        app = np.asarray(center_crop(resized)) if want_app and keep else None
+        resized = None
+        if want_motion or not own_geometry:
+            resized = resize_shorter(frame)[0].cpu().numpy()  # [h, w, 3] uint8
+            if crop_box is None:
+                crop_box = center_crop_box(resized.shape[0], resized.shape[1])
+        app = None
+        if want_app and keep:  # a view, copied once into the chunk
+            if own_geometry:
+                ai = appearance_input
+                src = resize_shorter(frame, ai.resize_shorter, ai.interpolation)[0].cpu().numpy()
+                app = np.asarray(center_crop(src, appearance_input.crop_size))
+            else:
+                assert resized is not None
+                app = np.asarray(center_crop(resized))
         if keep:
             kept.append(t)
         if not want_motion:
@@ -150,6 +178,7 @@ def prepare_video(
                 ready.add(t, app, None)
             yield from flush()
             continue
+        assert resized is not None
         grays.append(to_gray(resized))
         if keep:  # the crop waits up to L frames for its stack: hold a copy, not a view
             pending.append((t, None if app is None else app.copy()))
@@ -237,8 +266,17 @@ class _FieldWindow:
 class _ChunkBuilder:
     """Fills preallocated chunk arrays frame by frame (one copy per input)."""
 
-    def __init__(self, size: int, *, want_app: bool, want_motion: bool, length: int) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        want_app: bool,
+        want_motion: bool,
+        length: int,
+        app_size: int = CROP_SIZE,
+    ) -> None:
         self.size = size
+        self.app_size = app_size
         self.want_app = want_app
         self.want_motion = want_motion
         self.length = length
@@ -247,7 +285,8 @@ class _ChunkBuilder:
     def _new(self) -> None:
         n, c = self.size, CROP_SIZE
         self.indices = np.empty(n, dtype=np.int64)
-        self.app = np.empty((n, c, c, 3), dtype=np.uint8) if self.want_app else None
+        a = self.app_size
+        self.app = np.empty((n, a, a, 3), dtype=np.uint8) if self.want_app else None
         self.motion = np.empty((n, c, c, 2 * self.length), np.uint8) if self.want_motion else None
         self.count = 0
 

@@ -128,7 +128,11 @@ def make_sources(inputs: Sequence[str | Path], *, labels: str | Path | None = No
     """Expand ``inputs`` and attach ids, labels and splits (see the module doc)."""
     paths = expand_inputs(inputs)
     if not paths:
-        raise ValueError(f"no videos found in {[str(i) for i in inputs]}")
+        raise ValueError(
+            f"no videos found in {', '.join(str(i) for i in inputs)}: folders are searched "
+            f"for files ending in {', '.join(sorted(VIDEO_SUFFIXES))}; a {LIST_SUFFIX} file lists "
+            "one video per line"
+        )
     ids = assign_video_ids(str(p) for p in paths)
     table = read_labels(labels) if labels is not None else None
     out = []

@@ -20,6 +20,8 @@ inputs are NCHW float32 tensors in channels_last memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 import torch
@@ -34,6 +36,49 @@ STACK_LENGTH = 10
 FLOW_MEAN = 0.5
 FLOW_STD = 0.226
 ZERO_FLOW_CODE = 128  # quantised value of a zero displacement
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class AppearanceInput:
+    """The appearance stream's geometry and normalisation: resize the shorter side to
+    ``resize_shorter`` (``interpolation``, antialiased, on uint8), centre crop ``crop_size``
+    squared, then ``(x / 255 - mean) / std``. The default is framepool's ResNet input; a timm
+    backbone brings its own (``timm.data.resolve_data_config``)."""
+
+    resize_shorter: int = RESIZE_SHORTER
+    crop_size: int = CROP_SIZE
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        if not 1 <= self.crop_size <= self.resize_shorter:
+            raise ValueError(
+                f"crop size {self.crop_size} must be between 1 and the resized shorter side "
+                f"{self.resize_shorter}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values, std > 0: {self.mean}, {self.std}")
+
+    def config(self) -> dict[str, object]:
+        """What a store records about this input (JSON-able)."""
+        return {
+            "input_size": self.crop_size,
+            "resize_shorter": self.resize_shorter,
+            "resize": f"{self.interpolation}, antialiased, on uint8",
+            "crop": "center",
+            "normalize_mean": list(self.mean),
+            "normalize_std": list(self.std),
+        }
+
+
+DEFAULT_APPEARANCE_INPUT = AppearanceInput()
 
 
 def resized_size(height: int, width: int, shorter: int = RESIZE_SHORTER) -> tuple[int, int]:
@@ -62,23 +107,26 @@ def _as_nhwc_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def resize_shorter(
-    frames: np.ndarray | torch.Tensor, shorter: int = RESIZE_SHORTER
+    frames: np.ndarray | torch.Tensor,
+    shorter: int = RESIZE_SHORTER,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Resize uint8 frames ``[N, H, W, C]`` (or one ``[H, W, C]``) to shorter side ``shorter``.
 
-    Bilinear with antialiasing, computed on uint8 and returned as uint8 ``[N, h, w, C]``. Tensors
-    on another device than the CPU go through :func:`resize_shorter_batch` (float32 there).
+    Bilinear (or bicubic) with antialiasing, computed on uint8 and returned as uint8
+    ``[N, h, w, C]``. Tensors on another device than the CPU go through
+    :func:`resize_shorter_batch` (float32 there).
     """
     x = _as_nhwc_tensor(frames)
     if x.device.type != "cpu":
-        return resize_shorter_batch(x, shorter)
+        return resize_shorter_batch(x, shorter, interpolation)
     if x.dtype != torch.uint8:
         raise ValueError(f"expected uint8 frames, got {x.dtype}")
     h, w = resized_size(int(x.shape[1]), int(x.shape[2]), shorter)
     if (h, w) == tuple(x.shape[1:3]):
         return x
     nchw = x.permute(0, 3, 1, 2)  # [N, C, H, W] view in channels_last memory
-    out = F.interpolate(nchw, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(nchw, size=(h, w), mode=interpolation, antialias=True, align_corners=False)
     return out.permute(0, 2, 3, 1)  # [N, h, w, C]
 
 
@@ -91,14 +139,19 @@ def center_crop(x: np.ndarray | torch.Tensor, size: int = CROP_SIZE) -> np.ndarr
     return x[top : top + size, left : left + size]
 
 
-def normalize_appearance(crops: torch.Tensor) -> torch.Tensor:
-    """uint8 crops ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]`` (channels_last), ImageNet norm."""
+def normalize_appearance(
+    crops: torch.Tensor,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 crops ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]`` (channels_last), normalised
+    with ``mean``/``std`` (ImageNet's by default)."""
     if crops.ndim != 4 or crops.shape[-1] != 3:
         raise ValueError(f"expected RGB crops [N, H, W, 3], got shape {tuple(crops.shape)}")
     # (q / 255 - mean) / std as one multiply and one subtract per value
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std)).float().view(1, 3, 1, 1).to(crops.device)
-    shift = (torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / std).float().view(1, 3, 1, 1)
+    std64 = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std64)).float().view(1, 3, 1, 1).to(crops.device)
+    shift = (torch.tensor(mean, dtype=torch.float64) / std64).float().view(1, 3, 1, 1)
     x = crops.permute(0, 3, 1, 2).float()  # [N, 3, H, W], channels_last memory
     return x.mul_(scale).sub_(shift.to(crops.device))
 
@@ -176,12 +229,15 @@ def normalize_motion(stacks: torch.Tensor) -> torch.Tensor:
 _GRAY_WEIGHTS = (9798, 19235, 3735)
 
 
-def resize_shorter_batch(frames: torch.Tensor, shorter: int = RESIZE_SHORTER) -> torch.Tensor:
+def resize_shorter_batch(
+    frames: torch.Tensor, shorter: int = RESIZE_SHORTER, interpolation: str = "bilinear"
+) -> torch.Tensor:
     """:func:`resize_shorter` for uint8 ``[N, H, W, C]`` tensors on any device, uint8 back.
 
-    Bilinear with antialiasing in float32, rounded half to even and clamped. The CPU path's uint8
-    kernel uses fixed-point weights: results differ from it by at most 1 level (on about 10% of
-    values of the real clips); frames already at the size come back unchanged.
+    Bilinear (or bicubic) with antialiasing in float32, rounded half to even and clamped. The CPU
+    path's uint8 kernel uses fixed-point weights: bilinear results differ from it by at most 1
+    level (on about 10% of values of the real clips); frames already at the size come back
+    unchanged.
     """
     x = _as_nhwc_tensor(frames)
     if x.dtype != torch.uint8:
@@ -190,7 +246,7 @@ def resize_shorter_batch(frames: torch.Tensor, shorter: int = RESIZE_SHORTER) ->
     if (h, w) == tuple(x.shape[1:3]):
         return x
     nchw = x.permute(0, 3, 1, 2).float()  # [N, C, H, W]
-    out = F.interpolate(nchw, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(nchw, size=(h, w), mode=interpolation, antialias=True, align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # [N, h, w, C]
 
 

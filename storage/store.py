@@ -21,12 +21,15 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
 
 from storage.ids import safe_video_id
+
+if TYPE_CHECKING:
+    from storage.export import ExportSummary, SplitArrays
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +141,14 @@ class FeatureStore:
             raise ValueError(f"mode must be 'r', 'r+' or 'a', got {mode!r}")
         spath = str(path)
         if not _is_url(spath) and not Path(spath).exists():
-            raise FileNotFoundError(f"no feature store at {spath!r}")
+            raise FileNotFoundError(f"no framepool store at {spath} (no such path)")
         try:
             root = zarr.open_group(spath, mode="r" if mode == "r" else "r+")
-        except Exception as exc:
-            raise FileNotFoundError(f"cannot open a feature store at {spath!r}: {exc}") from exc
+        except Exception as exc:  # zarr: "No group found in store ... at path ''"
+            raise FileNotFoundError(
+                f"no framepool store at {spath} (not a Zarr group; create one with framepool "
+                "extract)"
+            ) from exc
         store = cls(root, spath, mode)
         store._check_version()
         return store
@@ -150,7 +156,9 @@ class FeatureStore:
     def _check_version(self) -> None:
         version = _attr(self._root, "schema_version")
         if version is None:
-            raise ValueError(f"{self.path!r} is not a framepool store (no schema_version)")
+            raise ValueError(
+                f"no framepool store at {self.path} (a Zarr group without schema_version)"
+            )
         if int(version) > SCHEMA_VERSION:
             raise ValueError(
                 f"{self.path!r} has schema_version {version}; this framepool reads up to "
@@ -539,3 +547,20 @@ class FeatureStore:
             "extractor": attrs.get("extractor", {}),
             "failed": sorted(failures, key=lambda f: f["video_id"]),
         }
+
+    # ------------------------------------------------------------------ export
+    def to_numpy(
+        self, split: str | None, stream: str, pooling: str = "mean", levels: int = 3
+    ) -> SplitArrays:
+        """A split as ``(X, y, video_ids)`` for scikit-learn: :func:`storage.export.to_numpy`."""
+        from storage.export import to_numpy
+
+        return to_numpy(self, split, stream, pooling=pooling, levels=levels)
+
+    def export(
+        self, out_dir: str | Path, fmt: str = "npy", split: str | None = None
+    ) -> ExportSummary:
+        """Per-video, per-stream NumPy files; see :func:`storage.export.export_store`."""
+        from storage.export import export_store
+
+        return export_store(self, out_dir, fmt=fmt, split=split)

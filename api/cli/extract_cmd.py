@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
-from extractor.backbones import ARCHS, STREAMS
-from extractor.decode_torchcodec import DECODERS
-from extractor.flow import FLOW_BACKENDS, RAFT_DTYPES
-from extractor.pipeline import ExtractionSummary, run_extract
-from extractor.sharding import parse_shard
+from api.cli.options import (
+    FLOW_BACKENDS,
+    RESNET_ARCHS,
+    VIDEO_EXTENSIONS,
+    Deprecated,
+    add_precision,
+    add_streams,
+    positive_int,
+    stream_list,
+)
 
-__all__ = ["register", "run", "run_extract"]
+if TYPE_CHECKING:
+    from extractor.pipeline import ExtractionSummary
+
+__all__ = ["register", "run"]
+
+_PRECISION_TO_DTYPE = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
+DECODERS = ("auto", "pyav", "torchcodec")  # extractor.decode_torchcodec.DECODERS, without torch
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _arch(text: str) -> str:
+    if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(sorted(RESNET_ARCHS))} or timm:<name>, got {text}"
+    )
 
 
 def register(sub: Any) -> None:
@@ -34,6 +43,8 @@ def register(sub: Any) -> None:
             "Decode every frame of every video, compute ResNet appearance features (RGB frame) and "
             "motion features (a stack of 10 optical-flow fields) per frame, and write them to a "
             "Zarr store. Resumable: complete videos are skipped, unfinished and failed ones redone."
+            f"\n\nFolders are searched for {', '.join(VIDEO_EXTENSIONS)} files; a .txt file lists "
+            "one video path per line."
         ),
     )
     p.add_argument(
@@ -42,34 +53,64 @@ def register(sub: Any) -> None:
     p.add_argument("--store", required=True, help="feature store path or fsspec URL")
     p.add_argument("--labels", help="CSV with columns path,label[,split] (default: parent folder)")
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--streams", default=",".join(STREAMS), help="comma-separated: appearance,motion"
+    add_streams(
+        g,
+        default=",".join(("appearance", "motion")),
+        type=lambda t: ",".join(stream_list(t)),
+        help="appearance, motion, or both (appearance,motion)",
+        old_stream=False,
     )
     g.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
     g.add_argument("--flow-weights", help="RAFT weights file (for --flow raft)")
     g.add_argument(
-        "--flow-dtype",
-        choices=RAFT_DTYPES,
-        help="RAFT compute dtype (for --flow raft; default float32)",
+        "--flow-precision",
+        choices=("fp32", "bf16"),
+        help="RAFT compute precision (for --flow raft; default fp32)",
     )
     g.add_argument(
         "--weights",
         default="imagenet",
-        help="imagenet (torchvision's cache), random (seeded), or a state-dict PATH",
+        help="imagenet (torchvision's checkpoint, downloaded into the torch hub cache when "
+        "missing; timm's pretrained weights for timm:<name>), random (seeded), or a "
+        "state-dict PATH",
     )
     g.add_argument(
         "--motion-weights",
         help="motion backbone weights (default: --weights; a 3-channel conv1 is "
         "cross-modality initialised)",
     )
-    g.add_argument("--arch", default="resnet101", choices=sorted(ARCHS))
     g.add_argument(
-        "--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="compute dtype"
+        "--arch",
+        default="resnet101",
+        type=_arch,
+        metavar="ARCH",
+        help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, or timm:<name> for any timm model "
+        "(appearance only, with the model's own preprocessing)",
     )
+    g.add_argument(
+        "--motion-arch",
+        default=None,
+        choices=sorted(RESNET_ARCHS),
+        help="the motion stream's ResNet (default: --arch; required with a timm --arch)",
+    )
+    add_precision(g, old_dtype=True)
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--batch-size", type=_positive, default=32, help="frames per model batch")
-    r.add_argument("--workers", type=_positive, default=2, help="video preparation threads")
+    r.add_argument("--batch-size", type=positive_int, default=32, help="frames per model batch")
+    r.add_argument(
+        "--decode-workers",
+        dest="decode_workers",
+        type=positive_int,
+        default=2,
+        help="threads that decode and prepare videos",
+    )
+    r.add_argument(
+        "--workers",
+        dest="decode_workers",
+        action=Deprecated,
+        new="--decode-workers",
+        convert=lambda t: positive_int(t),
+    )
     r.add_argument(
         "--decoder",
         default="auto",
@@ -77,36 +118,32 @@ def register(sub: Any) -> None:
         help="auto: torchcodec (NVDEC) when the device is CUDA, else PyAV",
     )
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
-    r.add_argument("--stride", type=_positive, default=1, help="keep every N-th frame")
-    r.add_argument("--max-frames", type=_positive, help="keep at most N frames, evenly spaced")
+    r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
+    r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _streams(text: str) -> list[str]:
-    streams = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in streams if s not in STREAMS]
-    if not streams or bad or len(set(streams)) != len(streams):
-        raise UsageError(f"--streams must list some of {list(STREAMS)}, got {text!r}")
-    return streams
-
-
 def run(args: argparse.Namespace) -> int:
-    streams = _streams(args.streams)
+    from extractor.sharding import parse_shard
+
+    streams = args.streams.split(",")
     shard = None
     if args.shard is not None:
         try:
             shard = parse_shard(args.shard)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    if args.flow_dtype is not None and args.flow != "raft":
-        raise UsageError("--flow-dtype is only used with --flow raft")
+    if args.flow_precision is not None and args.flow != "raft":
+        raise UsageError("--flow-precision is only used with --flow raft")
     if args.flow_weights is not None and args.flow != "raft":
         raise UsageError("--flow-weights is only used with --flow raft")
     if args.flow == "raft" and args.flow_weights is None and "motion" in streams:
         raise UsageError(
             "--flow raft needs --flow-weights PATH (RAFT weights are never downloaded)"
         )
+    from extractor.pipeline import run_extract
+
     summary = run_extract(
         args.inputs,
         args.store,
@@ -117,16 +154,19 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         motion_weights=args.motion_weights,
         arch=args.arch,
+        motion_arch=args.motion_arch,
         device=args.device,
-        dtype=args.dtype,
+        dtype=_PRECISION_TO_DTYPE[args.precision],
         batch_size=args.batch_size,
-        workers=args.workers,
+        workers=args.decode_workers,
         shard=shard,
         stride=args.stride,
         max_frames=args.max_frames,
         progress=not args.no_progress and sys.stderr.isatty(),
         decoder=args.decoder,
-        flow_params={"dtype": args.flow_dtype} if args.flow_dtype else None,
+        flow_params=(
+            {"dtype": _PRECISION_TO_DTYPE[args.flow_precision]} if args.flow_precision else None
+        ),
     )
     print(summary.format())
     return exit_status(summary)

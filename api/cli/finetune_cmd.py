@@ -18,8 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from api.cli import UsageError
+from api.cli.options import PRECISIONS, Deprecated, add_streams, streams_choice
 
 STREAM_CHOICES = ("appearance", "motion", "both")
+
+
+def _finetune_streams(text: str) -> str:
+    value = streams_choice(text)
+    if value not in STREAM_CHOICES:
+        raise argparse.ArgumentTypeError(f"expected appearance, motion or both, got {text}")
+    return value
+
+
+def _amp_to_precision(text: str) -> str:
+    mapping = {"auto": "auto", "on": "bf16", "off": "fp32"}
+    if text not in mapping:
+        raise argparse.ArgumentTypeError(f"--amp takes auto, on or off, got {text}")
+    return mapping[text]
 
 
 def register(sub: Any) -> None:
@@ -38,7 +53,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--out", required=True, help="output directory (resumed when it has a checkpoint)"
     )
-    p.add_argument("--stream", default="appearance", choices=STREAM_CHOICES)
+    add_streams(
+        p,
+        default="appearance",
+        dest="stream",
+        type=_finetune_streams,
+        help="appearance, motion, or both (appearance,motion)",
+    )
     p.add_argument(
         "--train-split", default="train", help="with a split column: the split to use ('': all)"
     )
@@ -110,7 +131,17 @@ def register(sub: Any) -> None:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     opt.add_argument(
-        "--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto: GPU)"
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16 trains under bfloat16 autocast; auto: bf16 on a GPU, fp32 on a CPU",
+    )
+    opt.add_argument(
+        "--amp",
+        dest="precision",
+        action=Deprecated,
+        new="--precision",
+        convert=_amp_to_precision,
     )
     opt.add_argument(
         "--no-resume",
@@ -188,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     }
 
     device = init_distributed(args.device)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     settings = FinetuneSettings(
         period=args.period,
         epochs=args.epochs,

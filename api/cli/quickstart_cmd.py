@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from api.cli.store_cmd import format_info
-from storage import FeatureStore
 
 DEFAULT_DIR = Path("framepool-demo")
 _REPO_CLIPS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
@@ -28,8 +27,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "quickstart",
         help="run the whole path on a small local demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The whole path on a small local demo, no arguments needed: generate clips "
+        "whose two classes differ only in the temporal order of their motion, extract both "
+        "streams of them (and of the real clips, when found) into a local store, train gap and "
+        "tp on the demo and compare them, then serve the tp run for a moment and send it a clip.",
     )
     p.add_argument(
         "--dir", type=Path, default=DEFAULT_DIR, help=f"demo folder (default: ./{DEFAULT_DIR})"
@@ -78,7 +79,7 @@ def _choose_weights(arg: str | None, arch: str) -> str:
     from extractor.backbones import imagenet_checkpoint
 
     try:
-        imagenet_checkpoint(arch)
+        imagenet_checkpoint(arch, download=False)  # the demo never needs the network
     except FileNotFoundError:
         print(
             f"  no ImageNet {arch} weights in torchvision's cache: using --weights random "
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from extractor.pipeline import run_extraction
     from extractor.sources import make_sources
     from extractor.synthetic import make_demo_clips
+    from storage import FeatureStore
 
     root: Path = args.dir.resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from api.cli import UsageError
+from api.cli.options import Deprecated, positive_int
 
 
 def register(sub: Any) -> None:
@@ -30,7 +31,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--workers", type=int, default=1, help="inference worker threads (default 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="inference workers (threads running models)"
+    )
     p.add_argument(
         "--queue-size",
         type=int,
@@ -50,7 +53,8 @@ def register(sub: Any) -> None:
         "--max-frames-limit",
         type=int,
         default=None,
-        help="largest max_frames a request may ask for (bounds the work one request can cause)",
+        help="largest max_frames a request may ask for; longer videos are subsampled to it "
+        "(bounds the work one request can cause; default 300, see GET /v1/limits)",
     )
     p.add_argument(
         "--device", default="cpu", help="torch device for extraction: cpu, cuda, auto (default cpu)"
@@ -60,7 +64,20 @@ def register(sub: Any) -> None:
         default=None,
         help="folder for uploads in flight (default: private temp dir)",
     )
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--threads",
+        dest="torch_threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        dest="torch_threads",
+        action=Deprecated,
+        new="--threads",
+        convert=positive_int,
+    )
     p.set_defaults(func=run)
 
 
@@ -85,7 +102,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             queue_size=args.queue_size,
             max_upload_mb=args.max_upload_mb,
             default_max_frames=args.max_frames,
-            max_frames_limit=args.max_frames_limit,
+            **(
+                {} if args.max_frames_limit is None else {"max_frames_limit": args.max_frames_limit}
+            ),
             upload_dir=None if args.upload_dir is None else Path(args.upload_dir),
             torch_threads=args.torch_threads,
         )
@@ -111,5 +130,6 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         timeout_graceful_shutdown=10,
+        access_log=False,  # the app writes its own access line (status, bytes, model)
     )
     return 0

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from storage import SPLIT_FORMATS, FeatureStore, parse_splits
+from api.cli.options import SPLIT_FORMATS
+
+if TYPE_CHECKING:
+    from storage import FeatureStore
+
+EXPORT_FORMATS = ("npy", "npz")
+
+
+def open_store(path: str, mode: str = "r") -> FeatureStore:
+    from storage import FeatureStore
+
+    return FeatureStore.open(path, mode)  # type: ignore[arg-type]
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("store", help="inspect a feature store, import split lists")
+    p = sub.add_parser(
+        "store",
+        help="inspect a feature store, import split lists, export features",
+        description="Inspect a feature store, import split lists, export features as NumPy files.",
+    )
     ssub = p.add_subparsers(dest="store_command", metavar="ACTION")
     ssub.required = True
 
@@ -28,6 +43,27 @@ def register(sub: Any) -> None:
         "--name", default=None, help="list name (default: <format>-<split>, e.g. ucf101-1)"
     )
     imp.set_defaults(func=run_import_splits)
+
+    exp = ssub.add_parser(
+        "export",
+        help="write per-video NumPy files (<video_id>_<stream>.npy, as video_features names them)",
+        description="Write one float32 [T, d] file per video and stream, named "
+        "<video_id>_<stream>.npy (or .npz, the array stored under the stream's name).",
+    )
+    exp.add_argument("path", metavar="STORE", help="store path or fsspec URL")
+    exp.add_argument("--format", default="npy", choices=EXPORT_FORMATS, help="file format")
+    exp.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    exp.add_argument(
+        "--split",
+        default=None,
+        help="only videos of this split (a split attr or LIST/PART); default: every complete video",
+    )
+    exp.add_argument(
+        "--streams",
+        default=None,
+        help="comma-separated streams to write; default: every stream of each video",
+    )
+    exp.set_defaults(func=run_export)
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -58,7 +94,7 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    info = FeatureStore.open(args.path, "r").info()
+    info = open_store(args.path, "r").info()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -67,7 +103,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_import_splits(args: argparse.Namespace) -> int:
-    store = FeatureStore.open(args.path, "r+")
+    from storage import parse_splits
+
+    store = open_store(args.path, "r+")
     parts = parse_splits(args.format, args.dir, args.split)
     known = set(store.videos(status=None))
     name = args.name or f"{args.format}-{args.split}"
@@ -78,4 +116,16 @@ def run_import_splits(args: argparse.Namespace) -> int:
             f"{name}/{part}: {len(ids)} videos listed, {len(ids) - len(missing)} in the store"
             + (f", {len(missing)} not extracted (e.g. {missing[0]})" if missing else "")
         )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from storage.export import export_store
+
+    store = open_store(args.path, "r")
+    streams = None
+    if args.streams is not None:
+        streams = [s.strip() for s in args.streams.split(",") if s.strip()]
+    summary = export_store(store, args.out, fmt=args.format, split=args.split, streams=streams)
+    print(summary.format())
     return 0

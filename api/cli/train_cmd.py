@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from api.cli import UsageError
+from api.cli.options import add_streams
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
@@ -42,11 +43,12 @@ def register(sub: Any) -> None:
     p.add_argument("--store", required=True, help="feature store path or URL")
     p.add_argument("--head", required=True, choices=HEAD_NAMES)
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument(
-        "--stream",
+    add_streams(
+        p,
         default="auto",
-        help="appearance, motion, both, or a stream name (default: every one of appearance "
-        "and motion the store has)",
+        dest="stream",
+        help="appearance, motion, both (appearance,motion), or auto: every one of them the "
+        "store has",
     )
     data = p.add_argument_group("data")
     data.add_argument("--train-split", default="train")

@@ -12,13 +12,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.service.access import AccessLogMiddleware
 from api.service.deps import ServiceState
 from api.service.inference import InferenceQueue
 from api.service.metrics import MetricsMiddleware, ServiceMetrics
-from api.service.routes import health, metrics, models, predict, similar
+from api.service.routes import health, limits, metrics, models, predict, similar
 from api.service.runs import Registry, WorkerContext, load_registry, make_worker_context
 from api.service.settings import Settings
-from api.service.uploads import make_upload_dir
+from api.service.uploads import UploadBudget, make_upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue=queue,
         upload_dir=upload_dir,
         metrics=service_metrics,
+        uploads=UploadBudget(settings.upload_budget_bytes, settings.retry_after_s),
     )
     log.info(
         "serving %d run(s) (%s) with %d worker(s), queue %d",
@@ -94,10 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.service = None
-    for module in (predict, similar, models, health, metrics):
+    for module in (predict, similar, models, limits, health, metrics):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(AccessLogMiddleware)  # outermost: sees every answer, even a 500
     return app
 
 

@@ -21,9 +21,25 @@ from starlette.concurrency import run_in_threadpool
 
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
 from api.service.metrics import ServiceMetrics
-from api.service.runs import Analysis, LoadedRun, Registry, WorkerContext, analyse
+from api.service.runs import (
+    Analysis,
+    JobControl,
+    JobStopped,
+    Limits,
+    LoadedRun,
+    Registry,
+    WorkerContext,
+    analyse,
+)
 from api.service.settings import Settings
-from api.service.uploads import Upload, UploadError, receive_upload, sniff_container
+from api.service.uploads import (
+    CLIENT_CLOSED,
+    Upload,
+    UploadBudget,
+    UploadError,
+    receive_upload,
+    sniff_container,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +56,7 @@ class ServiceState:
     queue: InferenceQueue[WorkerContext]
     upload_dir: Path
     metrics: ServiceMetrics
+    uploads: UploadBudget
 
 
 def get_state(request: Request) -> ServiceState:
@@ -80,28 +97,32 @@ async def uploaded_file(
     request: Request, state: ServiceState, *, require_file: bool = True
 ) -> AsyncIterator[Upload]:
     """The request's multipart upload in a private temporary file, removed afterwards."""
+    settings = state.settings
     try:
         async with receive_upload(
             request,
             state.upload_dir,
-            max_bytes=state.settings.max_upload_bytes,
+            max_bytes=settings.max_upload_bytes,
             require_file=require_file,
+            budget=state.uploads,
+            idle_timeout_s=settings.upload_idle_timeout_s,
+            timeout_s=settings.upload_timeout_s,
         ) as upload:
             yield upload
     except UploadError as exc:
-        raise HTTPException(exc.status_code, exc.reason) from None
+        if exc.status_code == 503:
+            state.metrics.rejected.inc()
+        raise HTTPException(exc.status_code, exc.reason, headers=exc.headers) from None
 
 
 def merge_options(query: M, fields: dict[str, str]) -> M:
-    """Options from the query string and from form fields (each may be given in one place)."""
+    """Options from the query string and from form fields; a form field wins over the same
+    option in the query string (the schema allows both)."""
     model = type(query)
     given = query.model_dump(exclude_none=True)
     unknown = sorted(set(fields) - set(model.model_fields) - {"file"})
     if unknown:
         raise HTTPException(422, f"unknown form field(s) {unknown}")
-    both = sorted(set(given) & set(fields))
-    if both:
-        raise HTTPException(422, f"option(s) {both} given both in the query and in the form")
     merged: dict[str, Any] = {**given, **{k: v for k, v in fields.items() if k != "file"}}
     try:
         return model.model_validate(merged)
@@ -126,22 +147,44 @@ def frame_options(
     return s, m
 
 
-async def probe_upload(path: Path) -> None:
-    """Check that the upload is a video with a video stream before queueing it."""
+async def probe_upload(state: ServiceState, path: Path) -> None:
+    """Check that the upload is a video with a video stream, and not larger than the limits
+    allow by what its container declares, before queueing it."""
     from extractor.decode import VideoError, probe
 
     try:
-        await run_in_threadpool(probe, path)
+        info = await run_in_threadpool(probe, path)
     except VideoError as exc:
         raise video_error(path, exc) from None
+    settings = state.settings
+    pixels = info.width * info.height
+    if pixels > settings.max_frame_pixels:
+        raise HTTPException(
+            413,
+            f"frames of {info.width}x{info.height} = {pixels} pixels are larger than this "
+            f"service's limit of {settings.max_frame_pixels} pixels per frame",
+        )
+    if info.n_frames_hint is not None and info.n_frames_hint > settings.max_decoded_frames:
+        raise HTTPException(
+            413,
+            f"the video declares {info.n_frames_hint} frames, more than this service's limit "
+            f"of {settings.max_decoded_frames} frames per video",
+        )
 
 
 def video_error(path: Path, exc: Exception) -> HTTPException:
-    """415 for something that is not a video container, 422 for a video that will not decode."""
+    """415 for something that is not a video container, 413 for a video over the limits, 422
+    for a video that will not decode."""
+    from extractor.decode import UnsupportedFormat, VideoTooLarge
+
     container = sniff_container(path)
     # the decoder names the file; the client should not see where the service keeps uploads
     reason = (str(exc) or type(exc).__name__).replace(repr(str(path)), "upload")
     reason = reason.replace(str(path), "upload")
+    if isinstance(exc, VideoTooLarge):
+        return HTTPException(413, f"video larger than this service's limits: {reason}")
+    if isinstance(exc, UnsupportedFormat):
+        return HTTPException(415, f"not a supported video: {reason}")
     if container is None:
         return HTTPException(415, f"not a supported video: {reason}")
     if "no video stream" in reason.lower():
@@ -149,11 +192,29 @@ def video_error(path: Path, exc: Exception) -> HTTPException:
     return HTTPException(422, f"{container} file that cannot be decoded: {reason}")
 
 
+async def client_gone(request: Request) -> None:
+    """Return when the client closes the connection (call once the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 async def run_job(
-    state: ServiceState, upload: Upload | None, fn: Callable[[WorkerContext], T]
+    state: ServiceState,
+    upload: Upload | None,
+    fn: Callable[[WorkerContext], T],
+    *,
+    request: Request | None = None,
+    control: JobControl | None = None,
 ) -> T:
     """Run ``fn`` in an inference worker (503 when the queue is full); keep the upload until
-    the job ends, even when this request is cancelled."""
+    the job ends, even when this request is cancelled.
+
+    With ``request``, the client is watched while the job waits or runs: when it goes away the
+    job is taken off the queue, or ``control`` is cancelled so that the running job stops at
+    its next frame, and the request ends with 499.
+    """
     from extractor.decode import VideoError
 
     try:
@@ -166,15 +227,36 @@ async def run_job(
         ) from None
     if upload is not None:
         upload.hold_until(future)
+    waiter = asyncio.wrap_future(future)
     try:
-        return await asyncio.wrap_future(future)
+        if request is not None:
+            watcher = asyncio.ensure_future(client_gone(request))
+            try:
+                either: set[asyncio.Future[Any]] = {waiter, watcher}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            if not waiter.done():
+                if control is not None:
+                    control.cancel("the client went away")
+                waiter.cancel()  # takes a waiting job off the queue; a running one stops itself
+                log.info(
+                    "client went away; its job was %s", "stopped" if future.running() else "dropped"
+                )
+                raise HTTPException(CLIENT_CLOSED, "the client went away")
+        return await waiter
     except VideoError as exc:
         assert upload is not None and upload.path is not None
         raise video_error(upload.path, exc) from None
+    except JobStopped as exc:
+        raise HTTPException(
+            503, str(exc), headers={"Retry-After": str(state.settings.retry_after_s)}
+        ) from None
 
 
 async def analyse_upload(
     state: ServiceState,
+    request: Request | None,
     upload: Upload,
     run: LoadedRun,
     *,
@@ -184,9 +266,12 @@ async def analyse_upload(
     embedding: bool,
 ) -> Analysis:
     """Probe the uploaded video, then decode, extract and apply ``run``'s head in a worker
-    (``stride`` and ``max_frames`` as resolved by :func:`frame_options`)."""
+    (``stride`` and ``max_frames`` as resolved by :func:`frame_options`), within the service's
+    limits; the job stops when ``request``'s client goes away."""
     assert upload.path is not None
-    await probe_upload(upload.path)
+    await probe_upload(state, upload.path)
+    settings = state.settings
+    control = JobControl(settings.job_timeout_s)
     job = functools.partial(
         analyse,
         run=run,
@@ -196,5 +281,10 @@ async def analyse_upload(
         proba=proba,
         embedding=embedding,
         submitted_at=time.perf_counter(),
+        limits=Limits(
+            max_decoded_frames=settings.max_decoded_frames,
+            max_frame_pixels=settings.max_frame_pixels,
+        ),
+        control=control,
     )
-    return await run_job(state, upload, job)
+    return await run_job(state, upload, job, request=request, control=control)

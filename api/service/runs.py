@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,49 @@ def make_worker_context(registry: Registry, device: str) -> WorkerContext:
     )
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How large a video a worker takes: frames in all, pixels per frame."""
+
+    max_decoded_frames: int
+    max_frame_pixels: int
+
+
+class JobStopped(Exception):
+    """A job stopped before its end: it ran past its time limit, or its client went away."""
+
+
+class JobControl:
+    """Shared by a request and its job: the request may cancel it, the job polls
+    :meth:`should_stop` at every frame, and the clock of ``timeout_s`` starts when the job
+    starts (not while it waits for a worker)."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
+        self._cancelled = threading.Event()
+        self._deadline: float | None = None
+        self.reason: str | None = None
+
+    def start(self) -> None:
+        if self.timeout_s is not None:
+            self._deadline = time.monotonic() + self.timeout_s
+
+    def cancel(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self._cancelled.set()
+
+    def should_stop(self) -> bool:
+        if self._cancelled.is_set():
+            return True
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.cancel(
+                f"the video took longer than this service's limit of {self.timeout_s:g} s per "
+                "video; send a shorter or smaller video, or fewer frames (max_frames, stride)"
+            )
+            return True
+        return False
+
+
 @dataclass
 class Analysis:
     """What a worker found in one uploaded video."""
@@ -167,15 +211,37 @@ def analyse(
     proba: bool,
     embedding: bool,
     submitted_at: float,
+    limits: Limits | None = None,
+    control: JobControl | None = None,
 ) -> Analysis:
     """Decode and extract ``path`` with the run's extractor, then apply its head.
 
     Runs in an inference worker. Raises the extractor's ``VideoError`` for a video it cannot
-    decode.
+    decode, ``VideoTooLarge`` for one over ``limits`` (found by a first, counting pass that stops
+    at the limit), and :class:`JobStopped` when ``control`` stops the job.
     """
+    from extractor.decode import count_frames_within
+    from extractor.prepare import select_frames
+
     start = time.perf_counter()
+    control = control or JobControl()
+    control.start()
     extractor = ctx.extractors[run.extractor_key]
-    video = extractor.extract_file(path, stride=stride, max_frames=max_frames)
+    try:
+        if limits is not None:
+            n = count_frames_within(
+                path,
+                max_frames=limits.max_decoded_frames,
+                max_pixels=limits.max_frame_pixels,
+                should_stop=control.should_stop,
+            )
+            if max_frames is not None and len(select_frames(n, stride)) <= max_frames:
+                max_frames = None  # the same frames, without the extractor's own counting pass
+        video = extractor.extract_file(
+            path, stride=stride, max_frames=max_frames, should_stop=control.should_stop
+        )
+    except InterruptedError:
+        raise JobStopped(control.reason or "stopped") from None
     features: Mapping[str, np.ndarray] = {s: video.features[s] for s in run.predictor.streams}
     extracted = time.perf_counter()
     p = run.predictor.predict_proba(features) if proba else None

@@ -127,3 +127,25 @@ class Readiness(_Model):
     workers: int = Field(description="inference workers alive")
     queue_waiting: int
     queue_size: int
+
+
+class LimitsResponse(_Model):
+    """What one request may cost this service; larger requests are refused, not queued."""
+
+    max_upload_bytes: int = Field(description="largest upload (413 beyond)")
+    max_frames: int | None = Field(
+        description="frames used per video at most; a longer video is subsampled to this many "
+        "(evenly spread) and a larger max_frames is refused (422); None: no bound"
+    )
+    default_max_frames: int | None = Field(description="frames used when a request names none")
+    max_decoded_frames: int = Field(description="frames a video may have (413 beyond)")
+    max_frame_pixels: int = Field(description="width x height of a frame at most (413 beyond)")
+    job_timeout_s: float = Field(description="wall seconds one video may take in a worker (503)")
+    upload_budget_bytes: int = Field(
+        description="disk all uploads in progress may hold together (503 with Retry-After beyond)"
+    )
+    upload_budget_used_bytes: int = Field(description="disk uploads in progress hold now")
+    upload_idle_timeout_s: float = Field(description="an upload silent this long is dropped (408)")
+    upload_timeout_s: float = Field(description="an upload may take this long in all (408)")
+    workers: int = Field(description="inference workers")
+    queue_size: int = Field(description="requests that may wait for a worker (503 beyond)")

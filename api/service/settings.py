@@ -40,7 +40,40 @@ class Settings(BaseSettings):
         default=None, ge=1, description="frames used per video (evenly spread); None: all"
     )
     max_frames_limit: int | None = Field(
-        default=None, ge=1, description="upper bound a request may ask for in max_frames"
+        default=300,
+        ge=1,
+        description="frames used per video at most: a longer video is subsampled to this many "
+        "(evenly spread), and no request may ask for more; None: no bound",
+    )
+    max_decoded_frames: int = Field(
+        default=18_000,
+        ge=1,
+        description="frames a video may have at most (all are decoded to pick the ones used); "
+        "a longer one is refused with 413",
+    )
+    max_frame_pixels: int = Field(
+        default=3840 * 2160,
+        ge=1,
+        description="width x height a frame may have at most; a larger video is refused with 413",
+    )
+    job_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="wall seconds a worker may spend on one video; then the job is stopped (503)",
+    )
+    upload_budget_mb: float = Field(
+        default=1024.0,
+        gt=0,
+        description="disk all uploads in progress (received or waiting for a worker) may take; "
+        "an upload that would exceed it is refused with 503 and Retry-After",
+    )
+    upload_idle_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds an upload may send nothing before it is dropped (408)",
+    )
+    upload_timeout_s: float = Field(
+        default=600.0, gt=0, description="seconds a whole upload may take (408)"
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's own)"
@@ -60,3 +93,7 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_budget_bytes(self) -> int:
+        return int(self.upload_budget_mb * 1024 * 1024)

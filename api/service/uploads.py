@@ -6,14 +6,22 @@ upload is refused with 413 the moment it crosses the limit, not after it has all
 client's filename is kept only as a label: it never becomes part of a path. Whatever happens
 (a bad body, a client that goes away, an error later on), the temporary file is removed: at the
 end of :func:`receive_upload`'s context, or, when a worker still reads it, when that job ends.
+
+Disk and time are bounded for all uploads together: an :class:`UploadBudget` counts the bytes of
+every upload file that exists (being received, or waiting for its job), and an upload that would
+take it past its limit is refused with 503 and Retry-After; an upload that sends nothing for
+``idle_timeout_s``, or takes longer than ``timeout_s`` in all, is dropped with 408. A client that
+goes away mid-body is logged at info level and answered 499 (nobody reads it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -36,13 +44,64 @@ MAX_PARTS = 16
 _OVERHEAD = 64 * 1024  # multipart boundaries, part headers and small fields around the file
 
 
+CLIENT_CLOSED = 499  # the client closed the connection before the answer (nginx's convention)
+
+
 class UploadError(Exception):
     """An upload the service will not take; ``status_code`` is the HTTP status to answer with."""
 
-    def __init__(self, status_code: int, reason: str) -> None:
+    def __init__(
+        self, status_code: int, reason: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(reason)
         self.status_code = status_code
         self.reason = reason
+        self.headers = headers
+
+
+class UploadBudget:
+    """Bytes all upload files may hold together; thread-safe (files are released by workers)."""
+
+    def __init__(self, limit_bytes: int, retry_after_s: int = 2) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"upload budget must be >= 1 byte, got {limit_bytes!r}")
+        self.limit = limit_bytes
+        self.retry_after_s = retry_after_s
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+    def _full(self, n: int) -> UploadError:
+        return UploadError(
+            503,
+            f"uploads in progress hold {self.used / 2**20:.1f} MiB of the service's "
+            f"{self.limit / 2**20:g} MiB; {n / 2**20:.1f} MiB more do not fit, retry later",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    def check(self, n: int) -> None:
+        """Raise 503 when ``n`` more bytes would not fit now (nothing is reserved)."""
+        with self._lock:
+            fits = self._used + n <= self.limit
+        if not fits:
+            raise self._full(n)
+
+    def take(self, n: int) -> None:
+        """Reserve ``n`` bytes or raise 503."""
+        with self._lock:
+            if self._used + n <= self.limit:
+                self._used += n
+                return
+        raise self._full(n)
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self._used -= n
+            assert self._used >= 0, self._used
 
 
 @dataclass
@@ -55,16 +114,27 @@ class Upload:
     content_type: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    budget: UploadBudget | None = None
     _held_by: Future[Any] | None = None
+    _reserved: int = 0
 
     def hold_until(self, future: Future[Any]) -> None:
         """Keep the file until ``future`` is done (a worker reads it), then remove it."""
         self._held_by = future
 
+    def reserve(self, n: int) -> None:
+        """Count ``n`` more bytes of this upload against the budget (503 when they do not fit)."""
+        if self.budget is not None:
+            self.budget.take(n)
+            self._reserved += n
+
     def remove(self) -> None:
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        if self.budget is not None and self._reserved:
+            self.budget.give_back(self._reserved)
+            self._reserved = 0
 
 
 def make_upload_dir(parent: str | Path | None = None) -> Path:
@@ -145,6 +215,7 @@ class _Receiver:
                     413, f"upload larger than the limit of {self.max_bytes / 2**20:g} MiB"
                 )
             assert self.fd is not None
+            self.upload.reserve(n)
             view = memoryview(data)[start:end]
             while view:
                 written = os.write(self.fd, view)
@@ -182,16 +253,22 @@ async def receive_upload(
     max_bytes: int,
     file_field: str = "file",
     require_file: bool = True,
+    budget: UploadBudget | None = None,
+    idle_timeout_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[Upload]:
     """Stream a ``multipart/form-data`` body to a temporary file; remove it when done.
 
-    Raises :class:`UploadError` (400 malformed or empty, 413 too large, 415 not multipart, 422
-    no ``file`` part) before yielding. The file is removed on leaving the context, or when the
-    future given to :meth:`Upload.hold_until` finishes, whichever is later.
+    Raises :class:`UploadError` (400 malformed or empty, 408 too slow, 413 too large, 415 not
+    multipart, 422 no ``file`` part, 499 the client went away, 503 over ``budget``) before
+    yielding. The file is removed on leaving the context, or when the future given to
+    :meth:`Upload.hold_until` finishes, whichever is later.
     """
-    upload = Upload(path=None)
+    upload = Upload(path=None, budget=budget)
     try:
-        await _read_body(request, upload, dest_dir, max_bytes, file_field)
+        await _read_body(
+            request, upload, dest_dir, max_bytes, file_field, idle_timeout_s, timeout_s
+        )
         if upload.path is None and require_file:
             raise UploadError(422, f"multipart field {file_field!r} (the video file) is missing")
         if upload.path is not None and upload.size == 0:
@@ -205,8 +282,44 @@ async def receive_upload(
             upload.remove()
 
 
+async def _chunks(
+    request: Request, idle_timeout_s: float | None, timeout_s: float | None
+) -> AsyncIterator[bytes]:
+    """The body's chunks; 408 when one takes longer than ``idle_timeout_s`` to come, or the
+    whole body longer than ``timeout_s``."""
+    stream = request.stream().__aiter__()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        wait = idle_timeout_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            wait = left if wait is None else min(wait, left)
+        try:
+            if wait is None:
+                chunk = await stream.__anext__()
+            else:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.0))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise UploadError(
+                    408, f"the upload took longer than the limit of {timeout_s:g} s"
+                ) from None
+            raise UploadError(
+                408, f"the upload sent nothing for {idle_timeout_s:g} s; dropped"
+            ) from None
+        yield chunk
+
+
 async def _read_body(
-    request: Request, upload: Upload, dest_dir: Path, max_bytes: int, file_field: str
+    request: Request,
+    upload: Upload,
+    dest_dir: Path,
+    max_bytes: int,
+    file_field: str,
+    idle_timeout_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data":
@@ -220,8 +333,11 @@ async def _read_body(
         raise UploadError(400, "multipart/form-data without a boundary")
     limit = max_bytes + _OVERHEAD
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise UploadError(413, f"upload larger than the limit of {max_bytes / 2**20:g} MiB")
+    if length is not None and length.isdigit():
+        if int(length) > limit:
+            raise UploadError(413, f"upload larger than the limit of {max_bytes / 2**20:g} MiB")
+        if upload.budget is not None:
+            upload.budget.check(int(length))
     receiver = _Receiver(upload, dest_dir, max_bytes, file_field)
     callbacks: Any = {
         "on_part_begin": receiver.on_part_begin,
@@ -236,7 +352,7 @@ async def _read_body(
     received = 0
     try:
         parser = MultipartParser(boundary, callbacks)
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, idle_timeout_s, timeout_s):
             received += len(chunk)
             if received > limit:
                 raise UploadError(413, f"upload larger than the limit of {max_bytes / 2**20:g} MiB")
@@ -249,7 +365,9 @@ async def _read_body(
         raise UploadError(400, f"malformed multipart body: {exc}") from None
     except ClientDisconnect:
         log.info("client went away during an upload (%d bytes received)", received)
-        raise
+        raise UploadError(
+            CLIENT_CLOSED, f"the client went away during the upload ({received} bytes received)"
+        ) from None
     finally:
         receiver.close()
     upload.seconds = time.perf_counter() - t0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,13 @@ from torch import nn
 
 from aggregator.finetune import FinetuneModel, Frames
 from aggregator.finetune_inputs import FeatureMemory
-from aggregator.finetune_train import CHECKPOINT, FinetuneSettings, TrainVideo, finetune
+from aggregator.finetune_train import (
+    CHECKPOINT,
+    FinetuneSettings,
+    TrainVideo,
+    finetune,
+    load_checkpoint,
+)
 from aggregator.heads import build_model
 
 LENGTHS = (7, 3, 5, 1, 9)
@@ -129,7 +137,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path) -> Non
     crashed = _model()
     finetune(crashed, videos, source, settings, tmp_path / "b", stop_after=1)
     assert not (tmp_path / "b" / "backbone_appearance.pt").exists()
-    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["epoch"] == 1
     resumed = _model()  # a new process: fresh weights, everything comes from the checkpoint
     got = finetune(resumed, videos, source, settings, tmp_path / "b")
 
@@ -155,6 +163,43 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
         finetune(
             _model(), videos, source, _settings(epochs=2), tmp_path, config={"head_kwargs": {}}
         )
+
+
+class _RunsACommand:
+    """Unpickling this calls ``os.system`` (what a crafted checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_a_planted_checkpoint_runs_nothing(tmp_path: Path) -> None:
+    videos, source = _data()
+    out = tmp_path / "run"
+    finetune(_model(), videos, source, _settings(epochs=1), out, stop_after=1)
+    good = torch.load(out / CHECKPOINT, weights_only=True)  # a real one loads safely
+    marker = tmp_path / "pwned"
+    good["history"].append({"note": _RunsACommand(marker)})
+    torch.save(good, out / CHECKPOINT)
+    # the payload is live: a plain unpickler runs it
+    torch.load(out / CHECKPOINT, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(ValueError, match="not a framepool fine-tuning checkpoint that loads"):
+        finetune(_model(), videos, source, _settings(epochs=2), out)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="not a framepool fine-tuning checkpoint"):
+        load_checkpoint(out / CHECKPOINT)
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path: Path) -> None:
+    torch.save({"model": {}}, tmp_path / CHECKPOINT)
+    with pytest.raises(ValueError, match="missing"):
+        load_checkpoint(tmp_path / CHECKPOINT)
 
 
 @pytest.mark.parametrize("period", [1, 2])

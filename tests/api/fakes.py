@@ -7,7 +7,7 @@ torch, next to the end-to-end tests on a real store and run.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,31 @@ class FakeExtractor:
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.gate = gate
         self.started = threading.Event()
+        self.stopped = threading.Event()
 
     def extract_file(
-        self, path: str | Path, *, stride: int = 1, max_frames: int | None = None
+        self,
+        path: str | Path,
+        *,
+        stride: int = 1,
+        max_frames: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> FakeVideo:
         self.started.set()
         if self.gate is not None:
-            self.gate.wait(30)
+            for _ in range(3000):  # a job held at its first frame (30 s at most)
+                if self.gate.wait(0.01):
+                    break
+                if should_stop is not None and should_stop():
+                    self.stopped.set()
+                    raise InterruptedError(f"{path}: stopped")
         info = probe(path)
-        decoded = list(iter_frames(path))
+        decoded = []
+        for frame in iter_frames(path):
+            if should_stop is not None and should_stop():
+                self.stopped.set()
+                raise InterruptedError(f"{path}: stopped")
+            decoded.append(frame)
         frames = decoded[::stride]
         idx = np.arange(len(frames)) * stride
         if max_frames is not None and len(frames) > max_frames:

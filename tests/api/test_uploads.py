@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
-from api.service.uploads import UploadError, receive_upload, sniff_container
+from api.service.uploads import UploadBudget, UploadError, receive_upload, sniff_container
 
 BOUNDARY = "xXxBoundaryxXx"
 
@@ -103,11 +104,104 @@ def test_declared_oversize_is_refused_before_reading(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_client_disconnect_mid_upload_leaves_nothing(tmp_path: Path) -> None:
+def test_client_disconnect_mid_upload_leaves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     body = Body(chunked(multipart(b"\1" * 50_000), 1000), disconnect_after=10)
-    with pytest.raises(ClientDisconnect):
-        asyncio.run(_receive(request(body), tmp_path, 1 << 20))
+    budget = UploadBudget(1 << 20)
+    with caplog.at_level(logging.INFO, "api.service.uploads"), pytest.raises(UploadError) as err:
+        asyncio.run(_receive(request(body), tmp_path, 1 << 20, budget=budget))
+    assert err.value.status_code == 499
+    assert list(tmp_path.iterdir()) == [] and budget.used == 0
+    gone = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert gone and all(r.levelno == logging.INFO and r.exc_info is None for r in gone)
+
+
+class StalledBody(Body):
+    """Sends its chunks, then nothing at all (a client that stopped mid-body)."""
+
+    async def __call__(self) -> dict:
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            await asyncio.sleep(3600)
+        self.read += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+
+def test_a_stalled_upload_is_dropped_with_408(tmp_path: Path) -> None:
+    data = multipart(b"\1" * 20_000)[:15_000]
+    budget = UploadBudget(1 << 20)
+    with pytest.raises(UploadError) as err:
+        asyncio.run(
+            _receive(
+                request(StalledBody(chunked(data))),
+                tmp_path,
+                1 << 20,
+                budget=budget,
+                idle_timeout_s=0.2,
+            )
+        )
+    assert err.value.status_code == 408 and "sent nothing for 0.2 s" in err.value.reason
+    assert list(tmp_path.iterdir()) == [] and budget.used == 0
+
+
+class SlowBody(Body):
+    async def __call__(self) -> dict:
+        await asyncio.sleep(0.05)
+        return await super().__call__()
+
+
+def test_a_slow_drip_upload_hits_the_total_timeout(tmp_path: Path) -> None:
+    body = SlowBody(chunked(multipart(b"\1" * 20_000), 100))
+    with pytest.raises(UploadError) as err:
+        asyncio.run(_receive(request(body), tmp_path, 1 << 20, idle_timeout_s=5, timeout_s=0.3))
+    assert err.value.status_code == 408 and "limit of 0.3 s" in err.value.reason
     assert list(tmp_path.iterdir()) == []
+
+
+def test_uploads_in_progress_share_one_disk_budget(tmp_path: Path) -> None:
+    budget = UploadBudget(60_000, retry_after_s=7)
+
+    async def two_at_once() -> UploadError:
+        first = request(Body(chunked(multipart(b"\1" * 40_000))))
+        async with receive_upload(first, tmp_path, max_bytes=1 << 20, budget=budget) as up:
+            held = budget.used
+            assert up.path is not None and up.path.stat().st_size == held == 40_000
+            second = request(Body(chunked(multipart(b"\2" * 40_000))))
+            with pytest.raises(UploadError) as err:
+                async with receive_upload(second, tmp_path, max_bytes=1 << 20, budget=budget):
+                    pass
+            assert len(list(tmp_path.iterdir())) == 1  # the refused one is gone already
+            return err.value
+
+    refused = asyncio.run(two_at_once())
+    assert refused.status_code == 503 and refused.headers == {"Retry-After": "7"}
+    assert "retry later" in refused.reason
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []
+    # a declared length over what is left is refused before a byte is read
+    budget.take(50_000)
+    body = Body(chunked(multipart(b"\3" * 20_000)))
+    with pytest.raises(UploadError) as err:
+        asyncio.run(
+            _receive(request(body, {"content-length": "20200"}), tmp_path, 1 << 20, budget=budget)
+        )
+    assert err.value.status_code == 503 and body.read == 0
+    budget.give_back(50_000)
+
+
+def test_a_held_upload_counts_until_its_job_ends(tmp_path: Path) -> None:
+    budget = UploadBudget(1 << 20)
+    fut: Future[None] = Future()
+
+    async def go() -> None:
+        body = request(Body(chunked(multipart(b"video"))))
+        async with receive_upload(body, tmp_path, max_bytes=1000, budget=budget) as up:
+            up.hold_until(fut)
+
+    asyncio.run(go())
+    assert budget.used == 5
+    fut.set_result(None)
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

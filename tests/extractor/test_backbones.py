@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from extractor import weights as weights_module
 from extractor.backbones import (
     build_backbone,
     cross_modality_conv1,
@@ -93,21 +94,31 @@ def test_state_dict_files_load_and_motion_conv1(tmp_path: Path) -> None:
         build_backbone("appearance", rgb_file, "resnet50")
 
 
-def test_imagenet_weights_come_only_from_the_cache(
+def test_imagenet_weights_from_the_cache_never_fetch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def offline(url: str, dst: str) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(weights_module, "_torch_fetch", offline)
     with pytest.raises(FileNotFoundError) as err:
         build_backbone("appearance", "imagenet", "resnet18")
     msg = str(err.value)
-    assert str(hub / "checkpoints" / "resnet18-*.pth") in msg and "--weights PATH" in msg
-    (hub / "checkpoints").mkdir(parents=True)
+    assert "resnet18-f37072fd.pth" in msg and str(hub / "checkpoints") in msg
+    assert "--weights PATH" in msg and "network is unreachable" in msg
     src = build_backbone("appearance", "random", "resnet18")
     torch.save(
         {**src.state_dict(), "fc.weight": torch.zeros(1000, 512)},
         hub / "checkpoints" / "resnet18-f37072fd.pth",
     )
+
+    def never(url: str, dst: str) -> None:
+        raise AssertionError("a cached checkpoint must not be fetched again")
+
+    monkeypatch.setattr(weights_module, "_torch_fetch", never)
     model, record = load_backbone("appearance", resolve_weights("imagenet", "resnet18"), "resnet18")
     assert state_sha256(model) == state_sha256(src)
     assert record["weights_origin"] == "imagenet" and len(record["weights"]) == 64

@@ -48,7 +48,7 @@ def test_cli_decoder_and_flow_dtype_options(tmp_path: Path, short_real_video: Pa
     common = ["--store", str(tmp_path / "s"), "--weights", "random", "--arch", "resnet18"]
     common += ["--no-progress", "--streams", "appearance", "--max-frames", "3", "--device", "cpu"]
     assert main(["extract", str(short_real_video), *common, "--decoder", "pyav"]) == 0
-    assert main(["extract", str(short_real_video), *common, "--flow-dtype", "bfloat16"]) == 2
+    assert main(["extract", str(short_real_video), *common, "--flow-precision", "bf16"]) == 2
     with pytest.raises(SystemExit):
         main(["extract", str(short_real_video), *common, "--decoder", "nvdec"])
 

@@ -79,4 +79,4 @@ def test_cli_import_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["store", "info", str(path), "--json"]) == 0
     assert '"n_videos": 2' in capsys.readouterr().out
     assert main(["store", "info", str(tmp_path / "missing.zarr")]) == 2
-    assert "no feature store" in capsys.readouterr().err
+    assert "no framepool store" in capsys.readouterr().err

@@ -122,8 +122,12 @@ def test_extractor_mismatch_refused(tmp_path: Path) -> None:
 
 
 def test_open_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no feature store"):
+    with pytest.raises(FileNotFoundError, match="no framepool store"):
         FeatureStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as err:  # not zarr's "No group found ... at path ''"
+        FeatureStore.open(tmp_path / "empty")
+    assert str(err.value).startswith(f"no framepool store at {tmp_path / 'empty'} ")
     with pytest.raises(ValueError, match="mode must be"):
         FeatureStore.open(tmp_path, "w")  # type: ignore[arg-type]
 

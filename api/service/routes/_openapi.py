@@ -42,11 +42,22 @@ def upload_body(required: bool, extra_fields: dict[str, Any] | None = None) -> d
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "empty upload or malformed multipart body"},
     404: {"model": ErrorResponse, "description": "no loaded model with that id"},
-    413: {"model": ErrorResponse, "description": "upload larger than the limit"},
-    415: {"model": ErrorResponse, "description": "not a video, or no video stream"},
+    408: {"model": ErrorResponse, "description": "the upload stalled or took too long"},
+    413: {
+        "model": ErrorResponse,
+        "description": "upload, frame count or frame size over the limits (see /v1/limits)",
+    },
+    415: {
+        "model": ErrorResponse,
+        "description": "not a video container (an image, a playlist, ...), or no video stream",
+    },
     422: {
         "model": ErrorResponse,
         "description": "bad option, or a video that cannot be decoded",
     },
-    503: {"model": ErrorResponse, "description": "busy (see Retry-After) or starting"},
+    503: {
+        "model": ErrorResponse,
+        "description": "busy, uploads over the disk budget, the video ran past the time limit "
+        "(see Retry-After), or starting",
+    },
 }

@@ -61,9 +61,11 @@ async def predict(
     async with uploaded_file(request, state) as upload:
         opts = merge_options(query, upload.fields)
         run = select_run(state, opts.model)
+        request.state.model = run.run_id
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
         result = await analyse_upload(
             state,
+            request,
             upload,
             run,
             stride=n_stride,

@@ -67,7 +67,8 @@ async def similar(
     stride: Annotated[Stride | None, Query()] = None,
     max_frames: Annotated[MaxFrames | None, Query()] = None,
 ) -> SimilarResponse:
-    """Either upload a video (multipart field ``file``) or name ``video_id``, an indexed video.
+    """Either upload a video (multipart field ``file``) or name ``video_id``, an indexed video
+    (as a query parameter or a form field), not both.
 
     Searching by ``video_id`` leaves that video out of its own answer; an uploaded copy of a
     training video finds itself first, at distance ~0.
@@ -81,12 +82,11 @@ async def similar(
             raise HTTPException(
                 422, "send a video as multipart field 'file', or give video_id of an indexed video"
             )
-        return _by_id(state, query, t0)
-    if query.video_id is not None:
-        return _by_id(state, query, t0)  # a body sent along with video_id is not read
+        return _by_id(request, state, query, t0)
     run = select_run(state, query.model)
     _index(run)
-    refuse_if_busy(state)
+    if query.video_id is None:
+        refuse_if_busy(state)
     async with uploaded_file(request, state, require_file=False) as upload:
         opts = merge_options(query, upload.fields)
         if upload.path is None:
@@ -94,14 +94,16 @@ async def similar(
                 raise HTTPException(
                     422, "multipart field 'file' (the video) or video_id is missing"
                 )
-            return _by_id(state, opts, t0, upload_s=upload.seconds)
+            return _by_id(request, state, opts, t0, upload_s=upload.seconds)
         if opts.video_id is not None:
             raise HTTPException(422, "give either a file or a video_id, not both")
         run = select_run(state, opts.model)
+        request.state.model = run.run_id
         index = _index(run)
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
         result = await analyse_upload(
             state,
+            request,
             upload,
             run,
             stride=n_stride,
@@ -140,9 +142,14 @@ def _neighbours(hits: list[Hit]) -> list[Neighbour]:
 
 
 def _by_id(
-    state: ServiceState, opts: SimilarOptions, t0: float, upload_s: float = 0.0
+    request: Request,
+    state: ServiceState,
+    opts: SimilarOptions,
+    t0: float,
+    upload_s: float = 0.0,
 ) -> SimilarResponse:
     run = select_run(state, opts.model)
+    request.state.model = run.run_id
     index = _index(run)
     assert opts.video_id is not None
     if opts.video_id not in index:
