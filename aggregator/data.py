@@ -29,7 +29,13 @@ from tqdm import tqdm
 
 from aggregator.heads.base import NodeInput
 from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals, pyramid_mix
-from aggregator.node_cache import CACHE_DEPTH, cache_key, load_node_cache
+from aggregator.node_cache import (
+    CACHE_DEPTH,
+    NodeBlocks,
+    cache_key,
+    load_node_cache,
+    memory_budget,
+)
 from aggregator.nodes import n_nodes
 from storage import FeatureStore
 
@@ -354,6 +360,52 @@ def load_node_tensors(
     return NodeTensors(list(video_ids), nodes, labels_t, mixes)
 
 
+def load_node_data(
+    store: FeatureStore,
+    video_ids: Sequence[str],
+    labels: np.ndarray,
+    specs: Mapping[str, Intervals],
+    *,
+    dtype: torch.dtype = torch.float32,
+    leaves: Collection[str] = (),
+    progress: bool = True,
+    budget: int | None = None,
+) -> NodeTensors | NodeBlocks:
+    """:func:`load_node_tensors` when the summaries fit ``budget`` bytes (default
+    :func:`aggregator.node_cache.memory_budget`), else :class:`NodeBlocks` streaming row blocks
+    of the node cache (pyramid nodes only), so that memory stays bounded at any store size."""
+    budget = memory_budget() if budget is None else budget
+    size = torch.tensor([], dtype=dtype).element_size()
+    ranges: dict[str, slice] = {}
+    depths: dict[str, int] = {}
+    need = 0
+    dims = store.index_table("complete").ints
+    for stream, spec in specs.items():
+        depth = len(spec.parts)
+        idx = spec.node_indices()
+        if spec.kind != "mean" or idx is None or max(idx) >= n_nodes(CACHE_DEPTH):
+            ranges = {}
+            break
+        if stream in leaves and spec == Intervals.pyramid(depth):
+            first = (1 << (depth - 1)) - 1
+            ranges[stream], depths[stream] = slice(first, 2 * first + 1), depth
+        elif list(idx) == list(range(idx[0], idx[-1] + 1)):
+            ranges[stream] = slice(idx[0], idx[-1] + 1)
+        else:
+            ranges = {}
+            break
+        count = len(range(*ranges[stream].indices(n_nodes(CACHE_DEPTH))))
+        need += len(video_ids) * count * int(dims.get(f"d/{stream}", np.zeros(1)).max()) * size
+    # in memory: the held tensors, plus the float16 cache they came from
+    if len(ranges) < len(specs) or need * 3 // 2 <= budget:
+        return load_node_tensors(
+            store, video_ids, labels, specs, dtype=dtype, leaves=leaves, progress=progress
+        )
+    caches = {s: load_node_cache(store, s, progress=progress, budget=budget // 2) for s in ranges}
+    log.info("node data (%.1f GiB) exceeds the memory budget: streaming row blocks", need / 2**30)
+    return NodeBlocks(caches, ranges, video_ids, labels, leaves=depths)
+
+
 def summaries_of(
     features: Mapping[str, np.ndarray], specs: Mapping[str, Intervals]
 ) -> dict[str, torch.Tensor]:
@@ -398,6 +450,19 @@ class FrameDataset(Dataset[dict[str, Any]]):
             "label": -1 if self.labels is None else int(self.labels[i]),
             "video_id": vid,
         }
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items (the DataLoader's batched fetch), read with a thread pool."""
+        ids = [self.video_ids[i] for i in indices]
+        feats = {s: self.store.read_many(ids, s) for s in self.streams}
+        return [
+            {
+                "features": {s: torch.from_numpy(feats[s][k]) for s in self.streams},
+                "label": -1 if self.labels is None else int(self.labels[i]),
+                "video_id": ids[k],
+            }
+            for k, i in enumerate(indices)
+        ]
 
 
 @dataclass

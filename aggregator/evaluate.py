@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,15 +14,13 @@ import torch
 
 from aggregator.data import label_indices, load_node_tensors, open_store, split_videos
 from aggregator.metrics import classification_metrics
+from aggregator.rundir import CONFIG_FILE, evaluation_file, read_metrics, write_json
 from aggregator.runs import TorchRun, load_run
-from aggregator.train import METRICS_FILE, pyramid_leaf_streams, write_json
+from aggregator.train import pyramid_leaf_streams
+
+__all__ = ["SUMMARY_KEYS", "evaluate_run", "evaluation_file", "summarize_runs"]
 
 SUMMARY_KEYS = ("top1", "top5", "mean_class_accuracy")
-
-
-def evaluation_file(split: str) -> str:
-    """``evaluation-<split>.json`` with the split name made file-safe."""
-    return "evaluation-" + re.sub(r"[^A-Za-z0-9._-]+", "_", split) + ".json"
 
 
 def config_differences(run: Any, store: Any) -> str:
@@ -100,24 +97,94 @@ def evaluate_run(
     return metrics
 
 
+# options that may differ between runs averaged together (splits, seeds, where and how fast)
+_NOT_CONFIGURATION = {
+    "train_split",
+    "test_split",
+    "seed",
+    "device",
+    "threads",
+    "precision",
+    "random_state",
+    "n_jobs",
+}
+
+
+def configuration_key(run_dir: str | Path) -> dict[str, Any]:
+    """What makes two runs comparable: head, head options, streams, fusion and training options,
+    without splits, seeds and devices (from ``config.json``; the head alone without one)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {"head": read_metrics(run_dir).get("head")}
+    config = json.loads(path.read_text())
+    options = {
+        k: v
+        for k, v in (config.get("train_args") or {}).items()
+        if k not in _NOT_CONFIGURATION and k not in ("head", "streams", "head_kwargs")
+    }
+    params = {k: v for k, v in (config.get("params") or {}).items() if k not in _NOT_CONFIGURATION}
+    key: dict[str, Any] = {
+        "head": config.get("head"),
+        "head_kwargs": config.get("head_kwargs") or {},
+        "streams": config.get("streams"),
+        "fusion": config.get("fusion"),
+        "options": options,
+    }
+    if params:
+        key["params"] = params
+    return key
+
+
+def _stats(values: list[Any]) -> dict[str, Any]:
+    vals = np.array([v for v in values if v is not None], dtype=np.float64)
+    mean = float(vals.mean()) if len(vals) else math.nan
+    std = float(vals.std(ddof=1)) if len(vals) > 1 else None
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
 def summarize_runs(run_dirs: Sequence[str | Path]) -> dict[str, Any]:
-    """Mean and standard deviation (ddof=1) of top1, top5 and mean class accuracy over runs
-    (e.g. the three UCF101 splits), from each run's ``metrics.json``."""
+    """Runs grouped by head and configuration (:func:`configuration_key`), and per group the
+    mean and standard deviation (ddof=1; None for a single run) of top1, top5 and mean class
+    accuracy (e.g. over the three UCF101 splits), from each run's ``metrics.json``.
+
+    Different heads or configurations are never averaged together: each is its own group. The
+    top-level ``top1``/``top5``/``mean_class_accuracy`` exist only when all runs form one group.
+    """
     if not run_dirs:
         raise ValueError("no run directory given")
     runs = []
+    groups: list[dict[str, Any]] = []
     for d in run_dirs:
-        path = Path(d) / METRICS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{str(d)!r} has no {METRICS_FILE}")
-        m = json.loads(path.read_text())
-        runs.append({"run": str(d), **{k: m.get(k) for k in (*SUMMARY_KEYS, "head", "n_test")}})
-    summary: dict[str, Any] = {"runs": runs, "n_runs": len(runs)}
-    for k in SUMMARY_KEYS:
-        vals = np.array([r[k] for r in runs if r[k] is not None], dtype=np.float64)
-        mean = float(vals.mean()) if len(vals) else math.nan
-        std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else math.nan
-        summary[k] = {"mean": mean, "std": std, "n": len(vals)}
-    heads = sorted({str(r["head"]) for r in runs})
-    summary["heads"] = heads
+        m = read_metrics(d)
+        key = configuration_key(d)
+        probe = (m.get("probe") or {}) if isinstance(m.get("probe"), dict) else {}
+        run = {
+            "run": str(d),
+            **{k: m.get(k) for k in (*SUMMARY_KEYS, "head", "n_test")},
+            "probe_global_mean": (probe.get("global_mean") or {}).get("top1"),
+            "probe_pyramid_nodes": (probe.get("pyramid_nodes") or {}).get("top1"),
+        }
+        runs.append(run)
+        for g in groups:
+            if g["configuration"] == key:
+                g["runs"].append(run)
+                break
+        else:
+            groups.append({"head": key.get("head"), "configuration": key, "runs": [run]})
+    for i, g in enumerate(groups):
+        g["name"] = (
+            f"{g['head']} #{i + 1}"
+            if sum(h["head"] == g["head"] for h in groups) > 1
+            else str(g["head"])
+        )
+        g["n_runs"] = len(g["runs"])
+        for k in (*SUMMARY_KEYS, "probe_global_mean", "probe_pyramid_nodes"):
+            g[k] = _stats([r[k] for r in g["runs"]])
+        for r in g["runs"]:
+            r["group"] = g["name"]
+    summary: dict[str, Any] = {"runs": runs, "n_runs": len(runs), "groups": groups}
+    summary["heads"] = sorted({str(r["head"]) for r in runs})
+    if len(groups) == 1:
+        for k in SUMMARY_KEYS:
+            summary[k] = groups[0][k]
     return summary

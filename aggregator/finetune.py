@@ -32,6 +32,7 @@ frames of each video still fill the device when K is large.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -369,6 +370,75 @@ class FinetuneModel(nn.Module):
         device = next(iter(x.values())).device
         out: torch.Tensor = self.head(x, lengths.to(device))
         return _full(out)
+
+
+def step_in_chunks(
+    model: FinetuneModel,
+    items: Sequence[VideoBatchItem],
+    labels: torch.Tensor,
+    *,
+    grad_frames: int,
+    chunk_size: int = 32,
+    grad_factor: float = 1.0,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> tuple[torch.Tensor, int]:
+    """One step's loss and gradients with the backbones' backward pass in chunks of frames.
+
+    Accumulates every parameter's ``.grad`` exactly as ``loss_and_correct(model(items), labels)``
+    followed by ``loss.backward()`` would, but no graph ever spans more than ``grad_frames``
+    frames, so that activation memory is that of ``grad_frames`` frames whatever T and K are:
+
+    1. every frame's features without a graph (the subset's with the current weights, the
+       others computed or known, as in :meth:`FinetuneModel.forward`);
+    2. the head on those features, held as leaves: the loss, the head's gradients and each
+       frame's dL/dfeature;
+    3. per chunk of ``grad_frames`` subset frames (across the batch's videos): the backbone
+       again, with a graph, and its backward pass from that chunk's dL/dfeature (times
+       ``grad_factor``). This is activation checkpointing at the backbone's output.
+
+    Exact because a frame's feature depends on that frame alone (BatchNorm frozen). Costs one
+    more forward pass of the subset frames. Returns the detached loss and the top-1 hits.
+    """
+    if grad_frames < 1:
+        raise ValueError(f"grad_frames must be >= 1, got {grad_frames!r}")
+    if not items:
+        raise ValueError("empty batch")
+    streams = model.streams
+    feats: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad(), autocast():
+        for stream in streams:
+            feats[stream] = batch_surrogate_features(
+                model.backbones[stream],
+                [it.frames[stream] for it in items],
+                [it.grad_index for it in items],
+                prepare=model._prepare.get(stream),
+                known=[None if it.known is None else it.known.get(stream) for it in items],
+                chunk_size=chunk_size,
+            )
+    leaves = {s: [f.detach().requires_grad_(True) for f in feats[s]] for s in streams}
+    lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
+    with autocast():
+        x = {s: nn.utils.rnn.pad_sequence(leaves[s], batch_first=True) for s in streams}
+        logits = _full(model.head(x, lengths.to(labels.device)))
+    loss, correct = loss_and_correct(logits, labels)
+    loss.backward()
+    for stream in streams:
+        loaders = [_loader(it.frames[stream], model._prepare.get(stream)) for it in items]
+        subsets = [it.grad_index.to(torch.long).cpu() for it in items]
+        for chunk in _plan(subsets, grad_frames):
+            upstream = []
+            for v, idx in chunk:
+                g = leaves[stream][v].grad
+                rows = idx.to(leaves[stream][v].device)
+                upstream.append(torch.zeros_like(leaves[stream][v][rows]) if g is None else g[rows])
+            with autocast():
+                f = _full(model.backbones[stream](torch.cat([loaders[v](i) for v, i in chunk])))
+            torch.autograd.backward(f, (torch.cat(upstream) * grad_factor).to(f.dtype))
+    if model.keep_features:
+        model.last_features = [
+            {s: feats[s][i].detach() for s in streams} for i in range(len(items))
+        ]
+    return loss.detach(), correct
 
 
 def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -49,6 +49,7 @@ from aggregator.finetune import (
     loss_and_correct,
     n_frames_of,
     periodic_subset,
+    step_in_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class FinetuneSettings:
     grad_scale: GradScale = "unbiased"
     chunk_size: int = 32
     checkpoint: bool = False
+    grad_frames: int | None = None
     seed: int = 0
     amp: bool = False
 
@@ -93,14 +95,17 @@ class FinetuneSettings:
             raise ValueError(f"batch_videos must be >= 1, got {self.batch_videos!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
+        if self.grad_frames is not None and self.grad_frames < 1:
+            raise ValueError(f"grad_frames must be >= 1 (or None), got {self.grad_frames!r}")
         grad_multiplier(self.period, self.grad_scale)  # validates grad_scale
 
     def resumable(self) -> dict[str, Any]:
         """The settings a resumed run must share with the checkpoint: all but ``epochs`` (a run
         may be extended) and those that do not change the optimisation beyond rounding
-        (``chunk_size``, ``checkpoint``, ``amp``: a run may resume on other hardware)."""
+        (``chunk_size``, ``checkpoint``, ``grad_frames``, ``amp``: a run may resume on other
+        hardware)."""
         d = dict(_jsonable(asdict(self)))
-        for key in ("epochs", "chunk_size", "checkpoint", "amp"):
+        for key in ("epochs", "chunk_size", "checkpoint", "grad_frames", "amp"):
             d.pop(key)
         return d
 
@@ -295,6 +300,18 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """All-reduce every trainable parameter's gradient to the mean over ``world`` processes (a
+    parameter without a gradient on some rank counts as zero there)."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
 def _unwrap(model: nn.Module) -> FinetuneModel:
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     assert isinstance(inner, FinetuneModel)
@@ -360,7 +377,8 @@ def finetune(
             )
 
     net: nn.Module = model
-    if dist.is_available() and dist.is_initialized():
+    # in chunks, one step runs several backward passes: gradients are averaged by hand instead
+    if settings.grad_frames is None and dist.is_available() and dist.is_initialized():
         # Frames outside P_r never reach the backbone's graph; when a video is shorter than K, a
         # batch can have no frame in P_r at all and the backbone's parameters go unused in that
         # step, which DDP must be told about (it costs a graph traversal per step, so only then).
@@ -382,9 +400,11 @@ def finetune(
     remember = getattr(source, "remember", None)
     model.keep_features = callable(remember)
     factor = grad_multiplier(settings.period, settings.grad_scale)
-    amp: AbstractContextManager[Any] = (
-        torch.autocast(dev.type, dtype=torch.bfloat16) if settings.amp else nullcontext()
-    )
+
+    def autocast() -> AbstractContextManager[Any]:
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if settings.amp else nullcontext()
+
+    amp = autocast()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -412,16 +432,29 @@ def finetune(
             if on_batch is not None:
                 on_batch(epoch, ids, items)
             labels = torch.tensor([videos[i].label for i in batch], device=dev)
-            with amp:
-                logits = net(
+            opt.zero_grad(set_to_none=True)
+            if settings.grad_frames is None:
+                with amp:
+                    logits = net(
+                        items,
+                        chunk_size=settings.chunk_size,
+                        grad_factor=factor,
+                        checkpoint=settings.checkpoint,
+                    )
+                loss, correct = loss_and_correct(logits, labels)
+                loss.backward()
+            else:
+                loss, correct = step_in_chunks(
+                    model,
                     items,
+                    labels,
+                    grad_frames=settings.grad_frames,
                     chunk_size=settings.chunk_size,
                     grad_factor=factor,
-                    checkpoint=settings.checkpoint,
+                    autocast=autocast,
                 )
-            loss, correct = loss_and_correct(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                if world > 1:
+                    _average_gradients(model, world)
             opt.step()
             if callable(remember):
                 for vid, feats in zip(ids, model.last_features, strict=True):

@@ -8,7 +8,11 @@ import numpy as np
 
 
 def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Fraction of rows whose true class is among the ``k`` highest scores (ties count against)."""
+    """Fraction of rows whose true class is among the ``k`` highest scores.
+
+    Ties are broken as ``argmax`` breaks them (the lower class index first), so top-1 agrees with
+    the confusion matrix, and a model that scores every class alike is not counted right.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     y = np.asarray(y)
     if scores.ndim != 2 or scores.shape[0] != y.shape[0]:
@@ -17,8 +21,10 @@ def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
         return float("nan")
     k = min(k, scores.shape[1])
     true = scores[np.arange(len(y)), y]
-    # rank = number of classes scoring strictly higher than the true one
-    rank = (scores > true[:, None]).sum(axis=1)
+    # rank = classes scoring higher than the true one, or as high with a lower index
+    higher = scores > true[:, None]
+    tied_before = (scores == true[:, None]) & (np.arange(scores.shape[1])[None, :] < y[:, None])
+    rank = (higher | tied_before).sum(axis=1)
     return float((rank < k).mean())
 
 

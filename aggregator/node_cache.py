@@ -4,42 +4,149 @@ Stored under ``/cache/nodes-<stream>/<key>`` (``nodes-<stream>-max/<key>`` with 
 key hashes what the cache was derived from (the stream, the depth, and every complete video's id,
 frame count and extraction time), so adding, removing or re-extracting a video changes the key
 and the cache is rebuilt on next use.
+
+Out of core: ``means`` ``[N, M, d]`` float16 is chunked ``(B, 1, d)`` (a block of B videos, one
+node) without compression (a crc32c per chunk, NaN fill value), so a block of rows and a range of
+nodes is read without touching anything else: the ``tp`` head on leaves reads the last level only.
+:func:`load_node_cache` holds the cache in memory when it fits the memory budget
+(:func:`memory_budget`) and reads it block by block otherwise; either way it is built in parallel
+block by block (never whole in memory) and loaded once per process: the trainer and the
+similarity index share one :class:`NodeCache`. :class:`NodeBlocks` serves training batches from
+an out-of-core cache with bounded memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from dataclasses import dataclass
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from aggregator.heads.base import NodeInput
+from aggregator.heads.pooling import PyramidLeaves, pyramid_mix
 from aggregator.nodes import n_nodes, node_maxes, node_means
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
 
 CACHE_DEPTH = 6  # 63 nodes: serves every depth <= 6
-_BLOCK = 64  # videos per chunk
+CHUNK_BYTES = 4 << 20  # about 4 MiB per stored chunk (B videos x one node x d)
+BUDGET_ENV = "FRAMEPOOL_MEMORY_BUDGET"
+_MEMO_SIZE = 4  # node caches kept loaded per process (most recent first out)
 
 
-@dataclass
+def parse_bytes(text: str) -> int:
+    """``"8G"``, ``"512M"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size in bytes (e.g. 8G, 512M)") from None
+
+
+def memory_budget() -> int:
+    """Bytes of node data a process may hold in memory: ``$FRAMEPOOL_MEMORY_BUDGET`` (e.g.
+    ``8G``) when set, else a quarter of the physical memory."""
+    env = os.environ.get(BUDGET_ENV)
+    if env:
+        return parse_bytes(env)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        total = 16 << 30
+    return int(total) // 4
+
+
+def block_rows(d: int) -> int:
+    return max(1, CHUNK_BYTES // (2 * d))
+
+
 class NodeCache:
-    """Node means ``[N, M, d]`` (and maxes when built with them) of ``video_ids`` for one stream."""
+    """Node means ``[N, M, d]`` (and maxes when built with them) of ``video_ids`` for one stream.
 
-    stream: str
-    depth: int
-    video_ids: list[str]
-    means: np.ndarray
-    maxes: np.ndarray | None
-    n_frames: np.ndarray
+    ``means``/``maxes`` are numpy arrays when the cache is in memory, or stored arrays read block
+    by block (:meth:`read`, :meth:`gather`, :meth:`iter_blocks`). :attr:`means` as a numpy array
+    is always available for callers that want it whole (:meth:`whole`).
+    """
 
-    def __post_init__(self) -> None:
-        self._index = {v: i for i, v in enumerate(self.video_ids)}
+    def __init__(
+        self,
+        stream: str,
+        depth: int,
+        video_ids: list[str],
+        means: Any,
+        maxes: Any,
+        n_frames: np.ndarray,
+        *,
+        rows_per_block: int | None = None,
+    ) -> None:
+        self.stream = stream
+        self.depth = depth
+        self.video_ids = video_ids
+        self._means = means
+        self._maxes = maxes
+        self.n_frames = np.asarray(n_frames)
+        self.d = int(means.shape[2])
+        self.rows_per_block = rows_per_block or block_rows(self.d)
+        self._index = {v: i for i, v in enumerate(video_ids)}
+        self._lock = threading.Lock()
 
-    def rows(self, video_ids: list[str]) -> np.ndarray:
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self._means, np.ndarray)
+
+    @property
+    def has_max(self) -> bool:
+        return self._maxes is not None
+
+    def nbytes(self) -> int:
+        """Bytes of the cache's node arrays (float16)."""
+        n, m, d = self._means.shape
+        return 2 * n * m * d * (2 if self._maxes is not None else 1)
+
+    def _src(self, kind: str) -> Any:
+        src = self._means if kind == "mean" else self._maxes
+        if src is None:
+            raise ValueError(f"the {self.stream!r} node cache was built without {kind!r}")
+        return src
+
+    def whole(self, kind: str = "mean") -> np.ndarray:
+        """The whole ``[N, M, d]`` float16 array in memory (read once, then kept)."""
+        src = self._src(kind)
+        if isinstance(src, np.ndarray):
+            return src
+        with self._lock:
+            arr = np.asarray(src[...])
+            _check_block(arr, self.stream, 0)
+            if kind == "mean":
+                self._means = arr
+            else:
+                self._maxes = arr
+        return arr
+
+    @property
+    def means(self) -> np.ndarray:
+        return self.whole("mean")
+
+    @property
+    def maxes(self) -> np.ndarray | None:
+        return self.whole("max") if self._maxes is not None else None
+
+    def rows(self, video_ids: Sequence[str]) -> np.ndarray:
         """Row indices of ``video_ids``; a KeyError names the first missing one."""
         try:
             return np.array([self._index[v] for v in video_ids], dtype=np.int64)
@@ -48,33 +155,92 @@ class NodeCache:
                 f"video {exc.args[0]!r} is not in the {self.stream!r} node cache"
             ) from None
 
+    def read(self, start: int, stop: int, nodes: slice, kind: str = "mean") -> np.ndarray:
+        """Rows ``start:stop`` and ``nodes`` as float16 ``[stop - start, k, d]``."""
+        src = self._src(kind)
+        block = np.asarray(src[start:stop, nodes])
+        if not isinstance(src, np.ndarray):
+            _check_block(block, self.stream, start)
+        return block
+
+    def gather(self, rows: np.ndarray, nodes: slice, kind: str = "mean") -> np.ndarray:
+        """``[len(rows), k, d]`` float16 of any rows: in memory a plain take; out of core each
+        block that holds some of ``rows`` is read once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        src = self._src(kind)
+        if isinstance(src, np.ndarray):
+            return np.ascontiguousarray(src[rows, nodes])
+        k = len(range(*nodes.indices(src.shape[1])))
+        out = np.empty((len(rows), k, self.d), dtype=np.float16)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        blocks = sorted_rows // self.rows_per_block
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        for part in np.split(np.arange(len(rows)), bounds):
+            if not len(part):
+                continue
+            lo, hi = int(sorted_rows[part[0]]), int(sorted_rows[part[-1]]) + 1
+            block = self.read(lo, hi, nodes, kind)
+            out[order[part]] = block[sorted_rows[part] - lo]
+        return out
+
+    def iter_blocks(
+        self, nodes: slice = slice(None), kind: str = "mean"
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, [b, k, d] float16)`` block by block, in row order."""
+        for start in range(0, len(self), self.rows_per_block):
+            yield start, self.read(start, min(start + self.rows_per_block, len(self)), nodes, kind)
+
     def take(self, video_ids: list[str], depth: int, kind: str = "mean") -> np.ndarray:
         """``[n, 2^depth - 1, d]`` float32 nodes of ``video_ids`` for a pyramid of ``depth``."""
         if depth > self.depth:
             raise ValueError(f"depth {depth} exceeds the cache depth {self.depth}")
-        src = self.means if kind == "mean" else self.maxes
-        if src is None:
-            raise ValueError(f"the {self.stream!r} node cache was built without {kind!r}")
-        return np.asarray(src[self.rows(video_ids), : n_nodes(depth)], dtype=np.float32)
+        nodes = slice(0, n_nodes(depth))
+        return self.gather(self.rows(video_ids), nodes, kind).astype(np.float32)
+
+
+def _check_block(block: np.ndarray, stream: str, start: int) -> None:
+    """A stored cache chunk that went missing reads back as NaN (the fill value)."""
+    if block.dtype.kind == "f" and np.isnan(block).any():
+        row = start + int(np.flatnonzero(np.isnan(block).reshape(len(block), -1).any(1))[0])
+        raise ValueError(
+            f"the {stream!r} node cache is damaged (row {row} reads back as the NaN fill value: "
+            "a chunk file is missing); delete the store's /cache folder to rebuild it"
+        )
 
 
 def cache_key(store: FeatureStore, stream: str, depth: int, with_max: bool) -> tuple[str, list]:
-    videos = []
-    for vid, attrs in store.all_video_attrs(status="complete").items():
-        if stream in (attrs.get("streams") or []):
-            videos.append((vid, attrs.get("extracted_at"), attrs.get("n_frames")))
-    payload = json.dumps(
-        {
-            "stream": stream,
-            "depth": depth,
-            "max": with_max,
-            "videos": videos,
-            "extractor": store.extractor.get(stream),
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16], videos
+    """``(key, [(video_id, extracted_at, n_frames), ...])`` of the complete videos with
+    ``stream``, from the store's index."""
+    table = store.index_table("complete")
+    col = f"T/{stream}"
+    if col in table.ints:
+        held = np.flatnonzero(table.ints[col] >= 0)
+        ids = table.ids[held].tolist()
+        times = table.text["extracted_at"][held].tolist()
+        frames = table.ints[col][held].tolist()
+    else:
+        ids, times, frames = [], [], []
+    videos = list(zip(ids, times, frames, strict=True))
+    h = hashlib.sha256()
+    h.update(repr((stream, depth, with_max, store.extractor.get(stream))).encode())
+    h.update("\n".join(f"{v}\t{t}\t{n}" for v, t, n in videos).encode())
+    return h.hexdigest()[:16], videos
+
+
+_MEMO: OrderedDict[tuple[str, str, str], NodeCache] = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+
+
+def _memo_key(store: FeatureStore, name: str, key: str) -> tuple[str, str, str]:
+    path = store.path if "://" in store.path else os.path.abspath(store.path)
+    return path, name, key
+
+
+def forget_node_caches() -> None:
+    """Drop the node caches this process holds (the next load reads them again)."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
 
 
 def load_node_cache(
@@ -84,53 +250,286 @@ def load_node_cache(
     depth: int = CACHE_DEPTH,
     with_max: bool = False,
     progress: bool = True,
+    budget: int | None = None,
+    workers: int | None = None,
 ) -> NodeCache:
-    """Return the node cache of ``stream``, building (and storing, when writable) it if stale."""
+    """Return the node cache of ``stream``, building (and storing, when writable) it if stale.
+
+    In memory when its arrays fit ``budget`` bytes (default :func:`memory_budget`), read block by
+    block otherwise. Loaded once per process: later calls with the same store and content return
+    the same object (the similarity index reuses the trainer's).
+    """
     key, videos = cache_key(store, stream, depth, with_max)
     if not videos:
         raise ValueError(f"store {store.path!r} has no complete video with stream {stream!r}")
-    # means-only and means+maxes caches live side by side (write_cache drops other keys of a name)
     name = f"nodes-{stream}" + ("-max" if with_max else "")
-    cached = store.read_cache(name, key)
+    memo = _memo_key(store, name, key)
+    with _MEMO_LOCK:
+        if memo in _MEMO:
+            _MEMO.move_to_end(memo)
+            return _MEMO[memo]
+    budget = memory_budget() if budget is None else budget
     ids = [v[0] for v in videos]
-    if cached is not None:
+    cached = store.read_cache(name, key)
+    if cached is not None and cached["attrs"].get("depth") == depth:
         log.info("node cache %s/%s hit (%d videos)", name, key, len(ids))
-        return NodeCache(
-            stream=stream,
-            depth=depth,
-            video_ids=ids,
-            means=np.asarray(cached["means"][...]),
-            maxes=np.asarray(cached["maxes"][...]) if "maxes" in cached else None,
-            n_frames=np.asarray(cached["n_frames"][...]),
+        means, maxes = cached["means"], cached.get("maxes")
+        rows = int(means.chunks[0])
+    else:
+        means, maxes, rows = _build(
+            store, stream, ids, depth, with_max, name, key, progress, budget, workers
         )
+    cache = NodeCache(
+        stream, depth, ids, means, maxes, _n_frames(cached, videos), rows_per_block=rows
+    )
+    if not cache.in_memory and cache.nbytes() <= budget:
+        cache.whole("mean")
+        if cache.has_max:
+            cache.whole("max")
+    with _MEMO_LOCK:
+        _MEMO[memo] = cache
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    return cache
+
+
+def _n_frames(cached: dict[str, Any] | None, videos: list) -> np.ndarray:
+    if cached is not None and "n_frames" in cached:
+        return np.asarray(cached["n_frames"][...])
+    return np.array([v[2] for v in videos], dtype=np.int64)
+
+
+def _build(
+    store: FeatureStore,
+    stream: str,
+    ids: list[str],
+    depth: int,
+    with_max: bool,
+    name: str,
+    key: str,
+    progress: bool,
+    budget: int,
+    workers: int | None,
+) -> tuple[Any, Any, int]:
+    """Compute the nodes of every video block by block, in parallel; store them when the store
+    is writable (else keep them in memory, which must then fit ``budget``)."""
     m = n_nodes(depth)
-    d = store.read(ids[0], stream).shape[1]
-    means = np.empty((len(ids), m, d), dtype=np.float16)
-    maxes = np.empty((len(ids), m, d), dtype=np.float16) if with_max else None
-    n_frames = np.empty(len(ids), dtype=np.int64)
-    for i, vid in enumerate(tqdm(ids, desc=f"node cache {stream}", disable=not progress)):
-        x = store.read(vid, stream)
-        if x.shape[1] != d:
-            raise ValueError(
-                f"stream {stream!r} of video {vid!r} has d={x.shape[1]}, others have d={d}"
-            )
-        means[i] = node_means(x, depth)
-        if maxes is not None:
-            maxes[i] = node_maxes(x, depth)
-        n_frames[i] = x.shape[0]
+    d = int(store.index_table("complete").ints[f"d/{stream}"].max())
+    n = len(ids)
+    rows = min(block_rows(d), n)
+    nbytes = 2 * n * m * d * (2 if with_max else 1)
+    arrays: dict[str, Any]
     if store.mode != "r":
-        chunks = (min(_BLOCK, len(ids)), m, d)
         shapes = {
-            "means": ((len(ids), m, d), "float16", chunks),
-            "n_frames": ((len(ids),), "int64", (len(ids),)),
+            "means": ((n, m, d), "float16", (rows, 1, d)),
+            "n_frames": ((n,), "int64", (n,)),
         }
-        if maxes is not None:
-            shapes["maxes"] = ((len(ids), m, d), "float16", chunks)
-        arrays = store.write_cache(name, key, shapes, {"video_ids": ids, "depth": depth})
-        arrays["means"][...] = means
-        arrays["n_frames"][...] = n_frames
-        if maxes is not None:
-            arrays["maxes"][...] = maxes
+        if with_max:
+            shapes["maxes"] = ((n, m, d), "float16", (rows, 1, d))
+        arrays = store.write_cache(name, key, shapes, {"video_ids": ids, "depth": depth}, raw=True)
+    elif nbytes <= budget:
+        arrays = {"means": np.empty((n, m, d), np.float16), "n_frames": np.empty(n, np.int64)}
+        if with_max:
+            arrays["maxes"] = np.empty((n, m, d), np.float16)
+    else:
+        raise ValueError(
+            f"the {stream!r} node cache of {store.path!r} ({nbytes / 2**30:.1f} GiB) must be "
+            f"built but the store is read-only and it exceeds the memory budget "
+            f"({budget / 2**30:.1f} GiB, ${BUDGET_ENV}); open the store writable once to build it"
+        )
+    n_frames = np.empty(n, dtype=np.int64)
+    bar = tqdm(total=n, desc=f"node cache {stream}", disable=not progress, unit="video")
+    lock = threading.Lock()
+
+    def one_block(start: int) -> None:
+        stop = min(start + rows, n)
+        block_means = np.empty((stop - start, m, d), dtype=np.float16)
+        block_maxes = np.empty_like(block_means) if with_max else None
+        for i, vid in enumerate(ids[start:stop]):
+            x = store.read(vid, stream, np.float16)
+            if x.shape[1] != d:
+                raise ValueError(
+                    f"stream {stream!r} of video {vid!r} has d={x.shape[1]}, others have d={d}"
+                )
+            block_means[i] = node_means(x, depth)
+            if block_maxes is not None:
+                block_maxes[i] = node_maxes(x, depth)
+            n_frames[start + i] = x.shape[0]
+        arrays["means"][start:stop] = block_means
+        if block_maxes is not None:
+            arrays["maxes"][start:stop] = block_maxes
+        with lock:
+            bar.update(stop - start)
+
+    n_workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    starts = list(range(0, n, rows))
+    try:
+        with ThreadPoolExecutor(max(1, min(n_workers, len(starts)))) as pool:
+            for fut in [pool.submit(one_block, s) for s in starts]:
+                fut.result()
+    finally:
+        bar.close()
+    arrays["n_frames"][...] = n_frames
+    if store.mode != "r":
         store.finish_cache(name, key)
-        log.info("node cache %s/%s written (%d videos)", name, key, len(ids))
-    return NodeCache(stream, depth, ids, means, maxes, n_frames)
+        log.info("node cache %s/%s written (%d videos)", name, key, n)
+    return arrays["means"], arrays.get("maxes"), rows
+
+
+# ---------------------------------------------------------------------------------- training
+class NodeBlocks:
+    """Training data served from out-of-core node caches, a few row blocks at a time.
+
+    The same interface as :class:`aggregator.data.NodeTensors` (``video_ids``, ``labels``,
+    ``mix``, ``take``, ``window``, ``batches``), for summaries that are pyramid nodes of the node
+    cache: ``nodes[stream]`` is the node range a stream's head reads, and streams in ``leaves``
+    get :class:`PyramidLeaves` (mix computed from the frame counts). Memory: the blocks in flight
+    (``buffer_blocks`` of them, plus one read ahead), whatever the number of videos.
+    """
+
+    def __init__(
+        self,
+        caches: dict[str, NodeCache],
+        nodes: dict[str, slice],
+        video_ids: Sequence[str],
+        labels: np.ndarray,
+        *,
+        leaves: dict[str, int] | None = None,
+        buffer_blocks: int = 4,
+    ) -> None:
+        if len(labels) != len(video_ids):
+            raise ValueError(f"{len(video_ids)} videos but {len(labels)} labels")
+        self.caches = caches
+        self.node_ranges = nodes
+        self.video_ids = list(video_ids)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.mix: dict[str, int] = dict(leaves or {})  # stream -> pyramid depth of its leaves
+        self.cache_rows = {s: c.rows(self.video_ids) for s, c in caches.items()}
+        self.buffer_blocks = buffer_blocks
+        self._primary = next(iter(caches))
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def take(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, NodeInput]:
+        """Rows ``index`` of every stream (float16 unless ``dtype``)."""
+        rows = np.asarray(torch.as_tensor(index).cpu().numpy(), dtype=np.int64)
+        out: dict[str, NodeInput] = {}
+        for s, cache in self.caches.items():
+            cr = self.cache_rows[s][rows]
+            t = torch.from_numpy(cache.gather(cr, self.node_ranges[s]))
+            t = t if dtype is None else t.to(dtype)
+            if s in self.mix:
+                depth = self.mix[s]
+                mix = np.stack([pyramid_mix(int(f), depth) for f in cache.n_frames[cr]])
+                m = torch.from_numpy(mix.astype(np.float32))
+                out[s] = PyramidLeaves(t, m if dtype is None else m.to(dtype))
+            else:
+                out[s] = t
+        return out
+
+    def window(
+        self, start: int, stop: int, dtype: torch.dtype | None = None
+    ) -> dict[str, NodeInput]:
+        return self.take(torch.arange(start, stop), dtype)
+
+    def _plan(
+        self, index: np.ndarray, batch_size: int, shuffle: bool, generator: torch.Generator | None
+    ) -> list[np.ndarray]:
+        """Groups of rows to read together: in index order (a group per budget window), or,
+        shuffled, the rows of ``buffer_blocks`` random blocks at a time in random order."""
+        if not shuffle:
+            per = max(batch_size, self.caches[self._primary].rows_per_block * self.buffer_blocks)
+            per -= per % batch_size
+            return [index[i : i + per] for i in range(0, len(index), per)]
+        blocks = self.cache_rows[self._primary][index] // self.caches[self._primary].rows_per_block
+        uniq = np.unique(blocks)
+        uniq = uniq[torch.randperm(len(uniq), generator=generator).numpy()]
+        groups = []
+        for g in range(0, len(uniq), self.buffer_blocks):
+            rows = index[np.isin(blocks, uniq[g : g + self.buffer_blocks])]
+            groups.append(rows[torch.randperm(len(rows), generator=generator).numpy()])
+        return groups
+
+    def batches(
+        self,
+        index: np.ndarray | torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        windows: bool = False,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[dict[str, NodeInput], torch.Tensor, torch.Tensor]]:
+        """``(nodes {stream: [b, M, d]}, labels [b], rows [b])`` over the rows ``index``.
+
+        Without ``shuffle``/``windows`` the batches follow ``index``'s order (as
+        ``NodeTensors.batches``); with either, every row comes once per epoch, in an order that
+        reads each block once: random blocks, shuffled together ``buffer_blocks`` at a time. The
+        next group of rows is read in the background while the current one trains.
+        """
+        idx = np.asarray(torch.as_tensor(index).cpu().numpy(), dtype=np.int64)
+        if len(idx) == 0:
+            return
+        groups = self._plan(idx, batch_size, shuffle or windows, generator)
+        carry = np.zeros(0, dtype=np.int64)
+        carry_nodes: dict[str, NodeInput] = {}
+        with ThreadPoolExecutor(1) as pool:
+            ahead: Future[dict[str, NodeInput]] = pool.submit(self._fetch, groups[0])
+            for g, rows in enumerate(groups):
+                fetched = ahead.result()
+                if g + 1 < len(groups):
+                    ahead = pool.submit(self._fetch, groups[g + 1])
+                got = _cat(carry_nodes, fetched) if len(carry) else fetched
+                all_rows = np.concatenate([carry, rows]) if len(carry) else rows
+                n_full = len(all_rows) - len(all_rows) % batch_size
+                if g + 1 == len(groups):
+                    n_full = len(all_rows)
+                for a in range(0, n_full, batch_size):
+                    b = min(a + batch_size, n_full)
+                    yield self._place(_slice(got, a, b), all_rows[a:b], dtype, device)
+                carry = all_rows[n_full:]
+                carry_nodes = _slice(got, n_full, len(all_rows))
+
+    def _fetch(self, rows: np.ndarray) -> dict[str, NodeInput]:
+        return self.take(torch.from_numpy(rows), None)
+
+    def _place(
+        self,
+        nodes: dict[str, NodeInput],
+        rows: np.ndarray,
+        dtype: torch.dtype | None,
+        device: torch.device | str,
+    ) -> tuple[dict[str, NodeInput], torch.Tensor, torch.Tensor]:
+        out: dict[str, NodeInput] = {}
+        for s, v in nodes.items():
+            if isinstance(v, PyramidLeaves):
+                leaves = v.leaves if dtype is None else v.leaves.to(dtype)
+                mix = v.mix if dtype is None else v.mix.to(dtype)
+                out[s] = PyramidLeaves(leaves.contiguous(), mix.contiguous())
+            else:
+                out[s] = (v if dtype is None else v.to(dtype)).contiguous()
+            if torch.device(device).type != "cpu":
+                out[s] = out[s].to(device)
+        r = torch.from_numpy(rows)
+        return out, self.labels[r].to(device), r
+
+
+def _slice(nodes: dict[str, NodeInput], a: int, b: int) -> dict[str, NodeInput]:
+    return {
+        s: PyramidLeaves(v.leaves[a:b], v.mix[a:b]) if isinstance(v, PyramidLeaves) else v[a:b]
+        for s, v in nodes.items()
+    }
+
+
+def _cat(x: dict[str, NodeInput], y: dict[str, NodeInput]) -> dict[str, NodeInput]:
+    out: dict[str, NodeInput] = {}
+    for s in x:
+        a, b = x[s], y[s]
+        if isinstance(a, PyramidLeaves) and isinstance(b, PyramidLeaves):
+            out[s] = PyramidLeaves(torch.cat([a.leaves, b.leaves]), torch.cat([a.mix, b.mix]))
+        else:
+            assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            out[s] = torch.cat([a, b])
+    return out

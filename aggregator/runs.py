@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,24 +13,10 @@ from aggregator.data import summaries_of
 from aggregator.heads import NodeInput, VideoModel, build_model
 from aggregator.heads.pooling import Intervals
 from aggregator.predictor import Predictor
-from aggregator.train import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    fusion_weights_of,
-    model_betas,
-    resolve_device,
-)
+from aggregator.rundir import MODEL_FILE, read_config
+from aggregator.train import fusion_weights_of, model_betas, resolve_device
 
-
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``config.json``; a missing file names the directory."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
-    config = json.loads(path.read_text())
-    if not isinstance(config, dict) or "head" not in config:
-        raise ValueError(f"{str(path)!r} is not a framepool run config (no 'head')")
-    return config
+__all__ = ["TorchRun", "load_run", "read_config"]
 
 
 class TorchRun:
@@ -39,7 +24,8 @@ class TorchRun:
 
     Attributes follow the Predictor protocol: ``run_id``, ``head``, ``class_names``, ``streams``,
     ``extractor`` (the store's extractor config per stream, which inputs must match), plus
-    ``model`` and ``input_specs`` (what each stream's head reads).
+    ``model`` and ``input_specs`` (what each stream's head reads). Raw summaries go in: the
+    model standardises them itself with the statistics it was trained with.
     """
 
     def __init__(self, config: Mapping[str, Any], model: VideoModel, device: torch.device) -> None:
@@ -63,6 +49,7 @@ class TorchRun:
             head_kwargs=config.get("head_kwargs"),
             fusion=config.get("fusion") or "learned",
             fusion_weights=config.get("fusion_weights"),
+            standardize=bool(config.get("standardize", False)),
         )
         weights = Path(run_dir) / MODEL_FILE
         if not weights.is_file():
@@ -120,6 +107,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     ``aggregator.svm_run.SVMPredictor``.
     """
     config = read_config(run_dir)
+    if config["head"] == "stpn":
+        raise ValueError(
+            f"run {str(run_dir)!r} has head stpn, which reads spatial map streams: loading it "
+            "to evaluate or serve is not supported; its test metrics are in metrics.json"
+        )
     if config["head"] == "svm":
         from aggregator.svm_run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
 

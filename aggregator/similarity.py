@@ -219,19 +219,21 @@ def embed_store_videos(
     if use_cache and specs is not None and embed_nodes is not None:
         import torch
 
-        from aggregator.data import load_summaries
+        from aggregator.data import load_node_data
 
-        nodes = {
-            s: load_summaries(store, video_ids, s, spec, progress=False)
-            for s, spec in specs.items()
-        }
+        # the node cache the trainer loaded is reused (loaded once per process), and streamed
+        # block by block when it exceeds the memory budget
+        data = load_node_data(
+            store,
+            video_ids,
+            np.zeros(len(video_ids), dtype=np.int64),
+            specs,
+            dtype=torch.float16,
+            progress=False,
+        )
         parts = []
-        for start in range(0, len(video_ids), batch_size):
-            batch = {
-                s: torch.from_numpy(a[start : start + batch_size].astype(np.float32))
-                for s, a in nodes.items()
-            }
-            parts.append(np.asarray(embed_nodes(batch), dtype=np.float32))
+        for nodes, _, _ in data.batches(np.arange(len(video_ids)), batch_size):
+            parts.append(np.asarray(embed_nodes(nodes), dtype=np.float32))
         return np.concatenate(parts)
     rows = []
     for vid in video_ids:
@@ -278,8 +280,9 @@ def build_index(
                 f"{predictor.extractor.get(stream)}"
             )
     embeddings = embed_store_videos(predictor, store, video_ids)
-    attrs = store.all_video_attrs()
-    labels = [attrs[v].get("label") for v in video_ids]
+    table = store.index_table("complete")
+    label_of = dict(zip(table.ids.tolist(), table.text["label"].tolist(), strict=True))
+    labels = [label_of.get(v) for v in video_ids]
     meta = {
         "run_id": predictor.run_id,
         "store": str(store_path),

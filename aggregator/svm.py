@@ -225,8 +225,12 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         return nodes if no_y else (nodes, y)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Any) -> MultipleAggregationSVM:
-        """Learn ``beta_`` and the SVMs. ``X [n, M, d]`` (or ``[n, M*d]``), ``y [n]`` labels."""
+    def fit(self, X: Any, y: Any, *, grams: NodeGrams | None = None) -> MultipleAggregationSVM:
+        """Learn ``beta_`` and the SVMs. ``X [n, M, d]`` (or ``[n, M*d]``), ``y [n]`` labels.
+
+        ``grams`` (concat variant) is a :class:`NodeGrams` of the same ``X`` and kernel to reuse,
+        e.g. across values of ``C``: the node Gram matrices do not depend on ``C``.
+        """
         self._check_params()
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
@@ -247,18 +251,29 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             self.gammas_ = scale_gammas(X, self.kernel)
         else:
             self.gammas_ = np.full(X.shape[1], float(self.gamma))
+        if grams is not None and (
+            grams.X.shape != X.shape or grams.kernel != self.kernel or self.kernel != "linear"
+        ):
+            raise ValueError(
+                f"grams of X {grams.X.shape} with kernel {grams.kernel!r} do not match X "
+                f"{X.shape} with kernel {self.kernel!r} (reuse is for the linear kernel)"
+            )
         if self.variant == "concat":
-            self._fit_concat(X, Y)
+            self._fit_concat(X, Y, grams)
         else:
             self._fit_average(X, Y)
         return self
 
-    def _fit_concat(self, X: np.ndarray, Y: np.ndarray) -> None:
+    def _fit_concat(self, X: np.ndarray, Y: np.ndarray, grams: NodeGrams | None = None) -> None:
         m_nodes = X.shape[1]
         n_cls = Y.shape[1]
-        grams = NodeGrams(
-            X, kernel=self.kernel, gammas=self.gammas_, budget_bytes=self.gram_cache_gib * 2**30
-        )
+        if grams is None:
+            grams = NodeGrams(
+                X,
+                kernel=self.kernel,
+                gammas=self.gammas_,
+                budget_bytes=self.gram_cache_gib * 2**30,
+            )
         start = time.perf_counter()
         beta = np.full(m_nodes, 1.0 / m_nodes)
         cut_a: list[np.ndarray] = []

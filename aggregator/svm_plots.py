@@ -16,7 +16,7 @@ def _value(v: Any) -> float:
 
 
 def plot_convergence(
-    histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path
+    histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str = ""
 ) -> Path:
     """Lower and upper bounds of J (left) and the relative gap (right, log scale) per iteration.
 
@@ -50,6 +50,8 @@ def plot_convergence(
     )
     ax_j.legend(fontsize=7)
     ax_gap.legend(fontsize=7)
+    what = "SVM convergence"
+    fig.suptitle(f"{title}: {what}" if title else what, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)

@@ -13,21 +13,27 @@ the SVMs are fitted on the rest. On the held-out videos a grid over the simplex 
 by minimum negative log-likelihood. Learned rather than fixed, because two streams' SVM scores have
 no reason to be equally reliable (seed 002 learns w_a, w_m and finds them unequal) and SVM scores
 need a scale before a softmax; on held-out videos, because training videos' scores sit at the
-margins the SVMs were fitted to. The test split is never looked at. The SVMs are not refitted on the
-whole training split afterwards (that would double the cost); like the deep heads, the run keeps its
-validation part. Without any validation video (every class has a single training video) the
-weights are equal, the temperature is 1, and ``metrics.json`` says so.
+margins the SVMs were fitted to. The test split is never looked at. Without any validation video
+(every class has a single training video) the weights are equal, the temperature is 1, and
+``metrics.json`` says so.
+
+The soft-margin ``C`` (when not given) is chosen on the same validation part from
+:data:`C_GRID`, per stream, by validation top-1 (ties: the smaller ``C``); the fits across ``C``
+share one :class:`aggregator.svm_solvers.NodeGrams`, so the node Gram matrices are computed once.
+The chosen ``C`` is then refit on the whole training split, and the fusion weights and
+temperature found on the validation part with the selection's SVMs are kept. Node means are
+standardised per feature with statistics of the training videos (not for the chi2 kernel, which
+needs non-negative features); the statistics are part of ``model.pt`` and applied by
+:class:`SVMPredictor`. Like the deep heads, every run reports the linear-probe references.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +43,32 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from aggregator import plots
-from aggregator.data import label_indices, open_store, split_videos, stratified_holdout
+from aggregator.data import label_indices, open_store, stratified_holdout
 from aggregator.metrics import beta_by_level, classification_metrics
 from aggregator.node_cache import CACHE_DEPTH, NodeCache, load_node_cache
 from aggregator.nodes import n_nodes, node_means
+from aggregator.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RUN_FORMAT,
+    check_streams,
+    finite,
+    make_run_id,
+    resolve_splits,
+    save_torch,
+    store_location,
+    write_json,
+)
 from aggregator.svm import MultipleAggregationSVM
 from aggregator.svm_plots import plot_convergence
-from aggregator.svm_solvers import node_kernel
+from aggregator.svm_solvers import NodeGrams, node_kernel
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
 FORMAT = "framepool-svm/1"
+C_GRID = (0.1, 1.0, 10.0)
 VALIDATION_FRACTION = 0.1
 FUSION_GRID = 20  # simplex step 1/20 for the stream weights
 EMBED_DIM = 4096  # embeddings longer than this are count-sketched down to it
@@ -81,9 +98,36 @@ def export_state(est: MultipleAggregationSVM) -> dict[str, Any]:
     return state
 
 
+def standardize(nodes: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -> np.ndarray:
+    """``(nodes - mean) / std`` per feature (float32); unchanged without statistics."""
+    if mean is None or std is None:
+        return np.asarray(nodes)
+    return (np.asarray(nodes, dtype=np.float32) - mean) / std
+
+
+def node_statistics(nodes: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation ``[d]`` of every feature over all nodes of ``[n, M, d]``
+    (float64 accumulation; a spread below 1e-6 becomes 1)."""
+    d = nodes.shape[-1]
+    total, square, count = np.zeros(d), np.zeros(d), 0
+    shift = np.asarray(nodes[:1], dtype=np.float64).reshape(-1, d).mean(0)
+    for start in range(0, len(nodes), chunk):
+        x = np.asarray(nodes[start : start + chunk], dtype=np.float64).reshape(-1, d) - shift
+        total += x.sum(0)
+        square += (x * x).sum(0)
+        count += len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(square / count - mean * mean, 0.0))
+    std = np.where(std > 1e-6, std, 1.0)
+    return (mean + shift).astype(np.float32), std.astype(np.float32)
+
+
 def stream_decision(state: Mapping[str, Any], nodes: np.ndarray) -> np.ndarray:
-    """``[n, L]`` one-vs-rest scores of one stream's exported SVMs on node means ``[n, M, d]``."""
+    """``[n, L]`` one-vs-rest scores of one stream's exported SVMs on raw node means
+    ``[n, M, d]`` (standardised here with the statistics the state carries)."""
     active = state["nodes"].numpy()
+    if "mean" in state:
+        nodes = standardize(nodes, state["mean"].numpy(), state["std"].numpy())
     x = np.asarray(nodes, dtype=np.float32)[:, active, :]  # [n, A, d]
     n = x.shape[0]
     intercept = state["intercept"].numpy()
@@ -174,31 +218,55 @@ def probabilities(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ training
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, so that the JSON files stay strict."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _node_means(cache: NodeCache, video_ids: list[str], levels: int) -> np.ndarray:
     """``[n, 2^levels - 1, d]`` node means as the cache holds them (float16: half the memory of
     ``NodeCache.take``'s float32 copy, and no precision lost, as the estimator widens blocks)."""
     if cache.means.dtype != np.float16:
         return cache.take(video_ids, levels)
     return np.ascontiguousarray(cache.means[cache.rows(video_ids), : n_nodes(levels)])
+
+
+def _fit_stream(
+    X_fit: np.ndarray,
+    y_fit: np.ndarray,
+    X_val: np.ndarray | None,
+    y_val: np.ndarray,
+    params: Mapping[str, Any],
+    c_grid: Sequence[float],
+    classes: np.ndarray,
+    n_classes: int,
+) -> tuple[float, list[dict[str, Any]], MultipleAggregationSVM]:
+    """Fit one stream's SVM for every ``C`` of ``c_grid`` on the fit videos (one shared Gram
+    cache) and score each on the validation videos; returns the chosen ``C`` (best top-1, ties to
+    the smaller), the grid's record and the chosen fit."""
+    grams = None
+    if params["kernel"] == "linear" and params["variant"] == "concat" and len(c_grid) > 1:
+        grams = NodeGrams(
+            X_fit, kernel="linear", gammas=None, budget_bytes=params["gram_cache_gib"] * 2**30
+        )
+    record: list[dict[str, Any]] = []
+    best: tuple[float, float, MultipleAggregationSVM] | None = None
+    for C in sorted(c_grid):
+        t0 = time.perf_counter()
+        est = MultipleAggregationSVM(**{**params, "C": float(C)}).fit(X_fit, y_fit, grams=grams)
+        top1 = math.nan
+        if X_val is not None and len(y_val):
+            state = export_state(est)
+            scores = class_scores(stream_decision(state, X_val), classes, n_classes)
+            top1 = float((scores.argmax(1) == y_val).mean())
+        record.append(
+            {
+                "C": float(C),
+                "val_top1": top1,
+                "n_iter": est.n_iter_,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        key = -math.inf if math.isnan(top1) else top1
+        if best is None or key > best[0]:
+            best = (key, float(C), est)
+    assert best is not None
+    return best[1], record, best[2]
 
 
 def train_svm(
@@ -208,19 +276,25 @@ def train_svm(
     streams: list[str],
     levels: int,
     variant: str,
-    C: float,
+    C: float | None,
     kernel: str,
     train_split: str,
     test_split: str | None,
     seed: int,
     max_iter: int,
     eps: float,
+    C_grid: Sequence[float] = C_GRID,
+    refit: bool = True,
+    standardize_inputs: bool = True,
+    probe: bool = True,
+    probe_levels: int = 4,
 ) -> dict[str, Any]:
     """Fit one multiple-aggregation SVM per stream on ``train_split``, evaluate on ``test_split``
     (None: no test), and write the run directory ``out_dir``. Returns the metrics written.
 
     ``store`` is a FeatureStore or its path (opened writable when possible, to keep the node
-    cache). See the module docstring for the validation part, fusion and calibration.
+    cache). ``C`` None selects it from ``C_grid`` on the validation part. See the module docstring
+    for the validation part, selection, refit, fusion, calibration and standardisation.
     """
     t_start = time.perf_counter()
     if isinstance(store, str | Path):
@@ -231,28 +305,22 @@ def train_svm(
         raise ValueError("no stream given")
     if not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    c_grid = [float(C)] if C is not None else [float(c) for c in C_grid]
+    if not c_grid:
+        raise ValueError("C_grid is empty")
     # the estimator validates C, variant, kernel, max_iter and eps before any work
+    for c in c_grid:
+        MultipleAggregationSVM(
+            C=c, variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
+        )._check_params()
     estimator = MultipleAggregationSVM(
-        C=C, variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
+        C=c_grid[0], variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
     )
-    estimator._check_params()
     class_names = store.class_names
     if not class_names:
         raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
-    train_ids = split_videos(store, train_split)
-    test_ids = split_videos(store, test_split) if test_split else []
-    overlap = sorted(set(train_ids) & set(test_ids))
-    if overlap:
-        raise ValueError(
-            f"splits {train_split!r} and {test_split!r} share {len(overlap)} videos, "
-            f"e.g. {overlap[0]!r}"
-        )
-    for s in streams:
-        if s not in store.streams(train_ids[0]):
-            raise ValueError(
-                f"stream {s!r} is not in store {store.path!r}; video {train_ids[0]!r} has "
-                f"{store.streams(train_ids[0])}"
-            )
+    train_ids, test_ids = resolve_splits(store, train_split, test_split)
+    check_streams(store, streams, train_ids[0])
     y_train = label_indices(store, train_ids, class_names)
     y_test = label_indices(store, test_ids, class_names)
     fit_idx, val_idx = stratified_holdout(y_train, VALIDATION_FRACTION, seed)
@@ -264,24 +332,31 @@ def train_svm(
             f"split {train_split!r} has videos of {len(np.unique(y_fit))} class(es); "
             "an SVM needs at least 2"
         )
+    use_stats = standardize_inputs and kernel != "chi2"
     train_args = {
         "streams": streams,
         "levels": levels,
         "variant": variant,
         "C": C,
+        "C_grid": c_grid,
         "kernel": kernel,
         "train_split": train_split,
         "test_split": test_split,
         "seed": seed,
         "max_iter": max_iter,
         "eps": eps,
+        "refit": refit,
+        "standardize_inputs": standardize_inputs,
+        "probe": probe,
+        "probe_levels": probe_levels,
     }
     config: dict[str, Any] = {
-        "format": "framepool-run/1",
+        "format": RUN_FORMAT,
         "head": "svm",
-        "params": {**estimator.get_params(), "levels": levels},
+        "params": {**estimator.get_params(), "C": C, "levels": levels},
         "streams": streams,
-        "store": store.path if "://" in store.path else os.path.abspath(store.path),
+        "standardize": use_stats,
+        "store": store_location(store),
         "extractor": {s: store.extractor.get(s) for s in streams},
         "class_names": class_names,
         "splits": {
@@ -293,31 +368,49 @@ def train_svm(
         "seed": seed,
         "train_args": train_args,
     }
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    config["run_id"] = f"{out.resolve().name}-{digest[:8]}"
+    config["run_id"] = make_run_id(out, config)
 
     states: dict[str, dict[str, Any]] = {}
     val_scores: dict[str, np.ndarray] = {}
     test_scores: dict[str, np.ndarray] = {}
     svm_info: dict[str, Any] = {}
     in_features: dict[str, int] = {}
-    classes = np.unique(y_fit)
+    classes = np.unique(y_fit)  # every class of the training split: one with a single video
+    # keeps it for fitting (stratified_holdout)
     for s in streams:
         t_cache = time.perf_counter()
         cache = load_node_cache(store, s, depth=max(CACHE_DEPTH, levels), progress=False)
-        X_fit = _node_means(cache, fit_ids, levels)
-        in_features[s] = int(X_fit.shape[2])
+        X_train = _node_means(cache, train_ids, levels)
+        in_features[s] = int(X_train.shape[2])
+        mean, std = node_statistics(X_train) if use_stats else (None, None)
+        X_train = standardize(X_train, mean, std)
+        X_fit = X_train[fit_idx]
+        X_val = X_train[val_idx] if len(val_idx) else None
         t_fit = time.perf_counter()
-        est = MultipleAggregationSVM(**estimator.get_params()).fit(X_fit, y_fit)
-        del X_fit
+        params = estimator.get_params()
+        C_s, grid, est = _fit_stream(
+            X_fit, y_fit, X_val, y_val, params, c_grid, classes, len(class_names)
+        )
+        if X_val is not None:
+            val_scores[s] = class_scores(
+                stream_decision(export_state(est), X_val), classes, len(class_names)
+            )
+        refitted = bool(refit and len(val_idx))
+        if refitted:
+            est = MultipleAggregationSVM(**{**params, "C": C_s}).fit(X_train, y_train)
+        del X_fit, X_val, X_train
         seconds_fit = time.perf_counter() - t_fit
         state = export_state(est)
+        if mean is not None and std is not None:
+            state["mean"], state["std"] = torch.from_numpy(mean), torch.from_numpy(std)
         states[s] = state
-        for ids, bucket in ((val_ids, val_scores), (test_ids, test_scores)):
-            if ids:
-                decision = stream_decision(state, _node_means(cache, ids, levels))
-                bucket[s] = class_scores(decision, classes, len(class_names))
+        if test_ids:
+            decision = stream_decision(state, _node_means(cache, test_ids, levels))
+            test_scores[s] = class_scores(decision, classes, len(class_names))
         svm_info[s] = {
+            "C": C_s,
+            "C_grid": grid,
+            "refit": refitted,
             "n_iter": est.n_iter_,
             "gap": est.gap_,
             "objective": est.objective_,
@@ -327,8 +420,9 @@ def train_svm(
             "history": [{k: v for k, v in h.items() if k != "beta"} for h in est.history_],
         }
         log.info(
-            "svm %s: %d iterations, gap %.2g, J %.6g, %.1f s",
+            "svm %s: C %g, %d iterations, gap %.2g, J %.6g, %.1f s",
             s,
+            C_s,
             est.n_iter_,
             est.gap_,
             est.objective_,
@@ -357,9 +451,24 @@ def train_svm(
     else:
         metrics = classification_metrics(np.zeros((0, len(class_names))), np.zeros(0), class_names)
         per_stream = {}
+    probes = None
+    if probe and test_ids:
+        from aggregator.probe import linear_probes
+
+        probes = linear_probes(
+            store,
+            streams,
+            train_ids,
+            y_train,
+            test_ids,
+            y_test,
+            class_names,
+            levels=probe_levels,
+            seed=seed,
+        )
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / CONFIG_FILE, config)
+    write_json(out / CONFIG_FILE, config)
     model = {
         "format": FORMAT,
         "levels": levels,
@@ -369,38 +478,44 @@ def train_svm(
         "in_features": in_features,
         "streams": states,
     }
-    tmp = out / (MODEL_FILE + ".tmp")
-    torch.save(model, tmp)
-    os.replace(tmp, out / MODEL_FILE)
+    save_torch(model, out / MODEL_FILE)
 
     betas = {s: states[s]["beta"].numpy() for s in streams}
+    title = f"{out.name} (svm)"
     metrics.update(
         run_id=config["run_id"],
         head="svm",
         streams=streams,
-        n_train=len(fit_ids),
+        n_train=len(train_ids) if any(i["refit"] for i in svm_info.values()) else len(fit_ids),
         n_val=len(val_ids),
         n_test=len(test_ids),
+        standardize=use_stats,
         beta={s: beta_by_level(b) for s, b in betas.items()},
         fusion_weights=weights,
         temperature=temperature,
         calibration=calibration,
         val_top1=val_top1,
         per_stream=per_stream or None,
+        probe=probes,
+        selection={s: {"chosen": {"C": i["C"]}, "grid": i["C_grid"]} for s, i in svm_info.items()},
         svm=svm_info,
     )
     written = [
-        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png"),
-        plot_convergence({s: svm_info[s]["history"] for s in streams}, out / "svm_convergence.png"),
+        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title),
+        plot_convergence(
+            {s: svm_info[s]["history"] for s in streams}, out / "svm_convergence.png", title=title
+        ),
     ]
     if test_ids:
         written.append(
-            plots.plot_confusion(metrics["confusion_matrix"], class_names, out / "confusion.png")
+            plots.plot_confusion(
+                metrics["confusion_matrix"], class_names, out / "confusion.png", title=title
+            )
         )
     metrics["plots"] = [p.name for p in written]
     metrics["seconds"] = time.perf_counter() - t_start
-    metrics = _finite(metrics)
-    _write_json(out / METRICS_FILE, metrics)
+    metrics = finite(metrics)
+    write_json(out / METRICS_FILE, metrics)
     return metrics
 
 
@@ -482,6 +597,8 @@ class SVMPredictor:
         parts = []
         for s, x in self.nodes(features).items():
             state = self.states[s]
+            if "mean" in state:
+                x = standardize(x, state["mean"].numpy(), state["std"].numpy())
             active = state["nodes"].numpy()
             beta = state["beta"].numpy()[active]
             psi = x[0, active, :].astype(np.float64)  # [A, d]

@@ -12,12 +12,23 @@ Decoding and flow are done once before the timed epochs (inputs cached in memory
 prints a markdown table: mode, K, frames with gradient per epoch, seconds per epoch (mean over
 ``--epochs``), and the K = 1 / K ratio within each mode; also per CPU time of the process, which
 is steadier than wall time on a shared machine (on a GPU, wall time is the one that counts).
+
+``--memory`` measures instead the peak memory of one epoch against the frames per video T, with
+the backward pass over one graph (``grad_frames`` none) and in chunks of ``--grad-frames``
+frames: each setting runs in a fresh process (so that its peak RSS is its own), K = 1 (every
+frame carries gradient, the worst case), and the table gives wall and CPU seconds, peak RSS and,
+on a GPU, peak GPU memory:
+
+    python benchmarks/finetune.py --memory --arch resnet18 --videos 2 --lengths 12,48,120
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +77,87 @@ def make_store(
         )
 
 
+def memory_child(args: argparse.Namespace, length: int, grad_frames: int | None) -> int:
+    """One fine-tuning epoch in this process; prints its seconds and peak memory as JSON."""
+    paths = [Path(p) for p in args.clips] if args.clips else [CLIPS / n for n in DEFAULT_CLIPS]
+    paths = sorted(paths, key=lambda p: -p.stat().st_size)[: args.videos]
+    ids = assign_video_ids(paths)
+    videos = {ids[str(p)]: p for p in paths}
+    labels = {v: f"c{i % 2}" for i, v in enumerate(sorted(videos))}
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else
+        ("cpu" if args.device == "auto" else args.device)
+    )  # fmt: skip
+    streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
+    settings = FinetuneSettings(
+        period=1,
+        epochs=1,
+        batch_videos=len(videos),
+        chunk_size=args.chunk_size,
+        grad_frames=grad_frames,
+        amp=device.type == "cuda",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        history = run_finetune_job(
+            videos,
+            labels,
+            Path(tmp) / "run",
+            backbone=BackboneSpec(streams=streams, arch=args.arch, weights="random"),
+            settings=settings,
+            head="tp",
+            head_kwargs={"depth": 4},
+            device=device,
+            cache_dir="memory",
+            max_frames=length,
+        )
+    h = history[0]
+    out = {
+        "T": h["frames_total"] / len(videos),
+        "frames_with_grad": h["frames_with_grad"],
+        "seconds": h["seconds"],
+        "cpu_seconds": h["cpu_seconds"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else None,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+def memory_table(args: argparse.Namespace) -> int:
+    """Peak memory of one epoch against T, one fresh process per setting."""
+    lengths = [int(t) for t in args.lengths.split(",")]
+    rows = []
+    for length in lengths:
+        for grad_frames in (None, args.grad_frames):
+            cmd = [sys.executable, __file__, "--memory-child", str(length), str(grad_frames or 0)]
+            cmd += ["--arch", args.arch, "--stream", args.stream, "--videos", str(args.videos)]
+            cmd += ["--chunk-size", str(args.chunk_size), "--device", args.device]
+            cmd += [*(["--clips", *args.clips] if args.clips else [])]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr, file=sys.stderr)
+                return 1
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append((length, grad_frames, row))
+            print(f"T={length} grad_frames={grad_frames}: {row}", file=sys.stderr)
+    print(
+        f"\nfine-tuning memory, one epoch, K = 1, {args.arch}, stream {args.stream}, "
+        f"{args.videos} clips in one batch, chunk size {args.chunk_size}\n"
+    )
+    print("| T (frames / video) | grad frames per backward | frames with grad | s | CPU s "
+          "| peak RSS MiB | peak GPU MiB |")  # fmt: skip
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for _length, grad_frames, r in rows:
+        gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
+        print(
+            f"| {r['T']:.0f} | {grad_frames or 'all (one graph)'} | {r['frames_with_grad']} "
+            f"| {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {gpu} |"
+        )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", nargs="*", help="video files (default: real clips in shared/)")
@@ -80,10 +172,19 @@ def main() -> int:
     ap.add_argument("--chunk-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--memory", action="store_true", help="peak memory against T instead")
+    ap.add_argument("--lengths", default="12,48,120", help="--memory: frames per video")
+    ap.add_argument("--grad-frames", type=int, default=8, help="--memory: frames per backward")
+    ap.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        length, grad_frames = args.memory_child
+        return memory_child(args, length, grad_frames or None)
+    if args.memory:
+        return memory_table(args)
 
     paths = [Path(p) for p in args.clips] if args.clips else [CLIPS / n for n in DEFAULT_CLIPS]
     paths = paths[: args.videos]

@@ -12,6 +12,14 @@ Run at a smaller ``--videos`` to finish quickly: time per epoch is linear in the
 and the table extrapolates to ``--scale-to`` videos.
 
     python benchmarks/train_heads.py --videos 2000 --epochs 2
+
+``--selection`` measures instead what the default selection grid costs: seconds per step of one
+configuration and of the 3 x 3 grid trained together on the same batches
+(:func:`aggregator.train_loop.train_trials`), and from the default budget
+(:func:`aggregator.train_config.plan_budget` at ``--scale-to`` videos) the grid's cost and the
+whole default run's (grid + refit) in units of one configuration.
+
+    python benchmarks/train_heads.py --selection --videos 1000 --heads tp-concat,tp-average
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ import torch
 from aggregator.data import NodeTensors
 from aggregator.heads import TwoStream, build_model, pyramid_mix
 from aggregator.train import fit_epoch, param_groups
+from aggregator.train_config import TrainConfig, plan_budget
+from aggregator.train_loop import (
+    Trial,
+    endless_batches,
+    make_optimizer,
+    train_trials,
+    warmup_cosine,
+)
 
 STREAMS = ("appearance", "motion")
 
@@ -205,6 +221,95 @@ def run_config(cfg: Config, args: argparse.Namespace, precision: str) -> dict[st
     return {"seconds": sec, "cpu_seconds": cpu, "flops": flops}
 
 
+def selection_cost(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step of one configuration and of the default grid trained together, and the
+    default budget's costs in units of one configuration."""
+    config = TrainConfig()
+    n_all = args.scale_to
+    n_fit = n_all - round(config.val_fraction * n_all)
+    grid = config.grid()
+    budget = plan_budget(config, n_fit, n_all, len(grid))
+    data = synthetic(cfg, args.videos, args.dim, args.classes, args.depth, torch.float32, args.seed)
+    index = np.arange(args.videos)
+
+    def trials(k: int) -> list[Trial]:
+        out = []
+        for values in grid[:k]:
+            torch.manual_seed(args.seed)
+            model = build_model(
+                cfg.head,
+                in_features=dict.fromkeys(STREAMS, args.dim),
+                num_classes=args.classes,
+                head_kwargs=cfg.head_kwargs,
+                standardize=True,
+            )
+            opt = make_optimizer(
+                model, optimizer="adam", lr=values["lr"], weight_decay=values["weight_decay"]
+            )
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(budget.steps, 0.05))
+            out.append(Trial(values=values, model=model, opt=opt, sched=sched))
+        return out
+
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def epoch() -> Any:
+        for x, y, _ in data.batches(index, budget.batch_size, windows=True, generator=gen):
+            yield x, y
+
+    per_step = {}
+    for k in (1, len(grid)):
+        batches = endless_batches(epoch)
+        run = trials(k)
+        kw: dict[str, Any] = {"device": torch.device("cpu"), "grad_clip": 40.0, "bf16": False}
+        train_trials(run, batches, steps=args.warmup_steps, **kw)  # untimed
+        best = float("inf")
+        for _ in range(args.epochs):
+            c0 = time.process_time()
+            train_trials(run, batches, steps=args.steps, **kw)
+            best = min(best, (time.process_time() - c0) / args.steps)
+        per_step[k] = best
+    one = budget.steps * per_step[1]
+    grid_cost = budget.select_steps * per_step[len(grid)]
+    return {
+        "one_step": per_step[1],
+        "grid_step": per_step[len(grid)],
+        "configs": len(grid),
+        "select_steps": budget.select_steps,
+        "steps": budget.steps,
+        "batch": budget.batch_size,
+        "grid_ratio": grid_cost / one,
+        "run_ratio": (grid_cost + one) / one,
+    }
+
+
+def main_selection(args: argparse.Namespace) -> None:
+    rows = []
+    for name in [h.strip() for h in args.heads.split(",") if h.strip()]:
+        cfg = configs(args.depth, not args.no_leaves)[name]
+        r = selection_cost(cfg, args)
+        rows.append(
+            f"| {cfg.name} | {r['one_step'] * 1e3:.0f} | {r['grid_step'] * 1e3:.0f} "
+            f"({r['grid_step'] / r['one_step']:.1f}x) | {r['configs']} x {r['select_steps']} "
+            f"| {r['steps']} | {r['grid_ratio']:.2f} | {r['run_ratio']:.2f} |"
+        )
+        print(rows[-1].replace("|", " ").strip(), flush=True)
+    print()
+    print(
+        f"CPU seconds per step (best of {args.epochs} x {args.steps} steps, process time of "
+        f"{torch.get_num_threads()} torch threads), batch as the default budget gives at "
+        f"{args.scale_to} videos; d={args.dim}, {args.classes} classes, two streams, fp32; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print()
+    print(
+        "| head | CPU ms/step, one configuration | CPU ms/step, grid together | grid steps "
+        "| final steps | grid / one configuration | default run / one configuration |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(row)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--videos", type=int, default=13320, help="videos per epoch (measured)")
@@ -226,9 +331,15 @@ def main() -> None:
     p.add_argument("--both-tp-paths", action="store_true", help="tp on leaves and on all nodes")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selection", action="store_true", help="measure the selection grid's cost")
+    p.add_argument("--steps", type=int, default=10, help="--selection: timed steps per repeat")
+    p.add_argument("--warmup-steps", type=int, default=3, help="--selection: untimed steps")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.selection:
+        main_selection(args)
+        return
     precisions = [s.strip() for s in args.precision.split(",") if s.strip()]
     threads = torch.get_num_threads()
     peak = {"fp32": matmul_gflops(torch.float32, args.matmul_size)}

@@ -14,6 +14,7 @@ is :mod:`extractor.pipeline`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +55,7 @@ from extractor.transforms import (
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MAP_STREAMS = {"appearance_map": "appearance", "motion_map": "motion"}  # map -> its source stream
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -232,6 +234,7 @@ class FeatureExtractor:
             self.models[stream] = model
             self._records[stream] = record
         self.feature_dims = {s: int(self._records[s]["feature_dim"]) for s in streams}
+        self.set_maps(())
 
     def trainable_backbone(self, stream: str) -> nn.Module:
         """A fresh float32 copy of ``stream``'s backbone with its BatchNorm layers, for training.
@@ -257,6 +260,7 @@ class FeatureExtractor:
             cfg["dtype"] = self.dtype
             cfg["inference"] = "batchnorm folded into the convolutions, channels_last"
             out[stream] = cfg
+        out.update(self._map_configs)
         return out
 
     @classmethod
@@ -345,6 +349,118 @@ class FeatureExtractor:
                 inp = inp.to(DTYPES[self.dtype])  # normalised in float32, then rounded once
                 out[stream] = self.models[stream](inp).float().cpu().numpy()
         return out
+
+    # ------------------------------------------------------------------ spatial maps
+    def set_maps(
+        self, maps: Sequence[str], *, dim: int | None = None, stride: int = 1, seed: int = 0
+    ) -> None:
+        """Also output spatial feature maps (``appearance_map``, ``motion_map``).
+
+        A map is the last convolutional block's output of its source stream's backbone, the
+        tensor the pooled feature is the spatial mean of (``[h, w, C]``, 7 x 7 at 224), taken from
+        the same forward pass. ``dim`` reduces C by a fixed random projection (Gaussian entries of
+        variance ``1/dim`` drawn with NumPy's PCG64 from ``seed``, so that the spatial mean of a
+        reduced map is the projected pooled feature); ``stride`` keeps the maps of every
+        ``stride``-th extracted frame, starting with the first.
+        """
+        maps = tuple(maps)
+        bad = [m for m in maps if m not in MAP_STREAMS]
+        if bad or len(set(maps)) != len(maps):
+            raise ValueError(f"maps must be distinct names among {list(MAP_STREAMS)}, got {maps!r}")
+        missing = [m for m in maps if MAP_STREAMS[m] not in self.streams]
+        if missing:
+            raise ValueError(
+                f"maps {missing} need their source streams "
+                f"{[MAP_STREAMS[m] for m in missing]}, which this extractor does not compute"
+            )
+        timm = [m for m in maps if is_timm(self._arch[MAP_STREAMS[m]])]
+        if timm:
+            raise ValueError(
+                f"maps {timm} need a ResNet backbone (its last block's output); "
+                f"{self._arch[MAP_STREAMS[timm[0]]]!r} is a timm model"
+            )
+        if dim is not None and dim < 1:
+            raise ValueError(f"map dim must be >= 1, got {dim!r}")
+        if stride < 1:
+            raise ValueError(f"map stride must be >= 1, got {stride!r}")
+        self.map_streams: tuple[str, ...] = maps
+        self.map_stride = stride
+        self._projections: dict[str, torch.Tensor] = {}
+        self._map_configs: dict[str, dict[str, Any]] = {}
+        for name in maps:
+            source = MAP_STREAMS[name]
+            channels = self.feature_dims[source]
+            projection: dict[str, Any] | None = None
+            if dim is not None:
+                rng = np.random.Generator(np.random.PCG64(seed))
+                matrix = rng.standard_normal((channels, dim), dtype=np.float64)
+                matrix = (matrix / np.sqrt(dim)).astype(np.float32)
+                self._projections[name] = torch.from_numpy(matrix).to(self.device)
+                projection = {
+                    "kind": "gaussian, entries N(0, 1/out_channels), NumPy PCG64",
+                    "seed": seed,
+                    "in_channels": channels,
+                    "out_channels": dim,
+                    "sha256": hashlib.sha256(matrix.tobytes()).hexdigest(),
+                }
+            self._map_configs[name] = {
+                "stream": name,
+                "source_stream": source,
+                "source_state_sha256": self._records[source]["state_sha256"],
+                "layer": "output of the last convolutional block (layer4), before global "
+                "average pooling",
+                "layout": "[frames, h, w, channels]",
+                "channels": dim if dim is not None else channels,
+                "projection": projection,
+                "frame_stride": stride,
+                "frames": "every frame_stride-th extracted frame from the first; per video "
+                "in the attr map_frame_indices",
+                "dtype": "float16",
+            }
+
+    def embed_with_maps(
+        self,
+        batch: Mapping[str, np.ndarray | torch.Tensor],
+        map_rows: np.ndarray | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """:meth:`embed` plus the spatial maps of the rows ``map_rows`` of the batch (default all).
+
+        Returns ``(features {stream: [N, d] float32}, maps {map: [len(map_rows), h, w, C]
+        float16})`` from one forward pass per stream.
+        """
+        rows = None if map_rows is None else torch.as_tensor(map_rows, dtype=torch.long)
+        features: dict[str, np.ndarray] = {}
+        maps: dict[str, np.ndarray] = {}
+        wanted = {MAP_STREAMS[m]: m for m in self.map_streams}
+        with torch.inference_mode():
+            for stream in self.streams:
+                x = torch.as_tensor(batch[stream])
+                if self.device.type == "cuda":
+                    x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
+                inp = normalize_appearance(x) if stream == "appearance" else normalize_motion(x)
+                inp = inp.to(DTYPES[self.dtype])
+                model = self.models[stream]
+                captured: list[torch.Tensor] = []
+                hook = None
+                if stream in wanted:
+                    pool = model.avgpool
+                    assert isinstance(pool, nn.Module)
+                    hook = pool.register_forward_hook(
+                        lambda _m, i, _o, out=captured: out.append(i[0])
+                    )
+                try:
+                    features[stream] = model(inp).float().cpu().numpy()
+                finally:
+                    if hook is not None:
+                        hook.remove()
+                if stream in wanted:
+                    name = wanted[stream]
+                    fmap = captured[0] if rows is None else captured[0][rows.to(self.device)]
+                    fmap = fmap.float().permute(0, 2, 3, 1)  # [n, h, w, C]
+                    if name in self._projections:
+                        fmap = fmap @ self._projections[name]  # [n, h, w, dim]
+                    maps[name] = fmap.to(torch.float16).cpu().numpy()
+        return features, maps
 
     def extract_file(
         self,

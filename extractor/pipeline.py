@@ -44,7 +44,7 @@ from tqdm import tqdm
 from extractor.backbones import STREAMS
 from extractor.decode import VideoError
 from extractor.decode_torchcodec import make_frame_reader
-from extractor.features import FeatureExtractor
+from extractor.features import MAP_STREAMS, FeatureExtractor
 from extractor.flow import sha256_file
 from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
 from extractor.sharding import in_shard, parse_shard, shard_from_env
@@ -115,6 +115,8 @@ class _Video:
     parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
     indices: list[np.ndarray] = field(default_factory=list)
     n_embedded: int = 0
+    maps: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    map_indices: list[np.ndarray] = field(default_factory=list)
     done: VideoDone | None = None
     sha256: str | None = None
 
@@ -165,6 +167,7 @@ class _Writer(threading.Thread):
                 for name in self.store.streams(vid):
                     if name not in streams and self.store.n_frames(vid, name) == n:
                         streams[name] = self.store.read(vid, name, dtype=np.float16)
+                _keep_maps(self.store, vid, streams, meta)
             self.store.write_video(vid, streams, label=source.label, split=source.split, meta=meta)
         except Exception as exc:
             log.exception("writing %s failed", vid)
@@ -191,6 +194,26 @@ class _Writer(threading.Thread):
     def finish(self) -> None:
         self.jobs.put(None)
         self.join()
+
+
+def _keep_maps(
+    store: FeatureStore, vid: str, streams: dict[str, np.ndarray], meta: dict[str, Any]
+) -> None:
+    """Carry a complete video's map streams (and their frame indices) into its rewrite when the
+    new write does not replace them: their frames are recorded, not tied to the new T."""
+    if "map_frame_indices" in meta:
+        return
+    old = store.video_attrs(vid)
+    kept = [
+        name
+        for name in store.streams(vid)
+        if name.endswith("_map") and name not in streams and "map_frame_indices" in old
+    ]
+    for name in kept:
+        streams[name] = store.read(vid, name, dtype=np.float16)
+    if kept:
+        meta["map_frame_indices"] = old["map_frame_indices"]
+        meta["map_stride"] = old.get("map_stride")
 
 
 def _todo(
@@ -246,7 +269,7 @@ def run_extraction(
     class_names = sorted({s.label for s in sources if s.label is not None})
     fstore = FeatureStore.create(store, extractor=extractor.config(), class_names=class_names)
     summary = ExtractionSummary(store=str(store))
-    todo = _todo(fstore, sources, extractor.streams, shard, summary)
+    todo = _todo(fstore, sources, extractor.streams + extractor.map_streams, shard, summary)
     if not todo:
         summary.seconds = time.perf_counter() - start
         return summary
@@ -342,6 +365,8 @@ def run_extraction(
             raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
         assert v.sha256 is not None
         meta = _video_meta(v.source, v.done, v.sha256, subsampled)
+        if extractor.map_streams:
+            feats.update(_video_maps(v, extractor.map_streams, extractor.map_stride, meta))
         writer.jobs.put(("write", v.source, (feats, meta, len(got))))
 
     def run_batch(n: int) -> None:
@@ -361,13 +386,18 @@ def run_extraction(
                 count += need
         n_pending -= count
         batch = {s: np.concatenate([getattr(c, s) for _, c in taken]) for s in extractor.streams}
-        out = extractor.embed(batch)
+        if extractor.map_streams:
+            out, maps = _embed_maps(extractor, batch, taken, videos)
+        else:
+            out = extractor.embed(batch)
         row = 0
         for key, c in taken:
             v = videos.get(key)
             if v is not None:
                 for s in extractor.streams:
                     v.parts.setdefault(s, []).append(out[s][row : row + len(c)])
+                if extractor.map_streams:
+                    _add_maps(v, c, maps, extractor.map_stride)
                 v.indices.append(c.indices)
                 v.n_embedded += len(c)
             row += len(c)
@@ -418,6 +448,57 @@ def run_extraction(
     return summary
 
 
+def _map_positions(first: int, n: int, stride: int) -> np.ndarray:
+    """Rows (0..n-1) of ``n`` frames of a video, its ``first``-th embedded frame on, whose maps
+    are kept.
+
+    A video's frames reach the model in order (one worker prepares it, the queue and the pending
+    list are FIFO), so its k-th embedded frame is its k-th kept frame.
+    """
+    return np.flatnonzero((first + np.arange(n)) % stride == 0)
+
+
+def _embed_maps(
+    extractor: FeatureExtractor,
+    batch: dict[str, np.ndarray],
+    taken: list[tuple[int, FrameChunk]],
+    videos: dict[int, _Video],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    rows, start = [], 0
+    embedded: dict[int, int] = {}  # a video may have several chunks in one batch
+    for key, c in taken:
+        v = videos.get(key)
+        if v is not None:
+            first = embedded.setdefault(key, v.n_embedded)
+            rows.append(start + _map_positions(first, len(c), extractor.map_stride))
+            embedded[key] = first + len(c)
+        start += len(c)
+    picked = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return extractor.embed_with_maps(batch, picked)
+
+
+def _add_maps(v: _Video, c: FrameChunk, maps: dict[str, np.ndarray], stride: int) -> None:
+    """Move this chunk's kept maps (the first rows of ``maps``, consumed) into the video."""
+    keep = _map_positions(v.n_embedded, len(c), stride)
+    for name in list(maps):
+        v.maps.setdefault(name, []).append(maps[name][: len(keep)])
+        maps[name] = maps[name][len(keep) :]
+    v.map_indices.append(c.indices[keep])
+
+
+def _video_maps(
+    v: _Video, names: Sequence[str], stride: int, meta: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """A finished video's map streams ``[T', h, w, C]``; records their frames in ``meta``."""
+    assert v.done is not None
+    frames = np.concatenate(v.map_indices)
+    if not np.array_equal(frames, v.done.frame_indices[::stride]):  # internal invariant
+        raise AssertionError(f"{v.source.video_id}: map frames {frames} out of order")
+    meta["map_frame_indices"] = frames.tolist()
+    meta["map_stride"] = stride
+    return {name: np.concatenate(v.maps[name]) for name in names}
+
+
 def _slice(chunk: FrameChunk, a: int, b: int) -> FrameChunk:
     return FrameChunk(
         indices=chunk.indices[a:b],
@@ -446,6 +527,9 @@ def run_extract(
     max_frames: int | None = None,
     progress: bool = True,
     motion_arch: str | None = None,
+    map_dim: int | None = None,
+    map_stride: int = 1,
+    map_seed: int = 0,
     decoder: str = "auto",
     flow_params: dict[str, Any] | None = None,
 ) -> ExtractionSummary:
@@ -458,7 +542,17 @@ def run_extract(
     ``shard`` is ``"I/N"`` or ``(I, N)``; without it, torchrun's ``RANK``/``WORLD_SIZE`` are used
     when set. Raises ValueError/FileNotFoundError for unusable arguments (bad shard, missing
     weights, an extractor that differs from the store's); per-video problems are in the summary.
+
+    ``streams`` may name map streams (``appearance_map``, ``motion_map``): the source stream's
+    spatial maps from the same forward pass (the source stream is then extracted too), reduced to
+    ``map_dim`` channels by a random projection seeded with ``map_seed`` and kept every
+    ``map_stride`` extracted frames (see :meth:`FeatureExtractor.set_maps`).
     """
+    maps = [s for s in streams if s in MAP_STREAMS]
+    streams = list(
+        dict.fromkeys([s for s in streams if s not in MAP_STREAMS] + [MAP_STREAMS[m] for m in maps])
+    )
+    streams = [s for s in STREAMS if s in streams] + [s for s in streams if s not in STREAMS]
     check_selection(stride, max_frames)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
@@ -479,6 +573,10 @@ def run_extract(
         motion_arch=motion_arch,
         flow_params=flow_params,
     )
+    if maps or map_dim is not None or map_stride != 1:
+        if not maps:
+            raise ValueError("map_dim and map_stride apply only when a map stream is requested")
+        extractor.set_maps(maps, dim=map_dim, stride=map_stride, seed=map_seed)
     return run_extraction(
         sources,
         store,

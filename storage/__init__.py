@@ -1,13 +1,17 @@
 """The Zarr feature store. The only package here that imports zarr; depends on nothing else here."""
 
 from storage.ids import assign_video_ids, safe_video_id
+from storage.index import IndexTable
+from storage.layout import CorruptVideoError
 from storage.splits import SPLIT_FORMATS, parse_splits
 from storage.store import SCHEMA_VERSION, FeatureStore
 
 __all__ = [
     "SCHEMA_VERSION",
     "SPLIT_FORMATS",
+    "CorruptVideoError",
     "FeatureStore",
+    "IndexTable",
     "assign_video_ids",
     "parse_splits",
     "safe_video_id",

@@ -7,26 +7,63 @@ Layout (the contract other parts rely on)::
     /videos/<video_id>            attrs: label, split, source, source_sha256, n_frames, fps,
                                   width, height, status, error, extracted_at
     /splits                       attrs: named split lists {name: {part: [video_id, ...]}}
+    /index/...                    the metadata index of every video (:mod:`storage.index`)
     /cache/<name>/<key>/...       derived data, keyed by a hash of its inputs
 
-A video is marked ``complete`` only after every one of its streams is written; until then its
-status is ``incomplete`` (or the group is absent), so a crash never leaves a half-written video
-that looks finished.
+A video is marked ``complete`` only after every one of its streams is written, in one metadata
+write with its ``error`` and ``extracted_at``; until then its status is ``incomplete`` (or the
+group is absent), so a crash never leaves a half-written video that looks finished.
+
+Listing, labels, splits, class names and :meth:`FeatureStore.info` read only the index; a video's
+groups stay plain Zarr (any Zarr v3 reader can open them), and the index is rebuilt from them by
+:meth:`FeatureStore.reindex` (``framepool store reindex``), or on open for the videos it misses.
+Stream arrays use the layout of :mod:`storage.layout` (NaN fill value, per-chunk crc32c), so that
+damage raises :class:`CorruptVideoError` instead of reading back as zeros.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
-from collections.abc import Iterator, Mapping
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
 
+from storage.files import files_for
 from storage.ids import safe_video_id
+from storage.index import (
+    INDEX_DIR,
+    INDEX_FORMAT,
+    PENDING,
+    PUT,
+    ROLL,
+    IndexTable,
+    IndexWriter,
+    compact,
+    concat,
+    latest,
+    read_index,
+    write_base,
+)
+from storage.layout import (
+    CorruptVideoError,
+    read_direct,
+    read_zarr,
+    record_from_group,
+    write_group,
+    write_stream,
+)
 
 if TYPE_CHECKING:
     from storage.export import ExportSummary, SplitArrays
@@ -74,6 +111,50 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _close_quietly(writer: IndexWriter) -> None:
+    try:
+        writer.close()
+    except Exception:  # at exit a filesystem may be gone; the live part stays valid as it is
+        log.debug("could not freeze index part %s", writer.name, exc_info=True)
+
+
+def _index_record(
+    video_id: str, attrs: Mapping[str, Any], shapes: Mapping[str, list[int]]
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": video_id, "op": "put"}
+    for key in ("status", "label", "split", "error", "extracted_at", "source", "source_sha256"):
+        rec[key] = attrs.get(key)
+    rec["n_frames"] = attrs.get("n_frames")
+    rec["shapes"] = dict(shapes)
+    return rec
+
+
+def _check_chunk_count(files: Any, video_id: str, stream: str, where: str) -> None:
+    """Arrays in an older layout (fill value 0, no checksum) read a lost chunk as zeros: count
+    their chunk files against the shape instead."""
+    base = f"videos/{video_id}/{stream}"
+    raw = files.read(f"{base}/zarr.json")
+    meta = json.loads(raw) if raw else {}
+    try:
+        t = int(meta["shape"][0])
+        rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CorruptVideoError(
+            f"video {video_id!r} in {where!r}: unreadable array metadata {base}/zarr.json",
+            video_id,
+            f"{base}/zarr.json",
+        ) from None
+    for i in range(-(-t // rows)):
+        if "0" not in files.list(f"{base}/c/{i}"):
+            key = f"{base}/c/{i}/0"
+            raise CorruptVideoError(
+                f"video {video_id!r} in {where!r} is damaged: chunk file {key!r} of stream "
+                f"{stream!r} is missing (this array would read it back as zeros)",
+                video_id,
+                key,
+            )
+
+
 class FeatureStore:
     """Per-frame features of many videos in one Zarr v3 group.
 
@@ -84,6 +165,13 @@ class FeatureStore:
         self._root = root
         self.path = path
         self.mode = mode
+        self._files = files_for(path)
+        self._writer: IndexWriter | None = None
+        self._closer: weakref.finalize | None = None
+        self._table: IndexTable | None = None  # the loaded index, one row per video
+        self._rows: dict[str, int] | None = None  # id -> row of _table
+        self._overlay: dict[str, dict[str, Any]] = {}  # own records since _table was built
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -123,7 +211,9 @@ class FeatureStore:
                 }
             )
             root.require_group("videos")
-            return cls(root, spath, "a")
+            store = cls(root, spath, "a")
+            store._ensure_index_group()
+            return store
         if not exist_ok:
             raise FileExistsError(f"a feature store already exists at {spath!r}")
         store = cls(root, spath, "a")
@@ -200,7 +290,7 @@ class FeatureStore:
         names = list(_attr(self._root, "class_names", []))
         if names:
             return names
-        labels = {self.video_attrs(v).get("label") for v in self.videos(status=None)}
+        labels = set(self._view().text["label"].tolist())
         return sorted(str(label) for label in labels if label is not None)
 
     def add_class_names(self, names: list[str]) -> None:
@@ -210,6 +300,181 @@ class FeatureStore:
         if merged != current:
             self._root.attrs.update({"class_names": merged})
 
+    # ------------------------------------------------------------------ the index
+    def _index_writer(self) -> IndexWriter:
+        if self._writer is None:
+            self._writer = IndexWriter(self._files)
+            self._closer = weakref.finalize(self, _close_quietly, self._writer)
+        return self._writer
+
+    def close(self) -> None:
+        """Freeze this writer's index part and compact the index (also done when the store
+        object is collected or the interpreter exits); the store stays usable."""
+        if self._writer is not None:
+            self._writer.close()
+
+    def _log(self, records: list[dict[str, Any]]) -> None:
+        """Append records to this writer's index part and to the in-memory view."""
+        stamped = self._index_writer().append(records)
+        with self._lock:
+            for rec in stamped:
+                self._overlay[str(rec["id"])] = rec
+
+    def _begin(self, video_id: str) -> None:
+        """Announce a change of ``video_id``: until its closing record, the group is the truth."""
+        self._log([{"id": video_id, "op": "pending"}])
+
+    def _resolve(self, ids: list[str]) -> list[dict[str, Any]]:
+        """Records of ``ids`` read from their groups (in parallel), stamped before the read so
+        that a writer finishing meanwhile has the newer record."""
+        if not ids:
+            return []
+        stamp = time.time_ns() if self._writer is None else self._writer.stamp()
+        workers = min(16, len(ids))
+        if workers == 1:
+            recs = [record_from_group(self._files, ids[0])]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                recs = list(pool.map(lambda v: record_from_group(self._files, v), ids))
+        for rec in recs:
+            rec["t"] = stamp
+        return recs
+
+    def _listing(self) -> set[str]:
+        return {n for n in self._files.list("videos") if n != "zarr.json" and not n.startswith(".")}
+
+    def _load_index(self) -> IndexTable:
+        """Merge the index parts, then reconcile them with the groups: videos whose last record is
+        pending, and groups the index does not know, are read from their groups; indexed videos
+        whose group is gone are dropped. A store without an index gets one built."""
+        found = read_index(self._files)
+        listing = self._listing()
+        if found is None:
+            if listing:
+                log.info(
+                    "store %s has no metadata index: building it from %d video groups",
+                    self.path,
+                    len(listing),
+                )
+            table = IndexTable.empty()
+        else:
+            table = found[0]
+        live_ids = table.ids[table.op == PUT]
+        pending = table.ids[table.op == PENDING].tolist()
+        names = np.sort(np.array(list(listing), dtype=str))
+        if not pending and np.array_equal(names, live_ids):
+            unknown: list[str] = []  # the usual case, checked in C: index and groups agree
+            gone: set[str] = set()
+        else:
+            known = set(live_ids.tolist())
+            unknown = sorted((listing - known) | set(pending))
+            gone = known - listing
+        if gone:
+            log.warning(
+                "store %s: %d indexed videos have no group (e.g. %r); dropped from the view",
+                self.path,
+                len(gone),
+                sorted(gone)[0],
+            )
+        if len(unknown) > 1000:
+            log.info("store %s: reading %d video groups into the index", self.path, len(unknown))
+        resolved = self._resolve(unknown)
+        if resolved and self.mode != "r":
+            self._index_writer().append(resolved)
+            if found is None and len(resolved) >= ROLL:
+                compact(self._files)
+        if self.mode != "r" and found is None:
+            self._ensure_index_group()
+        merged = latest(concat([table, IndexTable.from_records(resolved)]))
+        keep = merged.op == PUT
+        if gone:
+            keep &= ~np.isin(merged.ids, np.array(sorted(gone), dtype=str))
+        return merged.take(np.flatnonzero(keep))
+
+    def _ensure_index_group(self) -> None:
+        if "index" not in self._root:
+            self._root.create_group(
+                "index", attributes={"format": INDEX_FORMAT, "about": "framepool metadata index"}
+            )
+
+    def _view(self) -> IndexTable:
+        """The index as this store sees it: one row per video (sorted by id), own writes
+        included. Loaded on first use; :meth:`refresh` reloads it (other writers' changes)."""
+        with self._lock:
+            if self._table is None:
+                self._table = self._load_index()
+                self._rows = None
+            if self._overlay:
+                recs = list(self._overlay.values())
+                pending = [str(r["id"]) for r in recs if r.get("op") == "pending"]
+                if pending:
+                    done = {str(r["id"]): r for r in self._resolve(pending)}
+                    recs = [done.get(str(r["id"]), r) for r in recs]
+                merged = latest(concat([self._table, IndexTable.from_records(recs)]))
+                self._table = merged.take(np.flatnonzero(merged.op == PUT))
+                self._overlay = {}
+                self._rows = None
+            return self._table
+
+    def refresh(self) -> None:
+        """Forget the loaded index, so that the next query sees other writers' changes."""
+        with self._lock:
+            self._table, self._rows, self._overlay = None, None, {}
+
+    def _record(self, video_id: str) -> dict[str, Any] | None:
+        """The index record of one video (None when absent); no full view rebuild."""
+        with self._lock:
+            rec = self._overlay.get(video_id)
+            if rec is not None:
+                if rec.get("op") == "pending":
+                    rec = self._resolve([video_id])[0]
+                return rec if rec.get("op") == "put" else None
+            if self._table is None:
+                self._view()
+            assert self._table is not None
+            if self._rows is None:
+                self._rows = {v: i for i, v in enumerate(self._table.ids.tolist())}
+            row = self._rows.get(video_id)
+            return None if row is None else self._table.record(row)
+
+    def index_table(self, status: str | None = "complete") -> IndexTable:
+        """The metadata index as columns (:class:`storage.index.IndexTable`), one row per video
+        with ``status`` (None: any), sorted by id."""
+        table = self._view()
+        if status is None:
+            return table
+        return table.take(np.flatnonzero(table.text["status"] == status))
+
+    def reindex(self) -> dict[str, int]:
+        """Rebuild the index from the per-video groups and replace every index file with it.
+
+        Run it when no other process is writing to the store (records they append to a part
+        that existed before the rebuild would be dropped with it).
+        """
+        self._writable()
+        self._ensure_index_group()
+        before = [
+            n for n in self._files.list(INDEX_DIR) if n.endswith(".jsonl") or n.endswith(".npz")
+        ]
+        ids = sorted(self._listing())
+        resolved = self._resolve(ids)
+        table = latest(IndexTable.from_records(resolved))
+        table = table.take(np.flatnonzero(table.op == PUT))
+        write_base(self._files, table)
+        for name in before:
+            self._files.remove(f"{INDEX_DIR}/{name}")
+        if self._writer is not None:  # its next record starts a new part
+            self._writer.seq += 1
+            self._writer.buffer = []
+        self.refresh()
+        counts = Counter(table.text["status"].tolist())
+        return {"videos": len(table), **{s: counts.get(s, 0) for s in STATUSES}}
+
+    def compact_index(self) -> int:
+        """Merge the frozen index parts into one file (safe while others write)."""
+        self._writable()
+        return compact(self._files)
+
     # ------------------------------------------------------------------ videos
     def _videos_group(self) -> zarr.Group:
         if "videos" not in self._root:
@@ -217,14 +482,6 @@ class FeatureStore:
                 raise KeyError(f"store {self.path!r} has no /videos group")
             return self._root.require_group("videos")
         grp = self._root["videos"]
-        assert isinstance(grp, zarr.Group)
-        return grp
-
-    def _video_group(self, video_id: str) -> zarr.Group:
-        videos = self._videos_group()
-        if video_id not in videos:
-            raise KeyError(f"video {video_id!r} is not in store {self.path!r}")
-        grp = videos[video_id]
         assert isinstance(grp, zarr.Group)
         return grp
 
@@ -241,7 +498,12 @@ class FeatureStore:
         """Write all streams of one video, then mark it ``complete``.
 
         ``streams`` maps a stream name to a ``[T, d]`` array (stored as float16); every stream of
-        one video has the same T. A video already ``complete`` is rewritten only with ``overwrite``.
+        one video has the same T. A map stream is ``[T', h, w, C]`` with its own T'. A video
+        already ``complete`` is rewritten only with ``overwrite``.
+
+        Steps: a ``pending`` index record; the group, created ``incomplete``; the arrays; one
+        metadata write that sets status, error and extracted_at together; the index record. A
+        crash at any point leaves the video absent or ``incomplete``, never ``complete`` early.
         """
         self._writable()
         if video_id != safe_video_id(video_id):
@@ -254,10 +516,10 @@ class FeatureStore:
             if not name or name != safe_video_id(name):
                 raise ValueError(f"video {video_id!r}: invalid stream name {name!r}")
             a = np.asarray(arr)
-            if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            if a.ndim not in (2, 4) or min(a.shape) < 1:
                 raise ValueError(
-                    f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1, "
-                    f"got shape {a.shape}"
+                    f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1 "
+                    f"(or a [T', h, w, C] map), got shape {a.shape}"
                 )
             if not np.issubdtype(a.dtype, np.number):
                 raise ValueError(
@@ -271,16 +533,16 @@ class FeatureStore:
                     "float16 range"
                 )
             arrays[name] = a16
-            lengths.add(a.shape[0])
-        if len(lengths) != 1:
+            if a.ndim == 2:  # maps may be kept at a frame stride: their T' is their own
+                lengths.add(a.shape[0])
+        if len(lengths) > 1:
             shapes = {k: v.shape for k, v in arrays.items()}
             raise ValueError(f"video {video_id!r}: streams differ in T: {shapes}")
-
-        videos = self._videos_group()
-        if video_id in videos:
-            status = videos[video_id].attrs.get("status")
-            if status == "complete" and not overwrite:
+        if not overwrite:
+            current = self._record(video_id)
+            if current is not None and current.get("status") == "complete":
                 raise FileExistsError(f"video {video_id!r} is already complete in {self.path!r}")
+
         attrs: dict[str, Any] = {
             "label": label,
             "split": split,
@@ -288,15 +550,30 @@ class FeatureStore:
             "status": "incomplete",
             "streams": sorted(arrays),
         }
-        # The group is (re)created with status "incomplete"; only the last write below marks it
-        # complete, so an interrupted write is never mistaken for a finished one.
-        grp = videos.create_group(video_id, overwrite=True, attributes=attrs)
+        self._begin(video_id)
+        # The group is (re)created "incomplete"; only its last write below marks it complete.
+        self._clear_group(video_id)
+        write_group(self._files, video_id, attrs)
+        shapes_out = {}
         for name, a16 in arrays.items():
-            t, d = a16.shape
-            rows = max(1, min(t, (1 << 20) // (2 * d)))  # about 1 MiB per chunk
-            z = grp.create_array(name=name, shape=(t, d), dtype="float16", chunks=(rows, d))
-            z[...] = a16
-        grp.attrs.update({"status": "complete", "error": None, "extracted_at": _now()})
+            rows = write_stream(self._files, video_id, name, a16)
+            # map streams [T', h, w, C] are read through Zarr (rows -1); the index keeps T' and C
+            direct = rows if a16.ndim == 2 else -1
+            shapes_out[name] = [int(a16.shape[0]), int(a16.shape[-1]), direct]
+        done = {"status": "complete", "error": None, "extracted_at": _now()}
+        write_group(self._files, video_id, {**attrs, **done})  # one write: status, error, time
+        self._log([_index_record(video_id, {**attrs, **done}, shapes_out)])
+
+    def _clear_group(self, video_id: str) -> None:
+        """Remove a previous version of the group (its old chunks must not outlive it)."""
+        if self._files.list(f"videos/{video_id}"):
+            self._files.remove_tree(f"videos/{video_id}")
+
+    def _group_attrs(self, video_id: str) -> dict[str, Any]:
+        raw = self._files.read(f"videos/{video_id}/zarr.json")
+        if raw is None:
+            raise KeyError(f"video {video_id!r} is not in store {self.path!r}")
+        return dict(json.loads(raw).get("attributes") or {})
 
     def mark_failed(
         self,
@@ -309,7 +586,6 @@ class FeatureStore:
     ) -> None:
         """Record that ``video_id`` could not be extracted and why (no feature arrays)."""
         self._writable()
-        videos = self._videos_group()
         attrs = {
             "label": label,
             "split": split,
@@ -319,63 +595,155 @@ class FeatureStore:
             "extracted_at": _now(),
             "streams": [],
         }
-        videos.create_group(video_id, overwrite=True, attributes=attrs)
+        self._begin(video_id)
+        self._clear_group(video_id)
+        write_group(self._files, video_id, _jsonable(attrs))
+        self._log([_index_record(video_id, attrs, {})])
+
+    def mark_damaged(self, video_id: str, reason: str) -> None:
+        """Mark a stored video ``incomplete`` because its data is damaged, so that the next
+        ``extract`` redoes it; the reason is kept in its ``error``."""
+        self._writable()
+        attrs = self._group_attrs(video_id)
+        self._begin(video_id)
+        attrs.update(status="incomplete", error=f"damaged: {reason}")
+        write_group(self._files, video_id, attrs)
+        self._log([record_from_group(self._files, video_id)])
 
     def delete_video(self, video_id: str) -> None:
         self._writable()
-        videos = self._videos_group()
-        if video_id in videos:
-            del videos[video_id]
+        if self._files.list(f"videos/{video_id}"):
+            self._begin(video_id)
+            self._files.remove_tree(f"videos/{video_id}")
+            self._log([{"id": video_id, "op": "del"}])
 
     def status(self, video_id: str) -> str | None:
         """``complete``, ``failed``, ``incomplete``, or None when the video is absent."""
-        videos = self._videos_group()
-        if video_id not in videos:
-            return None
-        return str(videos[video_id].attrs.get("status", "incomplete"))
+        rec = self._record(video_id)
+        return None if rec is None else str(rec.get("status") or "incomplete")
 
     def video_attrs(self, video_id: str) -> dict[str, Any]:
-        return dict(self._video_group(video_id).attrs)
+        """Every attr of one video, read from its group."""
+        return self._group_attrs(video_id)
 
     def update_video_attrs(self, video_id: str, **attrs: Any) -> None:
         """Change descriptive attrs (label, split, ...) of a stored video; never its status."""
         self._writable()
         if "status" in attrs:
             raise ValueError("status is set by write_video/mark_failed only")
-        self._video_group(video_id).attrs.update(_jsonable(attrs))
+        current = self._group_attrs(video_id)
+        self._begin(video_id)
+        write_group(self._files, video_id, {**current, **_jsonable(attrs)})
+        self._log([record_from_group(self._files, video_id)])
+
+    def _shapes(self, video_id: str) -> dict[str, list[int]]:
+        rec = self._record(video_id)
+        if rec is None:
+            raise KeyError(f"video {video_id!r} is not in store {self.path!r}")
+        return dict(rec.get("shapes") or {})
 
     def streams(self, video_id: str) -> list[str]:
-        return sorted(self._video_group(video_id).array_keys())
+        return sorted(self._shapes(video_id))
 
     def n_frames(self, video_id: str, stream: str) -> int:
-        arr = self._video_group(video_id)[stream]
-        assert isinstance(arr, zarr.Array)
-        return int(arr.shape[0])
+        shapes = self._shapes(video_id)
+        if stream not in shapes:
+            raise KeyError(f"video {video_id!r} has no stream {stream!r}; it has {sorted(shapes)}")
+        return int(shapes[stream][0])
 
     def read(self, video_id: str, stream: str, dtype: Any = np.float32) -> np.ndarray:
-        """The ``[T, d]`` features of one stream of a complete video (float32 by default)."""
-        grp = self._video_group(video_id)
-        status = grp.attrs.get("status")
-        if status != "complete":
-            raise ValueError(f"video {video_id!r} in {self.path!r} is {status}, not complete")
-        if stream not in grp:
-            raise KeyError(
-                f"video {video_id!r} has no stream {stream!r}; it has {sorted(grp.array_keys())}"
+        """The ``[T, d]`` features of one stream of a complete video (float32 by default;
+        ``dtype=np.float16`` returns the stored values without a conversion).
+
+        Damage (a missing, truncated or altered chunk file) raises :class:`CorruptVideoError`
+        naming the video and the file; it never reads back as zeros.
+        """
+        rec = self._record(video_id)
+        if rec is None:
+            raise KeyError(f"video {video_id!r} is not in store {self.path!r}")
+        if rec.get("status") != "complete":
+            raise ValueError(
+                f"video {video_id!r} in {self.path!r} is {rec.get('status')}, not complete"
             )
-        arr = grp[stream]
-        assert isinstance(arr, zarr.Array)
-        return np.asarray(arr[...]).astype(dtype, copy=False)
+        shapes = rec.get("shapes") or {}
+        if stream not in shapes:
+            raise KeyError(f"video {video_id!r} has no stream {stream!r}; it has {sorted(shapes)}")
+        t, d, rows = (int(x) for x in shapes[stream])
+        if rows > 0:
+            data = read_direct(self._files, video_id, stream, t, d, rows, self.path)
+        else:
+            data = read_zarr(self._root, video_id, stream, self.path)
+            if (data.shape[0], data.shape[-1]) != (t, d):
+                raise CorruptVideoError(
+                    f"video {video_id!r} in {self.path!r}: stream {stream!r} has shape "
+                    f"{data.shape}, the index records {(t, d)}; run `framepool store reindex`",
+                    video_id,
+                    f"videos/{video_id}/{stream}",
+                )
+        return data.astype(dtype, copy=False)
+
+    def read_many(
+        self,
+        video_ids: Sequence[str],
+        stream: str,
+        dtype: Any = np.float32,
+        *,
+        threads: int = 8,
+    ) -> list[np.ndarray]:
+        """:meth:`read` of many videos with a thread pool (file reads and decoding release the
+        GIL); results in the order of ``video_ids``."""
+        if threads <= 1 or len(video_ids) <= 1:
+            return [self.read(v, stream, dtype) for v in video_ids]
+        with ThreadPoolExecutor(min(threads, len(video_ids))) as pool:
+            return list(pool.map(lambda v: self.read(v, stream, dtype), video_ids))
+
+    def verify(
+        self, *, workers: int = 8, mark: bool = False, progress: Any = None
+    ) -> list[dict[str, str]]:
+        """Read every stream of every complete video (in ``workers`` threads) and return the
+        damaged ones as ``{"video_id", "key", "error"}``, sorted by id.
+
+        Damage: a chunk file missing, truncated or altered (checksum), or for arrays written
+        before the checksummed layout, fewer chunk files than the array's shape needs. With
+        ``mark`` (a writable store) damaged videos are marked ``incomplete`` (see
+        :meth:`mark_damaged`), so that the next ``extract`` redoes them. ``progress`` is called
+        with the number of videos checked so far.
+        """
+        ids = self.videos()
+        done = [0]
+        lock = threading.Lock()
+
+        def check(vid: str) -> dict[str, str] | None:
+            try:
+                for stream in self.streams(vid):
+                    self.read(vid, stream, np.float16)
+                    if int(self._shapes(vid)[stream][2]) <= 0:
+                        _check_chunk_count(self._files, vid, stream, self.path)
+            except CorruptVideoError as exc:
+                return {"video_id": vid, "key": exc.key, "error": str(exc)}
+            finally:
+                with lock:
+                    done[0] += 1
+                    if progress is not None:
+                        progress(done[0])
+            return None
+
+        with ThreadPoolExecutor(max(1, min(workers, len(ids) or 1))) as pool:
+            damaged = [r for r in pool.map(check, ids) if r is not None]
+        if mark and damaged:
+            self._writable()
+            for r in damaged:
+                self.mark_damaged(r["video_id"], f"{r['key']}: {r['error']}")
+        return damaged
 
     def videos(self, split: str | None = None, status: str | None = "complete") -> list[str]:
         """Sorted video ids with the given ``status`` (None: any) and ``split``.
 
         ``split`` matches a video's ``split`` attr, or names a part of an imported split list as
-        ``<list>/<part>`` (e.g. ``ucf101-1/train``).
+        ``<list>/<part>`` (e.g. ``ucf101-1/train``). Answered from the index.
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES} or None, got {status!r}")
-        if "videos" not in self._root:
-            return []
         members: set[str] | None = None
         if split is not None and "/" in split:
             name, part = split.split("/", 1)
@@ -386,50 +754,52 @@ class FeatureStore:
                     f"{[f'{n}/{p}' for n, parts in lists.items() for p in parts]}"
                 )
             members = set(lists[name][part])
-        out = []
-        for vid, grp in self._videos_group().groups():
-            attrs = grp.attrs
-            if status is not None and attrs.get("status", "incomplete") != status:
-                continue
-            if split is not None:
-                if members is not None:
-                    if vid not in members:
-                        continue
-                elif attrs.get("split") != split:
-                    continue
-            out.append(vid)
-        return sorted(out)
+        table = self._view()
+        keep = np.ones(len(table), dtype=bool)
+        if status is not None:
+            keep &= table.text["status"] == status
+        if split is not None and members is None:
+            keep &= table.text["split"] == split
+        ids: list[str] = table.ids[keep].tolist()
+        if members is not None:
+            ids = [v for v in ids if v in members]
+        return ids
 
     def all_video_attrs(self, status: str | None = None) -> dict[str, dict[str, Any]]:
-        """Attrs of every video (with ``status``, or any when None) in one listing pass.
-
-        Much faster than :meth:`video_attrs` per video on large stores: the group listing reads
-        each video's metadata once.
-        """
-        if "videos" not in self._root:
-            return {}
+        """The indexed attrs of every video with ``status`` (any when None), from the index:
+        label, split, status, error, extracted_at, source, source_sha256, n_frames, streams.
+        (:meth:`video_attrs` reads every attr of one video from its group.)"""
+        table = self.index_table(status)
         out = {}
-        for vid, grp in self._videos_group().groups():
-            attrs = dict(grp.attrs)
-            if status is None or attrs.get("status", "incomplete") == status:
-                out[vid] = attrs
-        return dict(sorted(out.items()))
+        for i in range(len(table)):
+            rec = table.record(i)
+            vid = rec.pop("id")
+            shapes = rec.pop("shapes")
+            for k in ("op", "t"):
+                rec.pop(k)
+            rec["streams"] = sorted(shapes)
+            out[vid] = rec
+        return out
 
     def iter_videos(self, **kw: Any) -> Iterator[tuple[str, dict[str, Any]]]:
         for vid in self.videos(**kw):
             yield vid, self.video_attrs(vid)
 
     def labels(self, video_ids: list[str]) -> list[str]:
-        """Labels of ``video_ids``; ValueError naming the first video without one."""
-        everything = self.all_video_attrs() if len(video_ids) > 16 else None
+        """Labels of ``video_ids`` from the index; ValueError naming the first video without
+        one, KeyError naming the first that is not in the store."""
+        table = self._view()
+        with self._lock:
+            if self._rows is None:
+                self._rows = {v: i for i, v in enumerate(table.ids.tolist())}
+            rows = self._rows
+        labels = table.text["label"]
         out = []
         for vid in video_ids:
-            attrs = (
-                everything[vid]
-                if everything is not None and vid in everything
-                else self.video_attrs(vid)
-            )
-            label = attrs.get("label")
+            row = rows.get(vid)
+            if row is None:
+                raise KeyError(f"video {vid!r} is not in store {self.path!r}")
+            label = labels[row]
             if label is None:
                 raise ValueError(f"video {vid!r} in {self.path!r} has no label")
             out.append(str(label))
@@ -472,12 +842,15 @@ class FeatureStore:
         key: str,
         shapes: Mapping[str, tuple[tuple[int, ...], str, tuple[int, ...]]],
         attrs: Mapping[str, Any] | None = None,
+        *,
+        raw: bool = False,
     ) -> dict[str, zarr.Array]:
         """Create empty cache arrays ``{array: (shape, dtype, chunks)}`` under a fresh group.
 
         Fill them, then call :meth:`finish_cache`; until then the cache reads as absent. Older
         entries under ``/cache/<name>`` (other keys) are removed: they were derived from data that
-        has since changed.
+        has since changed. ``raw`` stores chunks uncompressed with a crc32c each and NaN as the
+        fill value of float arrays (fast block reads; a lost chunk reads as NaN, not zeros).
         """
         self._writable()
         parent = self._root.require_group(f"cache/{name}")
@@ -489,9 +862,21 @@ class FeatureStore:
         )
         arrays = {}
         for arr_name, (shape, dtype, chunks) in shapes.items():
-            arrays[arr_name] = grp.create_array(
-                name=arr_name, shape=shape, dtype=dtype, chunks=chunks
-            )
+            if raw:
+                floating = np.issubdtype(np.dtype(dtype), np.floating)
+                arrays[arr_name] = grp.create_array(
+                    name=arr_name,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=chunks,
+                    fill_value=np.nan if floating else 0,
+                    serializer=BytesCodec(endian="little"),
+                    compressors=[Crc32cCodec()],
+                )
+            else:
+                arrays[arr_name] = grp.create_array(
+                    name=arr_name, shape=shape, dtype=dtype, chunks=chunks
+                )
         return arrays
 
     def finish_cache(self, name: str, key: str) -> None:
@@ -500,34 +885,29 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ summary
     def info(self) -> dict[str, Any]:
-        """A JSON-able summary: counts by status, split and class, streams and dims, failures."""
+        """A JSON-able summary: counts by status, split and class, streams and dims, failures.
+        Answered from the index."""
+        table = self._view()
+        status_col = table.text["status"]
         by_status: dict[str, int] = {s: 0 for s in STATUSES}
-        by_split: dict[str, int] = {}
-        by_class: dict[str, int] = {}
+        for status, n in Counter(status_col.tolist()).items():
+            key = str(status or "incomplete")
+            by_status[key] = by_status.get(key, 0) + n
+        complete = status_col == "complete"
+        by_split = Counter(v for v in table.text["split"][complete].tolist() if v is not None)
+        by_class = Counter(v for v in table.text["label"][complete].tolist() if v is not None)
         stream_dims: dict[str, int] = {}
-        failures: list[dict[str, str]] = []
-        total_frames = 0
-        if "videos" in self._root:
-            for vid, grp in self._videos_group().groups():
-                attrs = dict(grp.attrs)
-                status = str(attrs.get("status", "incomplete"))
-                by_status[status] = by_status.get(status, 0) + 1
-                if status == "failed":
-                    failures.append({"video_id": vid, "error": str(attrs.get("error"))})
-                    continue
-                if status != "complete":
-                    continue
-                split = attrs.get("split")
-                if split is not None:
-                    by_split[str(split)] = by_split.get(str(split), 0) + 1
-                label = attrs.get("label")
-                if label is not None:
-                    by_class[str(label)] = by_class.get(str(label), 0) + 1
-                lengths = []
-                for name, arr in grp.arrays():
-                    stream_dims[name] = int(arr.shape[1])
-                    lengths.append(int(arr.shape[0]))
-                total_frames += max(lengths, default=0)
+        frames = np.zeros(int(complete.sum()), dtype=np.int64)
+        for s in table.streams:
+            dims = table.ints[f"d/{s}"][complete]
+            held = dims >= 0
+            if held.any():
+                stream_dims[s] = int(dims[held][0])
+                frames = np.maximum(frames, table.ints[f"T/{s}"][complete])
+        failed = np.flatnonzero(status_col == "failed")
+        failures = [
+            {"video_id": str(table.ids[i]), "error": str(table.text["error"][i])} for i in failed
+        ]
         attrs = self.attrs
         return {
             "path": self.path,
@@ -535,8 +915,8 @@ class FeatureStore:
             "created_by": attrs.get("created_by"),
             "n_videos": sum(by_status.values()),
             "status": by_status,
-            "total_frames": total_frames,
-            "streams": stream_dims,
+            "total_frames": int(frames.sum()),
+            "streams": dict(sorted(stream_dims.items())),
             "class_names": self.class_names,
             "videos_per_class": dict(sorted(by_class.items())),
             "videos_per_split": dict(sorted(by_split.items())),
@@ -545,7 +925,7 @@ class FeatureStore:
                 for n, parts in self.split_lists().items()
             },
             "extractor": attrs.get("extractor", {}),
-            "failed": sorted(failures, key=lambda f: f["video_id"]),
+            "failed": failures,
         }
 
     # ------------------------------------------------------------------ export

@@ -17,7 +17,9 @@ from aggregator.heads.datp import AdaptiveTemporalPooling
 from aggregator.heads.gap import GlobalAveragePool
 from aggregator.heads.max_pool import GlobalMaxPool
 from aggregator.heads.pooling import Intervals, PyramidLeaves, pyramid_mix
+from aggregator.heads.standardize import InputStandardizer
 from aggregator.heads.stcb import CompactBilinear, CompactBilinearHead
+from aggregator.heads.stpn import SpatiotemporalPyramid
 from aggregator.heads.tp import TemporalPyramid
 from aggregator.heads.tpp import TemporalPyramidPooling
 from aggregator.heads.two_stream import TwoStream
@@ -29,9 +31,11 @@ HEADS: dict[str, type[nn.Module]] = {
     "tpp": TemporalPyramidPooling,
     "datp": AdaptiveTemporalPooling,
     "stcb": CompactBilinearHead,
+    "stpn": SpatiotemporalPyramid,
 }
 
 VideoModel = TwoStream | CompactBilinearHead
+MapModel = SpatiotemporalPyramid  # reads map streams [B, T, h, w, C], not frame vectors
 
 
 def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,13 +51,15 @@ def build_model(
     head_kwargs: Mapping[str, Any] | None = None,
     fusion: str = "learned",
     fusion_weights: Mapping[str, float] | None = None,
+    standardize: bool = False,
 ) -> VideoModel:
     """A video model over the streams of ``in_features`` (stream name -> feature size d).
 
     ``head_kwargs`` are the head class's keyword arguments other than ``in_features`` and
     ``num_classes`` (the same for every stream). For every head but ``stcb`` each stream gets its
     own head and the streams are fused late by a :class:`TwoStream` with ``fusion`` ("learned" or
-    "fixed") and initial/fixed ``fusion_weights``.
+    "fixed") and initial/fixed ``fusion_weights``; ``standardize`` gives it an
+    :class:`InputStandardizer` (``stcb`` batch-normalises its inputs itself and takes none).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; known: {sorted(HEADS)}")
@@ -65,6 +71,10 @@ def build_model(
             raise ValueError(f"head_kwargs must not set {reserved!r}")
     if head == "stcb":
         return CompactBilinearHead(in_features=dict(in_features), num_classes=num_classes, **kwargs)
+    if head == "stpn":
+        return SpatiotemporalPyramid(  # type: ignore[return-value]
+            in_features=dict(in_features), num_classes=num_classes, **kwargs
+        )
     cls = HEADS[head]
     heads = {}
     for stream, d in in_features.items():
@@ -73,7 +83,12 @@ def build_model(
         heads[stream] = module
     if fusion not in ("learned", "fixed"):
         raise ValueError(f"fusion must be 'learned' or 'fixed', got {fusion!r}")
-    return TwoStream(heads=heads, fusion=fusion, weights=fusion_weights)  # type: ignore[arg-type]
+    return TwoStream(
+        heads=heads,
+        fusion=fusion,  # type: ignore[arg-type]
+        weights=fusion_weights,
+        standardize=standardize,
+    )
 
 
 __all__ = [
@@ -83,10 +98,13 @@ __all__ = [
     "CompactBilinearHead",
     "GlobalAveragePool",
     "GlobalMaxPool",
+    "InputStandardizer",
     "Intervals",
+    "MapModel",
     "NodeHead",
     "NodeInput",
     "PyramidLeaves",
+    "SpatiotemporalPyramid",
     "TemporalPyramid",
     "TemporalPyramidPooling",
     "TwoStream",

@@ -1,4 +1,5 @@
-"""Late fusion of per-stream heads with learned (seed 002) or fixed (DTPP: 0.5/0.5) weights."""
+"""Late fusion of per-stream heads: learned weights on probabilities (seed 002), or fixed weights on
+scores (DTPP: 0.5/0.5)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,24 @@ from torch import nn
 
 from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.pooling import Intervals
+from aggregator.heads.standardize import InputStandardizer
 
 
 class TwoStream(nn.Module):
-    """``logits = sum_s w_s head_s(x_s)`` over named streams (``appearance``, ``motion``).
+    """Late fusion of per-stream heads over named streams (``appearance``, ``motion``).
 
-    The weights satisfy ``w_s >= 0`` and ``sum_s w_s = 1``: learned as ``w = softmax(w_hat)``
-    (``fusion="learned"``, starting from ``weights`` or equal weights), or kept as given
-    (``fusion="fixed"``). One stream is allowed (its weight is 1).
+    The weights satisfy ``w_s >= 0`` and ``sum_s w_s = 1``.
+
+    - ``fusion="learned"`` (seed 002): ``w = softmax(w_hat)`` (starting from ``weights`` or equal
+      weights) mixes the streams' class *probabilities*, ``p = sum_s w_s softmax(z_s)``, and the
+      model's output is ``log p`` (so ``softmax`` of it is ``p`` and cross-entropy on it is
+      ``-log p_y``). On logits the weights would not be identifiable: scaling one stream's
+      classifier compensates any change of ``w``; on probabilities they are.
+    - ``fusion="fixed"`` (DTPP): ``logits = sum_s w_s z_s`` with the given weights.
+
+    One stream is allowed (its weight is 1). With ``standardize``, an
+    :class:`InputStandardizer` (identity until fitted) maps every stream's summaries to
+    ``(x - mean) / std`` before its head.
 
     Shapes: ``forward(x {stream: [B, T, d_s]}, lengths [B]) -> [B, C]``;
     ``forward_nodes(nodes {stream: [B, M_s, d_s]}) -> [B, C]``;
@@ -34,6 +45,7 @@ class TwoStream(nn.Module):
         heads: Mapping[str, NodeHead],
         fusion: Literal["learned", "fixed"] = "learned",
         weights: Mapping[str, float] | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if not heads:
@@ -63,6 +75,9 @@ class TwoStream(nn.Module):
             self.fusion_logits = nn.Parameter(torch.log(init))
         else:
             self.register_buffer("fixed_weights", init)
+        self.standardizer: InputStandardizer | None = (
+            InputStandardizer({s: h.in_features for s, h in heads.items()}) if standardize else None
+        )
 
     @property
     def input_specs(self) -> dict[str, Intervals]:
@@ -91,21 +106,39 @@ class TwoStream(nn.Module):
         if missing:
             raise KeyError(f"missing streams {missing!r}; this model reads {self.streams}")
 
+    def prepare(self, nodes: Mapping[str, NodeInput]) -> dict[str, NodeInput]:
+        """The summaries each stream head sees: standardised when the model standardises."""
+        self._check(nodes)
+        if self.standardizer is None:
+            return {s: nodes[s] for s in self.streams}
+        return self.standardizer({s: nodes[s] for s in self.streams})
+
     def stream_logits(self, nodes: Mapping[str, NodeInput]) -> dict[str, torch.Tensor]:
         """Each stream head's own logits ``[B, C]``."""
-        self._check(nodes)
-        return {s: self.stream_head(s).forward_nodes(nodes[s]) for s in self.streams}
+        x = self.prepare(nodes)
+        return {s: self.stream_head(s).forward_nodes(x[s]) for s in self.streams}
 
-    def forward_nodes(self, nodes: Mapping[str, NodeInput]) -> torch.Tensor:
+    def fuse(self, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, C]`` output from each stream's logits: ``log sum_s w_s softmax(z_s)`` (learned
+        weights) or ``sum_s w_s z_s`` (fixed weights)."""
         w = self.weights_tensor()
-        logits = self.stream_logits(nodes)
+        if self.fusion == "learned":
+            # log p = logsumexp_s (log w_s + log_softmax(z_s)): stable, and -inf only where w_s = 0
+            parts = [
+                torch.log(w[i]).to(logits[s].dtype) + F.log_softmax(logits[s], dim=1)
+                for i, s in enumerate(self.streams)
+            ]
+            return torch.logsumexp(torch.stack(parts), dim=0)  # [B, C]
         out = w[0] * logits[self.streams[0]]
         for i, s in enumerate(self.streams[1:], start=1):
             out = out + w[i] * logits[s]
         return out  # [B, C]
 
+    def forward_nodes(self, nodes: Mapping[str, NodeInput]) -> torch.Tensor:
+        return self.fuse(self.stream_logits(nodes))
+
     def features(self, nodes: Mapping[str, NodeInput]) -> torch.Tensor:
-        self._check(nodes)
+        nodes = self.prepare(nodes)
         w = self.weights_tensor().detach()
         parts = [
             F.normalize(self.stream_head(s).features(nodes[s]), dim=1) * math.sqrt(float(w[i]))

@@ -24,6 +24,27 @@ if TYPE_CHECKING:
 __all__ = ["register", "run"]
 
 _PRECISION_TO_DTYPE = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
+MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
+
+
+def _extract_streams(text: str) -> str:
+    """The pooled streams (as :func:`stream_list` reads them) and any map streams."""
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    maps = [s for s in parts if s in MAP_STREAMS]
+    rest = ",".join(s for s in parts if s not in MAP_STREAMS)
+    if len(set(maps)) != len(maps):
+        raise argparse.ArgumentTypeError(f"a map stream is repeated in {text}")
+    if not rest and maps:
+        return ",".join(maps)
+    try:
+        return ",".join([*stream_list(rest), *maps])
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected appearance, motion, appearance,motion or both, and optionally "
+            f"appearance_map, motion_map; got {text}"
+        ) from None
+
+
 DECODERS = ("auto", "pyav", "torchcodec")  # extractor.decode_torchcodec.DECODERS, without torch
 
 
@@ -56,8 +77,9 @@ def register(sub: Any) -> None:
     add_streams(
         g,
         default=",".join(("appearance", "motion")),
-        type=lambda t: ",".join(stream_list(t)),
-        help="appearance, motion, or both (appearance,motion)",
+        type=str,
+        help="appearance, motion, or both (appearance,motion); add appearance_map, motion_map "
+        "for the spatial maps of the last conv block",
         old_stream=False,
     )
     g.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
@@ -121,13 +143,24 @@ def register(sub: Any) -> None:
     r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
+    m.add_argument(
+        "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
+    )
+    m.add_argument(
+        "--map-stride", type=positive_int, default=1, help="keep the maps of every N-th frame"
+    )
+    m.add_argument("--map-seed", type=int, default=0, help="seed of the map projection")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from extractor.sharding import parse_shard
 
-    streams = args.streams.split(",")
+    try:
+        streams = _extract_streams(args.streams).split(",")
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--streams: {exc}") from None
     shard = None
     if args.shard is not None:
         try:
@@ -142,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "--flow raft needs --flow-weights PATH (RAFT weights are never downloaded)"
         )
+    if not any(s in MAP_STREAMS for s in streams) and (
+        args.map_dim is not None or args.map_stride != 1
+    ):
+        raise UsageError("--map-dim and --map-stride need a map stream in --streams")
     from extractor.pipeline import run_extract
 
     summary = run_extract(
@@ -163,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_frames=args.max_frames,
         progress=not args.no_progress and sys.stderr.isatty(),
+        map_dim=args.map_dim,
+        map_stride=args.map_stride,
+        map_seed=args.map_seed,
         decoder=args.decoder,
         flow_params=(
             {"dtype": _PRECISION_TO_DTYPE[args.flow_precision]} if args.flow_precision else None

@@ -23,6 +23,9 @@ from api.cli.options import PRECISIONS, Deprecated, add_streams, streams_choice
 STREAM_CHOICES = ("appearance", "motion", "both")
 
 
+_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
 def _finetune_streams(text: str) -> str:
     value = streams_choice(text)
     if value not in STREAM_CHOICES:
@@ -128,6 +131,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="recompute gradient chunks in the backward pass: memory of one chunk, not 1/K of T",
     )
+    opt.add_argument(
+        "--grad-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="backward pass in chunks of N frames with gradient (their activations recomputed): "
+        "memory of N frames whatever the videos' length; the same gradients, one more forward "
+        "pass of the subset (default: one graph over all of a batch's subset frames)",
+    )
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     opt.add_argument(
@@ -176,7 +188,8 @@ def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    positive = ("period", "epochs", "batch_videos", "chunk_size", "levels", "pyramids", "node_dim")
+    positive: tuple[str, ...] = ("period", "epochs", "batch_videos", "chunk_size", "levels")
+    positive += ("pyramids", "node_dim", "grad_frames")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -190,9 +203,15 @@ def run(args: argparse.Namespace) -> int:
     from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
     from aggregator.heads import HEADS
 
-    if args.head not in HEADS or args.head == "stcb":
+    if args.head in ("stcb", "stpn"):
         raise UsageError(
-            f"--head must be one of {sorted(set(HEADS) - {'stcb'})}, got {args.head!r}"
+            f"framepool finetune does not support --head {args.head}: it fuses the streams "
+            "itself (stpn also reads feature maps), which end-to-end fine-tuning does not "
+            "provide; train it on cached features with framepool train"
+        )
+    if args.head not in HEADS:
+        raise UsageError(
+            f"--head must be one of {sorted(set(HEADS) - {'stcb', 'stpn'})}, got {args.head!r}"
         )
     streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
     head_kwargs: dict[str, Any] = {}
@@ -231,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         grad_scale=args.grad_scale,
         chunk_size=args.chunk_size,
         checkpoint=args.checkpoint_activations,
+        grad_frames=args.grad_frames,
         seed=args.seed,
         amp=amp,
     )
@@ -294,7 +314,8 @@ def reextract_command(
     weights, motion = _weights_options(files)
     cmd = (
         f"framepool extract VIDEOS --store NEW_STORE --streams {','.join(streams)} "
-        f"--arch {args.arch} --dtype {dtype} --weights {weights}"
+        f"--arch {args.arch} --precision {_PRECISION_OF_DTYPE.get(dtype, dtype)} "
+        f"--weights {weights}"
     )
     if motion is not None:
         cmd += f" --motion-weights {motion} --flow {args.flow}"

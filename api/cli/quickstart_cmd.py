@@ -4,6 +4,10 @@
 2. extract both streams of those clips and of the real clips (when found) into a local store;
 3. train ``gap`` and ``tp`` on the demo and compare them;
 4. serve the ``tp`` run for a moment, send it one clip, print the answer and the curl command.
+
+The defaults are a demo scale chosen to finish in about two minutes on two cores: a ResNet-18
+instead of ResNet-101, every 2nd frame of the generated clips, and 8 frames of each real clip.
+The run says so, and prints the full-size command (:data:`FULL_SIZE`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from api.cli.options import RESNET_ARCHS
 from api.cli.store_cmd import format_info
 
 DEFAULT_DIR = Path("framepool-demo")
+FULL_SIZE = "framepool quickstart --arch resnet101 --stride 1 --per-class 12 --real-max-frames 0"
 _REPO_CLIPS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
 
 
@@ -45,20 +52,28 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--real-max-frames",
         type=int,
-        default=48,
+        default=8,
         help="frames kept per real clip (evenly spaced) to keep the demo short; 0 keeps all",
     )
-    p.add_argument("--arch", default="resnet101", choices=("resnet18", "resnet50", "resnet101"))
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        choices=RESNET_ARCHS,
+        help="backbone of both streams (resnet101 is the full size)",
+    )
     p.add_argument(
         "--weights",
         default=None,
         help="imagenet, random or a state-dict path (default: imagenet when torchvision's "
         "cache has it, else random, said out loud)",
     )
-    p.add_argument("--per-class", type=int, default=12, help="generated clips per class")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--per-class", type=int, default=10, help="generated clips per class")
+    p.add_argument(
+        "--stride", type=int, default=2, help="keep every N-th frame of the generated clips"
+    )
+    p.add_argument("--epochs", type=int, default=100, help="training epochs of each head")
     p.add_argument("--no-serve", action="store_true", help="skip the serving step")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
 
@@ -89,6 +104,10 @@ def _choose_weights(arg: str | None, arch: str) -> str:
     return "imagenet"
 
 
+def _nth(n: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
 def _step(title: str) -> float:
     print(f"\n== {title}")
     return time.perf_counter()
@@ -102,9 +121,15 @@ def run(args: argparse.Namespace) -> int:
     from extractor.synthetic import make_demo_clips
     from storage import FeatureStore
 
+    started = time.perf_counter()
     root: Path = args.dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     store_path = root / "store.zarr"
+    real_frames = f"{args.real_max_frames} frames" if args.real_max_frames else "every frame"
+    print(
+        f"Demo scale: {args.arch}, every {_nth(args.stride)} frame of {2 * args.per_class} "
+        f"generated clips, {real_frames} of each real clip.\nFull size: {FULL_SIZE}"
+    )
 
     t0 = _step(f"1/4 generating demo clips in {root / 'clips'}")
     # 10 still frames (the flow stack length) around each excursion: only the order differs
@@ -129,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = _step(f"2/4 extracting appearance + motion ({args.arch}, weights {weights})")
     extractor = FeatureExtractor(weights=weights, arch=args.arch, flow="dis", device=args.device)
     summary = run_extraction(
-        make_sources([root / "clips"], labels=labels_csv), store_path, extractor
+        make_sources([root / "clips"], labels=labels_csv),
+        store_path,
+        extractor,
+        stride=args.stride,
+        progress=sys.stderr.isatty(),
     )
     print(summary.format())
     real_dir = _real_clips_dir(args.real_clips)
@@ -142,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  + {len(real)} real clips from {real_dir} (at most {max_frames} frames each)")
         # Real clips carry no demo label: they are queries for the service, not training data.
         sources = [dataclasses.replace(s, label=None, split="real") for s in make_sources(real)]
-        summary_real = run_extraction(sources, store_path, extractor, max_frames=max_frames)
+        summary_real = run_extraction(
+            sources, store_path, extractor, max_frames=max_frames, progress=sys.stderr.isatty()
+        )
         print(summary_real.format())
     print(f"  ({time.perf_counter() - t0:.1f} s)\n")
     print(format_info(FeatureStore.open(store_path).info()))
@@ -172,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  runs in {root / 'runs'} (metrics.json, plots)  ({time.perf_counter() - t0:.1f} s)")
 
     if args.no_serve:
+        print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
         return 0
     from aggregator.similarity import build_index
     from api.service.demo import demo_request
@@ -185,4 +217,5 @@ def run(args: argparse.Namespace) -> int:
     print("\nTo serve it yourself:")
     print(f"  framepool serve --run {root / 'runs' / 'tp'} --store {store_path}")
     print(f"  {answer['curl']}")
+    print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
     return 0 if answer["status"] == 200 else 1

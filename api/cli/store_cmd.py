@@ -1,4 +1,4 @@
-"""``framepool store info|import-splits``."""
+"""``framepool store info|import-splits|reindex|verify``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from api.cli import UsageError
 from api.cli.options import SPLIT_FORMATS
 
 if TYPE_CHECKING:
@@ -65,6 +66,48 @@ def register(sub: Any) -> None:
     )
     exp.set_defaults(func=run_export)
 
+    rei = ssub.add_parser(
+        "reindex",
+        help="rebuild the store's metadata index from the per-video groups",
+        description="Rebuild the metadata index from the per-video groups and replace every "
+        "index file with it. Run it while no extraction writes to the store.",
+    )
+    rei.add_argument("path", help="store path or fsspec URL")
+    rei.set_defaults(func=run_reindex)
+
+    ver = ssub.add_parser(
+        "verify",
+        help="read every complete video and list the damaged ones",
+        description="Read every stream of every complete video in parallel and list those with "
+        "a missing, truncated or altered chunk. Damaged videos are marked incomplete (unless "
+        "--dry-run), so that the next `framepool extract` redoes them. Exit 0: no damage; 1: "
+        "damage found.",
+    )
+    ver.add_argument("path", help="store path or fsspec URL")
+    ver.add_argument("--workers", type=int, default=8, help="reader threads (default 8)")
+    ver.add_argument(
+        "--dry-run", action="store_true", help="only list damaged videos, mark nothing"
+    )
+    ver.add_argument("--json", action="store_true", help="print the damaged videos as JSON")
+    ver.set_defaults(func=run_verify)
+
+
+_SUMMARY_KEYS = ("arch", "feature_dim", "weights", "input_size", "dtype")
+
+
+def describe_extractor(cfg: Any) -> str:
+    """The fields of one stream's extractor config a reader needs (``--json`` shows them all)."""
+    if not isinstance(cfg, dict):
+        return str(cfg)
+    parts = [f"{k}={cfg[k]}" for k in _SUMMARY_KEYS if cfg.get(k) is not None]
+    flow = cfg.get("flow")
+    if isinstance(flow, dict) and "backend" in flow:
+        parts.append(f"flow={flow['backend']}")
+    known = set(_SUMMARY_KEYS) | {"flow"}
+    if not any(k in cfg for k in known):  # not framepool's layout: show what there is
+        parts = [f"{k}={v}" for k, v in cfg.items()]
+    return ", ".join(parts)
+
 
 def format_info(info: dict[str, Any]) -> str:
     lines = [
@@ -85,8 +128,7 @@ def format_info(info: dict[str, Any]) -> str:
     for name, parts in info["split_lists"].items():
         lines.append(f"split list   {name}: " + ", ".join(f"{p}={n}" for p, n in parts.items()))
     for stream, cfg in info["extractor"].items():
-        desc = ", ".join(f"{k}={v}" for k, v in cfg.items()) if isinstance(cfg, dict) else cfg
-        lines.append(f"extractor    {stream}: {desc}")
+        lines.append(f"extractor    {stream}: {describe_extractor(cfg)}")
     if info["failed"]:
         lines.append(f"failed       {len(info['failed'])}:")
         lines.extend(f"  {f['video_id']}: {f['error']}" for f in info["failed"])
@@ -129,3 +171,34 @@ def run_export(args: argparse.Namespace) -> int:
     summary = export_store(store, args.out, fmt=args.format, split=args.split, streams=streams)
     print(summary.format())
     return 0
+
+
+def run_reindex(args: argparse.Namespace) -> int:
+    store = open_store(args.path, "r+")
+    counts = store.reindex()
+    print(
+        f"reindexed {args.path}: {counts['videos']} videos  "
+        + "  ".join(f"{k}={v}" for k, v in counts.items() if k != "videos")
+    )
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    store = open_store(args.path, "r" if args.dry_run else "r+")
+    n = len(store.videos())
+    damaged = store.verify(workers=args.workers, mark=not args.dry_run)
+    if args.json:
+        print(json.dumps({"checked": n, "damaged": damaged}, indent=2))
+    else:
+        print(f"checked {n} complete videos in {args.path}: {len(damaged)} damaged")
+        for d in damaged:
+            print(f"  {d['video_id']}: {d['key']}")
+        if damaged:
+            print(
+                "listed videos are now incomplete; `framepool extract` redoes them"
+                if not args.dry_run
+                else "run without --dry-run to mark them for `framepool extract` to redo"
+            )
+    return 1 if damaged else 0

@@ -11,7 +11,7 @@ from api.cli.options import add_streams
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
-HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "svm")
+HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "svm")
 
 # head-specific options: option dest -> heads it applies to
 _APPLIES: dict[str, tuple[str, ...]] = {
@@ -23,9 +23,10 @@ _APPLIES: dict[str, tuple[str, ...]] = {
     "segments": ("datp",),
     "gaussians": ("datp",),
     "weights_model": ("datp",),
-    "out_dim": ("stcb",),
-    "paths": ("stcb",),
-    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb"),
+    "out_dim": ("stcb", "stpn"),
+    "paths": ("stcb", "stpn"),
+    "pathways": ("stpn",),
+    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"),
     "C": ("svm",),
     "kernel": ("svm",),
     "max_iter": ("svm",),
@@ -68,20 +69,55 @@ def register(sub: Any) -> None:
     head.add_argument("--segments", type=int, help="datp: number of segments N (10)")
     head.add_argument("--gaussians", type=int, help="datp: mixture size K (2)")
     head.add_argument("--weights-model", choices=("mog", "discrete"), help="datp weights (mog)")
-    head.add_argument("--out-dim", type=int, help="stcb: fused dimension (4096)")
-    head.add_argument("--paths", type=int, help="stcb: temporal paths fused per stream (3)")
+    head.add_argument("--out-dim", type=int, help="stcb, stpn: fused dimension (4096)")
+    head.add_argument("--paths", type=int, help="stcb, stpn: temporal paths fused (3)")
+    head.add_argument(
+        "--pathways",
+        help="stpn: pathways fused at the top, comma-separated among spatial, temporal, "
+        "attended, fused (spatial,temporal,attended)",
+    )
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
     head.add_argument("--fusion", choices=("learned", "fixed"), help="stream fusion weights")
     head.add_argument(
         "--fusion-weights", help="initial/fixed stream weights, e.g. appearance=0.5,motion=0.5"
     )
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=30)
-    opt.add_argument("--batch-size", type=int, default=128)
+    opt = p.add_argument_group(
+        "optimisation",
+        "By default the learning rate and weight decay are chosen on the validation part from a "
+        "3 x 3 grid, then refit on the whole training split for the step budget (warmup + "
+        "cosine); inputs are standardised with training-split statistics.",
+    )
+    opt.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    opt.add_argument(
+        "--epochs", type=int, help="passes over the training videos (wins over --steps)"
+    )
+    opt.add_argument(
+        "--batch-size", type=int, help="videos per step (default: n_train / 8 within [8, 128])"
+    )
     opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    opt.add_argument("--lr", type=float, help="learning rate (adam 1e-3, sgd 1e-2)")
-    opt.add_argument("--weight-decay", type=float, default=1e-4)
-    opt.add_argument("--patience", type=int, default=10, help="early stopping; 0 disables")
+    opt.add_argument(
+        "--lr", type=float, help="fixed learning rate (default: chosen from 1e-3, 1e-2, 1e-1)"
+    )
+    opt.add_argument(
+        "--weight-decay", type=float, help="fixed L2 weight decay (default: chosen from 1e-4..1e-2)"
+    )
+    opt.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="keep the chosen configuration trained without its validation part",
+    )
+    opt.add_argument(
+        "--no-standardize", action="store_true", help="feed the features unstandardised"
+    )
+    opt.add_argument(
+        "--no-probe", action="store_true", help="skip the logistic-regression references"
+    )
+    opt.add_argument(
+        "--probe-levels", type=int, default=4, help="pyramid levels of the node-mean probe (4)"
+    )
+    opt.add_argument(
+        "--patience", type=int, default=10, help="early stopping in validation passes; 0 disables"
+    )
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     opt.add_argument(
@@ -104,7 +140,7 @@ def register(sub: Any) -> None:
         help="skip building the similar-video index of the training videos",
     )
     svm = p.add_argument_group("svm")
-    svm.add_argument("--C", type=float, help="SVM soft-margin C (1.0)")
+    svm.add_argument("--C", type=float, help="SVM soft-margin C (default: chosen from 0.1, 1, 10)")
     svm.add_argument("--kernel", choices=("linear", "rbf", "chi2"), help="node kernel (linear)")
     svm.add_argument("--max-iter", type=int, help="alternating iterations (50)")
     svm.add_argument("--eps", type=float, help="relative duality gap to stop at (1e-3)")
@@ -170,14 +206,24 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
             kw["gaussians"] = args.gaussians
         if args.weights_model is not None:
             kw["weights"] = args.weights_model
-    elif args.head == "stcb":
+    elif args.head in ("stcb", "stpn"):
         if args.out_dim is not None:
             kw["out_dim"] = args.out_dim
         if args.paths is not None:
             kw["paths"] = args.paths
+        if args.pathways is not None:
+            kw["pathways"] = tuple(p.strip() for p in args.pathways.split(",") if p.strip())
     if args.dropout is not None:
         kw["dropout"] = args.dropout
     return kw
+
+
+def _versus(head: Any, *probes: Any) -> str:
+    known = [p for p in probes if p is not None]
+    if head is None or not known:
+        return "-"
+    diff = 100 * (head - max(known))
+    return f"{diff:+.2f} points against the better probe"
 
 
 def format_summary(metrics: dict[str, Any], out: str) -> str:
@@ -191,11 +237,33 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
         f"mean class accuracy {pct(metrics.get('mean_class_accuracy'))}   "
         f"(n_train {metrics.get('n_train')}, n_test {metrics.get('n_test')})",
     ]
+    probe = metrics.get("probe") or {}
+    if probe:
+        gm, pn = probe.get("global_mean") or {}, probe.get("pyramid_nodes") or {}
+        lines.append(
+            f"probe        top1 {pct(gm.get('top1'))} logistic regression on the global mean, "
+            f"{pct(pn.get('top1'))} on the pyramid node means ({pn.get('levels')} levels); "
+            f"head {_versus(metrics.get('top1'), gm.get('top1'), pn.get('top1'))}"
+        )
+    selection = metrics.get("selection") or {}
+    if metrics.get("head") == "svm":
+        chosen = {s: v["chosen"]["C"] for s, v in selection.items()}
+        if chosen:
+            lines.append("selection    C " + "  ".join(f"{s} {c:g}" for s, c in chosen.items()))
+    elif selection.get("grid"):
+        c = selection["chosen"]
+        lines.append(
+            f"selection    lr {c['lr']:g}  weight decay {c['weight_decay']:g}  of "
+            f"{len(selection['grid'])} on validation (top1 {pct(metrics.get('val_top1'))})"
+        )
     secs = f"seconds      {metrics.get('seconds', 0.0):.1f}"
-    if "seconds_train" in metrics:
+    training = metrics.get("training") or {}
+    if "seconds_train" in metrics and training:
         secs += (
-            f"  (data {metrics['seconds_data']:.1f}, training {metrics['seconds_train']:.1f}; "
-            f"{metrics['epochs_run']} epochs, best {metrics['best_epoch']})"
+            f"  (data {metrics['seconds_data']:.1f}, selection "
+            f"{selection.get('seconds', 0.0):.1f}, final training {training['seconds']:.1f}: "
+            f"{training['steps']} steps of {training['batch_size']}"
+            + (", refit on train + val)" if training.get("refit") else ")")
         )
     lines.append(secs)
     for s, m in (metrics.get("per_stream") or {}).items():
@@ -239,44 +307,62 @@ def run(args: argparse.Namespace) -> int:
             streams=streams,
             levels=6 if args.levels is None else args.levels,
             variant=args.variant or "concat",
-            C=1.0 if args.C is None else args.C,
+            C=args.C,
             kernel=args.kernel or "linear",
             train_split=args.train_split,
             test_split=test_split,
             seed=args.seed,
             max_iter=50 if args.max_iter is None else args.max_iter,
             eps=1e-3 if args.eps is None else args.eps,
+            refit=not args.no_refit,
+            standardize_inputs=not args.no_standardize,
+            probe=not args.no_probe,
+            probe_levels=args.probe_levels,
         )
     else:
         from aggregator.train import train_run
+        from aggregator.train_config import TrainConfig
 
+        try:
+            config = TrainConfig(
+                head=args.head,
+                streams=tuple(streams),
+                head_kwargs=head_kwargs_from(args),
+                fusion=args.fusion,
+                fusion_weights=parse_fusion_weights(args.fusion_weights, streams),
+                train_split=args.train_split,
+                test_split=test_split,
+                val_fraction=args.val_fraction,
+                steps=args.steps,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                refit=not args.no_refit,
+                standardize=not args.no_standardize,
+                probe=not args.no_probe,
+                probe_levels=args.probe_levels,
+                patience=args.patience or None,
+                seed=args.seed,
+                device=args.device,
+                inputs=args.inputs,
+                precision=args.precision,
+                threads=args.threads,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         metrics = train_run(
             args.store,
             args.out,
-            head=args.head,
-            streams=streams,
-            head_kwargs=head_kwargs_from(args),
-            fusion=args.fusion,
-            fusion_weights=parse_fusion_weights(args.fusion_weights, streams),
-            train_split=args.train_split,
-            test_split=test_split,
-            val_fraction=args.val_fraction,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            patience=args.patience or None,
-            seed=args.seed,
-            device=args.device,
-            inputs=args.inputs,
-            precision=args.precision,
-            threads=args.threads,
+            config,
             make_plots=not args.no_plots,
             progress=args.verbose > 0 or sys.stderr.isatty(),
         )
     print(format_summary(metrics, args.out))
-    if not args.no_index:
+    if args.head == "stpn":  # its runs read map streams, which the index does not
+        print("index        none: stpn runs read map streams")
+    elif not args.no_index:
         from aggregator.similarity import build_index
 
         index = build_index(args.out, args.store, split=args.train_split)

@@ -6,17 +6,20 @@ import logging
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.service.access import AccessLogMiddleware
 from api.service.deps import ServiceState
 from api.service.inference import InferenceQueue
 from api.service.metrics import MetricsMiddleware, ServiceMetrics
 from api.service.routes import health, limits, metrics, models, predict, similar
+from api.service.routes.docs import add_offline_docs
 from api.service.runs import Registry, WorkerContext, load_registry, make_worker_context
 from api.service.settings import Settings
 from api.service.uploads import UploadBudget, make_upload_dir
@@ -92,16 +95,77 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Video classification and similar-video search with temporal pooling heads.",
         version=_version(),
         lifespan=lifespan,
+        docs_url=None,  # served from local assets below
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.service = None
     for module in (predict, similar, models, limits, health, metrics):
         app.include_router(module.router)
+    add_offline_docs(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    _describe_loaded_models(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(AccessLogMiddleware)  # outermost: sees every answer, even a 500
     return app
+
+
+class AllowHeaderMiddleware:
+    """A 405 lists every method its path answers in ``Allow`` (as the schema documents them):
+    Starlette lists only those of the first route that matched the path (``GET`` and ``POST
+    /v1/similar`` are two routes)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                paths = scope["app"].openapi().get("paths", {})  # the service has no path params
+                methods = sorted(m.upper() for m in paths.get(scope.get("path"), {}))
+                if methods:
+                    headers = [(k, v) for k, v in message["headers"] if k.lower() != b"allow"]
+                    headers.append((b"allow", ", ".join(methods).encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_allow)
+
+
+def _describe_loaded_models(app: FastAPI) -> None:
+    """Once the runs are loaded, the schema lists their ids as the values ``model`` may take,
+    so that the schema says what the service accepts (any other id is a 404)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        state = getattr(app.state, "service", None)
+        if state is None:
+            return schema
+        ids = list(state.registry.runs)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                for param in op.get("parameters", []):
+                    if param.get("name") == "model" and param.get("in") == "query":
+                        param["schema"] = _enum_of(param.get("schema", {}), ids)
+                for content in op.get("requestBody", {}).get("content", {}).values():
+                    props = content.get("schema", {}).get("properties", {})
+                    if "model" in props:
+                        props["model"] = _enum_of(props["model"], ids)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _enum_of(schema: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+    keep = {k: v for k, v in schema.items() if k in ("title", "description")}
+    return {**keep, "type": "string", "enum": ids}
 
 
 def _version() -> str:

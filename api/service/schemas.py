@@ -11,6 +11,14 @@ Stride = Annotated[int, Field(ge=1, le=1000, description="decode every stride-th
 MaxFrames = Annotated[
     int, Field(ge=1, le=100_000, description="use at most this many frames (evenly spread)")
 ]
+SimilarK = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1000,
+        description="also return this many nearest training videos (from the same extraction)",
+    ),
+]
 RunId = Annotated[
     str, Field(min_length=1, max_length=200, description="id of a loaded run (see /v1/models)")
 ]
@@ -30,11 +38,16 @@ class PredictOptions(_Model):
     model: RunId | None = None
     stride: Stride | None = None
     max_frames: MaxFrames | None = None
+    similar: SimilarK | None = None
 
 
-class SimilarOptions(PredictOptions):
+class SimilarOptions(_Model):
     """Options of /v1/similar: an upload, or ``video_id`` of an indexed training video."""
 
+    top_k: TopK | None = None
+    model: RunId | None = None
+    stride: Stride | None = None
+    max_frames: MaxFrames | None = None
     video_id: VideoId | None = None
 
 
@@ -81,6 +94,11 @@ class PredictResponse(_Model):
     beta: dict[str, list[list[float]]] | None = Field(
         default=None, description="the run's learned pyramid weights per stream, level by level"
     )
+    similar: list[Neighbour] | None = Field(
+        default=None,
+        description="with ?similar=K: the K nearest training videos, nearest first (the same "
+        "decoding and extraction as the prediction)",
+    )
     timings: Timings
 
 
@@ -88,6 +106,9 @@ class Neighbour(_Model):
     video_id: str
     label: str | None
     distance: float = Field(ge=0.0, le=2.0, description="cosine distance, 1 - cos, in [0, 2]")
+
+
+PredictResponse.model_rebuild()
 
 
 class SimilarResponse(_Model):

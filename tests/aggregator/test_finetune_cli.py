@@ -40,6 +40,7 @@ def _args(labels: Path, out: Path, *extra: str) -> list[str]:
 
 def test_bad_values_are_usage_errors(labelled: Path, tmp_path: Path) -> None:
     assert main(_args(labelled, tmp_path / "o", "--period", "0", "--epochs", "1")) == 2
+    assert main(_args(labelled, tmp_path / "o", "--grad-frames", "0", "--epochs", "1")) == 2
     assert main(_args(labelled, tmp_path / "o", "--lr-steps", "x", "--epochs", "1")) == 2
     assert main([*_args(labelled, tmp_path / "o", "--epochs", "1"), "--head", "nope"]) == 2
     # --levels (in every call here) does not apply to gap
@@ -56,8 +57,10 @@ def test_run_resume_and_reextract(
     assert first[0]["frames_with_grad"] == 4  # frames 0 and 2 of each
 
     store = tmp_path / "tuned.zarr"
-    # resumes at epoch 2, then extracts the clips with the tuned backbone
-    assert main(_args(labelled, out, "--epochs", "2", "--reextract", str(store))) == 0
+    # resumes at epoch 2 (its backward pass one frame at a time), then extracts the clips with
+    # the tuned backbone
+    extra = ("--epochs", "2", "--grad-frames", "1", "--reextract", str(store))
+    assert main(_args(labelled, out, *extra)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert metrics["epochs"][0] == first[0]

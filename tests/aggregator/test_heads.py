@@ -18,6 +18,7 @@ from aggregator.heads import (
     GlobalMaxPool,
     NodeHead,
     PyramidLeaves,
+    SpatiotemporalPyramid,
     TemporalPyramid,
     TemporalPyramidPooling,
     TwoStream,
@@ -136,7 +137,7 @@ def test_node_fast_path_equals_frames(name: str) -> None:
 
 
 def test_every_registered_head_is_covered() -> None:
-    covered = {type(f()) for f in SINGLE.values()} | {CompactBilinearHead}
+    covered = {type(f()) for f in SINGLE.values()} | {CompactBilinearHead, SpatiotemporalPyramid}
     assert set(HEADS.values()) == covered
 
 
@@ -231,8 +232,11 @@ def test_two_stream_fusion_is_a_convex_combination() -> None:
     with torch.no_grad():
         got = model(feats, lengths)
         parts = {s: model.stream_head(s)(feats[s], lengths) for s in model.streams}
-    want = w["appearance"] * parts["appearance"] + w["motion"] * parts["motion"]
-    torch.testing.assert_close(got, want)
+    # learned weights mix the streams' probabilities; the output is log p
+    want = w["appearance"] * torch.softmax(parts["appearance"], 1) + w["motion"] * torch.softmax(
+        parts["motion"], 1
+    )
+    torch.testing.assert_close(got, torch.log(want))
     with pytest.raises(KeyError, match="motion"):
         model({"appearance": x.float()}, lengths)
 

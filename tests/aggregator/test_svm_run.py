@@ -17,7 +17,14 @@ from aggregator.metrics import classification_metrics
 from aggregator.node_cache import load_node_cache
 from aggregator.predictor import Predictor
 from aggregator.runs import load_run
-from aggregator.svm_run import SVMPredictor, choose_fusion, fit_temperature, train_svm
+from aggregator.svm_run import (
+    SVMPredictor,
+    choose_fusion,
+    fit_temperature,
+    node_statistics,
+    standardize,
+    train_svm,
+)
 from storage import FeatureStore
 
 STREAMS = {"appearance": 8, "motion": 6}
@@ -93,7 +100,10 @@ def test_run_directory_is_complete(trained: tuple[FeatureStore, Path, dict]) -> 
     assert on_disk == metrics
     for key in ("top1", "top5", "mean_class_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["n_train"] + metrics["n_val"] == 48 and metrics["n_test"] == 18
+    # C given: nothing to choose; refit on the whole training split
+    assert metrics["n_train"] == 48 and metrics["n_val"] == 6 and metrics["n_test"] == 18
+    assert all(metrics["svm"][s]["refit"] and metrics["svm"][s]["C"] == 1.0 for s in STREAMS)
+    assert metrics["standardize"] is True and metrics["probe"]["pyramid_nodes"]["levels"] == 4
     assert metrics["seconds"] > 0
     assert len(metrics["per_class_accuracy"]) == 6
     assert np.asarray(metrics["confusion_matrix"]).sum() == 18
@@ -157,7 +167,9 @@ def test_embedding_inner_products_are_the_fused_kernel(
     fb = {s: store.read(b, s) for s in STREAMS}
     expected = 0.0
     for s in STREAMS:
-        na, nb = predictor.nodes(fa)[s][0], predictor.nodes(fb)[s][0]
+        mean, std = (predictor.states[s][k].numpy() for k in ("mean", "std"))
+        na = standardize(predictor.nodes(fa)[s][0], mean, std)
+        nb = standardize(predictor.nodes(fb)[s][0], mean, std)
         beta = predictor.states[s]["beta"].numpy()
         expected += predictor.fusion_weights[s] * sum(
             beta[m] * na[m] @ nb[m] for m in range(len(beta))
@@ -217,3 +229,31 @@ def test_framepool_train_head_svm(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert config["params"]["C"] == 0.5 and config["params"]["levels"] == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(lv) for lv in metrics["beta"]["appearance"]] == [1, 2]
+
+
+def test_selection_of_C_takes_the_best_validation_score(tmp_path: Path) -> None:
+    """Every C of the grid is fitted (on one shared Gram cache) and scored on the validation
+    part; the best validation top-1 is chosen, ties going to the smaller C, then refit."""
+    store = order_store(tmp_path / "store.zarr", n_train=10, n_test=3, seed=3)
+    metrics = train_svm(
+        store,
+        tmp_path / "run",
+        **run_args(streams=["appearance"], C=None, C_grid=(1.0, 1e-5, 100.0), probe=False),
+    )
+    info = metrics["svm"]["appearance"]
+    grid = {g["C"]: g["val_top1"] for g in info["C_grid"]}
+    assert set(grid) == {1e-5, 1.0, 100.0}
+    best = max(grid.values())
+    assert info["C"] == min(c for c, v in grid.items() if v == best)
+    assert info["refit"] and metrics["n_train"] == 60
+    assert metrics["selection"]["appearance"]["chosen"] == {"C": info["C"]}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["params"]["C"] is None and config["train_args"]["C_grid"] == [1.0, 1e-5, 100.0]
+
+
+def test_node_statistics_are_exact() -> None:
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(37, 7, 5)).astype(np.float16)
+    mean, std = node_statistics(x, chunk=8)
+    flat = x.astype(np.float64).reshape(-1, 5)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-4)

@@ -24,7 +24,8 @@ from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 from tests.aggregator.toy_store import write_order_store
 
-FAST = {"threads": 1, "batch_size": 16, "device": "cpu"}
+FAST = {"threads": 1, "batch_size": 16, "device": "cpu", "probe": False}
+ONE = {"lr": 3e-3, "weight_decay": 1e-4}  # one configuration: no selection grid
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -68,7 +69,7 @@ def tp_run(order_store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tp_learns_temporal_order_and_gap_cannot(order_store: str, tmp_path: Path) -> None:
     """Classes differ only in the order of three equal thirds: the mean over frames is the same
     for all six, so gap stays at chance (1/6) while a 3-level pyramid separates them."""
-    kw: dict[str, Any] = {"streams": ["appearance"], "epochs": 40, "seed": 0, **FAST}
+    kw: dict[str, Any] = {"streams": ["appearance"], "epochs": 40, "seed": 0, **FAST, **ONE}
     kw["make_plots"] = False
     tp = train_run(order_store, tmp_path / "tp", head="tp", head_kwargs={"depth": 3}, **kw)
     gap = train_run(order_store, tmp_path / "gap", head="gap", **kw)
@@ -86,8 +87,20 @@ def test_cli_writes_a_complete_run_directory(tp_run: Path, order_store: str) -> 
     metrics = json.loads((tp_run / "metrics.json").read_text())
     for key in ("top1", "top5", "mean_class_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["n_test"] == 60 and metrics["n_train"] + metrics["n_val"] == 72
-    assert metrics["seconds"] > 0 and len(metrics["history"]) == metrics["epochs_run"]
+    # refit on the whole training split after choosing on its validation part
+    assert metrics["n_test"] == 60 and metrics["n_train"] == 72 and metrics["n_val"] == 6
+    assert metrics["training"]["refit"] and metrics["refit_history"]
+    assert metrics["seconds"] > 0 and metrics["history"][-1]["step"] > 0
+    assert "val_top1" in metrics["history"][-1]
+    # every grid point with its validation score; the chosen one is the best of them
+    grid = metrics["selection"]["grid"]
+    assert len(grid) == 9 and all(g["val_top1"] is not None for g in grid)
+    best = max(grid, key=lambda g: (g["val_top1"], -g["val_loss"]))
+    assert metrics["selection"]["chosen"] == {k: best[k] for k in ("lr", "weight_decay")}
+    # the linear-probe references of the same videos
+    probe = metrics["probe"]
+    assert 0 <= probe["global_mean"]["top1"] <= 1 and probe["pyramid_nodes"]["levels"] == 4
+    assert probe["pyramid_nodes"]["top1"] > probe["global_mean"]["top1"]  # order: not in the mean
     assert np.array(metrics["confusion_matrix"]).sum() == 60
     assert set(metrics["per_class_accuracy"]) == {f"order{c}" for c in range(6)}
     assert set(metrics["beta"]) == {"appearance", "motion"}
@@ -99,6 +112,7 @@ def test_cli_writes_a_complete_run_directory(tp_run: Path, order_store: str) -> 
 
     config = json.loads((tp_run / "config.json").read_text())
     assert config["head"] == "tp" and config["head_kwargs"] == {"depth": 3}
+    assert config["standardize"] is True
     assert config["streams"] == ["appearance", "motion"]
     assert config["store"] == order_store
     assert config["extractor"] == FeatureStore.open(order_store).extractor
@@ -116,6 +130,7 @@ def test_cli_writes_a_complete_run_directory(tp_run: Path, order_store: str) -> 
         in_features=config["in_features"],
         num_classes=6,
         head_kwargs=config["head_kwargs"],
+        standardize=True,
     )
     model.load_state_dict(state)
 
@@ -170,6 +185,7 @@ def test_evaluate_refuses_features_from_another_extractor(tp_run: Path, tmp_path
 
 def test_retrain_from_config_is_identical(order_store: str, tmp_path: Path) -> None:
     kw: dict[str, Any] = {"streams": ["appearance", "motion"], "epochs": 4, **FAST}
+    kw["lr_grid"] = (1e-3, 1e-2)  # a small selection, which must be as reproducible
     kw["head_kwargs"] = {"segments": 4}  # level-3 nodes: read from the node cache
     first = train_run(order_store, tmp_path / "a", head="datp", seed=3, **kw)
     again = retrain(tmp_path / "a", tmp_path / "b")
@@ -204,6 +220,7 @@ def test_other_heads_train_and_reload(
         epochs=2,
         make_plots=False,
         **FAST,
+        **ONE,
     )
     assert m["n_test"] == 60 and 0 <= m["top1"] <= 1
     if head == "tpp":
@@ -228,8 +245,9 @@ def test_frames_input_path_trains(order_store: str, tmp_path: Path) -> None:
         epochs=2,
         make_plots=False,
         **FAST,
+        **ONE,
     )
-    assert m["n_test"] == 60 and m["epochs_run"] == 2
+    assert m["n_test"] == 60 and m["training"]["steps"] == 2 * 5  # 72 videos, batches of 16
 
 
 def test_cli_usage_errors(order_store: str, tmp_path: Path) -> None:
@@ -276,6 +294,10 @@ def test_svm_head_goes_to_the_svm_trainer(
         "seed": 5,
         "max_iter": 7,
         "eps": 1e-4,
+        "refit": True,
+        "standardize_inputs": True,
+        "probe": True,
+        "probe_levels": 4,
     }
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"head": "svm"}))
@@ -312,9 +334,10 @@ def test_precision_is_resolved_and_recorded(order_store: str, tmp_path: Path) ->
             streams=["motion"],
             head_kwargs={"depth": 2},
             epochs=1,
-            precision=precision,  # type: ignore[arg-type]
+            precision=precision,
             make_plots=False,
             **FAST,
+            **ONE,
         )
         config = json.loads((out / "config.json").read_text())
         assert m["precision"] == config["train_args"]["precision"] == want

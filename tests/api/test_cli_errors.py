@@ -47,12 +47,12 @@ def test_a_damaged_chunk_is_one_line_and_exit_1(
     _damage(store, "v1")
     assert main(_train(store, tmp_path / "run")) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("framepool train: error: damaged store data (video_id 'v1'")
+    assert err.startswith("framepool train: error: video 'v1'") and "is damaged" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
     # -v adds the traceback
     assert main(["-v", *_train(store, tmp_path / "run2")]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" in err and "damaged store data" in err
+    assert "Traceback" in err and "is damaged" in err
 
 
 def test_a_missing_store_and_a_bad_option_are_usage_errors(

@@ -99,9 +99,8 @@ def test_one_vocabulary_old_spellings_still_work(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "--dtype float32 is deprecated; use --precision fp32" in err
     assert "--workers 3 is deprecated; use --decode-workers 3" in err
-    assert parser.parse_args(["extract", "v", "--store", "s", "--streams", "both"]).streams == (
-        "appearance,motion"
-    )
+    assert main(["extract", "v.mp4", "--store", "s", "--streams", "appearance,depth"]) == 2
+    assert "--streams: expected appearance, motion" in capsys.readouterr().err
     train = ["train", "--store", "s", "--head", "gap", "--out", "o"]
     assert parser.parse_args([*train, "--streams", "motion,appearance"]).stream == "both"
     assert parser.parse_args([*train, "--stream", "motion"]).stream == "motion"

@@ -272,3 +272,62 @@ def test_limits_with_the_real_extractor(
         r = post(client, long_tiny["mkv"].read_bytes())
         assert r.status_code == 503 and "limit of 0.0001 s" in r.json()["detail"]
     assert list((tmp_path / "up").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ schema agreement
+def test_the_schema_says_what_the_service_takes(
+    monkeypatch: pytest.MonkeyPatch, uploads: Path, short_real_video: Path
+) -> None:
+    with TestClient(fake_app(monkeypatch, uploads)) as client:
+        schema = client.get("/openapi.json").json()
+        predict = schema["paths"]["/v1/predict"]["post"]
+        model = next(p for p in predict["parameters"] if p["name"] == "model")
+        assert model["schema"]["enum"] == ["fake-run"]  # the loaded runs
+        body = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert body["required"] == ["file"] and body["additionalProperties"] is False
+        assert set(schema["paths"]["/v1/similar"]) == {"get", "post"}
+        # by id: GET; POST with a video_id (query or form) searches by id too, file unused
+        by_get = client.get("/v1/similar", params={"video_id": "train2", "top_k": 3})
+        assert by_get.status_code == 200 and by_get.json()["query"] == "train2"
+        video = short_real_video.read_bytes()
+        for params, data in (({"video_id": "train2"}, None), ({}, {"video_id": "train2"})):
+            r = client.post("/v1/similar", params={**params, "top_k": 3}, data=data,
+                            files={"file": ("clip.mp4", video)})  # fmt: skip
+            assert r.status_code == 200 and r.json()["neighbours"] == by_get.json()["neighbours"]
+        r = client.request("OPTIONS", "/v1/similar")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+        r = client.delete("/v1/limits")
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+    assert list(uploads.iterdir()) == []
+
+
+def test_docs_need_no_network(monkeypatch: pytest.MonkeyPatch, uploads: Path) -> None:
+    with TestClient(fake_app(monkeypatch, uploads)) as client:
+        for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+            html = client.get(page)
+            assert html.status_code == 200 and f"/docs-static/{asset}" in html.text
+            assert "cdn." not in html.text and "fonts.googleapis" not in html.text
+            js = client.get(f"/docs-static/{asset}")
+            assert js.status_code == 200 and len(js.content) > 100_000
+        assert client.get("/docs-static/swagger-ui.css").status_code == 200
+        assert "/docs-static/swagger-ui.css" in client.get("/docs").text
+
+
+def test_predict_can_return_the_nearest_training_videos(
+    monkeypatch: pytest.MonkeyPatch, uploads: Path, short_real_video: Path
+) -> None:
+    video = short_real_video.read_bytes()
+    with TestClient(fake_app(monkeypatch, uploads)) as client:
+        r = post(client, video, similar=3, max_frames=5)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["similar"]) == 3 and body["frames"]["used"] == {"appearance": 5}
+        assert [n["distance"] for n in body["similar"]] == sorted(
+            n["distance"] for n in body["similar"]
+        )
+        alone = client.post("/v1/similar", params={"top_k": 3, "max_frames": 5},
+                            files={"file": ("clip.mp4", video)})  # fmt: skip
+        assert body["similar"] == alone.json()["neighbours"]  # one extraction, the same answer
+        assert post(client, video).json()["similar"] is None
+        assert post(client, video, similar=0).status_code == 422
+    assert list(uploads.iterdir()) == []

@@ -21,6 +21,10 @@ def test_quickstart_runs_the_whole_path(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     for step in ("1/4", "2/4", "3/4", "4/4"):
         assert f"== {step}" in out
+    # the demo scale is said out loud, with the full-size command
+    assert "Demo scale: resnet18, every 2nd frame of 6 generated clips, 2 frames" in out
+    assert "Full size: framepool quickstart --arch resnet101 --stride 1" in out
+    assert "quickstart finished in" in out
     assert "-> HTTP 200" in out and "curl -s -F file=@" in out
     store = FeatureStore.open(root / "store.zarr")
     n_real = len(list(REAL_VIDEOS.glob("*.mp4"))) + len(list(REAL_VIDEOS.glob("*.avi")))

@@ -199,3 +199,15 @@ def test_safe_ids() -> None:
     assert assign_video_ids(["/b/x.mp4", "/a/x.mp4", "/c/y.avi"]) == ids
     with pytest.raises(ValueError, match="empty"):
         safe_video_id("")
+
+
+def test_map_streams_are_4d_with_their_own_length(tmp_path: Path) -> None:
+    store = FeatureStore.create(tmp_path / "s.zarr")
+    fmap = np.arange(2 * 3 * 3 * 4, dtype=np.float32).reshape(2, 3, 3, 4) / 8
+    store.write_video("v", {"appearance": np.ones((5, 4)), "appearance_map": fmap})
+    assert store.streams("v") == ["appearance", "appearance_map"]
+    np.testing.assert_array_equal(store.read("v", "appearance_map"), fmap)
+    assert store.n_frames("v", "appearance_map") == 2
+    assert store.info()["streams"] == {"appearance": 4, "appearance_map": 4}
+    with pytest.raises(ValueError, match=r"T, d >= 1"):
+        store.write_video("w", {"appearance_map": np.ones((2, 3, 4))})

@@ -4,30 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import TypeAdapter
-
-from api.service.schemas import ErrorResponse, MaxFrames, RunId, Stride, TopK
-
-_OPTION_FIELDS: dict[str, Any] = {
-    name: TypeAdapter(kind).json_schema()
-    for name, kind in (
-        ("top_k", TopK),
-        ("model", RunId),
-        ("stride", Stride),
-        ("max_frames", MaxFrames),
-    )
-}
+from api.service.schemas import ErrorResponse
 
 
 def upload_body(required: bool, extra_fields: dict[str, Any] | None = None) -> dict[str, Any]:
-    """OpenAPI request body of a streamed multipart upload (parsed by hand, not by FastAPI)."""
+    """OpenAPI request body of a streamed multipart upload (parsed by hand, not by FastAPI).
+
+    Only the video is documented in the body: options are query parameters, where their types
+    mean something (every multipart field is text). The service still reads an option sent as
+    a form field of the same name (it wins over the query), as older clients do.
+    """
     schema: dict[str, Any] = {
         "type": "object",
         "properties": {
             "file": {"type": "string", "format": "binary", "description": "the video"},
-            **_OPTION_FIELDS,
             **(extra_fields or {}),
         },
+        "additionalProperties": False,
     }
     if required:
         schema["required"] = ["file"]

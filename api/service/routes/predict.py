@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from api.service.deps import (
     StateDep,
@@ -18,13 +18,16 @@ from api.service.deps import (
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
+from api.service.runs import LoadedRun
 from api.service.schemas import (
     ClassProbability,
     FramesInfo,
     MaxFrames,
+    Neighbour,
     PredictOptions,
     PredictResponse,
     RunId,
+    SimilarK,
     Stride,
     Timings,
     TopK,
@@ -48,20 +51,24 @@ async def predict(
     model: Annotated[RunId | None, Query()] = None,
     stride: Annotated[Stride | None, Query()] = None,
     max_frames: Annotated[MaxFrames | None, Query()] = None,
+    similar: Annotated[SimilarK | None, Query()] = None,
 ) -> PredictResponse:
     """Upload a video as multipart field ``file``; options as query parameters or form fields.
 
     ``stride`` and ``max_frames`` subsample the decoded frames (fewer frames, faster answer).
     """
     t0 = time.perf_counter()
-    query = PredictOptions(top_k=top_k, model=model, stride=stride, max_frames=max_frames)
+    query = PredictOptions(
+        top_k=top_k, model=model, stride=stride, max_frames=max_frames, similar=similar
+    )
     if query.model is not None:
-        select_run(state, query.model)
+        _needs_index(select_run(state, query.model), query.similar)
     refuse_if_busy(state)
     async with uploaded_file(request, state) as upload:
         opts = merge_options(query, upload.fields)
         run = select_run(state, opts.model)
         request.state.model = run.run_id
+        _needs_index(run, opts.similar)
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
         result = await analyse_upload(
             state,
@@ -71,7 +78,7 @@ async def predict(
             stride=n_stride,
             max_frames=n_max,
             proba=True,
-            embedding=False,
+            embedding=opts.similar is not None,
         )
     assert result.proba is not None
     k = min(opts.top_k or state.settings.default_top_k, len(result.proba))
@@ -84,6 +91,16 @@ async def predict(
         head=result.head_s,
         total=time.perf_counter() - t0,
     )
+    neighbours = None
+    if opts.similar is not None:
+        assert run.index is not None and result.embedding is not None
+        t_search = time.perf_counter()
+        hits = run.index.search(result.embedding, opts.similar)
+        timings.search = time.perf_counter() - t_search
+        timings.total = time.perf_counter() - t0
+        neighbours = [
+            Neighbour(video_id=h.video_id, label=h.label, distance=h.distance) for h in hits
+        ]
     for stage in ("upload", "queue", "decode_extract", "head"):
         state.metrics.stage.labels(stage).observe(getattr(timings, stage))
     return PredictResponse(
@@ -100,5 +117,15 @@ async def predict(
             width=result.width, height=result.height, fps=result.fps, size_bytes=upload.size
         ),
         beta=run.predictor.beta(),
+        similar=neighbours,
         timings=timings,
     )
+
+
+def _needs_index(run: LoadedRun, similar: int | None) -> None:
+    if similar is not None and run.index is None:
+        raise HTTPException(
+            404,
+            f"model {run.run_id!r} has no similarity index for similar={similar}; build it with "
+            "'framepool index build --run DIR --store PATH'",
+        )

@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import TypeAdapter
 
 from aggregator.similarity import Neighbour as Hit
 from aggregator.similarity import SimilarityIndex
@@ -49,29 +48,46 @@ def _index(run: LoadedRun) -> SimilarityIndex:
     return run.index
 
 
+@router.get(
+    "/similar",
+    response_model=SimilarResponse,
+    responses={404: ERRORS[404], 422: ERRORS[422]},
+    summary="Nearest training videos to an indexed video",
+)
+def similar_to_indexed(
+    request: Request,
+    state: StateDep,
+    video_id: Annotated[VideoId, Query()],
+    top_k: Annotated[TopK | None, Query()] = None,
+    model: Annotated[RunId | None, Query()] = None,
+) -> SimilarResponse:
+    """The nearest indexed videos to ``video_id``, itself left out of the answer."""
+    opts = SimilarOptions(video_id=video_id, top_k=top_k, model=model)
+    return _by_id(request, state, opts, time.perf_counter())
+
+
 @router.post(
     "/similar",
     response_model=SimilarResponse,
     responses=ERRORS,
-    openapi_extra=upload_body(
-        required=False, extra_fields={"video_id": TypeAdapter(VideoId).json_schema()}
-    ),
-    summary="Nearest training videos",
+    openapi_extra=upload_body(required=True),
+    summary="Nearest training videos to an uploaded video",
 )
 async def similar(
     request: Request,
     state: StateDep,
-    video_id: Annotated[VideoId | None, Query()] = None,
+    # searching by id here is kept for older clients; GET /v1/similar is the documented way
+    video_id: Annotated[VideoId | None, Query(include_in_schema=False)] = None,
     top_k: Annotated[TopK | None, Query()] = None,
     model: Annotated[RunId | None, Query()] = None,
     stride: Annotated[Stride | None, Query()] = None,
     max_frames: Annotated[MaxFrames | None, Query()] = None,
 ) -> SimilarResponse:
-    """Either upload a video (multipart field ``file``) or name ``video_id``, an indexed video
-    (as a query parameter or a form field), not both.
+    """Upload a video (multipart field ``file``): the nearest indexed videos to it.
 
-    Searching by ``video_id`` leaves that video out of its own answer; an uploaded copy of a
-    training video finds itself first, at distance ~0.
+    An uploaded copy of a training video finds itself first, at distance ~0. (A ``video_id``
+    query parameter or form field, as ``GET /v1/similar`` takes, is also understood here and
+    takes precedence over a file sent along.)
     """
     t0 = time.perf_counter()
     query = SimilarOptions(
@@ -83,20 +99,17 @@ async def similar(
                 422, "send a video as multipart field 'file', or give video_id of an indexed video"
             )
         return _by_id(request, state, query, t0)
+    if query.video_id is not None:
+        return _by_id(request, state, query, t0)  # a body sent along is not read
     run = select_run(state, query.model)
     _index(run)
-    if query.video_id is None:
-        refuse_if_busy(state)
+    refuse_if_busy(state)
     async with uploaded_file(request, state, require_file=False) as upload:
         opts = merge_options(query, upload.fields)
-        if upload.path is None:
-            if opts.video_id is None:
-                raise HTTPException(
-                    422, "multipart field 'file' (the video) or video_id is missing"
-                )
+        if opts.video_id is not None:  # the file, if any, is not used
             return _by_id(request, state, opts, t0, upload_s=upload.seconds)
-        if opts.video_id is not None:
-            raise HTTPException(422, "give either a file or a video_id, not both")
+        if upload.path is None:
+            raise HTTPException(422, "multipart field 'file' (the video) or video_id is missing")
         run = select_run(state, opts.model)
         request.state.model = run.run_id
         index = _index(run)

@@ -1,0 +1,352 @@
+"""Train a head that reads spatial map streams (``stpn``) and write a run directory.
+
+The same protocol as :func:`aggregator.train.train_run` (a stratified, seeded validation part of
+the training split selects the epoch and stops early; the test split is evaluated once, with the
+selected weights), the same run files (``config.json``, ``model.pt``, ``metrics.json``, plots),
+but the inputs are padded map batches ``{stream: [B, T', h, w, C]}`` from
+:mod:`aggregator.map_data` instead of node summaries. Plots add the attention maps of a few test
+videos.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from aggregator import plots
+from aggregator.data import label_indices, open_store, split_videos, stratified_holdout
+from aggregator.heads import SpatiotemporalPyramid, build_model
+from aggregator.map_data import MAP_STREAMS, MapDataset, map_loader
+from aggregator.metrics import classification_metrics
+from aggregator.train import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    fit_epoch,
+    param_groups,
+    resolve_device,
+    seed_everything,
+)
+from storage import FeatureStore
+
+log = logging.getLogger(__name__)
+
+MAP_HEADS = ("stpn",)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Strict JSON written atomically (NaN/inf become null)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _run_id(out: Path, config: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{out.resolve().name}-{digest[:8]}"
+
+
+IN_MEMORY_BYTES = 2 << 30  # map streams up to this size (float16) stay in memory after epoch 1
+
+
+def train_map_run(
+    store_path: str | Path,
+    out_dir: str | Path,
+    *,
+    head: str = "stpn",
+    head_kwargs: Mapping[str, Any] | None = None,
+    train_split: str = "train",
+    test_split: str | None = "test",
+    val_fraction: float = 0.1,
+    epochs: int = 30,
+    batch_size: int = 32,
+    lr: float | None = None,
+    weight_decay: float = 1e-4,
+    patience: int | None = 10,
+    grad_clip: float | None = 40.0,
+    max_frames: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+    make_plots: bool = True,
+) -> dict[str, Any]:
+    """Train ``head`` on the store's ``appearance_map`` and ``motion_map`` streams.
+
+    Adam (``lr`` 1e-3) with cosine decay per step and L2 weight decay on weight matrices, as
+    :func:`aggregator.train.train_run`. ``max_frames`` keeps at most that many evenly spaced map
+    frames per video. Returns the metrics written to ``metrics.json``.
+    """
+    t_start = time.perf_counter()
+    if head not in MAP_HEADS:
+        raise ValueError(f"head {head!r} does not read map streams; map heads: {MAP_HEADS}")
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {epochs}, {batch_size}")
+    args: dict[str, Any] = {
+        "head": head,
+        "streams": list(MAP_STREAMS),
+        "head_kwargs": dict(head_kwargs or {}),
+        "train_split": train_split,
+        "test_split": test_split,
+        "val_fraction": val_fraction,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": "adam",
+        "lr": 1e-3 if lr is None else lr,
+        "weight_decay": weight_decay,
+        "patience": patience,
+        "grad_clip": grad_clip,
+        "max_frames": max_frames,
+        "seed": seed,
+        "device": device,
+        "threads": threads,
+    }
+    dev = resolve_device(device)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        seed_everything(seed)
+        store = open_store(str(store_path), writable=False)
+        return _train(store, Path(out_dir), args, dev, make_plots, t_start)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _map_dims(store: FeatureStore, video_id: str) -> dict[str, int]:
+    have = store.streams(video_id)
+    missing = [s for s in MAP_STREAMS if s not in have]
+    if missing:
+        raise ValueError(
+            f"stpn reads the map streams {list(MAP_STREAMS)}; video {video_id!r} in "
+            f"{store.path!r} has {have}. Extract them with framepool extract --streams "
+            "appearance,motion,appearance_map,motion_map"
+        )
+    return {s: int(store.read(video_id, s, dtype=np.float16).shape[-1]) for s in MAP_STREAMS}
+
+
+def _map_bytes(store: FeatureStore, video_ids: list[str]) -> int:
+    """float16 bytes of the map streams of ``video_ids``, from the first video's shape."""
+    first = store.read(video_ids[0], MAP_STREAMS[0], dtype=np.float16)
+    return 2 * len(MAP_STREAMS) * len(video_ids) * int(first.size)
+
+
+def _train(
+    store: FeatureStore,
+    out: Path,
+    args: dict[str, Any],
+    dev: torch.device,
+    make_plots: bool,
+    t_start: float,
+) -> dict[str, Any]:
+    seed: int = args["seed"]
+    class_names = store.class_names
+    if not class_names:
+        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
+    train_ids = split_videos(store, args["train_split"])
+    test_ids = split_videos(store, args["test_split"]) if args["test_split"] else []
+    overlap = sorted(set(train_ids) & set(test_ids))
+    if overlap:
+        raise ValueError(
+            f"splits {args['train_split']!r} and {args['test_split']!r} share {len(overlap)} "
+            f"videos, e.g. {overlap[0]!r}"
+        )
+    in_features = _map_dims(store, train_ids[0])
+    y_train = label_indices(store, train_ids, class_names)
+    y_test = label_indices(store, test_ids, class_names)
+    fit_idx, val_idx = stratified_holdout(y_train, args["val_fraction"], seed)
+    model = build_model(
+        args["head"],
+        in_features=in_features,
+        num_classes=len(class_names),
+        head_kwargs=args["head_kwargs"],
+    )
+    assert isinstance(model, SpatiotemporalPyramid)
+    config: dict[str, Any] = {
+        "format": "framepool-run/1",
+        "head": args["head"],
+        "head_kwargs": args["head_kwargs"],
+        "in_features": in_features,
+        "num_classes": len(class_names),
+        "streams": list(MAP_STREAMS),
+        "store": store.path if "://" in store.path else os.path.abspath(store.path),
+        "extractor": {s: store.extractor.get(s) for s in MAP_STREAMS},
+        "class_names": class_names,
+        "splits": {
+            "train": args["train_split"],
+            "test": args["test_split"],
+            "val_fraction": args["val_fraction"],
+            "validation_ids": [train_ids[i] for i in val_idx],
+        },
+        "seed": seed,
+        "train_args": args,
+    }
+    config["run_id"] = _run_id(out, config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, config)
+
+    t_data = time.perf_counter()
+    in_memory = _map_bytes(store, train_ids) <= IN_MEMORY_BYTES
+
+    def dataset(ids: list[str], labels: np.ndarray) -> MapDataset:
+        return MapDataset(
+            store, ids, MAP_STREAMS, labels, max_frames=args["max_frames"], in_memory=in_memory
+        )
+
+    fit_set = dataset([train_ids[i] for i in fit_idx], y_train[fit_idx])
+    val_set = dataset([train_ids[i] for i in val_idx], y_train[val_idx])
+    test_set = dataset(list(test_ids), y_test)
+    seconds_data = time.perf_counter() - t_data
+
+    model.to(dev)
+    groups = param_groups(model, args["lr"], args["weight_decay"], 1.0)
+    opt = torch.optim.Adam(groups, lr=args["lr"])
+    steps = max(1, math.ceil(len(fit_set) / args["batch_size"])) * args["epochs"]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    train_loader = map_loader(fit_set, batch_size=args["batch_size"], shuffle=True, seed=seed)
+
+    history: list[dict[str, Any]] = []
+    best: tuple[float, float] = (-1.0, -math.inf)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch, stale = 0, 0
+    t_train = time.perf_counter()
+    for epoch in range(1, args["epochs"] + 1):
+        t_epoch = time.perf_counter()
+        batches = (((b.features, b.lengths), b.labels) for b in train_loader)
+        loss, top1 = fit_epoch(model, batches, opt, sched, device=dev, grad_clip=args["grad_clip"])
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "train_top1": top1,
+            "lr": opt.param_groups[0]["lr"],
+        }
+        if len(val_set):
+            logits, y = predict_maps(model, val_set, device=dev)
+            val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+            val_top1 = float((logits.argmax(1) == y).mean())
+            record.update(val_loss=val_loss, val_top1=val_top1)
+            if (val_top1, -val_loss) > best:
+                best, best_epoch, stale = (val_top1, -val_loss), epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        record["seconds"] = time.perf_counter() - t_epoch
+        history.append(record)
+        log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in record.items()})
+        if args["patience"] and len(val_set) and stale >= args["patience"]:
+            break
+    seconds_train = time.perf_counter() - t_train
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
+
+    if len(test_set):
+        logits, y = predict_maps(model, test_set, device=dev)
+        metrics = classification_metrics(logits, y, class_names)
+    else:
+        metrics = classification_metrics(np.zeros((0, len(class_names))), np.zeros(0), class_names)
+    metrics.update(
+        run_id=config["run_id"],
+        head=args["head"],
+        streams=list(MAP_STREAMS),
+        n_train=len(fit_set),
+        n_val=len(val_set),
+        n_test=len(test_set),
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        val_top1=best[0] if best_state is not None else None,
+        seconds_data=seconds_data,
+        seconds_train=seconds_train,
+        history=history,
+    )
+    model.cpu()
+    tmp = out / (MODEL_FILE + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, out / MODEL_FILE)
+    if make_plots:
+        written = [
+            plots.plot_history(history, out / "training_curves.png"),
+            plots.plot_confusion(metrics["confusion_matrix"], class_names, out / "confusion.png"),
+        ]
+        if len(test_set):
+            written.append(plot_attention(model, test_set, out / "attention.png"))
+        metrics["plots"] = [p.name for p in written]
+    metrics["seconds"] = time.perf_counter() - t_start
+    metrics = _finite(metrics)
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+@torch.no_grad()
+def predict_maps(
+    model: SpatiotemporalPyramid,
+    data: MapDataset,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits [n, C] float32, labels [n])`` of every video of ``data``, in order."""
+    model.eval()
+    logits, labels = [], []
+    for b in map_loader(data, batch_size=batch_size):
+        x = {s: t.to(device) for s, t in b.features.items()}
+        logits.append(model(x, b.lengths.to(device)).float().cpu())
+        labels.append(b.labels)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def plot_attention(
+    model: SpatiotemporalPyramid,
+    data: MapDataset,
+    path: str | Path,
+    *,
+    videos: int = 3,
+    frames: int = 6,
+) -> Path:
+    """The attention weights over the cells of a few frames of the first ``videos`` videos."""
+    model.eval()
+    n = min(videos, len(data))
+    items = [data[i] for i in range(n)]
+    fig = Figure(figsize=(1.6 * frames + 1.0, 1.7 * n + 0.4))
+    axes = np.atleast_2d(fig.subplots(n, frames, squeeze=False))
+    for row, item in enumerate(items):
+        x = {s: t[None].float() for s, t in item["features"].items()}
+        t = int(next(iter(x.values())).shape[1])
+        alpha = model.attention_weights(x, torch.tensor([t]))[0].numpy()  # [T, h, w]
+        shown = np.unique(np.round(np.linspace(0, t - 1, min(frames, t))).astype(int))
+        for col in range(frames):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(shown):
+                ax.imshow(alpha[shown[col]], cmap="magma", vmin=0.0)
+                ax.set_title(f"map frame {shown[col]}", fontsize=7)
+            else:
+                ax.axis("off")
+        axes[row, 0].set_ylabel(str(item["video_id"])[:18], fontsize=7)
+    fig.suptitle("stpn attention over the cells (softmax weights)", fontsize=9)
+    return plots._save(fig, path)

@@ -1,0 +1,124 @@
+"""The run directory, one definition for every trainer (deep heads, the SVM, fine-tuning).
+
+A run directory holds ``config.json`` (what rebuilds and reruns the model), ``model.pt``
+(weights, loadable with ``torch.load(weights_only=True)``), ``metrics.json`` and PNG plots. Files
+are written atomically (a temporary file renamed over the target), JSON strictly (NaN and
+infinities become ``null``). The run id is the directory name plus a hash of the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage import FeatureStore
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+RUN_FORMAT = "framepool-run/1"
+
+
+def finite(value: Any) -> Any:
+    """NaN/inf -> None, numpy scalars and arrays -> Python, tuples -> lists (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return finite(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write ``payload`` as strict JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(finite(payload), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_run_id(out: str | Path, config: Mapping[str, Any]) -> str:
+    """``<directory name>-<8 hex digits of the config's hash>``."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{Path(out).resolve().name}-{digest[:8]}"
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``config.json``; a missing file names the directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or "head" not in config:
+        raise ValueError(f"{str(path)!r} is not a framepool run config (no 'head')")
+    return config
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {METRICS_FILE}")
+    metrics = json.loads(path.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+    return metrics
+
+
+def evaluation_file(split: str) -> str:
+    """``evaluation-<split>.json`` with the split name made file-safe."""
+    return "evaluation-" + re.sub(r"[^A-Za-z0-9._-]+", "_", split) + ".json"
+
+
+def store_location(store: FeatureStore) -> str:
+    """The store's URL, or its absolute path."""
+    return store.path if "://" in store.path else os.path.abspath(store.path)
+
+
+def resolve_splits(
+    store: FeatureStore, train_split: str, test_split: str | None
+) -> tuple[list[str], list[str]]:
+    """Complete videos of the training and test splits (no test split: none); the splits must
+    not share a video."""
+    from aggregator.data import split_videos
+
+    train_ids = split_videos(store, train_split)
+    test_ids = split_videos(store, test_split) if test_split else []
+    overlap = sorted(set(train_ids) & set(test_ids))
+    if overlap:
+        raise ValueError(
+            f"splits {train_split!r} and {test_split!r} share {len(overlap)} videos, "
+            f"e.g. {overlap[0]!r}"
+        )
+    return train_ids, test_ids
+
+
+def check_streams(store: FeatureStore, streams: Sequence[str], video_id: str) -> None:
+    """Every stream of ``streams`` is in the store (checked on ``video_id``)."""
+    have = store.streams(video_id)
+    for s in streams:
+        if s not in have:
+            raise ValueError(
+                f"stream {s!r} is not in store {store.path!r}; video {video_id!r} has {have}"
+            )

@@ -1,0 +1,221 @@
+"""What a training run is asked to do (:class:`TrainConfig`), and the budget it resolves to.
+
+Defaults that hold from a hundred videos to UCF101's 13,320:
+
+- the budget is in optimiser steps (:data:`DEFAULT_STEPS`, warmup then cosine decay), with a
+  batch size that shrinks for small datasets, so that a few hundred videos get hundreds of epochs
+  and UCF101 about thirty; ``epochs``, when given, wins;
+- learning rate and weight decay are chosen on the validation part from a small grid (3 x 3),
+  whose configurations are trained together for ``select_budget`` single configurations in all
+  (each for ``select_budget / K`` of the budget), then the chosen values are refit on the whole
+  training split for the full budget;
+- inputs are standardised with statistics of the training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_STEPS = 1000
+MAX_BATCH = 128
+MIN_BATCH = 8
+DEFAULT_LR_GRID = {"adam": (1e-3, 1e-2, 1e-1), "sgd": (1e-3, 1e-2, 1e-1)}
+DEFAULT_WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2)
+EVALUATIONS = 20  # validation passes per training phase
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a deep-head training run (``framepool train`` without ``--head svm``).
+
+    Attributes:
+        head: a key of :data:`aggregator.heads.HEADS`.
+        streams: stream names; several streams are fused (learned weights on probabilities;
+            fixed 0.5/0.5 on scores for ``tpp`` as in DTPP unless ``fusion`` says otherwise).
+        head_kwargs: the head class's keyword arguments, e.g. ``{"depth": 4}`` for ``tp``.
+        val_fraction: share of every class of the training split held out for selection and
+            early stopping.
+        steps: optimiser steps of the final training (default :data:`DEFAULT_STEPS`).
+        epochs: passes over the training videos instead of ``steps`` (wins when given).
+        batch_size: videos per step (default: an eighth of the training videos, within
+            [:data:`MIN_BATCH`, :data:`MAX_BATCH`]).
+        lr, weight_decay: fixed values; None selects them on validation from ``lr_grid`` and
+            ``weight_decay_grid`` (L2 on weight matrices only).
+        select_budget: the selection grid costs this many single configurations in all.
+        refit: train the chosen values again on the whole training split (else keep the
+            chosen configuration's best-validation weights, trained on the rest).
+        warmup: share of the steps with a linear warmup before the cosine decay.
+        patience: validation passes without improvement before a configuration stops
+            (None: never); there are :data:`EVALUATIONS` passes per phase.
+        standardize: standardise every stream's features with training-split statistics.
+        probe: fit the logistic-regression references (global mean, pyramid node means of
+            ``probe_levels`` levels) and report them beside the head.
+        inputs: ``nodes`` (cached summaries in memory) or ``frames`` (padded frames).
+        pyramid_leaves: hold the temporal pyramid's nodes as their leaves (exact, cheaper).
+        precision: ``bf16`` trains under bfloat16 autocast; ``auto`` picks it where native.
+        threads: torch CPU threads for the run.
+    """
+
+    head: str = "tp"
+    streams: tuple[str, ...] = ("appearance",)
+    head_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    fusion: Literal["learned", "fixed"] | None = None
+    fusion_weights: Mapping[str, float] | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
+    val_fraction: float = 0.1
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float | None = None
+    weight_decay: float | None = None
+    lr_grid: tuple[float, ...] | None = None
+    weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID
+    select_budget: float = 2.0
+    refit: bool = True
+    momentum: float = 0.9
+    simplex_lr_scale: float = 10.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: float = 0.05
+    patience: int | None = 10
+    grad_clip: float | None = 40.0
+    seed: int = 0
+    device: str = "auto"
+    inputs: Literal["nodes", "frames"] = "nodes"
+    pyramid_leaves: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: int | None = None
+    standardize: bool = True
+    probe: bool = True
+    probe_levels: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "streams", tuple(dict.fromkeys(self.streams)))
+        object.__setattr__(self, "head_kwargs", dict(self.head_kwargs or {}))
+        if self.fusion_weights is not None:
+            object.__setattr__(self, "fusion_weights", dict(self.fusion_weights))
+        for name in ("lr_grid", "weight_decay_grid"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option that is out of range."""
+        if not self.streams:
+            raise ValueError("no stream given")
+        for name in ("steps", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.optimizer not in DEFAULT_LR_GRID:
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.inputs not in ("nodes", "frames"):
+            raise ValueError(f"inputs must be 'nodes' or 'frames', got {self.inputs!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.select_budget <= 0:
+            raise ValueError(f"select_budget must be > 0, got {self.select_budget}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, grid in (
+            ("lr_grid", self.lr_grid),
+            ("weight_decay_grid", self.weight_decay_grid),
+        ):
+            if grid is not None and (not grid or any(v < 0 or not math.isfinite(v) for v in grid)):
+                raise ValueError(f"{name} must hold finite numbers >= 0, got {grid!r}")
+        if self.probe_levels < 1:
+            raise ValueError(f"probe_levels must be >= 1, got {self.probe_levels}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def resolved_fusion(self) -> Literal["learned", "fixed"]:
+        return self.fusion or ("fixed" if self.head == "tpp" else "learned")
+
+    def grid(self) -> list[dict[str, float]]:
+        """The (learning rate, weight decay) pairs tried: fixed values stay fixed."""
+        lrs = (self.lr,) if self.lr is not None else self.lr_grid or DEFAULT_LR_GRID[self.optimizer]
+        wds = (self.weight_decay,) if self.weight_decay is not None else self.weight_decay_grid
+        return [{"lr": float(lr), "weight_decay": float(wd)} for lr in lrs for wd in wds]
+
+    def default_point(self) -> dict[str, float]:
+        """The grid's middle: used when there is nothing to select on."""
+        lrs = (self.lr,) if self.lr is not None else self.lr_grid or DEFAULT_LR_GRID[self.optimizer]
+        wds = (self.weight_decay,) if self.weight_decay is not None else self.weight_decay_grid
+        return {"lr": float(lrs[len(lrs) // 2]), "weight_decay": float(wds[len(wds) // 2])}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["streams"] = list(self.streams)
+        for name in ("lr_grid", "weight_decay_grid"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        kw = dict(values)
+        for name in ("streams", "lr_grid", "weight_decay_grid"):
+            if kw.get(name) is not None:
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps and batch size of a run: ``select_steps`` per grid configuration, ``steps`` for the
+    final training; validation every ``eval_every`` steps of the selection."""
+
+    batch_size: int
+    steps: int
+    select_steps: int
+    n_configs: int
+
+    def eval_every(self, steps: int) -> int:
+        return max(1, steps // EVALUATIONS)
+
+
+def default_batch_size(n_train: int) -> int:
+    """An eighth of the training videos, within [MIN_BATCH, MAX_BATCH]."""
+    return int(min(MAX_BATCH, max(MIN_BATCH, n_train // 8)))
+
+
+def plan_budget(config: TrainConfig, n_fit: int, n_all: int, n_configs: int) -> Budget:
+    """The budget of a run with ``n_fit`` videos to fit during selection, ``n_all`` (fit +
+    validation) for the refit, and ``n_configs`` grid configurations."""
+    if n_fit < 1 or n_all < n_fit or n_configs < 1:
+        raise ValueError(f"bad sizes: n_fit={n_fit}, n_all={n_all}, n_configs={n_configs}")
+    batch = config.batch_size or default_batch_size(n_fit)
+    if config.epochs is not None:
+        steps = config.epochs * math.ceil((n_all if config.refit else n_fit) / batch)
+        full_select = config.epochs * math.ceil(n_fit / batch)
+    else:
+        steps = config.steps or DEFAULT_STEPS
+        full_select = steps
+    if n_configs == 1 or not config.refit:
+        select = full_select  # the selection phase is the final training
+    else:
+        select = max(1, math.ceil(config.select_budget * full_select / n_configs))
+    return Budget(batch_size=batch, steps=steps, select_steps=select, n_configs=n_configs)

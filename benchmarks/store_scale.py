@@ -1,0 +1,256 @@
+"""The store and the node cache at scale: write, open + list + info, full scan, node-cache build,
+and the peak RSS of ``framepool train --head tp --levels 6`` in memory and streamed.
+
+Writes a store of ``--videos`` synthetic videos (one stream, float16 features of ``--dim`` and a
+random T in ``--frames``) through the public API with ``--writers`` processes (the many-writers
+path of sharded extraction), then measures each step in a fresh process (wall seconds, CPU
+seconds of that process, its peak RSS):
+
+- ``write``: ``FeatureStore.write_video`` of every video, ``--writers`` processes at once;
+- ``open+list+info``: ``FeatureStore.open`` + ``videos(split="train")`` + ``info()`` (best of 3);
+- ``scan``: ``read`` of every video, 8 threads;
+- ``node cache``: building the depth-6 node cache (parallel, block by block);
+- ``train (memory)``: ``framepool train --head tp --levels 6`` with the default memory budget
+  (the node cache present; the similarity index built after training, as by default);
+- ``train (streamed)``: the same with ``FRAMEPOOL_MEMORY_BUDGET=--budget``, so that training
+  streams row blocks of the node cache.
+
+A summary line per size and a Kinetics-400 extrapolation (240,000 videos, T = 300, d = 2048) from
+the measured per-video rates close the output. Results are also written to ``--json``.
+
+    python benchmarks/store_scale.py --videos 10000 --dir /tmp/scale
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+K400 = {"videos": 240_000, "frames": 300, "dim": 2048}
+
+
+# ---------------------------------------------------------------------------------- steps (child)
+def step_write(store: str, first: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    from storage import FeatureStore
+
+    lo, hi = (int(x) for x in args.frames.split(":"))
+    rng = np.random.default_rng(first)
+    pool = rng.standard_normal((16, hi, args.dim)).astype(np.float16)
+    fs = FeatureStore.create(store, class_names=[f"class{c:03d}" for c in range(args.classes)])
+    frames = 0
+    for i in range(first, first + n):
+        t = int(rng.integers(lo, hi + 1))
+        fs.write_video(
+            f"video{i:07d}",
+            {"appearance": pool[i % 16, :t] + np.float16(i % 7)},
+            label=f"class{i % args.classes:03d}",
+            split="test" if i % 5 == 0 else "train",
+            meta={"n_frames": t},
+        )
+        frames += t
+    return {"videos": n, "frames": frames}
+
+
+def step_open(store: str, args: argparse.Namespace) -> dict[str, Any]:
+    from storage import FeatureStore
+
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fs = FeatureStore.open(store, "r")
+        n_train = len(fs.videos(split="train"))
+        info = fs.info()
+        best = min(best, time.perf_counter() - t0)
+    return {"seconds": best, "train": n_train, "videos": info["n_videos"]}
+
+
+def step_scan(store: str, args: argparse.Namespace) -> dict[str, Any]:
+    from storage import FeatureStore
+
+    fs = FeatureStore.open(store, "r")
+    ids = fs.videos()
+    t0 = time.perf_counter()
+    frames = 0
+    for start in range(0, len(ids), 512):
+        for x in fs.read_many(ids[start : start + 512], "appearance", np.float16, threads=8):
+            frames += len(x)
+    return {"seconds": time.perf_counter() - t0, "videos": len(ids), "frames": frames}
+
+
+def step_cache(store: str, args: argparse.Namespace) -> dict[str, Any]:
+    from aggregator.node_cache import load_node_cache
+    from storage import FeatureStore
+
+    fs = FeatureStore.open(store, "r+")
+    t0 = time.perf_counter()
+    cache = load_node_cache(fs, "appearance", progress=False, budget=0)
+    return {"seconds": time.perf_counter() - t0, "videos": len(cache), "bytes": cache.nbytes()}
+
+
+# ---------------------------------------------------------------------------------- parent
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd``; its wall and CPU seconds and peak RSS (from wait4), and its last JSON line."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    result: dict[str, Any] = {}
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            result = json.loads(line)
+            break
+    return {
+        **result,
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss": usage.ru_maxrss * 1024,
+    }
+
+
+def child(step: str, store: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "--step",
+        step,
+        "--store",
+        store,
+        "--frames",
+        args.frames,
+        "--dim",
+        str(args.dim),
+        "--classes",
+        str(args.classes),
+        *extra,
+    ]
+
+
+def train(store: str, out: Path, args: argparse.Namespace, budget: str | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "api.cli", "train", "--store", store, "--head", "tp"]
+    cmd += ["--levels", "6", "--out", str(out), "--epochs", str(args.epochs), "--patience", "0"]
+    cmd += ["--no-plots", "--threads", "2", "--batch-size", "256"]
+    r = run_measured(cmd, {"FRAMEPOOL_MEMORY_BUDGET": budget} if budget else None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = [h["seconds"] for h in metrics["history"]]
+    r.update(epoch=float(np.median(epochs)), data=metrics["seconds_data"])
+    return r
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--videos", type=int, default=10_000)
+    p.add_argument("--frames", default="32:96", help="T range lo:hi (default 32:96)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--classes", type=int, default=400)
+    p.add_argument("--writers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--budget", default="256M", help="memory budget of the streamed train run")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--dir", default="/tmp/framepool-store-scale")
+    p.add_argument("--json", default=None, help="append the results to this JSON-lines file")
+    p.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.step:
+        steps = {"open": step_open, "scan": step_scan, "cache": step_cache}
+        if args.step == "write":
+            print(json.dumps(step_write(args.store, args.first, args.count, args)))
+        else:
+            print(json.dumps(steps[args.step](args.store, args)))
+        return
+
+    base = Path(args.dir)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    store = str(base / "store.zarr")
+    from storage import FeatureStore
+
+    FeatureStore.create(store, class_names=[f"class{c:03d}" for c in range(args.classes)])
+    print(
+        f"# {args.videos} videos, T {args.frames}, d {args.dim}, {args.classes} classes; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    # ---- write: --writers processes, each its own share (sharded extraction's pattern)
+    t0 = time.perf_counter()
+    share = -(-args.videos // args.writers)
+    procs = []
+    for w in range(args.writers):
+        first, n = w * share, max(0, min(share, args.videos - w * share))
+        cmd = child("write", store, args, "--first", str(first), "--count", str(n))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+    cpu = rss = 0.0
+    for pr in procs:
+        _, status, usage = os.wait4(pr.pid, 0)
+        pr.returncode = os.waitstatus_to_exitcode(status)
+        if pr.returncode != 0:
+            raise RuntimeError(f"writer {pr.args} failed")
+        cpu += usage.ru_utime + usage.ru_stime
+        rss = max(rss, usage.ru_maxrss * 1024)
+    rows["write"] = {"wall": time.perf_counter() - t0, "cpu": cpu, "rss": rss}
+    rows["write"]["rate"] = args.videos / rows["write"]["wall"]
+    print(f"write done: {rows['write']['rate']:.0f} videos/s", flush=True)
+    rows["open+list+info"] = run_measured(child("open", store, args))
+    rows["scan"] = run_measured(child("scan", store, args))
+    rows["scan"]["rate"] = rows["scan"]["videos"] / rows["scan"]["seconds"]
+    rows["node cache"] = run_measured(child("cache", store, args))
+    if not args.skip_train:
+        rows["train (memory)"] = train(store, base / "run-memory", args, None)
+        rows["train (streamed)"] = train(store, base / "run-streamed", args, args.budget)
+
+    print()
+    print(f"| step ({args.videos} videos) | wall s | CPU s | peak RSS | rate |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, r in rows.items():
+        rate = {
+            "write": f"{r.get('rate', 0):.0f} videos/s",
+            "open+list+info": f"{r.get('seconds', 0):.3f} s (best of 3)",
+            "scan": f"{r.get('rate', 0):.0f} videos/s",
+            "node cache": f"{gib(r.get('bytes', 0))} built in {r.get('seconds', 0):.1f} s",
+        }.get(name, f"{r.get('epoch', 0):.1f} s/epoch, data {r.get('data', 0):.1f} s")
+        print(f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {gib(r['rss'])} | {rate} |")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"args": vars(args), "rows": rows}) + "\n")
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

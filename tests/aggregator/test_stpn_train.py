@@ -1,0 +1,153 @@
+"""Training ``stpn`` on map streams: the padded map loader, the synthetic task, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.map_data import MapDataset, map_loader, pad_maps, pick_frames
+from aggregator.map_synthetic import LocationTask, quadrant_cells, write_location_store
+from api.cli import main
+from storage import FeatureStore
+
+TINY = LocationTask(grid=3, channels=4, frames=(1, 4), map_stride=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("loc") / "loc.zarr"
+    write_location_store(path, train_per_class=3, test_per_class=1, task=TINY)
+    return path
+
+
+def test_location_store_maps_and_pooled_streams_agree(tiny_store: Path) -> None:
+    store = FeatureStore.open(tiny_store)
+    assert len(store.videos(split="train")) == 12 and len(store.videos(split="test")) == 4
+    lengths = set()
+    for vid in store.videos():
+        app, fmap = store.read(vid, "appearance"), store.read(vid, "appearance_map")
+        assert fmap.shape == (len(range(0, len(app), 2)), 3, 3, 4)
+        np.testing.assert_allclose(fmap.mean(axis=(1, 2)), app[::2], atol=2e-3)
+        motion = np.abs(store.read(vid, "motion_map")).sum(axis=(0, 3))  # [3, 3]
+        label = store.video_attrs(vid)["label"]
+        k = ["top_left", "top_right", "bottom_left", "bottom_right"].index(label)
+        assert tuple(np.unravel_index(motion.argmax(), motion.shape)) in quadrant_cells(3, k)
+        lengths.add(len(app))
+    assert len(lengths) > 1  # mixed lengths
+
+
+def test_quadrants_leave_out_the_middle() -> None:
+    cells = [set(quadrant_cells(5, k)) for k in range(4)]
+    assert all(len(c) == 4 for c in cells)
+    middle = {(2, j) for j in range(5)} | {(i, 2) for i in range(5)}
+    assert not set.union(*cells) & middle
+    assert len(set.union(*cells)) == 16
+
+
+def test_pad_maps_pads_and_masks() -> None:
+    items = [
+        {
+            "features": {"m": torch.ones(n, 2, 2, 3, dtype=torch.float16)},
+            "label": n,
+            "video_id": str(n),
+        }
+        for n in (3, 1)
+    ]
+    batch = pad_maps(items)
+    assert batch.features["m"].shape == (2, 3, 2, 2, 3)
+    assert batch.features["m"].dtype == torch.float32
+    assert batch.lengths.tolist() == [3, 1] and batch.labels.tolist() == [3, 1]
+    assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
+    assert batch.features["m"][1, 1:].abs().sum() == 0
+    bad = [items[0], {**items[1], "features": {"m": torch.ones(1, 2, 3, 3)}}]
+    with pytest.raises(ValueError, match="expected"):
+        pad_maps(bad)
+
+
+def test_map_dataset_subsamples_and_holds(tiny_store: Path) -> None:
+    store = FeatureStore.open(tiny_store)
+    ids = store.videos(split="train")
+    data = MapDataset(store, ids, max_frames=1, in_memory=True)
+    batch = next(iter(map_loader(data, batch_size=4)))
+    assert batch.lengths.tolist() == [1, 1, 1, 1]
+    assert data[0]["features"]["appearance_map"] is data[0]["features"]["appearance_map"]
+    assert pick_frames(10, 4).tolist() == [0, 3, 6, 9] and pick_frames(3, None).tolist() == [
+        0,
+        1,
+        2,
+    ]
+    with pytest.raises(ValueError, match="not a"):
+        MapDataset(store, ids, ["appearance"])[0]
+
+
+def test_cli_trains_stpn_and_other_commands_refuse_it(tiny_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out)]
+    args += ["--epochs", "2", "--batch-size", "4", "--out-dim", "64", "--device", "cpu"]
+    args += ["--pathways", "spatial,temporal,attended,fused"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["head"] == "stpn" and metrics["n_test"] == 4
+    assert 0.0 <= metrics["top1"] <= 1.0 and len(metrics["history"]) == 2
+    assert {"attention.png", "confusion.png", "training_curves.png"} <= set(metrics["plots"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["streams"] == ["appearance_map", "motion_map"]
+    assert config["in_features"] == {"appearance_map": 4, "motion_map": 4}
+    assert config["head_kwargs"]["pathways"] == ["spatial", "temporal", "attended", "fused"]
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert "attention.conv1.weight" in state and "fused_norm.weight" in state
+    assert main(["evaluate", "--run", str(out), "--store", str(tiny_store)]) == 2
+    assert main(["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out),
+                 "--levels", "3"]) == 2  # fmt: skip
+    assert main(["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out),
+                 "--pathways", "spatial,nodes"]) == 2  # fmt: skip
+
+
+def test_stpn_on_a_store_without_maps_names_the_fix(tmp_path: Path) -> None:
+    store = FeatureStore.create(tmp_path / "v.zarr", class_names=["a", "b"])
+    for i in range(4):
+        label = "ab"[i % 2]
+        store.write_video(f"v{i}", {"appearance": np.ones((3, 4))}, label=label, split="train")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="appearance_map,motion_map"):
+        from aggregator.train import train_run
+
+        train_run(tmp_path / "v.zarr", out, head="stpn", test_split=None, epochs=1)
+
+
+@pytest.mark.slow
+def test_stpn_sees_where_the_motion_is_and_pooled_heads_do_not(tmp_path: Path) -> None:
+    from aggregator.train import train_run
+
+    task = LocationTask(grid=5, channels=16, frames=(4, 8))
+    write_location_store(tmp_path / "loc.zarr", train_per_class=60, test_per_class=25, task=task)
+    common = {"epochs": 12, "batch_size": 16, "patience": None, "make_plots": False}
+    stpn = train_run(
+        tmp_path / "loc.zarr",
+        tmp_path / "stpn",
+        head="stpn",
+        head_kwargs={
+            "out_dim": 1024,
+            "temporal_dim": 128,
+            "attention_dim": 64,
+            "pathways": ("spatial", "temporal", "attended", "fused"),
+        },
+        **common,  # type: ignore[arg-type]
+    )
+    stcb = train_run(
+        tmp_path / "loc.zarr",
+        tmp_path / "stcb",
+        head="stcb",
+        streams=["appearance", "motion"],
+        head_kwargs={"out_dim": 1024},
+        **common,  # type: ignore[arg-type]
+    )
+    assert stcb["top1"] < 0.4, stcb["top1"]  # chance is 0.25: pooled vectors carry no location
+    assert stpn["top1"] >= 0.45 and stpn["top1"] >= stcb["top1"] + 0.15, (
+        stpn["top1"],
+        stcb["top1"],
+    )

@@ -1,0 +1,322 @@
+"""The metadata index: it agrees with the per-video groups after every kind of write, a crash
+at any step, and concurrent writers; it is rebuilt when missing or stale; listing reads only it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+import storage.index as index_mod
+from storage import FeatureStore
+from storage.files import files_for
+from storage.layout import record_from_group
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = ("status", "label", "split", "error", "extracted_at", "source_sha256", "n_frames")
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "features.zarr")
+    return f"memory://framepool-{uuid.uuid4().hex}"
+
+
+def group_truth(path: str) -> dict[str, dict[str, Any]]:
+    """Every video as its group says, read straight from the zarr.json files."""
+    files = files_for(path)
+    out = {}
+    for vid in files.list("videos"):
+        if vid == "zarr.json":
+            continue
+        rec = record_from_group(files, vid)
+        if rec["op"] == "put":
+            out[vid] = {**{k: rec.get(k) for k in FIELDS}, "shapes": rec["shapes"]}
+    return out
+
+
+def index_view(path: str) -> dict[str, dict[str, Any]]:
+    table = FeatureStore.open(path, "r").index_table(status=None)
+    out = {}
+    for i in range(len(table)):
+        rec = table.record(i)
+        out[rec["id"]] = {**{k: rec.get(k) for k in FIELDS}, "shapes": rec["shapes"]}
+    return out
+
+
+def assert_agrees(path: str) -> None:
+    assert index_view(path) == group_truth(path)
+
+
+def test_index_agrees_after_every_kind_of_write(store_path: str) -> None:
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(store_path)
+    a = rng.standard_normal((9, 6)).astype(np.float32)
+    store.write_video("v1", {"appearance": a, "motion": a[:, :3]}, label="x", split="train")
+    store.write_video("v2", {"appearance": a[:2]}, label="y", split="test", meta={"n_frames": 2})
+    assert_agrees(store_path)
+    store.write_video("v1", {"appearance": a[:4]}, label="x", split="train")  # overwrite
+    assert_agrees(store_path)
+    store.mark_failed("v3", "v3.mp4: no video stream", label="y")
+    assert_agrees(store_path)
+    store.update_video_attrs("v2", split="train", label="z")
+    assert_agrees(store_path)
+    store.mark_damaged("v2", "chunk c/0/0 missing")
+    assert_agrees(store_path)
+    store.delete_video("v3")
+    assert_agrees(store_path)
+    ro = FeatureStore.open(store_path, "r")
+    assert ro.videos() == ["v1"]
+    assert ro.videos(status="incomplete") == ["v2"]
+    assert ro.status("v2") == "incomplete" and ro.status("v3") is None
+    assert ro.streams("v1") == ["appearance"] and ro.n_frames("v1", "appearance") == 4
+    assert ro.labels(["v1", "v2"]) == ["x", "z"]
+    # the writer's own view matches a fresh reader's
+    assert store.videos(status=None) == ro.videos(status=None) == ["v1", "v2"]
+    assert store.info() == ro.info()
+
+
+def test_listing_reads_only_the_index(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path)
+    for i in range(5):
+        store.write_video(
+            f"v{i}", {"appearance": np.ones((3, 4))}, label=f"c{i % 2}", split="train"
+        )
+    expected = FeatureStore.open(path).info()
+    # make every per-video group unreadable: a listing that touched one would fail or change
+    for i in range(5):
+        (path / "videos" / f"v{i}" / "zarr.json").write_text("{not json")
+    ro = FeatureStore.open(path, "r")
+    assert ro.videos(split="train") == [f"v{i}" for i in range(5)]
+    assert ro.info() == expected
+    assert ro.labels(["v0", "v1"]) == ["c0", "c1"]
+    assert ro.class_names == ["c0", "c1"]
+
+
+def test_missing_or_stale_index_is_rebuilt(store_path: str) -> None:
+    store = FeatureStore.create(store_path)
+    store.write_video("a", {"appearance": np.ones((3, 4))}, label="x", split="train")
+    store.write_video("b", {"appearance": np.ones((2, 4))}, label="y", split="test")
+    store.mark_failed("c", "broken", label="y")
+    files = files_for(store_path)
+    for name in files.list("index"):
+        if name != "zarr.json":
+            files.remove(f"index/{name}")
+    # a group written by plain zarr, which the index has never heard of
+    root = zarr.open_group(store_path, mode="r+")
+    grp = root["videos"].create_group(
+        "plain", attributes={"status": "complete", "label": "x", "streams": ["appearance"]}
+    )
+    grp.create_array(name="appearance", shape=(5, 4), dtype="float16", chunks=(5, 4))[...] = 2
+    ro = FeatureStore.open(store_path, "r")
+    assert ro.videos() == ["a", "b", "plain"]
+    assert ro.videos(status="failed") == ["c"]
+    assert ro.read("plain", "appearance").tolist() == np.full((5, 4), 2.0).tolist()
+    assert_agrees(store_path)
+    # a writer persists what it had to read from groups; reindex replaces every part
+    rw = FeatureStore.open(store_path, "r+")
+    assert rw.videos() == ["a", "b", "plain"]
+    counts = rw.reindex()
+    assert counts == {"videos": 4, "complete": 3, "failed": 1, "incomplete": 0}
+    names = [n for n in files.list("index") if n != "zarr.json"]
+    assert len(names) == 1 and names[0].startswith("base-")
+    assert_agrees(store_path)
+
+
+def test_group_removed_by_hand_leaves_the_view(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path)
+    store.write_video("a", {"appearance": np.ones((3, 4))})
+    store.write_video("b", {"appearance": np.ones((3, 4))})
+    shutil.rmtree(path / "videos" / "b")
+    assert FeatureStore.open(path).videos() == ["a"]
+
+
+def test_parts_freeze_and_compact(store_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_mod, "ROLL", 4)
+    monkeypatch.setattr(index_mod, "MAX_FROZEN", 2)
+    store = FeatureStore.create(store_path)
+    for i in range(23):
+        store.write_video(f"v{i:02d}", {"appearance": np.full((2, 3), i)}, label=str(i % 3))
+    store.delete_video("v05")
+    names = files_for(store_path).list("index")
+    assert any(n.startswith("base-") for n in names)  # compaction ran
+    assert sum(n.endswith(".npz") for n in names) <= 3
+    ro = FeatureStore.open(store_path, "r")
+    assert ro.videos() == [f"v{i:02d}" for i in range(23) if i != 5]
+    assert ro.read("v22", "appearance")[0, 0] == 22
+    assert_agrees(store_path)
+    assert store.compact_index() >= 0
+    assert_agrees(store_path)
+
+
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path)
+    store.write_video("a", {"appearance": np.ones((3, 4))}, label="x")
+    part = next((path / "index").glob("*.jsonl"))
+    with open(part, "a") as f:
+        f.write('{"id": "b", "op": "put", "status": "comp')  # killed mid-line
+    assert FeatureStore.open(path).videos(status=None) == ["a"]
+
+
+# ---------------------------------------------------------------------------------- crashes
+_CRASH = """
+import os, signal, sys
+import numpy as np
+import storage.files
+from storage import FeatureStore
+
+path, op, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = FeatureStore.create(path)
+store.write_video("done", {"appearance": np.ones((4, 8))}, label="a", split="train")
+store.mark_failed("gone", "broken", label="a")
+writes = [0]
+
+def tick(what):
+    writes[0] += 1
+    if writes[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+for method in ("write", "put", "append", "remove_tree"):
+    def counted(self, key, *args, _original=getattr(storage.files.LocalFiles, method)):
+        tick(key)
+        return _original(self, key, *args)
+    setattr(storage.files.LocalFiles, method, counted)
+
+rng = np.random.default_rng(1)
+if op == "write":
+    store.write_video("v", {"appearance": rng.standard_normal((40, 20000)), "motion":
+                      rng.standard_normal((40, 16))}, label="b", split="test")
+elif op == "rewrite":
+    store.write_video("done", {"appearance": np.zeros((3, 8))}, label="c", split="test")
+elif op == "fail":
+    store.mark_failed("done", "now broken", label="a")
+elif op == "delete":
+    store.delete_video("gone")
+print("writes", writes[0])
+"""
+
+
+def _crash(path: Path, op: str, kill_at: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _CRASH, str(path), op, str(kill_at)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("op", "every"),
+    [
+        ("write", False),  # a few points: after the pending record, mid arrays, the last two
+        pytest.param("write", True, marks=pytest.mark.slow),
+        pytest.param("rewrite", True, marks=pytest.mark.slow),
+        pytest.param("fail", True, marks=pytest.mark.slow),
+        pytest.param("delete", True, marks=pytest.mark.slow),
+    ],
+)
+def test_sigkill_at_every_write_keeps_index_and_groups_consistent(
+    tmp_path: Path, op: str, every: bool
+) -> None:
+    # count the writes the operation makes, then die before each of them in turn
+    full = _crash(tmp_path / "count.zarr", op, 0)
+    assert full.returncode == 0, full.stderr
+    n_writes = int(full.stdout.split()[-1])
+    assert n_writes >= 2
+    points = range(1, n_writes + 1) if every else (2, 4, n_writes - 1, n_writes)
+    for kill_at in points:
+        path = tmp_path / f"k{kill_at}.zarr"
+        proc = _crash(path, op, kill_at)
+        assert proc.returncode == -9, proc.stderr
+        assert_agrees(str(path))
+        store = FeatureStore.open(path, "r")
+        for vid in store.videos():  # whatever is complete is whole and readable
+            attrs = store.video_attrs(vid)
+            assert attrs["extracted_at"] and attrs["error"] is None
+            for s in store.streams(vid):
+                assert np.isfinite(store.read(vid, s)).all()
+        if op == "write":  # absent or incomplete until the group's last write, then whole
+            if kill_at < n_writes:
+                assert store.status("v") in (None, "incomplete")
+            elif store.status("v") == "complete":
+                assert store.read("v", "appearance").shape == (40, 20000)
+        if op == "rewrite":  # the old version or an incomplete one, never a mix
+            assert store.status("done") in ("complete", "incomplete", None)
+            if store.status("done") == "complete":
+                assert store.read("done", "appearance").shape in ((4, 8), (3, 8))
+                label = store.labels(["done"])[0]
+                n = store.n_frames("done", "appearance")
+                assert (label, n) in (("a", 4), ("c", 3))
+
+
+# ---------------------------------------------------------------------------------- writers
+_WRITER = """
+import sys
+import numpy as np
+import storage.index
+from storage import FeatureStore
+storage.index.ROLL = 16
+storage.index.MAX_FROZEN = 3
+path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = FeatureStore.create(path, class_names=[prefix])
+for i in range(n):
+    store.write_video(f"{prefix}{i:03d}", {"appearance": np.full((3, 4), i)}, label=prefix,
+                      split="train" if i % 2 else "test")
+    if i % 10 == 0:
+        store.mark_failed(f"{prefix}f{i:03d}", "broken", label=prefix)
+"""
+
+
+def test_two_concurrent_writers(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    FeatureStore.create(path)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), prefix, "120"],
+            cwd=ROOT,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for prefix in ("a", "b")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    store = FeatureStore.open(path)
+    assert len(store.videos()) == 240
+    assert len(store.videos(status="failed")) == 24
+    assert store.videos(split="train")[:2] == ["a001", "a003"]
+    assert store.class_names == ["a", "b"]
+    assert store.read("b119", "appearance")[0, 0] == 119
+    assert_agrees(str(path))
+    parts = json.dumps(sorted(files_for(str(path)).list("index")))
+    assert "base-" in parts  # both writers froze and compacted parts while the other wrote
+
+
+def test_close_freezes_the_live_part(store_path: str) -> None:
+    store = FeatureStore.create(store_path)
+    for i in range(5):
+        store.write_video(f"v{i}", {"appearance": np.ones((2, 3))}, label="x")
+    names = files_for(store_path).list("index")
+    assert any(n.endswith(".jsonl") for n in names)
+    store.close()
+    names = files_for(store_path).list("index")
+    assert not any(n.endswith(".jsonl") for n in names)
+    assert FeatureStore.open(store_path).videos() == [f"v{i}" for i in range(5)]
+    store.write_video("v5", {"appearance": np.ones((2, 3))}, label="x")  # still usable
+    assert_agrees(store_path)
