@@ -1,17 +1,24 @@
 """Extraction throughput: the framepool pipeline vs a naive per-frame loop vs the model alone.
 
-Per stream, frames per second on real clips for
+Per stream (appearance, motion, both), frames per second on real clips for
 
 (a) ``framepool extract``'s pipeline (``run_extraction`` into a temporary store: decode, resize,
-    flow in worker threads, batched model in bfloat16 where supported, writer thread);
+    flow in worker threads, batched model in bfloat16 where supported, writer thread), with the
+    wall and CPU seconds of the run and, on a CUDA device, the GPU utilisation sampled during it;
 (b) a naive loop as commonly written: decode in the main thread, PIL transforms, the model on one
-    frame at a time in float32 (for motion: all flows first, then one stack per frame);
+    frame at a time in float32 (for motion: all flows first, then one stack per frame); CPU only;
 (c) the model alone on random input of the pipeline's batch size and dtype (the ceiling).
 
-Prints a markdown table with (a)/(b) and (a)/(c). Optionally (``--compare-workers``) times the
-preparation stage alone with threads and with processes. Example::
+Also the decode rate alone (the chosen decoder, ``--workers`` threads, every frame of the same
+clips). ``--device cuda`` runs on a GPU (``--decoder auto`` then decodes with NVDEC), ``--flow
+raft`` computes the motion stream's flow with RAFT (``--raft-weights`` or random raft_large /
+raft_small weights: the same speed), ``--loops N`` repeats the clip list N times (enough frames
+to keep a GPU busy). Prints a markdown table with (a)/(b) and (a)/(c). Optionally
+(``--compare-workers``) times the preparation stage alone with threads and with processes::
 
     python benchmarks/extract.py --arch resnet101 --frames 270 --naive-frames 24
+    python benchmarks/extract.py --device cuda --frames 2500 --loops 4 --naive-frames 0 \
+        --batch-size 128 --workers 8 --flow raft --raft-model small
 """
 
 from __future__ import annotations
@@ -21,11 +28,16 @@ import concurrent.futures as cf
 import itertools
 import os
 import platform
+import resource
+import shutil
+import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +45,7 @@ from PIL import Image
 
 from extractor.backbones import build_backbone
 from extractor.decode import count_frames, iter_frames
+from extractor.decode_torchcodec import DECODERS, make_frame_reader, resolve_decoder
 from extractor.features import FeatureExtractor
 from extractor.flow import make_flow
 from extractor.pipeline import run_extraction
@@ -138,7 +151,7 @@ def model_alone(fx: FeatureExtractor, streams: Sequence[str], n_batches: int) ->
         "appearance": torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last),
         "motion": torch.randn(b, 20, 224, 224).contiguous(memory_format=torch.channels_last),
     }
-    inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    inputs = {k: v.to(fx.device, dtype) for k, v in inputs.items()}
 
     def step() -> None:
         with torch.inference_mode():
@@ -146,10 +159,101 @@ def model_alone(fx: FeatureExtractor, streams: Sequence[str], n_batches: int) ->
                 fx.models[s](inputs[s]).float()
 
     step()  # warm-up
+    _sync(fx.device)
     start = time.perf_counter()
     for _ in range(n_batches):
         step()
+    _sync(fx.device)
     return n_batches * b / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- GPU, decode rate
+class GpuSampler(threading.Thread):
+    """Samples the GPU's utilisation (%) every ``period`` s: NVML through torch, else nvidia-smi."""
+
+    def __init__(self, device: torch.device, period: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.device, self.period = device, period
+        self.samples: list[float] = []
+        self.source = "n/a"
+        self._stop_event = threading.Event()
+
+    def _read(self) -> float | None:
+        try:
+            value = float(torch.cuda.utilization(self.device))
+            self.source = "NVML"
+            return value
+        except Exception:  # no pynvml: ask nvidia-smi
+            pass
+        if shutil.which("nvidia-smi") is None:
+            return None
+        index = self.device.index if self.device.index is not None else 0
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+             f"--id={index}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        try:
+            value = float(res.stdout.strip().splitlines()[0])
+        except (ValueError, IndexError):
+            return None
+        self.source = "nvidia-smi"
+        return value
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period):
+            v = self._read()
+            if v is None:
+                return
+            self.samples.append(v)
+
+    def stop(self) -> str:
+        self._stop_event.set()
+        self.join()
+        if not self.samples:
+            return "n/a"
+        return f"{np.mean(self.samples):.0f}% (max {max(self.samples):.0f}%)"
+
+
+def decode_rate(clips: Sequence[Path], decoder: str, device: torch.device, workers: int) -> str:
+    """Frames/s decoding every frame of ``clips`` with ``workers`` threads, and its CPU seconds."""
+    read = make_frame_reader(decoder, device)
+
+    def count(path: Path) -> int:
+        n = 0
+        for _ in read(path):
+            n += 1
+        return n
+
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    with cf.ThreadPoolExecutor(workers) as ex:
+        n = sum(ex.map(count, clips))
+    _sync(device)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+    return f"{n} frames, {wall:.2f} s wall, {cpu:.2f} s CPU: {n / wall:.0f} frames/s"
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def looped_clips(paths: Sequence[Path], loops: int, folder: Path) -> list[Path]:
+    """The clips ``loops`` times, as links with distinct names (distinct video ids)."""
+    if loops <= 1:
+        return list(paths)
+    out = []
+    for k in range(loops):
+        for p in paths:
+            link = folder / f"{p.stem}__{k}{p.suffix}"
+            link.symlink_to(p.resolve())
+            out.append(link)
+    return out
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -193,20 +297,45 @@ def main() -> None:
     p.add_argument("--videos", type=Path, default=DEFAULT_VIDEOS, help="folder of real clips")
     p.add_argument("--arch", default="resnet101", choices=("resnet18", "resnet50", "resnet101"))
     p.add_argument("--frames", type=int, default=270, help="frames for the pipeline (whole clips)")
-    p.add_argument("--naive-frames", type=int, default=24, help="frames for the naive loop")
+    p.add_argument("--loops", type=int, default=1, help="repeat the clip list N times")
+    p.add_argument("--naive-frames", type=int, default=24, help="frames for the naive loop (0: no)")
     p.add_argument("--streams", default="appearance,motion")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--decoder", default="auto", choices=DECODERS)
+    p.add_argument("--flow", default="dis", choices=("dis", "raft"))
+    p.add_argument("--raft-weights", type=Path, help="RAFT weights (default: random, same speed)")
+    p.add_argument("--raft-model", default="large", choices=("small", "large"))
+    p.add_argument("--flow-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--raft-iters", type=int, default=12, help="RAFT flow updates")
     p.add_argument("--model-batches", type=int, default=4, help="batches timed for (c)")
     p.add_argument("--repeats", type=int, default=2, help="best of N, interleaved")
     p.add_argument("--compare-workers", action="store_true", help="threads vs processes")
     args = p.parse_args()
     streams = [s for s in args.streams.split(",") if s]
+    device = torch.device(args.device)
+    tmp_root = tempfile.TemporaryDirectory()
+    tmp = Path(tmp_root.name)
 
     clips = pick_clips(args.videos, args.frames)
-    paths = [c for c, _ in clips]
-    n_frames = sum(n for _, n in clips)
+    paths = looped_clips([c for c, _ in clips], args.loops, tmp)
+    n_frames = sum(n for _, n in clips) * max(1, args.loops)
+    flow_kw: dict[str, object] = {"flow": args.flow}
+    if args.flow == "raft" and "motion" in streams:
+        weights = args.raft_weights
+        if weights is None:
+            from torchvision.models.optical_flow import raft_large, raft_small
+
+            torch.manual_seed(0)
+            build = raft_small if args.raft_model == "small" else raft_large
+            weights = tmp / f"raft_{args.raft_model}.pth"
+            torch.save(build(weights=None).state_dict(), weights)
+        flow_kw.update(
+            flow_weights=weights,
+            flow_params={"dtype": args.flow_dtype, "num_flow_updates": args.raft_iters},
+        )
     load_before = os.getloadavg()
     kinds = [*streams, "both"] if len(streams) > 1 else streams
     extractors = {
@@ -214,61 +343,97 @@ def main() -> None:
             streams=streams if k == "both" else [k],
             weights="random",
             arch=args.arch,
-            device="cpu",
+            device=device,
             batch_size=args.batch_size,
             dtype=args.dtype,
+            **(flow_kw if k != "appearance" else {}),  # type: ignore[arg-type]
         )
         for k in kinds
     }
-    naive_models = {k: build_backbone(k, "random", args.arch) for k in streams}  # fp32, with BN
+    naive = args.naive_frames > 0 and device.type == "cpu"
+    naive_models = {k: build_backbone(k, "random", args.arch) for k in streams} if naive else {}
     nan = float("nan")
-    best = {k: [nan, nan, nan] for k in kinds}  # (a), (b), (c): best of the repeats
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}  # one entry per repeat
     for _ in range(args.repeats):  # interleaved, so that a burst of other work hits all columns
         for k in kinds:
             fx = extractors[k]
             c = model_alone(fx, fx.streams, args.model_batches)
-            with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as store_dir:
+                sampler = GpuSampler(device) if device.type == "cuda" else None
+                if sampler is not None:
+                    sampler.start()
+                cpu0, start = _cpu_seconds(), time.perf_counter()
                 summary = run_extraction(
-                    make_sources(paths), Path(tmp) / "s", fx, workers=args.workers, progress=False
+                    make_sources(paths),
+                    Path(store_dir) / "s",
+                    fx,
+                    workers=args.workers,
+                    progress=False,
+                    decoder=args.decoder,
                 )
-                a = summary.frames / (time.perf_counter() - start)
+                wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+                a = summary.frames / wall
+                gpu = sampler.stop() if sampler is not None else "n/a"
                 assert summary.ok and summary.frames == n_frames, summary.format()
             b = nan
-            if k != "both":
+            if naive and k != "both":
                 run = naive_appearance if k == "appearance" else naive_motion
                 b = timed(partial(run, naive_models[k], paths, args.naive_frames))
-            best[k] = [
-                max(old, new) if old == old else new
-                for old, new in zip(best[k], (a, b, c), strict=True)
-            ]
-    rows = [(k, extractors[k].dtype, *best[k]) for k in kinds]
+            runs[k].append({"a": a, "b": b, "c": c, "wall": wall, "cpu": cpu, "gpu": gpu})
+    rows = []
+    for k in kinds:  # the fastest pipeline run (with its seconds and utilisation), best (b), (c)
+        fastest = max(runs[k], key=lambda r: r["a"])
+        b = max((r["b"] for r in runs[k]), default=nan) if naive and k != "both" else nan
+        c = max(r["c"] for r in runs[k])
+        rows.append((k, extractors[k].dtype, fastest, b, c))
     load_after = os.getloadavg()
+    decoder_name, decode_device = resolve_decoder(args.decoder, device)
+    rate = decode_rate(paths, args.decoder, device, args.workers)
 
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after (a shared machine: other work slows every column)"
+        f"Machine: {dev_name} ({device}); CPU {cpu_name()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared machine: other work "
+        "slows every column)"
     )
+    flow_desc = args.flow
+    if args.flow == "raft":
+        origin = "file" if args.raft_weights else "random"
+        flow_desc = f"raft_{args.raft_model} ({origin} weights, {args.flow_dtype})"
     print(
         f"Best of {args.repeats} interleaved repeats. "
-        f"Clips: {len(paths)} real clips, {n_frames} frames for (a); {args.naive_frames} frames "
-        f"for (b); {args.model_batches} batches of {args.batch_size} for (c); arch {args.arch}, "
-        f"flow dis, {args.workers} worker threads\n"
+        f"Clips: {len(paths)} real clips ({len(clips)} distinct), {n_frames} frames for (a); "
+        f"{args.naive_frames if naive else 0} frames for (b); {args.model_batches} batches of "
+        f"{args.batch_size} for (c); arch {args.arch}, flow {flow_desc}, {args.workers} worker "
+        f"threads, decoder {decoder_name} on {decode_device}\n"
     )
-    print("| stream | dtype | (a) pipeline fps | (b) naive loop fps | (c) model alone fps "
-          "| (a)/(b) | (a)/(c) |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for stream, dtype, a, b, c in rows:
+    print("| stream | dtype | (a) pipeline fps | (a) wall s | (a) CPU s | GPU util during (a) "
+          "| (b) naive loop fps | (c) model alone fps | (a)/(b) | (a)/(c) |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for stream, dtype, r, b, c in rows:
+        a = r["a"]
         ab = f"{a / b:.2f}x" if b == b else "-"
         bs = f"{b:.1f}" if b == b else "-"
-        print(f"| {stream} | {dtype} | {a:.1f} | {bs} | {c:.1f} | {ab} | {a / c:.0%} |")
+        print(
+            f"| {stream} | {dtype} | {a:.1f} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['gpu']} | "
+            f"{bs} | {c:.1f} | {ab} | {a / c:.0%} |"
+        )
+    print(
+        f"\nDecode rate alone ({decoder_name} on {decode_device}, {args.workers} threads): {rate}"
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"Peak RSS {peak:.0f} MiB" + (
+        f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        if device.type == "cuda" else ""
+    ))  # fmt: skip
     if args.compare_workers:
-        res = compare_workers(paths, args.workers)
+        res = compare_workers([c for c, _ in clips], args.workers)
         print(f"\nPreparation only (decode, resize, DIS flow, stacks), {args.workers} workers:\n")
         print("| workers | frames/s |\n| --- | ---: |")
         for kind, fps in res.items():
             print(f"| {kind} | {fps:.1f} |")
+    tmp_root.cleanup()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ store so that features can be traced to exactly how their flow was computed.
 - ``farneback``: OpenCV Farneback polynomial expansion, the usual parameter set.
 - ``tvl1``: OpenCV contrib Dual TV-L1, the reference two-stream pipelines' choice; slow on CPU.
 - ``raft``: torchvision RAFT (large or small, detected from the weights file) on a GPU; weights
-  come from a local file, never downloaded.
+  come from a local file, never downloaded. Pairs from all decode workers are batched, float32 or
+  bfloat16 autocast, and the quantisation to uint8 happens on the GPU.
 
 OpenCV flow objects are not thread-safe: give each worker thread its own :meth:`clone`.
 """
@@ -18,7 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -27,9 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extractor.transforms import quantize_flow_batch
+
 log = logging.getLogger(__name__)
 
 FLOW_BACKENDS = ("dis", "farneback", "tvl1", "raft")
+RAFT_DTYPES = ("float32", "bfloat16")
 _DIS_PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
     "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
@@ -230,11 +238,83 @@ def _load_raft(path: Path) -> tuple[torch.nn.Module, str]:
     raise ValueError(f"{str(path)!r} is not a torchvision RAFT state dict ({'; '.join(errors)})")
 
 
+class _PairBatcher:
+    """Runs a batched flow function on pairs that many threads submit one at a time.
+
+    Each :meth:`__call__` queues its pair and blocks; one daemon thread takes the queued pairs (up
+    to ``max_batch``, waiting at most ``wait_s`` for more after the first), runs them as batches
+    of equal frame size, and hands each caller its own field. Several decode workers thus feed
+    one model with batches instead of single pairs.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        max_batch: int,
+        wait_s: float = 0.002,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        self._fn = fn
+        self.max_batch = max_batch
+        self._wait_s = wait_s
+        self._jobs: queue.Queue[tuple[torch.Tensor, torch.Tensor, Future[torch.Tensor]]] = (
+            queue.Queue()
+        )
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.batches = 0  # batches run so far (for tests and benchmarks)
+
+    def __call__(self, prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        fut: Future[torch.Tensor] = Future()
+        self._jobs.put((prev, nxt, fut))
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="framepool-flow-batcher", daemon=True
+                )
+                self._thread.start()
+        return fut.result()
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self._jobs.get()]
+            deadline = time.monotonic() + self._wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._jobs.get(timeout=max(deadline - time.monotonic(), 1e-6)))
+                except queue.Empty:
+                    break
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (prev, _, _) in enumerate(batch):
+                groups.setdefault(tuple(prev.shape), []).append(i)
+            for idx in groups.values():
+                futs = [batch[i][2] for i in idx]
+                try:
+                    out = self._fn(
+                        torch.stack([batch[i][0] for i in idx]),
+                        torch.stack([batch[i][1] for i in idx]),
+                    )
+                    self.batches += 1
+                except BaseException as exc:
+                    for f in futs:
+                        f.set_exception(exc)
+                    continue
+                for f, field in zip(futs, out, strict=True):
+                    f.set_result(field)
+
+
 class RaftFlow:
     """torchvision RAFT on grayscale frames (replicated to 3 channels), weights from a file.
 
     Frames are scaled to [-1, 1] and padded (replicate) to a multiple of 8 and at least 128 (the
-    model's smallest input); the flow is cropped back. Clones share one model, serialised by a lock.
+    model's smallest input); the flow is cropped back. ``dtype="bfloat16"`` runs the model under
+    bfloat16 autocast (recorded in the config; float32 is the default and is not recorded).
+
+    Batches: :meth:`flow_batch` computes many pairs at once; single pairs from any number of
+    threads (:meth:`__call__`, :meth:`quantized_field`) are gathered into batches of up to
+    ``max_batch`` pairs by one shared batcher, so clones (one per decode worker) share one model.
+    :meth:`quantized_field` crops and quantises on the model's device; only uint8 leaves it.
     """
 
     name: ClassVar[str] = "raft"
@@ -245,7 +325,9 @@ class RaftFlow:
         *,
         device: str | torch.device = "cuda",
         num_flow_updates: int = 12,
-        _shared: tuple[torch.nn.Module, str, str, threading.Lock] | None = None,
+        dtype: str = "float32",
+        max_batch: int = 16,
+        _shared: tuple[torch.nn.Module, str, str, threading.Lock, _PairBatcher] | None = None,
     ) -> None:
         if weights is None:
             raise ValueError(
@@ -253,35 +335,73 @@ class RaftFlow:
                 "raft_large/raft_small state dict, e.g. raft_large_C_T_SKHT_V2-ff5fadd5.pth); "
                 "framepool never downloads weights"
             )
+        if dtype not in RAFT_DTYPES:
+            raise ValueError(f"RAFT dtype must be one of {list(RAFT_DTYPES)}, got {dtype!r}")
         self.weights = Path(weights).expanduser().resolve()
         self.device = torch.device(device)
         self.num_flow_updates = int(num_flow_updates)
+        self.dtype = dtype
         if _shared is None:
             if not self.weights.is_file():
                 raise FileNotFoundError(f"RAFT weights file {str(self.weights)!r} does not exist")
             model, arch = _load_raft(self.weights)
             model.eval().to(self.device)
-            _shared = (model, arch, sha256_file(self.weights), threading.Lock())
-        self._model, self.arch, self.sha256, self._lock = _shared
+            # the batcher calls this instance's flow_batch once __init__ has set it up
+            _shared = (
+                model,
+                arch,
+                sha256_file(self.weights),
+                threading.Lock(),
+                _PairBatcher(self.flow_batch, max_batch),
+            )
+        self._model, self.arch, self.sha256, self._lock, self._batcher = _shared
 
     @torch.inference_mode()
-    def __call__(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-        _check_pair(prev, nxt)
-        h, w = prev.shape
-        pair = torch.from_numpy(np.stack([prev, nxt])).to(self.device).float()  # [2, H, W]
-        pair = (pair / 127.5 - 1.0)[:, None].expand(2, 3, h, w)  # [2, 3, H, W]
+    def flow_batch(
+        self, prev: np.ndarray | torch.Tensor, nxt: np.ndarray | torch.Tensor
+    ) -> torch.Tensor:
+        """Flow ``[N, H, W, 2]`` float32, on the model's device, for uint8 ``[N, H, W]`` pairs."""
+        a, b = torch.as_tensor(prev), torch.as_tensor(nxt)
+        if a.shape != b.shape or a.ndim != 3 or a.dtype != torch.uint8 or b.dtype != torch.uint8:
+            raise ValueError(
+                f"expected two uint8 batches of grayscale frames [N, H, W] of one size, got "
+                f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}"
+            )
+        n, h, w = a.shape
+        pair = torch.cat([a, b]).to(self.device, non_blocking=True).float()  # [2N, H, W]
+        pair = (pair / 127.5 - 1.0)[:, None].expand(2 * n, 3, h, w)  # [2N, 3, H, W]
         ph, pw = max(128 - h, (-h) % 8), max(128 - w, (-w) % 8)  # RAFT needs >= 128, /8
         if ph or pw:
             pair = F.pad(pair, (0, pw, 0, ph), mode="replicate")
-        with self._lock:
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
+        )
+        with self._lock, autocast:
             flows = self._model(
-                pair[:1].contiguous(), pair[1:].contiguous(), num_flow_updates=self.num_flow_updates
+                pair[:n].contiguous(), pair[n:].contiguous(), num_flow_updates=self.num_flow_updates
             )
-        flow = flows[-1][0, :, :h, :w]  # [2, H, W]
-        return flow.permute(1, 2, 0).float().cpu().numpy()
+        return flows[-1][:, :, :h, :w].float().permute(0, 2, 3, 1)  # [N, H, W, 2]
+
+    def _one(self, prev: np.ndarray, nxt: np.ndarray) -> torch.Tensor:
+        _check_pair(prev, nxt)
+        return self._batcher(torch.from_numpy(prev), torch.from_numpy(nxt))  # [H, W, 2]
+
+    def __call__(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return self._one(prev, nxt).cpu().numpy()
+
+    def quantized_field(
+        self, prev: np.ndarray, nxt: np.ndarray, crop_box: tuple[int, int], size: int
+    ) -> np.ndarray:
+        """The ``size`` x ``size`` crop at ``crop_box`` of the flow, quantised: uint8 ``[s, s, 2]``.
+
+        Equal to ``quantize_flow(self(prev, nxt)[crop])``, computed on the model's device.
+        """
+        top, left = crop_box
+        field = self._one(prev, nxt)[top : top + size, left : left + size]
+        return quantize_flow_batch(field).cpu().numpy()
 
     def config(self) -> dict[str, Any]:
-        return {
+        cfg: dict[str, Any] = {
             "backend": self.name,
             "model": self.arch,
             "weights_path": str(self.weights),
@@ -289,13 +409,17 @@ class RaftFlow:
             "num_flow_updates": self.num_flow_updates,
             "input": "grayscale replicated to 3 channels, [-1, 1], replicate-padded to /8, >= 128",
         }
+        if self.dtype != "float32":
+            cfg["dtype"] = self.dtype
+        return cfg
 
     def clone(self) -> RaftFlow:
         return RaftFlow(
             self.weights,
             device=self.device,
             num_flow_updates=self.num_flow_updates,
-            _shared=(self._model, self.arch, self.sha256, self._lock),
+            dtype=self.dtype,
+            _shared=(self._model, self.arch, self.sha256, self._lock, self._batcher),
         )
 
 
@@ -338,7 +462,10 @@ def flow_from_config(config: dict[str, Any], *, device: str | torch.device = "cp
         flow = TvL1Flow()
     elif name == "raft":
         flow = RaftFlow(
-            config["weights_path"], device=device, num_flow_updates=int(config["num_flow_updates"])
+            config["weights_path"],
+            device=device,
+            num_flow_updates=int(config["num_flow_updates"]),
+            dtype=str(config.get("dtype", "float32")),
         )
         if flow.config()["weights_sha256"] != config["weights_sha256"]:
             raise ValueError(

@@ -9,6 +9,8 @@
 
 Threads rather than processes: decoding (FFmpeg), resizing (torch) and flow (OpenCV) release the
 GIL, and the uint8 inputs (about 1 MB per frame with motion) then never cross a process boundary.
+On a CUDA device each worker can decode with NVDEC (torchcodec) and resize there; RAFT flow pairs
+from all workers are batched into one model (:class:`extractor.flow.RaftFlow`).
 
 Guarantees:
 
@@ -41,6 +43,7 @@ from tqdm import tqdm
 
 from extractor.backbones import STREAMS
 from extractor.decode import VideoError
+from extractor.decode_torchcodec import make_frame_reader
 from extractor.features import MAP_STREAMS, FeatureExtractor
 from extractor.flow import sha256_file
 from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
@@ -245,16 +248,20 @@ def run_extraction(
     max_frames: int | None = None,
     progress: bool = True,
     queue_frames: int | None = None,
+    decoder: str = "auto",
 ) -> ExtractionSummary:
     """Extract ``sources`` into the store at ``store`` (created if needed) with ``extractor``.
 
     ``workers`` threads prepare videos; the calling thread runs the model on batches of
     ``extractor.batch_size`` frames; a writer thread stores finished videos. ``queue_frames``
     bounds the prepared frames waiting for the model (default: 2 batches + one chunk per worker).
+    ``decoder`` (``auto``, ``pyav``, ``torchcodec``): see
+    :func:`extractor.decode_torchcodec.resolve_decoder`; each worker decodes with its own decoder.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     check_selection(stride, max_frames)
+    read_frames = make_frame_reader(decoder, extractor.device)
     ids = [s.video_id for s in sources]
     if len(set(ids)) != len(ids):
         raise ValueError("video ids are not unique; build sources with make_sources")
@@ -315,6 +322,7 @@ def run_extraction(
                     chunk_size=chunk_size,
                     should_stop=stop.is_set,
                     appearance_input=extractor.appearance_input,
+                    read_frames=read_frames,
                 ):
                     if isinstance(item, VideoDone):
                         ok = put(_Done(key, item, sha256_file(path)))
@@ -522,8 +530,14 @@ def run_extract(
     map_dim: int | None = None,
     map_stride: int = 1,
     map_seed: int = 0,
+    decoder: str = "auto",
+    flow_params: dict[str, Any] | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
+
+    ``decoder``: ``auto`` (torchcodec with NVDEC when ``device`` is CUDA, else PyAV), ``pyav`` or
+    ``torchcodec``. ``flow_params``: the flow backend's options (e.g. ``{"dtype": "bfloat16"}``
+    for RAFT).
 
     ``shard`` is ``"I/N"`` or ``(I, N)``; without it, torchrun's ``RANK``/``WORLD_SIZE`` are used
     when set. Raises ValueError/FileNotFoundError for unusable arguments (bad shard, missing
@@ -557,6 +571,7 @@ def run_extract(
         batch_size=batch_size,
         dtype=dtype,
         motion_arch=motion_arch,
+        flow_params=flow_params,
     )
     if maps or map_dim is not None or map_stride != 1:
         if not maps:
@@ -571,4 +586,5 @@ def run_extract(
         stride=stride,
         max_frames=max_frames,
         progress=progress,
+        decoder=decoder,
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from extractor.decode import count_frames, iter_frames, probe
+from extractor.decode_torchcodec import FrameReader
 from extractor.flow import FlowBackend
 from extractor.transforms import (
     CROP_SIZE,
@@ -95,6 +96,7 @@ def prepare_video(
     length: int = STACK_LENGTH,
     should_stop: Callable[[], bool] | None = None,
     appearance_input: AppearanceInput = DEFAULT_APPEARANCE_INPUT,
+    read_frames: FrameReader | None = None,
 ) -> Iterator[FrameChunk | VideoDone]:
     """Stream one video's kept frames as uint8 model inputs; the last item is a :class:`VideoDone`.
 
@@ -104,6 +106,8 @@ def prepare_video(
     Raises :class:`extractor.decode.VideoError` (possibly after some chunks: discard them) when the
     file cannot be decoded in full. ``flow`` is required for the motion stream and is used from
     this thread only. ``should_stop`` is polled between frames to abandon the video early.
+    ``read_frames`` decodes (default: PyAV, :func:`extractor.decode.iter_frames`); frames it yields
+    on a CUDA device are resized there, and only the resized frame comes to host memory.
     """
     check_selection(stride, max_frames)
     want_app = "appearance" in streams
@@ -148,22 +152,21 @@ def prepare_video(
         if ready.full() or (final and ready.count):
             yield ready.take()
 
-    for t, frame in enumerate(iter_frames(path)):
+    for t, frame in enumerate((read_frames or iter_frames)(Path(path))):
         if should_stop is not None and should_stop():
             return
         n = t + 1
         keep = selected(t)
         resized = None
         if want_motion or not own_geometry:
-            resized = resize_shorter(frame)[0].numpy()  # [h, w, 3] uint8
+            resized = resize_shorter(frame)[0].cpu().numpy()  # [h, w, 3] uint8
             if crop_box is None:
                 crop_box = center_crop_box(resized.shape[0], resized.shape[1])
         app = None
         if want_app and keep:  # a view, copied once into the chunk
             if own_geometry:
-                src = resize_shorter(
-                    frame, appearance_input.resize_shorter, appearance_input.interpolation
-                )[0].numpy()
+                ai = appearance_input
+                src = resize_shorter(frame, ai.resize_shorter, ai.interpolation)[0].cpu().numpy()
                 app = np.asarray(center_crop(src, appearance_input.crop_size))
             else:
                 assert resized is not None
@@ -315,6 +318,9 @@ class _ChunkBuilder:
 def _flow_field(
     flow: FlowBackend, prev: np.ndarray, nxt: np.ndarray, crop_box: tuple[int, int]
 ) -> np.ndarray:
+    quantized_field = getattr(flow, "quantized_field", None)
+    if quantized_field is not None:  # crops and quantises where it computes (e.g. on a GPU)
+        return np.asarray(quantized_field(prev, nxt, crop_box, CROP_SIZE))
     top, left = crop_box
     f = flow(prev, nxt)[top : top + CROP_SIZE, left : left + CROP_SIZE]  # [224, 224, 2]
     return quantize_flow(f)

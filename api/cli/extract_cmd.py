@@ -45,6 +45,9 @@ def _extract_streams(text: str) -> str:
         ) from None
 
 
+DECODERS = ("auto", "pyav", "torchcodec")  # extractor.decode_torchcodec.DECODERS, without torch
+
+
 def _arch(text: str) -> str:
     if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
         return text
@@ -81,6 +84,11 @@ def register(sub: Any) -> None:
     )
     g.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
     g.add_argument("--flow-weights", help="RAFT weights file (for --flow raft)")
+    g.add_argument(
+        "--flow-precision",
+        choices=("fp32", "bf16"),
+        help="RAFT compute precision (for --flow raft; default fp32)",
+    )
     g.add_argument(
         "--weights",
         default="imagenet",
@@ -125,6 +133,12 @@ def register(sub: Any) -> None:
         new="--decode-workers",
         convert=lambda t: positive_int(t),
     )
+    r.add_argument(
+        "--decoder",
+        default="auto",
+        choices=DECODERS,
+        help="auto: torchcodec (NVDEC) when the device is CUDA, else PyAV",
+    )
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
     r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
@@ -153,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
             shard = parse_shard(args.shard)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if args.flow_precision is not None and args.flow != "raft":
+        raise UsageError("--flow-precision is only used with --flow raft")
     if args.flow_weights is not None and args.flow != "raft":
         raise UsageError("--flow-weights is only used with --flow raft")
     if args.flow == "raft" and args.flow_weights is None and "motion" in streams:
@@ -187,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
         map_dim=args.map_dim,
         map_stride=args.map_stride,
         map_seed=args.map_seed,
+        decoder=args.decoder,
+        flow_params=(
+            {"dtype": _PRECISION_TO_DTYPE[args.flow_precision]} if args.flow_precision else None
+        ),
     )
     print(summary.format())
     return exit_status(summary)
