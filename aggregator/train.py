@@ -362,7 +362,7 @@ def prepare_data(
 
 
 SMALL_FEATURES = 64
-REFIT_DROP = 0.2  # top-1 on the validation videos a healthy refit cannot lose after seeing them
+REFIT_DROP = 0.2  # training top-1 a healthy refit cannot lose against the selected weights
 
 
 def resolve_dropout(
@@ -425,17 +425,22 @@ class Trainer:
         return Trial(values=dict(values), model=model, opt=opt, sched=sched)
 
     def batches(self, rows: np.ndarray, batch_size: int, seed: int) -> Iterator[Batch]:
-        """Endless training batches over the contiguous ``rows``."""
+        """Endless training batches over ``rows`` (windows where they are contiguous)."""
         gen = torch.Generator().manual_seed(seed)
         data = self.data
         if data.nodes is not None:
             nodes = data.nodes
+            rows = np.asarray(rows)
+            contiguous = len(rows) == 0 or bool(
+                np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+            )
 
             def epoch() -> Iterator[Batch]:
                 for x, y, _ in nodes.batches(
                     rows,
                     batch_size,
-                    windows=True,
+                    windows=contiguous,
+                    shuffle=not contiguous,
                     generator=gen,
                     dtype=self.compute_dtype,
                     device=self.device,
@@ -465,10 +470,55 @@ class Trainer:
         ids = [self.data.video_ids[i] for i in rows]
         return predict_frames(model, self.data.store, ids, self.device), {}
 
-    def validator(self) -> Callable[[VideoModel], tuple[float, float]]:
-        rows = self.data.rows_val
+    def validator(
+        self, rows: np.ndarray | None = None
+    ) -> Callable[[VideoModel], tuple[float, float]]:
+        rows = self.data.rows_val if rows is None else rows
         labels = self.data.labels[rows]
         return lambda model: validation_score(self.outputs(model, rows)[0], labels)
+
+
+@dataclass
+class Fold:
+    """One split of the training videos for the selection: fit on ``fit``, score on ``val``."""
+
+    fit: np.ndarray
+    val: np.ndarray
+    stats_key: str
+
+
+def selection_folds(data: RunData, config: TrainConfig) -> list[Fold]:
+    """The validation part as fold 0 and, while the pooled validation videos are fewer than
+    ``config.min_validation``, further folds of the same size per class taken in turn from the
+    fit rows (disjoint, each class keeping at least one video to fit), up to
+    ``config.max_folds`` folds. Every fold's standardisation statistics come from its own fit
+    rows only."""
+    folds = [Fold(data.rows_fit, data.rows_val, "fit")]
+    if data.n_val == 0 or data.nodes is None:
+        return folds
+    fit_labels = data.labels[data.rows_fit]
+    val_counts = {
+        int(c): int(n)
+        for c, n in zip(*np.unique(data.labels[data.rows_val], return_counts=True), strict=True)
+    }
+    by_class = {c: data.rows_fit[fit_labels == c] for c in val_counts}
+    k = 1
+    while len(folds) < config.max_folds and data.n_val * len(folds) < config.min_validation:
+        parts = []
+        for c, n in val_counts.items():
+            rows = by_class[c]
+            if k * n >= len(rows):  # the class would have nothing left to fit on
+                return folds
+            parts.append(rows[(k - 1) * n : k * n])
+        val = np.sort(np.concatenate(parts))
+        fit = np.setdiff1d(data.rows_train, val)
+        key = f"fold{k}"
+        if config.standardize and key not in data.stats:
+            assert data.nodes is not None
+            data.stats[key] = standardization_stats(data.nodes, fit)
+        folds.append(Fold(fit, val, key))
+        k += 1
+    return folds
 
 
 @dataclass
@@ -477,6 +527,49 @@ class Selection:
     chosen: dict[str, float]
     chosen_trial: Trial | None
     seconds: float
+    folds: list[list[Trial]] = field(default_factory=list)  # further folds' trials, grid order
+    scores: list[tuple[float, float]] = field(default_factory=list)  # pooled (top1, -loss)
+    fold_sizes: list[int] = field(default_factory=list)
+
+    def grid_summary(self) -> list[dict[str, Any]]:
+        """Every grid point with its validation scores (pooled over the folds when there are
+        several, each fold's own top-1 beside them)."""
+        out = []
+        for i, t in enumerate(self.trials):
+            row = t.summary()
+            if self.folds:
+                top1, neg_loss = self.scores[i]
+                row["val_top1"], row["val_loss"] = top1, -neg_loss
+                row["fold_val_top1"] = [t.best[0]] + [f[i].best[0] for f in self.folds]
+            out.append(row)
+        return out
+
+
+def pooled_scores(per_fold: list[list[Trial]], sizes: list[int]) -> list[tuple[float, float]]:
+    """Per grid point, ``(top1, -loss)`` of all validation videos together (every fold's scores
+    weighted by its video count) at the validation pass where their pooled loss is lowest.
+
+    One pass for all folds, not each fold's own best: the best of twenty passes over three
+    videos is mostly luck, and it favours configurations whose predictions flicker. A trial
+    stopped early keeps its last scores for the passes it did not run.
+    """
+    total = float(sum(sizes))
+    out = []
+    for i in range(len(per_fold[0])):
+        curves = []
+        for fold, n in zip(per_fold, sizes, strict=True):
+            scored = [(h["val_top1"], h["val_loss"]) for h in fold[i].history if "val_loss" in h]
+            curves.append((n, scored))
+        length = max(len(c) for _, c in curves)
+        best = (-math.inf, -math.inf)
+        for e in range(length):
+            top1 = sum(n * c[min(e, len(c) - 1)][0] for n, c in curves) / total
+            loss = sum(n * c[min(e, len(c) - 1)][1] for n, c in curves) / total
+            if not math.isfinite(loss):
+                loss = math.inf
+            best = max(best, (-loss, top1))
+        out.append((best[1], best[0]))
+    return out
 
 
 def select(trainer: Trainer, budget: Budget) -> Selection:
@@ -484,6 +577,8 @@ def select(trainer: Trainer, budget: Budget) -> Selection:
 
     Without validation videos nothing can be chosen: the grid's middle is taken. With a single
     configuration and refit there is nothing to choose either, and no selection is trained.
+    A small validation part gets further folds (:func:`selection_folds`); the choice is then made
+    on the scores pooled over them, and fold 0's trial stands for the chosen values.
     """
     c, data = trainer.config, trainer.data
     grid = c.grid()
@@ -492,22 +587,42 @@ def select(trainer: Trainer, budget: Budget) -> Selection:
             log.warning("no validation video: taking %s without selection", c.default_point())
         return Selection([], c.default_point() if len(grid) > 1 else grid[0], None, 0.0)
     steps = budget.select_steps
-    trials = [trainer.trial(v, steps, "fit") for v in grid]
-    seconds = train_trials(
-        trials,
-        trainer.batches(data.rows_fit, budget.batch_size, c.seed),
-        steps=steps,
-        device=trainer.device,
-        grad_clip=c.grad_clip,
-        bf16=trainer.bf16,
-        validate=trainer.validator(),
-        eval_every=budget.eval_every(steps),
-        patience=c.patience,
-        epoch_steps=max(1, math.ceil(data.n_fit / budget.batch_size)),
+    folds = selection_folds(data, c)
+    per_fold: list[list[Trial]] = []
+    seconds = 0.0
+    for fold in folds:
+        trials = [trainer.trial(v, steps, fold.stats_key) for v in grid]
+        seconds += train_trials(
+            trials,
+            trainer.batches(fold.fit, budget.batch_size, c.seed),
+            steps=steps,
+            device=trainer.device,
+            grad_clip=c.grad_clip,
+            bf16=trainer.bf16,
+            validate=trainer.validator(fold.val),
+            eval_every=budget.eval_every(steps),
+            patience=c.patience,
+            epoch_steps=max(1, math.ceil(len(fold.fit) / budget.batch_size)),
+        )
+        per_fold.append(trials)
+    trials = per_fold[0]
+    if len(folds) == 1:
+        best = choose(trials)
+        log.info("chose %s (validation top-1 %.4f)", best.values, best.best[0])
+        return Selection(trials, dict(best.values), best, seconds)
+    sizes = [len(f.val) for f in folds]
+    scores = pooled_scores(per_fold, sizes)
+    # the pooled loss decides (top-1 on a few dozen videos moves in steps of several points)
+    i = max(range(len(grid)), key=lambda j: (scores[j][1], scores[j][0]))  # first wins ties
+    log.info(
+        "chose %s (loss %.4f, top-1 %.4f on %d validation videos in %d folds)",
+        grid[i],
+        -scores[i][1],
+        scores[i][0],
+        sum(sizes),
+        len(folds),
     )
-    best = choose(trials)
-    log.info("chose %s (validation top-1 %.4f)", best.values, best.best[0])
-    return Selection(trials, dict(best.values), best, seconds)
+    return Selection(trials, dict(grid[i]), trials[i], seconds, per_fold[1:], scores, sizes)
 
 
 @dataclass
@@ -549,20 +664,26 @@ def final_training(trainer: Trainer, budget: Budget, selection: Selection) -> Fi
         trial.model.load_state_dict(trial.best_state)
     chosen = selection.chosen_trial
     if c.refit and chosen is not None and chosen.best_state is not None:
-        # the refit has no held-out videos to watch, but it has trained on the validation
-        # videos: if it scores them far below what the chosen configuration scored without
-        # them, or its outputs no longer tell the classes apart, it has diverged or collapsed
-        # (a learning rate that held for the selection's shorter schedule can fail over the
-        # full one). Keep the chosen configuration's weights instead.
-        outputs, _ = trainer.outputs(trial.model, data.rows_val)
-        seen_top1, _ = validation_score(outputs, data.labels[data.rows_val])
+        # the refit has no held-out videos to watch. If it scores the training videos (all of
+        # which it has seen) far below the chosen configuration's weights (which saw all but
+        # the validation part), or its outputs no longer tell the classes apart, it has
+        # diverged or collapsed (a learning rate that held for the selection's shorter schedule
+        # can fail over the full one): keep the chosen configuration's weights instead. Scored
+        # on the whole training split, not on the validation part alone: on three validation
+        # videos one video is a drop of a third, which noise alone produces.
+        rows_all = data.rows_train
+        outputs, _ = trainer.outputs(trial.model, rows_all)
+        seen_top1, _ = validation_score(outputs, data.labels[rows_all])
+        chosen.model.load_state_dict(chosen.best_state)
+        chosen_outputs, _ = trainer.outputs(chosen.model, rows_all)
+        chosen_top1, _ = validation_score(chosen_outputs, data.labels[rows_all])
         collapsed = not np.isfinite(outputs).all() or bool(np.ptp(outputs, axis=1).max() < 1e-6)
-        if collapsed or seen_top1 < chosen.best[0] - REFIT_DROP:
+        if collapsed or seen_top1 < chosen_top1 - REFIT_DROP:
             log.warning(
-                "the refit scores %.4f on the validation videos it trained on (selection: %.4f "
-                "without them)%s: keeping the selected weights",
+                "the refit scores %.4f on the training videos (the selected weights: %.4f)%s: "
+                "keeping the selected weights",
                 seen_top1,
-                chosen.best[0],
+                chosen_top1,
                 ", every class alike" if collapsed else "",
             )
             chosen.model.load_state_dict(chosen.best_state)
@@ -620,6 +741,7 @@ def run_config(
         "num_classes": len(data.class_names),
         "fusion": config.resolved_fusion,
         "fusion_weights": config.fusion_weights,
+        "fusion_rule": "probabilities",
         "standardize": isinstance(model, TwoStream) and model.standardizer is not None,
         "streams": list(config.streams),
         "input_specs": {s: spec.to_dict() for s, spec in model.input_specs.items()},
@@ -796,8 +918,10 @@ def _train(
         pyramid_leaves=sorted(data.nodes.mix) if data.nodes is not None else [],
         standardize=config_json["standardize"],
         selection={
-            "grid": [t.summary() for t in selection.trials],
+            "grid": selection.grid_summary(),
             "chosen": selection.chosen,
+            "folds": 1 + len(selection.folds) if selection.trials else 0,
+            "validation_videos": sum(selection.fold_sizes) or data.n_val,
             "steps_per_configuration": budget.select_steps if selection.trials else 0,
             "seconds": selection.seconds,
         },

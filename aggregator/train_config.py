@@ -26,6 +26,8 @@ MIN_BATCH = 8
 DEFAULT_LR_GRID = {"adam": (1e-3, 1e-2, 1e-1), "sgd": (1e-3, 1e-2, 1e-1)}
 DEFAULT_WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2)
 EVALUATIONS = 20  # validation passes per training phase
+MIN_VALIDATION = 30  # validation videos the selection wants before it adds folds
+MAX_FOLDS = 3
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,13 @@ class TrainConfig:
             [:data:`MIN_BATCH`, :data:`MAX_BATCH`]).
         lr, weight_decay: fixed values; None selects them on validation from ``lr_grid`` and
             ``weight_decay_grid`` (L2 on weight matrices only).
-        select_budget: the selection grid costs this many single configurations in all.
+        select_budget: the selection grid costs this many single configurations in all
+            (per fold).
+        min_validation, max_folds: where the validation part holds fewer than
+            ``min_validation`` videos, the grid is also trained and scored on further folds of
+            the same size (disjoint, stratified, from the rest of the training split), up to
+            ``max_folds`` folds in all, and chosen on the pooled scores: top-1 on three held-out
+            videos cannot tell nine configurations apart.
         refit: train the chosen values again on the whole training split (else keep the
             chosen configuration's best-validation weights, trained on the rest).
         warmup: share of the steps with a linear warmup before the cosine decay.
@@ -77,6 +85,8 @@ class TrainConfig:
     lr_grid: tuple[float, ...] | None = None
     weight_decay_grid: tuple[float, ...] = DEFAULT_WEIGHT_DECAY_GRID
     select_budget: float = 2.0
+    min_validation: int = MIN_VALIDATION
+    max_folds: int = MAX_FOLDS
     refit: bool = True
     momentum: float = 0.9
     simplex_lr_scale: float = 10.0
@@ -127,6 +137,11 @@ class TrainConfig:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.select_budget <= 0:
             raise ValueError(f"select_budget must be > 0, got {self.select_budget}")
+        if self.max_folds < 1 or self.min_validation < 0:
+            raise ValueError(
+                f"max_folds must be >= 1 and min_validation >= 0, got {self.max_folds} and "
+                f"{self.min_validation}"
+            )
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
         for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):

@@ -289,3 +289,48 @@ def test_top1_breaks_ties_as_argmax_does() -> None:
     assert m["top5"] == 1.0
     scores = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 0.0, 0.0]])
     assert classification_metrics(scores, np.array([1, 0, 2, 0]), ["a", "b", "c"])["top1"] == 0.5
+
+
+def test_a_small_validation_part_gets_more_folds(order_store: str, tmp_path: Path) -> None:
+    """Six validation videos (one per class) are too few to choose on: two more folds of the
+    same size per class are taken from the fit videos, disjoint, each standardised with its own
+    fit videos only, and the grid is chosen on the pooled validation loss of 18 videos; the
+    known-best value still wins."""
+    from aggregator.train import build, prepare_data, pyramid_leaf_streams, selection_folds
+
+    config = TrainConfig(head="gap", **{k: v for k, v in FAST.items() if k != "make_plots"})
+    probe_model = build(config, {"appearance": 1}, 2)
+    store = FeatureStore.open(order_store, "r")
+    data = prepare_data(store, config, probe_model.input_specs, pyramid_leaf_streams(probe_model))
+    folds = selection_folds(data, config)
+    assert len(folds) == 3 and data.n_val == 6
+    vals = [set(f.val.tolist()) for f in folds]
+    assert all(len(v) == 6 for v in vals) and not (vals[0] & vals[1] or vals[1] & vals[2])
+    for f in folds:
+        assert sorted(data.labels[f.val].tolist()) == list(range(6))  # one video per class
+        assert set(f.fit.tolist()) | set(f.val.tolist()) == set(data.rows_train.tolist())
+        assert not set(f.fit.tolist()) & set(f.val.tolist())
+    for f in folds[1:]:  # statistics of the fold's own fit videos
+        x = data.nodes.take(torch.as_tensor(f.fit), torch.float64)["appearance"]
+        mean, _ = data.stats[f.stats_key]["appearance"]
+        assert torch.allclose(mean.double(), x.reshape(-1, x.shape[-1]).mean(0), atol=1e-4)
+    assert len(selection_folds(data, config.replace(max_folds=1))) == 1
+    assert len(selection_folds(data, config.replace(min_validation=6))) == 1
+
+    metrics = train_run(
+        order_store,
+        tmp_path / "sel",
+        head="tp",
+        head_kwargs={"depth": 2},
+        lr_grid=(1e-7, 1e-2),
+        weight_decay_grid=(1e-4, 1e3),
+        steps=120,
+        batch_size=8,
+        **FAST,
+    )
+    sel = metrics["selection"]
+    assert sel["folds"] == 3 and sel["validation_videos"] == 18
+    assert sel["chosen"] == {"lr": 1e-2, "weight_decay": 1e-4}
+    losses = {(g["lr"], g["weight_decay"]): g["val_loss"] for g in sel["grid"]}
+    assert losses[(1e-2, 1e-4)] < min(v for k, v in losses.items() if k != (1e-2, 1e-4))
+    assert all(len(g["fold_val_top1"]) == 3 for g in sel["grid"])
