@@ -88,6 +88,8 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         beta_step: ``"level"`` (level-set projection) or ``"lp"`` (the LP minimiser), concat only.
         level: where the level sits between LB (0) and UB (1) for ``beta_step="level"``.
         gamma: ``"scale"`` (per node, 1 / mean pairwise distance) or a float, for rbf/chi2.
+        gamma_scale: factor on ``gamma`` (what the selection varies: a grid of factors of the
+            per-node ``"scale"`` gammas keeps each node's own scale).
         n_nodes: number of nodes M when ``X`` is 2-D ``[n, M*d]``.
         max_iter: most alpha-steps (concat) or accepted gradient steps per restart (average).
         eps: stop at relative gap ``1 - LB/UB`` (concat) or relative Frank-Wolfe gap (average).
@@ -119,6 +121,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         beta_step: str = "level",
         level: float = 0.5,
         gamma: float | str = "scale",
+        gamma_scale: float = 1.0,
         n_nodes: int | None = None,
         max_iter: int = 50,
         eps: float = 1e-3,
@@ -134,6 +137,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         self.beta_step = beta_step
         self.level = level
         self.gamma = gamma
+        self.gamma_scale = gamma_scale
         self.n_nodes = n_nodes
         self.max_iter = max_iter
         self.eps = eps
@@ -144,6 +148,15 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ validation
+    def node_gammas(self, X: np.ndarray) -> np.ndarray | None:
+        """``[M]`` per-node gammas of the kernel on node features ``X [n, M, d]`` (None for the
+        linear kernel): ``gamma`` (``"scale"``: from ``X``) times ``gamma_scale``."""
+        if self.kernel == "linear":
+            return None
+        if self.gamma == "scale":
+            return scale_gammas(X, self.kernel) * float(self.gamma_scale)
+        return np.full(X.shape[1], float(self.gamma) * float(self.gamma_scale))
+
     def _check_params(self) -> None:
         def positive(name: str, value: Any) -> None:
             if (
@@ -178,6 +191,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             )
         if self.gamma != "scale":
             positive("gamma", self.gamma)
+        positive("gamma_scale", self.gamma_scale)
         if self.n_nodes is not None:
             count("n_nodes", self.n_nodes)
         if not isinstance(self.gram_cache_gib, numbers.Real) or self.gram_cache_gib < 0:
@@ -245,18 +259,22 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_nodes_, self.n_node_features_ = X.shape[1], X.shape[2]
         Y = ovr_targets(y_idx, len(classes))
-        if self.kernel == "linear":
-            self.gammas_ = None
-        elif self.gamma == "scale":
-            self.gammas_ = scale_gammas(X, self.kernel)
-        else:
-            self.gammas_ = np.full(X.shape[1], float(self.gamma))
+        self.gammas_ = self.node_gammas(X)
         if grams is not None and (
-            grams.X.shape != X.shape or grams.kernel != self.kernel or self.kernel != "linear"
+            grams.X.shape != X.shape
+            or grams.kernel != self.kernel
+            or (
+                self.kernel != "linear"
+                and (
+                    grams.gammas is None
+                    or self.gammas_ is None
+                    or not np.allclose(grams.gammas, self.gammas_)
+                )
+            )
         ):
             raise ValueError(
                 f"grams of X {grams.X.shape} with kernel {grams.kernel!r} do not match X "
-                f"{X.shape} with kernel {self.kernel!r} (reuse is for the linear kernel)"
+                f"{X.shape} with kernel {self.kernel!r} and these gammas"
             )
         if self.variant == "concat":
             self._fit_concat(X, Y, grams)

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "framepool-svm/1"
 C_GRID = (0.1, 1.0, 10.0)
+GAMMA_GRID = (0.25, 1.0, 4.0)  # factors on the per-node "scale" gamma (rbf and chi2 kernels)
 VALIDATION_FRACTION = 0.1
 FUSION_GRID = 20  # simplex step 1/20 for the stream weights
 EMBED_DIM = 4096  # embeddings longer than this are count-sketched down to it
@@ -235,36 +236,48 @@ def _fit_stream(
     c_grid: Sequence[float],
     classes: np.ndarray,
     n_classes: int,
-) -> tuple[float, list[dict[str, Any]], MultipleAggregationSVM]:
-    """Fit one stream's SVM for every ``C`` of ``c_grid`` on the fit videos (one shared Gram
-    cache) and score each on the validation videos; returns the chosen ``C`` (best top-1, ties to
-    the smaller), the grid's record and the chosen fit."""
-    grams = None
-    if params["kernel"] == "linear" and params["variant"] == "concat" and len(c_grid) > 1:
-        grams = NodeGrams(
-            X_fit, kernel="linear", gammas=None, budget_bytes=params["gram_cache_gib"] * 2**30
-        )
+    gamma_grid: Sequence[float] = (1.0,),
+) -> tuple[dict[str, float], list[dict[str, Any]], MultipleAggregationSVM]:
+    """Fit one stream's SVM for every ``C`` of ``c_grid`` (and, for the rbf/chi2 kernels, every
+    factor of ``gamma_grid`` on the gamma) on the fit videos and score each on the validation
+    videos; the fits of one gamma share one Gram cache across ``C``. Returns the chosen values
+    (best top-1; ties to the smaller C, then the gamma factor nearest 1), the grid's record and
+    the chosen fit."""
+    kernel = params["kernel"]
+    gammas = [float(g) for g in gamma_grid] if kernel != "linear" else [1.0]
     record: list[dict[str, Any]] = []
-    best: tuple[float, float, MultipleAggregationSVM] | None = None
-    for C in sorted(c_grid):
-        t0 = time.perf_counter()
-        est = MultipleAggregationSVM(**{**params, "C": float(C)}).fit(X_fit, y_fit, grams=grams)
-        top1 = math.nan
-        if X_val is not None and len(y_val):
-            state = export_state(est)
-            scores = class_scores(stream_decision(state, X_val), classes, n_classes)
-            top1 = float((scores.argmax(1) == y_val).mean())
-        record.append(
-            {
-                "C": float(C),
-                "val_top1": top1,
-                "n_iter": est.n_iter_,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        key = -math.inf if math.isnan(top1) else top1
-        if best is None or key > best[0]:
-            best = (key, float(C), est)
+    best: tuple[tuple[float, float, float], dict[str, float], MultipleAggregationSVM] | None = None
+    for g in gammas:
+        grams = None
+        if params["variant"] == "concat" and len(c_grid) > 1:
+            node_gammas = None
+            if kernel != "linear":
+                node_gammas = MultipleAggregationSVM(**{**params, "gamma_scale": g}).node_gammas(
+                    X_fit
+                )
+            grams = NodeGrams(
+                X_fit,
+                kernel=kernel,
+                gammas=node_gammas,
+                budget_bytes=params["gram_cache_gib"] * 2**30,
+            )
+        for C in sorted(c_grid):
+            t0 = time.perf_counter()
+            values = {"C": float(C)} | ({"gamma_scale": g} if kernel != "linear" else {})
+            est = MultipleAggregationSVM(**{**params, **values}).fit(X_fit, y_fit, grams=grams)
+            top1 = math.nan
+            if X_val is not None and len(y_val):
+                state = export_state(est)
+                scores = class_scores(stream_decision(state, X_val), classes, n_classes)
+                top1 = float((scores.argmax(1) == y_val).mean())
+            entry: dict[str, Any] = {**values, "val_top1": top1}
+            if est.gammas_ is not None:
+                entry["gamma_mean"] = float(np.mean(est.gammas_))
+            entry |= {"n_iter": est.n_iter_, "seconds": time.perf_counter() - t0}
+            record.append(entry)
+            key = (-math.inf if math.isnan(top1) else top1, -float(C), -abs(math.log(g)))
+            if best is None or key > best[0]:
+                best = (key, values, est)
     assert best is not None
     return best[1], record, best[2]
 
@@ -284,6 +297,7 @@ def train_svm(
     max_iter: int,
     eps: float,
     C_grid: Sequence[float] = C_GRID,
+    gamma_grid: Sequence[float] | None = None,
     refit: bool = True,
     standardize_inputs: bool = True,
     probe: bool = True,
@@ -293,7 +307,9 @@ def train_svm(
     (None: no test), and write the run directory ``out_dir``. Returns the metrics written.
 
     ``store`` is a FeatureStore or its path (opened writable when possible, to keep the node
-    cache). ``C`` None selects it from ``C_grid`` on the validation part. See the module docstring
+    cache). ``C`` None selects it from ``C_grid`` on the validation part, and for the rbf/chi2
+    kernels a factor on the gamma from ``gamma_grid`` (default :data:`GAMMA_GRID` when ``C`` is
+    selected, else 1: a given ``C`` is a fixed configuration). See the module docstring
     for the validation part, selection, refit, fusion, calibration and standardisation.
     """
     t_start = time.perf_counter()
@@ -308,6 +324,11 @@ def train_svm(
     c_grid = [float(C)] if C is not None else [float(c) for c in C_grid]
     if not c_grid:
         raise ValueError("C_grid is empty")
+    if gamma_grid is None:
+        gamma_grid = GAMMA_GRID if C is None else (1.0,)
+    g_grid = [float(g) for g in gamma_grid] if kernel != "linear" else [1.0]
+    if not g_grid or any(not math.isfinite(g) or g <= 0 for g in g_grid):
+        raise ValueError(f"gamma_grid must hold positive numbers, got {list(gamma_grid)!r}")
     # the estimator validates C, variant, kernel, max_iter and eps before any work
     for c in c_grid:
         MultipleAggregationSVM(
@@ -339,6 +360,7 @@ def train_svm(
         "variant": variant,
         "C": C,
         "C_grid": c_grid,
+        "gamma_grid": g_grid,
         "kernel": kernel,
         "train_split": train_split,
         "test_split": test_split,
@@ -388,16 +410,17 @@ def train_svm(
         X_val = X_train[val_idx] if len(val_idx) else None
         t_fit = time.perf_counter()
         params = estimator.get_params()
-        C_s, grid, est = _fit_stream(
-            X_fit, y_fit, X_val, y_val, params, c_grid, classes, len(class_names)
+        chosen_s, grid, est = _fit_stream(
+            X_fit, y_fit, X_val, y_val, params, c_grid, classes, len(class_names), g_grid
         )
+        C_s = chosen_s["C"]
         if X_val is not None:
             val_scores[s] = class_scores(
                 stream_decision(export_state(est), X_val), classes, len(class_names)
             )
         refitted = bool(refit and len(val_idx))
         if refitted:
-            est = MultipleAggregationSVM(**{**params, "C": C_s}).fit(X_train, y_train)
+            est = MultipleAggregationSVM(**{**params, **chosen_s}).fit(X_train, y_train)
         del X_fit, X_val, X_train
         seconds_fit = time.perf_counter() - t_fit
         state = export_state(est)
@@ -409,6 +432,7 @@ def train_svm(
             test_scores[s] = class_scores(decision, classes, len(class_names))
         svm_info[s] = {
             "C": C_s,
+            "gamma_scale": chosen_s.get("gamma_scale"),
             "C_grid": grid,
             "refit": refitted,
             "n_iter": est.n_iter_,
@@ -497,7 +521,14 @@ def train_svm(
         val_top1=val_top1,
         per_stream=per_stream or None,
         probe=probes,
-        selection={s: {"chosen": {"C": i["C"]}, "grid": i["C_grid"]} for s, i in svm_info.items()},
+        selection={
+            s: {
+                "chosen": {"C": i["C"]}
+                | ({"gamma_scale": i["gamma_scale"]} if i["gamma_scale"] is not None else {}),
+                "grid": i["C_grid"],
+            }
+            for s, i in svm_info.items()
+        },
         svm=svm_info,
     )
     written = [

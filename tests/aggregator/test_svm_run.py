@@ -257,3 +257,64 @@ def test_node_statistics_are_exact() -> None:
     flat = x.astype(np.float64).reshape(-1, 5)
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(std, flat.std(0), rtol=1e-4)
+
+
+def ring_store(path: Path, *, n_train: int = 40, n_test: int = 10, seed: int = 0) -> FeatureStore:
+    """Two classes told apart by the radius of the video's mean point only (inside radius 1 or
+    around radius 2, every direction alike): an rbf kernel of the data's own scale separates
+    them; a gamma 1e4 times smaller is nearly linear there, one 1e4 times larger sees every
+    video as unlike every other."""
+    rng = np.random.default_rng(seed)
+    store = FeatureStore.create(path, extractor={"appearance": {"backbone": "toy"}})
+    for c, (lo, hi) in enumerate(((0.0, 1.0), (1.7, 2.3))):
+        for i in range(n_train + n_test):
+            angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(lo, hi)
+            centre = radius * np.array([np.cos(angle), np.sin(angle)])
+            x = centre + 0.05 * rng.normal(size=(6, 2))
+            split = "train" if i < n_train else "test"
+            store.write_video(f"c{c}_v{i:02d}", {"appearance": x}, label=f"r{c}", split=split)
+    return store
+
+
+def test_selection_of_gamma_takes_the_best_validation_score(tmp_path: Path) -> None:
+    """For the rbf kernel the selection tries every factor of the gamma grid (with every C), all
+    recorded in metrics.json, and chooses the factor whose kernel fits the data's scale."""
+    store = ring_store(tmp_path / "store.zarr")
+    metrics = train_svm(
+        store,
+        tmp_path / "run",
+        **run_args(
+            streams=["appearance"],
+            levels=1,
+            kernel="rbf",
+            C=None,
+            C_grid=(1.0,),
+            gamma_grid=(1e-4, 1.0, 1e4),
+            probe=False,
+            max_iter=5,
+        ),
+    )
+    info = metrics["svm"]["appearance"]
+    scores = {g["gamma_scale"]: g["val_top1"] for g in info["C_grid"]}
+    assert set(scores) == {1e-4, 1.0, 1e4}
+    assert all("gamma_mean" in g for g in info["C_grid"])
+    assert scores[1.0] > max(scores[1e-4], scores[1e4])
+    assert info["gamma_scale"] == 1.0
+    assert metrics["selection"]["appearance"]["chosen"] == {"C": 1.0, "gamma_scale": 1.0}
+    assert metrics["top1"] >= 0.9
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train_args"]["gamma_grid"] == [1e-4, 1.0, 1e4]
+
+
+def test_linear_kernel_has_no_gamma_to_select(tmp_path: Path) -> None:
+    store = ring_store(tmp_path / "store.zarr", n_train=10, n_test=2)
+    metrics = train_svm(
+        store,
+        tmp_path / "run",
+        **run_args(streams=["appearance"], levels=1, C=None, C_grid=(0.1, 1.0), probe=False),
+    )
+    info = metrics["svm"]["appearance"]
+    assert [g["C"] for g in info["C_grid"]] == [0.1, 1.0]
+    assert all("gamma_scale" not in g for g in info["C_grid"]) and info["gamma_scale"] is None
+    with pytest.raises(ValueError, match="gamma_grid must hold positive numbers"):
+        train_svm(store, tmp_path / "bad", **run_args(kernel="rbf", gamma_grid=(0.0,)))
