@@ -22,7 +22,9 @@ import torch
 
 from aggregator.finetune import FinetuneModel
 from aggregator.finetune_inputs import DecodedSource, FeatureMemory, InputCache, StoreFeatures
+from aggregator.finetune_standardize import fit_standardizer
 from aggregator.finetune_train import (
+    CHECKPOINT,
     FinetuneSettings,
     TrainVideo,
     distributed,
@@ -70,13 +72,16 @@ def build_finetune_model(
     head: str,
     num_classes: int,
     head_kwargs: Mapping[str, Any] | None = None,
+    standardize: bool = False,
 ) -> FinetuneModel:
-    """The extractor's backbones + a head from :func:`aggregator.heads.build_model`."""
+    """The extractor's backbones + a head from :func:`aggregator.heads.build_model` (with an
+    input standardiser, still the identity, when ``standardize``)."""
     video_head = build_model(
         head,
         in_features=dict(extractor.feature_dims),
         num_classes=num_classes,
         head_kwargs=head_kwargs,
+        standardize=standardize,
     )
     backbones = {s: extractor.trainable_backbone(s) for s in extractor.streams}
     for b in backbones.values():
@@ -101,6 +106,7 @@ def run_finetune_job(
     resume: bool = True,
     keep_inputs: bool = False,
     reuse_features: bool = False,
+    standardize: bool = True,
 ) -> list[dict[str, Any]]:
     """Fine-tune on ``videos`` (video id -> path) with ``labels`` (video id -> class name).
 
@@ -111,6 +117,8 @@ def run_finetune_job(
     With ``reuse_features``, they read the features each video had at its previous step instead
     (:class:`aggregator.finetune_inputs.FeatureMemory` in ``out_dir/features``, or in memory
     with the in-memory input cache; removed at the end unless ``keep_inputs``).
+    With ``standardize``, the head standardises its inputs with statistics of the training
+    videos under the starting backbones (:mod:`aggregator.finetune_standardize`).
     Returns the per-epoch history (see :func:`aggregator.finetune_train.finetune`).
     """
     if not videos:
@@ -129,7 +137,11 @@ def run_finetune_job(
     extractor = start_extractor(backbone, dev, settings.amp)
     start_config = extractor.config()
     model = build_finetune_model(
-        extractor, head=head, num_classes=len(names), head_kwargs=head_kwargs
+        extractor,
+        head=head,
+        num_classes=len(names),
+        head_kwargs=head_kwargs,
+        standardize=standardize,
     )
     known: StoreFeatures | None = None
     if store is not None:
@@ -156,6 +168,8 @@ def run_finetune_job(
             source.prepared(vid)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+    if standardize and not (resume and (out / CHECKPOINT).exists()):  # a checkpoint holds them
+        fit_standardizer(model, source, ids, chunk_size=settings.chunk_size)
 
     config: dict[str, Any] = {
         "run_id": out.name,
@@ -165,6 +179,8 @@ def run_finetune_job(
         "in_features": dict(extractor.feature_dims),
         "num_classes": len(names),
         "fusion": "learned",
+        "fusion_rule": "probabilities",
+        "standardize": standardize,
         "class_names": names,
         "videos": ids,
         "backbone": {

@@ -74,6 +74,12 @@ def register(sub: Any) -> None:
     head.add_argument("--pyramids", type=int, help="tp: number of stacked pyramids P (1)")
     head.add_argument("--node-dim", type=int, help="tp concat: node projection size (128)")
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
+    head.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="feed the head unstandardised features (default: standardised with statistics of "
+        "the training videos under the starting backbones)",
+    )
 
     bb = p.add_argument_group("backbone and inputs")
     bb.add_argument("--arch", default="resnet101", choices=("resnet18", "resnet50", "resnet101"))
@@ -279,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         keep_inputs=args.keep_inputs,
         reuse_features=args.reuse_features,
+        standardize=not args.no_standardize,
     )
     files = {s: out / f"backbone_{s}.pt" for s in streams}
     if rank == 0:
