@@ -28,6 +28,18 @@ METRICS_FILE = "metrics.json"
 RUN_FORMAT = "framepool-run/1"
 
 
+def learned_fusion_rule(config: Mapping[str, Any]) -> str:
+    """What a run's learned fusion weights mix: ``probabilities`` (recorded as ``fusion_rule``
+    in ``config.json``) or ``logits`` for runs written before probability fusion, which record
+    neither ``fusion_rule`` nor ``standardize`` (both came with it)."""
+    rule = config.get("fusion_rule")
+    if rule is not None:
+        if rule not in ("probabilities", "logits"):
+            raise ValueError(f"fusion_rule must be 'probabilities' or 'logits', got {rule!r}")
+        return str(rule)
+    return "probabilities" if "standardize" in config else "logits"
+
+
 def finite(value: Any) -> Any:
     """NaN/inf -> None, numpy scalars and arrays -> Python, tuples -> lists (strict JSON)."""
     if isinstance(value, Mapping):

@@ -13,7 +13,7 @@ from aggregator.data import summaries_of
 from aggregator.heads import NodeInput, VideoModel, build_model
 from aggregator.heads.pooling import Intervals
 from aggregator.predictor import Predictor
-from aggregator.rundir import MODEL_FILE, read_config
+from aggregator.rundir import MODEL_FILE, learned_fusion_rule, read_config
 from aggregator.train import fusion_weights_of, model_betas, resolve_device
 
 __all__ = ["TorchRun", "load_run", "read_config"]
@@ -50,6 +50,7 @@ class TorchRun:
             fusion=config.get("fusion") or "learned",
             fusion_weights=config.get("fusion_weights"),
             standardize=bool(config.get("standardize", False)),
+            learned_on=learned_fusion_rule(config),
         )
         weights = Path(run_dir) / MODEL_FILE
         if not weights.is_file():

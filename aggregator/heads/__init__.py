@@ -52,6 +52,7 @@ def build_model(
     fusion: str = "learned",
     fusion_weights: Mapping[str, float] | None = None,
     standardize: bool = False,
+    learned_on: str = "probabilities",
 ) -> VideoModel:
     """A video model over the streams of ``in_features`` (stream name -> feature size d).
 
@@ -59,7 +60,9 @@ def build_model(
     ``num_classes`` (the same for every stream). For every head but ``stcb`` each stream gets its
     own head and the streams are fused late by a :class:`TwoStream` with ``fusion`` ("learned" or
     "fixed") and initial/fixed ``fusion_weights``; ``standardize`` gives it an
-    :class:`InputStandardizer` (``stcb`` batch-normalises its inputs itself and takes none).
+    :class:`InputStandardizer` (``stcb`` batch-normalises its inputs itself and takes none);
+    ``learned_on="logits"`` rebuilds runs whose learned fusion was on logits (see
+    :class:`TwoStream`).
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; known: {sorted(HEADS)}")
@@ -88,6 +91,7 @@ def build_model(
         fusion=fusion,  # type: ignore[arg-type]
         weights=fusion_weights,
         standardize=standardize,
+        learned_on=learned_on,  # type: ignore[arg-type]
     )
 
 

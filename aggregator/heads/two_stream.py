@@ -28,7 +28,9 @@ class TwoStream(nn.Module):
       classifier compensates any change of ``w``; on probabilities they are.
     - ``fusion="fixed"`` (DTPP): ``logits = sum_s w_s z_s`` with the given weights.
 
-    One stream is allowed (its weight is 1). With ``standardize``, an
+    ``learned_on="logits"`` fuses learned weights on logits instead, as runs written before
+    probability fusion were trained (they load with it). One stream is allowed (its weight is
+    1). With ``standardize``, an
     :class:`InputStandardizer` (identity until fitted) maps every stream's summaries to
     ``(x - mean) / std`` before its head.
 
@@ -46,8 +48,12 @@ class TwoStream(nn.Module):
         fusion: Literal["learned", "fixed"] = "learned",
         weights: Mapping[str, float] | None = None,
         standardize: bool = False,
+        learned_on: Literal["probabilities", "logits"] = "probabilities",
     ) -> None:
         super().__init__()
+        if learned_on not in ("probabilities", "logits"):
+            raise ValueError(f"learned_on must be 'probabilities' or 'logits', got {learned_on!r}")
+        self.learned_on = learned_on
         if not heads:
             raise ValueError("TwoStream needs at least one stream head")
         if fusion not in ("learned", "fixed"):
@@ -122,7 +128,7 @@ class TwoStream(nn.Module):
         """``[B, C]`` output from each stream's logits: ``log sum_s w_s softmax(z_s)`` (learned
         weights) or ``sum_s w_s z_s`` (fixed weights)."""
         w = self.weights_tensor()
-        if self.fusion == "learned":
+        if self.fusion == "learned" and self.learned_on == "probabilities":
             # log p = logsumexp_s (log w_s + log_softmax(z_s)): stable, and -inf only where w_s = 0
             parts = [
                 torch.log(w[i]).to(logits[s].dtype) + F.log_softmax(logits[s], dim=1)
