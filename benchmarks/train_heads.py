@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aggregator.data import NodeTensors
+from aggregator.data import NodeTensors, stratified_holdout
 from aggregator.heads import TwoStream, build_model, pyramid_mix
 from aggregator.train import fit_epoch, param_groups
 from aggregator.train_config import TrainConfig, plan_budget
@@ -221,6 +221,18 @@ def run_config(cfg: Config, args: argparse.Namespace, precision: str) -> dict[st
     return {"seconds": sec, "cpu_seconds": cpu, "flops": flops}
 
 
+def selection_fold_count(config: TrainConfig, n_train: int, n_classes: int) -> int:
+    """Folds the default selection trains the grid on for ``n_train`` training videos spread
+    evenly over ``n_classes`` (:func:`aggregator.train.selection_folds`: more folds while the
+    validation part holds fewer than ``min_validation`` videos)."""
+    labels = np.arange(n_train) % n_classes
+    n_val = len(stratified_holdout(labels, config.val_fraction, 0)[1])
+    folds = 1
+    while folds < config.max_folds and n_val * folds < config.min_validation:
+        folds += 1
+    return folds
+
+
 def selection_cost(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per step of one configuration and of the default grid trained together, and the
     default budget's costs in units of one configuration."""
@@ -229,6 +241,7 @@ def selection_cost(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
     n_fit = n_all - round(config.val_fraction * n_all)
     grid = config.grid()
     budget = plan_budget(config, n_fit, n_all, len(grid))
+    folds = selection_fold_count(config, n_all, args.classes)
     data = synthetic(cfg, args.videos, args.dim, args.classes, args.depth, torch.float32, args.seed)
     index = np.arange(args.videos)
 
@@ -269,8 +282,9 @@ def selection_cost(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
             best = min(best, (time.process_time() - c0) / args.steps)
         per_step[k] = best
     one = budget.steps * per_step[1]
-    grid_cost = budget.select_steps * per_step[len(grid)]
+    grid_cost = folds * budget.select_steps * per_step[len(grid)]
     return {
+        "folds": folds,
         "one_step": per_step[1],
         "grid_step": per_step[len(grid)],
         "configs": len(grid),
@@ -290,7 +304,7 @@ def main_selection(args: argparse.Namespace) -> None:
         rows.append(
             f"| {cfg.name} | {r['one_step'] * 1e3:.0f} | {r['grid_step'] * 1e3:.0f} "
             f"({r['grid_step'] / r['one_step']:.1f}x) | {r['configs']} x {r['select_steps']} "
-            f"| {r['steps']} | {r['grid_ratio']:.2f} | {r['run_ratio']:.2f} |"
+            f"| {r['folds']} | {r['steps']} | {r['grid_ratio']:.2f} | {r['run_ratio']:.2f} |"
         )
         print(rows[-1].replace("|", " ").strip(), flush=True)
     print()
@@ -303,9 +317,9 @@ def main_selection(args: argparse.Namespace) -> None:
     print()
     print(
         "| head | CPU ms/step, one configuration | CPU ms/step, grid together | grid steps "
-        "| final steps | grid / one configuration | default run / one configuration |"
+        "| folds | final steps | grid / one configuration | default run / one configuration |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(row)
 
