@@ -1,8 +1,10 @@
 """``framepool finetune``: backbone + pooling head trained end to end with the surrogate gradient.
 
 Every frame goes through the backbone; at epoch r only frames t ≡ r (mod K) carry gradient
-(seed 002, Eq. 7). Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m api.cli finetune ...``
-(one process per GPU, videos sharded across ranks, rank 0 writes). A directory that already holds
+(seed 002, Eq. 7). ``--head stpn`` (both streams) trains on the backbones' last block output
+(spatial maps, see :mod:`aggregator.finetune_maps`). Multi-GPU / multi-node: ``torchrun
+--nproc-per-node N -m api.cli finetune ...`` (one process per GPU, videos sharded across ranks,
+rank 0 writes). A directory that already holds
 a ``checkpoint.pt`` is resumed from it (``--no-resume`` starts over).
 
 Writes in ``--out``: ``backbone_appearance.pt`` / ``backbone_motion.pt`` (for ``framepool extract
@@ -68,7 +70,11 @@ def register(sub: Any) -> None:
     )
 
     head = p.add_argument_group("head")
-    head.add_argument("--head", default="tp", help="pooling head (default tp)")
+    head.add_argument(
+        "--head",
+        default="tp",
+        help="pooling head: gap, max, tp, tpp, datp, stcb, or stpn (spatial maps of both streams)",
+    )
     head.add_argument("--levels", type=int, help="pyramid depth D (tp: 6, tpp: 3)")
     head.add_argument("--variant", choices=("concat", "average"), help="tp node map (concat)")
     head.add_argument("--pyramids", type=int, help="tp: number of stacked pyramids P (1)")
