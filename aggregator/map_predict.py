@@ -43,7 +43,7 @@ class MapRun:
     def extractor_streams(self) -> list[str]:
         """Every stream whose recorded configuration computing the maps needs (sources + maps)."""
         sources = [SOURCE_STREAMS[s] for s in self.streams]
-        missing = [s for s in sources if s not in self.extractor]
+        missing = [s for s in sources if self.extractor.get(s) is None]
         if missing:
             raise ValueError(
                 f"run {self.run_id!r} does not record the extractor of streams {missing}, which "
