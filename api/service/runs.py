@@ -240,7 +240,7 @@ def analyse(
             )
             if max_frames is not None and len(select_frames(n, stride)) <= max_frames:
                 max_frames = None  # the same frames, without the extractor's own counting pass
-        if extractor.map_streams:  # a map run: maps and vectors from the same forward pass
+        if getattr(extractor, "map_streams", ()):  # a map run: maps and vectors in one pass
             from api.service.maps import extract_with_maps
 
             video = extract_with_maps(
