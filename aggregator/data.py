@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from aggregator.heads.base import NodeInput
-from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals, pyramid_mix
+from aggregator.intervals import Intervals, PyramidLeaves, n_nodes, pool_intervals, pyramid_mix
 from aggregator.node_cache import (
     CACHE_DEPTH,
     NodeBlocks,
@@ -36,7 +36,6 @@ from aggregator.node_cache import (
     load_node_cache,
     memory_budget,
 )
-from aggregator.nodes import n_nodes
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ def load_pyramid_leaves(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(leaves [n, 2^(D-1), d] float16, n_frames [n])`` from the node cache: the last pyramid
-    level, from which :func:`aggregator.heads.pooling.pyramid_mix` rebuilds every node."""
+    level, from which :func:`aggregator.intervals.pyramid_mix` rebuilds every node."""
     if not 1 <= depth <= CACHE_DEPTH:
         raise ValueError(f"leaves come from the node cache: depth must be 1..{CACHE_DEPTH}")
     cache = load_node_cache(store, stream, progress=progress)

@@ -31,8 +31,7 @@ import torch
 from tqdm import tqdm
 
 from aggregator.heads.base import NodeInput
-from aggregator.heads.pooling import PyramidLeaves, pyramid_mix
-from aggregator.nodes import n_nodes, node_maxes, node_means
+from aggregator.intervals import PyramidLeaves, n_nodes, node_maxes, node_means, pyramid_mix
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.datp import AdaptiveTemporalPooling
 from aggregator.heads.gap import GlobalAveragePool
 from aggregator.heads.max_pool import GlobalMaxPool
-from aggregator.heads.pooling import Intervals, PyramidLeaves, pyramid_mix
 from aggregator.heads.standardize import InputStandardizer
 from aggregator.heads.stcb import CompactBilinear, CompactBilinearHead
 from aggregator.heads.stpn import SpatiotemporalPyramid
 from aggregator.heads.tp import TemporalPyramid
 from aggregator.heads.tpp import TemporalPyramidPooling
 from aggregator.heads.two_stream import TwoStream
+from aggregator.intervals import Intervals, PyramidLeaves, pyramid_mix
 
 HEADS: dict[str, type[nn.Module]] = {
     "gap": GlobalAveragePool,

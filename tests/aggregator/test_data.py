@@ -18,9 +18,8 @@ from aggregator.data import (
     split_videos,
     stratified_holdout,
 )
-from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals
+from aggregator.intervals import Intervals, PyramidLeaves, node_maxes, node_means, pool_intervals
 from aggregator.node_cache import cache_key
-from aggregator.nodes import node_maxes, node_means
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 

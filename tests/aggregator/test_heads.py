@@ -25,7 +25,7 @@ from aggregator.heads import (
     build_model,
 )
 from aggregator.heads.base import Dropout
-from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
+from aggregator.intervals import Intervals, pool_intervals, pyramid_mix
 from tests.aggregator.reference import (
     one_thread,  # noqa: F401 - autouse fixture
     randomize,

@@ -17,8 +17,7 @@ import aggregator.node_cache as nc
 from aggregator.data import NodeTensors, load_node_data, load_node_tensors
 from aggregator.evaluate import evaluate_run
 from aggregator.heads import build_model
-from aggregator.heads.pooling import Intervals, PyramidLeaves
-from aggregator.nodes import node_means
+from aggregator.intervals import Intervals, PyramidLeaves, node_means
 from aggregator.similarity import build_index
 from aggregator.train import predict_nodes, train_run
 from storage import FeatureStore

@@ -14,9 +14,8 @@ import torch
 
 from aggregator.evaluate import evaluate_run, summarize_runs
 from aggregator.heads import GlobalAveragePool, PyramidLeaves, TwoStream, build_model
-from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
 from aggregator.heads.standardize import InputStandardizer
-from aggregator.nodes import node_means
+from aggregator.intervals import Intervals, node_means, pool_intervals, pyramid_mix
 from aggregator.plots import plot_beta_pyramid, plot_history, text_colour
 from aggregator.runs import TorchRun, load_run
 from aggregator.train import train_run

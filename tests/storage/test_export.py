@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.nodes import node_means
+from aggregator.intervals import node_means
 from api.cli import main
 from extractor.pipeline import run_extract
 from storage import FeatureStore
