@@ -30,6 +30,7 @@ __all__ = [
     "batch_interval_bounds",
     "batch_pool_intervals",
     "interval_bounds",
+    "leaf_nodes",
     "n_nodes",
     "node_bounds",
     "node_level_index",
@@ -63,6 +64,12 @@ def pyramid_parts(depth: int) -> tuple[int, ...]:
     """Parts per level of a ``depth``-level pyramid: ``(1, 2, 4, ..., 2^(D-1))``."""
     n_nodes(depth)  # validates depth
     return tuple(1 << (level - 1) for level in range(1, depth + 1))
+
+
+def leaf_nodes(depth: int) -> slice:
+    """Node indices of the last level (the ``2^(D-1)`` leaves) of a ``depth``-level pyramid."""
+    first = n_nodes(depth - 1) if depth > 1 else 0
+    return slice(first, n_nodes(depth))
 
 
 @dataclass(frozen=True)

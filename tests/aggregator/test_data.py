@@ -15,6 +15,7 @@ from aggregator.data import (
     load_node_tensors,
     load_summaries,
     open_store,
+    pad_collate,
     split_videos,
     stratified_holdout,
 )
@@ -184,6 +185,14 @@ def test_frame_loader_pads_and_masks(store: FeatureStore) -> None:
             )
             assert (batch.features["appearance"][i, n:] == 0).all()
             assert int(batch.labels[i]) == ids.index(vid)
+
+
+def test_pad_collate_names_a_video_whose_streams_disagree() -> None:
+    item = {"features": {"a": torch.ones(3, 2), "m": torch.ones(2, 2)}, "label": 0, "video_id": "v"}
+    with pytest.raises(ValueError, match=r"'v': stream 'm' is \(2, 2\), expected \[3, 2\]"):
+        pad_collate([item])
+    with pytest.raises(ValueError, match="empty"):
+        pad_collate([])
 
 
 def test_pyramid_leaves_rebuild_the_cached_nodes(store: FeatureStore) -> None:

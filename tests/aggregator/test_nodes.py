@@ -11,6 +11,8 @@ import torch
 from aggregator.intervals import (
     Intervals,
     batch_pool_intervals,
+    interval_bounds,
+    leaf_nodes,
     n_nodes,
     node_bounds,
     node_level_index,
@@ -69,6 +71,18 @@ def test_node_order() -> None:
         [1, 2],
         [1, 2],
     ]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 6])
+def test_leaf_nodes_are_the_last_level(depth: int) -> None:
+    leaves = leaf_nodes(depth)
+    assert leaves.stop - leaves.start == 1 << (depth - 1) and leaves.stop == n_nodes(depth)
+    assert [node_level_index(n)[0] for n in range(leaves.start, leaves.stop)] == [depth] * (
+        1 << (depth - 1)
+    )
+    np.testing.assert_array_equal(
+        node_bounds(45, depth)[leaves], interval_bounds(45, (1 << (depth - 1),))
+    )
 
 
 def test_batch_matches_single_and_ignores_padding() -> None:
