@@ -141,8 +141,9 @@ def test_every_registered_head_is_covered() -> None:
 
 
 # State dicts of two-stream gap and max models (appearance d=3, motion d=2, C=2) as the former
-# GlobalAveragePool and GlobalMaxPool classes saved them, and their eval logits on OLD_X: run
-# directories written before the two became one GlobalPool class must load and answer the same.
+# GlobalAveragePool and GlobalMaxPool classes saved them, and their eval logits on the inputs of
+# the test below: run directories written before the two became one GlobalPool class must load
+# and answer the same.
 OLD_STATES: dict[str, dict[str, object]] = {
     "gap": {
         "fusion_logits": [0.302, -0.277],
