@@ -52,11 +52,11 @@ from torchvision.models import ResNet, resnet18, resnet50, resnet101
 
 from extractor import weights as weights_module
 from extractor.flow import sha256_file
+from extractor.spec import STREAMS
 from extractor.transforms import STACK_LENGTH, AppearanceInput
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("appearance", "motion")
 ARCHS: dict[str, tuple[Callable[..., ResNet], int]] = {
     "resnet18": (resnet18, 512),
     "resnet50": (resnet50, 2048),

@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from extractor.flow import sha256_file
 from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
 from extractor.sharding import in_shard, parse_shard, shard_from_env
 from extractor.sources import Source, make_sources
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -510,49 +511,46 @@ def _slice(chunk: FrameChunk, a: int, b: int) -> FrameChunk:
 def run_extract(
     inputs: Sequence[str | Path],
     store: str | Path,
+    spec: BackboneSpec | None = None,
     *,
+    maps: Sequence[str] = (),
     labels: str | Path | None = None,
-    streams: Sequence[str] = STREAMS,
-    flow: str = "dis",
-    flow_weights: str | Path | None = None,
-    weights: str | Path = "imagenet",
-    motion_weights: str | Path | None = None,
-    arch: str = "resnet101",
     device: str = "auto",
-    dtype: str = "auto",
     batch_size: int = 32,
     workers: int = 2,
     shard: str | tuple[int, int] | None = None,
     stride: int = 1,
     max_frames: int | None = None,
     progress: bool = True,
-    motion_arch: str | None = None,
     map_dim: int | None = None,
     map_stride: int = 1,
     map_seed: int = 0,
     decoder: str = "auto",
-    flow_params: dict[str, Any] | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
 
-    ``decoder``: ``auto`` (torchcodec with NVDEC when ``device`` is CUDA, else PyAV), ``pyav`` or
-    ``torchcodec``. ``flow_params``: the flow backend's options (e.g. ``{"dtype": "bfloat16"}``
-    for RAFT).
+    ``spec`` (default: :class:`~extractor.spec.BackboneSpec`'s defaults) says which backbones,
+    flow and dtype compute the features; ``batch_size`` frames go through the model at once and
+    ``workers`` threads decode. ``decoder``: ``auto`` (torchcodec with NVDEC when ``device`` is
+    CUDA, else PyAV), ``pyav`` or ``torchcodec``.
 
     ``shard`` is ``"I/N"`` or ``(I, N)``; without it, torchrun's ``RANK``/``WORLD_SIZE`` are used
     when set. Raises ValueError/FileNotFoundError for unusable arguments (bad shard, missing
     weights, an extractor that differs from the store's); per-video problems are in the summary.
 
-    ``streams`` may name map streams (``appearance_map``, ``motion_map``): the source stream's
-    spatial maps from the same forward pass (the source stream is then extracted too), reduced to
+    ``maps`` names map streams (``appearance_map``, ``motion_map``): the source stream's spatial
+    maps from the same forward pass (the source stream is then extracted too), reduced to
     ``map_dim`` channels by a random projection seeded with ``map_seed`` and kept every
     ``map_stride`` extracted frames (see :meth:`FeatureExtractor.set_maps`).
     """
-    maps = [s for s in streams if s in MAP_STREAMS]
-    streams = list(
-        dict.fromkeys([s for s in streams if s not in MAP_STREAMS] + [MAP_STREAMS[m] for m in maps])
+    spec = spec if spec is not None else BackboneSpec()
+    bad = [m for m in maps if m not in MAP_STREAMS]
+    if bad:
+        raise ValueError(f"maps must be among {list(MAP_STREAMS)}, got {bad}")
+    wanted = dict.fromkeys([*spec.streams, *(MAP_STREAMS[m] for m in maps)])
+    streams = tuple(s for s in STREAMS if s in wanted) + tuple(
+        s for s in wanted if s not in STREAMS
     )
-    streams = [s for s in STREAMS if s in streams] + [s for s in streams if s not in STREAMS]
     check_selection(stride, max_frames)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
@@ -561,17 +559,7 @@ def run_extract(
         part = shard_from_env()
     sources = make_sources(inputs, labels=labels)
     extractor = FeatureExtractor(
-        streams=streams,
-        flow=flow,
-        flow_weights=flow_weights,
-        weights=weights,
-        motion_weights=motion_weights,
-        arch=arch,
-        device=device,
-        batch_size=batch_size,
-        dtype=dtype,
-        motion_arch=motion_arch,
-        flow_params=flow_params,
+        replace(spec, streams=streams), device=device, batch_size=batch_size
     )
     if maps or map_dim is not None or map_stride != 1:
         if not maps:

@@ -180,20 +180,28 @@ def run(args: argparse.Namespace) -> int:
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
     from extractor.pipeline import run_extract
+    from extractor.spec import BackboneSpec
 
+    spec = BackboneSpec(
+        streams=tuple(s for s in streams if s not in MAP_STREAMS),
+        arch=args.arch,
+        motion_arch=args.motion_arch,
+        weights=args.weights,
+        motion_weights=args.motion_weights,
+        flow=args.flow,
+        flow_weights=args.flow_weights,
+        flow_params=(
+            {"dtype": _PRECISION_TO_DTYPE[args.flow_precision]} if args.flow_precision else None
+        ),
+        dtype=_PRECISION_TO_DTYPE[args.precision],
+    )
     summary = run_extract(
         args.inputs,
         args.store,
+        spec,
+        maps=[s for s in streams if s in MAP_STREAMS],
         labels=args.labels,
-        streams=streams,
-        flow=args.flow,
-        flow_weights=args.flow_weights,
-        weights=args.weights,
-        motion_weights=args.motion_weights,
-        arch=args.arch,
-        motion_arch=args.motion_arch,
         device=args.device,
-        dtype=_PRECISION_TO_DTYPE[args.precision],
         batch_size=args.batch_size,
         workers=args.decode_workers,
         shard=shard,
@@ -204,9 +212,6 @@ def run(args: argparse.Namespace) -> int:
         map_stride=args.map_stride,
         map_seed=args.map_seed,
         decoder=args.decoder,
-        flow_params=(
-            {"dtype": _PRECISION_TO_DTYPE[args.flow_precision]} if args.flow_precision else None
-        ),
     )
     print(summary.format())
     return exit_status(summary)

@@ -199,9 +199,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from aggregator.finetune_job import BackboneSpec, reextract_dtype, run_finetune_job
+    from aggregator.finetune_job import reextract_dtype, run_finetune_job
     from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
     from aggregator.heads import HEADS
+    from extractor.spec import BackboneSpec
 
     if args.head in ("stcb", "stpn"):
         raise UsageError(
@@ -330,20 +331,24 @@ def _reextract(
     dtype: str,
 ) -> int:
     from extractor.pipeline import run_extract
+    from extractor.spec import BackboneSpec
 
     weights, motion = _weights_options(files)
+    spec = BackboneSpec(
+        streams=streams,
+        arch=args.arch,
+        weights=weights,
+        motion_weights=motion,
+        flow=args.flow,
+        flow_weights=args.flow_weights,
+        dtype=dtype,
+    )
     summary = run_extract(
         args.videos,
         args.reextract,
+        spec,
         labels=args.labels,
-        streams=streams,
-        flow=args.flow,
-        flow_weights=args.flow_weights,
-        weights=weights,
-        motion_weights=motion,
-        arch=args.arch,
         device=device,
-        dtype=dtype,
         max_frames=args.max_frames,
         progress=False,
     )

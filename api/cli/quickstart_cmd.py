@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from extractor.features import FeatureExtractor
     from extractor.pipeline import run_extraction
     from extractor.sources import make_sources
+    from extractor.spec import BackboneSpec
     from extractor.synthetic import make_demo_clips
     from storage import FeatureStore
 
@@ -152,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
 
     weights = _choose_weights(args.weights, args.arch)
     t0 = _step(f"2/4 extracting appearance + motion ({args.arch}, weights {weights})")
-    extractor = FeatureExtractor(weights=weights, arch=args.arch, flow="dis", device=args.device)
+    extractor = FeatureExtractor(
+        BackboneSpec(weights=weights, arch=args.arch, flow="dis"), device=args.device
+    )
     summary = run_extraction(
         make_sources([root / "clips"], labels=labels_csv),
         store_path,
