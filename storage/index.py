@@ -215,6 +215,10 @@ def latest(table: IndexTable) -> IndexTable:
     ids = table.ids
     if n == 1 or bool((ids[1:] > ids[:-1]).all()):
         return table  # already one row per id, in order
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    if bool((sorted_ids[1:] != sorted_ids[:-1]).all()):
+        return table.take(order)  # one row per id (e.g. disjoint bases of several writers)
     order = np.lexsort((np.arange(n), table.t, ids))
     sorted_ids = ids[order]
     last = np.ones(n, dtype=bool)
@@ -331,8 +335,8 @@ class IndexWriter:
         with self.lock:
             if self.buffer:
                 self._freeze()
-            if sum(n.endswith(".npz") for n in self.files.list(INDEX_DIR)) > 2:
-                compact(self.files)
+            if sum(n.endswith(".npz") for n in self.files.list(INDEX_DIR)) > 1:
+                compact(self.files)  # readers then load one file, already in id order
 
     def _freeze(self) -> None:
         table = latest(IndexTable.from_records(self.buffer))

@@ -158,6 +158,12 @@ def test_parts_freeze_and_compact(store_path: str, monkeypatch: pytest.MonkeyPat
     assert_agrees(store_path)
     assert store.compact_index() >= 0
     assert_agrees(store_path)
+    store.write_video("v99", {"appearance": np.full((2, 3), 99)}, label="0")
+    store.close()  # the live part frozen, then every frozen part merged: readers load one file
+    names = files_for(store_path).list("index")
+    assert next(n for n in names if n.endswith((".npz", ".jsonl"))).startswith("base-")
+    assert sum(n.endswith((".npz", ".jsonl")) for n in names) == 1
+    assert_agrees(store_path)
 
 
 def test_a_part_compacted_while_the_index_is_read(
