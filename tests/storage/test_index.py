@@ -304,12 +304,19 @@ from storage import FeatureStore
 storage.index.ROLL = 16
 storage.index.MAX_FROZEN = 3
 path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-store = FeatureStore.create(path, class_names=[prefix])
-open(f"{path}.ready-{prefix}", "w").close()  # start together, whatever the load: both write at once
 deadline = time.monotonic() + 120
-while not all(os.path.exists(f"{path}.ready-{p}") for p in "ab"):
-    assert time.monotonic() < deadline, "the other writer never started"
-    time.sleep(0.01)
+
+def wait_for(*names):
+    while not all(os.path.exists(f"{path}.ready-{p}") for p in names):
+        assert time.monotonic() < deadline, "the other writer never started"
+        time.sleep(0.01)
+
+# the root attributes (class names) are read, merged and rewritten: one create after the other
+if prefix == "b":
+    wait_for("a")
+store = FeatureStore.create(path, class_names=[prefix])
+open(f"{path}.ready-{prefix}", "w").close()
+wait_for("a", "b")  # then both write at once, whatever the load
 for i in range(n):
     store.write_video(f"{prefix}{i:03d}", {"appearance": np.full((3, 4), i)}, label=prefix,
                       split="train" if i % 2 else "test")
