@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from aggregator.data import label_indices, load_node_tensors, open_store, split_videos
+from aggregator.map_data import MapDataset
+from aggregator.map_predict import MapRun
 from aggregator.metrics import classification_metrics
 from aggregator.rundir import CONFIG_FILE, evaluation_file, read_metrics, write_json
 from aggregator.runs import TorchRun, load_run
@@ -48,8 +50,9 @@ def evaluate_run(
     """Metrics of ``run_dir``'s model on the complete videos of ``split`` in ``store_path``.
 
     The store must hold the run's streams extracted with the same extractor config. Torch runs
-    read the node cache (built if needed); other runs (``svm``) go video by video through their
-    predictor. Written to ``<run_dir>/evaluation-<split>.json`` unless ``write`` is False.
+    read the node cache (built if needed); map runs (``stpn``) read padded batches of the map
+    streams; other runs (``svm``) go video by video through their predictor. Written to
+    ``<run_dir>/evaluation-<split>.json`` unless ``write`` is False.
     """
     t0 = time.perf_counter()
     predictor = load_run(run_dir)
@@ -65,7 +68,11 @@ def evaluate_run(
             )
     ids = split_videos(store, split)
     y = label_indices(store, ids, predictor.class_names)
-    if isinstance(predictor, TorchRun):
+    if isinstance(predictor, MapRun):
+        maps = MapDataset(store, ids, predictor.streams, y)
+        logits = torch.from_numpy(predictor.logits_of(maps)).double()
+        scores = torch.softmax(logits, dim=1).numpy()
+    elif isinstance(predictor, TorchRun):
         leaves = pyramid_leaf_streams(predictor.model)
         data = load_node_tensors(
             store,

@@ -226,7 +226,7 @@ def batch_surrogate_features(
             out.append(grad_feats)  # every frame carries gradient, already in order
             continue
         rest = torch.nonzero(torch.isin(torch.arange(t), gi, invert=True)).flatten()
-        feats = grad_feats.new_empty(t, int(grad_feats.shape[1]))
+        feats = grad_feats.new_empty(t, *grad_feats.shape[1:])  # [T, d] or maps [T, h, w, C]
         with torch.no_grad():
             feats[rest] = kn[rest].to(feats) if kn is not None else torch.cat(co).to(feats)
         # out of place, so that the result is differentiable w.r.t. the fresh rows
@@ -314,6 +314,8 @@ class FinetuneModel(nn.Module):
     the head's ``[B, T, d]`` + ``lengths`` contract.
 
     :meth:`train` keeps the backbones' BatchNorm layers in eval mode (see the module docstring).
+    ``head_inputs`` renames streams for the head (e.g. ``{"appearance": "appearance_map"}`` when
+    the backbones output spatial maps ``[T, h, w, C]``, see :mod:`aggregator.finetune_maps`).
     """
 
     def __init__(
@@ -322,6 +324,7 @@ class FinetuneModel(nn.Module):
         backbones: Mapping[str, nn.Module],
         head: nn.Module,
         prepare: Mapping[str, Prepare] | None = None,
+        head_inputs: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         streams = [s for s in STREAMS if s in backbones]
@@ -331,6 +334,9 @@ class FinetuneModel(nn.Module):
         self.backbones = nn.ModuleDict({s: backbones[s] for s in streams})
         self.head = head
         self._prepare: dict[str, Prepare] = dict(prepare or {})
+        # the head's name for each stream's features (e.g. appearance -> appearance_map)
+        self.head_inputs: dict[str, str] = {st: st for st in streams}
+        self.head_inputs.update(head_inputs or {})
         # with keep_features, forward leaves each video's detached [T, d] features per stream here
         self.keep_features = False
         self.last_features: list[dict[str, torch.Tensor]] = []
@@ -366,7 +372,8 @@ class FinetuneModel(nn.Module):
             if self.keep_features:
                 for i, f in enumerate(feats):
                     self.last_features[i][stream] = f.detach()
-            x[stream] = nn.utils.rnn.pad_sequence(feats, batch_first=True)  # [B, T_max, d]
+            # [B, T_max, d] (or [B, T_max, h, w, C] maps)
+            x[self.head_inputs[stream]] = nn.utils.rnn.pad_sequence(feats, batch_first=True)
         device = next(iter(x.values())).device
         out: torch.Tensor = self.head(x, lengths.to(device))
         return _full(out)
@@ -418,7 +425,10 @@ def step_in_chunks(
     leaves = {s: [f.detach().requires_grad_(True) for f in feats[s]] for s in streams}
     lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
     with autocast():
-        x = {s: nn.utils.rnn.pad_sequence(leaves[s], batch_first=True) for s in streams}
+        x = {
+            model.head_inputs[s]: nn.utils.rnn.pad_sequence(leaves[s], batch_first=True)
+            for s in streams
+        }
         logits = _full(model.head(x, lengths.to(labels.device)))
     loss, correct = loss_and_correct(logits, labels)
     loss.backward()

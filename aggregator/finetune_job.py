@@ -22,6 +22,7 @@ import torch
 
 from aggregator.finetune import FinetuneModel
 from aggregator.finetune_inputs import DecodedSource, FeatureMemory, InputCache, StoreFeatures
+from aggregator.finetune_maps import MAP_HEADS, StridedSource, build_map_model, map_channels
 from aggregator.finetune_train import (
     FinetuneSettings,
     TrainVideo,
@@ -70,17 +71,30 @@ def build_finetune_model(
     head: str,
     num_classes: int,
     head_kwargs: Mapping[str, Any] | None = None,
+    map_dim: int | None = None,
+    map_seed: int = 0,
 ) -> FinetuneModel:
-    """The extractor's backbones + a head from :func:`aggregator.heads.build_model`."""
+    """The extractor's backbones + a head from :func:`aggregator.heads.build_model`.
+
+    A map head (``stpn``) reads the backbones' last block output, reduced to ``map_dim``
+    channels by the projection ``framepool extract --map-dim`` uses (seeded with ``map_seed``).
+    """
+    maps = head in MAP_HEADS
+    dims = dict(extractor.feature_dims)
     video_head = build_model(
         head,
-        in_features=dict(extractor.feature_dims),
+        in_features=map_channels(dims, map_dim) if maps else dims,
         num_classes=num_classes,
         head_kwargs=head_kwargs,
     )
     backbones = {s: extractor.trainable_backbone(s) for s in extractor.streams}
     for b in backbones.values():
         b.requires_grad_(True)
+    if maps:
+        model = build_map_model(
+            backbones, video_head, feature_dims=dims, dim=map_dim, seed=map_seed
+        )
+        return model.to(extractor.device)
     return FinetuneModel(backbones=backbones, head=video_head).to(extractor.device)
 
 
@@ -101,6 +115,9 @@ def run_finetune_job(
     resume: bool = True,
     keep_inputs: bool = False,
     reuse_features: bool = False,
+    map_dim: int | None = None,
+    map_stride: int = 1,
+    map_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Fine-tune on ``videos`` (video id -> path) with ``labels`` (video id -> class name).
 
@@ -111,6 +128,9 @@ def run_finetune_job(
     With ``reuse_features``, they read the features each video had at its previous step instead
     (:class:`aggregator.finetune_inputs.FeatureMemory` in ``out_dir/features``, or in memory
     with the in-memory input cache; removed at the end unless ``keep_inputs``).
+    A map head (``stpn``, both streams) reads the backbones' last block output of every
+    ``map_stride``-th frame, reduced to ``map_dim`` channels (see
+    :mod:`aggregator.finetune_maps`); ``store`` and ``reuse_features`` do not apply to it.
     Returns the per-epoch history (see :func:`aggregator.finetune_train.finetune`).
     """
     if not videos:
@@ -122,6 +142,16 @@ def run_finetune_job(
     unknown = sorted({labels[v] for v in videos} - set(names))
     if unknown:
         raise ValueError(f"labels {unknown} are not among the class names {names}")
+    maps = head in MAP_HEADS
+    if not maps and (map_dim is not None or map_stride != 1):
+        raise ValueError(f"map_dim and map_stride apply to map heads {MAP_HEADS}, not {head!r}")
+    if maps and (store is not None or reuse_features):
+        raise ValueError(
+            f"head {head!r} reads spatial maps: stored or remembered feature vectors cannot stand "
+            "in for them (drop the store and reuse_features)"
+        )
+    if map_stride < 1:
+        raise ValueError(f"map_stride must be >= 1, got {map_stride!r}")
     out = Path(out_dir)
     dev = torch.device(device)
     rank, _ = distributed()
@@ -129,7 +159,12 @@ def run_finetune_job(
     extractor = start_extractor(backbone, dev, settings.amp)
     start_config = extractor.config()
     model = build_finetune_model(
-        extractor, head=head, num_classes=len(names), head_kwargs=head_kwargs
+        extractor,
+        head=head,
+        num_classes=len(names),
+        head_kwargs=head_kwargs,
+        map_dim=map_dim,
+        map_seed=map_seed,
     )
     known: StoreFeatures | None = None
     if store is not None:
@@ -149,6 +184,7 @@ def run_finetune_job(
     memory_dir = None if folder is None else out / "features"
     memory = FeatureMemory(memory_dir) if reuse_features else None
     source = DecodedSource(videos, cache, device=dev, store=known, memory=memory)
+    train_source: Any = StridedSource(source, map_stride) if maps else source
     ids = sorted(videos)
     _, world = distributed()
     for i, vid in enumerate(ids):  # decode up front, each rank its share of the cache
@@ -162,7 +198,9 @@ def run_finetune_job(
         "kind": "finetune",
         "head": head,
         "head_kwargs": dict(head_kwargs or {}),
-        "in_features": dict(extractor.feature_dims),
+        "in_features": map_channels(extractor.feature_dims, map_dim)
+        if maps
+        else dict(extractor.feature_dims),
         "num_classes": len(names),
         "fusion": "learned",
         "class_names": names,
@@ -181,10 +219,12 @@ def run_finetune_job(
         "max_frames": max_frames,
         "reuse_features": reuse_features,
     }
+    if maps:
+        config["maps"] = {"dim": map_dim, "stride": map_stride, "seed": map_seed}
     history = finetune(
         model,
         [TrainVideo(v, names.index(labels[v])) for v in ids],
-        source,
+        train_source,
         settings,
         out,
         device=dev,
@@ -194,7 +234,7 @@ def run_finetune_job(
     finished = bool(history) and history[-1]["epoch"] >= settings.epochs
     if rank == 0 and finished:
         shutil.copyfile(out / HEAD_FILE, out / MODEL_FILE)
-        _record_finetuned_extractor(out, backbone, extractor, dev)
+        _record_finetuned_extractor(out, backbone, extractor, dev, config.get("maps"))
         if not keep_inputs and folder is not None and folder == out / "inputs":
             shutil.rmtree(folder, ignore_errors=True)
         if not keep_inputs and memory_dir is not None:
@@ -203,13 +243,19 @@ def run_finetune_job(
 
 
 def _record_finetuned_extractor(
-    out: Path, spec: BackboneSpec, start: FeatureExtractor, device: torch.device
+    out: Path,
+    spec: BackboneSpec,
+    start: FeatureExtractor,
+    device: torch.device,
+    maps: Mapping[str, Any] | None = None,
 ) -> None:
     """Add to ``config.json`` the extractor configuration ``framepool extract`` records with the
     fine-tuned backbones (what a re-extracted store's features must match to use this head).
 
     Its compute dtype is the one ``extract --dtype auto`` picks on this run's device type; pass
-    it as ``--dtype`` when re-extracting elsewhere (see :func:`reextract_dtype`).
+    it as ``--dtype`` when re-extracting elsewhere (see :func:`reextract_dtype`). With ``maps``
+    (a map head's ``{dim, stride, seed}``) it adds the map streams' configuration, and the run's
+    ``streams`` become the map streams the head reads (a run directory of a map head).
     """
     files = {s: out / f"backbone_{s}.pt" for s in start.streams}
     tuned = FeatureExtractor(
@@ -222,16 +268,27 @@ def _record_finetuned_extractor(
         device="cpu",
         dtype=resolve_dtype("auto", device),
     )
+    if maps is not None:
+        tuned.set_maps(
+            ("appearance_map", "motion_map"),
+            dim=maps["dim"],
+            stride=int(maps["stride"]),
+            seed=int(maps["seed"]),
+        )
     path = out / "config.json"
     config = json.loads(path.read_text())
     config["extractor"] = tuned.config()
+    if maps is not None:
+        config["backbone_streams"] = config["streams"]
+        config["streams"] = ["appearance_map", "motion_map"]
     path.write_text(json.dumps(config, indent=2))
 
 
 def reextract_dtype(out_dir: str | Path) -> str:
     """The compute dtype recorded for the fine-tuned backbones in ``out_dir/config.json``."""
     config = json.loads((Path(out_dir) / "config.json").read_text())
-    dtypes = {str(c["dtype"]) for c in config["extractor"].values()}
+    # map streams record their stored dtype (float16), not the backbone's compute dtype
+    dtypes = {str(c["dtype"]) for c in config["extractor"].values() if "source_stream" not in c}
     if len(dtypes) != 1:
         raise ValueError(f"{str(out_dir)!r}: streams recorded with different dtypes {dtypes}")
     return dtypes.pop()

@@ -51,6 +51,7 @@ from aggregator.finetune import (
     periodic_subset,
     step_in_chunks,
 )
+from aggregator.finetune_maps import exported_backbone
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +538,8 @@ def write_outputs(
 ) -> None:
     """``backbone_<stream>.pt``, ``head.pt``, ``config.json`` and the final ``metrics.json``."""
     for stream in model.streams:
-        state = {k: v.detach().cpu() for k, v in model.backbones[stream].state_dict().items()}
+        net = exported_backbone(model.backbones[stream])
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         _atomic_save(state, out / f"backbone_{stream}.pt")
     _atomic_save({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, out / "head.pt")
     fusion: dict[str, float] | None = None

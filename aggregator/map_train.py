@@ -192,7 +192,12 @@ def _train(
         "num_classes": len(class_names),
         "streams": list(MAP_STREAMS),
         "store": store.path if "://" in store.path else os.path.abspath(store.path),
-        "extractor": {s: store.extractor.get(s) for s in MAP_STREAMS},
+        # the map streams and the backbones that compute them (a service rebuilds them all)
+        "extractor": {
+            s: store.extractor.get(s)
+            for s in ("appearance", "motion", *MAP_STREAMS)
+            if s in MAP_STREAMS or store.extractor.get(s) is not None
+        },
         "class_names": class_names,
         "splits": {
             "train": args["train_split"],

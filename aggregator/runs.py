@@ -104,14 +104,14 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """Load a run directory written by ``framepool train`` as a Predictor.
 
     Torch heads come back as :class:`TorchRun`; ``svm`` runs as
-    ``aggregator.svm_run.SVMPredictor``.
+    ``aggregator.svm_run.SVMPredictor``; ``stpn`` runs as :class:`aggregator.map_predict.MapRun`.
     """
     config = read_config(run_dir)
-    if config["head"] == "stpn":
-        raise ValueError(
-            f"run {str(run_dir)!r} has head stpn, which reads spatial map streams: loading it "
-            "to evaluate or serve is not supported; its test metrics are in metrics.json"
-        )
+    if config["head"] == "stpn":  # reads the spatial map streams
+        from aggregator.map_predict import MapRun
+
+        map_run: Predictor = MapRun.load(run_dir, device=device)
+        return map_run
     if config["head"] == "svm":
         from aggregator.svm_run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
 

@@ -1,8 +1,10 @@
 """``framepool finetune``: backbone + pooling head trained end to end with the surrogate gradient.
 
 Every frame goes through the backbone; at epoch r only frames t ≡ r (mod K) carry gradient
-(seed 002, Eq. 7). Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m api.cli finetune ...``
-(one process per GPU, videos sharded across ranks, rank 0 writes). A directory that already holds
+(seed 002, Eq. 7). ``--head stpn`` (both streams) trains on the backbones' last block output
+(spatial maps, see :mod:`aggregator.finetune_maps`). Multi-GPU / multi-node: ``torchrun
+--nproc-per-node N -m api.cli finetune ...`` (one process per GPU, videos sharded across ranks,
+rank 0 writes). A directory that already holds
 a ``checkpoint.pt`` is resumed from it (``--no-resume`` starts over).
 
 Writes in ``--out``: ``backbone_appearance.pt`` / ``backbone_motion.pt`` (for ``framepool extract
@@ -68,12 +70,29 @@ def register(sub: Any) -> None:
     )
 
     head = p.add_argument_group("head")
-    head.add_argument("--head", default="tp", help="pooling head (default tp)")
+    head.add_argument(
+        "--head",
+        default="tp",
+        help="pooling head: gap, max, tp, tpp, datp, stcb, or stpn (spatial maps of both streams)",
+    )
     head.add_argument("--levels", type=int, help="pyramid depth D (tp: 6, tpp: 3)")
     head.add_argument("--variant", choices=("concat", "average"), help="tp node map (concat)")
     head.add_argument("--pyramids", type=int, help="tp: number of stacked pyramids P (1)")
     head.add_argument("--node-dim", type=int, help="tp concat: node projection size (128)")
     head.add_argument("--dropout", type=float, help="dropout before the classifier")
+    head.add_argument(
+        "--map-dim",
+        type=int,
+        help="stpn: reduce the maps' channels to N with the fixed random projection "
+        "framepool extract --map-dim uses (default: the backbone's C)",
+    )
+    head.add_argument(
+        "--map-stride",
+        type=int,
+        default=1,
+        help="stpn: the head reads the maps of every S-th frame from the first, as framepool "
+        "extract --map-stride keeps them (default 1)",
+    )
 
     bb = p.add_argument_group("backbone and inputs")
     bb.add_argument("--arch", default="resnet101", choices=("resnet18", "resnet50", "resnet101"))
@@ -163,6 +182,24 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _check_map_options(args: argparse.Namespace, streams: tuple[str, ...]) -> None:
+    """``stpn`` reads both streams' maps; the map options belong to it alone."""
+    if args.head != "stpn":
+        if args.map_dim is not None or args.map_stride != 1:
+            raise UsageError("--map-dim and --map-stride apply to --head stpn only")
+        return
+    if len(streams) != 2:
+        raise UsageError(
+            "--head stpn fuses the appearance and motion maps: give --streams both "
+            f"(got {args.stream})"
+        )
+    if args.store is not None or args.reuse_features:
+        raise UsageError(
+            "--head stpn reads spatial maps, which neither --store's feature vectors nor "
+            "--reuse-features provide: drop those options"
+        )
+
+
 def _steps(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(sorted(int(s) for s in text.split(",") if s.strip()))
@@ -189,7 +226,7 @@ def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     positive: tuple[str, ...] = ("period", "epochs", "batch_videos", "chunk_size", "levels")
-    positive += ("pyramids", "node_dim", "grad_frames")
+    positive += ("pyramids", "node_dim", "grad_frames", "map_dim", "map_stride")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -203,17 +240,10 @@ def run(args: argparse.Namespace) -> int:
     from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
     from aggregator.heads import HEADS
 
-    if args.head in ("stcb", "stpn"):
-        raise UsageError(
-            f"framepool finetune does not support --head {args.head}: it fuses the streams "
-            "itself (stpn also reads feature maps), which end-to-end fine-tuning does not "
-            "provide; train it on cached features with framepool train"
-        )
     if args.head not in HEADS:
-        raise UsageError(
-            f"--head must be one of {sorted(set(HEADS) - {'stcb', 'stpn'})}, got {args.head!r}"
-        )
+        raise UsageError(f"--head must be one of {sorted(HEADS)}, got {args.head!r}")
     streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
+    _check_map_options(args, streams)
     head_kwargs: dict[str, Any] = {}
     if args.head == "tp":
         head_kwargs["depth"] = args.levels or 6
@@ -279,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         keep_inputs=args.keep_inputs,
         reuse_features=args.reuse_features,
+        map_dim=args.map_dim,
+        map_stride=args.map_stride,
     )
     files = {s: out / f"backbone_{s}.pt" for s in streams}
     if rank == 0:
@@ -317,6 +349,15 @@ def reextract_command(
         f"--arch {args.arch} --precision {_PRECISION_OF_DTYPE.get(dtype, dtype)} "
         f"--weights {weights}"
     )
+    if args.head == "stpn":
+        cmd = cmd.replace(
+            f"--streams {','.join(streams)}",
+            "--streams appearance,motion,appearance_map,motion_map",
+        )
+        if args.map_dim is not None:
+            cmd += f" --map-dim {args.map_dim}"
+        if args.map_stride != 1:
+            cmd += f" --map-stride {args.map_stride}"
     if motion is not None:
         cmd += f" --motion-weights {motion} --flow {args.flow}"
     return cmd
@@ -332,6 +373,10 @@ def _reextract(
     from extractor.pipeline import run_extract
 
     weights, motion = _weights_options(files)
+    maps: dict[str, Any] = {}
+    if args.head == "stpn":
+        streams = (*streams, "appearance_map", "motion_map")
+        maps = {"map_dim": args.map_dim, "map_stride": args.map_stride}
     summary = run_extract(
         args.videos,
         args.reextract,
@@ -346,6 +391,7 @@ def _reextract(
         dtype=dtype,
         max_frames=args.max_frames,
         progress=False,
+        **maps,
     )
     print(summary.format())
     return 0 if summary.ok else 1

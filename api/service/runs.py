@@ -98,7 +98,9 @@ def load_one(run_dir: Path, store: Path | None, device: str = "cpu") -> LoadedRu
         index = build_index(run_dir, store, training_split(predictor), predictor=predictor)
     else:
         log.warning("run %s has no similarity index; /v1/similar is off for it", run_dir)
-    config = {s: predictor.extractor[s] for s in predictor.streams}
+    # a map run (stpn) also needs the backbones that compute its maps
+    streams = getattr(predictor, "extractor_streams", predictor.streams)
+    config = {s: predictor.extractor[s] for s in streams}
     return LoadedRun(
         run_id=predictor.run_id,
         run_dir=run_dir,
@@ -131,12 +133,13 @@ def load_registry(
 
 
 def make_worker_context(registry: Registry, device: str) -> WorkerContext:
-    """The extractors of every loaded run, rebuilt exactly as their stores recorded them."""
-    from extractor.features import FeatureExtractor
+    """The extractors of every loaded run, rebuilt exactly as their stores recorded them (with
+    the map streams a map run reads)."""
+    from api.service.maps import extractor_from_config
 
     return WorkerContext(
         extractors={
-            key: FeatureExtractor.from_config(config, device=device)
+            key: extractor_from_config(config, device=device)
             for key, config in registry.extractor_configs().items()
         }
     )
@@ -237,9 +240,20 @@ def analyse(
             )
             if max_frames is not None and len(select_frames(n, stride)) <= max_frames:
                 max_frames = None  # the same frames, without the extractor's own counting pass
-        video = extractor.extract_file(
-            path, stride=stride, max_frames=max_frames, should_stop=control.should_stop
-        )
+        if getattr(extractor, "map_streams", ()):  # a map run: maps and vectors in one pass
+            from api.service.maps import extract_with_maps
+
+            video = extract_with_maps(
+                extractor,
+                path,
+                stride=stride,
+                max_frames=max_frames,
+                should_stop=control.should_stop,
+            )
+        else:
+            video = extractor.extract_file(
+                path, stride=stride, max_frames=max_frames, should_stop=control.should_stop
+            )
     except InterruptedError:
         raise JobStopped(control.reason or "stopped") from None
     features: Mapping[str, np.ndarray] = {s: video.features[s] for s in run.predictor.streams}

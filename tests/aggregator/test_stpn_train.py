@@ -84,7 +84,7 @@ def test_map_dataset_subsamples_and_holds(tiny_store: Path) -> None:
         MapDataset(store, ids, ["appearance"])[0]
 
 
-def test_cli_trains_stpn_and_other_commands_refuse_it(tiny_store: Path, tmp_path: Path) -> None:
+def test_cli_trains_and_evaluates_stpn(tiny_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out)]
     args += ["--epochs", "2", "--batch-size", "4", "--out-dim", "64", "--device", "cpu"]
@@ -100,7 +100,11 @@ def test_cli_trains_stpn_and_other_commands_refuse_it(tiny_store: Path, tmp_path
     assert config["head_kwargs"]["pathways"] == ["spatial", "temporal", "attended", "fused"]
     state = torch.load(out / "model.pt", weights_only=True)
     assert "attention.conv1.weight" in state and "fused_norm.weight" in state
-    assert main(["evaluate", "--run", str(out), "--store", str(tiny_store)]) == 2
+    # evaluate reads the map streams; the test split again gives the run's own test metrics
+    assert main(["evaluate", "--run", str(out), "--store", str(tiny_store)]) == 0
+    evaluation = json.loads((out / "evaluation-test.json").read_text())
+    assert evaluation["top1"] == metrics["top1"] and evaluation["head"] == "stpn"
+    assert evaluation["confusion_matrix"] == metrics["confusion_matrix"]
     assert main(["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out),
                  "--levels", "3"]) == 2  # fmt: skip
     assert main(["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out),
