@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -96,6 +97,12 @@ def register(sub: Any) -> None:
         help="bf16 trains under bfloat16 autocast; auto: bf16 where native (CUDA, AVX512-BF16)",
     )
     opt.add_argument("--threads", type=int, help="torch CPU threads")
+    opt.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="node data held in memory, e.g. 8G or 512M; past it training streams row blocks of "
+        "the node cache (default: $FRAMEPOOL_MEMORY_BUDGET, else a quarter of the RAM)",
+    )
     opt.add_argument(
         "--inputs",
         choices=("nodes", "frames"),
@@ -214,8 +221,23 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
+def apply_memory_budget(text: str | None) -> None:
+    """Make ``--memory-budget`` the budget of this process (and of what it starts)."""
+    if text is None:
+        return
+    from aggregator.node_cache import BUDGET_ENV, parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError as exc:
+        raise UsageError(f"--memory-budget: {exc}") from None
+    os.environ[BUDGET_ENV] = text
+
+
 def run(args: argparse.Namespace) -> int:
     from aggregator.data import open_store
+
+    apply_memory_budget(getattr(args, "memory_budget", None))
 
     store = open_store(args.store, writable=False)
     videos = store.videos()
