@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from aggregator.heads.base import NodeInput
-from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals, pyramid_mix
+from aggregator.intervals import (
+    Intervals,
+    PyramidLeaves,
+    leaf_nodes,
+    n_nodes,
+    pool_intervals,
+    pyramid_mix,
+)
 from aggregator.node_cache import (
     CACHE_DEPTH,
     NodeBlocks,
@@ -36,7 +43,6 @@ from aggregator.node_cache import (
     load_node_cache,
     memory_budget,
 )
-from aggregator.nodes import n_nodes
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -208,13 +214,12 @@ def load_pyramid_leaves(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(leaves [n, 2^(D-1), d] float16, n_frames [n])`` from the node cache: the last pyramid
-    level, from which :func:`aggregator.heads.pooling.pyramid_mix` rebuilds every node."""
+    level, from which :func:`aggregator.intervals.pyramid_mix` rebuilds every node."""
     if not 1 <= depth <= CACHE_DEPTH:
         raise ValueError(f"leaves come from the node cache: depth must be 1..{CACHE_DEPTH}")
     cache = load_node_cache(store, stream, progress=progress)
     rows = cache.rows(list(video_ids))
-    first = (1 << (depth - 1)) - 1
-    leaves = np.ascontiguousarray(cache.means[rows, first : 2 * first + 1], dtype=np.float16)
+    leaves = np.ascontiguousarray(cache.means[rows, leaf_nodes(depth)], dtype=np.float16)
     return leaves, np.asarray(cache.n_frames)[rows]
 
 
@@ -329,6 +334,13 @@ class NodeTensors:
                 yield self._place(self.take(what, dtype), what, device)
 
 
+def _as_leaves(stream: str, spec: Intervals, leaves: Collection[str]) -> bool:
+    """Whether ``stream`` is held as pyramid leaves: asked for, and its spec is a whole pyramid
+    of means that the node cache holds."""
+    depth = len(spec.parts)
+    return stream in leaves and depth <= CACHE_DEPTH and spec == Intervals.pyramid(depth)
+
+
 def load_node_tensors(
     store: FeatureStore,
     video_ids: Sequence[str],
@@ -348,8 +360,8 @@ def load_node_tensors(
         raise ValueError(f"{len(video_ids)} videos but {len(labels)} labels")
     nodes, mixes = {}, {}
     for stream, spec in specs.items():
-        depth = len(spec.parts)
-        if stream in leaves and spec == Intervals.pyramid(depth) and depth <= CACHE_DEPTH:
+        if _as_leaves(stream, spec, leaves):
+            depth = len(spec.parts)
             arr, n_frames = load_pyramid_leaves(store, video_ids, stream, depth, progress=progress)
             mix = np.stack([pyramid_mix(int(t), depth) for t in n_frames]).astype(np.float32)
             mixes[stream] = torch.from_numpy(mix)
@@ -386,9 +398,8 @@ def load_node_data(
         if spec.kind != "mean" or idx is None or max(idx) >= n_nodes(CACHE_DEPTH):
             ranges = {}
             break
-        if stream in leaves and spec == Intervals.pyramid(depth):
-            first = (1 << (depth - 1)) - 1
-            ranges[stream], depths[stream] = slice(first, 2 * first + 1), depth
+        if _as_leaves(stream, spec, leaves):
+            ranges[stream], depths[stream] = leaf_nodes(depth), depth
         elif list(idx) == list(range(idx[0], idx[-1] + 1)):
             ranges[stream] = slice(idx[0], idx[-1] + 1)
         else:
@@ -467,7 +478,10 @@ class FrameDataset(Dataset[dict[str, Any]]):
 
 @dataclass
 class FrameBatch:
-    """Padded frames ``{stream: [B, T, d]}``, ``lengths [B]``, ``mask [B, T]`` (True: a frame)."""
+    """Padded frames ``{stream: [B, T, ...]}``, ``lengths [B]``, ``mask [B, T]`` (True: a frame).
+
+    Frame vectors give ``[B, T, d]``; spatial maps (:mod:`aggregator.map_data`) ``[B, T, h, w, C]``.
+    """
 
     features: dict[str, torch.Tensor]
     lengths: torch.Tensor
@@ -476,8 +490,14 @@ class FrameBatch:
     video_ids: list[str]
 
 
-def pad_collate(items: Sequence[Mapping[str, Any]]) -> FrameBatch:
-    """Stack videos of different lengths into a zero-padded batch."""
+def pad_streams(
+    items: Sequence[Mapping[str, Any]], dtype: torch.dtype = torch.float32
+) -> FrameBatch:
+    """Stack videos of different lengths into one zero-padded batch of ``dtype``.
+
+    Every item is ``{"features": {stream: [T_i, ...]}, "label": int, "video_id": str}``; a stream
+    has the same trailing shape in every item, and all of an item's streams have T_i frames.
+    """
     if not items:
         raise ValueError("cannot collate an empty batch")
     streams = list(items[0]["features"])
@@ -485,20 +505,25 @@ def pad_collate(items: Sequence[Mapping[str, Any]]) -> FrameBatch:
     t_max = int(lengths.max())
     features = {}
     for s in streams:
-        d = items[0]["features"][s].shape[1]
-        out = torch.zeros(len(items), t_max, d, dtype=torch.float32)
+        shape = tuple(items[0]["features"][s].shape[1:])
+        out = torch.zeros(len(items), t_max, *shape, dtype=dtype)
         for i, it in enumerate(items):
             x = it["features"][s]
-            if x.shape[0] != lengths[i]:
+            if x.shape[0] != lengths[i] or tuple(x.shape[1:]) != shape:
                 raise ValueError(
-                    f"video {it['video_id']!r}: stream {s!r} has {x.shape[0]} frames, "
-                    f"expected {int(lengths[i])}"
+                    f"video {it['video_id']!r}: stream {s!r} is {tuple(x.shape)}, expected "
+                    f"[{int(lengths[i])}, {', '.join(map(str, shape))}]"
                 )
             out[i, : x.shape[0]] = x
         features[s] = out
     mask = torch.arange(t_max)[None, :] < lengths[:, None]
     labels = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
     return FrameBatch(features, lengths, mask, labels, [str(it["video_id"]) for it in items])
+
+
+def pad_collate(items: Sequence[Mapping[str, Any]]) -> FrameBatch:
+    """Frame vectors ``[T_i, d]`` of videos of different lengths as one float32 batch."""
+    return pad_streams(items, torch.float32)
 
 
 def frame_loader(

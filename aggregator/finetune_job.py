@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from aggregator.finetune_train import (
 )
 from aggregator.heads import build_model
 from extractor.features import FeatureExtractor, resolve_dtype
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -41,30 +42,10 @@ MODEL_FILE = "model.pt"  # the head's weights under the name a run directory use
 HEAD_FILE = "head.pt"
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Which backbones to start from (the options ``framepool extract`` takes)."""
-
-    streams: tuple[str, ...] = ("appearance",)
-    arch: str = "resnet101"
-    weights: str | Path = "imagenet"
-    motion_weights: str | Path | None = None
-    flow: str = "dis"
-    flow_weights: str | Path | None = None
-
-
 def start_extractor(spec: BackboneSpec, device: torch.device, amp: bool) -> FeatureExtractor:
-    """The starting backbones and flow backend, with the configuration a store would record."""
-    return FeatureExtractor(
-        streams=spec.streams,
-        flow=spec.flow,
-        flow_weights=spec.flow_weights,
-        weights=spec.weights,
-        motion_weights=spec.motion_weights,
-        arch=spec.arch,
-        device=device,
-        dtype="bfloat16" if amp else "float32",
-    )
+    """The starting backbones and flow backend, with the configuration a store would record
+    (computing in bfloat16 with ``amp``, else float32, whatever ``spec.dtype`` says)."""
+    return FeatureExtractor(replace(spec, dtype="bfloat16" if amp else "float32"), device=device)
 
 
 def build_finetune_model(
@@ -272,16 +253,14 @@ def _record_finetuned_extractor(
     ``streams`` become the map streams the head reads (a run directory of a map head).
     """
     files = {s: out / f"backbone_{s}.pt" for s in start.streams}
-    tuned = FeatureExtractor(
+    tuned_spec = replace(
+        spec,
         streams=start.streams,
-        flow=spec.flow,
-        flow_weights=spec.flow_weights,
         weights=files.get("appearance", files.get("motion", "random")),
         motion_weights=files.get("motion"),
-        arch=spec.arch,
-        device="cpu",
         dtype=resolve_dtype("auto", device),
     )
+    tuned = FeatureExtractor(tuned_spec, device="cpu")
     if maps is not None:
         tuned.set_maps(
             ("appearance_map", "motion_map"),

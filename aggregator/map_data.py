@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aggregator.data import pad_streams
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -101,27 +102,8 @@ class MapBatch:
 
 def pad_maps(items: Sequence[Mapping[str, Any]], dtype: torch.dtype = torch.float32) -> MapBatch:
     """Stack videos with different numbers of map frames into one zero-padded batch."""
-    if not items:
-        raise ValueError("cannot collate an empty batch")
-    streams = list(items[0]["features"])
-    lengths = torch.tensor([int(next(iter(it["features"].values())).shape[0]) for it in items])
-    t_max = int(lengths.max())
-    features = {}
-    for s in streams:
-        shape = tuple(items[0]["features"][s].shape[1:])
-        out = torch.zeros(len(items), t_max, *shape, dtype=dtype)
-        for i, it in enumerate(items):
-            x = it["features"][s]
-            if x.shape[0] != lengths[i] or tuple(x.shape[1:]) != shape:
-                raise ValueError(
-                    f"video {it['video_id']!r}: stream {s!r} is {tuple(x.shape)}, expected "
-                    f"[{int(lengths[i])}, {', '.join(map(str, shape))}]"
-                )
-            out[i, : x.shape[0]] = x
-        features[s] = out
-    mask = torch.arange(t_max)[None, :] < lengths[:, None]
-    labels = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
-    return MapBatch(features, lengths, mask, labels, [str(it["video_id"]) for it in items])
+    b = pad_streams(items, dtype)
+    return MapBatch(b.features, b.lengths, b.mask, b.labels, b.video_ids)
 
 
 def map_loader(

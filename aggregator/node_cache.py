@@ -6,8 +6,11 @@ frame count and extraction time), so adding, removing or re-extracting a video c
 and the cache is rebuilt on next use.
 
 Out of core: ``means`` ``[N, M, d]`` float16 is chunked ``(B, 1, d)`` (a block of B videos, one
-node) without compression (a crc32c per chunk, NaN fill value), so a block of rows and a range of
-nodes is read without touching anything else: the ``tp`` head on leaves reads the last level only.
+node, about 1 MiB) without compression (a crc32c per chunk, NaN fill value), so a block of rows
+and a range of nodes is read without touching anything else: the ``tp`` head on leaves reads the
+last level only. Blocks are small so that a streamed training group (an eighth of the memory
+budget) holds whole blocks and reads each block once per epoch: with 4 MiB chunks a group at a
+small budget was a piece of a block, and every piece read its block's chunks whole.
 :func:`load_node_cache` holds the cache in memory when it fits the memory budget
 (:func:`memory_budget`) and reads it block by block otherwise; either way it is built in parallel
 block by block (never whole in memory) and loaded once per process: the trainer and the
@@ -31,14 +34,13 @@ import torch
 from tqdm import tqdm
 
 from aggregator.heads.base import NodeInput
-from aggregator.heads.pooling import PyramidLeaves, pyramid_mix
-from aggregator.nodes import n_nodes, node_maxes, node_means
+from aggregator.intervals import PyramidLeaves, n_nodes, node_maxes, node_means, pyramid_mix
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
 
 CACHE_DEPTH = 6  # 63 nodes: serves every depth <= 6
-CHUNK_BYTES = 4 << 20  # about 4 MiB per stored chunk (B videos x one node x d)
+CHUNK_BYTES = 1 << 20  # about 1 MiB per stored chunk (B videos x one node x d)
 BUDGET_ENV = "FRAMEPOOL_MEMORY_BUDGET"
 _MEMO_SIZE = 4  # node caches kept loaded per process (most recent first out)
 
@@ -131,7 +133,7 @@ class NodeCache:
             return src
         with self._lock:
             arr = np.asarray(src[...])
-            _check_block(arr, self.stream, 0)
+            _check_block(arr, self.stream, 0, self.rows_per_block)
             if kind == "mean":
                 self._means = arr
             else:
@@ -160,7 +162,7 @@ class NodeCache:
         src = self._src(kind)
         block = np.asarray(src[start:stop, nodes])
         if not isinstance(src, np.ndarray):
-            _check_block(block, self.stream, start)
+            _check_block(block, self.stream, start, self.rows_per_block)
         return block
 
     def gather(self, rows: np.ndarray, nodes: slice, kind: str = "mean") -> np.ndarray:
@@ -199,10 +201,17 @@ class NodeCache:
         return self.gather(self.rows(video_ids), nodes, kind).astype(np.float32)
 
 
-def _check_block(block: np.ndarray, stream: str, start: int) -> None:
-    """A stored cache chunk that went missing reads back as NaN (the fill value)."""
-    if block.dtype.kind == "f" and np.isnan(block).any():
-        row = start + int(np.flatnonzero(np.isnan(block).reshape(len(block), -1).any(1))[0])
+def _check_block(block: np.ndarray, stream: str, start: int, rows_per_block: int) -> None:
+    """A stored cache chunk that went missing reads back as NaN (the fill value) in every one of
+    its rows, and a stored node is never NaN, so the first row of every chunk ``block`` (rows
+    ``start:``) touches is enough to see it (a full scan of a block costs more than reading it)."""
+    if block.dtype.kind != "f" or not len(block):
+        return
+    first = -(-start // rows_per_block) * rows_per_block  # the first chunk boundary >= start
+    probe = np.unique(np.r_[0, np.arange(first, start + len(block), rows_per_block) - start])
+    bad = np.isnan(block[probe].reshape(len(probe), -1)).any(1)
+    if bad.any():
+        row = start + int(probe[np.flatnonzero(bad)[0]])
         raise ValueError(
             f"the {stream!r} node cache is damaged (row {row} reads back as the NaN fill value: "
             "a chunk file is missing); delete the store's /cache folder to rebuild it"
@@ -384,7 +393,9 @@ class NodeBlocks:
     ``mix``, ``take``, ``window``, ``batches``), for summaries that are pyramid nodes of the node
     cache: ``nodes[stream]`` is the node range a stream's head reads, and streams in ``leaves``
     get :class:`PyramidLeaves` (mix computed from the frame counts). Memory: two groups of rows (one
-    training, one read ahead), an eighth of ``budget`` each, whatever the number of videos.
+    training, one read ahead), an eighth of ``budget`` each (or one cache block, about 1 MiB per
+    node read, when that is larger and two still fit half the budget), whatever the number of
+    videos.
     """
 
     def __init__(
@@ -405,7 +416,6 @@ class NodeBlocks:
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.mix: dict[str, int] = dict(leaves or {})  # stream -> pyramid depth of its leaves
         self.cache_rows = {s: c.rows(self.video_ids) for s, c in caches.items()}
-        self._primary = next(iter(caches))
         # rows read at once: two groups are in memory (one training, one read ahead), each held
         # as float16 nodes plus float32 mixes; a group takes an eighth of the budget
         row_bytes = 0
@@ -416,6 +426,13 @@ class NodeBlocks:
                 row_bytes += 4 * n_nodes(self.mix[s]) * count
         budget = memory_budget() if budget is None else budget
         self.group_rows = max(1, budget // 8 // max(1, row_bytes))
+        # a group of whole blocks reads each block once; below a block every piece of it reads
+        # the block's chunks whole, so groups grow to a block when two of them fit half the budget
+        # (blocks of the stream with the most rows per chunk: the others' chunks nest in them)
+        self._blocking = max(caches, key=lambda s: caches[s].rows_per_block)
+        block = caches[self._blocking].rows_per_block
+        if self.group_rows < block and 2 * block * row_bytes <= budget // 2:
+            self.group_rows = block
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -447,15 +464,17 @@ class NodeBlocks:
     ) -> list[np.ndarray]:
         """Groups of rows to read together (at most ``group_rows`` each, at least a batch): in
         index order, or, shuffled, the rows of random blocks (a block whole when it fits a group,
-        else in random pieces), in random order within the group."""
+        else in random pieces), several blocks or pieces to a group, in random order within
+        the group."""
         per = max(batch_size, self.group_rows)
         if not shuffle:
             return [index[i : i + per] for i in range(0, len(index), per)]
-        cache = self.caches[self._primary]
-        blocks = self.cache_rows[self._primary][index] // cache.rows_per_block
-        order = np.argsort(blocks, kind="stable")
+        cache = self.caches[self._blocking]
+        cache_rows = self.cache_rows[self._blocking][index]
+        order = np.argsort(cache_rows, kind="stable")
+        blocks = cache_rows[order] // cache.rows_per_block
         pieces: list[np.ndarray] = []
-        for part in np.split(order, np.flatnonzero(np.diff(blocks[order])) + 1):
+        for part in np.split(order, np.flatnonzero(np.diff(blocks)) + 1):
             rows = index[part]
             rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
             pieces.extend(rows[i : i + per] for i in range(0, len(rows), per))

@@ -15,27 +15,14 @@ peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
-import resource
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import cpu_seconds, parser, peak_rss_mib, real_clips, table_head, table_row
 
-from extractor.decode import iter_frames  # noqa: E402
-from extractor.decode_torchcodec import iter_frames_torchcodec, torchcodec_problem  # noqa: E402
-
-DEFAULT_VIDEOS = REPO.parent / "shared" / "data" / "videos"
-SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from extractor.decode import iter_frames
+from extractor.decode_torchcodec import iter_frames_torchcodec, torchcodec_problem
 
 
 def _decode_all(decoder: str, threads: str, device: str, clips: list[str]) -> dict[str, float]:
@@ -49,7 +36,7 @@ def _decode_all(decoder: str, threads: str, device: str, clips: list[str]) -> di
     else:
         next(iter(iter_frames_torchcodec(warm, device=device)))
     n = 0
-    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
     for clip in clips:
         if decoder == "pyav":
             for _ in iter_frames(clip, threads=threads == "auto"):
@@ -61,19 +48,17 @@ def _decode_all(decoder: str, threads: str, device: str, clips: list[str]) -> di
             if device != "cpu":
                 torch.cuda.synchronize()
     wall = time.perf_counter() - wall0
-    cpu = _cpu_seconds() - cpu0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"frames": n, "wall": wall, "cpu": cpu, "rss": rss}
+    cpu = cpu_seconds() - cpu0
+    return {"frames": n, "wall": wall, "cpu": cpu, "rss": peak_rss_mib()}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--videos", type=Path, default=DEFAULT_VIDEOS, help="folder of real clips")
+    p = parser(__doc__)
     p.add_argument("--device", default="cpu", help="cpu, or cuda to add NVDEC rows")
     p.add_argument("--repeats", type=int, default=3, help="best of N, interleaved")
     p.add_argument("--threads", default="1,auto", help="FFmpeg threads: 1, auto or both")
     args = p.parse_args()
-    clips = sorted(str(c) for c in args.videos.iterdir() if c.suffix.lower() in SUFFIXES)
+    clips = [str(c) for c in real_clips(args.videos)]
     problem = torchcodec_problem()
     configs = [("pyav", t, "cpu") for t in args.threads.split(",")]
     if problem is None:
@@ -97,16 +82,13 @@ def main() -> None:
     )
     if problem is not None:
         print(f"torchcodec rows left out: {problem}\n")
-    print(
-        "| decoder | threads | device | frames | wall s | CPU s | frames/s | frames per CPU-s "
-        "| peak RSS MiB |"
-    )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    columns = ["decoder", "threads", "device", "frames", "wall s", "CPU s", "frames/s"]
+    print(table_head([*columns, "frames per CPU-s", "peak RSS MiB"], text_columns=3))
     for (decoder, threads, device), r in best.items():
+        rates = f"{r['frames'] / r['wall']:.0f}", f"{r['frames'] / r['cpu']:.0f}"
+        cost = f"{r['wall']:.2f}", f"{r['cpu']:.2f}"
         print(
-            f"| {decoder} | {threads} | {device} | {int(r['frames'])} | {r['wall']:.2f} | "
-            f"{r['cpu']:.2f} | {r['frames'] / r['wall']:.0f} | {r['frames'] / r['cpu']:.0f} | "
-            f"{r['rss']:.0f} |"
+            table_row(decoder, threads, device, int(r["frames"]), *cost, *rates, f"{r['rss']:.0f}")
         )
 
 

@@ -51,6 +51,7 @@ from extractor.flow import make_flow
 from extractor.pipeline import run_extraction
 from extractor.prepare import FrameChunk, prepare_video
 from extractor.sources import make_sources
+from extractor.spec import BackboneSpec
 from extractor.transforms import STACK_LENGTH, quantize_flow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,13 +341,15 @@ def main() -> None:
     kinds = [*streams, "both"] if len(streams) > 1 else streams
     extractors = {
         k: FeatureExtractor(
-            streams=streams if k == "both" else [k],
-            weights="random",
-            arch=args.arch,
+            BackboneSpec(
+                streams=tuple(streams) if k == "both" else (k,),
+                weights="random",
+                arch=args.arch,
+                dtype=args.dtype,
+                **(flow_kw if k != "appearance" else {}),  # type: ignore[arg-type]
+            ),
             device=device,
             batch_size=args.batch_size,
-            dtype=args.dtype,
-            **(flow_kw if k != "appearance" else {}),  # type: ignore[arg-type]
         )
         for k in kinds
     }

@@ -19,13 +19,10 @@ prints markdown tables with wall s, CPU s and peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import itertools
 import multiprocessing as mp
 import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,34 +30,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from _common import cpu_seconds, parser, peak_rss_mib, real_clips, table_head, table_row
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from extractor.decode import iter_frames  # noqa: E402
-from extractor.flow import DisFlow, RaftFlow  # noqa: E402
-from extractor.transforms import to_gray  # noqa: E402
-
-DEFAULT_VIDEOS = REPO.parent / "shared" / "data" / "videos"
-SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _peak_rss_mib() -> float:
-    self_ = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(self_, children) / 1024
+from extractor.decode import iter_frames
+from extractor.flow import DisFlow, RaftFlow
+from extractor.transforms import to_gray
 
 
 def load_pairs(folder: Path, n_pairs: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """``n_pairs`` consecutive grayscale pairs ``[n, h, w]`` uint8 from the clips, in turn."""
     h, w = size
     prev, nxt = [], []
-    clips = sorted(c for c in folder.iterdir() if c.suffix.lower() in SUFFIXES)
+    clips = real_clips(folder)
     per_clip = max(1, -(-n_pairs // len(clips)))
     for clip in clips:
         grays = [
@@ -77,10 +58,10 @@ def _dis_chunk(prev: np.ndarray, nxt: np.ndarray) -> tuple[int, float]:
     """Runs in a worker process: (pairs, CPU seconds of computing their flow)."""
     cv2.setNumThreads(1)
     flow = DisFlow("fast")
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     for a, b in zip(prev, nxt, strict=True):
         flow(a, b)
-    return len(prev), _cpu_seconds() - cpu0
+    return len(prev), cpu_seconds() - cpu0
 
 
 def bench_dis(prev: np.ndarray, nxt: np.ndarray, processes: int) -> dict[str, float]:
@@ -119,7 +100,7 @@ def bench_raft(
         raft = RaftFlow(weights, device=device, dtype=dtype, num_flow_updates=iters)
         raft.flow_batch(prev[:batch], nxt[:batch])  # warm-up (cuDNN choices, allocator)
         _sync(device)
-        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
         got = []
         for i in range(0, len(prev), batch):
             got.append(raft.flow_batch(prev[i : i + batch], nxt[i : i + batch]))
@@ -127,7 +108,7 @@ def bench_raft(
         out[dtype] = {
             "pairs": len(prev),
             "wall": time.perf_counter() - t0,
-            "cpu": _cpu_seconds() - cpu0,
+            "cpu": cpu_seconds() - cpu0,
         }
         flows[dtype] = got
     pairs = zip(flows["bfloat16"], flows["float32"], strict=True)
@@ -136,8 +117,7 @@ def bench_raft(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--videos", type=Path, default=DEFAULT_VIDEOS, help="folder of real clips")
+    p = parser(__doc__)
     p.add_argument("--size", default="240x320", help="HxW of the flow input")
     p.add_argument("--pairs", type=int, default=240, help="frame pairs for DIS")
     p.add_argument("--processes", default="1,2", help="DIS worker process counts, e.g. 1,4,16")
@@ -157,14 +137,12 @@ def main() -> None:
         f"cores, load average {os.getloadavg()[0]:.1f}\n"
     )
     print("DIS (preset fast), the pairs split over N single-threaded processes:\n")
-    print("| processes | pairs | wall s | CPU s | pairs/s | pairs per CPU-s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    columns = ["processes", "pairs", "wall s", "CPU s", "pairs/s", "pairs per CPU-s"]
+    print(table_head(columns, text_columns=0))
     for n in (int(v) for v in args.processes.split(",") if v):
         r = bench_dis(prev, nxt, n)
-        print(
-            f"| {n} | {int(r['pairs'])} | {r['wall']:.2f} | {r['cpu']:.2f} | "
-            f"{r['pairs'] / r['wall']:.0f} | {r['pairs'] / r['cpu']:.0f} |"
-        )
+        rates = f"{r['pairs'] / r['wall']:.0f}", f"{r['pairs'] / r['cpu']:.0f}"
+        print(table_row(n, int(r["pairs"]), f"{r['wall']:.2f}", f"{r['cpu']:.2f}", *rates))
 
     device = torch.device(args.device)
     rh, rw = (int(v) for v in (args.raft_size or args.size).lower().split("x"))
@@ -176,8 +154,8 @@ def main() -> None:
         f"{args.iters} flow updates; end-point error of bfloat16 against float32 on the same "
         "pairs:\n"
     )
-    print("| model | weights | dtype | pairs | wall s | CPU s | pairs/s | EPE bf16 vs fp32 px |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    columns = ["model", "weights", "dtype", "pairs", "wall s", "CPU s", "pairs/s"]
+    print(table_head([*columns, "EPE bf16 vs fp32 px"], text_columns=3))
     with tempfile.TemporaryDirectory() as tmp:
         for arch in [m for m in args.models.split(",") if m]:
             given = args.raft_small if arch == "small" else args.raft_large
@@ -186,12 +164,10 @@ def main() -> None:
             res, epe = bench_raft(weights, device, rp, rn, args.batch, args.iters)
             for dtype, r in res.items():
                 e = f"{epe:.4f}" + ("" if given else " (random weights)")
-                print(
-                    f"| raft_{arch} | {label} | {dtype} | {int(r['pairs'])} | {r['wall']:.2f} | "
-                    f"{r['cpu']:.2f} | {r['pairs'] / r['wall']:.1f} | "
-                    f"{e if dtype == 'bfloat16' else '-'} |"
-                )
-    print(f"\npeak RSS {_peak_rss_mib():.0f} MiB")
+                cost = f"{r['wall']:.2f}", f"{r['cpu']:.2f}", f"{r['pairs'] / r['wall']:.1f}"
+                epe_cell = e if dtype == "bfloat16" else "-"
+                print(table_row(f"raft_{arch}", label, dtype, int(r["pairs"]), *cost, epe_cell))
+    print(f"\npeak RSS {peak_rss_mib(children=True):.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ seconds of that process, its peak RSS):
 - ``scan``: ``read`` of every video, 8 threads;
 - ``node cache``: building the depth-6 node cache (parallel, block by block);
 - ``train (memory)``: ``framepool train --head tp --levels 6`` with the default memory budget
-  (the node cache present; the similarity index built after training, as by default);
-- ``train (streamed)``: the same with ``FRAMEPOOL_MEMORY_BUDGET=--budget``, so that training
-  streams row blocks of the node cache.
+  (the node cache present; one fixed learning rate and weight decay, no probes; the similarity
+  index built after training, as by default);
+- ``train (streamed)``: the same with ``--memory-budget --budget``, so that training streams
+  row blocks of the node cache.
 
 A summary line per size and a Kinetics-400 extrapolation (240,000 videos, T = 300, d = 2048) from
 the measured per-video rates close the output. Results are also written to ``--json``.
@@ -154,11 +155,12 @@ def child(step: str, store: str, args: argparse.Namespace, *extra: str) -> list[
 def train(store: str, out: Path, args: argparse.Namespace, budget: str | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "api.cli", "train", "--store", store, "--head", "tp"]
     cmd += ["--levels", "6", "--out", str(out), "--epochs", str(args.epochs), "--patience", "0"]
-    cmd += ["--no-plots", "--threads", "2", "--batch-size", "256"]
-    r = run_measured(cmd, {"FRAMEPOOL_MEMORY_BUDGET": budget} if budget else None)
+    cmd += ["--no-plots", "--threads", "2", "--batch-size", "256", "--no-probe"]
+    cmd += ["--lr", "1e-3", "--weight-decay", "1e-4"]  # one configuration: an epoch is one pass
+    r = run_measured(cmd + (["--memory-budget", budget] if budget else []))
     metrics = json.loads((out / "metrics.json").read_text())
-    epochs = [h["seconds"] for h in metrics["history"]]
-    r.update(epoch=float(np.median(epochs)), data=metrics["seconds_data"])
+    training = metrics["training"]  # steps of one configuration: seconds per epoch of data
+    r.update(epoch=training["seconds"] / training["epochs"], data=metrics["seconds_data"])
     return r
 
 
@@ -176,6 +178,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--budget", default="256M", help="memory budget of the streamed train run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument(
+        "--train-only", action="store_true", help="only the train steps, on the store of --keep"
+    )
     p.add_argument("--dir", default="/tmp/framepool-store-scale")
     p.add_argument("--json", default=None, help="append the results to this JSON-lines file")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
@@ -194,9 +199,16 @@ def main() -> None:
         return
 
     base = Path(args.dir)
+    store = str(base / "store.zarr")
+    if args.train_only:
+        rows = {
+            "train (memory)": train(store, base / "run-memory", args, None),
+            "train (streamed)": train(store, base / "run-streamed", args, args.budget),
+        }
+        print_rows(rows, args)
+        return
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    store = str(base / "store.zarr")
     from storage import FeatureStore
 
     FeatureStore.create(store, class_names=[f"class{c:03d}" for c in range(args.classes)])
@@ -234,6 +246,12 @@ def main() -> None:
         rows["train (memory)"] = train(store, base / "run-memory", args, None)
         rows["train (streamed)"] = train(store, base / "run-streamed", args, args.budget)
 
+    print_rows(rows, args)
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def print_rows(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     print()
     print(f"| step ({args.videos} videos) | wall s | CPU s | peak RSS | rate |")
     print("| --- | ---: | ---: | ---: | --- |")
@@ -248,8 +266,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"args": vars(args), "rows": rows}) + "\n")
-    if not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -112,14 +112,15 @@ def part_task(args: argparse.Namespace, work: Path) -> None:
 # ----------------------------------------------------------------------------------- 2. extract
 def part_extract(args: argparse.Namespace, work: Path) -> None:
     from extractor.pipeline import run_extract
+    from extractor.spec import BackboneSpec
 
     videos = [VIDEOS / v for v in args.videos.split(",")]
     configs: list[tuple[str, dict[str, Any]]] = [
-        ("pooled vectors only", {"streams": ["appearance", "motion"]}),
-        ("+ maps, full C, every frame", {"streams": ["appearance", "motion", *MAPS]}),
+        ("pooled vectors only", {"maps": []}),
+        ("+ maps, full C, every frame", {"maps": MAPS}),
         (
             f"+ maps, C = {args.map_dim}, every {args.map_stride}th frame",
-            {"streams": ["appearance", "motion", *MAPS], "map_dim": args.map_dim,
+            {"maps": MAPS, "map_dim": args.map_dim,
              "map_stride": args.map_stride},
         ),
     ]  # fmt: skip
@@ -133,16 +134,14 @@ def part_extract(args: argparse.Namespace, work: Path) -> None:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, kw in configs:
-        store = work / f"extract-{len(kw)}-{len(kw['streams'])}.zarr"
+        store = work / f"extract-{len(kw)}-{len(kw['maps'])}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         summary, wall, cpu = timed(
             lambda store=store, kw=kw: run_extract(
                 videos,
                 store,
-                weights="random",
-                arch=args.arch,
+                BackboneSpec(weights="random", arch=args.arch, dtype="float32"),
                 device="cpu",
-                dtype="float32",
                 batch_size=16,
                 workers=2,
                 max_frames=args.extract_frames,

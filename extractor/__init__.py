@@ -3,6 +3,7 @@
 Main entry points (imported lazily, so that light modules such as :mod:`extractor.sharding` do not
 pull in torch): :class:`~extractor.features.FeatureExtractor` and
 :class:`~extractor.features.ExtractedVideo` for one video in memory,
+:class:`~extractor.spec.BackboneSpec` for the backbones, flow and dtype they compute with,
 :func:`~extractor.pipeline.run_extract` for batch extraction into a store,
 :func:`~extractor.synthetic.make_demo_clips` for the generated demo clips.
 """
@@ -13,6 +14,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "BackboneSpec": "extractor.spec",
     "FeatureExtractor": "extractor.features",
     "ExtractedVideo": "extractor.features",
     "VideoError": "extractor.decode",

@@ -52,11 +52,11 @@ from torchvision.models import ResNet, resnet18, resnet50, resnet101
 
 from extractor import weights as weights_module
 from extractor.flow import sha256_file
+from extractor.spec import STREAMS
 from extractor.transforms import STACK_LENGTH, AppearanceInput
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("appearance", "motion")
 ARCHS: dict[str, tuple[Callable[..., ResNet], int]] = {
     "resnet18": (resnet18, 512),
     "resnet50": (resnet50, 2048),
@@ -199,16 +199,22 @@ def _random_init_(model: ResNet, seed: int) -> None:
                 module.running_var.fill_(1.0)
 
 
-def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def _tensors_of(obj: Any, path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded checkpoint: a module's own, or the first of ``keys`` that
+    holds one, with DataParallel's ``module.`` prefixes stripped."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
-    for key in ("state_dict", "model", "backbone"):
+    for key in keys:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
-    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    state = _tensors_of(obj, path, ("state_dict", "model", "backbone"))
     if "conv1.weight" not in state:
         prefixes = [k[: -len("conv1.weight")] for k in state if k.endswith(".conv1.weight")]
         top = [p for p in prefixes if p.count(".") == 1]  # e.g. "backbone." but not "layer1.0."
@@ -282,19 +288,21 @@ def _set_conv1(model: ResNet, weight: torch.Tensor) -> None:
     model.conv1 = conv
 
 
-def _load_into(model: ResNet, state: dict[str, torch.Tensor], spec: WeightsSpec, arch: str) -> None:
+def _load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path | None, arch: str
+) -> None:
+    """Load ``state`` (read from ``path``) into ``model``, which must take every key of it."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
         lines = [ln.strip() for ln in str(exc).splitlines()[1:3]]
         raise ValueError(
-            f"weights {str(spec.path)!r} do not fit a {arch} backbone: {' '.join(lines)} ... "
-            "(a different --arch?)"
+            f"weights {str(path)!r} do not fit {arch}: {' '.join(lines)} ... (a different --arch?)"
         ) from exc
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise ValueError(
-            f"weights {str(spec.path)!r} do not fit a {arch} backbone: missing {missing[:5]}"
+            f"weights {str(path)!r} do not fit {arch}: missing {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{' ...' if len(unexpected) > 5 else ''} (a different --arch?)"
         )
@@ -344,7 +352,7 @@ def load_backbone(
                     f"(cross-modality initialisation) or {MOTION_CHANNELS}"
                 )
             _set_conv1(model, torch.zeros_like(state["conv1.weight"]))
-        _load_into(model, state, weights, arch)
+        _load_into(model, state, weights.path, arch)
     model.eval()
     record: dict[str, Any] = {
         "arch": arch,
@@ -373,15 +381,7 @@ def _timm_state_file(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"cannot read weights file {str(path)!r}: {exc}") from exc
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    for key in ("state_dict_ema", "state_dict", "model"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+    return _tensors_of(obj, path, ("state_dict_ema", "state_dict", "model"))
 
 
 def _load_timm(arch: str, weights: WeightsSpec) -> tuple[nn.Module, dict[str, Any]]:
@@ -410,19 +410,7 @@ def _load_timm(arch: str, weights: WeightsSpec) -> tuple[nn.Module, dict[str, An
         head = str(model.pretrained_cfg.get("classifier") or "")
         heads = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
         state = {k: v for k, v in state.items() if not (heads and k.startswith(heads))}
-        try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines()[1:3]]
-            raise ValueError(
-                f"weights {str(weights.path)!r} do not fit {arch}: {' '.join(lines)}"
-            ) from exc
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-        if missing or unexpected:
-            raise ValueError(
-                f"weights {str(weights.path)!r} do not fit {arch}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
+        _load_into(model, state, weights.path, arch)
     model.eval()
     tag = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("tag")
     record: dict[str, Any] = {

@@ -184,6 +184,20 @@ def truncation_tolerance(declared: int) -> int:
     return max(2, declared // 100)
 
 
+def check_frame_count(path: Path, decoded: int, declared: int | None) -> None:
+    """Raise :class:`VideoError` when a video decoded to more than
+    :func:`truncation_tolerance` fewer frames than its container declares (``declared``: 0 or
+    None when it declares none); a smaller shortfall is logged."""
+    if not declared or decoded >= declared:
+        return
+    if declared - decoded > truncation_tolerance(declared):
+        raise VideoError(
+            f"{str(path)!r}: truncated: decoded {decoded} of the {declared} frames the container "
+            "declares"
+        )
+    log.warning("%s: decoded %d of %d declared frames", path, decoded, declared)
+
+
 def _decode(p: Path, threads: bool) -> Iterator[av.VideoFrame]:
     with _open(p) as container:
         stream = _video_stream(container, p)
@@ -206,13 +220,7 @@ def _decode(p: Path, threads: bool) -> Iterator[av.VideoFrame]:
             ) from exc
     if n == 0:
         raise VideoError(f"{str(p)!r}: the video stream has no decodable frames")
-    if declared and n < declared:
-        if declared - n > truncation_tolerance(declared):
-            raise VideoError(
-                f"{str(p)!r}: truncated: decoded {n} of the {declared} frames the container "
-                "declares"
-            )
-        log.warning("%s: decoded %d of %d declared frames", p, n, declared)
+    check_frame_count(p, n, declared)
 
 
 def iter_frames(path: str | Path, *, threads: bool = True) -> Iterator[np.ndarray]:

@@ -39,8 +39,8 @@ from extractor.decode import (
     _ffmpeg_reason,
     _open,
     _video_stream,
+    check_frame_count,
     iter_frames,
-    truncation_tolerance,
 )
 
 log = logging.getLogger(__name__)
@@ -147,13 +147,7 @@ def iter_frames_torchcodec(
         n += 1
     if n == 0:
         raise TorchcodecError(f"{str(p)!r}: torchcodec decoded no frame of the video stream")
-    if declared and n < declared:
-        if declared - n > truncation_tolerance(declared):
-            raise VideoError(
-                f"{str(p)!r}: truncated: decoded {n} of the {declared} frames the container "
-                "declares"
-            )
-        log.warning("%s: decoded %d of %d declared frames", p, n, declared)
+    check_frame_count(p, n, declared)
 
 
 def resolve_decoder(decoder: str, device: str | torch.device) -> tuple[str, torch.device]:

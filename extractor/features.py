@@ -39,6 +39,7 @@ from extractor.backbones import (
 )
 from extractor.flow import FLOW_BACKENDS, FlowBackend, flow_from_config, make_flow, sha256_file
 from extractor.prepare import FrameChunk, VideoDone, prepare_video
+from extractor.spec import BackboneSpec
 from extractor.transforms import (
     CROP_SIZE,
     DEFAULT_APPEARANCE_INPUT,
@@ -131,13 +132,9 @@ def _input_config(stream: str, app_input: AppearanceInput) -> dict[str, Any]:
 class FeatureExtractor:
     """Per-frame appearance and/or motion features with one fixed, recordable configuration.
 
-    ``weights`` is ``"imagenet"`` (torchvision's cache, downloaded there when missing),
-    ``"random"`` (explicit, seeded) or a state-dict path; ``motion_weights`` defaults to
-    ``weights`` (a 3-channel conv1 gets the cross-modality initialisation). ``arch`` is a ResNet
-    or ``timm:<name>`` (appearance only, with its own preprocessing); ``motion_arch`` (default:
-    ``arch``) is the motion stream's ResNet, required when ``arch`` is a timm model. ``flow``
-    names the flow backend; ``flow_weights`` is the RAFT weights file. ``dtype``: ``auto``
-    computes in bfloat16 where the device supports it natively, else float32.
+    ``spec`` (:class:`extractor.spec.BackboneSpec`, default: its defaults) says which backbones,
+    weights, flow backend and compute dtype; ``device`` and ``batch_size`` where and in how large
+    batches :meth:`extract_file` runs them.
 
     ``models[stream]`` are inference copies of the backbones: BatchNorm folded into the
     convolutions, in the compute dtype, channels_last; :func:`extractor.backbones.build_backbone`
@@ -146,21 +143,13 @@ class FeatureExtractor:
 
     def __init__(
         self,
+        spec: BackboneSpec | None = None,
         *,
-        streams: Sequence[str] = STREAMS,
-        flow: str = "dis",
-        flow_weights: str | Path | None = None,
-        weights: str | Path = "imagenet",
-        motion_weights: str | Path | None = None,
-        arch: str = "resnet101",
         device: str | torch.device = "auto",
         batch_size: int = 32,
-        dtype: str = "auto",
-        seed: int = 0,
-        flow_params: Mapping[str, Any] | None = None,
-        motion_arch: str | None = None,
     ) -> None:
-        streams = tuple(streams)
+        spec = spec if spec is not None else BackboneSpec()
+        streams = spec.streams
         if (
             not streams
             or any(s not in STREAMS for s in streams)
@@ -171,9 +160,12 @@ class FeatureExtractor:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        if flow not in FLOW_BACKENDS:
-            raise ValueError(f"unknown flow backend {flow!r}; choose from {list(FLOW_BACKENDS)}")
-        m_arch = arch if motion_arch is None else motion_arch
+        if spec.flow not in FLOW_BACKENDS:
+            raise ValueError(
+                f"unknown flow backend {spec.flow!r}; choose from {list(FLOW_BACKENDS)}"
+            )
+        arch = spec.arch
+        m_arch = arch if spec.motion_arch is None else spec.motion_arch
         if "motion" in streams and is_timm(m_arch):
             raise ValueError(
                 f"the motion stream is a ResNet with a 20-channel conv1, not {m_arch}: choose "
@@ -183,25 +175,28 @@ class FeatureExtractor:
         specs: dict[str, WeightsSpec] = {}
         archs: dict[str, str] = {}
         if "appearance" in streams:
-            specs["appearance"] = resolve_weights(weights, arch, seed=seed)
+            specs["appearance"] = resolve_weights(spec.weights, arch, seed=spec.seed)
             archs["appearance"] = arch
         if "motion" in streams:
-            mw = weights if motion_weights is None else motion_weights
-            specs["motion"] = resolve_weights(mw, m_arch, seed=seed)
+            mw = spec.weights if spec.motion_weights is None else spec.motion_weights
+            specs["motion"] = resolve_weights(mw, m_arch, seed=spec.seed)
             archs["motion"] = m_arch
         flow_backend = None
         if "motion" in streams:
             flow_backend = make_flow(
-                flow, weights=flow_weights, device=self.device, **dict(flow_params or {})
+                spec.flow,
+                weights=spec.flow_weights,
+                device=self.device,
+                **dict(spec.flow_params or {}),
             )
-        elif flow_weights is not None:
+        elif spec.flow_weights is not None:
             raise ValueError("--flow-weights given but the motion stream is not extracted")
         self._init(
             streams=streams,
             specs=specs,
             arch=archs,
             flow=flow_backend,
-            dtype=resolve_dtype(dtype, self.device),
+            dtype=resolve_dtype(spec.dtype, self.device),
             batch_size=batch_size,
             app_input=appearance_input(arch) if "appearance" in streams else None,
         )

@@ -32,8 +32,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,13 @@ from tqdm import tqdm
 
 from extractor.backbones import STREAMS
 from extractor.decode import VideoError
-from extractor.decode_torchcodec import make_frame_reader
+from extractor.decode_torchcodec import FrameReader, make_frame_reader
 from extractor.features import MAP_STREAMS, FeatureExtractor
-from extractor.flow import sha256_file
+from extractor.flow import FlowBackend, sha256_file
 from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
 from extractor.sharding import in_shard, parse_shard, shard_from_env
 from extractor.sources import Source, make_sources
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class _Failed:
 
 class _WorkerExit:
     pass
+
+
+_Message = _Chunk | _Done | _Failed | _WorkerExit
 
 
 @dataclass
@@ -270,182 +274,269 @@ def run_extraction(
     fstore = FeatureStore.create(store, extractor=extractor.config(), class_names=class_names)
     summary = ExtractionSummary(store=str(store))
     todo = _todo(fstore, sources, extractor.streams + extractor.map_streams, shard, summary)
-    if not todo:
-        summary.seconds = time.perf_counter() - start
-        return summary
-    log.info(
-        "extracting %d videos (%d already complete, %d in other shards) into %s",
-        len(todo),
-        len(summary.skipped),
-        summary.outside_shard,
-        store,
-    )
+    if todo:
+        log.info(
+            "extracting %d videos (%d already complete, %d in other shards) into %s",
+            len(todo),
+            len(summary.skipped),
+            summary.outside_shard,
+            store,
+        )
+        bound = queue_frames or 2 * extractor.batch_size + _CHUNK_FRAMES * workers
+        preparers = _Preparers(
+            todo,
+            extractor,
+            stride=stride,
+            max_frames=max_frames,
+            read_frames=read_frames,
+            queue_chunks=max(1, bound // _CHUNK_FRAMES),
+        )
+        bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not progress, leave=True)
+        writer = _Writer(fstore, summary, bar)
+        batcher = _Batcher(
+            todo, extractor, writer, subsampled=stride > 1 or max_frames is not None, start=start
+        )
+        writer.start()
+        try:
+            preparers.start(min(workers, len(todo)))
+            batcher.consume(preparers)
+        finally:
+            preparers.stop()
+            writer.finish()
+            bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.complete.sort()
+    summary.skipped.sort()
+    return summary
 
-    chunk_size = 8
-    bound = queue_frames or 2 * extractor.batch_size + chunk_size * workers
-    items: queue.Queue[_Chunk | _Done | _Failed | _WorkerExit] = queue.Queue(
-        maxsize=max(1, bound // chunk_size)
-    )
-    sources_q: queue.Queue[int] = queue.Queue()
-    for key in range(len(todo)):
-        sources_q.put(key)
-    stop = threading.Event()
-    subsampled = stride > 1 or max_frames is not None
 
-    def put(msg: _Chunk | _Done | _Failed | _WorkerExit) -> bool:
-        while not stop.is_set():
+_CHUNK_FRAMES = 8  # frames per message from a preparing thread
+
+
+class _Preparers:
+    """The threads that decode and prepare videos (each takes the next video to do) and the
+    bounded queue of chunks, ends and failures they send to the model's thread."""
+
+    def __init__(
+        self,
+        todo: Sequence[Source],
+        extractor: FeatureExtractor,
+        *,
+        stride: int,
+        max_frames: int | None,
+        read_frames: FrameReader,
+        queue_chunks: int,
+    ) -> None:
+        self.todo = todo
+        self.extractor = extractor
+        self.stride = stride
+        self.max_frames = max_frames
+        self.read_frames = read_frames
+        self.items: queue.Queue[_Message] = queue.Queue(maxsize=queue_chunks)
+        self.keys: queue.Queue[int] = queue.Queue()
+        for key in range(len(todo)):
+            self.keys.put(key)
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, n: int) -> None:
+        self.threads = [
+            threading.Thread(target=self._work, name=f"framepool-prepare-{i}", daemon=True)
+            for i in range(n)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join()
+
+    def messages(self) -> Iterator[_Chunk | _Done | _Failed]:
+        """What the threads send, until every one of them has exited."""
+        exited = 0
+        while exited < len(self.threads):
+            msg = self.items.get()
+            if isinstance(msg, _WorkerExit):
+                exited += 1
+            else:
+                yield msg
+
+    def _put(self, msg: _Message) -> bool:
+        while not self.stopping.is_set():
             try:
-                items.put(msg, timeout=0.1)
+                self.items.put(msg, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def work() -> None:
+    def _work(self) -> None:
         # Parallelism comes from the workers: torch ops in this thread (the resize) stay on it
         # instead of starting an OpenMP team that competes with the model's.
         torch.set_num_threads(1)
-        flow = extractor.flow.clone() if extractor.flow is not None else None
-        while not stop.is_set():
+        flow = self.extractor.flow.clone() if self.extractor.flow is not None else None
+        while not self.stopping.is_set():
             try:
-                key = sources_q.get_nowait()
+                key = self.keys.get_nowait()
             except queue.Empty:
                 break
-            path = todo[key].path
+            path = self.todo[key].path
             try:
-                for item in prepare_video(
-                    path,
-                    streams=extractor.streams,
-                    flow=flow,
-                    stride=stride,
-                    max_frames=max_frames,
-                    chunk_size=chunk_size,
-                    should_stop=stop.is_set,
-                    appearance_input=extractor.appearance_input,
-                    read_frames=read_frames,
-                ):
-                    if isinstance(item, VideoDone):
-                        ok = put(_Done(key, item, sha256_file(path)))
-                    else:
-                        ok = put(_Chunk(key, item))
-                    if not ok:
-                        return
+                if not self._prepare(key, path, flow):
+                    return
             except VideoError as exc:
-                put(_Failed(key, str(exc)))
+                self._put(_Failed(key, str(exc)))
             except Exception as exc:
                 log.exception("preparing %s failed", path)
-                put(_Failed(key, f"{str(path)!r}: {type(exc).__name__}: {exc}"))
-        put(_WorkerExit())
+                self._put(_Failed(key, f"{str(path)!r}: {type(exc).__name__}: {exc}"))
+        self._put(_WorkerExit())
 
-    bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not progress, leave=True)
-    writer = _Writer(fstore, summary, bar)
-    writer.start()
-    threads = [
-        threading.Thread(target=work, name=f"framepool-prepare-{i}", daemon=True)
-        for i in range(min(workers, len(todo)))
-    ]
-    for t in threads:
-        t.start()
+    def _prepare(self, key: int, path: str | Path, flow: FlowBackend | None) -> bool:
+        """Send one video's chunks and its end; False once the run is stopping."""
+        for item in prepare_video(
+            path,
+            streams=self.extractor.streams,
+            flow=flow,
+            stride=self.stride,
+            max_frames=self.max_frames,
+            chunk_size=_CHUNK_FRAMES,
+            should_stop=self.stopping.is_set,
+            appearance_input=self.extractor.appearance_input,
+            read_frames=self.read_frames,
+        ):
+            if isinstance(item, VideoDone):
+                msg: _Message = _Done(key, item, sha256_file(path))
+            else:
+                msg = _Chunk(key, item)
+            if not self._put(msg):
+                return False
+        return True
 
-    videos: dict[int, _Video] = {}
-    dead: set[int] = set()
-    pending: list[tuple[int, FrameChunk]] = []
-    n_pending = 0
-    embedded = [0]  # frames through the model so far (for the frames/s shown)
 
-    def finish_if_done(key: int) -> None:
-        v = videos.get(key)
-        if v is None or v.done is None or v.n_embedded < len(v.done.frame_indices):
+class _Batcher:
+    """The model's side: gathers prepared frames into batches of ``extractor.batch_size`` that
+    cross video boundaries, files each batch's features under their videos, and hands a video to
+    the writer once all its frames are back."""
+
+    def __init__(
+        self,
+        todo: Sequence[Source],
+        extractor: FeatureExtractor,
+        writer: _Writer,
+        *,
+        subsampled: bool,
+        start: float,
+    ) -> None:
+        self.todo = todo
+        self.extractor = extractor
+        self.writer = writer
+        self.subsampled = subsampled
+        self.videos: dict[int, _Video] = {}
+        self.dead: set[int] = set()
+        self.pending: list[tuple[int, FrameChunk]] = []
+        self.n_pending = 0
+        self.embedded = 0  # frames through the model so far (for the frames/s shown)
+        self.start = start  # the run's start (for the frames/s shown)
+
+    def consume(self, preparers: _Preparers) -> None:
+        """Run every message of the preparing threads through the model and to the writer."""
+        for msg in preparers.messages():
+            if isinstance(msg, _Chunk):
+                self.add_chunk(msg.key, msg.chunk)
+            elif isinstance(msg, _Done):
+                self.end_video(msg.key, msg.done, msg.sha256)
+            else:
+                self.fail_video(msg.key, msg.reason)
+        if self.n_pending:
+            self.run_batch(self.n_pending)
+        if self.videos:  # internal invariant: every video ended with Done or Failed
+            raise AssertionError(f"videos left unfinished: {sorted(self.videos)}")
+
+    def add_chunk(self, key: int, chunk: FrameChunk) -> None:
+        if key in self.dead:
             return
-        del videos[key]
-        order = np.argsort(np.concatenate(v.indices), kind="stable")
-        feats = {s: np.concatenate(v.parts[s])[order] for s in extractor.streams}
-        got = np.concatenate(v.indices)[order]
-        if not np.array_equal(got, v.done.frame_indices):  # internal invariant
-            raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
-        assert v.sha256 is not None
-        meta = _video_meta(v.source, v.done, v.sha256, subsampled)
-        if extractor.map_streams:
-            feats.update(_video_maps(v, extractor.map_streams, extractor.map_stride, meta))
-        writer.jobs.put(("write", v.source, (feats, meta, len(got))))
+        self.videos.setdefault(key, _Video(self.todo[key]))
+        self.pending.append((key, chunk))
+        self.n_pending += len(chunk)
+        while self.n_pending >= self.extractor.batch_size:
+            self.run_batch(self.extractor.batch_size)
 
-    def run_batch(n: int) -> None:
-        nonlocal n_pending
+    def end_video(self, key: int, done: VideoDone, sha256: str) -> None:
+        v = self.videos.setdefault(key, _Video(self.todo[key]))
+        v.done, v.sha256 = done, sha256
+        self.finish_if_done(key)
+
+    def fail_video(self, key: int, reason: str) -> None:
+        self.dead.add(key)
+        self.videos.pop(key, None)
+        self.pending = [(k, c) for k, c in self.pending if k != key]
+        self.n_pending = sum(len(c) for _, c in self.pending)
+        self.writer.jobs.put(("fail", self.todo[key], reason))
+
+    def take(self, n: int) -> list[tuple[int, FrameChunk]]:
+        """The first ``n`` pending frames (the last chunk split if need be)."""
         taken: list[tuple[int, FrameChunk]] = []
         count = 0
         while count < n:
-            key, chunk = pending[0]
+            key, chunk = self.pending[0]
             need = n - count
             if len(chunk) <= need:
-                pending.pop(0)
+                self.pending.pop(0)
                 taken.append((key, chunk))
                 count += len(chunk)
             else:
                 taken.append((key, _slice(chunk, 0, need)))
-                pending[0] = (key, _slice(chunk, need, len(chunk)))
+                self.pending[0] = (key, _slice(chunk, need, len(chunk)))
                 count += need
-        n_pending -= count
-        batch = {s: np.concatenate([getattr(c, s) for _, c in taken]) for s in extractor.streams}
-        if extractor.map_streams:
-            out, maps = _embed_maps(extractor, batch, taken, videos)
+        self.n_pending -= count
+        return taken
+
+    def run_batch(self, n: int) -> None:
+        """Embed the first ``n`` pending frames and file their features under their videos."""
+        ex = self.extractor
+        taken = self.take(n)
+        batch = {s: np.concatenate([getattr(c, s) for _, c in taken]) for s in ex.streams}
+        maps: dict[str, np.ndarray] = {}
+        if ex.map_streams:
+            out, maps = _embed_maps(ex, batch, taken, self.videos)
         else:
-            out = extractor.embed(batch)
+            out = ex.embed(batch)
         row = 0
         for key, c in taken:
-            v = videos.get(key)
+            v = self.videos.get(key)
             if v is not None:
-                for s in extractor.streams:
+                for s in ex.streams:
                     v.parts.setdefault(s, []).append(out[s][row : row + len(c)])
-                if extractor.map_streams:
-                    _add_maps(v, c, maps, extractor.map_stride)
+                if ex.map_streams:
+                    _add_maps(v, c, maps, ex.map_stride)
                 v.indices.append(c.indices)
                 v.n_embedded += len(c)
             row += len(c)
-        embedded[0] += count
-        with writer.lock:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(fps=f"{embedded[0] / elapsed:.1f}", refresh=False)
+        self.embedded += n
+        with self.writer.lock:
+            elapsed = time.perf_counter() - self.start
+            self.writer.bar.set_postfix(fps=f"{self.embedded / elapsed:.1f}", refresh=False)
         for key in {k for k, _ in taken}:
-            finish_if_done(key)
+            self.finish_if_done(key)
 
-    exited = 0
-    try:
-        while exited < len(threads):
-            msg = items.get()
-            if isinstance(msg, _WorkerExit):
-                exited += 1
-            elif isinstance(msg, _Chunk):
-                if msg.key in dead:
-                    continue
-                videos.setdefault(msg.key, _Video(todo[msg.key]))
-                pending.append((msg.key, msg.chunk))
-                n_pending += len(msg.chunk)
-                while n_pending >= extractor.batch_size:
-                    run_batch(extractor.batch_size)
-            elif isinstance(msg, _Done):
-                v = videos.setdefault(msg.key, _Video(todo[msg.key]))
-                v.done, v.sha256 = msg.done, msg.sha256
-                finish_if_done(msg.key)
-            else:
-                dead.add(msg.key)
-                videos.pop(msg.key, None)
-                pending[:] = [(k, c) for k, c in pending if k != msg.key]
-                n_pending = sum(len(c) for _, c in pending)
-                writer.jobs.put(("fail", todo[msg.key], msg.reason))
-        if n_pending:
-            run_batch(n_pending)
-        if videos:  # internal invariant: every video ended with Done or Failed
-            raise AssertionError(f"videos left unfinished: {sorted(videos)}")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-        writer.finish()
-        bar.close()
-    summary.seconds = time.perf_counter() - start
-    summary.complete.sort()
-    summary.skipped.sort()
-    return summary
+    def finish_if_done(self, key: int) -> None:
+        """Hand video ``key`` to the writer once it has ended and all its frames are embedded."""
+        v = self.videos.get(key)
+        if v is None or v.done is None or v.n_embedded < len(v.done.frame_indices):
+            return
+        del self.videos[key]
+        order = np.argsort(np.concatenate(v.indices), kind="stable")
+        feats = {s: np.concatenate(v.parts[s])[order] for s in self.extractor.streams}
+        got = np.concatenate(v.indices)[order]
+        if not np.array_equal(got, v.done.frame_indices):  # internal invariant
+            raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
+        assert v.sha256 is not None
+        meta = _video_meta(v.source, v.done, v.sha256, self.subsampled)
+        if self.extractor.map_streams:
+            names, stride = self.extractor.map_streams, self.extractor.map_stride
+            feats.update(_video_maps(v, names, stride, meta))
+        self.writer.jobs.put(("write", v.source, (feats, meta, len(got))))
 
 
 def _map_positions(first: int, n: int, stride: int) -> np.ndarray:
@@ -510,49 +601,46 @@ def _slice(chunk: FrameChunk, a: int, b: int) -> FrameChunk:
 def run_extract(
     inputs: Sequence[str | Path],
     store: str | Path,
+    spec: BackboneSpec | None = None,
     *,
+    maps: Sequence[str] = (),
     labels: str | Path | None = None,
-    streams: Sequence[str] = STREAMS,
-    flow: str = "dis",
-    flow_weights: str | Path | None = None,
-    weights: str | Path = "imagenet",
-    motion_weights: str | Path | None = None,
-    arch: str = "resnet101",
     device: str = "auto",
-    dtype: str = "auto",
     batch_size: int = 32,
     workers: int = 2,
     shard: str | tuple[int, int] | None = None,
     stride: int = 1,
     max_frames: int | None = None,
     progress: bool = True,
-    motion_arch: str | None = None,
     map_dim: int | None = None,
     map_stride: int = 1,
     map_seed: int = 0,
     decoder: str = "auto",
-    flow_params: dict[str, Any] | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
 
-    ``decoder``: ``auto`` (torchcodec with NVDEC when ``device`` is CUDA, else PyAV), ``pyav`` or
-    ``torchcodec``. ``flow_params``: the flow backend's options (e.g. ``{"dtype": "bfloat16"}``
-    for RAFT).
+    ``spec`` (default: :class:`~extractor.spec.BackboneSpec`'s defaults) says which backbones,
+    flow and dtype compute the features; ``batch_size`` frames go through the model at once and
+    ``workers`` threads decode. ``decoder``: ``auto`` (torchcodec with NVDEC when ``device`` is
+    CUDA, else PyAV), ``pyav`` or ``torchcodec``.
 
     ``shard`` is ``"I/N"`` or ``(I, N)``; without it, torchrun's ``RANK``/``WORLD_SIZE`` are used
     when set. Raises ValueError/FileNotFoundError for unusable arguments (bad shard, missing
     weights, an extractor that differs from the store's); per-video problems are in the summary.
 
-    ``streams`` may name map streams (``appearance_map``, ``motion_map``): the source stream's
-    spatial maps from the same forward pass (the source stream is then extracted too), reduced to
+    ``maps`` names map streams (``appearance_map``, ``motion_map``): the source stream's spatial
+    maps from the same forward pass (the source stream is then extracted too), reduced to
     ``map_dim`` channels by a random projection seeded with ``map_seed`` and kept every
     ``map_stride`` extracted frames (see :meth:`FeatureExtractor.set_maps`).
     """
-    maps = [s for s in streams if s in MAP_STREAMS]
-    streams = list(
-        dict.fromkeys([s for s in streams if s not in MAP_STREAMS] + [MAP_STREAMS[m] for m in maps])
+    spec = spec if spec is not None else BackboneSpec()
+    bad = [m for m in maps if m not in MAP_STREAMS]
+    if bad:
+        raise ValueError(f"maps must be among {list(MAP_STREAMS)}, got {bad}")
+    wanted = dict.fromkeys([*spec.streams, *(MAP_STREAMS[m] for m in maps)])
+    streams = tuple(s for s in STREAMS if s in wanted) + tuple(
+        s for s in wanted if s not in STREAMS
     )
-    streams = [s for s in STREAMS if s in streams] + [s for s in streams if s not in STREAMS]
     check_selection(stride, max_frames)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
@@ -561,17 +649,7 @@ def run_extract(
         part = shard_from_env()
     sources = make_sources(inputs, labels=labels)
     extractor = FeatureExtractor(
-        streams=streams,
-        flow=flow,
-        flow_weights=flow_weights,
-        weights=weights,
-        motion_weights=motion_weights,
-        arch=arch,
-        device=device,
-        batch_size=batch_size,
-        dtype=dtype,
-        motion_arch=motion_arch,
-        flow_params=flow_params,
+        replace(spec, streams=streams), device=device, batch_size=batch_size
     )
     if maps or map_dim is not None or map_stride != 1:
         if not maps:

@@ -215,6 +215,10 @@ def latest(table: IndexTable) -> IndexTable:
     ids = table.ids
     if n == 1 or bool((ids[1:] > ids[:-1]).all()):
         return table  # already one row per id, in order
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    if bool((sorted_ids[1:] != sorted_ids[:-1]).all()):
+        return table.take(order)  # one row per id (e.g. disjoint bases of several writers)
     order = np.lexsort((np.arange(n), table.t, ids))
     sorted_ids = ids[order]
     last = np.ones(n, dtype=bool)
@@ -251,33 +255,38 @@ def _parse_part(data: bytes, name: str) -> list[dict[str, Any]]:
 
 def read_index(files: Files) -> tuple[IndexTable, list[str]] | None:
     """The merged index (newest record per video, pending and deleted included) and the file
-    names it came from; None when the store has no index yet."""
-    for _attempt in range(3):
+    names it came from; None when the store has no index yet.
+
+    Writers freeze and compact parts meanwhile, so a listed file may be gone when it is read;
+    whatever replaced it (a frozen part, a base) was written before it was removed, so the
+    folder is listed again and only the files not read yet are read. What was read stays valid
+    (frozen parts and bases never change; a record read twice is the same record)."""
+    tables: list[IndexTable] = []
+    records: list[dict[str, Any]] = []
+    read: set[str] = set()
+    for _attempt in range(100):
         names = sorted(files.list(INDEX_DIR))
         frozen = {n[: -len(".npz")] for n in names if n.endswith(".npz")}
         parts = [n for n in names if n.endswith(".jsonl") and n[: -len(".jsonl")] not in frozen]
         npz = [n for n in names if n.endswith(".npz")]
-        if "zarr.json" not in names and not npz and not parts:
+        if _attempt == 0 and "zarr.json" not in names and not npz and not parts:
             return None
-        tables: list[IndexTable] = []
-        records: list[dict[str, Any]] = []
         vanished = False
-        for name in npz:
+        for name in npz + parts:
+            if name in read:
+                continue
             data = files.read(f"{INDEX_DIR}/{name}")
-            if data is None:  # compacted away meanwhile: list again
+            if data is None:  # frozen or compacted away meanwhile: its successor is listed next
                 vanished = True
-                break
-            tables.append(IndexTable.from_npz(data))
-        for name in [] if vanished else parts:
-            data = files.read(f"{INDEX_DIR}/{name}")
-            if data is None:  # frozen meanwhile
-                vanished = True
-                break
-            records.extend(_parse_part(data, name))
-        if vanished:
-            continue
-        tables.append(IndexTable.from_records(records))
-        return latest(concat(tables)), npz + parts
+                continue
+            read.add(name)
+            if name.endswith(".npz"):
+                tables.append(IndexTable.from_npz(data))
+            else:
+                records.extend(_parse_part(data, name))
+        if not vanished:
+            tables.append(IndexTable.from_records(records))
+            return latest(concat(tables)), npz + parts
     raise OSError(f"the index of {files.url!r} kept changing while it was read; try again")
 
 
@@ -326,8 +335,8 @@ class IndexWriter:
         with self.lock:
             if self.buffer:
                 self._freeze()
-            if sum(n.endswith(".npz") for n in self.files.list(INDEX_DIR)) > 2:
-                compact(self.files)
+            if sum(n.endswith(".npz") for n in self.files.list(INDEX_DIR)) > 1:
+                compact(self.files)  # readers then load one file, already in id order
 
     def _freeze(self) -> None:
         table = latest(IndexTable.from_records(self.buffer))

@@ -14,25 +14,26 @@ from torch import nn
 
 from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.datp import AdaptiveTemporalPooling
-from aggregator.heads.gap import GlobalAveragePool
-from aggregator.heads.max_pool import GlobalMaxPool
-from aggregator.heads.pooling import Intervals, PyramidLeaves, pyramid_mix
+from aggregator.heads.global_pool import GlobalPool
 from aggregator.heads.standardize import InputStandardizer
 from aggregator.heads.stcb import CompactBilinear, CompactBilinearHead
 from aggregator.heads.stpn import SpatiotemporalPyramid
 from aggregator.heads.tp import TemporalPyramid
 from aggregator.heads.tpp import TemporalPyramidPooling
 from aggregator.heads.two_stream import TwoStream
+from aggregator.intervals import Intervals, PyramidLeaves, pyramid_mix
 
 HEADS: dict[str, type[nn.Module]] = {
-    "gap": GlobalAveragePool,
-    "max": GlobalMaxPool,
+    "gap": GlobalPool,
+    "max": GlobalPool,
     "tp": TemporalPyramid,
     "tpp": TemporalPyramidPooling,
     "datp": AdaptiveTemporalPooling,
     "stcb": CompactBilinearHead,
     "stpn": SpatiotemporalPyramid,
 }
+# keyword arguments a head name fixes (two names, one class)
+HEAD_PRESETS: dict[str, dict[str, Any]] = {"gap": {"kind": "mean"}, "max": {"kind": "max"}}
 
 VideoModel = TwoStream | CompactBilinearHead
 MapModel = SpatiotemporalPyramid  # reads map streams [B, T, h, w, C], not frame vectors
@@ -57,10 +58,11 @@ def build_model(
     """A video model over the streams of ``in_features`` (stream name -> feature size d).
 
     ``head_kwargs`` are the head class's keyword arguments other than ``in_features`` and
-    ``num_classes`` (the same for every stream). For every head but ``stcb`` each stream gets its
-    own head and the streams are fused late by a :class:`TwoStream` with ``fusion`` ("learned" or
-    "fixed") and initial/fixed ``fusion_weights``; ``standardize`` gives it an
-    :class:`InputStandardizer` (``stcb`` batch-normalises its inputs itself and takes none);
+    ``num_classes`` (the same for every stream); :data:`HEAD_PRESETS` adds those a head name
+    fixes (``max`` is :class:`GlobalPool` with ``kind="max"``). For every head but ``stcb`` each
+    stream gets its own head and the streams are fused late by a :class:`TwoStream` with
+    ``fusion`` ("learned" or "fixed") and initial/fixed ``fusion_weights``; ``standardize`` gives
+    it an :class:`InputStandardizer` (``stcb`` batch-normalises its inputs itself and takes none);
     ``learned_on="logits"`` rebuilds runs whose learned fusion was on logits (see
     :class:`TwoStream`).
     """
@@ -72,6 +74,11 @@ def build_model(
     for reserved in ("in_features", "num_classes"):
         if reserved in kwargs:
             raise ValueError(f"head_kwargs must not set {reserved!r}")
+    for key, value in HEAD_PRESETS.get(head, {}).items():
+        if kwargs.setdefault(key, value) != value:
+            raise ValueError(
+                f"head {head!r} means {key}={value!r}, but head_kwargs set {key}={kwargs[key]!r}"
+            )
     if head == "stcb":
         return CompactBilinearHead(in_features=dict(in_features), num_classes=num_classes, **kwargs)
     if head == "stpn":
@@ -97,11 +104,11 @@ def build_model(
 
 __all__ = [
     "HEADS",
+    "HEAD_PRESETS",
     "AdaptiveTemporalPooling",
     "CompactBilinear",
     "CompactBilinearHead",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
+    "GlobalPool",
     "InputStandardizer",
     "Intervals",
     "MapModel",

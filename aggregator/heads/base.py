@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aggregator.heads.pooling import Intervals, PyramidLeaves, batch_pool_intervals
+from aggregator.intervals import Intervals, PyramidLeaves, batch_pool_intervals
 
 NodeInput = torch.Tensor | PyramidLeaves
 

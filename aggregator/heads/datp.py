@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aggregator.heads.base import Dropout, NodeHead, NodeInput
-from aggregator.heads.pooling import Intervals
+from aggregator.intervals import Intervals
 
 _MIN_SIGMA = 0.01
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from aggregator.heads.base import NodeInput
-from aggregator.heads.pooling import PyramidLeaves
+from aggregator.intervals import PyramidLeaves
 
 MIN_STD = 1e-6  # a feature with a smaller spread (a constant) is only centred
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from aggregator.heads.base import Dropout, NodeInput
-from aggregator.heads.pooling import Intervals, PyramidLeaves, batch_pool_intervals
+from aggregator.intervals import Intervals, PyramidLeaves, batch_pool_intervals
 
 
 class CompactBilinear(nn.Module):

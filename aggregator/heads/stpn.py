@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aggregator.heads.base import Dropout
-from aggregator.heads.pooling import Intervals, batch_pool_intervals
 from aggregator.heads.stcb import CompactBilinear, signed_sqrt_l2
+from aggregator.intervals import Intervals, batch_pool_intervals
 
 MAP_STREAMS = ("appearance_map", "motion_map")
 PATHWAYS = ("spatial", "temporal", "attended", "fused")

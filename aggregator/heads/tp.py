@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from aggregator.heads.base import Dropout, NodeHead
-from aggregator.heads.pooling import Intervals, PyramidLeaves
+from aggregator.intervals import Intervals, PyramidLeaves, n_nodes
 from aggregator.metrics import beta_by_level
-from aggregator.nodes import n_nodes
 
 
 class TemporalPyramid(NodeHead):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from aggregator.heads.base import Dropout, NodeHead, NodeInput
-from aggregator.heads.pooling import Intervals
+from aggregator.intervals import Intervals
 
 
 class TemporalPyramidPooling(NodeHead):

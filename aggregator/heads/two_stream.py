@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aggregator.heads.base import NodeHead, NodeInput
-from aggregator.heads.pooling import Intervals
 from aggregator.heads.standardize import InputStandardizer
+from aggregator.intervals import Intervals
 
 
 class TwoStream(nn.Module):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from api.cli.options import add_store
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -16,7 +18,7 @@ def register(sub: Any) -> None:
         description="Evaluate a run directory on a split; writes <run>/evaluation-<split>.json.",
     )
     p.add_argument("--run", required=True, help="run directory written by framepool train")
-    p.add_argument("--store", required=True, help="feature store path or URL")
+    add_store(p)
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)

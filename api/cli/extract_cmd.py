@@ -8,12 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
 from api.cli.options import (
-    FLOW_BACKENDS,
-    RESNET_ARCHS,
+    PRECISION_DTYPES,
     VIDEO_EXTENSIONS,
     Deprecated,
+    add_backbone,
+    add_device,
+    add_labels,
     add_precision,
+    add_store,
     add_streams,
+    backbone_spec_from,
     positive_int,
     stream_list,
 )
@@ -23,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["register", "run"]
 
-_PRECISION_TO_DTYPE = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
 MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
 
 
@@ -48,14 +51,6 @@ def _extract_streams(text: str) -> str:
 DECODERS = ("auto", "pyav", "torchcodec")  # extractor.decode_torchcodec.DECODERS, without torch
 
 
-def _arch(text: str) -> str:
-    if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(sorted(RESNET_ARCHS))} or timm:<name>, got {text}"
-    )
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "extract",
@@ -71,8 +66,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "inputs", nargs="+", metavar="VIDEO_OR_DIR_OR_LIST", help="video files, folders, .txt lists"
     )
-    p.add_argument("--store", required=True, help="feature store path or fsspec URL")
-    p.add_argument("--labels", help="CSV with columns path,label[,split] (default: parent folder)")
+    add_store(p)
+    add_labels(p)
     g = p.add_argument_group("model")
     add_streams(
         g,
@@ -82,42 +77,15 @@ def register(sub: Any) -> None:
         "for the spatial maps of the last conv block",
         old_stream=False,
     )
-    g.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
-    g.add_argument("--flow-weights", help="RAFT weights file (for --flow raft)")
+    add_backbone(g, timm=True)
     g.add_argument(
         "--flow-precision",
         choices=("fp32", "bf16"),
         help="RAFT compute precision (for --flow raft; default fp32)",
     )
-    g.add_argument(
-        "--weights",
-        default="imagenet",
-        help="imagenet (torchvision's checkpoint, downloaded into the torch hub cache when "
-        "missing; timm's pretrained weights for timm:<name>), random (seeded), or a "
-        "state-dict PATH",
-    )
-    g.add_argument(
-        "--motion-weights",
-        help="motion backbone weights (default: --weights; a 3-channel conv1 is "
-        "cross-modality initialised)",
-    )
-    g.add_argument(
-        "--arch",
-        default="resnet101",
-        type=_arch,
-        metavar="ARCH",
-        help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, or timm:<name> for any timm model "
-        "(appearance only, with the model's own preprocessing)",
-    )
-    g.add_argument(
-        "--motion-arch",
-        default=None,
-        choices=sorted(RESNET_ARCHS),
-        help="the motion stream's ResNet (default: --arch; required with a timm --arch)",
-    )
     add_precision(g, old_dtype=True)
     r = p.add_argument_group("run")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(r)
     r.add_argument("--batch-size", type=positive_int, default=32, help="frames per model batch")
     r.add_argument(
         "--decode-workers",
@@ -181,19 +149,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
     from extractor.pipeline import run_extract
 
+    pooled = [s for s in streams if s not in MAP_STREAMS]
+    spec = backbone_spec_from(args, pooled, dtype=PRECISION_DTYPES[args.precision])
     summary = run_extract(
         args.inputs,
         args.store,
+        spec,
+        maps=[s for s in streams if s in MAP_STREAMS],
         labels=args.labels,
-        streams=streams,
-        flow=args.flow,
-        flow_weights=args.flow_weights,
-        weights=args.weights,
-        motion_weights=args.motion_weights,
-        arch=args.arch,
-        motion_arch=args.motion_arch,
         device=args.device,
-        dtype=_PRECISION_TO_DTYPE[args.precision],
         batch_size=args.batch_size,
         workers=args.decode_workers,
         shard=shard,
@@ -204,9 +168,6 @@ def run(args: argparse.Namespace) -> int:
         map_stride=args.map_stride,
         map_seed=args.map_seed,
         decoder=args.decoder,
-        flow_params=(
-            {"dtype": _PRECISION_TO_DTYPE[args.flow_precision]} if args.flow_precision else None
-        ),
     )
     print(summary.format())
     return exit_status(summary)

@@ -17,15 +17,32 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
-from api.cli.options import PRECISIONS, Deprecated, add_streams, streams_choice
+from api.cli.options import (
+    PRECISION_DTYPES,
+    add_backbone,
+    add_device,
+    add_head_options,
+    add_labels,
+    add_precision,
+    add_streams,
+    backbone_spec_from,
+    head_kwargs_from,
+    streams_choice,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from aggregator.finetune_train import FinetuneSettings
 
 STREAM_CHOICES = ("appearance", "motion", "both")
+HEADS = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn")  # aggregator.heads.HEADS
+HEAD_OPTIONS = ("levels", "variant", "pyramids", "node_dim", "dropout")
 
-
-_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+_PRECISION_OF_DTYPE = {dtype: name for name, dtype in PRECISION_DTYPES.items()}
 
 
 def _finetune_streams(text: str) -> str:
@@ -33,13 +50,6 @@ def _finetune_streams(text: str) -> str:
     if value not in STREAM_CHOICES:
         raise argparse.ArgumentTypeError(f"expected appearance, motion or both, got {text}")
     return value
-
-
-def _amp_to_precision(text: str) -> str:
-    mapping = {"auto": "auto", "on": "bf16", "off": "fp32"}
-    if text not in mapping:
-        raise argparse.ArgumentTypeError(f"--amp takes auto, on or off, got {text}")
-    return mapping[text]
 
 
 def register(sub: Any) -> None:
@@ -52,9 +62,7 @@ def register(sub: Any) -> None:
         "--weights OUT/backbone_appearance.pt --motion-weights OUT/backbone_motion.pt",
     )
     p.add_argument("--videos", nargs="+", required=True, help="video files, folders, or list files")
-    p.add_argument(
-        "--labels", help="CSV path,label[,split]; default: label = the video's parent folder"
-    )
+    add_labels(p)
     p.add_argument(
         "--out", required=True, help="output directory (resumed when it has a checkpoint)"
     )
@@ -75,11 +83,7 @@ def register(sub: Any) -> None:
         default="tp",
         help="pooling head: gap, max, tp, tpp, datp, stcb, or stpn (spatial maps of both streams)",
     )
-    head.add_argument("--levels", type=int, help="pyramid depth D (tp: 6, tpp: 3)")
-    head.add_argument("--variant", choices=("concat", "average"), help="tp node map (concat)")
-    head.add_argument("--pyramids", type=int, help="tp: number of stacked pyramids P (1)")
-    head.add_argument("--node-dim", type=int, help="tp concat: node projection size (128)")
-    head.add_argument("--dropout", type=float, help="dropout before the classifier")
+    add_head_options(head, HEAD_OPTIONS, heads=HEADS)
     head.add_argument(
         "--no-standardize",
         action="store_true",
@@ -101,11 +105,7 @@ def register(sub: Any) -> None:
     )
 
     bb = p.add_argument_group("backbone and inputs")
-    bb.add_argument("--arch", default="resnet101", choices=("resnet18", "resnet50", "resnet101"))
-    bb.add_argument("--weights", default="imagenet", help="imagenet | random | PATH (state dict)")
-    bb.add_argument("--motion-weights", help="motion backbone PATH (default: --weights)")
-    bb.add_argument("--flow", default="dis", choices=("dis", "farneback", "tvl1", "raft"))
-    bb.add_argument("--flow-weights", help="RAFT weights file (--flow raft)")
+    add_backbone(bb, timm=False)
     bb.add_argument("--max-frames", type=int, help="keep at most N evenly spaced frames per video")
     bb.add_argument(
         "--store",
@@ -166,19 +166,11 @@ def register(sub: Any) -> None:
         "pass of the subset (default: one graph over all of a batch's subset frames)",
     )
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    opt.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
+    add_device(opt)
+    add_precision(
+        opt,
+        old_amp=True,
         help="bf16 trains under bfloat16 autocast; auto: bf16 on a GPU, fp32 on a CPU",
-    )
-    opt.add_argument(
-        "--amp",
-        dest="precision",
-        action=Deprecated,
-        new="--precision",
-        convert=_amp_to_precision,
     )
     opt.add_argument(
         "--no-resume",
@@ -213,6 +205,30 @@ def _steps(text: str, option: str) -> tuple[int, ...]:
         raise UsageError(f"{option} must be comma-separated epochs, got {text!r}") from exc
 
 
+def _settings(
+    args: argparse.Namespace, milestones: dict[str, tuple[int, ...]], device: torch.device
+) -> FinetuneSettings:
+    """The optimisation options; bf16 autocast with ``--precision bf16``, or ``auto`` on CUDA."""
+    from aggregator.finetune_train import FinetuneSettings
+
+    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return FinetuneSettings(
+        period=args.period,
+        epochs=args.epochs,
+        batch_videos=args.batch_videos,
+        lr={"appearance": args.lr, "motion": args.motion_lr},
+        milestones=milestones,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        grad_scale=args.grad_scale,
+        chunk_size=args.chunk_size,
+        checkpoint=args.checkpoint_activations,
+        grad_frames=args.grad_frames,
+        seed=args.seed,
+        amp=amp,
+    )
+
+
 def _videos(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, str]]:
     """Video id -> path and video id -> label, from ``--videos`` and ``--labels``."""
     from extractor.sources import make_sources
@@ -242,29 +258,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from aggregator.finetune_job import BackboneSpec, reextract_dtype, run_finetune_job
-    from aggregator.finetune_train import FinetuneSettings, distributed, init_distributed
-    from aggregator.heads import HEADS
+    from aggregator.finetune_job import reextract_dtype, run_finetune_job
+    from aggregator.finetune_train import distributed, init_distributed
+    from aggregator.heads import HEADS as HEAD_CLASSES
 
-    if args.head not in HEADS:
-        raise UsageError(f"--head must be one of {sorted(HEADS)}, got {args.head!r}")
+    if args.head not in HEAD_CLASSES:
+        raise UsageError(f"--head must be one of {sorted(HEAD_CLASSES)}, got {args.head!r}")
     streams = ("appearance", "motion") if args.stream == "both" else (args.stream,)
     _check_map_options(args, streams)
-    head_kwargs: dict[str, Any] = {}
-    if args.head == "tp":
-        head_kwargs["depth"] = args.levels or 6
+    head_kwargs = head_kwargs_from(args)
+    if args.head == "tp":  # the run's config records the pyramid depth even when defaulted
+        head_kwargs.setdefault("depth", 6)
     elif args.head == "tpp":
-        head_kwargs["levels"] = tuple(2**i for i in range(args.levels or 3))
-    elif args.levels is not None:
-        raise UsageError("--levels applies to --head tp or tpp only")
-    for option in ("variant", "pyramids", "node_dim"):  # same names as the head's arguments
-        value = getattr(args, option)
-        if value is not None:
-            if args.head != "tp":
-                raise UsageError(f"--{option.replace('_', '-')} applies to --head tp only")
-            head_kwargs[option] = value
-    if args.dropout is not None:
-        head_kwargs["dropout"] = args.dropout
+        head_kwargs.setdefault("levels", (1, 2, 4))
 
     if args.motion_weights is not None and "motion" not in streams:
         raise UsageError("--motion-weights given but the motion stream is not trained")
@@ -274,22 +280,7 @@ def run(args: argparse.Namespace) -> int:
     }
 
     device = init_distributed(args.device)
-    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    settings = FinetuneSettings(
-        period=args.period,
-        epochs=args.epochs,
-        batch_videos=args.batch_videos,
-        lr={"appearance": args.lr, "motion": args.motion_lr},
-        milestones=milestones,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        grad_scale=args.grad_scale,
-        chunk_size=args.chunk_size,
-        checkpoint=args.checkpoint_activations,
-        grad_frames=args.grad_frames,
-        seed=args.seed,
-        amp=amp,
-    )
+    settings = _settings(args, milestones, device)
     paths, labels = _videos(args)
     out = Path(args.out)
     rank, world = distributed()
@@ -297,14 +288,7 @@ def run(args: argparse.Namespace) -> int:
         paths,
         labels,
         out,
-        backbone=BackboneSpec(
-            streams=streams,
-            arch=args.arch,
-            weights=args.weights,
-            motion_weights=args.motion_weights,
-            flow=args.flow,
-            flow_weights=args.flow_weights,
-        ),
+        backbone=backbone_spec_from(args, streams),
         settings=settings,
         head=args.head,
         head_kwargs=head_kwargs,
@@ -380,22 +364,17 @@ def _reextract(
     from extractor.pipeline import run_extract
 
     weights, motion = _weights_options(files)
+    spec = backbone_spec_from(args, streams, dtype=dtype, weights=weights, motion_weights=motion)
     maps: dict[str, Any] = {}
     if args.head == "stpn":
-        streams = (*streams, "appearance_map", "motion_map")
-        maps = {"map_dim": args.map_dim, "map_stride": args.map_stride}
+        maps = {"maps": ["appearance_map", "motion_map"], "map_dim": args.map_dim}
+        maps["map_stride"] = args.map_stride
     summary = run_extract(
         args.videos,
         args.reextract,
+        spec,
         labels=args.labels,
-        streams=streams,
-        flow=args.flow,
-        flow_weights=args.flow_weights,
-        weights=weights,
-        motion_weights=motion,
-        arch=args.arch,
         device=device,
-        dtype=dtype,
         max_frames=args.max_frames,
         progress=False,
         **maps,

@@ -6,6 +6,9 @@ Every command spells the same thing the same way:
   native support). Old spellings ``--dtype float32|bfloat16`` and ``--amp on|off`` still work.
 - ``--streams appearance,motion``: which streams (``both`` = ``appearance,motion``; train also
   takes ``auto``, every stream the store has). Old spelling ``--stream``.
+- ``--arch``, ``--weights``, ``--motion-weights``, ``--flow``, ``--flow-weights``: the backbones
+  (:func:`add_backbone`, read back as an :class:`extractor.spec.BackboneSpec`); the head options
+  (:data:`HEAD_OPTIONS`, read back by :func:`head_kwargs_from`).
 - ``--decode-workers N``: threads that decode and prepare videos; ``--workers N``: inference
   workers of the service; ``--threads N``: torch CPU threads. Old spellings ``--workers`` for
   ``extract`` and ``--torch-threads`` for ``serve``.
@@ -20,7 +23,12 @@ import argparse
 import copy
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from extractor.spec import BackboneSpec
 
 STREAMS = ("appearance", "motion")
 RESNET_ARCHS = ("resnet101", "resnet18", "resnet50")
@@ -121,14 +129,15 @@ def _choice(mapping: dict[str, str], option: str) -> Callable[[str], str]:
     return convert
 
 
-def add_precision(group: Any, *, old_dtype: bool = False, old_amp: bool = False) -> None:
+def add_precision(
+    group: Any,
+    *,
+    old_dtype: bool = False,
+    old_amp: bool = False,
+    help: str = "compute precision; auto: bf16 where the device supports it natively",
+) -> None:
     """``--precision auto|fp32|bf16`` (dest ``precision``), plus the old spellings."""
-    group.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="compute precision; auto: bf16 where the device supports it natively",
-    )
+    group.add_argument("--precision", default="auto", choices=PRECISIONS, help=help)
     if old_dtype:
         group.add_argument(
             "--dtype",
@@ -204,3 +213,193 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+# ---------------------------------------------------------------------------- option groups
+PRECISION_DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}  # extractor dtypes
+FINETUNE_ARCHS = ("resnet18", "resnet50", "resnet101")  # what end-to-end fine-tuning trains
+
+
+def arch_name(text: str) -> str:
+    """A ResNet of :data:`RESNET_ARCHS` or ``timm:<name>``."""
+    if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(sorted(RESNET_ARCHS))} or timm:<name>, got {text}"
+    )
+
+
+_TIMM_WEIGHTS = "; timm's pretrained weights for timm:<name>"
+
+
+def add_backbone(group: Any, *, timm: bool = True) -> None:
+    """The backbone options (those of :class:`extractor.spec.BackboneSpec` but streams and
+    dtype): ``--arch`` (any timm model too with ``timm``, then also ``--motion-arch``),
+    ``--weights``, ``--motion-weights``, ``--flow``, ``--flow-weights``."""
+    if timm:
+        group.add_argument(
+            "--arch",
+            default="resnet101",
+            type=arch_name,
+            metavar="ARCH",
+            help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, or timm:<name> for any timm "
+            "model (appearance only, with the model's own preprocessing)",
+        )
+        group.add_argument(
+            "--motion-arch",
+            default=None,
+            choices=sorted(RESNET_ARCHS),
+            help="the motion stream's ResNet (default: --arch; required with a timm --arch)",
+        )
+    else:
+        group.add_argument("--arch", default="resnet101", choices=FINETUNE_ARCHS)
+    group.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (torchvision's checkpoint, downloaded into the torch hub cache when "
+        f"missing{_TIMM_WEIGHTS if timm else ''}), random (seeded), or a state-dict PATH",
+    )
+    group.add_argument(
+        "--motion-weights",
+        help="motion backbone weights (default: --weights; a 3-channel conv1 is "
+        "cross-modality initialised)",
+    )
+    group.add_argument("--flow", default="dis", choices=FLOW_BACKENDS, help="optical flow backend")
+    group.add_argument("--flow-weights", help="RAFT weights file (for --flow raft)")
+
+
+def backbone_spec_from(
+    args: argparse.Namespace,
+    streams: Sequence[str],
+    *,
+    dtype: str = "auto",
+    weights: str | Path | None = None,
+    motion_weights: str | Path | None = None,
+) -> BackboneSpec:
+    """The :class:`extractor.spec.BackboneSpec` of :func:`add_backbone`'s options (``weights``
+    and ``motion_weights`` replace ``--weights`` and ``--motion-weights`` when given), and of
+    ``--flow-precision`` where the command has it."""
+    from extractor.spec import BackboneSpec
+
+    flow_precision = getattr(args, "flow_precision", None)
+    return BackboneSpec(
+        streams=tuple(streams),
+        arch=args.arch,
+        motion_arch=getattr(args, "motion_arch", None),
+        weights=args.weights if weights is None else weights,
+        motion_weights=args.motion_weights if weights is None else motion_weights,
+        flow=args.flow,
+        flow_weights=args.flow_weights,
+        flow_params={"dtype": PRECISION_DTYPES[flow_precision]} if flow_precision else None,
+        dtype=dtype,
+    )
+
+
+def add_device(group: Any) -> None:
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def add_store(group: Any) -> None:
+    group.add_argument("--store", required=True, help="feature store path or fsspec URL")
+
+
+def add_labels(group: Any) -> None:
+    group.add_argument(
+        "--labels", help="CSV with columns path,label[,split] (default: label = parent folder)"
+    )
+
+
+@dataclass(frozen=True)
+class HeadOption:
+    """A head option: the heads it applies to, how to read it, and what it means."""
+
+    heads: tuple[str, ...]
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+
+
+# option dest -> what it is ("{heads}": the heads of the command that take it); the flag is
+# --dest with dashes (--C keeps its case)
+HEAD_OPTIONS: dict[str, HeadOption] = {
+    "levels": HeadOption(("tp", "tpp", "svm"), "pyramid depth D ({levels})", int),
+    "variant": HeadOption(("tp", "svm"), "{heads} node map (concat)", None, ("concat", "average")),
+    "pyramids": HeadOption(("tp",), "{heads}: number of stacked pyramids P (1)", int),
+    "node_dim": HeadOption(("tp",), "{heads} concat: node projection size (128)", int),
+    "pooling": HeadOption(("tpp",), "{heads} pooling (max)", None, ("max", "average")),
+    "segments": HeadOption(("datp",), "{heads}: number of segments N (10)", int),
+    "gaussians": HeadOption(("datp",), "{heads}: mixture size K (2)", int),
+    "weights_model": HeadOption(("datp",), "{heads} weights (mog)", None, ("mog", "discrete")),
+    "out_dim": HeadOption(("stcb", "stpn"), "{heads}: fused dimension (4096)", int),
+    "paths": HeadOption(("stcb", "stpn"), "{heads}: temporal paths fused (3)", int),
+    "pathways": HeadOption(
+        ("stpn",),
+        "{heads}: pathways fused at the top, comma-separated among spatial, temporal, "
+        "attended, fused (spatial,temporal,attended)",
+    ),
+    "dropout": HeadOption(
+        ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"), "dropout before the classifier", float
+    ),
+    "C": HeadOption(("svm",), "SVM soft-margin C (default: chosen from 0.1, 1, 10)", float),
+    "kernel": HeadOption(("svm",), "node kernel (linear)", None, ("linear", "rbf", "chi2")),
+    "max_iter": HeadOption(("svm",), "alternating iterations (50)", int),
+    "eps": HeadOption(("svm",), "relative duality gap to stop at (1e-3)", float),
+}
+_LEVELS_DEFAULT = {"tp": 6, "tpp": 3, "svm": 6}
+
+
+def _head_flag(dest: str) -> str:
+    return "--C" if dest == "C" else "--" + dest.replace("_", "-")
+
+
+def add_head_options(group: Any, dests: Sequence[str], *, heads: Sequence[str]) -> None:
+    """The head options ``dests`` of :data:`HEAD_OPTIONS`, their help naming those of ``heads``
+    (the heads the command offers) that take them."""
+    for dest in dests:
+        option = HEAD_OPTIONS[dest]
+        takers = [h for h in option.heads if h in heads]
+        levels = ", ".join(f"{h}: {_LEVELS_DEFAULT[h]}" for h in takers if h in _LEVELS_DEFAULT)
+        group.add_argument(
+            _head_flag(dest),
+            dest=dest,
+            type=option.type,
+            choices=option.choices,
+            help=option.help.format(heads=", ".join(takers), levels=levels),
+        )
+
+
+def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The head class's keyword arguments from the head options that were given (a command
+    without one of :data:`HEAD_OPTIONS` reads it as not given); an option given for a head it
+    does not apply to is a usage error."""
+    from api.cli import UsageError
+
+    given: dict[str, Any] = {
+        d: getattr(args, d) for d in HEAD_OPTIONS if getattr(args, d, None) is not None
+    }
+    for dest in given:
+        if args.head not in HEAD_OPTIONS[dest].heads:
+            raise UsageError(f"{_head_flag(dest)} does not apply to --head {args.head}")
+    kw: dict[str, Any] = {}
+    if args.head == "tp":
+        if "levels" in given:
+            kw["depth"] = given["levels"]
+        kw.update({d: given[d] for d in ("variant", "pyramids", "node_dim") if d in given})
+    elif args.head == "tpp":
+        if "levels" in given:
+            if given["levels"] < 1:
+                raise UsageError(f"--levels must be >= 1, got {given['levels']}")
+            kw["levels"] = tuple(1 << i for i in range(given["levels"]))
+        if "pooling" in given:
+            kw["pooling"] = given["pooling"]
+    elif args.head == "datp":
+        kw.update({d: given[d] for d in ("segments", "gaussians") if d in given})
+        if "weights_model" in given:
+            kw["weights"] = given["weights_model"]
+    elif args.head in ("stcb", "stpn"):
+        kw.update({d: given[d] for d in ("out_dim", "paths") if d in given})
+        if "pathways" in given:
+            kw["pathways"] = tuple(p.strip() for p in given["pathways"].split(",") if p.strip())
+    if "dropout" in given:
+        kw["dropout"] = given["dropout"]
+    return kw

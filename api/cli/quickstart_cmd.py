@@ -114,13 +114,6 @@ def _step(title: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aggregator.train import train_run
-    from extractor.features import FeatureExtractor
-    from extractor.pipeline import run_extraction
-    from extractor.sources import make_sources
-    from extractor.synthetic import make_demo_clips
-    from storage import FeatureStore
-
     started = time.perf_counter()
     root: Path = args.dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -130,10 +123,35 @@ def run(args: argparse.Namespace) -> int:
         f"Demo scale: {args.arch}, every {_nth(args.stride)} frame of {2 * args.per_class} "
         f"generated clips, {real_frames} of each real clip.\nFull size: {FULL_SIZE}"
     )
+    by_class, labels_csv = _demo_clips(root, args.per_class)
+    real = _extract(args, root, labels_csv, store_path)
+    _train(args, root, store_path)
+    if args.no_serve:
+        print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
+        return 0
+    from aggregator.similarity import build_index
+    from api.service.demo import demo_request
+
+    _step("4/4 serving the tp run for a moment and sending it one clip")
+    build_index(root / "runs" / "tp", store_path, split="train")
+    clip = real[0] if real else sorted(by_class[sorted(by_class)[0]])[0]
+    answer = demo_request(root / "runs" / "tp", clip, store=store_path)
+    print(f"  POST {clip.name} -> HTTP {answer['status']}")
+    print(json.dumps(answer["response"], indent=2))
+    print("\nTo serve it yourself:")
+    print(f"  framepool serve --run {root / 'runs' / 'tp'} --store {store_path}")
+    print(f"  {answer['curl']}")
+    print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
+    return 0 if answer["status"] == 200 else 1
+
+
+def _demo_clips(root: Path, per_class: int) -> tuple[dict[str, list[Path]], Path]:
+    """Step 1: the generated clips by class, and ``root/labels.csv`` (30 % of each class test)."""
+    from extractor.synthetic import make_demo_clips
 
     t0 = _step(f"1/4 generating demo clips in {root / 'clips'}")
     # 10 still frames (the flow stack length) around each excursion: only the order differs
-    clips = make_demo_clips(root / "clips", n_per_class=args.per_class, n_frames=54, rest=10)
+    clips = make_demo_clips(root / "clips", n_per_class=per_class, n_frames=54, rest=10)
     by_class: dict[str, list[Path]] = {}
     for path, label in clips:
         by_class.setdefault(label, []).append(path)
@@ -149,10 +167,24 @@ def run(args: argparse.Namespace) -> int:
         f"  {len(clips)} clips, classes: {', '.join(sorted(by_class))} "
         f"({time.perf_counter() - t0:.1f} s)"
     )
+    return by_class, labels_csv
+
+
+def _extract(
+    args: argparse.Namespace, root: Path, labels_csv: Path, store_path: Path
+) -> list[Path]:
+    """Step 2: the demo clips and the real ones (unlabelled) into the store; the real clips."""
+    from extractor.features import FeatureExtractor
+    from extractor.pipeline import run_extraction
+    from extractor.sources import make_sources
+    from extractor.spec import BackboneSpec
+    from storage import FeatureStore
 
     weights = _choose_weights(args.weights, args.arch)
     t0 = _step(f"2/4 extracting appearance + motion ({args.arch}, weights {weights})")
-    extractor = FeatureExtractor(weights=weights, arch=args.arch, flow="dis", device=args.device)
+    extractor = FeatureExtractor(
+        BackboneSpec(weights=weights, arch=args.arch, flow="dis"), device=args.device
+    )
     summary = run_extraction(
         make_sources([root / "clips"], labels=labels_csv),
         store_path,
@@ -177,9 +209,14 @@ def run(args: argparse.Namespace) -> int:
         print(summary_real.format())
     print(f"  ({time.perf_counter() - t0:.1f} s)\n")
     print(format_info(FeatureStore.open(store_path).info()))
+    return real
+
+
+def _train(args: argparse.Namespace, root: Path, store_path: Path) -> None:
+    """Step 3: a gap and a tp head on the cached features, in ``root/runs``."""
+    from aggregator.train import train_run
 
     t0 = _step("3/4 training pooling heads on the cached features")
-    results: dict[str, dict[str, Any]] = {}
     for head, kwargs in (("gap", {}), ("tp", {"depth": 3, "variant": "concat"})):
         metrics = train_run(
             store_path,
@@ -193,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             seed=0,
         )
-        results[head] = metrics
         print(
             f"  {head:4s} top1 {metrics['top1']:.2f}  mean class acc "
             f"{metrics['mean_class_accuracy']:.2f}  ({metrics['seconds']:.1f} s)"
@@ -201,21 +237,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print("  the classes differ only in temporal order: gap averages it away, the pyramid keeps it")
     print(f"  runs in {root / 'runs'} (metrics.json, plots)  ({time.perf_counter() - t0:.1f} s)")
-
-    if args.no_serve:
-        print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
-        return 0
-    from aggregator.similarity import build_index
-    from api.service.demo import demo_request
-
-    _step("4/4 serving the tp run for a moment and sending it one clip")
-    build_index(root / "runs" / "tp", store_path, split="train")
-    clip = real[0] if real else sorted(by_class[sorted(by_class)[0]])[0]
-    answer = demo_request(root / "runs" / "tp", clip, store=store_path)
-    print(f"  POST {clip.name} -> HTTP {answer['status']}")
-    print(json.dumps(answer["response"], indent=2))
-    print("\nTo serve it yourself:")
-    print(f"  framepool serve --run {root / 'runs' / 'tp'} --store {store_path}")
-    print(f"  {answer['curl']}")
-    print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
-    return 0 if answer["status"] == 200 else 1

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from api.cli import UsageError
-from api.cli.options import add_streams
+from api.cli.options import add_head_options, add_store, add_streams, head_kwargs_from
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
 HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "svm")
-
-# head-specific options: option dest -> heads it applies to
-_APPLIES: dict[str, tuple[str, ...]] = {
-    "levels": ("tp", "tpp", "svm"),
-    "variant": ("tp", "svm"),
-    "pyramids": ("tp",),
-    "node_dim": ("tp",),
-    "pooling": ("tpp",),
-    "segments": ("datp",),
-    "gaussians": ("datp",),
-    "weights_model": ("datp",),
-    "out_dim": ("stcb", "stpn"),
-    "paths": ("stcb", "stpn"),
-    "pathways": ("stpn",),
-    "dropout": ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"),
-    "C": ("svm",),
-    "kernel": ("svm",),
-    "max_iter": ("svm",),
-    "eps": ("svm",),
-}
+_HEAD_OPTIONS = (
+    "levels", "variant", "pyramids", "node_dim", "pooling", "segments", "gaussians",
+    "weights_model", "out_dim", "paths", "pathways", "dropout",
+)  # fmt: skip
 
 
 def register(sub: Any) -> None:
@@ -41,7 +26,7 @@ def register(sub: Any) -> None:
         description="Train a pooling head on a store's cached features and write a run "
         "directory (config.json, model.pt, metrics.json, plots).",
     )
-    p.add_argument("--store", required=True, help="feature store path or URL")
+    add_store(p)
     p.add_argument("--head", required=True, choices=HEAD_NAMES)
     p.add_argument("--out", required=True, help="run directory to write")
     add_streams(
@@ -61,22 +46,7 @@ def register(sub: Any) -> None:
         help="share of each class of the training split held out for model selection",
     )
     head = p.add_argument_group("head")
-    head.add_argument("--levels", type=int, help="pyramid depth D (tp: 6, tpp: 3, svm: 6)")
-    head.add_argument("--variant", choices=("concat", "average"), help="tp/svm node map")
-    head.add_argument("--pyramids", type=int, help="tp: number of stacked pyramids P")
-    head.add_argument("--node-dim", type=int, help="tp concat: node projection size (128)")
-    head.add_argument("--pooling", choices=("max", "average"), help="tpp pooling (max)")
-    head.add_argument("--segments", type=int, help="datp: number of segments N (10)")
-    head.add_argument("--gaussians", type=int, help="datp: mixture size K (2)")
-    head.add_argument("--weights-model", choices=("mog", "discrete"), help="datp weights (mog)")
-    head.add_argument("--out-dim", type=int, help="stcb, stpn: fused dimension (4096)")
-    head.add_argument("--paths", type=int, help="stcb, stpn: temporal paths fused (3)")
-    head.add_argument(
-        "--pathways",
-        help="stpn: pathways fused at the top, comma-separated among spatial, temporal, "
-        "attended, fused (spatial,temporal,attended)",
-    )
-    head.add_argument("--dropout", type=float, help="dropout before the classifier")
+    add_head_options(head, _HEAD_OPTIONS, heads=HEAD_NAMES)
     head.add_argument("--fusion", choices=("learned", "fixed"), help="stream fusion weights")
     head.add_argument(
         "--fusion-weights", help="initial/fixed stream weights, e.g. appearance=0.5,motion=0.5"
@@ -128,6 +98,12 @@ def register(sub: Any) -> None:
     )
     opt.add_argument("--threads", type=int, help="torch CPU threads")
     opt.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="node data held in memory, e.g. 8G or 512M; past it training streams row blocks of "
+        "the node cache (default: $FRAMEPOOL_MEMORY_BUDGET, else a quarter of the RAM)",
+    )
+    opt.add_argument(
         "--inputs",
         choices=("nodes", "frames"),
         default="nodes",
@@ -140,10 +116,7 @@ def register(sub: Any) -> None:
         help="skip building the similar-video index of the training videos",
     )
     svm = p.add_argument_group("svm")
-    svm.add_argument("--C", type=float, help="SVM soft-margin C (default: chosen from 0.1, 1, 10)")
-    svm.add_argument("--kernel", choices=("linear", "rbf", "chi2"), help="node kernel (linear)")
-    svm.add_argument("--max-iter", type=int, help="alternating iterations (50)")
-    svm.add_argument("--eps", type=float, help="relative duality gap to stop at (1e-3)")
+    add_head_options(svm, ("C", "kernel", "max_iter", "eps"), heads=HEAD_NAMES)
     p.set_defaults(func=run)
 
 
@@ -177,45 +150,6 @@ def parse_fusion_weights(text: str | None, streams: list[str]) -> dict[str, floa
     if set(out) != set(streams):
         raise UsageError(f"--fusion-weights names {sorted(out)}, the streams are {streams}")
     return out
-
-
-def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The head class's keyword arguments from the head options that were given."""
-    for dest, heads in _APPLIES.items():
-        if getattr(args, dest) is not None and args.head not in heads:
-            flag = "--" + dest.replace("_", "-") if dest != "C" else "--C"
-            raise UsageError(f"{flag} does not apply to --head {args.head}")
-    kw: dict[str, Any] = {}
-    if args.head == "tp":
-        if args.levels is not None:
-            kw["depth"] = args.levels
-        for dest in ("variant", "pyramids", "node_dim"):
-            if getattr(args, dest) is not None:
-                kw[dest] = getattr(args, dest)
-    elif args.head == "tpp":
-        if args.levels is not None:
-            if args.levels < 1:
-                raise UsageError(f"--levels must be >= 1, got {args.levels}")
-            kw["levels"] = tuple(1 << i for i in range(args.levels))
-        if args.pooling is not None:
-            kw["pooling"] = args.pooling
-    elif args.head == "datp":
-        if args.segments is not None:
-            kw["segments"] = args.segments
-        if args.gaussians is not None:
-            kw["gaussians"] = args.gaussians
-        if args.weights_model is not None:
-            kw["weights"] = args.weights_model
-    elif args.head in ("stcb", "stpn"):
-        if args.out_dim is not None:
-            kw["out_dim"] = args.out_dim
-        if args.paths is not None:
-            kw["paths"] = args.paths
-        if args.pathways is not None:
-            kw["pathways"] = tuple(p.strip() for p in args.pathways.split(",") if p.strip())
-    if args.dropout is not None:
-        kw["dropout"] = args.dropout
-    return kw
 
 
 def _versus(head: Any, *probes: Any) -> str:
@@ -287,8 +221,23 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
+def apply_memory_budget(text: str | None) -> None:
+    """Make ``--memory-budget`` the budget of this process (and of what it starts)."""
+    if text is None:
+        return
+    from aggregator.node_cache import BUDGET_ENV, parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError as exc:
+        raise UsageError(f"--memory-budget: {exc}") from None
+    os.environ[BUDGET_ENV] = text
+
+
 def run(args: argparse.Namespace) -> int:
     from aggregator.data import open_store
+
+    apply_memory_budget(getattr(args, "memory_budget", None))
 
     store = open_store(args.store, writable=False)
     videos = store.videos()

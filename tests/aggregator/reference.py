@@ -14,8 +14,7 @@ from aggregator.heads import (
     AdaptiveTemporalPooling,
     CompactBilinear,
     CompactBilinearHead,
-    GlobalAveragePool,
-    GlobalMaxPool,
+    GlobalPool,
     TemporalPyramid,
     TemporalPyramidPooling,
 )
@@ -77,9 +76,8 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def ref_global(head: GlobalAveragePool | GlobalMaxPool, x: np.ndarray, length: int) -> np.ndarray:
-    kind = "max" if isinstance(head, GlobalMaxPool) else "mean"
-    pooled = naive_pool(x, length, (1,), kind)[0]
+def ref_global(head: GlobalPool, x: np.ndarray, length: int) -> np.ndarray:
+    pooled = naive_pool(x, length, (1,), head.kind)[0]
     assert isinstance(head.norm, nn.BatchNorm1d)
     return linear(bn_eval(pooled, head.norm), head.fc)
 

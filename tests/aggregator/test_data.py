@@ -15,14 +15,18 @@ from aggregator.data import (
     load_node_tensors,
     load_summaries,
     open_store,
+    pad_collate,
     split_videos,
     stratified_holdout,
 )
-from aggregator.heads.pooling import Intervals, PyramidLeaves, pool_intervals
+from aggregator.heads import HEADS, build_model
+from aggregator.intervals import Intervals, PyramidLeaves, node_maxes, node_means, pool_intervals
 from aggregator.node_cache import cache_key
-from aggregator.nodes import node_maxes, node_means
 from storage import FeatureStore
-from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
+from tests.aggregator.reference import (
+    one_thread,  # noqa: F401 - autouse fixture
+    randomize,
+)
 
 LENGTHS = [1, 2, 5, 31, 32, 33, 70]
 
@@ -183,6 +187,14 @@ def test_frame_loader_pads_and_masks(store: FeatureStore) -> None:
             assert int(batch.labels[i]) == ids.index(vid)
 
 
+def test_pad_collate_names_a_video_whose_streams_disagree() -> None:
+    item = {"features": {"a": torch.ones(3, 2), "m": torch.ones(2, 2)}, "label": 0, "video_id": "v"}
+    with pytest.raises(ValueError, match=r"'v': stream 'm' is \(2, 2\), expected \[3, 2\]"):
+        pad_collate([item])
+    with pytest.raises(ValueError, match="empty"):
+        pad_collate([])
+
+
 def test_pyramid_leaves_rebuild_the_cached_nodes(store: FeatureStore) -> None:
     ids = store.videos()
     y = np.zeros(len(ids), dtype=np.int64)
@@ -220,3 +232,55 @@ def test_windowed_batches_cover_every_row_once_without_copies() -> None:
     assert len(set(map(tuple, groupings))) > 1  # the windows move between epochs
     with pytest.raises(ValueError, match="contiguous"):
         next(data.batches(np.array([0, 2, 3]), 2, windows=True))
+
+
+# (head, head_kwargs, streams held as pyramid leaves): every head that reads frame vectors, with
+# pyramid nodes, other partitions (interval cache), means and maxima, leaves and whole nodes
+INPUT_PATHS = {
+    "gap": ("gap", {}, ()),
+    "max": ("max", {}, ()),
+    "tp-concat": ("tp", {"depth": 6, "node_dim": 4}, ()),
+    "tp-concat-leaves": ("tp", {"depth": 3, "node_dim": 4, "pyramids": 2}, ("appearance",)),
+    "tp-average-leaves": ("tp", {"depth": 4, "variant": "average"}, ("appearance", "motion")),
+    "tpp-max": ("tpp", {"levels": (1, 2, 4)}, ()),
+    "tpp-average": ("tpp", {"levels": (1, 3), "pooling": "average"}, ()),
+    "datp": ("datp", {"segments": 5, "gaussians": 2}, ()),
+    "stcb": ("stcb", {"out_dim": 32, "paths": 3}, ()),
+}
+
+
+def test_every_frame_head_has_an_input_path_case() -> None:
+    assert {case[0] for case in INPUT_PATHS.values()} == set(HEADS) - {"stpn"}  # stpn: maps
+
+
+@pytest.mark.parametrize("case", sorted(INPUT_PATHS))
+def test_frames_input_path_equals_nodes_input_path(store: FeatureStore, case: str) -> None:
+    """The same model on the same store: padded frames through ``forward`` give the logits that
+    the cached summaries give through ``forward_nodes`` (up to the float16 rounding of the
+    caches), for every video length in the store (T = 1 and 2 included)."""
+    head, kwargs, leaves = INPUT_PATHS[case]
+    streams = {"appearance": 6, "motion": 3}
+    # fixed fusion sums the streams' logits (learned fusion would squash them into log p)
+    model = build_model(
+        head, in_features=streams, num_classes=3, head_kwargs=kwargs, fusion="fixed"
+    )
+    randomize(model, seed=len(case)).eval()
+    with torch.no_grad():  # logits of order 1 even where beta spreads over 63 nodes
+        for name, p in model.named_parameters():
+            if name.endswith("fc.weight"):
+                p.mul_(1.0 / p.std())
+    ids = store.videos()
+    y = label_indices(store, ids, store.class_names)
+    data = load_node_tensors(store, ids, y, model.input_specs, leaves=leaves, progress=False)
+    assert sorted(data.mix) == sorted(leaves)
+    by_frames = {}
+    with torch.no_grad():
+        nodes, _, rows = next(data.batches(np.arange(len(ids)), len(ids)))
+        by_nodes = model.forward_nodes(nodes)
+        for batch in frame_loader(store, ids, list(streams), y, batch_size=3):
+            logits = model(batch.features, batch.lengths)
+            by_frames.update(zip(batch.video_ids, logits, strict=True))
+    want = torch.stack([by_frames[ids[int(r)]] for r in rows])
+    assert by_nodes.shape == want.shape == (len(ids), 3)
+    assert want.std() > 0.1  # the logits differ from video to video
+    torch.testing.assert_close(by_nodes, want, rtol=2e-3, atol=2e-3)

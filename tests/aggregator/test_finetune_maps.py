@@ -33,6 +33,7 @@ from api.cli import main
 from api.service.maps import extract_with_maps, extractor_from_config
 from extractor.backbones import build_backbone
 from extractor.features import FeatureExtractor
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 
 
@@ -55,7 +56,8 @@ def test_map_backbone_mean_is_the_pooled_feature() -> None:
 
 
 def test_projection_is_the_one_extract_records() -> None:
-    fx = FeatureExtractor(streams=("appearance",), arch="resnet18", weights="random", device="cpu")
+    spec = BackboneSpec(streams=("appearance",), arch="resnet18", weights="random")
+    fx = FeatureExtractor(spec, device="cpu")
     fx.set_maps(("appearance_map",), dim=8, seed=3)
     recorded = fx.config()["appearance_map"]["projection"]
     assert map_projection(512, 8, seed=3)[1] == recorded["sha256"]

@@ -236,13 +236,31 @@ def test_ddp_step_without_any_gradient_frame(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
+    """With ``amp`` the backbone's convolution computes in bfloat16 (forward pass and its
+    recomputation alike), the epoch's loss is within bfloat16 rounding of float32's, and so are
+    the trained backbone's features under autocast."""
     videos, source = _data()
-    model = _model()
-    history = finetune(
-        model, videos, source, _settings(epochs=1, amp=True, checkpoint=True), tmp_path
-    )
-    assert torch.isfinite(torch.tensor(history[0]["loss"]))
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+    runs: dict[bool, tuple[FinetuneModel, float, set[torch.dtype]]] = {}
+    for amp in (False, True):
+        model = _model()
+        seen: set[torch.dtype] = set()
+        conv = model.backbones["appearance"].conv
+        assert isinstance(conv, nn.Module)
+        conv.register_forward_hook(lambda _m, _i, out, seen=seen: seen.add(out.dtype))
+        settings = _settings(epochs=1, amp=amp, checkpoint=True)
+        history = finetune(model, videos, source, settings, tmp_path / f"amp-{amp}")
+        runs[amp] = (model, history[0]["loss"], seen)
+    assert runs[False][2] == {torch.float32} and runs[True][2] == {torch.bfloat16}
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=2e-2)
+    backbone = runs[True][0].backbones["appearance"].eval()
+    x = source.frames("v0")["appearance"]
+    assert isinstance(x, torch.Tensor)
+    with torch.no_grad():
+        full = backbone(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = backbone(x)
+    assert full.dtype == torch.float32 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, rtol=2e-2, atol=2e-2)
 
 
 class RememberingSource(TensorSource):

@@ -14,8 +14,7 @@ from aggregator.heads import (
     HEADS,
     AdaptiveTemporalPooling,
     CompactBilinearHead,
-    GlobalAveragePool,
-    GlobalMaxPool,
+    GlobalPool,
     NodeHead,
     PyramidLeaves,
     SpatiotemporalPyramid,
@@ -25,7 +24,7 @@ from aggregator.heads import (
     build_model,
 )
 from aggregator.heads.base import Dropout
-from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
+from aggregator.intervals import Intervals, pool_intervals, pyramid_mix
 from tests.aggregator.reference import (
     one_thread,  # noqa: F401 - autouse fixture
     randomize,
@@ -42,8 +41,8 @@ D, C, T_PAD = 6, 5, 40
 LENGTHS = [40, 1, 3, 7, 29]
 
 SINGLE: dict[str, Callable[[], NodeHead]] = {
-    "gap": lambda: GlobalAveragePool(in_features=D, num_classes=C),
-    "max": lambda: GlobalMaxPool(in_features=D, num_classes=C),
+    "gap": lambda: GlobalPool(in_features=D, num_classes=C),
+    "max": lambda: GlobalPool(in_features=D, num_classes=C, kind="max"),
     "tp-concat": lambda: TemporalPyramid(in_features=D, num_classes=C, depth=6, node_dim=4),
     "tp-average": lambda: TemporalPyramid(in_features=D, num_classes=C, depth=6, variant="average"),
     "tp-concat-3pyr": lambda: TemporalPyramid(
@@ -67,7 +66,7 @@ SINGLE: dict[str, Callable[[], NodeHead]] = {
 
 
 def reference(head: NodeHead, x: np.ndarray, length: int) -> np.ndarray:
-    if isinstance(head, GlobalAveragePool | GlobalMaxPool):
+    if isinstance(head, GlobalPool):
         return ref_global(head, x, length)
     if isinstance(head, TemporalPyramid):
         return ref_tp(head, x, length)
@@ -139,6 +138,78 @@ def test_node_fast_path_equals_frames(name: str) -> None:
 def test_every_registered_head_is_covered() -> None:
     covered = {type(f()) for f in SINGLE.values()} | {CompactBilinearHead, SpatiotemporalPyramid}
     assert set(HEADS.values()) == covered
+
+
+# State dicts of two-stream gap and max models (appearance d=3, motion d=2, C=2) as the former
+# GlobalAveragePool and GlobalMaxPool classes saved them, and their eval logits on the inputs of
+# the test below: run directories written before the two became one GlobalPool class must load
+# and answer the same.
+OLD_STATES: dict[str, dict[str, object]] = {
+    "gap": {
+        "fusion_logits": [0.302, -0.277],
+        "heads.appearance.norm.weight": [1.186, 1.105, 1.306],
+        "heads.appearance.norm.bias": [-0.55, -0.664, 0.013],
+        "heads.appearance.norm.running_mean": [0.661, 0.267, 0.062],
+        "heads.appearance.norm.running_var": [1.07, 0.939, 1.139],
+        "heads.appearance.norm.num_batches_tracked": 0,
+        "heads.appearance.fc.weight": [[0.108, -0.097, -0.095], [-0.264, 0.222, -0.342]],
+        "heads.appearance.fc.bias": [0.212, 0.292],
+        "heads.motion.norm.weight": [1.193, 0.471],
+        "heads.motion.norm.bias": [0.068, -0.071],
+        "heads.motion.norm.running_mean": [1.324, -0.101],
+        "heads.motion.norm.running_var": [1.272, 0.511],
+        "heads.motion.norm.num_batches_tracked": 0,
+        "heads.motion.fc.weight": [[0.506, 0.264], [-0.7, -0.459]],
+        "heads.motion.fc.bias": [0.353, 0.148],
+    },
+    "max": {
+        "fusion_logits": [-0.447, -1.769],
+        "heads.appearance.norm.weight": [0.638, 0.976, 1.237],
+        "heads.appearance.norm.bias": [-0.233, -0.36, 0.277],
+        "heads.appearance.norm.running_mean": [0.392, -0.224, -0.32],
+        "heads.appearance.norm.running_var": [1.114, 0.557, 1.066],
+        "heads.appearance.norm.num_batches_tracked": 0,
+        "heads.appearance.fc.weight": [[-0.45, -0.332, 0.543], [0.389, -0.252, -0.145]],
+        "heads.appearance.fc.bias": [-0.55, -0.01],
+        "heads.motion.norm.weight": [0.915, 1.286],
+        "heads.motion.norm.bias": [0.106, -0.122],
+        "heads.motion.norm.running_mean": [-1.324, 0.172],
+        "heads.motion.norm.running_var": [0.72, 0.717],
+        "heads.motion.norm.num_batches_tracked": 0,
+        "heads.motion.fc.weight": [[-0.532, -0.545], [-0.039, 0.106]],
+        "heads.motion.fc.bias": [-0.29, 0.42],
+    },
+}
+OLD_LOGITS = {
+    "gap": [[-0.991551, -0.463626], [-1.164978, -0.373864]],
+    "max": [[-0.568708, -0.835302], [-0.5306, -0.887344]],
+}
+
+
+@pytest.mark.parametrize("head", ["gap", "max"])
+def test_state_dicts_of_the_former_gap_and_max_classes_load(head: str) -> None:
+    x = {
+        "appearance": torch.arange(24.0).reshape(2, 4, 3).sin(),
+        "motion": torch.arange(16.0).reshape(2, 4, 2).cos(),
+    }
+    model = build_model(head, in_features={"appearance": 3, "motion": 2}, num_classes=2)
+    model.load_state_dict({k: torch.tensor(v) for k, v in OLD_STATES[head].items()}, strict=True)
+    model.eval()
+    assert all(isinstance(h, GlobalPool) for h in model.heads.values())
+    with torch.no_grad():
+        logits = model(x, torch.tensor([4, 2]))
+    torch.testing.assert_close(logits, torch.tensor(OLD_LOGITS[head]), rtol=0, atol=2e-6)
+
+
+def test_head_names_fix_the_global_pool_kind() -> None:
+    gap = build_model("gap", in_features={"appearance": 3}, num_classes=2)
+    mx = build_model("max", in_features={"appearance": 3}, num_classes=2)
+    assert [h.kind for h in gap.heads.values()] == ["mean"]
+    assert [h.kind for h in mx.heads.values()] == ["max"]
+    with pytest.raises(ValueError, match="kind='max'"):
+        build_model("max", in_features={"a": 3}, num_classes=2, head_kwargs={"kind": "mean"})
+    with pytest.raises(ValueError, match="kind must be"):
+        GlobalPool(in_features=3, num_classes=2, kind="median")  # type: ignore[arg-type]
 
 
 def test_shape_errors_name_the_shapes() -> None:
@@ -367,7 +438,7 @@ def test_tp_from_pyramid_leaves_equals_from_nodes(name: str) -> None:
         feats, head.features(torch.from_numpy(np.stack(nodes)).double()), rtol=1e-5, atol=1e-6
     )
     # heads without a leaf path take them too (mixed back into nodes)
-    gap = GlobalAveragePool(in_features=D, num_classes=C).double().eval()
+    gap = GlobalPool(in_features=D, num_classes=C).double().eval()
     one = PyramidLeaves(packed.leaves, packed.mix[:, :1])
     torch.testing.assert_close(gap.forward_nodes(one), gap.forward_nodes(packed.nodes()[:, :1]))
     with pytest.raises(ValueError, match="leaves"):

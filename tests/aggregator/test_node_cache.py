@@ -17,8 +17,7 @@ import aggregator.node_cache as nc
 from aggregator.data import NodeTensors, load_node_data, load_node_tensors
 from aggregator.evaluate import evaluate_run
 from aggregator.heads import build_model
-from aggregator.heads.pooling import Intervals, PyramidLeaves
-from aggregator.nodes import node_means
+from aggregator.intervals import Intervals, PyramidLeaves, node_means
 from aggregator.similarity import build_index
 from aggregator.train import predict_nodes, train_run
 from storage import FeatureStore
@@ -125,6 +124,54 @@ def test_streamed_batches_give_the_same_logits(tmp_path: Path, budget: int) -> N
         want_rows = memory.take(r)
         assert torch.equal(nodes["motion"], want_rows["motion"])
     assert sorted(seen) == list(range(len(ids))) and seen != list(range(len(ids)))
+
+
+def test_a_shuffled_epoch_reads_each_block_once(tmp_path: Path) -> None:
+    store = toy(str(tmp_path / "s.zarr"), streams=("appearance", "motion"))
+    # 360 bytes a row: an eighth of 8,000 holds 2 rows, less than a block of 5, but two blocks
+    # fit half the budget, so a group is a whole block
+    blocks, ids = _leaf_data(store, budget=8_000)
+    assert isinstance(blocks, nc.NodeBlocks) and blocks.group_rows == 5
+    cache = blocks.caches["appearance"]
+    assert cache.rows_per_block == 5
+    read = cache.read
+    starts: list[int] = []
+
+    def counted(start: int, stop: int, nodes: slice, kind: str = "mean") -> np.ndarray:
+        starts.append(start)
+        assert stop - start <= 5 and start // 5 == (stop - 1) // 5  # within one block
+        return read(start, stop, nodes, kind)
+
+    cache.read = counted  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(1)
+    seen = [r for _, _, rows in blocks.batches(np.arange(len(ids)), 3, windows=True,
+                                               generator=gen) for r in rows.tolist()]  # fmt: skip
+    assert sorted(seen) == list(range(len(ids)))
+    assert sorted(s // 5 for s in starts) == list(range(10))  # 48 rows: 10 blocks, once each
+    # a budget below two blocks keeps the eighth: groups stay pieces of a block
+    small, _ = _leaf_data(store, budget=2_000)
+    assert isinstance(small, nc.NodeBlocks) and small.group_rows == 1
+
+
+def test_memory_budget_option_of_train(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from api.cli import main
+
+    caplog.set_level(logging.INFO, logger="aggregator.data")
+    path = str(tmp_path / "s.zarr")
+    write_order_store(path, n_train=6, n_test=3, d=8)
+    monkeypatch.setenv(nc.BUDGET_ENV, "1G")  # the option wins over the environment
+    args = ["train", "--store", path, "--head", "tp", "--levels", "3", "--epochs", "1", "--device",
+            "cpu", "--no-plots", "--no-index", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main([*args, "--memory-budget", "1K"]) == 0
+    assert "streaming row blocks" in caplog.text
+    assert nc.memory_budget() == 1024
+    assert main([*args, "--memory-budget", "lots"]) == 2
+    assert "--memory-budget" in capsys.readouterr().err
 
 
 def test_out_of_core_training_run(

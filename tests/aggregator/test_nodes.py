@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.nodes import (
-    batch_node_maxes,
-    batch_node_means,
+from aggregator.intervals import (
+    Intervals,
+    batch_pool_intervals,
+    interval_bounds,
+    leaf_nodes,
     n_nodes,
     node_bounds,
     node_level_index,
@@ -71,6 +73,18 @@ def test_node_order() -> None:
     ]
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 6])
+def test_leaf_nodes_are_the_last_level(depth: int) -> None:
+    leaves = leaf_nodes(depth)
+    assert leaves.stop - leaves.start == 1 << (depth - 1) and leaves.stop == n_nodes(depth)
+    assert [node_level_index(n)[0] for n in range(leaves.start, leaves.stop)] == [depth] * (
+        1 << (depth - 1)
+    )
+    np.testing.assert_array_equal(
+        node_bounds(45, depth)[leaves], interval_bounds(45, (1 << (depth - 1),))
+    )
+
+
 def test_batch_matches_single_and_ignores_padding() -> None:
     rng = np.random.default_rng(1)
     lengths = [1, 3, 10, 7]
@@ -81,17 +95,11 @@ def test_batch_matches_single_and_ignores_padding() -> None:
         pad[i, : len(x)] = x
     xt = torch.tensor(pad, dtype=torch.float64)
     lt = torch.tensor(lengths)
-    means = batch_node_means(xt, lt, depth)
-    maxes = batch_node_maxes(xt, lt, depth)
+    means = batch_pool_intervals(xt, lt, Intervals.pyramid(depth))
+    maxes = batch_pool_intervals(xt, lt, Intervals.pyramid(depth, "max"))
     for i, x in enumerate(xs):
         np.testing.assert_allclose(means[i].numpy(), naive_nodes(x, depth), rtol=1e-10)
         np.testing.assert_allclose(maxes[i].numpy(), naive_nodes(x, depth, "max"), rtol=1e-12)
-
-
-def test_batch_node_means_gradcheck() -> None:
-    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([6, 4])
-    assert torch.autograd.gradcheck(lambda v: batch_node_means(v, lengths, 3), (x,))
 
 
 def test_errors() -> None:
@@ -100,4 +108,4 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="at least one frame"):
         node_bounds(0, 2)
     with pytest.raises(ValueError, match="lengths"):
-        batch_node_means(torch.zeros(1, 3, 2), torch.tensor([0]), 2)
+        batch_pool_intervals(torch.zeros(1, 3, 2), torch.tensor([0]), Intervals.pyramid(2))

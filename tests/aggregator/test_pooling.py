@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.heads.pooling import (
+from aggregator.intervals import (
     Intervals,
     batch_pool_intervals,
     interval_bounds,
+    node_bounds,
+    node_means,
     pool_intervals,
     pyramid_mix,
 )
-from aggregator.nodes import batch_node_means, node_bounds, node_means
 from tests.aggregator.reference import (
     naive_bounds,
     naive_pool,
@@ -69,12 +70,11 @@ def test_batch_pooling_matches_naive_loops_with_junk_padding(
         np.testing.assert_allclose(pool_intervals(x[b, :n], spec), want, rtol=1e-6, atol=1e-6)
 
 
-def test_batch_means_agree_with_the_node_module() -> None:
+def test_batch_means_agree_with_single_video_node_means() -> None:
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.normal(size=(4, 40, 5)))
     lengths = torch.tensor([40, 1, 17, 31])
     got = batch_pool_intervals(x, lengths, Intervals.pyramid(6))
-    torch.testing.assert_close(got, batch_node_means(x, lengths, 6))
     for b in range(4):
         n = int(lengths[b])
         np.testing.assert_allclose(

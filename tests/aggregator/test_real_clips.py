@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from aggregator.data import load_summaries
-from aggregator.heads.pooling import Intervals
-from aggregator.nodes import node_means
+from aggregator.intervals import Intervals, node_means
 from aggregator.runs import TorchRun, load_run
 from api.cli import main
 from storage import FeatureStore, safe_video_id

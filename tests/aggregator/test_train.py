@@ -22,7 +22,7 @@ from aggregator.train import bf16_supported, resolve_precision, retrain, train_r
 from api.cli import main
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
-from tests.aggregator.toy_store import write_order_store
+from tests.aggregator.toy_store import write_burst_store, write_order_store
 
 FAST = {"threads": 1, "batch_size": 16, "device": "cpu", "probe": False}
 ONE = {"lr": 3e-3, "weight_decay": 1e-4}  # one configuration: no selection grid
@@ -199,39 +199,58 @@ def test_retrain_from_config_is_identical(order_store: str, tmp_path: Path) -> N
     assert other["history"][-1]["train_loss"] != first["history"][-1]["train_loss"]
 
 
+@pytest.fixture(scope="module")
+def burst_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("burst") / "store.zarr"
+    write_burst_store(path, n_train=12, n_test=10)
+    return str(path)
+
+
 @pytest.mark.parametrize(
-    ("head", "head_kwargs"),
+    ("head", "head_kwargs", "lr"),
     [
-        ("max", {}),
-        ("tpp", {"levels": (1, 2)}),
-        ("stcb", {"out_dim": 64}),
-        ("tp", {"depth": 2, "variant": "average", "pyramids": 2}),
+        ("max", {}, 3e-3),
+        ("tpp", {"levels": (1, 2)}, 3e-3),
+        # unit-norm bilinear features (signed sqrt + L2) want a larger step for the classifier
+        ("stcb", {"out_dim": 64}, 0.1),
+        ("tp", {"depth": 2, "variant": "average", "pyramids": 2}, 3e-3),
     ],
 )
-def test_other_heads_train_and_reload(
-    order_store: str, tmp_path: Path, head: str, head_kwargs: dict[str, Any]
+def test_other_heads_learn_and_reload(
+    burst_store: str, tmp_path: Path, head: str, head_kwargs: dict[str, Any], lr: float
 ) -> None:
+    """Six classes told apart by a burst of content anywhere in the video: every head sees it,
+    so each must beat chance (1/6) clearly (measured: max 0.73, tpp 0.88, stcb 0.75, tp 0.93)."""
     m = train_run(
-        order_store,
+        burst_store,
         tmp_path / head,
         head=head,
         streams=["appearance", "motion"],
         head_kwargs=head_kwargs,
-        epochs=2,
+        epochs=30,
         make_plots=False,
+        lr=lr,
+        weight_decay=1e-4,
         **FAST,
-        **ONE,
     )
-    assert m["n_test"] == 60 and 0 <= m["top1"] <= 1
+    assert m["n_test"] == 60
+    assert m["top1"] >= 0.5, m["top1"]  # chance 0.167, sd 0.048 at n = 60
     if head == "tpp":
         assert m["fusion_weights"] == {"appearance": 0.5, "motion": 0.5}  # DTPP: fixed
     if head == "tp":
         assert len(m["beta_pyramids"]["motion"]) == 2
     predictor = load_run(tmp_path / head)
-    store = FeatureStore.open(order_store)
-    vid = store.videos(split="test")[0]
-    p = predictor.predict_proba({s: store.read(vid, s) for s in ("appearance", "motion")})
-    assert p.shape == (6,)
+    store = FeatureStore.open(burst_store)
+    vids = store.videos(split="test")
+    probs = [
+        predictor.predict_proba({s: store.read(v, s) for s in ("appearance", "motion")})
+        for v in vids
+    ]
+    assert all(p.shape == (6,) for p in probs)
+    # the reloaded model, on frames, scores as the trained one did on the float16 node cache
+    said = [predictor.class_names[int(np.argmax(p))] for p in probs]
+    top1 = np.mean([a == b for a, b in zip(said, store.labels(vids), strict=True)])
+    assert abs(top1 - m["top1"]) <= 2 / 60, (top1, m["top1"])
 
 
 def test_frames_input_path_trains(order_store: str, tmp_path: Path) -> None:

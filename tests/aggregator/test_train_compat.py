@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aggregator.evaluate import evaluate_run
-from aggregator.heads import GlobalAveragePool, TwoStream
+from aggregator.heads import GlobalPool, TwoStream
 from aggregator.rundir import learned_fusion_rule
 from aggregator.runs import TorchRun, load_run
 from api.service.runs import load_one
@@ -32,7 +32,7 @@ def old_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, TwoStr
     dims = {s: int(store.read("c0_v000", s).shape[1]) for s in STREAMS}
     torch.manual_seed(0)
     model = TwoStream(
-        heads={s: GlobalAveragePool(in_features=d, num_classes=6) for s, d in dims.items()},
+        heads={s: GlobalPool(in_features=d, num_classes=6, kind="mean") for s, d in dims.items()},
         fusion="learned",
         weights={"appearance": 0.8, "motion": 0.2},
     )

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from aggregator.evaluate import evaluate_run, summarize_runs
-from aggregator.heads import GlobalAveragePool, PyramidLeaves, TwoStream, build_model
-from aggregator.heads.pooling import Intervals, pool_intervals, pyramid_mix
+from aggregator.heads import GlobalPool, PyramidLeaves, TwoStream, build_model
 from aggregator.heads.standardize import InputStandardizer
-from aggregator.nodes import node_means
+from aggregator.intervals import Intervals, node_means, pool_intervals, pyramid_mix
 from aggregator.plots import plot_beta_pyramid, plot_history, text_colour
 from aggregator.runs import TorchRun, load_run
 from aggregator.train import train_run
@@ -134,7 +133,7 @@ def test_standardising_summaries_is_standardising_frames() -> None:
 def _two_stream(fusion: str) -> TwoStream:
     torch.manual_seed(0)
     heads = {
-        s: GlobalAveragePool(in_features=3, num_classes=4, dropout=0.0, batch_norm=False)
+        s: GlobalPool(in_features=3, num_classes=4, dropout=0.0, batch_norm=False)
         for s in ("appearance", "motion")
     }
     weights = {"appearance": 0.3, "motion": 0.7}
@@ -153,7 +152,7 @@ def test_probability_fusion_is_the_reference_and_its_weights_are_identifiable() 
     # scale could stand in for a change of w, so w meant nothing)
     with torch.no_grad():
         head = model.stream_head("appearance")
-        assert isinstance(head, GlobalAveragePool)
+        assert isinstance(head, GlobalPool)
         head.fc.weight.mul_(5.0)
         head.fc.bias.mul_(5.0)
     assert not torch.allclose(torch.softmax(model.forward_nodes(nodes), 1), p, atol=1e-3)

@@ -46,3 +46,34 @@ def write_order_store(
                 split="train" if i < n_train else "test",
             )
     return store
+
+
+def write_burst_store(
+    path: str | Path,
+    *,
+    n_train: int = 12,
+    n_test: int = 10,
+    d: int = 8,
+    seed: int = 0,
+    streams: Sequence[str] = ("appearance", "motion"),
+) -> FeatureStore:
+    """Six classes told apart by content: class c shows pattern c for a sixth of the frames, at a
+    random place in the video, over noise. Every pooling (mean, max, any partition) sees it, so a
+    head that learns anything at all should beat chance (1/6) clearly."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.normal(size=(6, d))
+    maps = {s: rng.normal(size=(d, d + 2 * i)) / np.sqrt(d) for i, s in enumerate(streams)}
+    store = FeatureStore.create(path, extractor={s: {"backbone": "toy"} for s in streams})
+    for c in range(6):
+        for i in range(n_train + n_test):
+            t = 6 * int(rng.integers(2, 9))
+            x = rng.normal(size=(t, d))
+            start = int(rng.integers(0, t - t // 6 + 1))
+            x[start : start + t // 6] += 3.0 * patterns[c]
+            store.write_video(
+                f"c{c}_v{i:03d}",
+                {s: x @ m for s, m in maps.items()},
+                label=f"burst{c}",
+                split="train" if i < n_train else "test",
+            )
+    return store

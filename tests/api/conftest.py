@@ -29,6 +29,26 @@ REAL_CLIPS = {
 CLASSES = ["left_then_right", "people", "right_then_left", "sport"]
 
 
+def labelled_clips(
+    root: Path, real: dict[str, str], *, n_per_class: int, n_frames: int, test_suffix: str
+) -> tuple[Path, list[tuple[Path, str, str]]]:
+    """The real clips named in ``real`` (file name -> label, all in the train split) and
+    generated demo clips (96 x 96; those whose stem ends with ``test_suffix`` in the test split)
+    listed in ``root/labels.csv``; returns that file and its rows (path, label, split)."""
+    from extractor.synthetic import make_demo_clips
+
+    paths = {p.name: p for p in real_video_paths()}
+    rows = [(paths[name], label, "train") for name, label in real.items()]
+    demo = make_demo_clips(root / "demo", n_per_class=n_per_class, n_frames=n_frames, size=(96, 96))
+    rows += [(p, label, "test" if p.stem.endswith(test_suffix) else "train") for p, label in demo]
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows((str(p), label, split) for p, label, split in rows)
+    return labels, rows
+
+
 @dataclass
 class Served:
     store: Path
@@ -40,18 +60,8 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
-    from extractor.synthetic import make_demo_clips
-
     root = tmp_path_factory.mktemp("served")
-    paths = {p.name: p for p in real_video_paths()}
-    rows = [(paths[name], label, "train") for name, label in REAL_CLIPS.items()]
-    demo = make_demo_clips(root / "demo", n_per_class=3, n_frames=16, size=(96, 96))
-    rows += [(p, label, "test" if p.stem.endswith("2") else "train") for p, label in demo]
-    labels = root / "labels.csv"
-    with labels.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows((str(p), label, split) for p, label, split in rows)
+    labels, rows = labelled_clips(root, REAL_CLIPS, n_per_class=3, n_frames=16, test_suffix="2")
     store = root / "store.zarr"
     extract = ["extract", *(str(p) for p, _, _ in rows), "--store", str(store)]
     extract += ["--labels", str(labels), "--arch", "resnet18", "--weights", "random"]

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from api.cli import main as cli_main
 from api.service import Settings, create_app
 from storage import FeatureStore
+from tests.api.conftest import labelled_clips
 from tests.conftest import real_video_paths
 
 REAL = {"mm_part_0.mp4": "people", "tu_v_Basketball_g01_c01.avi": "sport"}
@@ -23,18 +24,8 @@ BACKBONES = {
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from extractor.synthetic import make_demo_clips
-
     root = tmp_path_factory.mktemp("backbones")
-    paths = {p.name: p for p in real_video_paths()}
-    rows = [(paths[name], label, "train") for name, label in REAL.items()]
-    demo = make_demo_clips(root / "demo", n_per_class=2, n_frames=12, size=(96, 96))
-    rows += [(p, label, "test" if p.stem.endswith("1") else "train") for p, label in demo]
-    labels = root / "labels.csv"
-    with labels.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows((str(p), label, split) for p, label, split in rows)
+    labels, _ = labelled_clips(root, REAL, n_per_class=2, n_frames=12, test_suffix="1")
     return labels
 
 

@@ -10,6 +10,7 @@ import torch
 from extractor.backbones import build_backbone
 from extractor.decode import VideoError
 from extractor.features import FeatureExtractor, resolve_dtype
+from extractor.spec import BackboneSpec
 from tests.extractor.conftest import textured_frames, write_clip
 
 
@@ -20,7 +21,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_extract_file_and_rebuild_from_config(clip: Path, tmp_path: Path) -> None:
     fx = FeatureExtractor(
-        weights="random", arch="resnet18", device="cpu", batch_size=5, dtype="float32"
+        BackboneSpec(weights="random", arch="resnet18", dtype="float32"), device="cpu", batch_size=5
     )
     video = fx.extract_file(clip)
     assert video.n_frames == 13
@@ -59,7 +60,9 @@ def test_from_config_checks_weight_files(clip: Path, tmp_path: Path) -> None:
     path = tmp_path / "rgb.pth"
     state = build_backbone("appearance", "random", "resnet18").state_dict()
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, path)
-    fx = FeatureExtractor(streams=["appearance"], weights=path, arch="resnet18", device="cpu")
+    fx = FeatureExtractor(
+        BackboneSpec(streams=("appearance",), weights=path, arch="resnet18"), device="cpu"
+    )
     config = fx.config()
     assert config["appearance"]["weights_path"] == str(path.resolve())
     moved = tmp_path / "moved.pth"
@@ -79,14 +82,18 @@ def test_from_config_checks_weight_files(clip: Path, tmp_path: Path) -> None:
 
 def test_bad_arguments_and_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="streams"):
-        FeatureExtractor(streams=["depth"], weights="random", arch="resnet18", device="cpu")
+        FeatureExtractor(
+            BackboneSpec(streams=("depth",), weights="random", arch="resnet18"), device="cpu"
+        )
     with pytest.raises(ValueError, match="'sift'"):
-        FeatureExtractor(flow="sift", weights="random", arch="resnet18", device="cpu")
+        FeatureExtractor(BackboneSpec(flow="sift", weights="random", arch="resnet18"), device="cpu")
     with pytest.raises(ValueError, match="--flow-weights PATH"):
-        FeatureExtractor(flow="raft", weights="random", arch="resnet18", device="cpu")
+        FeatureExtractor(BackboneSpec(flow="raft", weights="random", arch="resnet18"), device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("half", torch.device("cpu"))
-    fx = FeatureExtractor(streams=["appearance"], weights="random", arch="resnet18", device="cpu")
+    fx = FeatureExtractor(
+        BackboneSpec(streams=("appearance",), weights="random", arch="resnet18"), device="cpu"
+    )
     with pytest.raises(VideoError, match="missing\\.mp4"):
         fx.extract_file(tmp_path / "missing.mp4")
 
@@ -94,8 +101,12 @@ def test_bad_arguments_and_files(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_channels_last_matches_cpu_fp32(clip: Path) -> None:
-    cpu = FeatureExtractor(weights="random", arch="resnet18", device="cpu", dtype="float32")
-    gpu = FeatureExtractor(weights="random", arch="resnet18", device="cuda", dtype="bfloat16")
+    cpu = FeatureExtractor(
+        BackboneSpec(weights="random", arch="resnet18", dtype="float32"), device="cpu"
+    )
+    gpu = FeatureExtractor(
+        BackboneSpec(weights="random", arch="resnet18", dtype="bfloat16"), device="cuda"
+    )
     assert gpu.config()["appearance"]["dtype"] == "bfloat16"
     a, b = cpu.extract_file(clip), gpu.extract_file(clip)
     for s in ("appearance", "motion"):

@@ -12,6 +12,7 @@ import torch
 from api.cli import main
 from extractor.features import FeatureExtractor
 from extractor.pipeline import run_extract
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 
 STREAMS = ["appearance", "motion", "appearance_map", "motion_map"]
@@ -26,11 +27,14 @@ def _extract(clips: list[Path], store: Path, **kw: object) -> None:
     summary = run_extract(
         clips,
         store,
-        streams=kw.pop("streams", STREAMS),  # type: ignore[arg-type]
-        weights="random",
-        arch="resnet18",
+        BackboneSpec(
+            streams=kw.pop("streams", ("appearance", "motion")),  # type: ignore[arg-type]
+            weights="random",
+            arch="resnet18",
+            dtype="float32",
+        ),
+        maps=kw.pop("maps", ["appearance_map", "motion_map"]),  # type: ignore[arg-type]
         device="cpu",
-        dtype="float32",
         batch_size=3,  # batches split chunks and cross videos
         workers=2,
         max_frames=5,
@@ -85,7 +89,9 @@ def test_spatial_mean_of_a_map_is_the_pooled_vector_of_its_frame(strided: Featur
 def test_reduced_maps_are_the_recorded_projection(tmp_path: Path, real_videos: list[Path]) -> None:
     clip = _clips(real_videos)[:1]
     store_path = tmp_path / "reduced.zarr"
-    _extract(clip, store_path, streams=["appearance", "appearance_map"], map_dim=16, map_seed=3)
+    _extract(
+        clip, store_path, streams=("appearance",), maps=["appearance_map"], map_dim=16, map_seed=3
+    )
     store = FeatureStore.open(store_path)
     (vid,) = store.videos()
     proj = store.extractor["appearance_map"]["projection"]
@@ -103,7 +109,8 @@ def test_reduced_maps_are_the_recorded_projection(tmp_path: Path, real_videos: l
 
 def test_maps_come_from_the_same_forward_pass() -> None:
     ex = FeatureExtractor(
-        streams=("appearance",), weights="random", arch="resnet18", device="cpu", dtype="float32"
+        BackboneSpec(streams=("appearance",), weights="random", arch="resnet18", dtype="float32"),
+        device="cpu",
     )
     ex.set_maps(["appearance_map"])
     calls = []
@@ -122,7 +129,8 @@ def test_maps_come_from_the_same_forward_pass() -> None:
 
 def test_bad_map_requests_are_refused(tmp_path: Path, real_videos: list[Path]) -> None:
     ex = FeatureExtractor(
-        streams=("appearance",), weights="random", arch="resnet18", device="cpu", dtype="float32"
+        BackboneSpec(streams=("appearance",), weights="random", arch="resnet18", dtype="float32"),
+        device="cpu",
     )
     with pytest.raises(ValueError, match="source streams"):
         ex.set_maps(["motion_map"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from extractor.features import FeatureExtractor
 from extractor.flow import sha256_file
 from extractor.pipeline import ExtractionSummary, run_extraction
 from extractor.sources import Source, make_sources
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 from tests.extractor.conftest import textured_frames, write_clip
 
@@ -31,7 +32,9 @@ BAD_PROBLEMS = {
 @pytest.fixture(scope="module")
 def resnet18() -> FeatureExtractor:
     # bf16 autocast where this CPU supports it (dtype "auto"), DIS flow
-    return FeatureExtractor(weights="random", arch="resnet18", device="cpu", batch_size=32)
+    return FeatureExtractor(
+        BackboneSpec(weights="random", arch="resnet18"), device="cpu", batch_size=32
+    )
 
 
 @dataclass
@@ -126,7 +129,7 @@ def test_batches_across_videos_equal_one_video_at_a_time(
 ) -> None:
     # batches of 5 frames cut chunks of 8 and mix videos of 13, 1, 2 and 7 frames
     fx = FeatureExtractor(
-        weights="random", arch="resnet18", device="cpu", batch_size=5, dtype="float32"
+        BackboneSpec(weights="random", arch="resnet18", dtype="float32"), device="cpu", batch_size=5
     )
     clips = small_clips
     summary = run_extraction(make_sources(clips), tmp_path / "s", fx, workers=2, progress=False)
@@ -145,7 +148,9 @@ def test_batches_across_videos_equal_one_video_at_a_time(
 
 def test_subsampling_is_recorded(tmp_path: Path, small_clips: list[Path]) -> None:
     fx = FeatureExtractor(
-        streams=["appearance"], weights="random", arch="resnet18", device="cpu", batch_size=4
+        BackboneSpec(streams=("appearance",), weights="random", arch="resnet18"),
+        device="cpu",
+        batch_size=4,
     )
     summary = run_extraction(
         make_sources(small_clips), tmp_path / "s", fx, stride=3, max_frames=3, progress=False
@@ -162,7 +167,9 @@ def test_shards_split_the_work_and_agree_on_classes(
     tmp_path: Path, small_clips: list[Path]
 ) -> None:
     fx = FeatureExtractor(
-        streams=["appearance"], weights="random", arch="resnet18", device="cpu", batch_size=8
+        BackboneSpec(streams=("appearance",), weights="random", arch="resnet18"),
+        device="cpu",
+        batch_size=8,
     )
     sources = make_sources(small_clips)
     runs = [
@@ -179,18 +186,19 @@ def test_shards_split_the_work_and_agree_on_classes(
 
 def test_adding_a_stream_keeps_the_other(tmp_path: Path, small_clips: list[Path]) -> None:
     clips = small_clips[:2]
-    kw = {"weights": "random", "arch": "resnet18", "device": "cpu", "dtype": "float32"}
-    app = FeatureExtractor(streams=["appearance"], **kw)  # type: ignore[arg-type]
+    both_spec = BackboneSpec(weights="random", arch="resnet18", dtype="float32")
+    app = FeatureExtractor(replace(both_spec, streams=("appearance",)), device="cpu")
     run_extraction(make_sources(clips), tmp_path / "s", app, progress=False)
     first = FeatureStore.open(tmp_path / "s").read("clip0", "appearance")
-    both = FeatureExtractor(**kw)  # type: ignore[arg-type]
+    both = FeatureExtractor(both_spec, device="cpu")
     summary = run_extraction(make_sources(clips), tmp_path / "s", both, progress=False)
     assert sorted(summary.complete) == ["clip0", "clip1"]
     store = FeatureStore.open(tmp_path / "s")
     assert store.streams("clip0") == ["appearance", "motion"]
     np.testing.assert_array_equal(store.read("clip0", "appearance"), first)
     with pytest.raises(ValueError, match="differs from the requested"):
-        other = FeatureExtractor(streams=["appearance"], **{**kw, "arch": "resnet50"})  # type: ignore[arg-type]
+        other_spec = replace(both_spec, streams=("appearance",), arch="resnet50")
+        other = FeatureExtractor(other_spec, device="cpu")
         run_extraction(make_sources(clips), tmp_path / "s", other, progress=False)
 
 
@@ -234,7 +242,9 @@ class _no_raise:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pipeline_on_gpu(tmp_path: Path, small_clips: list[Path]) -> None:
-    fx = FeatureExtractor(weights="random", arch="resnet18", device="cuda", batch_size=5)
+    fx = FeatureExtractor(
+        BackboneSpec(weights="random", arch="resnet18"), device="cuda", batch_size=5
+    )
     assert fx.dtype == "bfloat16"
     summary = run_extraction(make_sources(small_clips), tmp_path / "s", fx, progress=False)
     assert summary.ok

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,14 @@ from extractor.decode_torchcodec import torchcodec_problem
 from extractor.features import FeatureExtractor
 from extractor.pipeline import run_extraction
 from extractor.sources import make_sources
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 from tests.extractor.conftest import textured_frames, write_clip
 
 needs_torchcodec = pytest.mark.skipif(
     torchcodec_problem() is not None, reason=str(torchcodec_problem())
 )
-KW = {"weights": "random", "arch": "resnet18", "dtype": "float32", "batch_size": 8}
+SPEC = BackboneSpec(weights="random", arch="resnet18", dtype="float32")
 
 
 def _clips(real_videos: list[Path]) -> list[Path]:
@@ -30,7 +32,7 @@ def _clips(real_videos: list[Path]) -> list[Path]:
 @needs_torchcodec
 def test_torchcodec_pipeline_gives_pyav_features(tmp_path: Path, real_videos: list[Path]) -> None:
     clips = _clips(real_videos)
-    fx = FeatureExtractor(streams=["appearance"], device="cpu", **KW)  # type: ignore[arg-type]
+    fx = FeatureExtractor(replace(SPEC, streams=("appearance",)), device="cpu", batch_size=8)
     stores = {}
     for decoder in ("pyav", "torchcodec"):
         stores[decoder] = tmp_path / decoder
@@ -60,14 +62,14 @@ def test_raft_bf16_in_the_pipeline(tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights = tmp_path / "raft_small.pth"
     torch.save(raft_small(weights=None).state_dict(), weights)
-    fx = FeatureExtractor(
-        streams=["motion"],
+    spec = replace(
+        SPEC,
+        streams=("motion",),
         flow="raft",
         flow_weights=weights,
         flow_params={"num_flow_updates": 1, "dtype": "bfloat16"},
-        device="cpu",
-        **KW,  # type: ignore[arg-type]
     )
+    fx = FeatureExtractor(spec, device="cpu", batch_size=8)
     summary = run_extraction(make_sources([clip]), tmp_path / "s", fx, workers=2)
     assert summary.ok, summary.format()
     store = FeatureStore.open(tmp_path / "s")
@@ -81,7 +83,7 @@ def test_raft_bf16_in_the_pipeline(tmp_path: Path) -> None:
 @needs_torchcodec
 def test_nvdec_pipeline_close_to_pyav(tmp_path: Path, real_videos: list[Path]) -> None:
     clips = _clips(real_videos)
-    fx = FeatureExtractor(device="cuda", **KW)  # type: ignore[arg-type]
+    fx = FeatureExtractor(SPEC, device="cuda", batch_size=8)
     stores = {}
     for decoder in ("pyav", "auto"):  # auto on CUDA: torchcodec with NVDEC
         stores[decoder] = tmp_path / decoder

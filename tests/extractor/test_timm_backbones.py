@@ -19,6 +19,7 @@ from extractor.backbones import (
 )
 from extractor.features import FeatureExtractor
 from extractor.prepare import FrameChunk, prepare_video
+from extractor.spec import BackboneSpec
 from extractor.transforms import DEFAULT_APPEARANCE_INPUT, center_crop, resize_shorter
 
 TINY = "timm:test_vit"  # 0.3 M parameters, 160x160 input, mean/std 0.5, crop_pct 0.95
@@ -81,7 +82,7 @@ def test_motion_stays_a_resnet_and_bad_names_are_named() -> None:
     with pytest.raises(ValueError, match="20-channel conv1"):
         build_backbone("motion", "random", TINY)
     with pytest.raises(ValueError, match="--motion-arch"):
-        FeatureExtractor(arch=TINY, weights="random", device="cpu")
+        FeatureExtractor(BackboneSpec(arch=TINY, weights="random"), device="cpu")
     with pytest.raises(ValueError, match="'no_such_model'"):
         build_backbone("appearance", "random", "timm:no_such_model")
 
@@ -103,7 +104,8 @@ def test_timm_crops_follow_the_models_geometry(short_real_video: Path) -> None:
 
 def test_extractor_with_timm_appearance_and_resnet_motion(short_real_video: Path) -> None:
     fx = FeatureExtractor(
-        arch=TINY, motion_arch="resnet18", weights="random", device="cpu", dtype="float32"
+        BackboneSpec(arch=TINY, motion_arch="resnet18", weights="random", dtype="float32"),
+        device="cpu",
     )
     video = fx.extract_file(short_real_video, max_frames=3)
     assert video.features["appearance"].shape == (3, 64)

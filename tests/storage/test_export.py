@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.nodes import node_means
+from aggregator.intervals import node_means
 from api.cli import main
 from extractor.pipeline import run_extract
+from extractor.spec import BackboneSpec
 from storage import FeatureStore
 from storage.export import export_filename, pyramid_node_means
 
@@ -31,11 +32,9 @@ def real_store(tmp_path_factory: pytest.TempPathFactory, real_videos: list[Path]
     summary = run_extract(
         [by_name[n] for n in CLIPS],
         store,
+        BackboneSpec(weights="random", arch="resnet18", dtype="float32"),
         labels=labels,
-        weights="random",
-        arch="resnet18",
         device="cpu",
-        dtype="float32",
         max_frames=5,
         workers=1,
         progress=False,

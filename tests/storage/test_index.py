@@ -158,6 +158,38 @@ def test_parts_freeze_and_compact(store_path: str, monkeypatch: pytest.MonkeyPat
     assert_agrees(store_path)
     assert store.compact_index() >= 0
     assert_agrees(store_path)
+    store.write_video("v99", {"appearance": np.full((2, 3), 99)}, label="0")
+    store.close()  # the live part frozen, then every frozen part merged: readers load one file
+    names = files_for(store_path).list("index")
+    assert next(n for n in names if n.endswith((".npz", ".jsonl"))).startswith("base-")
+    assert sum(n.endswith((".npz", ".jsonl")) for n in names) == 1
+    assert_agrees(store_path)
+
+
+def test_a_part_compacted_while_the_index_is_read(
+    store_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_mod, "ROLL", 4)
+    monkeypatch.setattr(index_mod, "MAX_FROZEN", 100)  # no compaction but the one below
+    store = FeatureStore.create(store_path)
+    for i in range(10):
+        store.write_video(f"v{i}", {"appearance": np.full((2, 3), i)}, label="x")
+    files = files_for(store_path)
+    real_read = files.read
+    reads: list[str] = []
+
+    def read(key: str) -> bytes | None:  # another writer compacts between listing and reading
+        reads.append(key)
+        if len(reads) == 2:
+            assert index_mod.compact(files) > 0
+        return real_read(key)
+
+    monkeypatch.setattr(files, "read", read)
+    found = index_mod.read_index(files)
+    assert found is not None
+    table, _ = found
+    assert table.ids[table.op == index_mod.PUT].tolist() == [f"v{i}" for i in range(10)]
+    assert any("base-" in k for k in reads)  # the base that replaced the parts was read
 
 
 def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
@@ -265,14 +297,26 @@ def test_sigkill_at_every_write_keeps_index_and_groups_consistent(
 
 # ---------------------------------------------------------------------------------- writers
 _WRITER = """
-import sys
+import os, sys, time
 import numpy as np
 import storage.index
 from storage import FeatureStore
 storage.index.ROLL = 16
 storage.index.MAX_FROZEN = 3
 path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.monotonic() + 120
+
+def wait_for(*names):
+    while not all(os.path.exists(f"{path}.ready-{p}") for p in names):
+        assert time.monotonic() < deadline, "the other writer never started"
+        time.sleep(0.01)
+
+# the root attributes (class names) are read, merged and rewritten: one create after the other
+if prefix == "b":
+    wait_for("a")
 store = FeatureStore.create(path, class_names=[prefix])
+open(f"{path}.ready-{prefix}", "w").close()
+wait_for("a", "b")  # then both write at once, whatever the load
 for i in range(n):
     store.write_video(f"{prefix}{i:03d}", {"appearance": np.full((3, 4), i)}, label=prefix,
                       split="train" if i % 2 else "test")

@@ -122,26 +122,25 @@ def test_train_reports_the_damaged_video(tmp_path: Path) -> None:
 @pytest.mark.skipif(not REAL.is_dir(), reason="the shared real clips are not here")
 def test_extract_redoes_a_damaged_video(tmp_path: Path) -> None:
     from extractor.pipeline import run_extract
+    from extractor.spec import BackboneSpec
 
     clip = REAL / "mm_test.mp4"
     store_path = tmp_path / "s.zarr"
+    spec = BackboneSpec(streams=("appearance",), weights="random", arch="resnet18")
     opts = {
-        "streams": ["appearance"],
-        "weights": "random",
-        "arch": "resnet18",
         "device": "cpu",
         "max_frames": 3,
         "workers": 1,
         "progress": False,
     }
-    first = run_extract([clip], store_path, **opts)  # type: ignore[arg-type]
+    first = run_extract([clip], store_path, spec, **opts)  # type: ignore[arg-type]
     assert first.complete == ["mm_test"]
     before = FeatureStore.open(store_path).read("mm_test", "appearance")
     (store_path / "videos" / "mm_test" / "appearance" / "c" / "0" / "0").unlink()
-    again = run_extract([clip], store_path, **opts)  # type: ignore[arg-type]
+    again = run_extract([clip], store_path, spec, **opts)  # type: ignore[arg-type]
     assert again.skipped == ["mm_test"]  # extract alone does not read every feature back
     assert main(["store", "verify", str(store_path)]) == 1
-    redo = run_extract([clip], store_path, **opts)  # type: ignore[arg-type]
+    redo = run_extract([clip], store_path, spec, **opts)  # type: ignore[arg-type]
     assert redo.complete == ["mm_test"]
     store = FeatureStore.open(store_path)
     assert store.status("mm_test") == "complete"

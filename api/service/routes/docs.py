@@ -7,6 +7,7 @@ Swagger UI 5, which reads OpenAPI 3.1, and ReDoc) and are served under ``/docs-s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -28,24 +29,32 @@ def add_offline_docs(app: FastAPI) -> None:
     redoc_url=None``)."""
     app.mount(STATIC, StaticFiles(directory=assets_dir()), name="docs-static")
 
-    @app.get("/docs", include_in_schema=False)
-    def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
+    def page(path: str, render: Callable[[str], HTMLResponse]) -> None:
+        """``GET path``: ``render(root)``, ``root`` the prefix the app is served under, which the
+        page's asset and OpenAPI URLs need behind a proxy."""
+
+        def endpoint(request: Request) -> HTMLResponse:
+            return render(request.scope.get("root_path", ""))
+
+        app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+    page(
+        "/docs",
+        lambda root: get_swagger_ui_html(
             openapi_url=f"{root}{app.openapi_url}",
             title=f"{app.title} - docs",
             swagger_js_url=f"{root}{STATIC}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{STATIC}/swagger-ui.css",
             swagger_favicon_url=f"{root}{STATIC}/favicon.png",
-        )
-
-    @app.get("/redoc", include_in_schema=False)
-    def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_redoc_html(
+        ),
+    )
+    page(
+        "/redoc",
+        lambda root: get_redoc_html(
             openapi_url=f"{root}{app.openapi_url}",
             title=f"{app.title} - ReDoc",
             redoc_js_url=f"{root}{STATIC}/redoc.standalone.js",
             redoc_favicon_url=f"{root}{STATIC}/favicon.png",
             with_google_fonts=False,
-        )
+        ),
+    )

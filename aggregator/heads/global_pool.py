@@ -1,4 +1,4 @@
-"""``max``: global max pooling over all frames, then batch norm and a linear classifier."""
+"""``gap`` and ``max``: global pooling over all frames, then batch norm and a linear classifier."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from aggregator.heads.base import Dropout, NodeHead, NodeInput
-from aggregator.heads.pooling import Intervals
+from aggregator.intervals import Intervals, PoolKind
 
 
-class GlobalMaxPool(NodeHead):
-    """Per-dimension maximum over the frames (the level-1 node max) -> BN -> dropout -> linear.
+class GlobalPool(NodeHead):
+    """Mean (``kind="mean"``, the ``gap`` head) or per-dimension maximum (``kind="max"``, the
+    ``max`` head) of the frame features, i.e. the level-1 pyramid node -> BN -> dropout -> linear.
 
     Shapes: ``forward(x [B, T, d], lengths [B]) -> [B, C]``; ``forward_nodes(nodes [B, 1, d])``;
     ``features(nodes) -> [B, d]``.
@@ -21,11 +22,13 @@ class GlobalMaxPool(NodeHead):
         *,
         in_features: int = 2048,
         num_classes: int = 101,
+        kind: PoolKind = "mean",
         dropout: float = 0.5,
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.input_spec = Intervals((1,), "max")
+        self.input_spec = Intervals((1,), kind)  # validates kind
+        self.kind = kind
         self.in_features = in_features
         self.out_features = num_classes
         self.feature_dim = in_features
@@ -39,3 +42,6 @@ class GlobalMaxPool(NodeHead):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(features))  # [B, C]
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
