@@ -105,7 +105,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """Load a run directory written by ``framepool train`` as a Predictor.
 
     Torch heads come back as :class:`TorchRun`; ``svm`` runs as
-    ``aggregator.svm_run.SVMPredictor``; ``stpn`` runs as :class:`aggregator.map_predict.MapRun`.
+    ``aggregator.svm.run.SVMPredictor``; ``stpn`` runs as :class:`aggregator.map_predict.MapRun`.
     """
     config = read_config(run_dir)
     if config["head"] == "stpn":  # reads the spatial map streams
@@ -114,7 +114,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
         map_run: Predictor = MapRun.load(run_dir, device=device)
         return map_run
     if config["head"] == "svm":
-        from aggregator.svm_run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
+        from aggregator.svm.run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
 
         predictor: Predictor = SVMPredictor.load(run_dir)
         return predictor

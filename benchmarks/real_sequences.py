@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aggregator.svm_run import train_svm
+from aggregator.svm.run import train_svm
 from aggregator.train import train_run
 from storage import FeatureStore
 

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     if args.head == "svm":
         kw = head_kwargs_from(args)  # rejects options that do not apply
         del kw
-        from aggregator.svm_run import train_svm  # type: ignore[import-not-found,unused-ignore]
+        from aggregator.svm.run import train_svm  # type: ignore[import-not-found,unused-ignore]
 
         metrics = train_svm(
             args.store,

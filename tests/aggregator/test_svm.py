@@ -11,7 +11,7 @@ import pytest
 from sklearn.svm import SVC
 
 from aggregator.svm import MultipleAggregationSVM
-from aggregator.svm_solvers import (
+from aggregator.svm.solvers import (
     NodeGrams,
     alpha_step,
     average_objective,

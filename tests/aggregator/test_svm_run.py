@@ -17,7 +17,7 @@ from aggregator.metrics import classification_metrics
 from aggregator.node_cache import load_node_cache
 from aggregator.predictor import Predictor
 from aggregator.runs import load_run
-from aggregator.svm_run import (
+from aggregator.svm.run import (
     SVMPredictor,
     choose_fusion,
     fit_temperature,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -291,10 +289,10 @@ def test_svm_head_goes_to_the_svm_trainer(
         def load(cls, run_dir: Any) -> str:
             return f"svm at {run_dir}"
 
-    fake = types.ModuleType("aggregator.svm_run")
-    fake.train_svm = train_svm  # type: ignore[attr-defined]
-    fake.SVMPredictor = SVMPredictor  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "aggregator.svm_run", fake)
+    import aggregator.svm.run
+
+    monkeypatch.setattr(aggregator.svm.run, "train_svm", train_svm)
+    monkeypatch.setattr(aggregator.svm.run, "SVMPredictor", SVMPredictor)
     out = tmp_path / "svm"
     argv = ["train", "--store", order_store, "--head", "svm", "--out", str(out), "--levels", "3"]
     argv += ["--variant", "average", "--C", "2.5", "--kernel", "chi2", "--max-iter", "7"]

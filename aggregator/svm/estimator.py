@@ -43,7 +43,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from aggregator.svm_solvers import (
+from aggregator.svm.solvers import (
     KERNELS,
     AlphaStep,
     NodeGrams,

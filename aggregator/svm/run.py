@@ -19,7 +19,7 @@ margins the SVMs were fitted to. The test split is never looked at. Without any 
 
 The soft-margin ``C`` (when not given) is chosen on the same validation part from
 :data:`C_GRID`, per stream, by validation top-1 (ties: the smaller ``C``); the fits across ``C``
-share one :class:`aggregator.svm_solvers.NodeGrams`, so the node Gram matrices are computed once.
+share one :class:`aggregator.svm.solvers.NodeGrams`, so the node Gram matrices are computed once.
 The chosen ``C`` is then refit on the whole training split, and the fusion weights and
 temperature found on the validation part with the selection's SVMs are kept. Node means are
 standardised per feature with statistics of the training videos (not for the chi2 kernel, which
@@ -60,9 +60,9 @@ from aggregator.rundir import (
     store_location,
     write_json,
 )
-from aggregator.svm import MultipleAggregationSVM
-from aggregator.svm_plots import plot_convergence
-from aggregator.svm_solvers import NodeGrams, node_kernel
+from aggregator.svm.estimator import MultipleAggregationSVM
+from aggregator.svm.plots import plot_convergence
+from aggregator.svm.solvers import NodeGrams, node_kernel
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
