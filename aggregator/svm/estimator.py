@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
-from typing import Any
+import warnings
+from numbers import Integral, Real
+from typing import Any, ClassVar
 
 import cvxpy as cp
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -72,12 +75,22 @@ def _is_pyramid(m: int) -> bool:
     return m >= 1 and (m + 1) & m == 0
 
 
+def _warn_not_converged(gap: str, est: MultipleAggregationSVM) -> None:
+    warnings.warn(
+        f"{type(est).__name__} stopped at max_iter={est.max_iter} with {gap} above "
+        f"eps={est.eps:g}; increase max_iter or eps",
+        ConvergenceWarning,
+        stacklevel=5,  # the caller of fit (past _fit_context and _fit_concat/_average)
+    )
+
+
 class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
     """One-vs-rest SVMs sharing learned temporal-pyramid node weights ``beta``.
 
-    Input ``X`` is node features ``[n, M, d]`` (``aggregator.nodes.node_means`` of each video, M =
-    2^D - 1 nodes in pyramid order), or the same flattened to ``[n, M*d]`` with ``n_nodes=M``. A
-    2-D ``X`` with ``n_nodes=None`` is one node: a plain SVM (so generic scikit-learn tools apply).
+    Input ``X`` is node features ``[n, M, d]`` (``aggregator.intervals.node_means`` of each
+    video, M = 2^D - 1 nodes in pyramid order), or the same flattened to ``[n, M*d]`` with
+    ``n_nodes=M``. A 2-D ``X`` with ``n_nodes=None`` is one node: a plain SVM (so generic
+    scikit-learn tools apply).
 
     Parameters:
         C: soft-margin penalty of every SVM.
@@ -102,6 +115,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             longer than shipping the n x n kernel to the workers).
         random_state: seeds the restarts of the averaging variant.
 
+    Parameters are checked by scikit-learn's ``_parameter_constraints`` when ``fit`` starts (an
+    ``InvalidParameterError``, a ``ValueError``); a fit that stops at ``max_iter`` before its gap
+    reaches ``eps`` warns with ``ConvergenceWarning`` and keeps the best iterate.
+
     Fitted attributes: ``classes_``, ``beta_ [M]``, ``intercept_ [L]``, ``coef_ [L, M*d]`` (linear
     kernel: primal weights on the raw node features, zero where beta is zero) or
     ``support_``/``support_vectors_``/``dual_coef_``/``gammas_`` (rbf/chi2), ``objective_`` (J at
@@ -111,6 +128,24 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
     with lower NaN), ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1 for two
     classes (positive = ``classes_[1]``) and C otherwise.
     """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "variant": [StrOptions(set(VARIANTS))],
+        "kernel": [StrOptions(set(KERNELS))],
+        "beta_step": [StrOptions(set(BETA_STEPS))],
+        "level": [Interval(Real, 0, 1, closed="neither")],
+        "gamma": [StrOptions({"scale"}), Interval(Real, 0, None, closed="neither")],
+        "gamma_scale": [Interval(Real, 0, None, closed="neither")],
+        "n_nodes": [Interval(Integral, 1, None, closed="left"), None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "eps": [Interval(Real, 0, None, closed="neither")],
+        "tol": [Interval(Real, 0, None, closed="neither")],
+        "restarts": [Interval(Integral, 1, None, closed="left")],
+        "gram_cache_gib": [Interval(Real, 0, None, closed="left")],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+    }
 
     def __init__(
         self,
@@ -157,45 +192,17 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             return scale_gammas(X, self.kernel) * float(self.gamma_scale)
         return np.full(X.shape[1], float(self.gamma) * float(self.gamma_scale))
 
-    def _check_params(self) -> None:
-        def positive(name: str, value: Any) -> None:
-            if (
-                not isinstance(value, numbers.Real)
-                or isinstance(value, bool)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+    def check_params(self) -> None:
+        """Raise on a bad parameter (``_parameter_constraints``) or a bad combination."""
+        self._validate_params()
+        self._check_combination()
 
-        def count(name: str, value: Any) -> None:
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-        positive("C", self.C)
-        positive("eps", self.eps)
-        positive("tol", self.tol)
-        count("max_iter", self.max_iter)
-        count("restarts", self.restarts)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.beta_step not in BETA_STEPS:
-            raise ValueError(f"beta_step must be one of {BETA_STEPS}, got {self.beta_step!r}")
-        if not isinstance(self.level, numbers.Real) or not 0 < self.level < 1:
-            raise ValueError(f"level must lie in (0, 1), got {self.level!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+    def _check_combination(self) -> None:
         if self.variant == "average" and self.kernel != "linear":
             raise ValueError(
                 f"kernel={self.kernel!r} is a per-node kernel, defined for variant='concat' only; "
                 "variant='average' uses the linear kernel"
             )
-        if self.gamma != "scale":
-            positive("gamma", self.gamma)
-        positive("gamma_scale", self.gamma_scale)
-        if self.n_nodes is not None:
-            count("n_nodes", self.n_nodes)
-        if not isinstance(self.gram_cache_gib, numbers.Real) or self.gram_cache_gib < 0:
-            raise ValueError(f"gram_cache_gib must be >= 0, got {self.gram_cache_gib!r}")
 
     def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
         """Return node features ``[n, M, d]`` (and y when given), checked against the fit."""
@@ -239,13 +246,14 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         return nodes if no_y else (nodes, y)
 
     # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any, *, grams: NodeGrams | None = None) -> MultipleAggregationSVM:
         """Learn ``beta_`` and the SVMs. ``X [n, M, d]`` (or ``[n, M*d]``), ``y [n]`` labels.
 
         ``grams`` (concat variant) is a :class:`NodeGrams` of the same ``X`` and kernel to reuse,
         e.g. across values of ``C``: the node Gram matrices do not depend on ``C``.
         """
-        self._check_params()
+        self._check_combination()
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
         classes, y_idx = np.unique(y, return_inverse=True)
@@ -356,6 +364,8 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             if gap <= self.eps or m_nodes == 1:
                 break
             beta = clean_simplex(beta_next)
+        else:
+            _warn_not_converged(f"relative gap 1 - LB/UB {history[-1]['gap']:.3g}", self)
         assert best is not None
         beta_best, step_best, P_best, duals_best = best
         self.history_ = history
@@ -373,15 +383,16 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         start = time.perf_counter()
         history: list[dict[str, Any]] = []
         evaluations = 0
-        best: tuple[float, np.ndarray, AlphaStep, np.ndarray, float] | None = None
+        best: tuple[float, np.ndarray, AlphaStep, np.ndarray, float, bool] | None = None
         for restart, beta in enumerate(starts):
             J, g, step, W = average_objective(X, beta, Y, **kw)
             evaluations += 1
             spread = float(g.max() - g.min())
             eta = 1.0 / (m_nodes * spread) if spread > 0 else 1.0
-            stalled = False
+            stalled = at_limit = False
             for it in range(1, self.max_iter + 1):
                 fw_gap = float(g @ beta - g.min()) / J if J > 0 else 0.0
+                at_limit = it == self.max_iter and fw_gap > self.eps and m_nodes > 1
                 history.append(
                     {
                         "restart": restart,
@@ -416,9 +427,11 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                 if not moved:
                     break
             if best is None or best[0] > J:
-                best = (J, beta, step, W, history[-1]["gap"])
+                best = (J, beta, step, W, history[-1]["gap"], at_limit and not stalled)
         assert best is not None
-        J, beta, step, W, gap = best
+        J, beta, step, W, gap, not_converged = best
+        if not_converged:
+            _warn_not_converged(f"relative Frank-Wolfe gap {gap:.3g}", self)
         self.history_ = history
         self.n_iter_ = evaluations
         self.gap_ = gap

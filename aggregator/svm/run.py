@@ -44,9 +44,9 @@ from scipy.special import log_softmax, softmax
 
 from aggregator import plots
 from aggregator.data import label_indices, open_store, stratified_holdout
+from aggregator.intervals import n_nodes, node_means
 from aggregator.metrics import beta_by_level, classification_metrics
 from aggregator.node_cache import CACHE_DEPTH, NodeCache, load_node_cache
-from aggregator.nodes import n_nodes, node_means
 from aggregator.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -333,7 +333,7 @@ def train_svm(
     for c in c_grid:
         MultipleAggregationSVM(
             C=c, variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
-        )._check_params()
+        ).check_params()
     estimator = MultipleAggregationSVM(
         C=c_grid[0], variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
     )

@@ -4,10 +4,13 @@ a brute-force grid over the simplex, plain scikit-learn SVMs, finite differences
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 
 import cvxpy as cp
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import SVC
 
 from aggregator.svm import MultipleAggregationSVM
@@ -77,6 +80,7 @@ def test_alpha_step_dual_matches_cvxpy(n_classes: int) -> None:
         assert ours[col] == pytest.approx(reference, rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # max_iter=1
 def test_estimator_objective_is_the_cvxpy_dual_at_uniform_beta() -> None:
     X, y = informative_nodes(30, 3, 4, 3, {2: 1.0}, seed=2)
     est = MultipleAggregationSVM(C=0.5, max_iter=1, tol=1e-4).fit(X, y)
@@ -171,6 +175,7 @@ def test_average_gradient_matches_finite_differences() -> None:
         assert (plus - minus) / (2 * h) == pytest.approx(grad @ direction, rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # max_iter=1
 def test_average_improves_on_uniform_and_restarts_are_seeded() -> None:
     X, y = informative_nodes(40, 7, 4, 3, {3: 1.0}, seed=7)
     uniform = MultipleAggregationSVM(variant="average", max_iter=1, restarts=1).fit(X, y)
@@ -302,20 +307,60 @@ def test_predict_with_other_nodes_or_features_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("params", "match"),
     [
-        ({"C": -1.0}, "C must be a positive number"),
-        ({"variant": "sum"}, "variant must be one of"),
-        ({"kernel": "poly"}, "kernel must be one of"),
+        ({"C": -1.0}, r"'C' parameter .* must be a float in the range \(0(\.0)?, inf\)"),
+        ({"C": math.inf}, r"'C' parameter .* Got inf"),
+        ({"eps": 0.0}, r"'eps' parameter .* Got 0.0"),
+        ({"tol": math.nan}, r"'tol' parameter .* Got nan"),
+        ({"variant": "sum"}, r"'variant' parameter .* must be a str among .*'concat'"),
+        ({"kernel": "poly"}, r"'kernel' parameter .* must be a str among .*'chi2'"),
         ({"variant": "average", "kernel": "rbf"}, "defined for variant='concat' only"),
-        ({"beta_step": "newton"}, "beta_step must be one of"),
-        ({"level": 1.5}, "level must lie in"),
-        ({"max_iter": 0}, "max_iter must be an integer"),
-        ({"gamma": "auto"}, "gamma must be a positive number"),
+        ({"beta_step": "newton"}, r"'beta_step' parameter .* must be a str among"),
+        ({"level": 1.5}, r"'level' parameter .* range \(0(\.0)?, 1(\.0)?\)"),
+        ({"max_iter": 0}, r"'max_iter' parameter .* must be an int in the range \[1, inf\)"),
+        ({"max_iter": 2.5}, r"'max_iter' parameter .* Got 2.5"),
+        ({"restarts": 0}, r"'restarts' parameter"),
+        ({"gamma": "auto"}, r"'gamma' parameter .* must be a str among \{'scale'\} or a float"),
+        ({"gamma_scale": -2.0}, r"'gamma_scale' parameter"),
+        ({"n_nodes": 0}, r"'n_nodes' parameter .* or None"),
+        ({"gram_cache_gib": -1.0}, r"'gram_cache_gib' parameter"),
+        ({"random_state": "seed"}, r"'random_state' parameter"),
     ],
 )
 def test_bad_parameters_are_named(params: dict, match: str) -> None:
+    """scikit-learn's parameter validation names the parameter, what it must be and the value,
+    before any work; the combination rule is checked by the estimator itself."""
     X, y = informative_nodes(10, 3, 4, 2, {}, seed=21)
+    est = MultipleAggregationSVM(**params)
     with pytest.raises(ValueError, match=match):
-        MultipleAggregationSVM(**params).fit(X, y)
+        est.fit(X, y)
+    with pytest.raises(ValueError, match=match):
+        est.check_params()
+    assert not hasattr(est, "classes_")
+
+
+def test_parameters_are_validated_by_scikit_learn_constraints() -> None:
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    constraints = MultipleAggregationSVM._parameter_constraints
+    assert set(constraints) == set(MultipleAggregationSVM().get_params())
+    with pytest.raises(InvalidParameterError):
+        MultipleAggregationSVM(C=0.0).fit(*informative_nodes(10, 3, 4, 2, {}, seed=21))
+
+
+def test_stopping_at_max_iter_warns_convergence() -> None:
+    """Both variants warn with ConvergenceWarning when max_iter stops them above eps, and not
+    when they reach eps."""
+    X, y = informative_nodes(40, 7, 4, 3, {5: 2.0, 6: 1.0}, seed=24)
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=1 with relative gap .* above eps"):
+        est = MultipleAggregationSVM(max_iter=1, eps=1e-9).fit(X, y)
+    assert est.n_iter_ == 1 and est.gap_ > 1e-9
+    with pytest.warns(ConvergenceWarning, match="relative Frank-Wolfe gap"):
+        MultipleAggregationSVM(variant="average", max_iter=1, restarts=1, eps=1e-9).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = MultipleAggregationSVM(max_iter=200, eps=1e-3).fit(X, y)
+        assert est.gap_ <= 1e-3
+        MultipleAggregationSVM(max_iter=1).fit(X[:, :1], y)  # one node: nothing to iterate
 
 
 def test_chi2_needs_non_negative_features() -> None:
