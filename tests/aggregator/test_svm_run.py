@@ -17,15 +17,19 @@ from aggregator.metrics import classification_metrics
 from aggregator.node_cache import load_node_cache
 from aggregator.predictor import Predictor
 from aggregator.runs import load_run
+from aggregator.svm import KERNELS, MultipleAggregationSVM
 from aggregator.svm.run import (
     SVMPredictor,
     choose_fusion,
+    export_state,
     fit_temperature,
     node_statistics,
     standardize,
+    stream_decision,
     train_svm,
 )
 from storage import FeatureStore
+from tests.aggregator.toy_store import write_burst_store
 
 STREAMS = {"appearance": 8, "motion": 6}
 
@@ -318,3 +322,82 @@ def test_linear_kernel_has_no_gamma_to_select(tmp_path: Path) -> None:
     assert all("gamma_scale" not in g for g in info["C_grid"]) and info["gamma_scale"] is None
     with pytest.raises(ValueError, match="gamma_grid must hold positive numbers"):
         train_svm(store, tmp_path / "bad", **run_args(kernel="rbf", gamma_grid=(0.0,)))
+
+
+@pytest.mark.parametrize(
+    ("variant", "kernel", "n_classes"),
+    [
+        ("concat", "linear", 3),
+        ("concat", "linear", 2),
+        ("concat", "rbf", 3),
+        ("concat", "rbf", 2),
+        ("concat", "chi2", 3),
+        ("average", "linear", 3),
+    ],
+)
+def test_run_scores_are_the_estimators_decision_function(
+    variant: str, kernel: str, n_classes: int
+) -> None:
+    """The run keeps each stream's SVMs as exported tensors (active nodes only, float32 weights
+    or support vectors) and scores with stream_decision; that is the estimator's own
+    decision_function on the standardised node means, to float32 precision, for every kernel."""
+    assert set(KERNELS) == {"linear", "rbf", "chi2"}
+    rng = np.random.default_rng(n_classes)
+    y = np.arange(60) % n_classes
+    X = rng.normal(size=(60, 7, 5)) + rng.normal(size=(n_classes, 1, 5))[y]
+    X[:, 0] = rng.normal(size=(60, 5))  # an uninformative root: beta leaves some node at 0
+    if kernel == "chi2":
+        X = np.abs(X)
+    X_fit, X_new = X[:40], X[40:]
+    mean, std = node_statistics(X_fit) if kernel != "chi2" else (None, None)
+    est = MultipleAggregationSVM(variant=variant, kernel=kernel, restarts=1, eps=1e-4)
+    est.fit(standardize(X_fit, mean, std), y[:40])
+    state = export_state(est)
+    if mean is not None and std is not None:
+        state["mean"], state["std"] = torch.from_numpy(mean), torch.from_numpy(std)
+    expected = est.decision_function(standardize(X_new, mean, std))
+    got = stream_decision(state, X_new)
+    assert got.shape == (20, 1 if n_classes == 2 else n_classes)
+    np.testing.assert_allclose(got, expected.reshape(got.shape), rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 0.1  # scores that mean something
+
+
+def relu_burst_store(path: Path) -> FeatureStore:
+    """The toy burst store's six classes through a ReLU: non-negative features, as a CNN's
+    pooled activations are, so the chi2 kernel applies too."""
+    store = write_burst_store(path.with_suffix(".raw.zarr"), streams=("appearance",), seed=4)
+    out = FeatureStore.create(path, extractor={"appearance": {"backbone": "toy"}})
+    for split in ("train", "test"):
+        ids = store.videos(split=split)
+        for v, label in zip(ids, store.labels(ids), strict=True):
+            x = np.maximum(store.read(v, "appearance"), 0.0)
+            out.write_video(v, {"appearance": x}, label=label, split=split)
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "chi2"])
+def test_framepool_train_svm_run_with_a_nonlinear_kernel(
+    kernel: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``framepool train --head svm --kernel rbf|chi2`` learns the six classes well above chance
+    (1/6), and the run directory reloads (load_run, evaluate) with the scores it reported."""
+    from api.cli import main
+
+    store = relu_burst_store(tmp_path / "store.zarr")
+    out = tmp_path / kernel
+    argv = ["train", "--store", store.path, "--head", "svm", "--out", str(out), "--levels", "2"]
+    assert main([*argv, "--kernel", kernel, "--C", "1", "--no-index"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["params"]["kernel"] == kernel and config["standardize"] == (kernel != "chi2")
+    assert metrics["top1"] >= 0.8  # measured: rbf 0.98, chi2 1.0 on 60 test videos
+    predictor = load_run(out)
+    assert isinstance(predictor, SVMPredictor)
+    ids = store.videos(split="test")
+    y = np.array([predictor.class_names.index(label) for label in store.labels(ids)])
+    nodes = {"appearance": load_node_cache(store, "appearance", progress=False).take(ids, 2)}
+    again = classification_metrics(predictor.predict_proba_nodes(nodes), y, predictor.class_names)
+    for key in ("top1", "top5", "mean_class_accuracy", "confusion_matrix"):
+        assert again[key] == metrics[key]
+    assert evaluate_run(out, store.path, split="test", write=False)["top1"] == metrics["top1"]
