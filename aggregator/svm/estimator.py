@@ -292,7 +292,6 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
 
     def _fit_concat(self, X: np.ndarray, Y: np.ndarray, grams: NodeGrams | None = None) -> None:
         m_nodes = X.shape[1]
-        n_cls = Y.shape[1]
         if grams is None:
             grams = NodeGrams(
                 X,
@@ -326,15 +325,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             if m_nodes == 1:
                 beta_next, lb = beta, ub  # nothing to learn: J is known exactly
             else:
-                owner = np.tile(np.arange(n_cls), len(cut_a))
-                all_a, all_S = np.concatenate(cut_a), np.concatenate(cut_S)
-                beta_next, lb = cutting_plane_lp(all_a, all_S, owner, n_cls)
-                if self.beta_step == "level":
-                    level = lb + self.level * (best_ub - lb)
-                    try:
-                        beta_next = level_projection(all_a, all_S, owner, n_cls, beta, level)
-                    except (RuntimeError, cp.error.SolverError) as exc:
-                        log.warning("level projection failed (%s); taking the LP minimiser", exc)
+                beta_next, lb = self._beta_step(cut_a, cut_S, beta, best_ub)
             lb_best = max(lb_best, lb)
             gap = 1.0 - lb_best / best_ub if best_ub > 0 else 0.0
             t3 = time.perf_counter()
@@ -372,6 +363,23 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         self.n_iter_ = it
         self.gap_ = history[-1]["gap"]
         self._store(X, beta_best, step_best, duals_best, P=P_best)
+
+    def _beta_step(
+        self, cut_a: list[np.ndarray], cut_S: list[np.ndarray], beta: np.ndarray, best_ub: float
+    ) -> tuple[np.ndarray, float]:
+        """The next iterate and the lower bound LB of the cuts so far (one per class per
+        alpha-step): the LP minimiser, or its level-set projection from ``beta``."""
+        n_cls = len(cut_a[0])
+        owner = np.tile(np.arange(n_cls), len(cut_a))
+        all_a, all_S = np.concatenate(cut_a), np.concatenate(cut_S)
+        beta_next, lb = cutting_plane_lp(all_a, all_S, owner, n_cls)
+        if self.beta_step == "level":
+            level = lb + self.level * (best_ub - lb)
+            try:
+                beta_next = level_projection(all_a, all_S, owner, n_cls, beta, level)
+            except (RuntimeError, cp.error.SolverError) as exc:
+                log.warning("level projection failed (%s); taking the LP minimiser", exc)
+        return beta_next, lb
 
     def _fit_average(self, X: np.ndarray, Y: np.ndarray) -> None:
         m_nodes = X.shape[1]

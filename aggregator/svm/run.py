@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+from sklearn.base import clone
 
 from aggregator import plots
 from aggregator.data import label_indices, open_store, stratified_holdout
@@ -282,6 +284,329 @@ def _fit_stream(
     return best[1], record, best[2]
 
 
+@dataclass(frozen=True)
+class _Splits:
+    """A run's videos: the training split (its fit and validation parts) and the test split."""
+
+    class_names: list[str]
+    train_ids: list[str]
+    test_ids: list[str]
+    y_train: np.ndarray
+    y_test: np.ndarray
+    fit_idx: np.ndarray
+    val_idx: np.ndarray
+
+    @property
+    def fit_ids(self) -> list[str]:
+        return [self.train_ids[i] for i in self.fit_idx]
+
+    @property
+    def val_ids(self) -> list[str]:
+        return [self.train_ids[i] for i in self.val_idx]
+
+    @property
+    def y_fit(self) -> np.ndarray:
+        return self.y_train[self.fit_idx]
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return self.y_train[self.val_idx]
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Every class of the training split: one with a single video keeps it for fitting
+        (:func:`aggregator.data.stratified_holdout`)."""
+        return np.unique(self.y_fit)
+
+
+@dataclass(frozen=True)
+class _StreamFit:
+    """One stream's SVMs as the run keeps them, their record, and their class scores."""
+
+    state: dict[str, Any]
+    info: dict[str, Any]
+    in_features: int
+    val_scores: np.ndarray | None
+    test_scores: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    """Stream weights and softmax temperature, and where they were learned."""
+
+    weights: dict[str, float]
+    val_top1: float | None
+    temperature: float
+    calibration: str
+
+
+def _grids(
+    C: float | None, C_grid: Sequence[float], gamma_grid: Sequence[float] | None, kernel: str
+) -> tuple[list[float], list[float]]:
+    """The values of ``C`` and of the gamma factor the selection tries."""
+    c_grid = [float(C)] if C is not None else [float(c) for c in C_grid]
+    if not c_grid:
+        raise ValueError("C_grid is empty")
+    if gamma_grid is None:
+        gamma_grid = GAMMA_GRID if C is None else (1.0,)
+    g_grid = [float(g) for g in gamma_grid] if kernel != "linear" else [1.0]
+    if not g_grid or any(not math.isfinite(g) or g <= 0 for g in g_grid):
+        raise ValueError(f"gamma_grid must hold positive numbers, got {list(gamma_grid)!r}")
+    return c_grid, g_grid
+
+
+def _split_videos(
+    store: FeatureStore, streams: list[str], train_split: str, test_split: str | None, seed: int
+) -> _Splits:
+    """The data step: labelled training and test videos, and the validation part held out."""
+    class_names = store.class_names
+    if not class_names:
+        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
+    train_ids, test_ids = resolve_splits(store, train_split, test_split)
+    check_streams(store, streams, train_ids[0])
+    y_train = label_indices(store, train_ids, class_names)
+    y_test = label_indices(store, test_ids, class_names)
+    fit_idx, val_idx = stratified_holdout(y_train, VALIDATION_FRACTION, seed)
+    n_fit_classes = len(np.unique(y_train[fit_idx]))
+    if n_fit_classes < 2:
+        raise ValueError(
+            f"split {train_split!r} has videos of {n_fit_classes} class(es); "
+            "an SVM needs at least 2"
+        )
+    return _Splits(class_names, train_ids, test_ids, y_train, y_test, fit_idx, val_idx)
+
+
+def _run_config(
+    store: FeatureStore,
+    out: Path,
+    estimator: MultipleAggregationSVM,
+    splits: _Splits,
+    train_args: dict[str, Any],
+    use_stats: bool,
+) -> dict[str, Any]:
+    """``config.json`` of the run (``train_args`` holds the arguments of :func:`train_svm`)."""
+    streams = train_args["streams"]
+    config: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "head": "svm",
+        "params": {**estimator.get_params(), "C": train_args["C"], "levels": train_args["levels"]},
+        "streams": streams,
+        "standardize": use_stats,
+        "store": store_location(store),
+        "extractor": {s: store.extractor.get(s) for s in streams},
+        "class_names": splits.class_names,
+        "splits": {
+            "train": train_args["train_split"],
+            "test": train_args["test_split"],
+            "val_fraction": VALIDATION_FRACTION,
+            "validation_ids": splits.val_ids,
+        },
+        "seed": train_args["seed"],
+        "train_args": train_args,
+    }
+    config["run_id"] = make_run_id(out, config)
+    return config
+
+
+def _train_stream(
+    store: FeatureStore,
+    stream: str,
+    splits: _Splits,
+    train_args: Mapping[str, Any],
+    params: Mapping[str, Any],
+    use_stats: bool,
+) -> _StreamFit:
+    """Selection, fit and test scores of one stream: the grid (``C_grid`` and ``gamma_grid`` of
+    ``train_args``) on the fit part scored on the validation part, the chosen values refit on
+    the whole training split (``refit``). ``params`` are the estimator's."""
+    levels, c_grid, g_grid = train_args["levels"], train_args["C_grid"], train_args["gamma_grid"]
+    n_classes = len(splits.class_names)
+    t_cache = time.perf_counter()
+    cache = load_node_cache(store, stream, depth=max(CACHE_DEPTH, levels), progress=False)
+    X_train = _node_means(cache, splits.train_ids, levels)
+    in_features = int(X_train.shape[2])
+    mean, std = node_statistics(X_train) if use_stats else (None, None)
+    X_train = standardize(X_train, mean, std)
+    X_fit = X_train[splits.fit_idx]
+    X_val = X_train[splits.val_idx] if len(splits.val_idx) else None
+    t_fit = time.perf_counter()
+    chosen, grid, est = _fit_stream(
+        X_fit, splits.y_fit, X_val, splits.y_val, params, c_grid, splits.classes, n_classes, g_grid
+    )
+    val_scores = None
+    if X_val is not None:
+        decision = stream_decision(export_state(est), X_val)
+        val_scores = class_scores(decision, splits.classes, n_classes)
+    refitted = bool(train_args["refit"] and len(splits.val_idx))
+    if refitted:
+        est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_train, splits.y_train)
+    del X_fit, X_val, X_train
+    seconds_fit = time.perf_counter() - t_fit
+    state = export_state(est)
+    if mean is not None and std is not None:
+        state["mean"], state["std"] = torch.from_numpy(mean), torch.from_numpy(std)
+    test_scores = None
+    if splits.test_ids:
+        decision = stream_decision(state, _node_means(cache, splits.test_ids, levels))
+        test_scores = class_scores(decision, splits.classes, n_classes)
+    info = {
+        "C": chosen["C"],
+        "gamma_scale": chosen.get("gamma_scale"),
+        "C_grid": grid,
+        "refit": refitted,
+        "n_iter": est.n_iter_,
+        "gap": est.gap_,
+        "objective": est.objective_,
+        "active_nodes": int((est.beta_ > 0).sum()),
+        "seconds_node_cache": t_fit - t_cache,
+        "seconds_fit": seconds_fit,
+        "history": [{k: v for k, v in h.items() if k != "beta"} for h in est.history_],
+    }
+    log.info(
+        "svm %s: C %g, %d iterations, gap %.2g, J %.6g, %.1f s",
+        stream,
+        chosen["C"],
+        est.n_iter_,
+        est.gap_,
+        est.objective_,
+        seconds_fit,
+    )
+    return _StreamFit(state, info, in_features, val_scores, test_scores)
+
+
+def _calibrate(fits: Mapping[str, _StreamFit], y_val: np.ndarray) -> _Fusion:
+    """Fusion weights and temperature learned on the validation part (equal weights and
+    temperature 1 without a validation video)."""
+    val_scores = {s: f.val_scores for s, f in fits.items() if f.val_scores is not None}
+    if len(y_val):
+        weights, val_top1 = choose_fusion(val_scores, y_val)
+        temperature = fit_temperature(fused_scores(val_scores, weights), y_val)
+        return _Fusion(weights, val_top1, temperature, "validation")
+    log.warning("no validation video: equal stream weights and temperature 1")
+    weights = {s: 1.0 / len(fits) for s in fits}
+    return _Fusion(weights, None, 1.0, "none (no validation video)")
+
+
+def _test_metrics(
+    fits: Mapping[str, _StreamFit], fusion: _Fusion, splits: _Splits
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of the fused probabilities on the test split, and each stream's own."""
+    names = splits.class_names
+    if not splits.test_ids:
+        return classification_metrics(np.zeros((0, len(names))), np.zeros(0), names), {}
+    test_scores = {s: f.test_scores for s, f in fits.items() if f.test_scores is not None}
+    fused = fused_scores(test_scores, fusion.weights)
+    metrics = classification_metrics(probabilities(fused, fusion.temperature), splits.y_test, names)
+    per_stream = {}
+    for s, sc in test_scores.items():
+        m = classification_metrics(sc, splits.y_test, names)
+        per_stream[s] = {k: m[k] for k in ("top1", "top5", "mean_class_accuracy")}
+    return metrics, per_stream
+
+
+def _probes(
+    store: FeatureStore, streams: list[str], splits: _Splits, levels: int, seed: int
+) -> dict[str, Any] | None:
+    """The linear-probe references every run reports (None without test videos)."""
+    if not splits.test_ids:
+        return None
+    from aggregator.probe import linear_probes
+
+    return linear_probes(
+        store,
+        streams,
+        splits.train_ids,
+        splits.y_train,
+        splits.test_ids,
+        splits.y_test,
+        splits.class_names,
+        levels=levels,
+        seed=seed,
+    )
+
+
+def _summary(
+    config: Mapping[str, Any],
+    splits: _Splits,
+    fits: Mapping[str, _StreamFit],
+    fusion: _Fusion,
+    per_stream: dict[str, Any],
+    probes: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What ``metrics.json`` records beside the test metrics."""
+    info = {s: f.info for s, f in fits.items()}
+    refitted = any(i["refit"] for i in info.values())
+    return {
+        "run_id": config["run_id"],
+        "head": "svm",
+        "streams": list(fits),
+        "n_train": len(splits.train_ids) if refitted else len(splits.fit_idx),
+        "n_val": len(splits.val_idx),
+        "n_test": len(splits.test_ids),
+        "standardize": config["standardize"],
+        "beta": {s: beta_by_level(f.state["beta"].numpy()) for s, f in fits.items()},
+        "fusion_weights": fusion.weights,
+        "temperature": fusion.temperature,
+        "calibration": fusion.calibration,
+        "val_top1": fusion.val_top1,
+        "per_stream": per_stream or None,
+        "probe": probes,
+        "selection": {
+            s: {
+                "chosen": {"C": i["C"]}
+                | ({"gamma_scale": i["gamma_scale"]} if i["gamma_scale"] is not None else {}),
+                "grid": i["C_grid"],
+            }
+            for s, i in info.items()
+        },
+        "svm": info,
+    }
+
+
+def _model(
+    levels: int, splits: _Splits, fits: Mapping[str, _StreamFit], fusion: _Fusion
+) -> dict[str, Any]:
+    """``model.pt``: plain tensors and numbers (``torch.load(weights_only=True)``)."""
+    return {
+        "format": FORMAT,
+        "levels": levels,
+        "classes": torch.from_numpy(splits.classes.astype(np.int64)),
+        "fusion_weights": torch.tensor([fusion.weights[s] for s in fits], dtype=torch.float64),
+        "temperature": float(fusion.temperature),
+        "in_features": {s: f.in_features for s, f in fits.items()},
+        "streams": {s: f.state for s, f in fits.items()},
+    }
+
+
+def _write_run(
+    out: Path,
+    config: Mapping[str, Any],
+    model: Mapping[str, Any],
+    metrics: dict[str, Any],
+    fits: Mapping[str, _StreamFit],
+    t_start: float,
+) -> dict[str, Any]:
+    """Write ``config.json``, ``model.pt``, the plots and ``metrics.json``; return the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, config)
+    save_torch(model, out / MODEL_FILE)
+    betas = {s: f.state["beta"].numpy() for s, f in fits.items()}
+    title = f"{out.name} (svm)"
+    histories = {s: f.info["history"] for s, f in fits.items()}
+    written = [
+        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title),
+        plot_convergence(histories, out / "svm_convergence.png", title=title),
+    ]
+    if metrics["n_test"]:
+        confusion, names = metrics["confusion_matrix"], config["class_names"]
+        written.append(plots.plot_confusion(confusion, names, out / "confusion.png", title=title))
+    metrics["plots"] = [p.name for p in written]
+    metrics["seconds"] = time.perf_counter() - t_start
+    metrics = finite(metrics)
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
 def train_svm(
     store: FeatureStore | str | Path,
     out_dir: Path | str,
@@ -321,38 +646,14 @@ def train_svm(
         raise ValueError("no stream given")
     if not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
-    c_grid = [float(C)] if C is not None else [float(c) for c in C_grid]
-    if not c_grid:
-        raise ValueError("C_grid is empty")
-    if gamma_grid is None:
-        gamma_grid = GAMMA_GRID if C is None else (1.0,)
-    g_grid = [float(g) for g in gamma_grid] if kernel != "linear" else [1.0]
-    if not g_grid or any(not math.isfinite(g) or g <= 0 for g in g_grid):
-        raise ValueError(f"gamma_grid must hold positive numbers, got {list(gamma_grid)!r}")
+    c_grid, g_grid = _grids(C, C_grid, gamma_grid, kernel)
     # the estimator validates C, variant, kernel, max_iter and eps before any work
-    for c in c_grid:
-        MultipleAggregationSVM(
-            C=c, variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
-        ).check_params()
     estimator = MultipleAggregationSVM(
         C=c_grid[0], variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
     )
-    class_names = store.class_names
-    if not class_names:
-        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
-    train_ids, test_ids = resolve_splits(store, train_split, test_split)
-    check_streams(store, streams, train_ids[0])
-    y_train = label_indices(store, train_ids, class_names)
-    y_test = label_indices(store, test_ids, class_names)
-    fit_idx, val_idx = stratified_holdout(y_train, VALIDATION_FRACTION, seed)
-    fit_ids = [train_ids[i] for i in fit_idx]
-    val_ids = [train_ids[i] for i in val_idx]
-    y_fit, y_val = y_train[fit_idx], y_train[val_idx]
-    if len(np.unique(y_fit)) < 2:
-        raise ValueError(
-            f"split {train_split!r} has videos of {len(np.unique(y_fit))} class(es); "
-            "an SVM needs at least 2"
-        )
+    for c in c_grid:
+        clone(estimator).set_params(C=c).check_params()
+    splits = _split_videos(store, streams, train_split, test_split, seed)
     use_stats = standardize_inputs and kernel != "chi2"
     train_args = {
         "streams": streams,
@@ -372,182 +673,15 @@ def train_svm(
         "probe": probe,
         "probe_levels": probe_levels,
     }
-    config: dict[str, Any] = {
-        "format": RUN_FORMAT,
-        "head": "svm",
-        "params": {**estimator.get_params(), "C": C, "levels": levels},
-        "streams": streams,
-        "standardize": use_stats,
-        "store": store_location(store),
-        "extractor": {s: store.extractor.get(s) for s in streams},
-        "class_names": class_names,
-        "splits": {
-            "train": train_split,
-            "test": test_split,
-            "val_fraction": VALIDATION_FRACTION,
-            "validation_ids": val_ids,
-        },
-        "seed": seed,
-        "train_args": train_args,
-    }
-    config["run_id"] = make_run_id(out, config)
-
-    states: dict[str, dict[str, Any]] = {}
-    val_scores: dict[str, np.ndarray] = {}
-    test_scores: dict[str, np.ndarray] = {}
-    svm_info: dict[str, Any] = {}
-    in_features: dict[str, int] = {}
-    classes = np.unique(y_fit)  # every class of the training split: one with a single video
-    # keeps it for fitting (stratified_holdout)
-    for s in streams:
-        t_cache = time.perf_counter()
-        cache = load_node_cache(store, s, depth=max(CACHE_DEPTH, levels), progress=False)
-        X_train = _node_means(cache, train_ids, levels)
-        in_features[s] = int(X_train.shape[2])
-        mean, std = node_statistics(X_train) if use_stats else (None, None)
-        X_train = standardize(X_train, mean, std)
-        X_fit = X_train[fit_idx]
-        X_val = X_train[val_idx] if len(val_idx) else None
-        t_fit = time.perf_counter()
-        params = estimator.get_params()
-        chosen_s, grid, est = _fit_stream(
-            X_fit, y_fit, X_val, y_val, params, c_grid, classes, len(class_names), g_grid
-        )
-        C_s = chosen_s["C"]
-        if X_val is not None:
-            val_scores[s] = class_scores(
-                stream_decision(export_state(est), X_val), classes, len(class_names)
-            )
-        refitted = bool(refit and len(val_idx))
-        if refitted:
-            est = MultipleAggregationSVM(**{**params, **chosen_s}).fit(X_train, y_train)
-        del X_fit, X_val, X_train
-        seconds_fit = time.perf_counter() - t_fit
-        state = export_state(est)
-        if mean is not None and std is not None:
-            state["mean"], state["std"] = torch.from_numpy(mean), torch.from_numpy(std)
-        states[s] = state
-        if test_ids:
-            decision = stream_decision(state, _node_means(cache, test_ids, levels))
-            test_scores[s] = class_scores(decision, classes, len(class_names))
-        svm_info[s] = {
-            "C": C_s,
-            "gamma_scale": chosen_s.get("gamma_scale"),
-            "C_grid": grid,
-            "refit": refitted,
-            "n_iter": est.n_iter_,
-            "gap": est.gap_,
-            "objective": est.objective_,
-            "active_nodes": int((est.beta_ > 0).sum()),
-            "seconds_node_cache": t_fit - t_cache,
-            "seconds_fit": seconds_fit,
-            "history": [{k: v for k, v in h.items() if k != "beta"} for h in est.history_],
-        }
-        log.info(
-            "svm %s: C %g, %d iterations, gap %.2g, J %.6g, %.1f s",
-            s,
-            C_s,
-            est.n_iter_,
-            est.gap_,
-            est.objective_,
-            seconds_fit,
-        )
-        del cache
-
-    if len(val_ids):
-        weights, val_top1 = choose_fusion(val_scores, y_val)
-        temperature = fit_temperature(fused_scores(val_scores, weights), y_val)
-        calibration = "validation"
-    else:
-        weights = {s: 1.0 / len(streams) for s in streams}
-        val_top1, temperature, calibration = None, 1.0, "none (no validation video)"
-        log.warning("no validation video: equal stream weights and temperature 1")
-
-    if test_ids:
-        test_fused = fused_scores(test_scores, weights)
-        metrics = classification_metrics(
-            probabilities(test_fused, temperature), y_test, class_names
-        )
-        per_stream = {}
-        for s, sc in test_scores.items():
-            m = classification_metrics(sc, y_test, class_names)
-            per_stream[s] = {k: m[k] for k in ("top1", "top5", "mean_class_accuracy")}
-    else:
-        metrics = classification_metrics(np.zeros((0, len(class_names))), np.zeros(0), class_names)
-        per_stream = {}
-    probes = None
-    if probe and test_ids:
-        from aggregator.probe import linear_probes
-
-        probes = linear_probes(
-            store,
-            streams,
-            train_ids,
-            y_train,
-            test_ids,
-            y_test,
-            class_names,
-            levels=probe_levels,
-            seed=seed,
-        )
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG_FILE, config)
-    model = {
-        "format": FORMAT,
-        "levels": levels,
-        "classes": torch.from_numpy(classes.astype(np.int64)),
-        "fusion_weights": torch.tensor([weights[s] for s in streams], dtype=torch.float64),
-        "temperature": float(temperature),
-        "in_features": in_features,
-        "streams": states,
-    }
-    save_torch(model, out / MODEL_FILE)
-
-    betas = {s: states[s]["beta"].numpy() for s in streams}
-    title = f"{out.name} (svm)"
-    metrics.update(
-        run_id=config["run_id"],
-        head="svm",
-        streams=streams,
-        n_train=len(train_ids) if any(i["refit"] for i in svm_info.values()) else len(fit_ids),
-        n_val=len(val_ids),
-        n_test=len(test_ids),
-        standardize=use_stats,
-        beta={s: beta_by_level(b) for s, b in betas.items()},
-        fusion_weights=weights,
-        temperature=temperature,
-        calibration=calibration,
-        val_top1=val_top1,
-        per_stream=per_stream or None,
-        probe=probes,
-        selection={
-            s: {
-                "chosen": {"C": i["C"]}
-                | ({"gamma_scale": i["gamma_scale"]} if i["gamma_scale"] is not None else {}),
-                "grid": i["C_grid"],
-            }
-            for s, i in svm_info.items()
-        },
-        svm=svm_info,
-    )
-    written = [
-        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title),
-        plot_convergence(
-            {s: svm_info[s]["history"] for s in streams}, out / "svm_convergence.png", title=title
-        ),
-    ]
-    if test_ids:
-        written.append(
-            plots.plot_confusion(
-                metrics["confusion_matrix"], class_names, out / "confusion.png", title=title
-            )
-        )
-    metrics["plots"] = [p.name for p in written]
-    metrics["seconds"] = time.perf_counter() - t_start
-    metrics = finite(metrics)
-    write_json(out / METRICS_FILE, metrics)
-    return metrics
+    config = _run_config(store, out, estimator, splits, train_args, use_stats)
+    params = estimator.get_params()
+    fits = {s: _train_stream(store, s, splits, train_args, params, use_stats) for s in streams}
+    fusion = _calibrate(fits, splits.y_val)
+    metrics, per_stream = _test_metrics(fits, fusion, splits)
+    probes = _probes(store, streams, splits, probe_levels, seed) if probe else None
+    metrics.update(_summary(config, splits, fits, fusion, per_stream, probes))
+    model = _model(levels, splits, fits, fusion)
+    return _write_run(out, config, model, metrics, fits, t_start)
 
 
 # ------------------------------------------------------------------------------------ predictor
