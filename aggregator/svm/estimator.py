@@ -24,8 +24,8 @@ the M = 2^D - 1 temporal-pyramid nodes. Training solves the multiple-kernel-lear
   ``eps``; the best J wins. Only the linear kernel.
 
 There is no ``predict_proba``: SVM scores are not probabilities. Calibrate them on held-out data
-(``sklearn.calibration.CalibratedClassifierCV`` works on the 2-D input form), as ``svm_run`` does
-with a softmax temperature.
+(``sklearn.calibration.CalibratedClassifierCV`` works on the 2-D input form), as
+``aggregator.svm.run`` does with a softmax temperature.
 """
 
 from __future__ import annotations
