@@ -28,7 +28,7 @@ from aggregator.finetune_maps import (
 from aggregator.heads import build_model
 from aggregator.map_data import MapDataset
 from aggregator.map_predict import MapRun
-from aggregator.runs import TorchRun, load_run
+from aggregator.run_loader import TorchRun, load_run
 from api.cli import main
 from api.service.maps import extract_with_maps, extractor_from_config
 from extractor.backbones import build_backbone

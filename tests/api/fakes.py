@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.similarity import SimilarityIndex
-from api.service.runs import LoadedRun, Registry, WorkerContext
+from api.service.served_runs import LoadedRun, Registry, WorkerContext
 from extractor.decode import iter_frames, probe
 
 CLASSES = ["blue", "green", "red"]

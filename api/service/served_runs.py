@@ -85,7 +85,7 @@ def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
 
 def load_one(run_dir: Path, store: Path | None, device: str = "cpu") -> LoadedRun:
     """Load a run directory; build its similarity index from ``store`` when it has none."""
-    from aggregator.runs import load_run
+    from aggregator.run_loader import load_run
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
