@@ -240,20 +240,10 @@ def analyse(
             )
             if max_frames is not None and len(select_frames(n, stride)) <= max_frames:
                 max_frames = None  # the same frames, without the extractor's own counting pass
-        if getattr(extractor, "map_streams", ()):  # a map run: maps and vectors in one pass
-            from api.service.maps import extract_with_maps
-
-            video = extract_with_maps(
-                extractor,
-                path,
-                stride=stride,
-                max_frames=max_frames,
-                should_stop=control.should_stop,
-            )
-        else:
-            video = extractor.extract_file(
-                path, stride=stride, max_frames=max_frames, should_stop=control.should_stop
-            )
+        maps = bool(getattr(extractor, "map_streams", ()))  # a map run: maps and vectors at once
+        video = extractor.extract_file(
+            path, stride=stride, max_frames=max_frames, should_stop=control.should_stop, maps=maps
+        )
     except InterruptedError:
         raise JobStopped(control.reason or "stopped") from None
     features: Mapping[str, np.ndarray] = {s: video.features[s] for s in run.predictor.streams}
