@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.finetune_job import BackboneSpec, run_finetune_job, start_extractor
-from aggregator.finetune_train import FinetuneSettings
+from aggregator.finetune.job import BackboneSpec, run_finetune_job, start_extractor
+from aggregator.finetune.loop import FinetuneSettings
 from aggregator.heads import TwoStream
 from aggregator.runs import TorchRun
 

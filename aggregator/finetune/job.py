@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
-from aggregator.finetune import FinetuneModel
-from aggregator.finetune_inputs import DecodedSource, FeatureMemory, InputCache, StoreFeatures
-from aggregator.finetune_maps import MAP_HEADS, StridedSource, build_map_model, map_channels
-from aggregator.finetune_standardize import fit_standardizer
-from aggregator.finetune_train import (
+from aggregator.finetune.inputs import DecodedSource, FeatureMemory, InputCache, StoreFeatures
+from aggregator.finetune.loop import (
     CHECKPOINT,
     FinetuneSettings,
     TrainVideo,
     distributed,
     finetune,
 )
+from aggregator.finetune.maps import MAP_HEADS, StridedSource, build_map_model, map_channels
+from aggregator.finetune.standardize import fit_standardizer
+from aggregator.finetune.surrogate import FinetuneModel
 from aggregator.heads import build_model
 from extractor.features import FeatureExtractor, resolve_dtype
 from extractor.spec import BackboneSpec
@@ -113,15 +113,15 @@ def run_finetune_job(
     frames outside each epoch's subset read their features from it for every stream whose
     recorded extractor configuration equals the starting backbone's (others are computed).
     With ``reuse_features``, they read the features each video had at its previous step instead
-    (:class:`aggregator.finetune_inputs.FeatureMemory` in ``out_dir/features``, or in memory
+    (:class:`aggregator.finetune.inputs.FeatureMemory` in ``out_dir/features``, or in memory
     with the in-memory input cache; removed at the end unless ``keep_inputs``).
     A map head (``stpn``, both streams) reads the backbones' last block output of every
     ``map_stride``-th frame, reduced to ``map_dim`` channels (see
-    :mod:`aggregator.finetune_maps`); ``store`` and ``reuse_features`` do not apply to it.
+    :mod:`aggregator.finetune.maps`); ``store`` and ``reuse_features`` do not apply to it.
     With ``standardize`` (not for map heads), the head standardises its inputs with statistics
     of the training videos under the starting backbones
-    (:mod:`aggregator.finetune_standardize`).
-    Returns the per-epoch history (see :func:`aggregator.finetune_train.finetune`).
+    (:mod:`aggregator.finetune.standardize`).
+    Returns the per-epoch history (see :func:`aggregator.finetune.loop.finetune`).
     """
     if not videos:
         raise ValueError("no videos to fine-tune on")

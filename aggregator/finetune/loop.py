@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from aggregator.finetune import (
+from aggregator.finetune.maps import exported_backbone
+from aggregator.finetune.surrogate import (
     STREAMS,
     FinetuneModel,
     Frames,
@@ -51,7 +52,6 @@ from aggregator.finetune import (
     periodic_subset,
     step_in_chunks,
 )
-from aggregator.finetune_maps import exported_backbone
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class VideoSource(Protocol):
 
     A source may also have ``remember(video_id, features: {stream: [T, d]})``: the loop then
     hands it every video's features after its step (see
-    :class:`aggregator.finetune_inputs.FeatureMemory`).
+    :class:`aggregator.finetune.inputs.FeatureMemory`).
     """
 
     def frames(self, video_id: str) -> dict[str, Frames]:

@@ -315,7 +315,7 @@ class FinetuneModel(nn.Module):
 
     :meth:`train` keeps the backbones' BatchNorm layers in eval mode (see the module docstring).
     ``head_inputs`` renames streams for the head (e.g. ``{"appearance": "appearance_map"}`` when
-    the backbones output spatial maps ``[T, h, w, C]``, see :mod:`aggregator.finetune_maps`).
+    the backbones output spatial maps ``[T, h, w, C]``, see :mod:`aggregator.finetune.maps`).
     """
 
     def __init__(
