@@ -51,7 +51,7 @@ from aggregator.finetune.surrogate import (
     periodic_subset,
     step_in_chunks,
 )
-from aggregator.rundir import CONFIG_FILE, METRICS_FILE, save_torch, write_json
+from aggregator.rundir import CONFIG_FILE, METRICS_FILE, finite, save_torch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class FinetuneSettings:
         may be extended) and those that do not change the optimisation beyond rounding
         (``chunk_size``, ``checkpoint``, ``grad_frames``, ``amp``: a run may resume on other
         hardware)."""
-        d = dict(_jsonable(asdict(self)))
+        d = dict(finite(asdict(self)))
         for key in ("epochs", "chunk_size", "checkpoint", "grad_frames", "amp"):
             d.pop(key)
         return d
@@ -133,16 +133,6 @@ class VideoSource(Protocol):
     def known(self, video_id: str) -> dict[str, torch.Tensor] | None:
         """Per stream ``[T, d]`` features for the frames outside the subset, or None."""
         ...
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # --------------------------------------------------------------------------- distributed
@@ -283,7 +273,7 @@ def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The part of a job's ``config`` a resumed run must share: what the model and data are, not
     where the starting weights or the stored features came from (the checkpoint replaces them)."""
     skip = ("run_id", "store", "store_streams", "start_extractor", "reuse_features")
-    return {k: v for k, v in _jsonable(dict(config or {})).items() if k not in skip}
+    return {k: v for k, v in finite(dict(config or {})).items() if k not in skip}
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -571,7 +561,7 @@ class FinetuneLoop:
                 "config": _resume_key(self.config),
             }
             save_torch(state, self.ckpt_path)
-            write_json(self.out / METRICS, _jsonable({"epochs": self.history}))
+            write_json(self.out / METRICS, {"epochs": self.history})
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
@@ -597,7 +587,7 @@ def write_outputs(
     full = {**dict(config), "streams": list(model.streams), "settings": asdict(settings)}
     if fusion is not None:
         full["fusion_weights"] = fusion
-    write_json(out / CONFIG_FILE, _jsonable(full))
+    write_json(out / CONFIG_FILE, full)
     last = history[-1]
     metrics = {
         "epochs": history,
@@ -606,7 +596,7 @@ def write_outputs(
         "seconds": float(sum(h["seconds"] for h in history)),
         "fusion_weights": fusion,
     }
-    write_json(out / METRICS, _jsonable(metrics))
+    write_json(out / METRICS, metrics)
 
 
 __all__ = [
