@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
-from api.service.metrics import ServiceMetrics
-from api.service.runs import (
+from api.service.prometheus import ServiceMetrics
+from api.service.served_runs import (
     Analysis,
     JobControl,
     JobStopped,

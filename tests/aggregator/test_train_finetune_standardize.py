@@ -12,7 +12,7 @@ import torch
 from aggregator.finetune.job import run_finetune_job, start_extractor
 from aggregator.finetune.loop import FinetuneSettings
 from aggregator.heads import TwoStream
-from aggregator.runs import TorchRun
+from aggregator.run_loader import TorchRun
 from extractor.spec import BackboneSpec
 
 SPEC = BackboneSpec(streams=("appearance",), arch="resnet18", weights="random")

@@ -18,7 +18,6 @@ from api.service.deps import (
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
-from api.service.runs import LoadedRun
 from api.service.schemas import (
     ClassProbability,
     FramesInfo,
@@ -33,6 +32,7 @@ from api.service.schemas import (
     TopK,
     VideoInfo,
 )
+from api.service.served_runs import LoadedRun
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 

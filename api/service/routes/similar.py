@@ -20,7 +20,6 @@ from api.service.deps import (
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
-from api.service.runs import LoadedRun
 from api.service.schemas import (
     FramesInfo,
     MaxFrames,
@@ -33,6 +32,7 @@ from api.service.schemas import (
     TopK,
     VideoId,
 )
+from api.service.served_runs import LoadedRun
 from api.service.uploads import is_multipart
 
 router = APIRouter(prefix="/v1", tags=["similar"])
