@@ -11,15 +11,13 @@ videos.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,46 +25,29 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from aggregator import plots
-from aggregator.data import label_indices, open_store, split_videos, stratified_holdout
-from aggregator.heads import SpatiotemporalPyramid, build_model
+from aggregator.data import label_indices, open_store, stratified_holdout
+from aggregator.heads import SpatiotemporalPyramid, VideoModel, build_model
 from aggregator.map_data import MAP_STREAMS, MapDataset, map_loader
 from aggregator.metrics import classification_metrics
-from aggregator.train import (
+from aggregator.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
-    fit_epoch,
-    param_groups,
-    resolve_device,
-    seed_everything,
+    RUN_FORMAT,
+    finite,
+    make_run_id,
+    resolve_splits,
+    save_torch,
+    store_location,
+    write_json,
 )
+from aggregator.train import resolve_device, seed_everything
+from aggregator.train_loop import fit_epoch, param_groups
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
 
 MAP_HEADS = ("stpn",)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Strict JSON written atomically (NaN/inf become null)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _run_id(out: Path, config: Mapping[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{out.resolve().name}-{digest[:8]}"
 
 
 IN_MEMORY_BYTES = 2 << 30  # map streams up to this size (float16) stay in memory after epoch 1
@@ -161,22 +142,14 @@ def _train(
     make_plots: bool,
     t_start: float,
 ) -> dict[str, Any]:
-    seed: int = args["seed"]
     class_names = store.class_names
     if not class_names:
         raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
-    train_ids = split_videos(store, args["train_split"])
-    test_ids = split_videos(store, args["test_split"]) if args["test_split"] else []
-    overlap = sorted(set(train_ids) & set(test_ids))
-    if overlap:
-        raise ValueError(
-            f"splits {args['train_split']!r} and {args['test_split']!r} share {len(overlap)} "
-            f"videos, e.g. {overlap[0]!r}"
-        )
+    train_ids, test_ids = resolve_splits(store, args["train_split"], args["test_split"])
     in_features = _map_dims(store, train_ids[0])
     y_train = label_indices(store, train_ids, class_names)
     y_test = label_indices(store, test_ids, class_names)
-    fit_idx, val_idx = stratified_holdout(y_train, args["val_fraction"], seed)
+    fit_idx, val_idx = stratified_holdout(y_train, args["val_fraction"], args["seed"])
     model = build_model(
         args["head"],
         in_features=in_features,
@@ -184,31 +157,8 @@ def _train(
         head_kwargs=args["head_kwargs"],
     )
     assert isinstance(model, SpatiotemporalPyramid)
-    config: dict[str, Any] = {
-        "format": "framepool-run/1",
-        "head": args["head"],
-        "head_kwargs": args["head_kwargs"],
-        "in_features": in_features,
-        "num_classes": len(class_names),
-        "streams": list(MAP_STREAMS),
-        "store": store.path if "://" in store.path else os.path.abspath(store.path),
-        # the map streams and the backbones that compute them (a service rebuilds them all)
-        "extractor": {
-            s: store.extractor.get(s)
-            for s in ("appearance", "motion", *MAP_STREAMS)
-            if s in MAP_STREAMS or store.extractor.get(s) is not None
-        },
-        "class_names": class_names,
-        "splits": {
-            "train": args["train_split"],
-            "test": args["test_split"],
-            "val_fraction": args["val_fraction"],
-            "validation_ids": [train_ids[i] for i in val_idx],
-        },
-        "seed": seed,
-        "train_args": args,
-    }
-    config["run_id"] = _run_id(out, config)
+    validation_ids = [train_ids[i] for i in val_idx]
+    config = _run_config(store, out, args, in_features, class_names, validation_ids)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, config)
 
@@ -221,16 +171,101 @@ def _train(
         )
 
     fit_set = dataset([train_ids[i] for i in fit_idx], y_train[fit_idx])
-    val_set = dataset([train_ids[i] for i in val_idx], y_train[val_idx])
+    val_set = dataset(validation_ids, y_train[val_idx])
     test_set = dataset(list(test_ids), y_test)
     seconds_data = time.perf_counter() - t_data
 
+    fit = _fit(model, fit_set, val_set, args, dev)
+    metrics = _test_metrics(model, test_set, class_names, dev)
+    metrics.update(
+        run_id=config["run_id"],
+        head=args["head"],
+        streams=list(MAP_STREAMS),
+        n_train=len(fit_set),
+        n_val=len(val_set),
+        n_test=len(test_set),
+        epochs_run=len(fit.history),
+        best_epoch=fit.best_epoch,
+        val_top1=fit.val_top1,
+        seconds_data=seconds_data,
+        seconds_train=fit.seconds,
+        history=fit.history,
+    )
+    model.cpu()
+    save_torch(model.state_dict(), out / MODEL_FILE)
+    if make_plots:
+        metrics["plots"] = _plots(model, test_set, metrics, class_names, out)
+    metrics["seconds"] = time.perf_counter() - t_start
+    metrics = finite(metrics)
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def _run_config(
+    store: FeatureStore,
+    out: Path,
+    args: dict[str, Any],
+    in_features: dict[str, int],
+    class_names: list[str],
+    validation_ids: list[str],
+) -> dict[str, Any]:
+    """The run's ``config.json``, with its run id."""
+    config: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "head": args["head"],
+        "head_kwargs": args["head_kwargs"],
+        "in_features": in_features,
+        "num_classes": len(class_names),
+        "streams": list(MAP_STREAMS),
+        "store": store_location(store),
+        # the map streams and the backbones that compute them (a service rebuilds them all)
+        "extractor": {
+            s: store.extractor.get(s)
+            for s in ("appearance", "motion", *MAP_STREAMS)
+            if s in MAP_STREAMS or store.extractor.get(s) is not None
+        },
+        "class_names": class_names,
+        "splits": {
+            "train": args["train_split"],
+            "test": args["test_split"],
+            "val_fraction": args["val_fraction"],
+            "validation_ids": validation_ids,
+        },
+        "seed": args["seed"],
+        "train_args": args,
+    }
+    config["run_id"] = make_run_id(out, config)
+    return config
+
+
+@dataclass
+class _Fit:
+    """What :func:`_fit` leaves: the per-epoch history and the selected epoch."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    val_top1: float | None  # the selected epoch's validation top-1 (None: no validation)
+    seconds: float
+
+
+def _fit(
+    model: SpatiotemporalPyramid,
+    fit_set: MapDataset,
+    val_set: MapDataset,
+    args: dict[str, Any],
+    dev: torch.device,
+) -> _Fit:
+    """Adam with cosine decay per step; after every epoch the validation part picks the best
+    weights (top-1, then lower loss) and stops after ``patience`` epochs without improvement.
+    The model ends with the best weights (the last ones without a validation part)."""
     model.to(dev)
     groups = param_groups(model, args["lr"], args["weight_decay"], 1.0)
     opt = torch.optim.Adam(groups, lr=args["lr"])
     steps = max(1, math.ceil(len(fit_set) / args["batch_size"])) * args["epochs"]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    train_loader = map_loader(fit_set, batch_size=args["batch_size"], shuffle=True, seed=seed)
+    train_loader = map_loader(
+        fit_set, batch_size=args["batch_size"], shuffle=True, seed=args["seed"]
+    )
 
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, -math.inf)
@@ -240,7 +275,10 @@ def _train(
     for epoch in range(1, args["epochs"] + 1):
         t_epoch = time.perf_counter()
         batches = (((b.features, b.lengths), b.labels) for b in train_loader)
-        loss, top1 = fit_epoch(model, batches, opt, sched, device=dev, grad_clip=args["grad_clip"])
+        # fit_epoch calls forward(x, lengths), the contract every head keeps
+        loss, top1 = fit_epoch(
+            cast(VideoModel, model), batches, opt, sched, device=dev, grad_clip=args["grad_clip"]
+        )
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss,
@@ -262,47 +300,38 @@ def _train(
         log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in record.items()})
         if args["patience"] and len(val_set) and stale >= args["patience"]:
             break
-    seconds_train = time.perf_counter() - t_train
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        best_epoch = len(history)
+    seconds = time.perf_counter() - t_train
+    if best_state is None:
+        return _Fit(history, len(history), None, seconds)
+    model.load_state_dict(best_state)
+    return _Fit(history, best_epoch, best[0], seconds)
 
+
+def _test_metrics(
+    model: SpatiotemporalPyramid, test_set: MapDataset, class_names: list[str], dev: torch.device
+) -> dict[str, Any]:
+    """Classification metrics of the test split (empty ones without a test split)."""
     if len(test_set):
         logits, y = predict_maps(model, test_set, device=dev)
-        metrics = classification_metrics(logits, y, class_names)
-    else:
-        metrics = classification_metrics(np.zeros((0, len(class_names))), np.zeros(0), class_names)
-    metrics.update(
-        run_id=config["run_id"],
-        head=args["head"],
-        streams=list(MAP_STREAMS),
-        n_train=len(fit_set),
-        n_val=len(val_set),
-        n_test=len(test_set),
-        epochs_run=len(history),
-        best_epoch=best_epoch,
-        val_top1=best[0] if best_state is not None else None,
-        seconds_data=seconds_data,
-        seconds_train=seconds_train,
-        history=history,
-    )
-    model.cpu()
-    tmp = out / (MODEL_FILE + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out / MODEL_FILE)
-    if make_plots:
-        written = [
-            plots.plot_history(history, out / "training_curves.png"),
-            plots.plot_confusion(metrics["confusion_matrix"], class_names, out / "confusion.png"),
-        ]
-        if len(test_set):
-            written.append(plot_attention(model, test_set, out / "attention.png"))
-        metrics["plots"] = [p.name for p in written]
-    metrics["seconds"] = time.perf_counter() - t_start
-    metrics = _finite(metrics)
-    write_json(out / METRICS_FILE, metrics)
-    return metrics
+        return classification_metrics(logits, y, class_names)
+    return classification_metrics(np.zeros((0, len(class_names))), np.zeros(0), class_names)
+
+
+def _plots(
+    model: SpatiotemporalPyramid,
+    test_set: MapDataset,
+    metrics: dict[str, Any],
+    class_names: list[str],
+    out: Path,
+) -> list[str]:
+    """Training curves, the confusion matrix and a few test videos' attention; the file names."""
+    written = [
+        plots.plot_history(metrics["history"], out / "training_curves.png"),
+        plots.plot_confusion(metrics["confusion_matrix"], class_names, out / "confusion.png"),
+    ]
+    if len(test_set):
+        written.append(plot_attention(model, test_set, out / "attention.png"))
+    return [p.name for p in written]
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ def learned_fusion_rule(config: Mapping[str, Any]) -> str:
 
 
 def finite(value: Any) -> Any:
-    """NaN/inf -> None, numpy scalars and arrays -> Python, tuples -> lists (strict JSON)."""
+    """NaN/inf -> None, numpy scalars and arrays -> Python, tuples -> lists, paths -> strings
+    (strict JSON)."""
     if isinstance(value, Mapping):
         return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -52,6 +53,8 @@ def finite(value: Any) -> Any:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 

@@ -39,8 +39,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aggregator.finetune_job import BackboneSpec, run_finetune_job, start_extractor  # noqa: E402
-from aggregator.finetune_train import FinetuneSettings  # noqa: E402
+from aggregator.finetune.job import run_finetune_job, start_extractor  # noqa: E402
+from aggregator.finetune.loop import FinetuneSettings  # noqa: E402
+from extractor.spec import BackboneSpec  # noqa: E402
 from storage import FeatureStore, assign_video_ids  # noqa: E402
 
 CLIPS = REPO.parent / "shared" / "data" / "videos"

@@ -2,7 +2,7 @@
 
 Every frame goes through the backbone; at epoch r only frames t ≡ r (mod K) carry gradient
 (seed 002, Eq. 7). ``--head stpn`` (both streams) trains on the backbones' last block output
-(spatial maps, see :mod:`aggregator.finetune_maps`). Multi-GPU / multi-node: ``torchrun
+(spatial maps, see :mod:`aggregator.finetune.maps`). Multi-GPU / multi-node: ``torchrun
 --nproc-per-node N -m api.cli finetune ...`` (one process per GPU, videos sharded across ranks,
 rank 0 writes). A directory that already holds
 a ``checkpoint.pt`` is resumed from it (``--no-resume`` starts over).
@@ -36,7 +36,7 @@ from api.cli.options import (
 if TYPE_CHECKING:
     import torch
 
-    from aggregator.finetune_train import FinetuneSettings
+    from aggregator.finetune.loop import FinetuneSettings
 
 STREAM_CHOICES = ("appearance", "motion", "both")
 HEADS = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn")  # aggregator.heads.HEADS
@@ -209,7 +209,7 @@ def _settings(
     args: argparse.Namespace, milestones: dict[str, tuple[int, ...]], device: torch.device
 ) -> FinetuneSettings:
     """The optimisation options; bf16 autocast with ``--precision bf16``, or ``auto`` on CUDA."""
-    from aggregator.finetune_train import FinetuneSettings
+    from aggregator.finetune.loop import FinetuneSettings
 
     amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     return FinetuneSettings(
@@ -258,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from aggregator.finetune_job import reextract_dtype, run_finetune_job
-    from aggregator.finetune_train import distributed, init_distributed
+    from aggregator.finetune.job import reextract_dtype, run_finetune_job
+    from aggregator.finetune.loop import distributed, init_distributed
     from aggregator.heads import HEADS as HEAD_CLASSES
 
     if args.head not in HEAD_CLASSES:

@@ -19,7 +19,7 @@ from aggregator.finetune import (
     periodic_subset,
     step_in_chunks,
 )
-from aggregator.finetune_maps import (
+from aggregator.finetune.maps import (
     MapBackbone,
     StridedFrames,
     build_map_model,

@@ -19,7 +19,7 @@ from aggregator.finetune import (
     periodic_subset,
     step_in_chunks,
 )
-from aggregator.finetune_train import finetune
+from aggregator.finetune.loop import finetune
 from aggregator.heads import build_model
 from tests.aggregator.test_finetune_train import _data, _model, _settings
 

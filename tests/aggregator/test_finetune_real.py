@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.finetune_inputs import InputCache, StoreFeatures, prepare_inputs
-from aggregator.finetune_job import BackboneSpec, run_finetune_job, start_extractor
-from aggregator.finetune_train import FinetuneSettings
+from aggregator.finetune.inputs import InputCache, StoreFeatures, prepare_inputs
+from aggregator.finetune.job import run_finetune_job, start_extractor
+from aggregator.finetune.loop import FinetuneSettings
 from extractor.backbones import build_backbone
 from extractor.flow import DisFlow
 from extractor.prepare import FrameChunk, prepare_video
+from extractor.spec import BackboneSpec
 from extractor.transforms import normalize_motion
 from storage import FeatureStore
 

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from aggregator.finetune import FinetuneModel, Frames
-from aggregator.finetune_inputs import FeatureMemory
-from aggregator.finetune_train import (
+from aggregator.finetune.inputs import FeatureMemory
+from aggregator.finetune.loop import (
     CHECKPOINT,
     FinetuneSettings,
     TrainVideo,

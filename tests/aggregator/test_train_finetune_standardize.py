@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.finetune_job import BackboneSpec, run_finetune_job, start_extractor
-from aggregator.finetune_train import FinetuneSettings
+from aggregator.finetune.job import run_finetune_job, start_extractor
+from aggregator.finetune.loop import FinetuneSettings
 from aggregator.heads import TwoStream
 from aggregator.run_loader import TorchRun
+from extractor.spec import BackboneSpec
 
 SPEC = BackboneSpec(streams=("appearance",), arch="resnet18", weights="random")
 

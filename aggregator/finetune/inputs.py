@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aggregator.finetune import Frames
+from aggregator.finetune.surrogate import Frames
 from extractor.flow import FlowBackend
 from extractor.prepare import FrameChunk, VideoDone, prepare_video
 from extractor.transforms import STACK_LENGTH, motion_stacks, normalize_appearance, normalize_motion
@@ -375,7 +375,7 @@ class FeatureMemory:
 
 
 class DecodedSource:
-    """The :class:`aggregator.finetune_train.VideoSource` of decoded videos, with features for
+    """The :class:`aggregator.finetune.loop.VideoSource` of decoded videos, with features for
     the frames outside the subset from a :class:`StoreFeatures` and/or a :class:`FeatureMemory`."""
 
     def __init__(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from aggregator.finetune import FinetuneModel, batch_surrogate_features
+from aggregator.finetune.surrogate import FinetuneModel, batch_surrogate_features
 from aggregator.heads import TwoStream
 from aggregator.heads.pooling import PyramidLeaves
 

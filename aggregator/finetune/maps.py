@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from aggregator.finetune import FinetuneModel, FrameInputs, Frames, n_frames_of
+from aggregator.finetune.surrogate import FinetuneModel, FrameInputs, Frames, n_frames_of
 
 if TYPE_CHECKING:
-    from aggregator.finetune_train import VideoSource
+    from aggregator.finetune.loop import VideoSource
 
 MAP_HEADS = ("stpn",)
 MAP_INPUTS = {"appearance": "appearance_map", "motion": "motion_map"}  # stream -> head input
@@ -89,7 +89,7 @@ class StridedFrames:
 
 
 class StridedSource:
-    """A :class:`aggregator.finetune_train.VideoSource` whose videos are every ``stride``-th frame
+    """A :class:`aggregator.finetune.loop.VideoSource` whose videos are every ``stride``-th frame
     of another's (stored features are vectors, not maps: none are offered)."""
 
     def __init__(self, source: VideoSource, stride: int) -> None:

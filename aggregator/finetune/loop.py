@@ -21,7 +21,6 @@ Outputs in ``out_dir``:
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 import pickle
@@ -39,7 +38,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from aggregator.finetune import (
+from aggregator.finetune.maps import exported_backbone
+from aggregator.finetune.surrogate import (
     STREAMS,
     FinetuneModel,
     Frames,
@@ -51,12 +51,13 @@ from aggregator.finetune import (
     periodic_subset,
     step_in_chunks,
 )
-from aggregator.finetune_maps import exported_backbone
+from aggregator.rundir import CONFIG_FILE, METRICS_FILE, finite, save_torch, write_json
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
+METRICS = METRICS_FILE
+HEAD_FILE = "head.pt"  # the head's weights; the job copies them to the run directory's model.pt
 # Seed 002, section 4: SGD, lr 0.001 (appearance) / 0.005 (motion), divided by 10 every 25
 # epochs (appearance) or after epochs 80 and 110 (motion), the UCF-101 schedule.
 DEFAULT_LR = {"appearance": 1e-3, "motion": 5e-3}
@@ -105,7 +106,7 @@ class FinetuneSettings:
         may be extended) and those that do not change the optimisation beyond rounding
         (``chunk_size``, ``checkpoint``, ``grad_frames``, ``amp``: a run may resume on other
         hardware)."""
-        d = dict(_jsonable(asdict(self)))
+        d = dict(finite(asdict(self)))
         for key in ("epochs", "chunk_size", "checkpoint", "grad_frames", "amp"):
             d.pop(key)
         return d
@@ -122,7 +123,7 @@ class VideoSource(Protocol):
 
     A source may also have ``remember(video_id, features: {stream: [T, d]})``: the loop then
     hands it every video's features after its step (see
-    :class:`aggregator.finetune_inputs.FeatureMemory`).
+    :class:`aggregator.finetune.inputs.FeatureMemory`).
     """
 
     def frames(self, video_id: str) -> dict[str, Frames]:
@@ -132,16 +133,6 @@ class VideoSource(Protocol):
     def known(self, video_id: str) -> dict[str, torch.Tensor] | None:
         """Per stream ``[T, d]`` features for the frames outside the subset, or None."""
         ...
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # --------------------------------------------------------------------------- distributed
@@ -248,12 +239,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path, *, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`finetune` without running code from the file.
 
@@ -280,12 +265,6 @@ def load_checkpoint(path: Path, *, map_location: torch.device | str = "cpu") -> 
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "settings")
 
 
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-    os.replace(tmp, path)
-
-
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -294,7 +273,7 @@ def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The part of a job's ``config`` a resumed run must share: what the model and data are, not
     where the starting weights or the stored features came from (the checkpoint replaces them)."""
     skip = ("run_id", "store", "store_streams", "start_extractor", "reuse_features")
-    return {k: v for k, v in _jsonable(dict(config or {})).items() if k not in skip}
+    return {k: v for k, v in finite(dict(config or {})).items() if k not in skip}
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -311,12 +290,6 @@ def _average_gradients(model: nn.Module, world: int) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= world
-
-
-def _unwrap(model: nn.Module) -> FinetuneModel:
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    assert isinstance(inner, FinetuneModel)
-    return inner
 
 
 # --------------------------------------------------------------------------- the loop
@@ -342,190 +315,255 @@ def finetune(
     """
     if not videos:
         raise ValueError("no training videos")
-    out = Path(out_dir)
-    rank, world = distributed()
-    dev = torch.device(device)
-    model.to(dev)
-    opt, sched = make_optimizer(model, settings)
+    loop = FinetuneLoop(
+        model, videos, source, settings, Path(out_dir), torch.device(device), config, on_batch
+    )
+    if resume:
+        loop.resume()
+    loop.agree_on_start()
+    loop.setup()
+    last = settings.epochs if stop_after is None else min(settings.epochs, loop.start + stop_after)
+    for epoch in range(loop.start, last):
+        loop.train_epoch(epoch)
+        loop.save_checkpoint(epoch)
+    finished = bool(loop.history) and loop.history[-1]["epoch"] >= settings.epochs
+    if loop.rank == 0 and finished:
+        write_outputs(model, loop.out, settings=settings, config=config or {}, history=loop.history)
+    return loop.history
 
-    history: list[dict[str, Any]] = []
-    start = 0
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=dev)
-        diff = _differences(ckpt["settings"], settings.resumable())
-        diff += _differences(ckpt.get("config", {}), _resume_key(config))
+
+class FinetuneLoop:
+    """The state of one :func:`finetune` call (model, optimiser, sampler, history) and its steps:
+    :meth:`resume`, :meth:`agree_on_start`, :meth:`setup`, then per epoch :meth:`train_epoch`
+    and :meth:`save_checkpoint`."""
+
+    def __init__(
+        self,
+        model: FinetuneModel,
+        videos: Sequence[TrainVideo],
+        source: VideoSource,
+        settings: FinetuneSettings,
+        out: Path,
+        device: torch.device,
+        config: Mapping[str, Any] | None,
+        on_batch: Callable[[int, list[str], list[VideoBatchItem]], None] | None,
+    ) -> None:
+        self.model, self.videos, self.source = model, videos, source
+        self.settings, self.out, self.dev = settings, out, device
+        self.config, self.on_batch = config, on_batch
+        self.rank, self.world = distributed()
+        model.to(device)
+        self.opt, self.sched = make_optimizer(model, settings)
+        self.history: list[dict[str, Any]] = []
+        self.start = 0  # the first epoch this call trains
+        self.ckpt_path = out / CHECKPOINT
+        self.factor = grad_multiplier(settings.period, settings.grad_scale)
+        self.net: nn.Module = model  # what the forward pass goes through (DDP or the model)
+        self.sampler: DistributedSampler[int] | None = None
+        self.remember: Callable[[str, dict[str, torch.Tensor]], None] | None = None
+
+    def resume(self) -> None:
+        """Load the checkpoint in the output directory, if any, when its settings agree."""
+        if not self.ckpt_path.exists():
+            return
+        ckpt = load_checkpoint(self.ckpt_path, map_location=self.dev)
+        diff = _differences(ckpt["settings"], self.settings.resumable())
+        diff += _differences(ckpt.get("config", {}), _resume_key(self.config))
         if diff:
             raise ValueError(
-                f"{str(ckpt_path)!r} was written by a run with other settings (differ: {diff}); "
-                "use a new output directory or start over without resuming"
+                f"{str(self.ckpt_path)!r} was written by a run with other settings "
+                f"(differ: {diff}); use a new output directory or start over without resuming"
             )
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
-        start = int(ckpt["epoch"])
-        history = list(ckpt["history"])
-        log.info("resuming from %s at epoch %d", ckpt_path, start + 1)
+        self.start = int(ckpt["epoch"])
+        self.history = list(ckpt["history"])
+        log.info("resuming from %s at epoch %d", self.ckpt_path, self.start + 1)
 
-    if world > 1:  # every rank must have read the same checkpoint (out_dir on a shared filesystem)
-        agreed = torch.tensor([start, -start], dtype=torch.float64, device=dev)
+    def agree_on_start(self) -> None:
+        """Every rank must have read the same checkpoint (out_dir on a shared filesystem)."""
+        if self.world <= 1:
+            return
+        agreed = torch.tensor([self.start, -self.start], dtype=torch.float64, device=self.dev)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         if int(agreed[0]) != -int(agreed[1]):
             raise RuntimeError(
                 f"ranks disagree on the epoch to resume from ({int(-agreed[1])}..{int(agreed[0])});"
-                f" {str(out)!r} must be on a filesystem every rank sees"
+                f" {str(self.out)!r} must be on a filesystem every rank sees"
             )
 
-    net: nn.Module = model
-    # in chunks, one step runs several backward passes: gradients are averaged by hand instead
-    if settings.grad_frames is None and dist.is_available() and dist.is_initialized():
-        # Frames outside P_r never reach the backbone's graph; when a video is shorter than K, a
-        # batch can have no frame in P_r at all and the backbone's parameters go unused in that
-        # step, which DDP must be told about (it costs a graph traversal per step, so only then).
-        shortest = min(n_frames_of(next(iter(source.frames(v.video_id).values()))) for v in videos)
-        net = DistributedDataParallel(
-            model,
-            device_ids=None,  # inputs stay where the sources put them; the module is on `dev`
-            find_unused_parameters=shortest < settings.period,
+    def setup(self) -> None:
+        """DDP around the model, the video sampler, the feature memory, the output directory."""
+        settings, model = self.settings, self.model
+        # in chunks, one step runs several backward passes: gradients are averaged by hand instead
+        if settings.grad_frames is None and dist.is_available() and dist.is_initialized():
+            # Frames outside P_r never reach the backbone's graph; when a video is shorter than
+            # K, a batch can have no frame in P_r at all and the backbone's parameters go unused
+            # in that step, which DDP must be told about (it costs a graph traversal per step, so
+            # only then).
+            shortest = min(
+                n_frames_of(next(iter(self.source.frames(v.video_id).values())))
+                for v in self.videos
+            )
+            self.net = DistributedDataParallel(
+                model,
+                device_ids=None,  # inputs stay where the sources put them; the module is on `dev`
+                find_unused_parameters=shortest < settings.period,
+            )
+        indices: Any = list(range(len(self.videos)))  # a map-style dataset of video indices
+        self.sampler = DistributedSampler(
+            indices, num_replicas=self.world, rank=self.rank, shuffle=True, seed=settings.seed
         )
-    indices: Any = list(range(len(videos)))  # a map-style dataset of video indices
-    sampler: DistributedSampler[int] = DistributedSampler(
-        indices, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed
-    )
-    if _has_batchnorm(model.head) and len(sampler) < 2:
-        raise ValueError(
-            f"{len(videos)} video(s) over {world} process(es) leaves {len(sampler)} per process; "
-            "a head with batch normalisation needs at least 2"
-        )
-    remember = getattr(source, "remember", None)
-    model.keep_features = callable(remember)
-    factor = grad_multiplier(settings.period, settings.grad_scale)
+        if _has_batchnorm(model.head) and len(self.sampler) < 2:
+            raise ValueError(
+                f"{len(self.videos)} video(s) over {self.world} process(es) leaves "
+                f"{len(self.sampler)} per process; a head with batch normalisation needs at least 2"
+            )
+        remember = getattr(self.source, "remember", None)
+        self.remember = remember if callable(remember) else None
+        model.keep_features = self.remember is not None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
 
-    def autocast() -> AbstractContextManager[Any]:
-        return torch.autocast(dev.type, dtype=torch.bfloat16) if settings.amp else nullcontext()
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.settings.amp:
+            return torch.autocast(self.dev.type, dtype=torch.bfloat16)
+        return nullcontext()
 
-    amp = autocast()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-
-    last = settings.epochs if stop_after is None else min(settings.epochs, start + stop_after)
-    for epoch in range(start, last):
-        _seed_everything(settings.seed, epoch, rank)
-        sampler.set_epoch(epoch)
-        model.train()
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's videos; appends the epoch's record to the history."""
+        assert self.sampler is not None, "setup() first"
+        _seed_everything(self.settings.seed, epoch, self.rank)
+        self.sampler.set_epoch(epoch)
+        self.model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         loss_sum = torch.zeros((), dtype=torch.float64)
         counts = torch.zeros(4, dtype=torch.float64)  # correct, videos, frames_grad, frames
-        for batch in _batches(list(sampler), settings.batch_videos):
-            ids = [videos[i].video_id for i in batch]
-            items = []
-            for vid in ids:
-                frames = source.frames(vid)
-                t = n_frames_of(next(iter(frames.values())))
-                items.append(
-                    VideoBatchItem(
-                        frames=frames,
-                        grad_index=periodic_subset(t, settings.period, epoch),
-                        known=source.known(vid),
-                    )
-                )
-            if on_batch is not None:
-                on_batch(epoch, ids, items)
-            labels = torch.tensor([videos[i].label for i in batch], device=dev)
-            opt.zero_grad(set_to_none=True)
-            if settings.grad_frames is None:
-                with amp:
-                    logits = net(
-                        items,
-                        chunk_size=settings.chunk_size,
-                        grad_factor=factor,
-                        checkpoint=settings.checkpoint,
-                    )
-                loss, correct = loss_and_correct(logits, labels)
-                loss.backward()
-            else:
-                loss, correct = step_in_chunks(
-                    model,
-                    items,
-                    labels,
-                    grad_frames=settings.grad_frames,
-                    chunk_size=settings.chunk_size,
-                    grad_factor=factor,
-                    autocast=autocast,
-                )
-                if world > 1:
-                    _average_gradients(model, world)
-            opt.step()
-            if callable(remember):
-                for vid, feats in zip(ids, model.last_features, strict=True):
-                    remember(vid, feats)
-                model.last_features = []
+        for batch in _batches(list(self.sampler), self.settings.batch_videos):
+            ids = [self.videos[i].video_id for i in batch]
+            items = self._items(ids, epoch)
+            if self.on_batch is not None:
+                self.on_batch(epoch, ids, items)
+            labels = torch.tensor([self.videos[i].label for i in batch], device=self.dev)
+            loss, correct = self._step(items, labels)
+            self._remember(ids)
             loss_sum += float(loss.detach()) * len(batch)
-            counts += torch.tensor(
-                [
-                    correct,
-                    len(batch),
-                    sum(int(it.grad_index.numel()) for it in items),
-                    sum(it.n_frames for it in items),
-                ],
-                dtype=torch.float64,
-            )
-        lr = [float(g["lr"]) for g in opt.param_groups]
-        sched.step()
+            grad_frames = sum(int(it.grad_index.numel()) for it in items)
+            frames = sum(it.n_frames for it in items)
+            counts += torch.tensor([correct, len(batch), grad_frames, frames], dtype=torch.float64)
+        lr = [float(g["lr"]) for g in self.opt.param_groups]
+        self.sched.step()
         seconds = time.perf_counter() - t0
         cpu_seconds = time.process_time() - c0
-        if dist.is_available() and dist.is_initialized():
-            stats = torch.cat([loss_sum[None], counts]).to(dev)
-            dist.all_reduce(stats)
-            secs = torch.tensor([seconds], dtype=torch.float64, device=dev)
-            dist.all_reduce(secs, op=dist.ReduceOp.MAX)
-            loss_sum, counts, seconds = stats[0].cpu(), stats[1:].cpu(), float(secs)
+        loss_sum, counts, seconds = self._sum_over_ranks(loss_sum, counts, seconds)
         n = max(float(counts[1]), 1.0)
         record = {
             "epoch": epoch + 1,
-            "residue": epoch % settings.period,
+            "residue": epoch % self.settings.period,
             "frames_with_grad": int(counts[2]),
             "frames_total": int(counts[3]),
             "loss": float(loss_sum) / n,
             "accuracy": float(counts[0]) / n,
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,  # this process's CPU time (rank 0)
-            "lr": {g["stream"]: v for g, v in zip(opt.param_groups, lr, strict=True)},
+            "lr": {g["stream"]: v for g, v in zip(self.opt.param_groups, lr, strict=True)},
         }
-        history.append(record)
-        (log.info if rank == 0 else log.debug)(
+        self.history.append(record)
+        self._log(record)
+        return record
+
+    def _items(self, ids: list[str], epoch: int) -> list[VideoBatchItem]:
+        """The batch's videos with the epoch's periodic subset as their gradient frames."""
+        items = []
+        for vid in ids:
+            frames = self.source.frames(vid)
+            t = n_frames_of(next(iter(frames.values())))
+            grad_index = periodic_subset(t, self.settings.period, epoch)
+            items.append(
+                VideoBatchItem(frames=frames, grad_index=grad_index, known=self.source.known(vid))
+            )
+        return items
+
+    def _step(self, items: list[VideoBatchItem], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One optimiser step: in one graph, or with the backward pass in chunks of frames."""
+        settings = self.settings
+        self.opt.zero_grad(set_to_none=True)
+        if settings.grad_frames is None:
+            with self.autocast():
+                logits = self.net(
+                    items,
+                    chunk_size=settings.chunk_size,
+                    grad_factor=self.factor,
+                    checkpoint=settings.checkpoint,
+                )
+            loss, correct = loss_and_correct(logits, labels)
+            loss.backward()
+        else:
+            loss, correct = step_in_chunks(
+                self.model,
+                items,
+                labels,
+                grad_frames=settings.grad_frames,
+                chunk_size=settings.chunk_size,
+                grad_factor=self.factor,
+                autocast=self.autocast,
+            )
+            if self.world > 1:
+                _average_gradients(self.model, self.world)
+        self.opt.step()
+        return loss, correct
+
+    def _remember(self, ids: list[str]) -> None:
+        """Hand the source every video's features of the step (feature memory)."""
+        if self.remember is None:
+            return
+        for vid, feats in zip(ids, self.model.last_features, strict=True):
+            self.remember(vid, feats)
+        self.model.last_features = []
+
+    def _sum_over_ranks(
+        self, loss_sum: torch.Tensor, counts: torch.Tensor, seconds: float
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The epoch's sums over every rank, and the slowest rank's seconds."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return loss_sum, counts, seconds
+        stats = torch.cat([loss_sum[None], counts]).to(self.dev)
+        dist.all_reduce(stats)
+        secs = torch.tensor([seconds], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+        return stats[0].cpu(), stats[1:].cpu(), float(secs)
+
+    def _log(self, record: Mapping[str, Any]) -> None:
+        (log.info if self.rank == 0 else log.debug)(
             "epoch %d/%d: loss %.4f, accuracy %.3f, %d/%d frames with gradient, %.1f s",
-            epoch + 1,
-            settings.epochs,
+            record["epoch"],
+            self.settings.epochs,
             record["loss"],
             record["accuracy"],
             record["frames_with_grad"],
             record["frames_total"],
-            seconds,
+            record["seconds"],
         )
-        if rank == 0:
-            _atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "rng": _rng_state(),
-                    "settings": settings.resumable(),
-                    "config": _resume_key(config),
-                },
-                ckpt_path,
-            )
-            _atomic_json({"epochs": history}, out / METRICS)
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """Rank 0 writes ``checkpoint.pt`` and ``metrics.json`` after ``epoch``; all ranks wait."""
+        if self.rank == 0:
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "epoch": epoch + 1,
+                "history": self.history,
+                "rng": _rng_state(),
+                "settings": self.settings.resumable(),
+                "config": _resume_key(self.config),
+            }
+            save_torch(state, self.ckpt_path)
+            write_json(self.out / METRICS, {"epochs": self.history})
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-
-    finished = bool(history) and history[-1]["epoch"] >= settings.epochs
-    if rank == 0 and finished:
-        write_outputs(model, out, settings=settings, config=config or {}, history=history)
-    return history
 
 
 def write_outputs(
@@ -540,8 +578,8 @@ def write_outputs(
     for stream in model.streams:
         net = exported_backbone(model.backbones[stream])
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        _atomic_save(state, out / f"backbone_{stream}.pt")
-    _atomic_save({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, out / "head.pt")
+        save_torch(state, out / f"backbone_{stream}.pt")
+    save_torch({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, out / HEAD_FILE)
     fusion: dict[str, float] | None = None
     fusion_fn = getattr(model.head, "fusion_weights", None)
     if callable(fusion_fn):
@@ -549,26 +587,26 @@ def write_outputs(
     full = {**dict(config), "streams": list(model.streams), "settings": asdict(settings)}
     if fusion is not None:
         full["fusion_weights"] = fusion
-    _atomic_json(full, out / "config.json")
+    write_json(out / CONFIG_FILE, full)
     last = history[-1]
-    _atomic_json(
-        {
-            "epochs": history,
-            "loss": last["loss"],
-            "accuracy": last["accuracy"],
-            "seconds": float(sum(h["seconds"] for h in history)),
-            "fusion_weights": fusion,
-        },
-        out / METRICS,
-    )
+    metrics = {
+        "epochs": history,
+        "loss": last["loss"],
+        "accuracy": last["accuracy"],
+        "seconds": float(sum(h["seconds"] for h in history)),
+        "fusion_weights": fusion,
+    }
+    write_json(out / METRICS, metrics)
 
 
 __all__ = [
     "CHECKPOINT",
     "DEFAULT_LR",
     "DEFAULT_MILESTONES",
+    "HEAD_FILE",
     "METRICS",
     "STREAMS",
+    "FinetuneLoop",
     "FinetuneSettings",
     "TrainVideo",
     "VideoSource",

@@ -315,7 +315,7 @@ class FinetuneModel(nn.Module):
 
     :meth:`train` keeps the backbones' BatchNorm layers in eval mode (see the module docstring).
     ``head_inputs`` renames streams for the head (e.g. ``{"appearance": "appearance_map"}`` when
-    the backbones output spatial maps ``[T, h, w, C]``, see :mod:`aggregator.finetune_maps`).
+    the backbones output spatial maps ``[T, h, w, C]``, see :mod:`aggregator.finetune.maps`).
     """
 
     def __init__(
@@ -346,6 +346,27 @@ class FinetuneModel(nn.Module):
         freeze_batchnorm(self.backbones)
         return self
 
+    def stream_features(
+        self,
+        stream: str,
+        items: Sequence[VideoBatchItem],
+        *,
+        chunk_size: int = 32,
+        grad_factor: float = 1.0,
+        checkpoint: bool = False,
+    ) -> list[torch.Tensor]:
+        """:func:`batch_surrogate_features` of ``stream`` for every video of ``items``."""
+        return batch_surrogate_features(
+            self.backbones[stream],
+            [it.frames[stream] for it in items],
+            [it.grad_index for it in items],
+            prepare=self._prepare.get(stream),
+            known=[None if it.known is None else it.known.get(stream) for it in items],
+            chunk_size=chunk_size,
+            grad_factor=grad_factor,
+            checkpoint=checkpoint,
+        )
+
     def forward(
         self,
         items: Sequence[VideoBatchItem],
@@ -359,15 +380,8 @@ class FinetuneModel(nn.Module):
         lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
         x: dict[str, torch.Tensor] = {}
         for stream in self.streams:
-            feats = batch_surrogate_features(
-                self.backbones[stream],
-                [it.frames[stream] for it in items],
-                [it.grad_index for it in items],
-                prepare=self._prepare.get(stream),
-                known=[None if it.known is None else it.known.get(stream) for it in items],
-                chunk_size=chunk_size,
-                grad_factor=grad_factor,
-                checkpoint=checkpoint,
+            feats = self.stream_features(
+                stream, items, chunk_size=chunk_size, grad_factor=grad_factor, checkpoint=checkpoint
             )
             if self.keep_features:
                 for i, f in enumerate(feats):
@@ -414,14 +428,7 @@ def step_in_chunks(
     feats: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad(), autocast():
         for stream in streams:
-            feats[stream] = batch_surrogate_features(
-                model.backbones[stream],
-                [it.frames[stream] for it in items],
-                [it.grad_index for it in items],
-                prepare=model._prepare.get(stream),
-                known=[None if it.known is None else it.known.get(stream) for it in items],
-                chunk_size=chunk_size,
-            )
+            feats[stream] = model.stream_features(stream, items, chunk_size=chunk_size)
     leaves = {s: [f.detach().requires_grad_(True) for f in feats[s]] for s in streams}
     lengths = torch.tensor([it.n_frames for it in items], dtype=torch.long)
     with autocast():
