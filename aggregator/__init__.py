@@ -7,6 +7,7 @@ Main entry points, imported lazily so that ``import aggregator`` stays cheap for
 - :func:`~aggregator.run_loader.load_run` loads a run as a :class:`~aggregator.predictor.Predictor`;
 - :func:`~aggregator.heads.build_model` and ``HEADS``: the pooling heads;
 - :class:`~aggregator.svm.MultipleAggregationSVM`: the SVM as a scikit-learn estimator;
+- :func:`~aggregator.finetune.run_finetune_job`: end-to-end fine-tuning of the backbones;
 - :class:`~aggregator.similarity.SimilarityIndex` and :func:`~aggregator.similarity.build_index`:
   the nearest training videos.
 """
@@ -27,6 +28,7 @@ _EXPORTS = {
     "TrainConfig": "aggregator.train_config",
     "build_index": "aggregator.similarity",
     "evaluate_run": "aggregator.evaluate",
+    "run_finetune_job": "aggregator.finetune",
     "load_run": "aggregator.run_loader",
     "summarize_runs": "aggregator.evaluate",
     "train_run": "aggregator.train",

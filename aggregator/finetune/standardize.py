@@ -21,7 +21,7 @@ import torch
 
 from aggregator.finetune.surrogate import FinetuneModel, batch_surrogate_features
 from aggregator.heads import TwoStream
-from aggregator.heads.pooling import PyramidLeaves
+from aggregator.intervals import PyramidLeaves
 
 log = logging.getLogger(__name__)
 
