@@ -480,7 +480,8 @@ class FrameDataset(Dataset[dict[str, Any]]):
 class FrameBatch:
     """Padded frames ``{stream: [B, T, ...]}``, ``lengths [B]``, ``mask [B, T]`` (True: a frame).
 
-    Frame vectors give ``[B, T, d]``; spatial maps (:mod:`aggregator.map_data`) ``[B, T, h, w, C]``.
+    Frame vectors give ``[B, T, d]``; spatial maps (:mod:`aggregator.maps.data`) give
+    ``[B, T, h, w, C]``.
     """
 
     features: dict[str, torch.Tensor]

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from aggregator.data import label_indices, load_node_tensors, open_store, split_videos
-from aggregator.map_data import MapDataset
-from aggregator.map_predict import MapRun
+from aggregator.maps.data import MapDataset
+from aggregator.maps.predict import MapRun
 from aggregator.metrics import classification_metrics
 from aggregator.run_loader import TorchRun, load_run
 from aggregator.rundir import CONFIG_FILE, evaluation_file, read_metrics, write_json

@@ -105,11 +105,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """Load a run directory written by ``framepool train`` as a Predictor.
 
     Torch heads come back as :class:`TorchRun`; ``svm`` runs as
-    ``aggregator.svm.run.SVMPredictor``; ``stpn`` runs as :class:`aggregator.map_predict.MapRun`.
+    ``aggregator.svm.run.SVMPredictor``; ``stpn`` runs as :class:`aggregator.maps.predict.MapRun`.
     """
     config = read_config(run_dir)
     if config["head"] == "stpn":  # reads the spatial map streams
-        from aggregator.map_predict import MapRun
+        from aggregator.maps.predict import MapRun
 
         map_run: Predictor = MapRun.load(run_dir, device=device)
         return map_run

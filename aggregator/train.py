@@ -843,7 +843,7 @@ def train_run(
     t_start = time.perf_counter()
     config = (config or TrainConfig()).replace(**options) if options else config or TrainConfig()
     if config.head == "stpn":  # reads the spatial map streams, through its own loader
-        from aggregator.map_train import train_map_run
+        from aggregator.maps.train import train_map_run
 
         return train_map_run(
             store_path,

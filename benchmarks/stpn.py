@@ -2,7 +2,7 @@
 
 Three parts, each printed as a markdown table with wall seconds, CPU seconds and peak RSS:
 
-1. **location task** (:mod:`aggregator.map_synthetic`): the class is the quadrant of the frame
+1. **location task** (:mod:`aggregator.maps.synthetic`): the class is the quadrant of the frame
    where the motion is; pooled vectors carry no trace of it. ``stpn`` (the seed's three pathways,
    and with the fused pathway) against ``stcb`` and ``tp`` on the pooled streams of the same store,
    all through :func:`aggregator.train.train_run`.
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from aggregator.heads import build_model
-from aggregator.map_synthetic import LocationTask, write_location_store
+from aggregator.maps.synthetic import LocationTask, write_location_store
 from aggregator.train import fit_epoch, param_groups, train_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ from aggregator.finetune.maps import (
     map_projection,
 )
 from aggregator.heads import build_model
-from aggregator.map_data import MapDataset
-from aggregator.map_predict import MapRun
+from aggregator.maps.data import MapDataset
+from aggregator.maps.predict import MapRun
 from aggregator.run_loader import TorchRun, load_run
 from api.cli import main
 from api.service.maps import extractor_from_config

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.map_data import MapDataset, map_loader, pad_maps, pick_frames
-from aggregator.map_synthetic import LocationTask, quadrant_cells, write_location_store
+from aggregator.maps.data import MapDataset, map_loader, pad_maps, pick_frames
+from aggregator.maps.synthetic import LocationTask, quadrant_cells, write_location_store
 from api.cli import main
 from storage import FeatureStore
 

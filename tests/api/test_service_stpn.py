@@ -13,8 +13,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from aggregator.map_data import MapDataset
-from aggregator.map_predict import MapRun
+from aggregator.maps.data import MapDataset
+from aggregator.maps.predict import MapRun
 from aggregator.run_loader import load_run
 from api.cli import main as cli_main
 from api.service import Settings, create_app

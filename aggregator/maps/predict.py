@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from aggregator.heads import SpatiotemporalPyramid, build_model
-from aggregator.map_data import MAP_STREAMS, MapDataset, map_loader
+from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
 from aggregator.rundir import MODEL_FILE, read_config
 from aggregator.train import resolve_device
 

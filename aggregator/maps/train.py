@@ -4,7 +4,7 @@ The same protocol as :func:`aggregator.train.train_run` (a stratified, seeded va
 the training split selects the epoch and stops early; the test split is evaluated once, with the
 selected weights), the same run files (``config.json``, ``model.pt``, ``metrics.json``, plots),
 but the inputs are padded map batches ``{stream: [B, T', h, w, C]}`` from
-:mod:`aggregator.map_data` instead of node summaries. Plots add the attention maps of a few test
+:mod:`aggregator.maps.data` instead of node summaries. Plots add the attention maps of a few test
 videos.
 """
 
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from aggregator import plots
 from aggregator.data import label_indices, open_store, stratified_holdout
 from aggregator.heads import SpatiotemporalPyramid, VideoModel, build_model
-from aggregator.map_data import MAP_STREAMS, MapDataset, map_loader
+from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
 from aggregator.metrics import classification_metrics
 from aggregator.rundir import (
     CONFIG_FILE,
