@@ -463,14 +463,16 @@ class NodeBlocks:
         self, index: np.ndarray, batch_size: int, shuffle: bool, generator: torch.Generator | None
     ) -> list[np.ndarray]:
         """Groups of rows to read together (at most ``group_rows`` each, at least a batch): in
-        index order, or, shuffled, the rows of random blocks (a block whole when it fits a group,
-        else in random pieces), several blocks or pieces to a group, in random order within
-        the group."""
+        index order (whole blocks to a group when the index is in cache order), or, shuffled,
+        the rows of random blocks (a block whole when it fits a group, else in random pieces),
+        several blocks or pieces to a group, in random order within the group."""
         per = max(batch_size, self.group_rows)
-        if not shuffle:
-            return [index[i : i + per] for i in range(0, len(index), per)]
         cache = self.caches[self._blocking]
         cache_rows = self.cache_rows[self._blocking][index]
+        if not shuffle:
+            if len(index) > 1 and bool((np.diff(cache_rows) >= 0).all()):
+                return self._store_plan(index, cache_rows // cache.rows_per_block, per)
+            return [index[i : i + per] for i in range(0, len(index), per)]
         order = np.argsort(cache_rows, kind="stable")
         blocks = cache_rows[order] // cache.rows_per_block
         pieces: list[np.ndarray] = []
@@ -491,6 +493,33 @@ class NodeBlocks:
         if current:
             groups.append(np.concatenate(current))
         return [g[torch.randperm(len(g), generator=generator).numpy()] for g in groups]
+
+    @staticmethod
+    def _store_plan(index: np.ndarray, blocks: np.ndarray, per: int) -> list[np.ndarray]:
+        """Groups of ``index`` (in cache order, ``blocks`` its rows' blocks) that never split a
+        block across two groups when a group holds a whole block: consecutive blocks (or pieces
+        of a block larger than a group) packed up to ``per`` rows, so each block is read once."""
+        groups: list[np.ndarray] = []
+        current: list[np.ndarray] = []
+        size = 0
+        for part in np.split(index, np.flatnonzero(np.diff(blocks)) + 1):
+            for i in range(0, len(part), per):
+                piece = part[i : i + per]
+                if current and size + len(piece) > per:
+                    groups.append(np.concatenate(current))
+                    current, size = [], 0
+                current.append(piece)
+                size += len(piece)
+        if current:
+            groups.append(np.concatenate(current))
+        return groups
+
+    def store_order(self, index: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The permutation of ``index`` that puts its rows in node-cache order. A pass that needs
+        no order (statistics, scoring, embeddings) over it reads each block once; over a random
+        order every group of rows reads most of the blocks."""
+        idx = np.asarray(torch.as_tensor(index).cpu().numpy(), dtype=np.int64)
+        return np.argsort(self.cache_rows[self._blocking][idx], kind="stable")
 
     def batches(
         self,
