@@ -16,8 +16,8 @@ from aggregator.data import label_indices, load_node_tensors, open_store, split_
 from aggregator.map_data import MapDataset
 from aggregator.map_predict import MapRun
 from aggregator.metrics import classification_metrics
+from aggregator.run_loader import TorchRun, load_run
 from aggregator.rundir import CONFIG_FILE, evaluation_file, read_metrics, write_json
-from aggregator.runs import TorchRun, load_run
 from aggregator.train import pyramid_leaf_streams
 
 __all__ = ["SUMMARY_KEYS", "evaluate_run", "evaluation_file", "summarize_runs"]

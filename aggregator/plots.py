@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from aggregator.nodes import node_level_index
+from aggregator.intervals import node_level_index
 
 
 def text_colour(rgba: Sequence[float] | np.ndarray) -> str:

@@ -24,7 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from aggregator.data import load_summaries
-from aggregator.heads.pooling import Intervals
+from aggregator.intervals import Intervals
 from aggregator.metrics import classification_metrics
 from storage import FeatureStore
 

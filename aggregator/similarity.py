@@ -258,7 +258,7 @@ def build_index(
     ``predictor`` (already loaded from it) is given. Returns the saved index.
     """
     if predictor is None:
-        from aggregator.runs import load_run
+        from aggregator.run_loader import load_run
 
         predictor = load_run(run_dir)
     store = FeatureStore.open(store_path, "r")

@@ -50,7 +50,7 @@ from aggregator.heads import (
     VideoModel,
     build_model,
 )
-from aggregator.heads.pooling import Intervals, PyramidLeaves
+from aggregator.intervals import Intervals, PyramidLeaves
 from aggregator.metrics import beta_by_level, classification_metrics
 from aggregator.node_cache import NodeBlocks
 from aggregator.rundir import (

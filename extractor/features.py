@@ -464,34 +464,27 @@ class FeatureExtractor:
         stride: int = 1,
         max_frames: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        maps: bool = False,
     ) -> ExtractedVideo:
         """Decode and embed one video (every frame unless ``stride``/``max_frames`` subsample).
 
         Raises :class:`extractor.decode.VideoError` for a file that cannot be decoded in full.
         Safe to call from several threads (each call uses its own flow backend instance).
         ``should_stop`` is polled at every decoded frame; once it returns true the video is
-        abandoned with :class:`InterruptedError` (at most one batch later).
+        abandoned with :class:`InterruptedError` (at most one batch later). ``maps=True`` also
+        returns the map streams set by :meth:`set_maps`, ``[n', h, w, C]`` for every
+        ``map_stride``-th kept frame from the first (as ``framepool extract`` stores them), from
+        the same forward passes as the vectors.
         """
-        flow = self.flow.clone() if self.flow is not None else None
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in self.streams}
-        pending: list[FrameChunk] = []
-        n_pending = 0
+        if maps and not self.map_streams:
+            raise ValueError("maps=True needs map streams: call set_maps first")
+        embed = self._map_embedder() if maps else lambda batch, _start: self.embed(batch)
+        batches = _Batches(self.batch_size, self.streams, embed)
         done: VideoDone | None = None
-
-        def run_pending() -> None:
-            nonlocal n_pending
-            if not pending:
-                return
-            batch = {s: np.concatenate([getattr(c, s) for c in pending]) for s in self.streams}
-            for s, feats in self.embed(batch).items():
-                parts[s].append(feats)
-            pending.clear()
-            n_pending = 0
-
         for item in prepare_video(
             path,
             streams=self.streams,
-            flow=flow,
+            flow=self.flow.clone() if self.flow is not None else None,
             stride=stride,
             max_frames=max_frames,
             should_stop=should_stop,
@@ -500,16 +493,13 @@ class FeatureExtractor:
             if isinstance(item, VideoDone):
                 done = item
                 break
-            pending.append(item)
-            n_pending += len(item)
-            if n_pending >= self.batch_size:
-                run_pending()
+            batches.add(item)
         if done is None:
             raise InterruptedError(f"{str(path)!r}: extraction stopped before the end")
-        run_pending()
-        features = {s: np.concatenate(parts[s]) for s in self.streams}
-        for s, f in features.items():
-            assert f.shape[0] == len(done.frame_indices), (s, f.shape, len(done.frame_indices))
+        features = batches.finish()
+        for s in self.streams:
+            n = features[s].shape[0]
+            assert n == len(done.frame_indices), (s, features[s].shape, len(done.frame_indices))
         return ExtractedVideo(
             features=features,
             n_frames=done.n_frames,
@@ -519,6 +509,59 @@ class FeatureExtractor:
             height=done.height,
             codec=done.codec,
         )
+
+    def _map_embedder(self) -> _Embed:
+        """Embed a batch whose first row is kept frame ``start``: vectors of every row, maps of
+        every ``map_stride``-th kept frame."""
+
+        def embed(batch: Mapping[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+            n = len(next(iter(batch.values())))
+            rows = np.flatnonzero((start + np.arange(n)) % self.map_stride == 0)
+            features, maps = self.embed_with_maps(batch, rows)
+            return {**features, **maps}
+
+        return embed
+
+
+_Embed = Callable[[Mapping[str, np.ndarray], int], Mapping[str, np.ndarray]]
+
+
+class _Batches:
+    """One video's frame chunks gathered into model batches of at least ``size`` frames.
+
+    Each batch is embedded as soon as it is full (so a long video never waits whole in memory)
+    by ``embed(batch, start)``, ``start`` being the batch's first kept frame; the outputs are
+    concatenated per stream at the end.
+    """
+
+    def __init__(self, size: int, streams: Sequence[str], embed: _Embed) -> None:
+        self.size = size
+        self.streams = streams
+        self.embed = embed
+        self.pending: list[FrameChunk] = []
+        self.n_pending = 0
+        self.embedded = 0
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, chunk: FrameChunk) -> None:
+        self.pending.append(chunk)
+        self.n_pending += len(chunk)
+        if self.n_pending >= self.size:
+            self._run()
+
+    def finish(self) -> dict[str, np.ndarray]:
+        self._run()
+        return {s: np.concatenate(p) for s, p in self.parts.items()}
+
+    def _run(self) -> None:
+        if not self.pending:
+            return
+        batch = {s: np.concatenate([getattr(c, s) for c in self.pending]) for s in self.streams}
+        for s, f in self.embed(batch, self.embedded).items():
+            self.parts.setdefault(s, []).append(f)
+        self.embedded += self.n_pending
+        self.pending.clear()
+        self.n_pending = 0
 
 
 def _describe(cfg: Mapping[str, Any]) -> str:

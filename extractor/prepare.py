@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,112 +111,159 @@ def prepare_video(
     on a CUDA device are resized there, and only the resized frame comes to host memory.
     """
     check_selection(stride, max_frames)
-    want_app = "appearance" in streams
-    want_motion = "motion" in streams
-    if want_motion and flow is None:
+    if "motion" in streams and flow is None:
         raise ValueError("the motion stream needs a flow backend")
     info = probe(path)
-    if max_frames is not None:
-        kept_set = set(select_frames(count_frames(path), stride, max_frames).tolist())
-
-        def selected(t: int) -> bool:
-            return t in kept_set
-    else:
-
-        def selected(t: int) -> bool:
-            return t % stride == 0
-
-    def field_needed(i: int) -> bool:  # some kept frame's stack covers field i
-        return any(selected(t) for t in range(max(0, i - length + 1), i + 1))
-
-    window = _FieldWindow(CROP_SIZE, length)
-    pending: deque[tuple[int, np.ndarray | None]] = deque()  # kept frames awaiting their stack
-    ready = _ChunkBuilder(
-        chunk_size,
-        want_app=want_app,
-        want_motion=want_motion,
+    video = _VideoInputs(
+        _frame_selector(path, stride, max_frames),
+        streams=streams,
+        flow=flow,
+        chunk_size=chunk_size,
         length=length,
-        app_size=appearance_input.crop_size,
+        appearance_input=appearance_input,
     )
-    own_geometry = (
-        appearance_input.resize_shorter,
-        appearance_input.crop_size,
-        appearance_input.interpolation,
-    ) != (RESIZE_SHORTER, CROP_SIZE, "bilinear")
-    grays: deque[np.ndarray] = deque(maxlen=2)  # the last two grayscale frames
-    crop_box: tuple[int, int] | None = None
-    kept: list[int] = []
-    last_computed = -1  # highest flow field index computed so far
     n = 0
-
-    def flush(final: bool = False) -> Iterator[FrameChunk]:
-        if ready.full() or (final and ready.count):
-            yield ready.take()
-
     for t, frame in enumerate((read_frames or iter_frames)(Path(path))):
         if should_stop is not None and should_stop():
             return
         n = t + 1
-        keep = selected(t)
-        resized = None
-        if want_motion or not own_geometry:
-            resized = resize_shorter(frame)[0].cpu().numpy()  # [h, w, 3] uint8
-            if crop_box is None:
-                crop_box = center_crop_box(resized.shape[0], resized.shape[1])
-        app = None
-        if want_app and keep:  # a view, copied once into the chunk
-            if own_geometry:
-                ai = appearance_input
-                src = resize_shorter(frame, ai.resize_shorter, ai.interpolation)[0].cpu().numpy()
-                app = np.asarray(center_crop(src, appearance_input.crop_size))
-            else:
-                assert resized is not None
-                app = np.asarray(center_crop(resized))
-        if keep:
-            kept.append(t)
-        if not want_motion:
-            if keep:
-                ready.add(t, app, None)
-            yield from flush()
-            continue
-        assert resized is not None
-        grays.append(to_gray(resized))
-        if keep:  # the crop waits up to L frames for its stack: hold a copy, not a view
-            pending.append((t, None if app is None else app.copy()))
-        if t >= 1 and field_needed(t - 1):
-            field = _flow_field(flow, grays[0], grays[1], crop_box)  # type: ignore[arg-type]
-            window.put(t - 1, field, keep_from=min(pending[0][0], t - 1) if pending else t - 1)
-            last_computed = t - 1
-        # frame t0's stack is complete once field t0 + L - 1 exists, i.e. at frame t0 + L
-        while pending and pending[0][0] + length <= t:
-            t0, a = pending.popleft()
-            ready.add(t0, a, window.stack_view(t0))
-            yield from flush()
-        yield from flush()
-
-    if want_motion and pending:
-        last_field = max(n - 2, 0)  # fields 0 .. T-2; the last one is repeated past the end
-        keep_from = min(pending[0][0], last_field)
-        if n == 1:
-            window.put(0, zero_flow_field(CROP_SIZE, CROP_SIZE), keep_from=0)
-        elif last_computed != last_field:
-            assert crop_box is not None
-            field = _flow_field(flow, grays[0], grays[1], crop_box)  # type: ignore[arg-type]
-            window.put(last_field, field, keep_from=keep_from)
-        window.repeat_after(last_field, keep_from=keep_from)
-        while pending:
-            t0, a = pending.popleft()
-            ready.add(t0, a, window.stack_view(t0))
-            yield from flush()
-    yield from flush(final=True)
+        yield from video.add_frame(t, frame)
+    yield from video.finish(n)
     yield VideoDone(
         n_frames=n,
-        frame_indices=np.array(kept, dtype=np.int64),
+        frame_indices=np.array(video.kept, dtype=np.int64),
         fps=info.fps,
         width=info.width,
         height=info.height,
         codec=info.codec,
     )
+
+
+def _frame_selector(path: str | Path, stride: int, max_frames: int | None) -> Callable[[int], bool]:
+    """Whether frame ``t`` is kept; ``max_frames`` needs the frame count (one decode pass)."""
+    if max_frames is not None:
+        return set(select_frames(count_frames(path), stride, max_frames).tolist()).__contains__
+    return lambda t: t % stride == 0
+
+
+class _VideoInputs:
+    """One video's inputs in the making, fed frame by frame.
+
+    Holds the kept frames still waiting for their flow stacks, the last two grayscale frames, the
+    recent flow fields and the chunk being filled; :meth:`add_frame` and :meth:`finish` yield
+    every chunk as soon as it is full.
+    """
+
+    def __init__(
+        self,
+        selected: Callable[[int], bool],
+        *,
+        streams: Sequence[str],
+        flow: FlowBackend | None,
+        chunk_size: int,
+        length: int,
+        appearance_input: AppearanceInput,
+    ) -> None:
+        self.selected = selected
+        self.want_app = "appearance" in streams
+        self.want_motion = "motion" in streams
+        self.flow = flow
+        self.length = length
+        self.appearance_input = ai = appearance_input
+        self.own_geometry = (ai.resize_shorter, ai.crop_size, ai.interpolation) != (
+            RESIZE_SHORTER,
+            CROP_SIZE,
+            "bilinear",
+        )
+        self.window = _FieldWindow(CROP_SIZE, length)
+        self.pending: deque[tuple[int, np.ndarray | None]] = deque()  # kept, awaiting a stack
+        self.ready = _ChunkBuilder(
+            chunk_size,
+            want_app=self.want_app,
+            want_motion=self.want_motion,
+            length=length,
+            app_size=ai.crop_size,
+        )
+        self.grays: deque[np.ndarray] = deque(maxlen=2)  # the last two grayscale frames
+        self.crop_box: tuple[int, int] | None = None
+        self.kept: list[int] = []
+        self.last_computed = -1  # highest flow field index computed so far
+
+    def add_frame(self, t: int, frame: Any) -> Iterator[FrameChunk]:
+        """Take decoded frame ``t``; yield the chunks it completes."""
+        keep = self.selected(t)
+        resized = self._resized(frame)
+        app = self._appearance(frame, resized) if self.want_app and keep else None
+        if keep:
+            self.kept.append(t)
+        if not self.want_motion:
+            if keep:
+                self.ready.add(t, app, None)
+            yield from self._flush()
+            return
+        assert resized is not None
+        self.grays.append(to_gray(resized))
+        if keep:  # the crop waits up to L frames for its stack: hold a copy, not a view
+            self.pending.append((t, None if app is None else app.copy()))
+        if t >= 1 and self._field_needed(t - 1):
+            self._put_field(t - 1)
+        # frame t0's stack is complete once field t0 + L - 1 exists, i.e. at frame t0 + L
+        yield from self._stack_pending(until=t)
+        yield from self._flush()
+
+    def finish(self, n_frames: int) -> Iterator[FrameChunk]:
+        """After the last of ``n_frames`` frames: complete the waiting stacks, yield the rest."""
+        if self.want_motion and self.pending:
+            last_field = max(n_frames - 2, 0)  # fields 0 .. T-2; the last repeats past the end
+            keep_from = min(self.pending[0][0], last_field)
+            if n_frames == 1:
+                self.window.put(0, zero_flow_field(CROP_SIZE, CROP_SIZE), keep_from=0)
+            elif self.last_computed != last_field:
+                self._put_field(last_field)
+            self.window.repeat_after(last_field, keep_from=keep_from)
+            yield from self._stack_pending(until=None)
+        yield from self._flush(final=True)
+
+    def _resized(self, frame: Any) -> np.ndarray | None:
+        """The frame at the motion geometry (shorter side 256), when flow or the crop needs it."""
+        if not self.want_motion and self.own_geometry:
+            return None
+        resized: np.ndarray = resize_shorter(frame)[0].cpu().numpy()  # [h, w, 3] uint8
+        if self.crop_box is None:
+            self.crop_box = center_crop_box(resized.shape[0], resized.shape[1])
+        return resized
+
+    def _appearance(self, frame: Any, resized: np.ndarray | None) -> np.ndarray:
+        """The appearance crop (a view, copied once into the chunk)."""
+        if self.own_geometry:
+            ai = self.appearance_input
+            src = resize_shorter(frame, ai.resize_shorter, ai.interpolation)[0].cpu().numpy()
+            return np.asarray(center_crop(src, ai.crop_size))
+        assert resized is not None
+        return np.asarray(center_crop(resized))
+
+    def _field_needed(self, i: int) -> bool:
+        """Whether some kept frame's stack covers flow field ``i``."""
+        return any(self.selected(t) for t in range(max(0, i - self.length + 1), i + 1))
+
+    def _put_field(self, i: int) -> None:
+        """Compute flow field ``i`` from the last two grayscale frames into the window."""
+        assert self.flow is not None and self.crop_box is not None
+        field = _flow_field(self.flow, self.grays[0], self.grays[1], self.crop_box)
+        keep_from = min(self.pending[0][0], i) if self.pending else i
+        self.window.put(i, field, keep_from=keep_from)
+        self.last_computed = i
+
+    def _stack_pending(self, until: int | None) -> Iterator[FrameChunk]:
+        """Move the waiting frames whose stacks are complete by frame ``until`` (None: all)."""
+        while self.pending and (until is None or self.pending[0][0] + self.length <= until):
+            t0, app = self.pending.popleft()
+            self.ready.add(t0, app, self.window.stack_view(t0))
+            yield from self._flush()
+
+    def _flush(self, final: bool = False) -> Iterator[FrameChunk]:
+        if self.ready.full() or (final and self.ready.count):
+            yield self.ready.take()
 
 
 class _FieldWindow:

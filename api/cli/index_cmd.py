@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from aggregator.runs import load_run
+    from aggregator.run_loader import load_run
     from aggregator.similarity import build_index, training_split
 
     run_dir = Path(args.run)

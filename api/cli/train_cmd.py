@@ -309,9 +309,7 @@ def run(args: argparse.Namespace) -> int:
             progress=args.verbose > 0 or sys.stderr.isatty(),
         )
     print(format_summary(metrics, args.out))
-    if args.head == "stpn":  # its runs read map streams, which the index does not
-        print("index        none: stpn runs read map streams")
-    elif not args.no_index:
+    if not args.no_index:
         from aggregator.similarity import build_index
 
         index = build_index(args.out, args.store, split=args.train_split)

@@ -17,10 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.service.access import AccessLogMiddleware
 from api.service.deps import ServiceState
 from api.service.inference import InferenceQueue
-from api.service.metrics import MetricsMiddleware, ServiceMetrics
+from api.service.prometheus import MetricsMiddleware, ServiceMetrics
 from api.service.routes import health, limits, metrics, models, predict, similar
 from api.service.routes.docs import add_offline_docs
-from api.service.runs import Registry, WorkerContext, load_registry, make_worker_context
+from api.service.served_runs import Registry, WorkerContext, load_registry, make_worker_context
 from api.service.settings import Settings
 from api.service.uploads import UploadBudget, make_upload_dir
 

@@ -19,9 +19,10 @@ from fastapi import Depends, HTTPException, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from aggregator.similarity import SimilarityIndex
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
-from api.service.metrics import ServiceMetrics
-from api.service.runs import (
+from api.service.prometheus import ServiceMetrics
+from api.service.served_runs import (
     Analysis,
     JobControl,
     JobStopped,
@@ -74,6 +75,18 @@ def select_run(state: ServiceState, run_id: str | None) -> LoadedRun:
         return state.registry.get(run_id)
     except KeyError as exc:
         raise HTTPException(404, str(exc.args[0])) from None
+
+
+def require_index(run: LoadedRun, asked: str = "") -> SimilarityIndex:
+    """The run's similarity index; 404 naming how to build it when the run has none."""
+    if run.index is None:
+        what = f" for {asked}" if asked else ""
+        raise HTTPException(
+            404,
+            f"model {run.run_id!r} has no similarity index{what}; build it with "
+            "'framepool index build --run DIR --store PATH'",
+        )
+    return run.index
 
 
 def _busy(state: ServiceState) -> HTTPException:

@@ -28,9 +28,9 @@ from aggregator.finetune_maps import (
 from aggregator.heads import build_model
 from aggregator.map_data import MapDataset
 from aggregator.map_predict import MapRun
-from aggregator.runs import TorchRun, load_run
+from aggregator.run_loader import TorchRun, load_run
 from api.cli import main
-from api.service.maps import extract_with_maps, extractor_from_config
+from api.service.maps import extractor_from_config
 from extractor.backbones import build_backbone
 from extractor.features import FeatureExtractor
 from extractor.spec import BackboneSpec
@@ -191,7 +191,7 @@ def test_finetune_stpn_reextract_evaluate_and_serve_path(labelled: Path, tmp_pat
     stored = predictor.logits_of(MapDataset(fs, ["mm_test"], predictor.streams))[0]
     fx = extractor_from_config({s: predictor.extractor[s] for s in predictor.extractor_streams})
     clip = Path(fs.video_attrs("mm_test")["source"])
-    video = extract_with_maps(fx, clip, max_frames=4)
+    video = fx.extract_file(clip, max_frames=4, maps=True)
     assert video.features["motion_map"].shape == (2, 7, 7, 8)
     live = predictor.predict_logits({s: video.features[s] for s in predictor.streams})
     np.testing.assert_allclose(live, stored, rtol=1e-5, atol=1e-6)

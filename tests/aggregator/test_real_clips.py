@@ -17,7 +17,7 @@ import pytest
 
 from aggregator.data import load_summaries
 from aggregator.intervals import Intervals, node_means
-from aggregator.runs import TorchRun, load_run
+from aggregator.run_loader import TorchRun, load_run
 from api.cli import main
 from storage import FeatureStore, safe_video_id
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture

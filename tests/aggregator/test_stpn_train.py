@@ -100,6 +100,11 @@ def test_cli_trains_and_evaluates_stpn(tiny_store: Path, tmp_path: Path) -> None
     assert config["head_kwargs"]["pathways"] == ["spatial", "temporal", "attended", "fused"]
     state = torch.load(out / "model.pt", weights_only=True)
     assert "attention.conv1.weight" in state and "fused_norm.weight" in state
+    # the run's fused representations of the training videos answer /v1/similar like any head's
+    from aggregator.similarity import SimilarityIndex
+
+    index = SimilarityIndex.load(out)
+    assert len(index) == len(FeatureStore.open(tiny_store, "r").videos(split="train"))
     # evaluate reads the map streams; the test split again gives the run's own test metrics
     assert main(["evaluate", "--run", str(out), "--store", str(tiny_store)]) == 0
     evaluation = json.loads((out / "evaluation-test.json").read_text())

@@ -16,7 +16,7 @@ from aggregator.evaluate import evaluate_run
 from aggregator.metrics import classification_metrics
 from aggregator.node_cache import load_node_cache
 from aggregator.predictor import Predictor
-from aggregator.runs import load_run
+from aggregator.run_loader import load_run
 from aggregator.svm_run import (
     SVMPredictor,
     choose_fusion,

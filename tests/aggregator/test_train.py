@@ -17,7 +17,7 @@ from aggregator.data import load_node_tensors
 from aggregator.evaluate import evaluate_run, summarize_runs
 from aggregator.heads import build_model
 from aggregator.predictor import Predictor
-from aggregator.runs import TorchRun, load_run
+from aggregator.run_loader import TorchRun, load_run
 from aggregator.train import bf16_supported, resolve_precision, retrain, train_run
 from api.cli import main
 from storage import FeatureStore

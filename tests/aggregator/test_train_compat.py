@@ -16,9 +16,9 @@ import torch
 
 from aggregator.evaluate import evaluate_run
 from aggregator.heads import GlobalPool, TwoStream
+from aggregator.run_loader import TorchRun, load_run
 from aggregator.rundir import learned_fusion_rule
-from aggregator.runs import TorchRun, load_run
-from api.service.runs import load_one
+from api.service.served_runs import load_one
 from storage import FeatureStore
 from tests.aggregator.toy_store import write_order_store
 

@@ -17,7 +17,7 @@ from aggregator.heads import GlobalPool, PyramidLeaves, TwoStream, build_model
 from aggregator.heads.standardize import InputStandardizer
 from aggregator.intervals import Intervals, node_means, pool_intervals, pyramid_mix
 from aggregator.plots import plot_beta_pyramid, plot_history, text_colour
-from aggregator.runs import TorchRun, load_run
+from aggregator.run_loader import TorchRun, load_run
 from aggregator.train import train_run
 from aggregator.train_config import TrainConfig, default_batch_size, plan_budget
 from aggregator.train_loop import warmup_cosine

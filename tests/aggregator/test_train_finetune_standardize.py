@@ -12,7 +12,7 @@ import torch
 from aggregator.finetune_job import BackboneSpec, run_finetune_job, start_extractor
 from aggregator.finetune_train import FinetuneSettings
 from aggregator.heads import TwoStream
-from aggregator.runs import TorchRun
+from aggregator.run_loader import TorchRun
 
 SPEC = BackboneSpec(streams=("appearance",), arch="resnet18", weights="random")
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.similarity import SimilarityIndex
-from api.service.runs import LoadedRun, Registry, WorkerContext
+from api.service.served_runs import LoadedRun, Registry, WorkerContext
 from extractor.decode import iter_frames, probe
 
 CLASSES = ["blue", "green", "red"]
@@ -47,7 +47,10 @@ class FakeExtractor:
         stride: int = 1,
         max_frames: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        maps: bool = False,
     ) -> FakeVideo:
+        if maps:
+            raise ValueError("the fake extractor computes no spatial maps")
         self.started.set()
         if self.gate is not None:
             for _ in range(3000):  # a job held at its first frame (30 s at most)

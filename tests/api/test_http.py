@@ -239,3 +239,20 @@ def test_frame_limit_and_defaults(
         assert post(client, data, max_frames=3, stride=1).json()["frames"]["used"] == {
             "appearance": 3
         }
+
+
+def test_a_run_without_index_is_a_404_that_names_the_fix() -> None:
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+
+    from api.service.deps import require_index
+
+    run = SimpleNamespace(run_id="run-x", index=None)
+    with pytest.raises(HTTPException) as err:
+        require_index(run, "similar=3")  # type: ignore[arg-type]
+    assert err.value.status_code == 404
+    assert "'run-x' has no similarity index for similar=3" in str(err.value.detail)
+    assert "framepool index build --run DIR --store PATH" in str(err.value.detail)
+    index = object()
+    assert require_index(SimpleNamespace(run_id="run-y", index=index)) is index  # type: ignore[arg-type]

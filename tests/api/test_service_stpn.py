@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from aggregator.map_data import MapDataset
 from aggregator.map_predict import MapRun
-from aggregator.runs import load_run
+from aggregator.run_loader import load_run
 from api.cli import main as cli_main
 from api.service import Settings, create_app
 from storage import FeatureStore

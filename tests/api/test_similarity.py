@@ -108,7 +108,7 @@ def test_bad_inputs(tmp_path: Path, data) -> None:
 
 @pytest.mark.parametrize("head", ["gap", "tp"])
 def test_cached_embeddings_equal_per_video_embeddings(served, head: str) -> None:
-    from aggregator.runs import load_run
+    from aggregator.run_loader import load_run
     from aggregator.similarity import embed_store_videos
     from storage import FeatureStore
 

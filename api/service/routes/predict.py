@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from api.service.deps import (
     StateDep,
@@ -14,11 +14,11 @@ from api.service.deps import (
     frame_options,
     merge_options,
     refuse_if_busy,
+    require_index,
     select_run,
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
-from api.service.runs import LoadedRun
 from api.service.schemas import (
     ClassProbability,
     FramesInfo,
@@ -61,14 +61,15 @@ async def predict(
     query = PredictOptions(
         top_k=top_k, model=model, stride=stride, max_frames=max_frames, similar=similar
     )
-    if query.model is not None:
-        _needs_index(select_run(state, query.model), query.similar)
+    if query.model is not None and query.similar is not None:
+        require_index(select_run(state, query.model), f"similar={query.similar}")
     refuse_if_busy(state)
     async with uploaded_file(request, state) as upload:
         opts = merge_options(query, upload.fields)
         run = select_run(state, opts.model)
         request.state.model = run.run_id
-        _needs_index(run, opts.similar)
+        if opts.similar is not None:
+            require_index(run, f"similar={opts.similar}")
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
         result = await analyse_upload(
             state,
@@ -120,12 +121,3 @@ async def predict(
         similar=neighbours,
         timings=timings,
     )
-
-
-def _needs_index(run: LoadedRun, similar: int | None) -> None:
-    if similar is not None and run.index is None:
-        raise HTTPException(
-            404,
-            f"model {run.run_id!r} has no similarity index for similar={similar}; build it with "
-            "'framepool index build --run DIR --store PATH'",
-        )

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 
 from aggregator.similarity import Neighbour as Hit
-from aggregator.similarity import SimilarityIndex
 from api.service.deps import (
     ServiceState,
     StateDep,
@@ -16,11 +15,11 @@ from api.service.deps import (
     frame_options,
     merge_options,
     refuse_if_busy,
+    require_index,
     select_run,
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
-from api.service.runs import LoadedRun
 from api.service.schemas import (
     FramesInfo,
     MaxFrames,
@@ -36,16 +35,6 @@ from api.service.schemas import (
 from api.service.uploads import is_multipart
 
 router = APIRouter(prefix="/v1", tags=["similar"])
-
-
-def _index(run: LoadedRun) -> SimilarityIndex:
-    if run.index is None:
-        raise HTTPException(
-            404,
-            f"model {run.run_id!r} has no similarity index; build it with "
-            "'framepool index build --run DIR --store PATH'",
-        )
-    return run.index
 
 
 @router.get(
@@ -102,7 +91,7 @@ async def similar(
     if query.video_id is not None:
         return _by_id(request, state, query, t0)  # a body sent along is not read
     run = select_run(state, query.model)
-    _index(run)
+    require_index(run)
     refuse_if_busy(state)
     async with uploaded_file(request, state, require_file=False) as upload:
         opts = merge_options(query, upload.fields)
@@ -112,7 +101,7 @@ async def similar(
             raise HTTPException(422, "multipart field 'file' (the video) or video_id is missing")
         run = select_run(state, opts.model)
         request.state.model = run.run_id
-        index = _index(run)
+        index = require_index(run)
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
         result = await analyse_upload(
             state,
@@ -163,7 +152,7 @@ def _by_id(
 ) -> SimilarResponse:
     run = select_run(state, opts.model)
     request.state.model = run.run_id
-    index = _index(run)
+    index = require_index(run)
     assert opts.video_id is not None
     if opts.video_id not in index:
         raise HTTPException(404, f"video {opts.video_id!r} is not in the index of {run.run_id!r}")

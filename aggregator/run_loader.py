@@ -11,7 +11,7 @@ import torch
 
 from aggregator.data import summaries_of
 from aggregator.heads import NodeInput, VideoModel, build_model
-from aggregator.heads.pooling import Intervals
+from aggregator.intervals import Intervals
 from aggregator.predictor import Predictor
 from aggregator.rundir import MODEL_FILE, learned_fusion_rule, read_config
 from aggregator.train import fusion_weights_of, model_betas, resolve_device

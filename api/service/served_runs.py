@@ -85,7 +85,7 @@ def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
 
 def load_one(run_dir: Path, store: Path | None, device: str = "cpu") -> LoadedRun:
     """Load a run directory; build its similarity index from ``store`` when it has none."""
-    from aggregator.runs import load_run
+    from aggregator.run_loader import load_run
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
@@ -240,20 +240,10 @@ def analyse(
             )
             if max_frames is not None and len(select_frames(n, stride)) <= max_frames:
                 max_frames = None  # the same frames, without the extractor's own counting pass
-        if getattr(extractor, "map_streams", ()):  # a map run: maps and vectors in one pass
-            from api.service.maps import extract_with_maps
-
-            video = extract_with_maps(
-                extractor,
-                path,
-                stride=stride,
-                max_frames=max_frames,
-                should_stop=control.should_stop,
-            )
-        else:
-            video = extractor.extract_file(
-                path, stride=stride, max_frames=max_frames, should_stop=control.should_stop
-            )
+        maps = bool(getattr(extractor, "map_streams", ()))  # a map run: maps and vectors at once
+        video = extractor.extract_file(
+            path, stride=stride, max_frames=max_frames, should_stop=control.should_stop, maps=maps
+        )
     except InterruptedError:
         raise JobStopped(control.reason or "stopped") from None
     features: Mapping[str, np.ndarray] = {s: video.features[s] for s in run.predictor.streams}
