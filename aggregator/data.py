@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from aggregator.heads.base import NodeInput
 from aggregator.intervals import (
@@ -39,6 +38,7 @@ from aggregator.intervals import (
 from aggregator.node_cache import (
     CACHE_DEPTH,
     NodeBlocks,
+    build_cache,
     cache_key,
     load_node_cache,
     memory_budget,
@@ -149,26 +149,23 @@ def load_interval_cache(
     if cached is not None:
         log.info("interval cache %s/%s hit (%d videos)", name, key, len(ids))
         return ids, np.asarray(cached["values"][...])
-    d = store.read(ids[0], stream).shape[1]
-    values = np.empty((len(ids), spec.count, d), dtype=np.float16)
-    for i, vid in enumerate(tqdm(ids, desc=f"{name} cache", disable=not progress)):
-        x = store.read(vid, stream)
-        if x.shape[1] != d:
-            raise ValueError(
-                f"stream {stream!r} of video {vid!r} has d={x.shape[1]}, others have d={d}"
-            )
-        values[i] = pool_intervals(x, spec)
-    if store.mode != "r":
-        shape = (len(ids), spec.count, d)
-        arrays = store.write_cache(
-            name,
-            key,
-            {"values": (shape, "float16", (min(_BLOCK, len(ids)), spec.count, d))},
-            {"video_ids": ids, **spec.to_dict()},
-        )
-        arrays["values"][...] = values
-        store.finish_cache(name, key)
-        log.info("interval cache %s/%s written (%d videos)", name, key, len(ids))
+    d = int(store.read(ids[0], stream).shape[1])
+    arrays, _ = build_cache(
+        store,
+        stream,
+        ids,
+        d,
+        {"values": (spec.count, lambda x: pool_intervals(x, spec))},
+        name=name,
+        key=key,
+        attrs={"video_ids": ids, **spec.to_dict()},
+        rows=min(_BLOCK, len(ids)),
+        node_chunks=False,
+        read_dtype=np.float32,
+        progress=progress,
+        budget=1 << 62,  # the summaries are returned whole in memory either way
+    )
+    values = np.asarray(arrays["values"][...])
     return ids, values
 
 

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -308,65 +308,69 @@ def _n_frames(cached: dict[str, Any] | None, videos: list) -> np.ndarray:
     return np.array([v[2] for v in videos], dtype=np.int64)
 
 
-def _build(
+Summary = tuple[int, Callable[[np.ndarray], np.ndarray]]  # (rows M, frames [T, d] -> [M, d])
+
+
+def build_cache(
     store: FeatureStore,
     stream: str,
     ids: list[str],
-    depth: int,
-    with_max: bool,
+    d: int,
+    summaries: Mapping[str, Summary],
+    *,
     name: str,
     key: str,
+    attrs: Mapping[str, Any],
+    rows: int,
+    node_chunks: bool,
+    read_dtype: Any,
     progress: bool,
     budget: int,
-    workers: int | None,
-) -> tuple[Any, Any, int]:
-    """Compute the nodes of every video block by block, in parallel; store them when the store
-    is writable (else keep them in memory, which must then fit ``budget``)."""
-    m = n_nodes(depth)
-    d = int(store.index_table("complete").ints[f"d/{stream}"].max())
+    workers: int | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The one cache builder (node and interval caches): every video's ``summaries``
+    (``{array: (M, fn)}``, each ``[M, d]`` float16) computed block by block of ``rows`` videos in
+    parallel threads, and its frame count. Stored under ``/cache/<name>/<key>`` with ``attrs`` when
+    the store is writable (chunks of ``(rows, 1, d)`` uncompressed with a crc32c each when
+    ``node_chunks``, else ``(rows, M, d)`` compressed), else kept in memory, which must then fit
+    ``budget``. Returns the arrays (``n_frames`` included) and the frame counts."""
     n = len(ids)
-    rows = min(block_rows(d), n)
-    nbytes = 2 * n * m * d * (2 if with_max else 1)
+    nbytes = sum(2 * n * m * d for m, _ in summaries.values())
     arrays: dict[str, Any]
     if store.mode != "r":
-        shapes = {
-            "means": ((n, m, d), "float16", (rows, 1, d)),
-            "n_frames": ((n,), "int64", (n,)),
+        shapes: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]] = {
+            a: ((n, m, d), "float16", (rows, 1 if node_chunks else m, d))
+            for a, (m, _) in summaries.items()
         }
-        if with_max:
-            shapes["maxes"] = ((n, m, d), "float16", (rows, 1, d))
-        arrays = store.write_cache(name, key, shapes, {"video_ids": ids, "depth": depth}, raw=True)
+        shapes["n_frames"] = ((n,), "int64", (n,))
+        arrays = store.write_cache(name, key, shapes, attrs, raw=node_chunks)
     elif nbytes <= budget:
-        arrays = {"means": np.empty((n, m, d), np.float16), "n_frames": np.empty(n, np.int64)}
-        if with_max:
-            arrays["maxes"] = np.empty((n, m, d), np.float16)
+        arrays = {a: np.empty((n, m, d), np.float16) for a, (m, _) in summaries.items()}
+        arrays["n_frames"] = np.empty(n, np.int64)
     else:
         raise ValueError(
-            f"the {stream!r} node cache of {store.path!r} ({nbytes / 2**30:.1f} GiB) must be "
+            f"the {stream!r} cache {name} of {store.path!r} ({nbytes / 2**30:.1f} GiB) must be "
             f"built but the store is read-only and it exceeds the memory budget "
             f"({budget / 2**30:.1f} GiB, ${BUDGET_ENV}); open the store writable once to build it"
         )
     n_frames = np.empty(n, dtype=np.int64)
-    bar = tqdm(total=n, desc=f"node cache {stream}", disable=not progress, unit="video")
+    bar = tqdm(total=n, desc=f"{name} cache", disable=not progress, unit="video")
     lock = threading.Lock()
 
     def one_block(start: int) -> None:
         stop = min(start + rows, n)
-        block_means = np.empty((stop - start, m, d), dtype=np.float16)
-        block_maxes = np.empty_like(block_means) if with_max else None
+        blocks = {a: np.empty((stop - start, m, d), np.float16) for a, (m, _) in summaries.items()}
         for i, vid in enumerate(ids[start:stop]):
-            x = store.read(vid, stream, np.float16)
+            x = store.read(vid, stream, read_dtype)
             if x.shape[1] != d:
                 raise ValueError(
                     f"stream {stream!r} of video {vid!r} has d={x.shape[1]}, others have d={d}"
                 )
-            block_means[i] = node_means(x, depth)
-            if block_maxes is not None:
-                block_maxes[i] = node_maxes(x, depth)
+            for a, (_, fn) in summaries.items():
+                blocks[a][i] = fn(x)
             n_frames[start + i] = x.shape[0]
-        arrays["means"][start:stop] = block_means
-        if block_maxes is not None:
-            arrays["maxes"][start:stop] = block_maxes
+        for a, block in blocks.items():
+            arrays[a][start:stop] = block
         with lock:
             bar.update(stop - start)
 
@@ -381,7 +385,45 @@ def _build(
     arrays["n_frames"][...] = n_frames
     if store.mode != "r":
         store.finish_cache(name, key)
-        log.info("node cache %s/%s written (%d videos)", name, key, n)
+        log.info("cache %s/%s written (%d videos)", name, key, n)
+    return arrays, n_frames
+
+
+def _build(
+    store: FeatureStore,
+    stream: str,
+    ids: list[str],
+    depth: int,
+    with_max: bool,
+    name: str,
+    key: str,
+    progress: bool,
+    budget: int,
+    workers: int | None,
+) -> tuple[Any, Any, int]:
+    """The node cache of ``ids`` (see :func:`build_cache`): means (and maxes) of every node."""
+    m = n_nodes(depth)
+    d = int(store.index_table("complete").ints[f"d/{stream}"].max())
+    rows = min(block_rows(d), len(ids))
+    summaries: dict[str, Summary] = {"means": (m, lambda x: node_means(x, depth))}
+    if with_max:
+        summaries["maxes"] = (m, lambda x: node_maxes(x, depth))
+    arrays, _ = build_cache(
+        store,
+        stream,
+        ids,
+        d,
+        summaries,
+        name=name,
+        key=key,
+        attrs={"video_ids": ids, "depth": depth},
+        rows=rows,
+        node_chunks=True,
+        read_dtype=np.float16,
+        progress=progress,
+        budget=budget,
+        workers=workers,
+    )
     return arrays["means"], arrays.get("maxes"), rows
 
 
@@ -463,14 +505,16 @@ class NodeBlocks:
         self, index: np.ndarray, batch_size: int, shuffle: bool, generator: torch.Generator | None
     ) -> list[np.ndarray]:
         """Groups of rows to read together (at most ``group_rows`` each, at least a batch): in
-        index order, or, shuffled, the rows of random blocks (a block whole when it fits a group,
-        else in random pieces), several blocks or pieces to a group, in random order within
-        the group."""
+        index order (whole blocks to a group when the index is in cache order), or, shuffled,
+        the rows of random blocks (a block whole when it fits a group, else in random pieces),
+        several blocks or pieces to a group, in random order within the group."""
         per = max(batch_size, self.group_rows)
-        if not shuffle:
-            return [index[i : i + per] for i in range(0, len(index), per)]
         cache = self.caches[self._blocking]
         cache_rows = self.cache_rows[self._blocking][index]
+        if not shuffle:
+            if len(index) > 1 and bool((np.diff(cache_rows) >= 0).all()):
+                return self._store_plan(index, cache_rows // cache.rows_per_block, per)
+            return [index[i : i + per] for i in range(0, len(index), per)]
         order = np.argsort(cache_rows, kind="stable")
         blocks = cache_rows[order] // cache.rows_per_block
         pieces: list[np.ndarray] = []
@@ -491,6 +535,33 @@ class NodeBlocks:
         if current:
             groups.append(np.concatenate(current))
         return [g[torch.randperm(len(g), generator=generator).numpy()] for g in groups]
+
+    @staticmethod
+    def _store_plan(index: np.ndarray, blocks: np.ndarray, per: int) -> list[np.ndarray]:
+        """Groups of ``index`` (in cache order, ``blocks`` its rows' blocks) that never split a
+        block across two groups when a group holds a whole block: consecutive blocks (or pieces
+        of a block larger than a group) packed up to ``per`` rows, so each block is read once."""
+        groups: list[np.ndarray] = []
+        current: list[np.ndarray] = []
+        size = 0
+        for part in np.split(index, np.flatnonzero(np.diff(blocks)) + 1):
+            for i in range(0, len(part), per):
+                piece = part[i : i + per]
+                if current and size + len(piece) > per:
+                    groups.append(np.concatenate(current))
+                    current, size = [], 0
+                current.append(piece)
+                size += len(piece)
+        if current:
+            groups.append(np.concatenate(current))
+        return groups
+
+    def store_order(self, index: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The permutation of ``index`` that puts its rows in node-cache order. A pass that needs
+        no order (statistics, scoring, embeddings) over it reads each block once; over a random
+        order every group of rows reads most of the blocks."""
+        idx = np.asarray(torch.as_tensor(index).cpu().numpy(), dtype=np.int64)
+        return np.argsort(self.cache_rows[self._blocking][idx], kind="stable")
 
     def batches(
         self,

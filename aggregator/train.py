@@ -184,18 +184,31 @@ def predict_nodes(
     dtype: torch.dtype = torch.float32,
     per_stream: bool = False,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Outputs ``[n, C]`` of the rows ``index`` (and each stream's own logits when asked)."""
+    """Outputs ``[n, C]`` of the rows ``index`` (and each stream's own logits when asked).
+    Streamed data is read in store order (each cache block once), the outputs put back."""
     model.eval()
     out: list[torch.Tensor] = []
     streams_out: dict[str, list[torch.Tensor]] = {}
-    for nodes, _, _ in data.batches(index, batch_size, dtype=dtype, device=device):
+    order = data.store_order(index) if isinstance(data, NodeBlocks) else None
+    rows = np.asarray(index) if order is None else np.asarray(index)[order]
+    for nodes, _, _ in data.batches(rows, batch_size, dtype=dtype, device=device):
         out.append(model.forward_nodes(nodes).float().cpu())
         if per_stream and isinstance(model, TwoStream):
             for s, v in model.stream_logits(nodes).items():
                 streams_out.setdefault(s, []).append(v.float().cpu())
     c = model.out_features
     logits = torch.cat(out).numpy() if out else np.zeros((0, c), dtype=np.float32)
-    return logits, {s: torch.cat(v).numpy() for s, v in streams_out.items()}
+    per = {s: torch.cat(v).numpy() for s, v in streams_out.items()}
+    if order is not None:
+        logits, per = _unsort(logits, order), {s: _unsort(v, order) for s, v in per.items()}
+    return logits, per
+
+
+def _unsort(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows computed in the order ``order`` put back in the original order."""
+    out = np.empty_like(values)
+    out[order] = values
+    return out
 
 
 @torch.no_grad()
@@ -271,8 +284,11 @@ def standardization_stats(
     streamed from the out-of-core node cache alike)."""
     if len(rows) == 0:
         raise ValueError("no training video to compute standardisation statistics from")
+    rows = np.asarray(rows)
+    if isinstance(nodes, NodeBlocks):  # order-free: in store order, each cache block read once
+        rows = rows[nodes.store_order(rows)]
     acc: dict[str, list[Any]] = {}
-    for batch, _, _ in nodes.batches(np.asarray(rows), chunk, dtype=torch.float32):
+    for batch, _, _ in nodes.batches(rows, chunk, dtype=torch.float32):
         for s, v in batch.items():
             t = v.leaves if isinstance(v, PyramidLeaves) else v
             x = t.reshape(-1, t.shape[-1]).double()

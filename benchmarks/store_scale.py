@@ -12,7 +12,7 @@ seconds of that process, its peak RSS):
 - ``node cache``: building the depth-6 node cache (parallel, block by block);
 - ``train (memory)``: ``framepool train --head tp --levels 6`` with the default memory budget
   (the node cache present; one fixed learning rate and weight decay, no probes; the similarity
-  index built after training, as by default);
+  index built after training, as by default, unless ``--no-index``);
 - ``train (streamed)``: the same with ``--memory-budget --budget``, so that training streams
   row blocks of the node cache.
 
@@ -157,6 +157,8 @@ def train(store: str, out: Path, args: argparse.Namespace, budget: str | None) -
     cmd += ["--levels", "6", "--out", str(out), "--epochs", str(args.epochs), "--patience", "0"]
     cmd += ["--no-plots", "--threads", "2", "--batch-size", "256", "--no-probe"]
     cmd += ["--lr", "1e-3", "--weight-decay", "1e-4"]  # one configuration: an epoch is one pass
+    if args.no_index:
+        cmd.append("--no-index")
     r = run_measured(cmd + (["--memory-budget", budget] if budget else []))
     metrics = json.loads((out / "metrics.json").read_text())
     training = metrics["training"]  # steps of one configuration: seconds per epoch of data
@@ -178,6 +180,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--budget", default="256M", help="memory budget of the streamed train run")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument(
+        "--no-index",
+        action="store_true",
+        help="train without building the similarity index afterwards",
+    )
     p.add_argument(
         "--train-only", action="store_true", help="only the train steps, on the store of --keep"
     )

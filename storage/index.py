@@ -9,6 +9,7 @@ Layout, under ``/index`` (a Zarr group, so that plain Zarr sees a valid hierarch
     <writer>-<seq>.jsonl   a live part: one JSON record per line, appended by one writer only
     <writer>-<seq>.npz     the same part frozen into columns once it holds ROLL records
     base-<stamp>.npz       a compacted table (written by ``compact`` and ``reindex``)
+    classes-<stamp>.json   class names declared by one ``FeatureStore.create`` (a JSON list)
 
 Every writer (a ``FeatureStore`` opened for writing, in any process or machine) appends to its own
 part, so many writers never write the same file. A record is ``put`` (the video's metadata),
@@ -16,6 +17,11 @@ part, so many writers never write the same file. A record is ``put`` (the video'
 ``put``/``del``). Readers merge every part and keep the newest record of each video (by the
 record's nanosecond time, then its writer's sequence). Frozen parts and bases are immutable, so
 ``compact`` can merge them while writers keep appending to their live parts.
+
+Declared class names follow the same rule: every declaration is a new immutable file, readers
+take the union of all of them, and merging several into one writes the union before removing
+what it merged, so a name is never lost to two writers declaring at once (no file is ever read,
+changed and written back, which object storage could not do safely without locks).
 
 Record columns: id, op, t, status, label, split, error, extracted_at, source, source_sha256,
 n_frames, and per stream ``T/<stream>`` (frames), ``d/<stream>`` (feature size) and ``r/<stream>``
@@ -47,6 +53,8 @@ INDEX_DIR = "index"
 INDEX_FORMAT = 1
 ROLL = 1024  # records in a live part before it is frozen into columns
 MAX_FROZEN = 8  # frozen parts beyond which a writer compacts them into one base
+CLASSES = "classes-"  # prefix of the files of declared class names
+MAX_CLASS_FILES = 8  # class-name files beyond which a declaration merges them into one
 
 OPS = ("put", "del", "pending")
 PUT, DEL, PENDING = 0, 1, 2
@@ -376,3 +384,72 @@ def write_base(files: Files, table: IndexTable) -> str:
     name = f"base-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.npz"
     files.write(f"{INDEX_DIR}/{name}", table.to_npz())
     return name
+
+
+# ---------------------------------------------------------------------------------- class names
+def _class_files(names: Iterable[str]) -> list[str]:
+    return sorted(n for n in names if n.startswith(CLASSES) and n.endswith(".json"))
+
+
+def declare_class_names(files: Files, names: Iterable[str]) -> None:
+    """Record ``names`` as class names of the store in a new file of their own (merging the
+    class-name files into one when there are more than ``MAX_CLASS_FILES``)."""
+    wanted = sorted({str(n) for n in names})
+    if not wanted:
+        return
+    _write_class_file(files, wanted)
+    if len(_class_files(files.list(INDEX_DIR))) > MAX_CLASS_FILES:
+        compact_class_names(files)
+
+
+def _write_class_file(files: Files, names: list[str]) -> None:
+    name = f"{CLASSES}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+    files.write(f"{INDEX_DIR}/{name}", json.dumps(names).encode())
+
+
+def _read_class_files(files: Files) -> tuple[set[str], list[str]]:
+    """The union of every class-name file and the files it came from. A file merged away while
+    it is listed is replaced by its merge, written before it was removed: listed next round."""
+    names: set[str] = set()
+    read: list[str] = []
+    for _attempt in range(100):
+        vanished = False
+        for name in _class_files(files.list(INDEX_DIR)):
+            if name in read:
+                continue
+            data = files.read(f"{INDEX_DIR}/{name}")
+            if data is None:
+                vanished = True
+                continue
+            try:
+                values = json.loads(data)
+            except ValueError:
+                raise ValueError(
+                    f"class-name file {INDEX_DIR}/{name} of {files.url!r} is not valid JSON"
+                ) from None
+            if not isinstance(values, list):
+                raise ValueError(
+                    f"class-name file {INDEX_DIR}/{name} of {files.url!r} holds "
+                    f"{type(values).__name__}, not a list of names"
+                )
+            names.update(str(v) for v in values)
+            read.append(name)
+        if not vanished:
+            return names, read
+    raise OSError(f"the class names of {files.url!r} kept changing while read; try again")
+
+
+def read_class_names(files: Files) -> set[str]:
+    """Every class name declared in the store (the union of its class-name files)."""
+    return _read_class_files(files)[0]
+
+
+def compact_class_names(files: Files) -> None:
+    """Merge the class-name files into one: the union is written before any merged file is
+    removed, so concurrent readers, declarers and compactors never lose a name."""
+    names, merged = _read_class_files(files)
+    if len(merged) <= 1:
+        return
+    _write_class_file(files, sorted(names))
+    for name in merged:
+        files.remove(f"{INDEX_DIR}/{name}")

@@ -2,7 +2,8 @@
 
 Layout (the contract other parts rely on)::
 
-    /                          attrs: schema_version, created_by, extractor, class_names
+    /                          attrs: schema_version, created_by, extractor, class_names (those
+                                  given at creation; see :attr:`FeatureStore.class_names`)
     /videos/<video_id>/<stream>   float16 [T, d]
     /videos/<video_id>            attrs: label, split, source, source_sha256, n_frames, fps,
                                   width, height, status, error, extracted_at
@@ -23,6 +24,7 @@ damage raises :class:`CorruptVideoError` instead of reading back as zeros.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.errors import ContainsGroupError
 
 from storage.files import files_for
 from storage.ids import safe_video_id
@@ -52,7 +55,9 @@ from storage.index import (
     IndexWriter,
     compact,
     concat,
+    declare_class_names,
     latest,
+    read_class_names,
     read_index,
     write_base,
 )
@@ -155,6 +160,19 @@ def _check_chunk_count(files: Any, video_id: str, stream: str, where: str) -> No
             )
 
 
+def _open_or_create_root(path: str) -> zarr.Group:
+    """The root group at ``path``, created when absent. Processes creating one store at once
+    race on its root: the loser of the race sees the winner's group and opens it."""
+    for _attempt in range(50):
+        try:
+            return zarr.open_group(path, mode="a")
+        except ContainsGroupError:  # created between zarr's check and its write: open it
+            time.sleep(0.01)
+        except Exception as exc:
+            raise OSError(f"cannot create a feature store at {path!r}: {exc}") from exc
+    raise OSError(f"cannot create a feature store at {path!r}: its root kept changing")
+
+
 class FeatureStore:
     """Per-frame features of many videos in one Zarr v3 group.
 
@@ -187,14 +205,17 @@ class FeatureStore:
 
         With ``exist_ok`` (the default) an existing framepool store is opened for writing and
         ``extractor`` must agree with what it records, so that one store never mixes features from
-        two different extractors. ``class_names`` are merged into the recorded ones.
+        two different extractors. ``class_names`` are added to the recorded ones (see
+        :attr:`class_names`; any number of processes may do so at once).
         """
         spath = str(path)
-        try:
-            root = zarr.open_group(spath, mode="a")
-        except Exception as exc:
-            raise OSError(f"cannot create a feature store at {spath!r}: {exc}") from exc
+        root = _open_or_create_root(spath)
         attrs = dict(root.attrs)
+        if attrs.get("schema_version") is None and list(root.keys()):
+            # another process may be creating this store right now: it writes the root attrs
+            # before any member, so a member seen means its attrs can be read back now
+            root = zarr.open_group(spath, mode="a")
+            attrs = dict(root.attrs)
         if attrs.get("schema_version") is None:
             if list(root.keys()):
                 raise ValueError(
@@ -210,9 +231,12 @@ class FeatureStore:
                     "class_names": sorted(set(class_names or [])),
                 }
             )
-            root.require_group("videos")
+            with contextlib.suppress(ContainsGroupError):  # a concurrent creator made it
+                root.require_group("videos")
             store = cls(root, spath, "a")
             store._ensure_index_group()
+            if class_names:  # two processes creating one store at once both write the attrs
+                declare_class_names(store._files, class_names)
             return store
         if not exist_ok:
             raise FileExistsError(f"a feature store already exists at {spath!r}")
@@ -286,19 +310,28 @@ class FeatureStore:
 
     @property
     def class_names(self) -> list[str]:
-        """Recorded class names, or the sorted labels of the stored videos when none recorded."""
-        names = list(_attr(self._root, "class_names", []))
-        if names:
-            return names
+        """Sorted class names: those declared (by :meth:`create` or :meth:`add_class_names`, in
+        any process) and the labels of the stored videos.
+
+        Declarations are immutable files merged on read (:func:`storage.index.declare_class_names`)
+        and labels come from the index, so writers adding names at once never lose one; no file
+        is read, changed and written back. The root ``class_names`` attr of older stores counts
+        as a declaration."""
+        names = self._declared_class_names()
         labels = set(self._view().text["label"].tolist())
-        return sorted(str(label) for label in labels if label is not None)
+        return sorted(names | {str(label) for label in labels if label is not None})
+
+    def _declared_class_names(self) -> set[str]:
+        return {str(n) for n in _attr(self._root, "class_names", [])} | read_class_names(
+            self._files
+        )
 
     def add_class_names(self, names: list[str]) -> None:
+        """Declare class names (e.g. classes no stored video has yet); safe with many writers."""
         self._writable()
-        current = list(_attr(self._root, "class_names", []))
-        merged = sorted(set(current) | {str(n) for n in names})
-        if merged != current:
-            self._root.attrs.update({"class_names": merged})
+        new = sorted({str(n) for n in names} - self._declared_class_names())
+        if new:
+            declare_class_names(self._files, new)
 
     # ------------------------------------------------------------------ the index
     def _index_writer(self) -> IndexWriter:
@@ -397,9 +430,11 @@ class FeatureStore:
 
     def _ensure_index_group(self) -> None:
         if "index" not in self._root:
-            self._root.create_group(
-                "index", attributes={"format": INDEX_FORMAT, "about": "framepool metadata index"}
-            )
+            with contextlib.suppress(ContainsGroupError):  # another writer created it meanwhile
+                self._root.create_group(
+                    "index",
+                    attributes={"format": INDEX_FORMAT, "about": "framepool metadata index"},
+                )
 
     def _view(self) -> IndexTable:
         """The index as this store sees it: one row per video (sorted by id), own writes

@@ -19,7 +19,8 @@ from aggregator.evaluate import evaluate_run
 from aggregator.heads import build_model
 from aggregator.intervals import Intervals, PyramidLeaves, node_means
 from aggregator.similarity import build_index
-from aggregator.train import predict_nodes, train_run
+from aggregator.train import predict_nodes, standardization_stats, train_run
+from aggregator.train_loop import validation_score
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 from tests.aggregator.toy_store import write_order_store
@@ -100,12 +101,21 @@ def test_streamed_batches_give_the_same_logits(tmp_path: Path, budget: int) -> N
         head_kwargs={"depth": 3},
     )
     model.train(False)
-    rows = np.array([3, 1, 40, 2, 9, 47, 0, 30, 31])
+    # rows in store order: the same batches, the same logits to the bit
+    rows = np.array([0, 1, 2, 3, 9, 30, 31, 40, 47])
     got, got_s = predict_nodes(model, blocks, rows, batch_size=4, per_stream=True)
     want, want_s = predict_nodes(model, memory, rows, batch_size=4, per_stream=True)
     np.testing.assert_array_equal(got, want)
     for s in want_s:
         np.testing.assert_array_equal(got_s[s], want_s[s])
+    # any order: streamed rows are scored in store order and put back; batches of other rows
+    # may round the last bit differently
+    rows = np.array([3, 1, 40, 2, 9, 47, 0, 30, 31])
+    got, got_s = predict_nodes(model, blocks, rows, batch_size=4, per_stream=True)
+    want, want_s = predict_nodes(model, memory, rows, batch_size=4, per_stream=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for s in want_s:
+        np.testing.assert_allclose(got_s[s], want_s[s], rtol=1e-6, atol=1e-6)
     # ordered batches hold the same rows and values as the in-memory ones
     for (a, ya, ra), (b, yb, rb) in zip(
         blocks.batches(rows, 4), memory.batches(rows, 4), strict=True
@@ -151,6 +161,54 @@ def test_a_shuffled_epoch_reads_each_block_once(tmp_path: Path) -> None:
     # a budget below two blocks keeps the eighth: groups stay pieces of a block
     small, _ = _leaf_data(store, budget=2_000)
     assert isinstance(small, nc.NodeBlocks) and small.group_rows == 1
+
+
+def test_order_free_passes_read_each_block_once(tmp_path: Path) -> None:
+    """Standardisation statistics and scoring of rows in a random order (the trainer's
+    validation rows) read in store order: each block once, the same results as in memory."""
+    store = toy(str(tmp_path / "s.zarr"), streams=("appearance", "motion"))
+    blocks, ids = _leaf_data(store, budget=8_000)  # a group is one block of 5 rows
+    assert isinstance(blocks, nc.NodeBlocks)
+    cache = blocks.caches["appearance"]
+    read = cache.read
+    starts: list[int] = []
+
+    def counted(start: int, stop: int, nodes: slice, kind: str = "mean") -> np.ndarray:
+        starts.append(start)
+        return read(start, stop, nodes, kind)
+
+    cache.read = counted  # type: ignore[method-assign]
+    rows = np.random.default_rng(0).permutation(len(ids))[:40]
+    touched = sorted({int(r) // 5 for r in cache.rows([ids[i] for i in rows])})
+    got_stats = standardization_stats(blocks, rows, chunk=3)
+    assert sorted(s // 5 for s in starts) == touched  # each block once
+    model = build_model(
+        "tp",
+        in_features={"appearance": 10, "motion": 12},
+        num_classes=6,
+        head_kwargs={"depth": 3},
+    )
+    model.train(False)
+    starts.clear()
+    got, _ = predict_nodes(model, blocks, rows, batch_size=3)
+    assert sorted(s // 5 for s in starts) == touched
+    # the same rows read in their random order: most blocks once for every group
+    starts.clear()
+    for _ in blocks.batches(rows, 3):
+        pass
+    assert len(starts) > 2 * len(touched)
+
+    nc.forget_node_caches()  # the in-memory data from a fresh load
+    memory, _ = _leaf_data(store, budget=1 << 30)
+    assert isinstance(memory, NodeTensors)
+    want_stats = standardization_stats(memory, rows, chunk=3)
+    for s, (mean, std) in want_stats.items():
+        torch.testing.assert_close(got_stats[s][0], mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_stats[s][1], std, rtol=1e-6, atol=1e-6)
+    want, _ = predict_nodes(model, memory, rows, batch_size=3)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    labels = memory.labels[rows].numpy()
+    assert validation_score(got, labels) == validation_score(want, labels)
 
 
 def test_memory_budget_option_of_train(

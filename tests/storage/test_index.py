@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -303,53 +304,111 @@ import storage.index
 from storage import FeatureStore
 storage.index.ROLL = 16
 storage.index.MAX_FROZEN = 3
-path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+storage.index.MAX_CLASS_FILES = 2
+path, prefix, n, writers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
 deadline = time.monotonic() + 120
 
 def wait_for(*names):
     while not all(os.path.exists(f"{path}.ready-{p}") for p in names):
-        assert time.monotonic() < deadline, "the other writer never started"
-        time.sleep(0.01)
+        assert time.monotonic() < deadline, "another writer never started"
+        time.sleep(0.002)
 
-# the root attributes (class names) are read, merged and rewritten: one create after the other
-if prefix == "b":
-    wait_for("a")
-store = FeatureStore.create(path, class_names=[prefix])
 open(f"{path}.ready-{prefix}", "w").close()
-wait_for("a", "b")  # then both write at once, whatever the load
+wait_for(*writers)  # every writer creates the (new) store at once, then writes at once
+store = FeatureStore.create(path, class_names=[prefix, f"{prefix}-declared"])
 for i in range(n):
-    store.write_video(f"{prefix}{i:03d}", {"appearance": np.full((3, 4), i)}, label=prefix,
-                      split="train" if i % 2 else "test")
+    store.write_video(f"{prefix}{i:03d}", {"appearance": np.full((3, 4), i)},
+                      label=f"{prefix}-label{i % 7}", split="train" if i % 2 else "test")
     if i % 10 == 0:
         store.mark_failed(f"{prefix}f{i:03d}", "broken", label=prefix)
+    if i % 4 == 0:
+        store.add_class_names([f"{prefix}-extra{i}"])
 """
 
 
-def test_two_concurrent_writers(tmp_path: Path) -> None:
-    path = tmp_path / "s.zarr"
-    FeatureStore.create(path)
+def _expected_names(prefix: str, n: int) -> set[str]:
+    return (
+        {prefix, f"{prefix}-declared"}
+        | {f"{prefix}-label{i % 7}" for i in range(n)}
+        | {f"{prefix}-extra{i}" for i in range(0, n, 4)}
+    )
+
+
+def _run_writers(path: Path, prefixes: tuple[str, ...], n: int) -> None:
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), prefix, "120"],
+            [sys.executable, "-c", _WRITER, str(path), prefix, str(n), ",".join(prefixes)],
             cwd=ROOT,
             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
             stderr=subprocess.PIPE,
             text=True,
         )
-        for prefix in ("a", "b")
+        for prefix in prefixes
     ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+
+
+def test_two_concurrent_writers(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"  # not created yet: both writers create it at once
+    _run_writers(path, ("a", "b"), 120)
     store = FeatureStore.open(path)
     assert len(store.videos()) == 240
     assert len(store.videos(status="failed")) == 24
     assert store.videos(split="train")[:2] == ["a001", "a003"]
-    assert store.class_names == ["a", "b"]
+    assert store.class_names == sorted(_expected_names("a", 120) | _expected_names("b", 120))
     assert store.read("b119", "appearance")[0, 0] == 119
     assert_agrees(str(path))
     parts = json.dumps(sorted(files_for(str(path)).list("index")))
     assert "base-" in parts  # both writers froze and compacted parts while the other wrote
+
+
+def test_concurrent_creates_never_lose_a_class_name(tmp_path: Path) -> None:
+    """Four processes create one new store at once and declare names while writing: the
+    class-name files are merged while others declare, and every name survives."""
+    path = tmp_path / "s.zarr"
+    prefixes = ("p", "q", "r", "s")
+    _run_writers(path, prefixes, 24)
+    store = FeatureStore.open(path)
+    want = set().union(*(_expected_names(p, 24) for p in prefixes))
+    assert store.class_names == sorted(want)
+    assert len(store.videos()) == 4 * 24
+    assert_agrees(str(path))
+
+
+def test_class_names_merge_on_object_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads declaring names on one fsspec store (no locks there): none is lost, and the
+    declarations are merged into few files."""
+    monkeypatch.setattr(index_mod, "MAX_CLASS_FILES", 3)
+    path = f"memory://framepool-{uuid.uuid4().hex}"
+    FeatureStore.create(path)
+
+    def declare(k: int) -> None:
+        store = FeatureStore.create(path, class_names=[f"c{k}"])
+        for j in range(5):
+            store.add_class_names([f"c{k}-{j}"])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(declare, range(8)))
+    store = FeatureStore.open(path)
+    assert store.class_names == sorted(
+        [f"c{k}" for k in range(8)] + [f"c{k}-{j}" for k in range(8) for j in range(5)]
+    )
+    files = [n for n in files_for(path).list("index") if n.startswith("classes-")]
+    assert 1 <= len(files) < 48  # 48 declarations, merged as they came
+
+
+def test_labels_and_declared_names_are_the_class_names(store_path: str) -> None:
+    store = FeatureStore.create(store_path, class_names=["empty"])
+    store.write_video("v0", {"appearance": np.ones((2, 3))}, label="walk")
+    store.mark_failed("v1", "broken", label="fall")
+    store.write_video("v2", {"appearance": np.ones((2, 3))})  # no label: no class
+    assert FeatureStore.open(store_path).class_names == ["empty", "fall", "walk"]
+    store.add_class_names(["empty", "zzz"])
+    assert FeatureStore.open(store_path).class_names == ["empty", "fall", "walk", "zzz"]
+    store.delete_video("v1")
+    assert FeatureStore.open(store_path).class_names == ["empty", "walk", "zzz"]
 
 
 def test_close_freezes_the_live_part(store_path: str) -> None:
