@@ -50,7 +50,8 @@ from aggregator.heads import (
     VideoModel,
     build_model,
 )
-from aggregator.intervals import Intervals, PyramidLeaves
+from aggregator.heads.standardize import RunningMoments
+from aggregator.intervals import Intervals
 from aggregator.metrics import beta_by_level, classification_metrics
 from aggregator.node_cache import NodeBlocks
 from aggregator.rundir import (
@@ -287,24 +288,11 @@ def standardization_stats(
     rows = np.asarray(rows)
     if isinstance(nodes, NodeBlocks):  # order-free: in store order, each cache block read once
         rows = rows[nodes.store_order(rows)]
-    acc: dict[str, list[Any]] = {}
+    moments = RunningMoments()
     for batch, _, _ in nodes.batches(rows, chunk, dtype=torch.float32):
         for s, v in batch.items():
-            t = v.leaves if isinstance(v, PyramidLeaves) else v
-            x = t.reshape(-1, t.shape[-1]).double()
-            if s not in acc:  # the first rows' mean as a shift stabilises the sum of squares
-                acc[s] = [x.mean(0), torch.zeros_like(x[0]), torch.zeros_like(x[0]), 0]
-            shift, total, square, _ = acc[s]
-            x = x - shift
-            acc[s][1] = total + x.sum(0)
-            acc[s][2] = square + (x * x).sum(0)
-            acc[s][3] += x.shape[0]
-    out = {}
-    for s, (shift, total, square, count) in acc.items():
-        mean = total / count
-        var = (square / count - mean * mean).clamp_min(0.0)
-        out[s] = ((mean + shift).float(), var.sqrt().float())
-    return out
+            moments.add(s, v)
+    return moments.result()
 
 
 def prepare_data(

@@ -21,7 +21,7 @@ import torch
 
 from aggregator.finetune.surrogate import FinetuneModel, batch_surrogate_features
 from aggregator.heads import TwoStream
-from aggregator.intervals import PyramidLeaves
+from aggregator.heads.standardize import RunningMoments
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def head_statistics(
         raise ValueError("no training video to compute standardisation statistics from")
     was_training = model.training
     model.eval()
-    acc: dict[str, list[Any]] = {}
+    moments = RunningMoments()
     try:
         for vid in video_ids:
             frames = source.frames(vid)
@@ -55,23 +55,12 @@ def head_statistics(
                     chunk_size=chunk_size,
                 )[0]
                 x = feats.float().unsqueeze(0)  # [1, T, d]
-                nodes = head.stream_head(s).pool(x, torch.tensor([x.shape[1]], device=x.device))
-                t = nodes.leaves if isinstance(nodes, PyramidLeaves) else nodes
-                rows = t.reshape(-1, t.shape[-1]).double().cpu()
-                if s not in acc:  # the first video's mean as a shift keeps the squares small
-                    acc[s] = [rows.mean(0), torch.zeros_like(rows[0]), torch.zeros_like(rows[0]), 0]
-                shift = acc[s][0]
-                acc[s][1] += (rows - shift).sum(0)
-                acc[s][2] += ((rows - shift) ** 2).sum(0)
-                acc[s][3] += rows.shape[0]
+                moments.add(
+                    s, head.stream_head(s).pool(x, torch.tensor([x.shape[1]], device=x.device))
+                )
     finally:
         model.train(was_training)
-    out = {}
-    for s, (shift, total, square, count) in acc.items():
-        mean = total / count
-        var = (square / count - mean * mean).clamp_min(0.0)
-        out[s] = ((mean + shift).float(), var.sqrt().float())
-    return out
+    return moments.result()
 
 
 def fit_standardizer(

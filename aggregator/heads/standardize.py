@@ -73,3 +73,37 @@ class InputStandardizer(nn.Module):
 
     def forward(self, nodes: Mapping[str, NodeInput]) -> dict[str, NodeInput]:
         return {s: self.transform(s, v) if s in self.streams else v for s, v in nodes.items()}
+
+
+class RunningMoments:
+    """Per-stream feature means and standard deviations accumulated over row batches.
+
+    Sums are float64 around a shift (the first batch's mean), which keeps the sum of squares from
+    cancelling when the features sit far from zero. :meth:`add` takes ``[..., d]`` rows (node
+    tensors or :class:`~aggregator.intervals.PyramidLeaves`); :meth:`result` gives float32
+    ``(mean, std)`` per stream (population std).
+    """
+
+    def __init__(self) -> None:
+        self._acc: dict[str, list[torch.Tensor | int]] = {}
+
+    def add(self, stream: str, values: torch.Tensor | PyramidLeaves) -> None:
+        t = values.leaves if isinstance(values, PyramidLeaves) else values
+        x = t.reshape(-1, t.shape[-1]).double().cpu()
+        if stream not in self._acc:
+            self._acc[stream] = [x.mean(0), torch.zeros_like(x[0]), torch.zeros_like(x[0]), 0]
+        acc = self._acc[stream]
+        x = x - acc[0]
+        acc[1] = acc[1] + x.sum(0)
+        acc[2] = acc[2] + (x * x).sum(0)
+        acc[3] = int(acc[3]) + x.shape[0]
+
+    def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for stream, (shift, total, square, count) in self._acc.items():
+            assert isinstance(shift, torch.Tensor) and isinstance(total, torch.Tensor)
+            assert isinstance(square, torch.Tensor) and isinstance(count, int)
+            mean = total / count
+            var = (square / count - mean * mean).clamp_min(0.0)
+            out[stream] = ((mean + shift).float(), var.sqrt().float())
+        return out

@@ -468,3 +468,18 @@ def test_dropout_keeps_the_expectation() -> None:
     assert torch.equal(drop.eval()(x), x)
     with pytest.raises(ValueError, match=r"got 1\.5"):
         Dropout(1.5)
+
+
+def test_running_moments_equal_the_population_moments_far_from_zero() -> None:
+    from aggregator.heads.standardize import RunningMoments
+
+    gen = torch.Generator().manual_seed(0)
+    x = 1e4 + torch.randn(300, 5, generator=gen, dtype=torch.float64) * torch.arange(1.0, 6.0)
+    moments = RunningMoments()
+    for part in torch.split(x, [7, 93, 200]):
+        moments.add("appearance", part.float().unsqueeze(0))  # [1, n, d] like node batches
+    mean, std = moments.result()["appearance"]
+    np.testing.assert_allclose(mean.numpy(), x.float().double().mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        std.numpy(), x.float().double().std(0, correction=0).numpy(), rtol=1e-4
+    )
