@@ -128,17 +128,6 @@ def test_chunked_backward_on_maps_equals_one_graph() -> None:
 
 
 # --------------------------------------------------------------------------- real clips
-@pytest.fixture(scope="module")
-def labelled(real_videos: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    names = {"mm_part_0.mp4": "a", "mm_demo_spatiotemporal_det.mp4": "b", "mm_test.avi": "a"}
-    csv = tmp_path_factory.mktemp("labels") / "labels.csv"
-    rows = [
-        f"{p},{names[p.name]},{'test' if p.name == 'mm_test.avi' else 'train'}"
-        for p in real_videos
-        if p.name in names
-    ]
-    csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    return csv
 
 
 def _args(labels: Path, out: Path, *extra: str) -> list[str]:
