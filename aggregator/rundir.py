@@ -13,7 +13,9 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,122 @@ def check_streams(store: FeatureStore, streams: Sequence[str], video_id: str) ->
             raise ValueError(
                 f"stream {s!r} is not in store {store.path!r}; video {video_id!r} has {have}"
             )
+
+
+@dataclass(frozen=True)
+class LabelledSplits:
+    """A run's videos: the training split (its fit and validation parts) and the test split,
+    with the split names, validation fraction and seed that chose them."""
+
+    train_split: str
+    test_split: str | None
+    val_fraction: float
+    seed: int
+    class_names: list[str]
+    train_ids: list[str]
+    test_ids: list[str]
+    y_train: np.ndarray
+    y_test: np.ndarray
+    fit_idx: np.ndarray
+    val_idx: np.ndarray
+
+    @property
+    def fit_ids(self) -> list[str]:
+        return [self.train_ids[i] for i in self.fit_idx]
+
+    @property
+    def val_ids(self) -> list[str]:
+        return [self.train_ids[i] for i in self.val_idx]
+
+    @property
+    def y_fit(self) -> np.ndarray:
+        return self.y_train[self.fit_idx]
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return self.y_train[self.val_idx]
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Every class of the training split: one with a single video keeps it for fitting
+        (:func:`aggregator.data.stratified_holdout`)."""
+        return np.unique(self.y_fit)
+
+
+def labelled_splits(
+    store: FeatureStore,
+    train_split: str,
+    test_split: str | None,
+    *,
+    val_fraction: float,
+    seed: int,
+    streams: Sequence[str] | None = None,
+) -> LabelledSplits:
+    """The labelled videos of the two splits (:func:`resolve_splits`) and a stratified, seeded
+    validation part of the training split; ``streams`` (when given) must be in the store."""
+    from aggregator.data import label_indices, stratified_holdout
+
+    class_names = store.class_names
+    if not class_names:
+        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
+    train_ids, test_ids = resolve_splits(store, train_split, test_split)
+    if streams is not None:
+        check_streams(store, streams, train_ids[0])
+    y_train = label_indices(store, train_ids, class_names)
+    y_test = label_indices(store, test_ids, class_names)
+    fit_idx, val_idx = stratified_holdout(y_train, val_fraction, seed)
+    return LabelledSplits(
+        train_split=train_split,
+        test_split=test_split,
+        val_fraction=val_fraction,
+        seed=seed,
+        class_names=class_names,
+        train_ids=train_ids,
+        test_ids=test_ids,
+        y_train=y_train,
+        y_test=y_test,
+        fit_idx=fit_idx,
+        val_idx=val_idx,
+    )
+
+
+def run_config(
+    out: str | Path,
+    store: FeatureStore,
+    head: str,
+    model_fields: Mapping[str, Any],
+    *,
+    extractor: Mapping[str, Any],
+    splits: LabelledSplits,
+    train_args: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A run's ``config.json``: the format, ``head`` and ``model_fields`` (what rebuilds the
+    model), where the features came from, the splits, and the trainer's arguments; with its run
+    id."""
+    config: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "head": head,
+        **model_fields,
+        "store": store_location(store),
+        "extractor": dict(extractor),
+        "class_names": splits.class_names,
+        "splits": {
+            "train": splits.train_split,
+            "test": splits.test_split,
+            "val_fraction": splits.val_fraction,
+            "validation_ids": splits.val_ids,
+        },
+        "seed": splits.seed,
+        "train_args": train_args,
+    }
+    config["run_id"] = make_run_id(out, config)
+    return config
+
+
+def write_metrics(out: Path, metrics: Mapping[str, Any], t_start: float) -> dict[str, Any]:
+    """Add the run's total ``seconds`` (since ``t_start``, a ``time.perf_counter()``) and write
+    ``metrics.json`` last, so a complete metrics file means a complete run; return what was
+    written."""
+    written: dict[str, Any] = finite({**metrics, "seconds": time.perf_counter() - t_start})
+    write_json(out / METRICS_FILE, written)
+    return written

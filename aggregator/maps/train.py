@@ -25,21 +25,19 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from aggregator import plots
-from aggregator.data import label_indices, open_store, stratified_holdout
+from aggregator.data import open_store
 from aggregator.heads import SpatiotemporalPyramid, VideoModel, build_model
 from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
 from aggregator.metrics import classification_metrics
 from aggregator.rundir import (
     CONFIG_FILE,
-    METRICS_FILE,
     MODEL_FILE,
-    RUN_FORMAT,
-    finite,
-    make_run_id,
-    resolve_splits,
+    LabelledSplits,
+    labelled_splits,
+    run_config,
     save_torch,
-    store_location,
     write_json,
+    write_metrics,
 )
 from aggregator.train import resolve_device, seed_everything
 from aggregator.train_loop import fit_epoch, param_groups
@@ -142,14 +140,15 @@ def _train(
     make_plots: bool,
     t_start: float,
 ) -> dict[str, Any]:
-    class_names = store.class_names
-    if not class_names:
-        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
-    train_ids, test_ids = resolve_splits(store, args["train_split"], args["test_split"])
-    in_features = _map_dims(store, train_ids[0])
-    y_train = label_indices(store, train_ids, class_names)
-    y_test = label_indices(store, test_ids, class_names)
-    fit_idx, val_idx = stratified_holdout(y_train, args["val_fraction"], args["seed"])
+    splits = labelled_splits(
+        store,
+        args["train_split"],
+        args["test_split"],
+        val_fraction=args["val_fraction"],
+        seed=args["seed"],
+    )
+    class_names = splits.class_names
+    in_features = _map_dims(store, splits.train_ids[0])
     model = build_model(
         args["head"],
         in_features=in_features,
@@ -157,22 +156,21 @@ def _train(
         head_kwargs=args["head_kwargs"],
     )
     assert isinstance(model, SpatiotemporalPyramid)
-    validation_ids = [train_ids[i] for i in val_idx]
-    config = _run_config(store, out, args, in_features, class_names, validation_ids)
+    config = _run_config(store, out, args, in_features, splits)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, config)
 
     t_data = time.perf_counter()
-    in_memory = _map_bytes(store, train_ids) <= IN_MEMORY_BYTES
+    in_memory = _map_bytes(store, splits.train_ids) <= IN_MEMORY_BYTES
 
     def dataset(ids: list[str], labels: np.ndarray) -> MapDataset:
         return MapDataset(
             store, ids, MAP_STREAMS, labels, max_frames=args["max_frames"], in_memory=in_memory
         )
 
-    fit_set = dataset([train_ids[i] for i in fit_idx], y_train[fit_idx])
-    val_set = dataset(validation_ids, y_train[val_idx])
-    test_set = dataset(list(test_ids), y_test)
+    fit_set = dataset(splits.fit_ids, splits.y_fit)
+    val_set = dataset(splits.val_ids, splits.y_val)
+    test_set = dataset(list(splits.test_ids), splits.y_test)
     seconds_data = time.perf_counter() - t_data
 
     fit = _fit(model, fit_set, val_set, args, dev)
@@ -195,10 +193,7 @@ def _train(
     save_torch(model.state_dict(), out / MODEL_FILE)
     if make_plots:
         metrics["plots"] = _plots(model, test_set, metrics, class_names, out)
-    metrics["seconds"] = time.perf_counter() - t_start
-    metrics = finite(metrics)
-    write_json(out / METRICS_FILE, metrics)
-    return metrics
+    return write_metrics(out, metrics, t_start)
 
 
 def _run_config(
@@ -206,36 +201,24 @@ def _run_config(
     out: Path,
     args: dict[str, Any],
     in_features: dict[str, int],
-    class_names: list[str],
-    validation_ids: list[str],
+    splits: LabelledSplits,
 ) -> dict[str, Any]:
     """The run's ``config.json``, with its run id."""
-    config: dict[str, Any] = {
-        "format": RUN_FORMAT,
-        "head": args["head"],
+    model_fields = {
         "head_kwargs": args["head_kwargs"],
         "in_features": in_features,
-        "num_classes": len(class_names),
+        "num_classes": len(splits.class_names),
         "streams": list(MAP_STREAMS),
-        "store": store_location(store),
-        # the map streams and the backbones that compute them (a service rebuilds them all)
-        "extractor": {
-            s: store.extractor.get(s)
-            for s in ("appearance", "motion", *MAP_STREAMS)
-            if s in MAP_STREAMS or store.extractor.get(s) is not None
-        },
-        "class_names": class_names,
-        "splits": {
-            "train": args["train_split"],
-            "test": args["test_split"],
-            "val_fraction": args["val_fraction"],
-            "validation_ids": validation_ids,
-        },
-        "seed": args["seed"],
-        "train_args": args,
     }
-    config["run_id"] = make_run_id(out, config)
-    return config
+    # the map streams and the backbones that compute them (a service rebuilds them all)
+    extractor = {
+        s: store.extractor.get(s)
+        for s in ("appearance", "motion", *MAP_STREAMS)
+        if s in MAP_STREAMS or store.extractor.get(s) is not None
+    }
+    return run_config(
+        out, store, args["head"], model_fields, extractor=extractor, splits=splits, train_args=args
+    )
 
 
 @dataclass

@@ -29,7 +29,6 @@ needs non-negative features); the statistics are part of ``model.pt`` and applie
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -45,22 +44,20 @@ from scipy.special import log_softmax, softmax
 from sklearn.base import clone
 
 from aggregator import plots
-from aggregator.data import label_indices, open_store, stratified_holdout
+from aggregator.data import open_store
 from aggregator.intervals import n_nodes, node_means
 from aggregator.metrics import beta_by_level, classification_metrics
 from aggregator.node_cache import CACHE_DEPTH, NodeCache, load_node_cache
 from aggregator.rundir import (
     CONFIG_FILE,
-    METRICS_FILE,
     MODEL_FILE,
-    RUN_FORMAT,
-    check_streams,
-    finite,
-    make_run_id,
-    resolve_splits,
+    LabelledSplits,
+    labelled_splits,
+    read_config,
+    run_config,
     save_torch,
-    store_location,
     write_json,
+    write_metrics,
 )
 from aggregator.svm.estimator import MultipleAggregationSVM
 from aggregator.svm.plots import plot_convergence
@@ -285,41 +282,6 @@ def _fit_stream(
 
 
 @dataclass(frozen=True)
-class _Splits:
-    """A run's videos: the training split (its fit and validation parts) and the test split."""
-
-    class_names: list[str]
-    train_ids: list[str]
-    test_ids: list[str]
-    y_train: np.ndarray
-    y_test: np.ndarray
-    fit_idx: np.ndarray
-    val_idx: np.ndarray
-
-    @property
-    def fit_ids(self) -> list[str]:
-        return [self.train_ids[i] for i in self.fit_idx]
-
-    @property
-    def val_ids(self) -> list[str]:
-        return [self.train_ids[i] for i in self.val_idx]
-
-    @property
-    def y_fit(self) -> np.ndarray:
-        return self.y_train[self.fit_idx]
-
-    @property
-    def y_val(self) -> np.ndarray:
-        return self.y_train[self.val_idx]
-
-    @property
-    def classes(self) -> np.ndarray:
-        """Every class of the training split: one with a single video keeps it for fitting
-        (:func:`aggregator.data.stratified_holdout`)."""
-        return np.unique(self.y_fit)
-
-
-@dataclass(frozen=True)
 class _StreamFit:
     """One stream's SVMs as the run keeps them, their record, and their class scores."""
 
@@ -357,61 +319,45 @@ def _grids(
 
 def _split_videos(
     store: FeatureStore, streams: list[str], train_split: str, test_split: str | None, seed: int
-) -> _Splits:
+) -> LabelledSplits:
     """The data step: labelled training and test videos, and the validation part held out."""
-    class_names = store.class_names
-    if not class_names:
-        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
-    train_ids, test_ids = resolve_splits(store, train_split, test_split)
-    check_streams(store, streams, train_ids[0])
-    y_train = label_indices(store, train_ids, class_names)
-    y_test = label_indices(store, test_ids, class_names)
-    fit_idx, val_idx = stratified_holdout(y_train, VALIDATION_FRACTION, seed)
-    n_fit_classes = len(np.unique(y_train[fit_idx]))
+    splits = labelled_splits(
+        store, train_split, test_split, val_fraction=VALIDATION_FRACTION, seed=seed, streams=streams
+    )
+    n_fit_classes = len(np.unique(splits.y_fit))
     if n_fit_classes < 2:
         raise ValueError(
             f"split {train_split!r} has videos of {n_fit_classes} class(es); "
             "an SVM needs at least 2"
         )
-    return _Splits(class_names, train_ids, test_ids, y_train, y_test, fit_idx, val_idx)
+    return splits
 
 
 def _run_config(
     store: FeatureStore,
     out: Path,
     estimator: MultipleAggregationSVM,
-    splits: _Splits,
+    splits: LabelledSplits,
     train_args: dict[str, Any],
     use_stats: bool,
 ) -> dict[str, Any]:
     """``config.json`` of the run (``train_args`` holds the arguments of :func:`train_svm`)."""
     streams = train_args["streams"]
-    config: dict[str, Any] = {
-        "format": RUN_FORMAT,
-        "head": "svm",
+    model_fields = {
         "params": {**estimator.get_params(), "C": train_args["C"], "levels": train_args["levels"]},
         "streams": streams,
         "standardize": use_stats,
-        "store": store_location(store),
-        "extractor": {s: store.extractor.get(s) for s in streams},
-        "class_names": splits.class_names,
-        "splits": {
-            "train": train_args["train_split"],
-            "test": train_args["test_split"],
-            "val_fraction": VALIDATION_FRACTION,
-            "validation_ids": splits.val_ids,
-        },
-        "seed": train_args["seed"],
-        "train_args": train_args,
     }
-    config["run_id"] = make_run_id(out, config)
-    return config
+    extractor = {s: store.extractor.get(s) for s in streams}
+    return run_config(
+        out, store, "svm", model_fields, extractor=extractor, splits=splits, train_args=train_args
+    )
 
 
 def _train_stream(
     store: FeatureStore,
     stream: str,
-    splits: _Splits,
+    splits: LabelledSplits,
     train_args: Mapping[str, Any],
     params: Mapping[str, Any],
     use_stats: bool,
@@ -488,7 +434,7 @@ def _calibrate(fits: Mapping[str, _StreamFit], y_val: np.ndarray) -> _Fusion:
 
 
 def _test_metrics(
-    fits: Mapping[str, _StreamFit], fusion: _Fusion, splits: _Splits
+    fits: Mapping[str, _StreamFit], fusion: _Fusion, splits: LabelledSplits
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of the fused probabilities on the test split, and each stream's own."""
     names = splits.class_names
@@ -505,7 +451,7 @@ def _test_metrics(
 
 
 def _probes(
-    store: FeatureStore, streams: list[str], splits: _Splits, levels: int, seed: int
+    store: FeatureStore, streams: list[str], splits: LabelledSplits, levels: int, seed: int
 ) -> dict[str, Any] | None:
     """The linear-probe references every run reports (None without test videos)."""
     if not splits.test_ids:
@@ -527,7 +473,7 @@ def _probes(
 
 def _summary(
     config: Mapping[str, Any],
-    splits: _Splits,
+    splits: LabelledSplits,
     fits: Mapping[str, _StreamFit],
     fusion: _Fusion,
     per_stream: dict[str, Any],
@@ -564,7 +510,7 @@ def _summary(
 
 
 def _model(
-    levels: int, splits: _Splits, fits: Mapping[str, _StreamFit], fusion: _Fusion
+    levels: int, splits: LabelledSplits, fits: Mapping[str, _StreamFit], fusion: _Fusion
 ) -> dict[str, Any]:
     """``model.pt``: plain tensors and numbers (``torch.load(weights_only=True)``)."""
     return {
@@ -601,10 +547,7 @@ def _write_run(
         confusion, names = metrics["confusion_matrix"], config["class_names"]
         written.append(plots.plot_confusion(confusion, names, out / "confusion.png", title=title))
     metrics["plots"] = [p.name for p in written]
-    metrics["seconds"] = time.perf_counter() - t_start
-    metrics = finite(metrics)
-    write_json(out / METRICS_FILE, metrics)
-    return metrics
+    return write_metrics(out, metrics, t_start)
 
 
 def train_svm(
@@ -710,10 +653,7 @@ class SVMPredictor:
     @classmethod
     def load(cls, run_dir: str | Path) -> SVMPredictor:
         run = Path(run_dir)
-        path = run / CONFIG_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE})")
-        config = json.loads(path.read_text())
+        config = read_config(run)
         if config.get("head") != "svm":
             raise ValueError(f"run {str(run_dir)!r} has head {config.get('head')!r}, not 'svm'")
         weights = run / MODEL_FILE
