@@ -218,7 +218,7 @@ def labelled_splits(
     )
 
 
-def run_config(
+def make_run_config(
     out: str | Path,
     store: FeatureStore,
     head: str,

@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,9 @@ from aggregator import plots
 from aggregator.data import (
     NodeTensors,
     frame_loader,
-    label_indices,
     load_node_data,
     load_node_tensors,
     open_store,
-    stratified_holdout,
 )
 from aggregator.heads import (
     AdaptiveTemporalPooling,
@@ -58,13 +56,11 @@ from aggregator.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
-    RUN_FORMAT,
-    check_streams,
-    make_run_id,
+    LabelledSplits,
+    labelled_splits,
+    make_run_config,
     read_config,
-    resolve_splits,
     save_torch,
-    store_location,
     write_json,
 )
 from aggregator.train_config import Budget, TrainConfig, plan_budget
@@ -241,7 +237,7 @@ class RunData:
     n_fit: int
     n_val: int
     n_test: int
-    val_ids: list[str]
+    splits: LabelledSplits
     nodes: NodeTensors | NodeBlocks | None  # None: frames through a DataLoader
     node_dtype: torch.dtype | None
     stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
@@ -305,17 +301,20 @@ def prepare_data(
 ) -> RunData:
     """Step 1: splits, validation part, summaries in memory, standardisation statistics."""
     t0 = time.perf_counter()
-    class_names = store.class_names
-    if not class_names:
-        raise ValueError(f"store {store.path!r} has no class names (no labelled video)")
-    train_ids, test_ids = resolve_splits(store, config.train_split, config.test_split)
-    check_streams(store, config.streams, train_ids[0])
-    y_train = label_indices(store, train_ids, class_names)
-    y_test = label_indices(store, test_ids, class_names)
-    fit_idx, val_idx = stratified_holdout(y_train, config.val_fraction, config.seed)
+    splits = labelled_splits(
+        store,
+        config.train_split,
+        config.test_split,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        streams=config.streams,
+    )
     rng = np.random.default_rng(config.seed)
-    fit_idx = fit_idx[rng.permutation(len(fit_idx))]
-    val_idx = val_idx[rng.permutation(len(val_idx))]
+    fit_idx = splits.fit_idx[rng.permutation(len(splits.fit_idx))]
+    val_idx = splits.val_idx[rng.permutation(len(splits.val_idx))]
+    splits = replace(splits, fit_idx=fit_idx, val_idx=val_idx)  # rows in this seeded order
+    class_names, train_ids, test_ids = splits.class_names, splits.train_ids, splits.test_ids
+    y_train, y_test = splits.y_train, splits.y_test
     ids = [train_ids[i] for i in fit_idx] + [train_ids[i] for i in val_idx] + list(test_ids)
     labels = np.concatenate([y_train[fit_idx], y_train[val_idx], y_test]).astype(np.int64)
     in_features = {s: int(store.read(train_ids[0], s).shape[1]) for s in config.streams}
@@ -357,7 +356,7 @@ def prepare_data(
         n_fit=len(fit_idx),
         n_val=len(val_idx),
         n_test=len(test_ids),
-        val_ids=[train_ids[i] for i in val_idx],
+        splits=splits,
         nodes=data,
         node_dtype=hold,
         stats=stats,
@@ -737,9 +736,7 @@ def run_config(
     """``config.json``: what rebuilds the model and reruns the training."""
     train_args = config.to_dict()
     train_args["precision"] = precision
-    payload: dict[str, Any] = {
-        "format": RUN_FORMAT,
-        "head": config.head,
+    model_fields = {
         "head_kwargs": dict(config.head_kwargs),
         "in_features": data.in_features,
         "num_classes": len(data.class_names),
@@ -749,20 +746,17 @@ def run_config(
         "standardize": isinstance(model, TwoStream) and model.standardizer is not None,
         "streams": list(config.streams),
         "input_specs": {s: spec.to_dict() for s, spec in model.input_specs.items()},
-        "store": store_location(data.store),
-        "extractor": {s: data.store.extractor.get(s) for s in config.streams},
-        "class_names": data.class_names,
-        "splits": {
-            "train": config.train_split,
-            "test": config.test_split,
-            "val_fraction": config.val_fraction,
-            "validation_ids": data.val_ids,
-        },
-        "seed": config.seed,
-        "train_args": train_args,
     }
-    payload["run_id"] = make_run_id(out, payload)
-    return payload
+    extractor = {s: data.store.extractor.get(s) for s in config.streams}
+    return make_run_config(
+        out,
+        data.store,
+        config.head,
+        model_fields,
+        extractor=extractor,
+        splits=data.splits,
+        train_args=train_args,
+    )
 
 
 def write_run(

@@ -34,7 +34,7 @@ from aggregator.rundir import (
     MODEL_FILE,
     LabelledSplits,
     labelled_splits,
-    run_config,
+    make_run_config,
     save_torch,
     write_json,
     write_metrics,
@@ -216,7 +216,7 @@ def _run_config(
         for s in ("appearance", "motion", *MAP_STREAMS)
         if s in MAP_STREAMS or store.extractor.get(s) is not None
     }
-    return run_config(
+    return make_run_config(
         out, store, args["head"], model_fields, extractor=extractor, splits=splits, train_args=args
     )
 

@@ -53,8 +53,8 @@ from aggregator.rundir import (
     MODEL_FILE,
     LabelledSplits,
     labelled_splits,
+    make_run_config,
     read_config,
-    run_config,
     save_torch,
     write_json,
     write_metrics,
@@ -349,7 +349,7 @@ def _run_config(
         "standardize": use_stats,
     }
     extractor = {s: store.extractor.get(s) for s in streams}
-    return run_config(
+    return make_run_config(
         out, store, "svm", model_fields, extractor=extractor, splits=splits, train_args=train_args
     )
 
