@@ -13,7 +13,7 @@ from aggregator.data import summaries_of
 from aggregator.heads import NodeInput, VideoModel, build_model
 from aggregator.intervals import Intervals
 from aggregator.predictor import Predictor
-from aggregator.rundir import MODEL_FILE, learned_fusion_rule, read_config
+from aggregator.rundir import learned_fusion_rule, read_config, read_model_state
 from aggregator.train import fusion_weights_of, model_betas, resolve_device
 
 __all__ = ["TorchRun", "load_run", "read_config"]
@@ -52,11 +52,7 @@ class TorchRun:
             standardize=bool(config.get("standardize", False)),
             learned_on=learned_fusion_rule(config),
         )
-        weights = Path(run_dir) / MODEL_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {MODEL_FILE}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(read_model_state(run_dir))
         dev = resolve_device(device)
         return cls(config, model.to(dev), dev)
 

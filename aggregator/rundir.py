@@ -93,6 +93,15 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_model_state(run_dir: str | Path) -> Any:
+    """The run's ``model.pt`` on the CPU (``weights_only``: tensors and plain values); a missing
+    file names the directory."""
+    weights = Path(run_dir) / MODEL_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {MODEL_FILE}")
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

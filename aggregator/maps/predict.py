@@ -18,7 +18,7 @@ import torch
 
 from aggregator.heads import SpatiotemporalPyramid, build_model
 from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
-from aggregator.rundir import MODEL_FILE, read_config
+from aggregator.rundir import read_config, read_model_state
 from aggregator.train import resolve_device
 
 SOURCE_STREAMS = {"appearance_map": "appearance", "motion_map": "motion"}
@@ -67,10 +67,7 @@ class MapRun:
             head_kwargs=config.get("head_kwargs"),
         )
         assert isinstance(model, SpatiotemporalPyramid)
-        weights = Path(run_dir) / MODEL_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {MODEL_FILE}")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(read_model_state(run_dir))
         dev = resolve_device(device)
         return cls(config, model.to(dev), dev)
 

@@ -55,6 +55,7 @@ from aggregator.rundir import (
     labelled_splits,
     make_run_config,
     read_config,
+    read_model_state,
     save_torch,
     write_json,
     write_metrics,
@@ -652,14 +653,10 @@ class SVMPredictor:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> SVMPredictor:
-        run = Path(run_dir)
-        config = read_config(run)
+        config = read_config(run_dir)
         if config.get("head") != "svm":
             raise ValueError(f"run {str(run_dir)!r} has head {config.get('head')!r}, not 'svm'")
-        weights = run / MODEL_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {MODEL_FILE}")
-        return cls(config, torch.load(weights, map_location="cpu", weights_only=True))
+        return cls(config, read_model_state(run_dir))
 
     def nodes(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``{stream: [1, M, d]}`` node means of one video's ``{stream: [T, d]}`` features."""
