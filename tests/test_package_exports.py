@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("package", ["storage", "extractor", "aggregator"])
+@pytest.mark.parametrize("package", ["storage", "extractor", "aggregator", "aggregator.svm"])
 def test_every_exported_name_resolves(package: str) -> None:
     module = importlib.import_module(package)
     assert module.__all__, f"{package} exports nothing"
@@ -19,7 +19,7 @@ def test_every_exported_name_resolves(package: str) -> None:
         getattr(module, "not_a_name")  # noqa: B009
 
 
-@pytest.mark.parametrize("package", ["extractor", "aggregator"])
+@pytest.mark.parametrize("package", ["extractor", "aggregator", "aggregator.svm"])
 def test_importing_the_package_is_light(package: str) -> None:
     code = f"import sys, {package}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
