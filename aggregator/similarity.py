@@ -423,7 +423,9 @@ def build_index(
     def blocks(ids: Sequence[str]) -> Iterator[np.ndarray]:
         return iter_store_embeddings(predictor, store, ids, batch_size=batch_size, budget=budget)
 
-    first = next(blocks(video_ids[:1]))
+    probe = blocks(video_ids[:1])  # the embedding size, from one video
+    first = next(probe)
+    probe.close()
     plan = plan_index(len(video_ids), int(first.shape[1]), budget)
     sample = None
     if not plan.exact:  # an evenly spaced sample of videos fits the projection
