@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,7 +296,7 @@ def iter_store_embeddings(
     use_cache: bool = True,
     batch_size: int = 256,
     budget: int | None = None,
-) -> Iterator[np.ndarray]:
+) -> Generator[np.ndarray, None, None]:
     """``[b, e]`` float32 embeddings of ``video_ids``, in order, at most ``batch_size`` at a time.
 
     A torch run (one with ``input_specs`` and ``embed_nodes``) embeds batches of the summaries its
@@ -420,7 +420,7 @@ def build_index(
                 f"{predictor.extractor.get(stream)}"
             )
 
-    def blocks(ids: Sequence[str]) -> Iterator[np.ndarray]:
+    def blocks(ids: Sequence[str]) -> Generator[np.ndarray, None, None]:
         return iter_store_embeddings(predictor, store, ids, batch_size=batch_size, budget=budget)
 
     probe = blocks(video_ids[:1])  # the embedding size, from one video
