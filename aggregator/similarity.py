@@ -315,15 +315,20 @@ def iter_store_embeddings(
         import torch
 
         from aggregator.data import load_node_data
+        from aggregator.heads import VideoModel
+        from aggregator.train import pyramid_leaf_streams
 
         # the node cache the trainer loaded is reused (loaded once per process), and streamed
-        # block by block when it exceeds the memory budget
+        # block by block when it exceeds the memory budget; a temporal pyramid reads its leaves
+        # only (half the nodes), as in training
+        model = getattr(predictor, "model", None)
         data = load_node_data(
             store,
             video_ids,
             np.zeros(len(video_ids), dtype=np.int64),
             specs,
             dtype=torch.float16,
+            leaves=pyramid_leaf_streams(model) if isinstance(model, VideoModel) else (),
             progress=False,
             budget=budget,
         )
