@@ -12,7 +12,8 @@ seconds of that process, its peak RSS):
 - ``node cache``: building the depth-6 node cache (parallel, block by block);
 - ``train (memory)``: ``framepool train --head tp --levels 6`` with the default memory budget
   (the node cache present; one fixed learning rate and weight decay, no probes; the similarity
-  index built after training, as by default, unless ``--no-index``);
+  index built after training, as by default, unless ``--no-index``: its build seconds and
+  dimension, reduced when the exact index exceeds a quarter of the budget, are printed too);
 - ``train (streamed)``: the same with ``--memory-budget --budget``, so that training streams
   row blocks of the node cache.
 
@@ -163,6 +164,10 @@ def train(store: str, out: Path, args: argparse.Namespace, budget: str | None) -
     metrics = json.loads((out / "metrics.json").read_text())
     training = metrics["training"]  # steps of one configuration: seconds per epoch of data
     r.update(epoch=training["seconds"] / training["epochs"], data=metrics["seconds_data"])
+    ids_file = out / "index_ids.json"
+    if not args.no_index and ids_file.is_file():  # what the similarity index step recorded
+        meta = json.loads(ids_file.read_text())
+        r.update(index=meta.get("seconds"), index_dim=meta.get("reduced_dim") or meta.get("dim"))
     return r
 
 
@@ -269,6 +274,8 @@ def print_rows(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
             "scan": f"{r.get('rate', 0):.0f} videos/s",
             "node cache": f"{gib(r.get('bytes', 0))} built in {r.get('seconds', 0):.1f} s",
         }.get(name, f"{r.get('epoch', 0):.1f} s/epoch, data {r.get('data', 0):.1f} s")
+        if r.get("index") is not None:
+            rate += f", index {r['index']:.1f} s (dim {r['index_dim']})"
         print(f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {gib(r['rss'])} | {rate} |")
     if args.json:
         with open(args.json, "a") as f:

@@ -3,12 +3,15 @@
 Layout (the contract other parts rely on)::
 
     /                          attrs: schema_version, created_by, extractor, class_names (those
-                                  given at creation; see :attr:`FeatureStore.class_names`)
+                                  given at creation; see :attr:`FeatureStore.class_names` and
+                                  :attr:`FeatureStore.extractor`)
     /videos/<video_id>/<stream>   float16 [T, d]
     /videos/<video_id>            attrs: label, split, source, source_sha256, n_frames, fps,
                                   width, height, status, error, extracted_at
-    /splits                       attrs: named split lists {name: {part: [video_id, ...]}}
-    /index/...                    the metadata index of every video (:mod:`storage.index`)
+    /splits                       attrs: named split lists of older stores (read, never written)
+    /index/...                    the metadata index of every video (:mod:`storage.index`), and
+                                  the declarations of streams, split lists and class names that
+                                  writers add (:mod:`storage.declarations`), merged on read
     /cache/<name>/<key>/...       derived data, keyed by a hash of its inputs
 
 A video is marked ``complete`` only after every one of its streams is written, in one metadata
@@ -43,6 +46,14 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.errors import ContainsGroupError
 
+from storage.declarations import (
+    EXTRACTOR,
+    SPLITS,
+    declare,
+    merged_extractor,
+    merged_splits,
+    withdraw,
+)
 from storage.files import files_for
 from storage.ids import safe_video_id
 from storage.index import (
@@ -290,23 +301,38 @@ class FeatureStore:
 
     @property
     def extractor(self) -> dict[str, Any]:
-        """The extractor configuration per stream, as recorded at creation."""
-        return dict(_attr(self._root, "extractor", {}))
+        """The extractor configuration per stream: recorded at creation, and declared since by
+        any writer (:mod:`storage.declarations`, merged on read)."""
+        return merged_extractor(self._files, dict(_attr(self._root, "extractor", {})))[0]
 
     def _merge_extractor(self, extractor: dict[str, Any]) -> None:
+        """Declare the streams of ``extractor`` the store does not hold yet; a stream it holds
+        with another configuration is an error. Safe with many writers: the new streams go to a
+        declaration file of their own, read back so that a concurrent conflicting declaration
+        that came first is noticed (this one is then withdrawn)."""
         current = self.extractor
         extractor = _jsonable(extractor)
+
+        def conflict(stream: str, held: Any, cfg: Any) -> ValueError:
+            return ValueError(
+                f"store {self.path!r} holds stream {stream!r} extracted with "
+                f"{held}, which differs from the requested {cfg}; "
+                "use a new store (or remove the stream) to change the extractor"
+            )
+
         for stream, cfg in extractor.items():
             if stream in current and current[stream] != cfg:
-                raise ValueError(
-                    f"store {self.path!r} holds stream {stream!r} extracted with "
-                    f"{current[stream]}, which differs from the requested {cfg}; "
-                    "use a new store (or remove the stream) to change the extractor"
-                )
-        if any(s not in current for s in extractor):
-            self._writable()
-            current.update(extractor)
-            self._root.attrs.update({"extractor": current})
+                raise conflict(stream, current[stream], cfg)
+        new = {s: cfg for s, cfg in extractor.items() if s not in current}
+        if not new:
+            return
+        self._writable()
+        name = declare(self._files, EXTRACTOR, new)
+        merged, _ = merged_extractor(self._files, dict(_attr(self._root, "extractor", {})))
+        lost = [s for s, cfg in new.items() if merged[s] != cfg]
+        if lost:
+            withdraw(self._files, name)
+            raise conflict(lost[0], merged[lost[0]], new[lost[0]])
 
     @property
     def class_names(self) -> list[str]:
@@ -846,19 +872,19 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ splits
     def split_lists(self) -> dict[str, dict[str, list[str]]]:
-        if "splits" not in self._root:
-            return {}
-        return dict(_attr(self._root["splits"], "lists", {}))
+        """Named split lists ``{name: {part: [video_id, ...]}}`` (:meth:`set_split_list`)."""
+        recorded = dict(_attr(self._root["splits"], "lists", {})) if "splits" in self._root else {}
+        return merged_splits(self._files, recorded)
 
     def set_split_list(self, name: str, parts: Mapping[str, list[str]]) -> None:
-        """Record a named split list, e.g. ``ucf101-1`` with parts ``train`` and ``test``."""
+        """Record a named split list, e.g. ``ucf101-1`` with parts ``train`` and ``test``
+        (replacing a list of that name). Safe with many writers: each list is a declaration
+        file of its own (:mod:`storage.declarations`), so writers never lose each other's."""
         self._writable()
         if not name or "/" in name:
             raise ValueError(f"split list name {name!r} must be non-empty and contain no '/'")
-        grp = self._root.require_group("splits")
-        lists = dict(_attr(grp, "lists", {}))
-        lists[name] = {str(p): sorted(map(str, ids)) for p, ids in parts.items()}
-        grp.attrs.update({"lists": lists})
+        lists = {name: {str(p): sorted(map(str, ids)) for p, ids in parts.items()}}
+        declare(self._files, SPLITS, lists)
 
     # ------------------------------------------------------------------ cache
     def read_cache(self, name: str, key: str) -> dict[str, Any] | None:
