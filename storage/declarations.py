@@ -13,9 +13,12 @@ class names (:func:`storage.index.declare_class_names`) and the index parts.
 
 - ``extractor-*``: ``{stream: config}``. The first declaration of a stream wins (the store's
   root ``extractor`` attribute, written at creation, counts as the oldest). A writer declares
-  only streams it does not see yet, then reads the merge back: when a concurrent writer declared
-  the same stream with another configuration first, its own file is removed and the conflict is
-  an error, so a store never mixes two extractors' features in one stream.
+  only streams it does not see yet, then lists the declarations again: when any other holds one
+  of its streams with another configuration, its own file is removed and the conflict is an
+  error, whichever of the two sorts first. A writer that sees no rival after its own write has
+  won: a rival that wrote earlier is visible to it, and one that writes later sees it. Two
+  writers at once may thus both fail (and retry), but two never both succeed, so a store never
+  mixes two extractors' features in one stream.
 - ``splits-*``: ``{name: {part: [video_id, ...]}}``. A later declaration of a name replaces the
   earlier one (the legacy ``/splits`` attribute counts as the oldest); declarations of different
   names never touch each other.
@@ -92,6 +95,20 @@ def merged_extractor(
                 config[stream] = cfg
                 source[stream] = name
     return config, source
+
+
+def conflicting_declarations(
+    files: Files, own: str, streams: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    """``(stream, config)`` of every extractor declaration other than ``own`` that holds one of
+    ``streams`` with a different configuration."""
+    return [
+        (stream, payload[stream])
+        for name, payload in read_declarations(files, EXTRACTOR)
+        if name != own
+        for stream in streams
+        if stream in payload and payload[stream] != streams[stream]
+    ]
 
 
 def merged_splits(files: Files, recorded: dict[str, Any]) -> dict[str, dict[str, list[str]]]:

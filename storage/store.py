@@ -49,6 +49,7 @@ from zarr.errors import ContainsGroupError
 from storage.declarations import (
     EXTRACTOR,
     SPLITS,
+    conflicting_declarations,
     declare,
     merged_extractor,
     merged_splits,
@@ -328,11 +329,19 @@ class FeatureStore:
             return
         self._writable()
         name = declare(self._files, EXTRACTOR, new)
-        merged, _ = merged_extractor(self._files, dict(_attr(self._root, "extractor", {})))
-        lost = [s for s, cfg in new.items() if merged[s] != cfg]
-        if lost:
+        rivals = conflicting_declarations(self._files, name, new)
+        if rivals:
+            # Any other visible declaration of one of these streams with another configuration
+            # makes this one withdraw, whichever sorts first: the rival may have listed before
+            # this file existed and taken the stream, and only "no rival seen after my own write"
+            # rules out two winners (both may lose; neither is ever silently overridden).
             withdraw(self._files, name)
-            raise conflict(lost[0], merged[lost[0]], new[lost[0]])
+            stream, held = rivals[0]
+            raise ValueError(
+                f"store {self.path!r}: stream {stream!r} was declared at the same time with "
+                f"{held}, which differs from the requested {new[stream]}; "
+                "check the store's extractor and retry"
+            )
 
     @property
     def class_names(self) -> list[str]:
