@@ -172,6 +172,9 @@ def _check_chunk_count(files: Any, video_id: str, stream: str, where: str) -> No
             )
 
 
+_OWN_MEMBERS = {"videos", INDEX_DIR}
+
+
 def _open_or_create_root(path: str) -> zarr.Group:
     """The root group at ``path``, created when absent. Processes creating one store at once
     race on its root: the loser of the race sees the winner's group and opens it."""
@@ -223,13 +226,19 @@ class FeatureStore:
         spath = str(path)
         root = _open_or_create_root(spath)
         attrs = dict(root.attrs)
-        if attrs.get("schema_version") is None and list(root.keys()):
+        for _attempt in range(20):
+            if attrs.get("schema_version") is not None or not list(root.keys()):
+                break
             # another process may be creating this store right now: it writes the root attrs
-            # before any member, so a member seen means its attrs can be read back now
+            # before any member, so a member seen means its attrs can be read back (soon)
+            time.sleep(0.01 * _attempt)
             root = zarr.open_group(spath, mode="a")
             attrs = dict(root.attrs)
         if attrs.get("schema_version") is None:
-            if list(root.keys()):
+            if not set(root.keys()) <= _OWN_MEMBERS:
+                # (only the store's own members and no attrs: two creators raced on the root
+                # document and the second one's empty document replaced the first one's
+                # attrs; they are written again below)
                 raise ValueError(
                     f"{spath!r} is a Zarr group with content but not a framepool store "
                     "(no schema_version attribute)"

@@ -423,3 +423,21 @@ def test_close_freezes_the_live_part(store_path: str) -> None:
     assert FeatureStore.open(store_path).videos() == [f"v{i}" for i in range(5)]
     store.write_video("v5", {"appearance": np.ones((2, 3))}, label="x")  # still usable
     assert_agrees(store_path)
+
+
+def test_create_rewrites_root_attrs_a_concurrent_creator_erased(tmp_path: Path) -> None:
+    """Two creators race on the root document: the second one's empty document can replace the
+    first one's attrs after the first made its members. Only the store's own members there, so
+    create writes the attrs again; a group with other content is still refused."""
+    path = tmp_path / "s.zarr"
+    root = zarr.open_group(str(path), mode="w")
+    root.create_group("videos")
+    root.create_group("index")
+    store = FeatureStore.create(path, class_names=["a"])
+    assert store.attrs["schema_version"] is not None
+    assert FeatureStore.open(path).class_names == ["a"]
+
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").create_group("images")
+    with pytest.raises(ValueError, match="not a framepool store"):
+        FeatureStore.create(other)
