@@ -55,6 +55,7 @@ from aggregator.svm.solvers import (
     clean_simplex,
     cutting_plane_lp,
     level_projection,
+    libsvm_iterations,
     node_blocks,
     node_kernel,
     ovr_targets,
@@ -107,6 +108,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         max_iter: most alpha-steps (concat) or accepted gradient steps per restart (average).
         eps: stop at relative gap ``1 - LB/UB`` (concat) or relative Frank-Wolfe gap (average).
         tol: libsvm stopping tolerance; keep it <= 1e-4 for duals accurate to ~1e-6.
+        svm_max_iter: libsvm's iteration bound per SVM: ``"auto"`` (100 per training sample,
+            at least 100,000), an integer, or None (no bound). On a hard, non-separable problem
+            at a large ``C`` an unbounded libsvm can take tens of millions of O(n) iterations
+            per SVM; a solve stopped at the bound keeps a feasible, not optimal, ``alpha``.
         restarts: starting points of the averaging variant (the first is uniform).
         gram_cache_gib: memory for the linear kernel's node Gram matrices kept between
             iterations (packed triangles, n^2/2 floats each); nodes beyond it are recomputed
@@ -117,15 +122,18 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
 
     Parameters are checked by scikit-learn's ``_parameter_constraints`` when ``fit`` starts (an
     ``InvalidParameterError``, a ``ValueError``); a fit that stops at ``max_iter`` before its gap
-    reaches ``eps`` warns with ``ConvergenceWarning`` and keeps the best iterate.
+    reaches ``eps`` warns with ``ConvergenceWarning`` and keeps the best iterate; so does a fit in
+    which libsvm stopped at ``svm_max_iter`` (once per fit, with the count).
 
     Fitted attributes: ``classes_``, ``beta_ [M]``, ``intercept_ [L]``, ``coef_ [L, M*d]`` (linear
     kernel: primal weights on the raw node features, zero where beta is zero) or
     ``support_``/``support_vectors_``/``dual_coef_``/``gammas_`` (rbf/chi2), ``objective_`` (J at
     ``beta_``), ``dual_values_ [L]``, ``gap_``, ``n_iter_`` (alpha-steps run), ``history_`` (one
-    dict per iterate: iteration, lower, upper, gap, beta, seconds since fit began; concat also
-    kernel_seconds, svm_seconds, beta_step_seconds, node_grams_computed; average also restart,
-    with lower NaN), ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1 for two
+    dict per iterate: iteration, lower, upper, gap, beta, seconds since fit began, svm_at_bound;
+    concat also kernel_seconds, svm_seconds, beta_step_seconds, node_grams_computed; average
+    also restart, with lower NaN), ``n_svm_at_bound_`` (SVM solves stopped at the bound over the
+    whole fit), ``n_svm_solves_`` (all of them), ``svm_iter_bound_`` (the bound; -1: none),
+    ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1 for two
     classes (positive = ``classes_[1]``) and C otherwise.
     """
 
@@ -141,6 +149,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "eps": [Interval(Real, 0, None, closed="neither")],
         "tol": [Interval(Real, 0, None, closed="neither")],
+        "svm_max_iter": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left"), None],
         "restarts": [Interval(Integral, 1, None, closed="left")],
         "gram_cache_gib": [Interval(Real, 0, None, closed="left")],
         "n_jobs": [Integral, None],
@@ -161,6 +170,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         max_iter: int = 50,
         eps: float = 1e-3,
         tol: float = 1e-4,
+        svm_max_iter: int | str | None = "auto",
         restarts: int = 3,
         gram_cache_gib: float = 4.0,
         n_jobs: int | None = None,
@@ -177,6 +187,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.eps = eps
         self.tol = tol
+        self.svm_max_iter = svm_max_iter
         self.restarts = restarts
         self.gram_cache_gib = gram_cache_gib
         self.n_jobs = n_jobs
@@ -267,6 +278,8 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_nodes_, self.n_node_features_ = X.shape[1], X.shape[2]
         Y = ovr_targets(y_idx, len(classes))
+        self.svm_iter_bound_ = libsvm_iterations(X.shape[0], self.svm_max_iter)
+        self.n_svm_at_bound_ = self.n_svm_solves_ = 0
         self.gammas_ = self.node_gammas(X)
         if grams is not None and (
             grams.X.shape != X.shape
@@ -288,7 +301,32 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             self._fit_concat(X, Y, grams)
         else:
             self._fit_average(X, Y)
+        if self.n_svm_at_bound_:
+            warnings.warn(
+                f"{type(self).__name__}(C={self.C:g}) on n={X.shape[0]}: libsvm stopped at "
+                f"svm_max_iter={self.svm_iter_bound_} iterations in {self.n_svm_at_bound_} of "
+                f"{self.n_svm_solves_} SVM solves; their duals are feasible, not optimal. Raise "
+                "svm_max_iter (None: no bound) for exact solves",
+                ConvergenceWarning,
+                stacklevel=3,  # the caller of fit (past _fit_context)
+            )
         return self
+
+    def _alpha_step(self, K: np.ndarray, Y: np.ndarray) -> AlphaStep:
+        step = alpha_step(
+            K,
+            Y,
+            C=float(self.C),
+            tol=float(self.tol),
+            n_jobs=self.n_jobs,
+            max_iter=self.svm_iter_bound_,
+        )
+        self._count_solves(step, Y)
+        return step
+
+    def _count_solves(self, step: AlphaStep, Y: np.ndarray) -> None:
+        self.n_svm_solves_ += Y.shape[1]
+        self.n_svm_at_bound_ += step.at_bound
 
     def _fit_concat(self, X: np.ndarray, Y: np.ndarray, grams: NodeGrams | None = None) -> None:
         m_nodes = X.shape[1]
@@ -311,7 +349,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             t0, grams_before = time.perf_counter(), grams.n_computed
             K = grams.combined(beta)
             t1 = time.perf_counter()
-            step = alpha_step(K, Y, C=float(self.C), tol=float(self.tol), n_jobs=self.n_jobs)
+            step = self._alpha_step(K, Y)
             del K
             t2 = time.perf_counter()
             P = grams.projections(step.U) if self.kernel == "linear" else None
@@ -341,6 +379,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                     "svm_seconds": t2 - t1,
                     "beta_step_seconds": t3 - t2,
                     "node_grams_computed": grams.n_computed - grams_before,
+                    "svm_at_bound": step.at_bound,
                 }
             )
             log.info(
@@ -387,7 +426,12 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         starts = [np.full(m_nodes, 1.0 / m_nodes)]
         if m_nodes > 1:
             starts += [rng.dirichlet(np.ones(m_nodes)) for _ in range(self.restarts - 1)]
-        kw: dict[str, Any] = {"C": float(self.C), "tol": float(self.tol), "n_jobs": self.n_jobs}
+        kw: dict[str, Any] = {
+            "C": float(self.C),
+            "tol": float(self.tol),
+            "n_jobs": self.n_jobs,
+            "max_iter": self.svm_iter_bound_,
+        }
         start = time.perf_counter()
         history: list[dict[str, Any]] = []
         evaluations = 0
@@ -395,6 +439,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         for restart, beta in enumerate(starts):
             J, g, step, W = average_objective(X, beta, Y, **kw)
             evaluations += 1
+            self._count_solves(step, Y)
             spread = float(g.max() - g.min())
             eta = 1.0 / (m_nodes * spread) if spread > 0 else 1.0
             stalled = at_limit = False
@@ -410,6 +455,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                         "gap": fw_gap,
                         "beta": beta.tolist(),
                         "seconds": time.perf_counter() - start,
+                        "svm_at_bound": step.at_bound,
                     }
                 )
                 log.info("svm average restart %d iter %d: J %.6g gap %.3g", restart, it, J, fw_gap)
@@ -423,6 +469,7 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                         break
                     Jc, gc, stepc, Wc = average_objective(X, cand, Y, **kw)
                     evaluations += 1
+                    self._count_solves(stepc, Y)
                     if Jc <= J + g @ delta + (delta @ delta) / (2 * eta):
                         # J is not differentiable where the SVM duals are not unique; there the
                         # gradient is a subgradient and the steps shrink without closing the gap

@@ -21,10 +21,16 @@ The soft-margin ``C`` (when not given) is chosen on the same validation part fro
 :data:`C_GRID`, per stream, by validation top-1 (ties: the smaller ``C``); the fits across ``C``
 share one :class:`aggregator.svm.solvers.NodeGrams`, so the node Gram matrices are computed once.
 The chosen ``C`` is then refit on the whole training split, and the fusion weights and
-temperature found on the validation part with the selection's SVMs are kept. Node means are
-standardised per feature with statistics of the training videos (not for the chi2 kernel, which
-needs non-negative features); the statistics are part of ``model.pt`` and applied by
-:class:`SVMPredictor`. Like the deep heads, every run reports the linear-probe references.
+temperature found on the validation part with the selection's SVMs are kept. With more than
+:data:`SELECTION_MAX_VIDEOS` fit videos the grid is fitted on a seeded, stratified subsample of
+about that many (an SVM's cost grows faster than n^2 with n on a hard problem, and the choice of
+``C`` needs no more), and the chosen values are always refit on all of them. libsvm's iterations
+per SVM are bounded (``MultipleAggregationSVM(svm_max_iter="auto")``); the solves that stopped at
+the bound are counted per grid value and for the final fit in ``metrics.json`` and logged.
+Node means are standardised per feature with statistics of the training videos (not for the
+chi2 kernel, which needs non-negative features); the statistics are part of ``model.pt`` and
+applied by :class:`SVMPredictor`. Like the deep heads, every run reports the linear-probe
+references.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ FORMAT = "framepool-svm/1"
 C_GRID = (0.1, 1.0, 10.0)
 GAMMA_GRID = (0.25, 1.0, 4.0)  # factors on the per-node "scale" gamma (rbf and chi2 kernels)
 VALIDATION_FRACTION = 0.1
+SELECTION_MAX_VIDEOS = 2000  # the selection grid is fitted on at most about this many videos
 FUSION_GRID = 20  # simplex step 1/20 for the stream weights
 EMBED_DIM = 4096  # embeddings longer than this are count-sketched down to it
 
@@ -227,6 +234,26 @@ def _node_means(cache: NodeCache, video_ids: list[str], levels: int) -> np.ndarr
     return np.ascontiguousarray(cache.means[cache.rows(video_ids), : n_nodes(levels)])
 
 
+def _selection_rows(y_fit: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of the fit videos the selection grid is fitted on: all of them up to ``limit``,
+    else a seeded subsample of about ``limit`` with every class in its share (at least one)."""
+    if len(y_fit) <= limit:
+        return np.arange(len(y_fit))
+    from aggregator.data import stratified_holdout
+
+    _, sub = stratified_holdout(y_fit, limit / len(y_fit), seed)
+    return sub
+
+
+def _bound_record(est: MultipleAggregationSVM) -> dict[str, Any]:
+    """How many of a fit's SVM solves libsvm stopped at its iteration bound."""
+    return {
+        "svm_at_bound": est.n_svm_at_bound_,
+        "svm_solves": est.n_svm_solves_,
+        "svm_iter_bound": est.svm_iter_bound_,
+    }
+
+
 def _fit_stream(
     X_fit: np.ndarray,
     y_fit: np.ndarray,
@@ -273,7 +300,8 @@ def _fit_stream(
             entry: dict[str, Any] = {**values, "val_top1": top1}
             if est.gammas_ is not None:
                 entry["gamma_mean"] = float(np.mean(est.gammas_))
-            entry |= {"n_iter": est.n_iter_, "seconds": time.perf_counter() - t0}
+            entry |= {"n_iter": est.n_iter_, **_bound_record(est)}
+            entry["seconds"] = time.perf_counter() - t0
             record.append(entry)
             key = (-math.inf if math.isnan(top1) else top1, -float(C), -abs(math.log(g)))
             if best is None or key > best[0]:
@@ -377,8 +405,27 @@ def _train_stream(
     X_fit = X_train[splits.fit_idx]
     X_val = X_train[splits.val_idx] if len(splits.val_idx) else None
     t_fit = time.perf_counter()
+    selecting = len(c_grid) * len(g_grid) > 1
+    rows = np.arange(len(splits.fit_idx))
+    if selecting:
+        rows = _selection_rows(splits.y_fit, SELECTION_MAX_VIDEOS, train_args["seed"])
+    if len(rows) < len(splits.fit_idx):
+        log.info(
+            "svm %s: selecting on %d of %d fit videos, then refitting on all",
+            stream,
+            len(rows),
+            len(splits.fit_idx),
+        )
     chosen, grid, est = _fit_stream(
-        X_fit, splits.y_fit, X_val, splits.y_val, params, c_grid, splits.classes, n_classes, g_grid
+        X_fit[rows],
+        splits.y_fit[rows],
+        X_val,
+        splits.y_val,
+        params,
+        c_grid,
+        splits.classes,
+        n_classes,
+        g_grid,
     )
     val_scores = None
     if X_val is not None:
@@ -387,6 +434,18 @@ def _train_stream(
     refitted = bool(train_args["refit"] and len(splits.val_idx))
     if refitted:
         est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_train, splits.y_train)
+    elif len(rows) < len(splits.fit_idx):  # the final SVMs never see only the subsample
+        est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_fit, splits.y_fit)
+    if est.n_svm_at_bound_:
+        log.warning(
+            "svm %s: libsvm stopped at its bound of %d iterations in %d of %d SVM solves of "
+            "the final fit (C %g); their duals are feasible, not optimal",
+            stream,
+            est.svm_iter_bound_,
+            est.n_svm_at_bound_,
+            est.n_svm_solves_,
+            chosen["C"],
+        )
     del X_fit, X_val, X_train
     seconds_fit = time.perf_counter() - t_fit
     state = export_state(est)
@@ -400,11 +459,13 @@ def _train_stream(
         "C": chosen["C"],
         "gamma_scale": chosen.get("gamma_scale"),
         "C_grid": grid,
+        "selection_videos": len(rows),
         "refit": refitted,
         "n_iter": est.n_iter_,
         "gap": est.gap_,
         "objective": est.objective_,
         "active_nodes": int((est.beta_ > 0).sum()),
+        **_bound_record(est),
         "seconds_node_cache": t_fit - t_cache,
         "seconds_fit": seconds_fit,
         "history": [{k: v for k, v in h.items() if k != "beta"} for h in est.history_],
@@ -503,6 +564,7 @@ def _summary(
                 "chosen": {"C": i["C"]}
                 | ({"gamma_scale": i["gamma_scale"]} if i["gamma_scale"] is not None else {}),
                 "grid": i["C_grid"],
+                "videos": i["selection_videos"],
             }
             for s, i in info.items()
         },
@@ -571,6 +633,7 @@ def train_svm(
     standardize_inputs: bool = True,
     probe: bool = True,
     probe_levels: int = 4,
+    svm_max_iter: int | str | None = "auto",
 ) -> dict[str, Any]:
     """Fit one multiple-aggregation SVM per stream on ``train_split``, evaluate on ``test_split``
     (None: no test), and write the run directory ``out_dir``. Returns the metrics written.
@@ -580,6 +643,7 @@ def train_svm(
     kernels a factor on the gamma from ``gamma_grid`` (default :data:`GAMMA_GRID` when ``C`` is
     selected, else 1: a given ``C`` is a fixed configuration). See the module docstring
     for the validation part, selection, refit, fusion, calibration and standardisation.
+    ``svm_max_iter`` bounds libsvm's iterations per SVM (see :class:`MultipleAggregationSVM`).
     """
     t_start = time.perf_counter()
     if isinstance(store, str | Path):
@@ -593,7 +657,13 @@ def train_svm(
     c_grid, g_grid = _grids(C, C_grid, gamma_grid, kernel)
     # the estimator validates C, variant, kernel, max_iter and eps before any work
     estimator = MultipleAggregationSVM(
-        C=c_grid[0], variant=variant, kernel=kernel, max_iter=max_iter, eps=eps, random_state=seed
+        C=c_grid[0],
+        variant=variant,
+        kernel=kernel,
+        max_iter=max_iter,
+        eps=eps,
+        svm_max_iter=svm_max_iter,
+        random_state=seed,
     )
     for c in c_grid:
         clone(estimator).set_params(C=c).check_params()
@@ -612,6 +682,7 @@ def train_svm(
         "seed": seed,
         "max_iter": max_iter,
         "eps": eps,
+        "svm_max_iter": svm_max_iter,
         "refit": refit,
         "standardize_inputs": standardize_inputs,
         "probe": probe,

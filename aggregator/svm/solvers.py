@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import sklearn
 from joblib import Parallel, delayed
 from scipy import sparse
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics.pairwise import additive_chi2_kernel, euclidean_distances
 from sklearn.svm import SVC
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("linear", "rbf", "chi2")
 _CHUNK_BYTES = 512 << 20  # scaled node blocks multiplied at once when a Gram is not cached
+SVM_ITER_PER_SAMPLE = 100  # libsvm iterations per training sample of svm_max_iter="auto"
+SVM_ITER_MIN = 100_000  # ... and at least this many
 
 
 # --------------------------------------------------------------------------- targets
@@ -47,10 +51,13 @@ def ovr_targets(y: np.ndarray, n_classes: int) -> np.ndarray:
 # --------------------------------------------------------------------------- alpha-step
 @dataclass
 class AlphaStep:
-    """The L SVMs trained on one kernel: ``U [n, L]`` (alpha∘y), intercepts ``b [L]``."""
+    """The L SVMs trained on one kernel: ``U [n, L]`` (alpha∘y), intercepts ``b [L]``, and how
+    many of them libsvm stopped at its iteration bound (``at_bound``; their ``alpha`` is feasible
+    but not optimal)."""
 
     U: np.ndarray
     b: np.ndarray
+    at_bound: int = 0
 
     @property
     def a(self) -> np.ndarray:
@@ -59,19 +66,46 @@ class AlphaStep:
 
 
 def _fit_columns(
-    K: np.ndarray, Y: np.ndarray, cols: np.ndarray, C: float, tol: float, cache_size: float
-) -> tuple[np.ndarray, np.ndarray]:
+    K: np.ndarray,
+    Y: np.ndarray,
+    cols: np.ndarray,
+    C: float,
+    tol: float,
+    cache_size: float,
+    max_iter: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     n = K.shape[0]
     U = np.zeros((n, len(cols)))
     b = np.zeros(len(cols))
+    at_bound = 0
     # K is checked once by the caller; scikit-learn would rescan all n^2 entries for every class.
-    with sklearn.config_context(assume_finite=True):
+    with sklearn.config_context(assume_finite=True), warnings.catch_warnings():
+        # a solve stopped at max_iter is counted and reported once by the caller
+        warnings.filterwarnings("ignore", "Solver terminated early", ConvergenceWarning)
         for j, col in enumerate(cols):
-            svc = SVC(kernel="precomputed", C=C, tol=tol, cache_size=cache_size)
+            svc = SVC(kernel="precomputed", C=C, tol=tol, cache_size=cache_size, max_iter=max_iter)
             svc.fit(K, Y[:, col])
             U[svc.support_, j] = svc.dual_coef_[0]  # alpha_i y_i, positive for y_i = +1
             b[j] = svc.intercept_[0]
-    return U, b
+            at_bound += int(max_iter > 0 and int(svc.n_iter_[0]) >= max_iter)
+    return U, b, at_bound
+
+
+def libsvm_iterations(n: int, max_iter: int | str | None) -> int:
+    """libsvm's iteration bound per SVM on ``n`` samples for an estimator's ``svm_max_iter``:
+    ``"auto"`` is :data:`SVM_ITER_PER_SAMPLE` times ``n`` (at least :data:`SVM_ITER_MIN`),
+    None is no bound (-1, libsvm's own convention), an integer is itself."""
+    if max_iter is None:
+        return -1
+    if max_iter == "auto":
+        return max(SVM_ITER_MIN, SVM_ITER_PER_SAMPLE * n)
+    if isinstance(max_iter, str):
+        raise ValueError(
+            f"svm_max_iter must be 'auto', None or a positive integer, got {max_iter!r}"
+        )
+    if max_iter < 1:
+        raise ValueError(f"svm_max_iter must be positive, got {max_iter}")
+    return int(max_iter)
 
 
 def alpha_step(
@@ -82,9 +116,15 @@ def alpha_step(
     tol: float,
     n_jobs: int | None = None,
     cache_size: float = 200.0,
+    max_iter: int = -1,
 ) -> AlphaStep:
     """Solve ``max_alpha 1'alpha - 1/2 (alpha∘y)' K (alpha∘y)``, ``0 <= alpha <= C``,
     ``y'alpha = 0`` for every column of ``Y`` with libsvm on the precomputed ``K [n, n]``.
+
+    ``max_iter`` bounds libsvm's iterations per SVM (-1: none). On a hard, non-separable problem
+    at a large ``C`` libsvm can take tens of millions of iterations of O(n) each; one stopped at
+    the bound keeps a feasible ``alpha`` (so its dual objective is still a valid cut) and is
+    counted in ``AlphaStep.at_bound``.
 
     ``n_jobs > 1`` fits groups of columns in worker processes (libsvm holds the GIL, so threads do
     not help); each call ships ``K`` to the workers through a memory map, which pays only when
@@ -98,15 +138,15 @@ def alpha_step(
     if jobs < 0:
         jobs = max(1, (os.cpu_count() or 1) + 1 + jobs)
     if jobs <= 1 or n_cols == 1:
-        U, b = _fit_columns(K, Y, np.arange(n_cols), C, tol, cache_size)
-        return AlphaStep(U, b)
+        U, b, at_bound = _fit_columns(K, Y, np.arange(n_cols), C, tol, cache_size, max_iter)
+        return AlphaStep(U, b, at_bound)
     groups = [g for g in np.array_split(np.arange(n_cols), min(jobs, n_cols)) if len(g)]
     parts = Parallel(n_jobs=jobs)(
-        delayed(_fit_columns)(K, Y, g, C, tol, cache_size) for g in groups
+        delayed(_fit_columns)(K, Y, g, C, tol, cache_size, max_iter) for g in groups
     )
     U = np.concatenate([p[0] for p in parts], axis=1)
     b = np.concatenate([p[1] for p in parts])
-    return AlphaStep(U, b)
+    return AlphaStep(U, b, sum(p[2] for p in parts))
 
 
 def dual_values(K: np.ndarray, step: AlphaStep) -> np.ndarray:
@@ -452,15 +492,17 @@ def average_objective(
     C: float,
     tol: float,
     n_jobs: int | None = None,
+    max_iter: int = -1,
 ) -> tuple[float, np.ndarray, AlphaStep, np.ndarray]:
-    """J(beta) of the averaging map, its gradient, the SVMs and ``W = X_beta' U [d, L]``.
+    """J(beta) of the averaging map, its gradient, the SVMs and ``W = X_beta' U [d, L]``
+    (``max_iter``: libsvm's bound per SVM, see :func:`alpha_step`).
 
     ``J = sum_l [sum |u_l| - 1/2 ||X_beta' u_l||^2]`` at the SVM optimum; by Danskin's theorem
     ``dJ/dbeta_m = -sum_l (Psi_m' u_l) . (X_beta' u_l)``.
     """
     Xb = average_features(X, beta)  # [n, d]
     K = np.asarray(Xb @ Xb.T, dtype=np.float64)
-    step = alpha_step(K, Y, C=C, tol=tol, n_jobs=n_jobs)
+    step = alpha_step(K, Y, C=C, tol=tol, n_jobs=n_jobs, max_iter=max_iter)
     del K
     W = np.asarray(Xb.T @ step.U.astype(Xb.dtype), dtype=np.float64)  # [d, L]
     P = node_projections(X, step.U)  # [M, d, L]
