@@ -109,9 +109,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
         eps: stop at relative gap ``1 - LB/UB`` (concat) or relative Frank-Wolfe gap (average).
         tol: libsvm stopping tolerance; keep it <= 1e-4 for duals accurate to ~1e-6.
         svm_max_iter: libsvm's iteration bound per SVM: ``"auto"`` (100 per training sample,
-            at least 100,000), an integer, or None (no bound). On a hard, non-separable problem
-            at a large ``C`` an unbounded libsvm can take tens of millions of O(n) iterations
-            per SVM; a solve stopped at the bound keeps a feasible, not optimal, ``alpha``.
+            and at least 2e8 / n: an iteration costs O(n)), an integer, or None (no bound). On
+            a hard, non-separable problem at a large ``C`` an unbounded libsvm can take tens of
+            millions of O(n) iterations per SVM; a solve stopped at the bound keeps a feasible,
+            not optimal, ``alpha``.
         restarts: starting points of the averaging variant (the first is uniform).
         gram_cache_gib: memory for the linear kernel's node Gram matrices kept between
             iterations (packed triangles, n^2/2 floats each); nodes beyond it are recomputed

@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("linear", "rbf", "chi2")
 _CHUNK_BYTES = 512 << 20  # scaled node blocks multiplied at once when a Gram is not cached
-SVM_ITER_PER_SAMPLE = 100  # libsvm iterations per training sample of svm_max_iter="auto"
-SVM_ITER_MIN = 100_000  # ... and at least this many
+# svm_max_iter="auto": libsvm iterations per SVM, at least SVM_ITER_PER_SAMPLE per training sample
+# and at least SVM_WORK_MIN / n (an iteration costs O(n): small problems get as much work as a
+# solve of a fraction of a second, which some need at a large C; PLAID's 537 videos need ~300k)
+SVM_ITER_PER_SAMPLE = 100
+SVM_WORK_MIN = 200_000_000
 
 
 # --------------------------------------------------------------------------- targets
@@ -93,12 +96,12 @@ def _fit_columns(
 
 def libsvm_iterations(n: int, max_iter: int | str | None) -> int:
     """libsvm's iteration bound per SVM on ``n`` samples for an estimator's ``svm_max_iter``:
-    ``"auto"`` is :data:`SVM_ITER_PER_SAMPLE` times ``n`` (at least :data:`SVM_ITER_MIN`),
-    None is no bound (-1, libsvm's own convention), an integer is itself."""
+    ``"auto"`` is :data:`SVM_ITER_PER_SAMPLE` times ``n`` or :data:`SVM_WORK_MIN` over ``n``,
+    whichever is larger; None is no bound (-1, libsvm's own convention); an integer is itself."""
     if max_iter is None:
         return -1
     if max_iter == "auto":
-        return max(SVM_ITER_MIN, SVM_ITER_PER_SAMPLE * n)
+        return max(SVM_ITER_PER_SAMPLE * n, -(-SVM_WORK_MIN // max(n, 1)))
     if isinstance(max_iter, str):
         raise ValueError(
             f"svm_max_iter must be 'auto', None or a positive integer, got {max_iter!r}"

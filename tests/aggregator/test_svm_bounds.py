@@ -13,8 +13,8 @@ from sklearn.exceptions import ConvergenceWarning
 from aggregator.svm import MultipleAggregationSVM
 from aggregator.svm import run as svm_run
 from aggregator.svm.solvers import (
-    SVM_ITER_MIN,
     SVM_ITER_PER_SAMPLE,
+    SVM_WORK_MIN,
     alpha_step,
     dual_values,
     libsvm_iterations,
@@ -32,8 +32,10 @@ def noise_nodes(
 
 
 def test_libsvm_iterations() -> None:
-    assert libsvm_iterations(10, "auto") == SVM_ITER_MIN
-    n = 10 * SVM_ITER_MIN // SVM_ITER_PER_SAMPLE
+    # small problems: a fixed amount of work (iterations x samples); large ones: 100 per sample
+    assert libsvm_iterations(100, "auto") == SVM_WORK_MIN // 100
+    n = 10_000
+    assert SVM_ITER_PER_SAMPLE * n > SVM_WORK_MIN // n
     assert libsvm_iterations(n, "auto") == SVM_ITER_PER_SAMPLE * n
     assert libsvm_iterations(n, None) == -1
     assert libsvm_iterations(n, 7) == 7
@@ -85,7 +87,7 @@ def test_default_bound_is_silent_on_an_easy_problem() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         est.fit(X, y)
-    assert est.svm_iter_bound_ == SVM_ITER_MIN and est.n_svm_at_bound_ == 0
+    assert est.svm_iter_bound_ == libsvm_iterations(90, "auto") and est.n_svm_at_bound_ == 0
     assert est.n_svm_solves_ == 3 * est.n_iter_
 
 
