@@ -23,7 +23,7 @@ take the union of all of them, and merging several into one writes the union bef
 what it merged, so a name is never lost to two writers declaring at once (no file is ever read,
 changed and written back, which object storage could not do safely without locks).
 
-Record columns: id, op, t, status, label, split, error, extracted_at, source, source_sha256,
+Record columns: id, op, t, status, label, split, group, error, extracted_at, source, source_sha256,
 n_frames, and per stream ``T/<stream>`` (frames), ``d/<stream>`` (feature size) and ``r/<stream>``
 (rows per chunk when the array has the store's own layout, see :mod:`storage.layout`); -1 for
 absent. A record's ``shapes`` maps a stream to ``[T, d, r]``.
@@ -62,6 +62,7 @@ TEXT_FIELDS = (
     "status",
     "label",
     "split",
+    "group",
     "error",
     "extracted_at",
     "source",
