@@ -319,11 +319,23 @@ def _grids(
 
 
 def _split_videos(
-    store: FeatureStore, streams: list[str], train_split: str, test_split: str | None, seed: int
+    store: FeatureStore,
+    streams: list[str],
+    train_split: str,
+    test_split: str | None,
+    seed: int,
+    val_groups: str = "auto",
 ) -> LabelledSplits:
-    """The data step: labelled training and test videos, and the validation part held out."""
+    """The data step: labelled training and test videos, and the validation part held out (by
+    group when the videos have groups, see :func:`aggregator.rundir.labelled_splits`)."""
     splits = labelled_splits(
-        store, train_split, test_split, val_fraction=VALIDATION_FRACTION, seed=seed, streams=streams
+        store,
+        train_split,
+        test_split,
+        val_fraction=VALIDATION_FRACTION,
+        seed=seed,
+        streams=streams,
+        val_groups=val_groups,
     )
     n_fit_classes = len(np.unique(splits.y_fit))
     if n_fit_classes < 2:
@@ -568,6 +580,7 @@ def train_svm(
     C_grid: Sequence[float] = C_GRID,
     gamma_grid: Sequence[float] | None = None,
     refit: bool = True,
+    val_groups: str = "auto",
     standardize_inputs: bool = True,
     probe: bool = True,
     probe_levels: int = 4,
@@ -597,7 +610,7 @@ def train_svm(
     )
     for c in c_grid:
         clone(estimator).set_params(C=c).check_params()
-    splits = _split_videos(store, streams, train_split, test_split, seed)
+    splits = _split_videos(store, streams, train_split, test_split, seed, val_groups)
     use_stats = standardize_inputs and kernel != "chi2"
     train_args = {
         "streams": streams,
@@ -613,6 +626,7 @@ def train_svm(
         "max_iter": max_iter,
         "eps": eps,
         "refit": refit,
+        "val_groups": val_groups,
         "standardize_inputs": standardize_inputs,
         "probe": probe,
         "probe_levels": probe_levels,
