@@ -305,7 +305,10 @@ def add_store(group: Any) -> None:
 
 def add_labels(group: Any) -> None:
     group.add_argument(
-        "--labels", help="CSV with columns path,label[,split] (default: label = parent folder)"
+        "--labels",
+        help="CSV with columns path,label[,split][,group] (default: label = parent folder); "
+        "group names the subject or session a video shares with others, and train validates on "
+        "whole groups",
     )
 
 
