@@ -467,3 +467,22 @@ def test_index_parts_from_before_groups_read_as_no_group(tmp_path: Path) -> None
     rw = FeatureStore.open(path, "r+")
     rw.write_video("new", {"appearance": np.ones((2, 4))}, label="y", split="train", group="g1")
     assert FeatureStore.open(path, "r").groups(["old", "new"]) == [None, "g1"]
+
+
+def test_a_damaged_index_document_is_named_in_the_error(tmp_path: Path) -> None:
+    """Class-name files and declarations are read by one reader: a file that is not JSON, or
+    JSON of the wrong kind, is an error naming that file."""
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path, class_names=["a"])
+    store.write_video("v", {"appearance": np.ones((2, 3))}, label="a", split="train")
+    index = path / "index"
+    (index / "classes-99999999999999999999-bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"class-name file index/classes-9+-bad\.json .*JSON"):
+        _ = FeatureStore.open(path, "r").class_names
+    (index / "classes-99999999999999999999-bad.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="holds dict, not a list of names"):
+        _ = FeatureStore.open(path, "r").class_names
+    (index / "classes-99999999999999999999-bad.json").unlink()
+    (index / "splits-99999999999999999999-bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"file index/splits-9+-bad\.json .* holds list"):
+        FeatureStore.open(path, "r").split_lists()
