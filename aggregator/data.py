@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +124,76 @@ def stratified_holdout(
     val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return train_idx.astype(np.int64), val_idx.astype(np.int64)
+
+
+def grouped_holdout(
+    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int
+) -> list[np.ndarray]:
+    """Folds of whole groups: index arrays, each holding about ``fraction`` of the videos (at
+    most one fold per group), classes kept as even across folds as groups allow
+    (scikit-learn's ``StratifiedGroupKFold``, shuffled with ``seed``). Fold 0 is the validation
+    part; the others serve as further selection folds. Fewer than two groups give no fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} videos")
+    n_groups = len(set(groups))
+    if fraction == 0 or n_groups < 2:
+        return []
+    k = min(n_groups, max(2, round(1.0 / fraction)))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "the least populated class has fewer members than k"
+        warnings.simplefilter("ignore", UserWarning)
+        folds = [np.sort(val) for _, val in splitter.split(np.zeros(len(labels)), labels, groups)]
+    return [f.astype(np.int64) for f in folds if len(f)]
+
+
+def video_groups(
+    store: FeatureStore, video_ids: Sequence[str], val_groups: str
+) -> tuple[list[str] | None, str | None]:
+    """The group of every video of ``video_ids`` for a grouped validation split, and where the
+    groups came from (``"store"`` or the pattern); ``(None, None)`` for a random split.
+
+    ``val_groups``: ``auto`` uses the groups stored with the videos when every video has one
+    (a warning when only some do); ``none`` never groups; anything else is a regular
+    expression searched in each video id, whose first capture group (or whole match) is the
+    group, e.g. ``_(g[0-9]+)_`` for UCF101's ``v_<Class>_g08_c01``.
+    """
+    if val_groups == "none":
+        return None, None
+    if val_groups == "auto":
+        stored = store.groups(list(video_ids))
+        missing = sum(g is None for g in stored)
+        if missing == len(stored):
+            return None, None
+        if missing:
+            first = next(v for v, g in zip(video_ids, stored, strict=True) if g is None)
+            log.warning(
+                "%d of %d training videos have no group (first: %s): validation is drawn at "
+                "random, not by group",
+                missing,
+                len(stored),
+                first,
+            )
+            return None, None
+        return [str(g) for g in stored], "store"
+    try:
+        pattern = re.compile(val_groups)
+    except re.error as exc:
+        raise ValueError(f"val_groups {val_groups!r} is not a regular expression: {exc}") from exc
+    out = []
+    for vid in video_ids:
+        m = pattern.search(vid)
+        if m is None:
+            raise ValueError(
+                f"val_groups pattern {val_groups!r} does not match video id {vid!r}; every "
+                "training video needs a group"
+            )
+        out.append(m.group(1) if pattern.groups else m.group(0))
+    return out, val_groups
 
 
 # ---------------------------------------------------------------------------------- node tensors

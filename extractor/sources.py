@@ -5,8 +5,10 @@
   list's folder, blank lines and ``#`` comments ignored. A missing path is kept (it fails later
   with a reason) except a missing list, which is an error.
 - A folder is searched recursively for files with a video suffix (:data:`VIDEO_SUFFIXES`).
-- Labels: from a CSV with a header and columns ``path,label[,split]`` (paths relative to the CSV's
-  folder, or bare file names when unique), else the name of the video's parent folder.
+- Labels: from a CSV with a header and columns ``path,label[,split][,group]`` (paths relative to
+  the CSV's folder, or bare file names when unique), else the name of the video's parent folder.
+  ``group`` names what videos share besides their class (a subject, a session); the trainer keeps
+  each group on one side of its validation split.
 - Video ids: the safe file stem, deterministic whatever the input order
   (:func:`storage.assign_video_ids`).
 """
@@ -38,6 +40,7 @@ class Source:
     video_id: str
     label: str | None
     split: str | None
+    group: str | None = None
 
 
 def _absolute(path: Path) -> Path:
@@ -85,19 +88,22 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+LabelEntry = tuple[str, str | None, str | None]  # label, split, group
+
+
 @dataclass(frozen=True)
 class LabelTable:
-    """Labels (and splits) from a CSV, looked up by absolute path or unique file name."""
+    """Labels (and splits, groups) from a CSV, looked up by absolute path or unique file name."""
 
-    by_path: dict[Path, tuple[str, str | None]]
-    by_name: dict[str, tuple[str, str | None]]
+    by_path: dict[Path, LabelEntry]
+    by_name: dict[str, LabelEntry]
 
-    def get(self, path: Path) -> tuple[str, str | None] | None:
+    def get(self, path: Path) -> LabelEntry | None:
         return self.by_path.get(_absolute(path)) or self.by_name.get(path.name)
 
 
 def read_labels(csv_path: str | Path) -> LabelTable:
-    """Read ``path,label[,split]`` rows (with a header) from ``csv_path``."""
+    """Read ``path,label[,split][,group]`` rows (with a header) from ``csv_path``."""
     p = Path(csv_path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"labels file {str(p)!r} does not exist")
@@ -106,16 +112,16 @@ def read_labels(csv_path: str | Path) -> LabelTable:
         fields = [c.strip() for c in reader.fieldnames or []]
         if "path" not in fields or "label" not in fields:
             raise ValueError(
-                f"labels file {str(p)!r} needs a header with columns path,label[,split]; "
+                f"labels file {str(p)!r} needs a header with columns path,label[,split][,group]; "
                 f"found {fields}"
             )
-        by_path: dict[Path, tuple[str, str | None]] = {}
-        names: dict[str, list[tuple[str, str | None]]] = {}
+        by_path: dict[Path, LabelEntry] = {}
+        names: dict[str, list[LabelEntry]] = {}
         for n, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             if not row.get("path") or not row.get("label"):
                 raise ValueError(f"labels file {str(p)!r}, line {n}: empty path or label: {row}")
-            entry = (row["label"], row.get("split") or None)
+            entry = (row["label"], row.get("split") or None, row.get("group") or None)
             rel = Path(row["path"]).expanduser()
             by_path[_absolute(rel if rel.is_absolute() else p.parent / rel)] = entry
             if rel.name == row["path"]:  # a bare file name
@@ -140,6 +146,7 @@ def make_sources(inputs: Sequence[str | Path], *, labels: str | Path | None = No
     for p in paths:
         label: str | None
         split: str | None = None
+        group: str | None = None
         if table is None:
             label = p.parent.name or None
         else:
@@ -148,8 +155,8 @@ def make_sources(inputs: Sequence[str | Path], *, labels: str | Path | None = No
                 unlabelled.append(str(p))
                 label = None
             else:
-                label, split = found
-        out.append(Source(path=p, video_id=ids[str(p)], label=label, split=split))
+                label, split, group = found
+        out.append(Source(path=p, video_id=ids[str(p)], label=label, split=split, group=group))
     if unlabelled:
         log.warning(
             "%d videos are not in the labels file %s (extracted without a label): %s",

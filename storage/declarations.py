@@ -34,7 +34,7 @@ import uuid
 from typing import Any
 
 from storage.files import Files
-from storage.index import INDEX_DIR
+from storage.index import INDEX_DIR, read_index_json
 
 EXTRACTOR = "extractor"
 SPLITS = "splits"
@@ -64,21 +64,9 @@ def read_declarations(files: Files, kind: str) -> list[tuple[str, dict[str, Any]
     """Every ``kind`` declaration as ``(file name, payload)``, oldest first."""
     out: list[tuple[str, dict[str, Any]]] = []
     for name in _names(files, kind):
-        data = files.read(f"{INDEX_DIR}/{name}")
-        if data is None:  # withdrawn while listed
-            continue
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            raise ValueError(
-                f"declaration file {INDEX_DIR}/{name} of {files.url!r} is not valid JSON"
-            ) from None
-        if not isinstance(payload, dict):
-            raise ValueError(
-                f"declaration file {INDEX_DIR}/{name} of {files.url!r} holds "
-                f"{type(payload).__name__}, not an object"
-            )
-        out.append((name, payload))
+        payload = read_index_json(files, name, dict, "an object")
+        if payload is not None:  # None: withdrawn while listed
+            out.append((name, payload))
     return out
 
 

@@ -23,7 +23,7 @@ take the union of all of them, and merging several into one writes the union bef
 what it merged, so a name is never lost to two writers declaring at once (no file is ever read,
 changed and written back, which object storage could not do safely without locks).
 
-Record columns: id, op, t, status, label, split, error, extracted_at, source, source_sha256,
+Record columns: id, op, t, status, label, split, group, error, extracted_at, source, source_sha256,
 n_frames, and per stream ``T/<stream>`` (frames), ``d/<stream>`` (feature size) and ``r/<stream>``
 (rows per chunk when the array has the store's own layout, see :mod:`storage.layout`); -1 for
 absent. A record's ``shapes`` maps a stream to ``[T, d, r]``.
@@ -62,6 +62,7 @@ TEXT_FIELDS = (
     "status",
     "label",
     "split",
+    "group",
     "error",
     "extracted_at",
     "source",
@@ -407,6 +408,24 @@ def _write_class_file(files: Files, names: list[str]) -> None:
     files.write(f"{INDEX_DIR}/{name}", json.dumps(names).encode())
 
 
+def read_index_json(files: Files, name: str, expected: type, what: str) -> Any:
+    """The JSON document ``/index/<name>`` (None when it vanished while listed); ValueError
+    naming the file when it is not JSON or not of the ``expected`` type (``what`` says which)."""
+    data = files.read(f"{INDEX_DIR}/{name}")
+    if data is None:
+        return None
+    kind = "class-name file" if expected is list else "declaration file"
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ValueError(f"{kind} {INDEX_DIR}/{name} of {files.url!r} is not valid JSON") from None
+    if not isinstance(value, expected):
+        raise ValueError(
+            f"{kind} {INDEX_DIR}/{name} of {files.url!r} holds {type(value).__name__}, not {what}"
+        )
+    return value
+
+
 def _read_class_files(files: Files) -> tuple[set[str], list[str]]:
     """The union of every class-name file and the files it came from. A file merged away while
     it is listed is replaced by its merge, written before it was removed: listed next round."""
@@ -417,21 +436,10 @@ def _read_class_files(files: Files) -> tuple[set[str], list[str]]:
         for name in _class_files(files.list(INDEX_DIR)):
             if name in read:
                 continue
-            data = files.read(f"{INDEX_DIR}/{name}")
-            if data is None:
+            values = read_index_json(files, name, list, "a list of names")
+            if values is None:
                 vanished = True
                 continue
-            try:
-                values = json.loads(data)
-            except ValueError:
-                raise ValueError(
-                    f"class-name file {INDEX_DIR}/{name} of {files.url!r} is not valid JSON"
-                ) from None
-            if not isinstance(values, list):
-                raise ValueError(
-                    f"class-name file {INDEX_DIR}/{name} of {files.url!r} holds "
-                    f"{type(values).__name__}, not a list of names"
-                )
             names.update(str(v) for v in values)
             read.append(name)
         if not vanished:

@@ -214,7 +214,7 @@ def record_from_group(files: Files, video_id: str) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "id": video_id,
         "op": "put",
-        **{k: attrs.get(k) for k in ("label", "split", "error", "extracted_at", "source")},
+        **{k: attrs.get(k) for k in ("label", "split", "group", "error", "extracted_at", "source")},
         "source_sha256": attrs.get("source_sha256"),
         "n_frames": attrs.get("n_frames"),
         "status": attrs.get("status", "incomplete"),

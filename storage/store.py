@@ -63,6 +63,7 @@ from storage.index import (
     PENDING,
     PUT,
     ROLL,
+    TEXT_FIELDS,
     IndexTable,
     IndexWriter,
     compact,
@@ -139,7 +140,7 @@ def _index_record(
     video_id: str, attrs: Mapping[str, Any], shapes: Mapping[str, list[int]]
 ) -> dict[str, Any]:
     rec: dict[str, Any] = {"id": video_id, "op": "put"}
-    for key in ("status", "label", "split", "error", "extracted_at", "source", "source_sha256"):
+    for key in TEXT_FIELDS:
         rec[key] = attrs.get(key)
     rec["n_frames"] = attrs.get("n_frames")
     rec["shapes"] = dict(shapes)
@@ -575,6 +576,7 @@ class FeatureStore:
         *,
         label: str | None = None,
         split: str | None = None,
+        group: str | None = None,
         meta: Mapping[str, Any] | None = None,
         overwrite: bool = True,
     ) -> None:
@@ -582,7 +584,10 @@ class FeatureStore:
 
         ``streams`` maps a stream name to a ``[T, d]`` array (stored as float16); every stream of
         one video has the same T. A map stream is ``[T', h, w, C]`` with its own T'. A video
-        already ``complete`` is rewritten only with ``overwrite``.
+        already ``complete`` is rewritten only with ``overwrite``. ``group`` names what the
+        video shares with others that a model must not learn to recognise (a subject, a
+        recording session, UCF101's ``gNN``): the trainer keeps a group's videos on one side of
+        its validation split.
 
         Steps: a ``pending`` index record; the group, created ``incomplete``; the arrays; one
         metadata write that sets status, error and extracted_at together; the index record. A
@@ -629,6 +634,7 @@ class FeatureStore:
         attrs: dict[str, Any] = {
             "label": label,
             "split": split,
+            **({"group": str(group)} if group is not None else {}),
             **_jsonable(dict(meta or {})),
             "status": "incomplete",
             "streams": sorted(arrays),
@@ -665,6 +671,7 @@ class FeatureStore:
         *,
         label: str | None = None,
         split: str | None = None,
+        group: str | None = None,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Record that ``video_id`` could not be extracted and why (no feature arrays)."""
@@ -672,6 +679,7 @@ class FeatureStore:
         attrs = {
             "label": label,
             "split": split,
+            **({"group": str(group)} if group is not None else {}),
             **_jsonable(dict(meta or {})),
             "status": "failed",
             "error": str(error),
@@ -868,14 +876,32 @@ class FeatureStore:
         for vid in self.videos(**kw):
             yield vid, self.video_attrs(vid)
 
+    def groups(self, video_ids: list[str]) -> list[str | None]:
+        """Groups of ``video_ids`` from the index (None for a video without one; see
+        :meth:`write_video`); KeyError naming the first video that is not in the store."""
+        table = self._view()
+        rows = self._row_map(table)
+        column = table.text.get("group")
+        out: list[str | None] = []
+        for vid in video_ids:
+            row = rows.get(vid)
+            if row is None:
+                raise KeyError(f"video {vid!r} is not in store {self.path!r}")
+            value = None if column is None else column[row]
+            out.append(None if value is None else str(value))
+        return out
+
+    def _row_map(self, table: IndexTable) -> dict[str, int]:
+        with self._lock:
+            if self._rows is None:
+                self._rows = {v: i for i, v in enumerate(table.ids.tolist())}
+            return self._rows
+
     def labels(self, video_ids: list[str]) -> list[str]:
         """Labels of ``video_ids`` from the index; ValueError naming the first video without
         one, KeyError naming the first that is not in the store."""
         table = self._view()
-        with self._lock:
-            if self._rows is None:
-                self._rows = {v: i for i, v in enumerate(table.ids.tolist())}
-            rows = self._rows
+        rows = self._row_map(table)
         labels = table.text["label"]
         out = []
         for vid in video_ids:

@@ -305,7 +305,10 @@ def add_store(group: Any) -> None:
 
 def add_labels(group: Any) -> None:
     group.add_argument(
-        "--labels", help="CSV with columns path,label[,split] (default: label = parent folder)"
+        "--labels",
+        help="CSV with columns path,label[,split][,group] (default: label = parent folder); "
+        "group names the subject or session a video shares with others, and train validates on "
+        "whole groups",
     )
 
 
@@ -322,7 +325,11 @@ class HeadOption:
 # option dest -> what it is ("{heads}": the heads of the command that take it); the flag is
 # --dest with dashes (--C keeps its case)
 HEAD_OPTIONS: dict[str, HeadOption] = {
-    "levels": HeadOption(("tp", "tpp", "svm"), "pyramid depth D ({levels})", int),
+    "levels": HeadOption(
+        ("tp", "tpp", "svm"),
+        "pyramid depth D ({levels}); svm with C selected tries every depth up to D",
+        int,
+    ),
     "variant": HeadOption(("tp", "svm"), "{heads} node map (concat)", None, ("concat", "average")),
     "pyramids": HeadOption(("tp",), "{heads}: number of stacked pyramids P (1)", int),
     "node_dim": HeadOption(("tp",), "{heads} concat: node projection size (128)", int),

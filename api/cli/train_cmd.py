@@ -45,6 +45,15 @@ def register(sub: Any) -> None:
         default=0.1,
         help="share of each class of the training split held out for model selection",
     )
+    data.add_argument(
+        "--val-groups",
+        default="auto",
+        metavar="auto|none|REGEX",
+        help="hold out whole groups for validation: auto (default) uses the groups stored with "
+        "the videos (a labels CSV's group column) when every training video has one; none draws "
+        "at random; a regular expression takes each video id's first capture group, e.g. "
+        "'_(g[0-9]+)_' for UCF101's v_<Class>_g08_c01",
+    )
     head = p.add_argument_group("head")
     add_head_options(head, _HEAD_OPTIONS, heads=HEAD_NAMES)
     head.add_argument("--fusion", choices=("learned", "fixed"), help="stream fusion weights")
@@ -264,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
             max_iter=50 if args.max_iter is None else args.max_iter,
             eps=1e-3 if args.eps is None else args.eps,
             refit=not args.no_refit,
+            val_groups=args.val_groups,
             standardize_inputs=not args.no_standardize,
             probe=not args.no_probe,
             probe_levels=args.probe_levels,
@@ -282,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
                 train_split=args.train_split,
                 test_split=test_split,
                 val_fraction=args.val_fraction,
+                val_groups=args.val_groups,
                 steps=args.steps,
                 epochs=args.epochs,
                 batch_size=args.batch_size,

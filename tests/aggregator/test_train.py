@@ -312,6 +312,7 @@ def test_svm_head_goes_to_the_svm_trainer(
         "max_iter": 7,
         "eps": 1e-4,
         "refit": True,
+        "val_groups": "auto",
         "standardize_inputs": True,
         "probe": True,
         "probe_levels": 4,

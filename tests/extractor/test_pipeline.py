@@ -56,6 +56,8 @@ def real_run(
     """Every real clip plus every kind of bad input, in one run (the heaviest test here)."""
     store = tmp_path_factory.mktemp("real") / "features.zarr"
     sources = make_sources([*real_videos, *bad_inputs.values()])
+    # each video its own group (what a labels CSV's group column gives), kept by good and bad
+    sources = [replace(s, group=f"g{i}") for i, s in enumerate(sources)]
     summary = run_extraction(sources, store, resnet18, workers=2, progress=False)
     return RealRun(store, summary, real_videos, sources, {s.path: s.video_id for s in sources})
 
@@ -83,6 +85,8 @@ def test_every_real_clip_has_one_feature_per_decoded_frame(
         assert attrs["fps"] > 0 and attrs["width"] >= 320 and attrs["height"] >= 240
         assert "frame_indices" not in attrs
     assert "videos" in store.class_names
+    every = [s.video_id for s in real_run.sources]
+    assert store.groups(every) == [s.group for s in real_run.sources]  # failed videos too
 
 
 def test_bad_inputs_are_recorded_failed_with_a_reason(

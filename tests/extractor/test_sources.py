@@ -55,6 +55,12 @@ def test_labels_csv_and_id_clashes(tmp_path: Path) -> None:
     again = {s.path: s.video_id for s in make_sources([tmp_path / "two", tmp_path / "one"])}
     assert again[x1] == sources[x1].video_id
 
+    grouped = tmp_path / "grouped.csv"
+    grouped.write_text("path,label,split,group\none/clip.mp4,jump,train,subject3\ny z.mp4,run,,\n")
+    by_path = {s.path: s for s in make_sources([tmp_path / "one", y], labels=grouped)}
+    assert (by_path[x1].label, by_path[x1].group) == ("jump", "subject3")
+    assert (by_path[y].label, by_path[y].split, by_path[y].group) == ("run", None, None)
+
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\na.mp4,run\n")
     with pytest.raises(ValueError, match="path,label"):

@@ -22,7 +22,7 @@ from storage.files import files_for
 from storage.layout import record_from_group
 
 ROOT = Path(__file__).resolve().parents[2]
-FIELDS = ("status", "label", "split", "error", "extracted_at", "source_sha256", "n_frames")
+FIELDS = ("status", "label", "split", "group", "error", "extracted_at", "source_sha256", "n_frames")
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -64,13 +64,17 @@ def test_index_agrees_after_every_kind_of_write(store_path: str) -> None:
     a = rng.standard_normal((9, 6)).astype(np.float32)
     store.write_video("v1", {"appearance": a, "motion": a[:, :3]}, label="x", split="train")
     store.write_video("v2", {"appearance": a[:2]}, label="y", split="test", meta={"n_frames": 2})
+    store.write_video("v4", {"appearance": a[:3]}, label="x", split="train", group="subject7")
     assert_agrees(store_path)
+    assert store.groups(["v1", "v4"]) == [None, "subject7"]
+    store.delete_video("v4")
     store.write_video("v1", {"appearance": a[:4]}, label="x", split="train")  # overwrite
     assert_agrees(store_path)
     store.mark_failed("v3", "v3.mp4: no video stream", label="y")
     assert_agrees(store_path)
-    store.update_video_attrs("v2", split="train", label="z")
+    store.update_video_attrs("v2", split="train", label="z", group="g03")
     assert_agrees(store_path)
+    assert store.groups(["v2"]) == ["g03"]
     store.mark_damaged("v2", "chunk c/0/0 missing")
     assert_agrees(store_path)
     store.delete_video("v3")
@@ -81,6 +85,7 @@ def test_index_agrees_after_every_kind_of_write(store_path: str) -> None:
     assert ro.status("v2") == "incomplete" and ro.status("v3") is None
     assert ro.streams("v1") == ["appearance"] and ro.n_frames("v1", "appearance") == 4
     assert ro.labels(["v1", "v2"]) == ["x", "z"]
+    assert ro.groups(["v1", "v2"]) == [None, "g03"]
     # the writer's own view matches a fresh reader's
     assert store.videos(status=None) == ro.videos(status=None) == ["v1", "v2"]
     assert store.info() == ro.info()
@@ -108,7 +113,7 @@ def test_missing_or_stale_index_is_rebuilt(store_path: str) -> None:
     store = FeatureStore.create(store_path)
     store.write_video("a", {"appearance": np.ones((3, 4))}, label="x", split="train")
     store.write_video("b", {"appearance": np.ones((2, 4))}, label="y", split="test")
-    store.mark_failed("c", "broken", label="y")
+    store.mark_failed("c", "broken", label="y", group="s1")
     files = files_for(store_path)
     for name in files.list("index"):
         if name != "zarr.json":
@@ -122,6 +127,7 @@ def test_missing_or_stale_index_is_rebuilt(store_path: str) -> None:
     ro = FeatureStore.open(store_path, "r")
     assert ro.videos() == ["a", "b", "plain"]
     assert ro.videos(status="failed") == ["c"]
+    assert ro.groups(["a", "c"]) == [None, "s1"]  # rebuilt from the groups' attrs
     assert ro.read("plain", "appearance").tolist() == np.full((5, 4), 2.0).tolist()
     assert_agrees(store_path)
     # a writer persists what it had to read from groups; reindex replaces every part
@@ -441,3 +447,42 @@ def test_create_rewrites_root_attrs_a_concurrent_creator_erased(tmp_path: Path) 
     zarr.open_group(str(other), mode="w").create_group("images")
     with pytest.raises(ValueError, match="not a framepool store"):
         FeatureStore.create(other)
+
+
+def test_index_parts_from_before_groups_read_as_no_group(tmp_path: Path) -> None:
+    """A base part written before the ``group`` column existed (no such column at all) beside
+    a newer part that has one: the old videos read as having no group."""
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path)
+    store.write_video("old", {"appearance": np.ones((3, 4))}, label="x", split="train")
+    store.reindex()
+    files = files_for(str(path))
+    (base,) = [n for n in files.list("index") if n.startswith("base-")]
+    table = index_mod.IndexTable.from_npz(files.read(f"index/{base}") or b"")
+    del table.text["group"]
+    files.write(f"index/{base}", table.to_npz())
+    assert "group" not in index_mod.IndexTable.from_npz(files.read(f"index/{base}") or b"").text
+    ro = FeatureStore.open(path, "r")
+    assert ro.groups(["old"]) == [None]
+    rw = FeatureStore.open(path, "r+")
+    rw.write_video("new", {"appearance": np.ones((2, 4))}, label="y", split="train", group="g1")
+    assert FeatureStore.open(path, "r").groups(["old", "new"]) == [None, "g1"]
+
+
+def test_a_damaged_index_document_is_named_in_the_error(tmp_path: Path) -> None:
+    """Class-name files and declarations are read by one reader: a file that is not JSON, or
+    JSON of the wrong kind, is an error naming that file."""
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path, class_names=["a"])
+    store.write_video("v", {"appearance": np.ones((2, 3))}, label="a", split="train")
+    index = path / "index"
+    (index / "classes-99999999999999999999-bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"class-name file index/classes-9+-bad\.json .*JSON"):
+        _ = FeatureStore.open(path, "r").class_names
+    (index / "classes-99999999999999999999-bad.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="holds dict, not a list of names"):
+        _ = FeatureStore.open(path, "r").class_names
+    (index / "classes-99999999999999999999-bad.json").unlink()
+    (index / "splits-99999999999999999999-bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"file index/splits-9+-bad\.json .* holds list"):
+        FeatureStore.open(path, "r").split_lists()
