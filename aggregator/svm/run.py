@@ -18,22 +18,15 @@ margins the SVMs were fitted to. The test split is never looked at. Without any 
 ``metrics.json`` says so.
 
 The soft-margin ``C`` (when not given) is chosen on the same validation part from
-:data:`C_GRID`, per stream, by validation top-1 (ties: the smaller ``C``), together with the
-pyramid's depth (every depth up to ``levels``, ties to the shallower: see
-:func:`_select_depth`); the fits across ``C`` share one
-:class:`aggregator.svm.solvers.NodeGrams`, so the node Gram matrices are computed once. The
-validation part holds out whole groups when the videos have them
-(:func:`aggregator.rundir.labelled_splits`).
+:data:`C_GRID`, per stream, by validation top-1 (ties: the smaller ``C``); the fits across ``C``
+share one :class:`aggregator.svm.solvers.NodeGrams`, so the node Gram matrices are computed once.
 The chosen ``C`` is then refit on the whole training split, and the fusion weights and
 temperature found on the validation part with the selection's SVMs are kept. With more than
-:data:`SELECTION_MAX_VIDEOS` fit videos the grid (C and depth) is fitted on a seeded, stratified
-subsample of about that many, scored on the whole validation part (libsvm's cost grows faster
-than n^2 on a hard problem, and the grid holds up to 18 fits), and the chosen values are always
-refit on all of them. Grid fits that are refit stop at a relative gap of :data:`SELECTION_EPS`
-(or ``eps`` when larger): they only rank the values, and the last tenfold of the gap took
-40-55% of the alpha-steps of GeneFamilies' fits. libsvm's iterations per SVM are bounded
-(``MultipleAggregationSVM(svm_max_iter="auto")``); the solves that stopped at the bound are
-counted per grid value and for the final fit in ``metrics.json`` and logged.
+:data:`SELECTION_MAX_VIDEOS` fit videos the grid is fitted on a seeded, stratified subsample of
+about that many, scored on the whole validation part (libsvm's cost grows faster than n^2 on a
+hard problem), and the chosen values are always refit on all of them. libsvm's iterations per
+SVM are bounded (``MultipleAggregationSVM(svm_max_iter="auto")``); the solves that stopped at
+the bound are counted per grid value and for the final fit in ``metrics.json`` and logged.
 Node means are standardised per feature with statistics of the training videos (not for the
 chi2 kernel, which needs non-negative features); the statistics are part of ``model.pt`` and
 applied by :class:`SVMPredictor`. Like the deep heads, every run reports the linear-probe
@@ -85,7 +78,6 @@ C_GRID = (0.1, 1.0, 10.0)
 GAMMA_GRID = (0.25, 1.0, 4.0)  # factors on the per-node "scale" gamma (rbf and chi2 kernels)
 VALIDATION_FRACTION = 0.1
 SELECTION_MAX_VIDEOS = 2000  # the selection grid is fitted on at most about this many videos
-SELECTION_EPS = 1e-2  # relative gap of the grid's fits when the chosen values are refit
 FUSION_GRID = 20  # simplex step 1/20 for the stream weights
 EMBED_DIM = 4096  # embeddings longer than this are count-sketched down to it
 
@@ -403,54 +395,6 @@ def _run_config(
     )
 
 
-def depth_grid(levels: int, selecting: bool) -> list[int]:
-    """Pyramid depths the selection tries: every depth up to ``levels`` when C is selected,
-    else ``levels`` alone (a given C is a fixed configuration)."""
-    return list(range(1, levels + 1)) if selecting else [levels]
-
-
-def _select_depth(
-    X_fit: np.ndarray,
-    y_fit: np.ndarray,
-    X_val: np.ndarray | None,
-    y_val: np.ndarray,
-    params: Mapping[str, Any],
-    train_args: Mapping[str, Any],
-    classes: np.ndarray,
-    n_classes: int,
-) -> tuple[dict[str, Any], list[dict[str, Any]], MultipleAggregationSVM]:
-    """:func:`_fit_stream` on the first ``2^D - 1`` nodes (the pyramid of depth D) for every
-    depth D of :func:`depth_grid`; the best validation top-1 wins, ties to the shallower
-    pyramid. The learned beta does not make the depth irrelevant: on few videos it fits the
-    training margin with the many fine nodes (on 98 recordings of 7 subjects, depth 6 put all
-    its weight on the finest level and scored 64-69% on new subjects, depth 1-2 76-81%)."""
-    c_grid, g_grid = train_args["C_grid"], train_args["gamma_grid"]
-    depths = depth_grid(train_args["levels"], train_args["C"] is None and X_val is not None)
-    record: list[dict[str, Any]] = []
-    best: tuple[tuple[float, int], dict[str, Any], MultipleAggregationSVM] | None = None
-    for depth in depths:
-        m = n_nodes(depth)
-        x_val = X_val[:, :m] if X_val is not None else None
-        values, grid, est = _fit_stream(
-            np.ascontiguousarray(X_fit[:, :m]),
-            y_fit,
-            x_val,
-            y_val,
-            params,
-            c_grid,
-            classes,
-            n_classes,
-            g_grid,
-        )
-        record += [{"levels": depth, **g} for g in grid]
-        top1 = max((g["val_top1"] for g in grid if not math.isnan(g["val_top1"])), default=-1.0)
-        key = (top1, -depth)
-        if best is None or key > best[0]:
-            best = (key, {**values, "levels": depth}, est)
-    assert best is not None
-    return best[1], record, best[2]
-
-
 def _train_stream(
     store: FeatureStore,
     stream: str,
@@ -462,7 +406,7 @@ def _train_stream(
     """Selection, fit and test scores of one stream: the grid (``C_grid`` and ``gamma_grid`` of
     ``train_args``) on the fit part scored on the validation part, the chosen values refit on
     the whole training split (``refit``). ``params`` are the estimator's."""
-    levels = train_args["levels"]
+    levels, c_grid, g_grid = train_args["levels"], train_args["C_grid"], train_args["gamma_grid"]
     n_classes = len(splits.class_names)
     t_cache = time.perf_counter()
     cache = load_node_cache(store, stream, depth=max(CACHE_DEPTH, levels), progress=False)
@@ -473,8 +417,7 @@ def _train_stream(
     X_fit = X_train[splits.fit_idx]
     X_val = X_train[splits.val_idx] if len(splits.val_idx) else None
     t_fit = time.perf_counter()
-    c_grid, g_grid = train_args["C_grid"], train_args["gamma_grid"]
-    selecting = train_args["C"] is None or len(c_grid) * len(g_grid) > 1
+    selecting = len(c_grid) * len(g_grid) > 1
     rows = np.arange(len(splits.fit_idx))
     if selecting:
         rows = _selection_rows(splits.y_fit, SELECTION_MAX_VIDEOS, train_args["seed"])
@@ -485,33 +428,26 @@ def _train_stream(
             len(rows),
             len(splits.fit_idx),
         )
-    refitted = bool(train_args["refit"] and len(splits.val_idx))
-    select_params = dict(params)
-    if selecting and (refitted or len(rows) < len(splits.fit_idx)):
-        # the grid's SVMs only rank the values on the validation part; the final ones are refit
-        select_params["eps"] = max(float(params["eps"]), SELECTION_EPS)
-    chosen, grid, est = _select_depth(
+    chosen, grid, est = _fit_stream(
         X_fit[rows],
         splits.y_fit[rows],
         X_val,
         splits.y_val,
-        select_params,
-        train_args,
+        params,
+        c_grid,
         splits.classes,
         n_classes,
+        g_grid,
     )
-    depth = int(chosen.pop("levels"))
-    X_train = np.ascontiguousarray(X_train[:, : n_nodes(depth)])
-    X_val = X_val[:, : n_nodes(depth)] if X_val is not None else None
     val_scores = None
     if X_val is not None:
         decision = stream_decision(export_state(est), X_val)
         val_scores = class_scores(decision, splits.classes, n_classes)
+    refitted = bool(train_args["refit"] and len(splits.val_idx))
     if refitted:
         est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_train, splits.y_train)
     elif len(rows) < len(splits.fit_idx):  # the final SVMs never see only the subsample
-        x_fit = np.ascontiguousarray(X_fit[:, : n_nodes(depth)])
-        est = MultipleAggregationSVM(**{**params, **chosen}).fit(x_fit, splits.y_fit)
+        est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_fit, splits.y_fit)
     if est.n_svm_at_bound_:
         log.warning(
             "svm %s: libsvm stopped at its bound of %d iterations in %d of %d SVM solves of "
@@ -534,10 +470,8 @@ def _train_stream(
     info = {
         "C": chosen["C"],
         "gamma_scale": chosen.get("gamma_scale"),
-        "levels": depth,
         "C_grid": grid,
         "selection_videos": len(rows),
-        "selection_eps": float(select_params["eps"]),
         "refit": refitted,
         "n_iter": est.n_iter_,
         "gap": est.gap_,
@@ -639,11 +573,10 @@ def _summary(
         "probe": probes,
         "selection": {
             s: {
-                "chosen": {"C": i["C"], "levels": i["levels"]}
+                "chosen": {"C": i["C"]}
                 | ({"gamma_scale": i["gamma_scale"]} if i["gamma_scale"] is not None else {}),
                 "grid": i["C_grid"],
                 "videos": i["selection_videos"],
-                "eps": i["selection_eps"],
             }
             for s, i in info.items()
         },

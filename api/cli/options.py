@@ -325,11 +325,7 @@ class HeadOption:
 # option dest -> what it is ("{heads}": the heads of the command that take it); the flag is
 # --dest with dashes (--C keeps its case)
 HEAD_OPTIONS: dict[str, HeadOption] = {
-    "levels": HeadOption(
-        ("tp", "tpp", "svm"),
-        "pyramid depth D ({levels}); svm with C selected tries every depth up to D",
-        int,
-    ),
+    "levels": HeadOption(("tp", "tpp", "svm"), "pyramid depth D ({levels})", int),
     "variant": HeadOption(("tp", "svm"), "{heads} node map (concat)", None, ("concat", "average")),
     "pyramids": HeadOption(("tp",), "{heads}: number of stacked pyramids P (1)", int),
     "node_dim": HeadOption(("tp",), "{heads} concat: node projection size (128)", int),

@@ -1,4 +1,4 @@
-"""``framepool store info|import-splits|reindex|verify``."""
+"""``framepool store info|import-splits|set-groups|export|reindex|verify``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,20 @@ def register(sub: Any) -> None:
         "--name", default=None, help="list name (default: <format>-<split>, e.g. ucf101-1)"
     )
     imp.set_defaults(func=run_import_splits)
+
+    grp = ssub.add_parser(
+        "set-groups",
+        help="record each video's group (subject, session), which train validates on whole",
+        description="Record each video's group: from a CSV with columns video_id,group, or from "
+        "a regular expression on the video ids whose first capture group is the group "
+        "(e.g. '_(g[0-9]+)_' for UCF101's v_<Class>_g08_c01). framepool train then holds out "
+        "whole groups for validation (--val-groups auto).",
+    )
+    grp.add_argument("path", metavar="STORE", help="store path or fsspec URL")
+    source = grp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", help="CSV with a header and columns video_id,group")
+    source.add_argument("--pattern", help="regular expression on video ids")
+    grp.set_defaults(func=run_set_groups)
 
     exp = ssub.add_parser(
         "export",
@@ -158,6 +172,61 @@ def run_import_splits(args: argparse.Namespace) -> int:
             f"{name}/{part}: {len(ids)} videos listed, {len(ids) - len(missing)} in the store"
             + (f", {len(missing)} not extracted (e.g. {missing[0]})" if missing else "")
         )
+    return 0
+
+
+def read_group_csv(path: str) -> dict[str, str]:
+    """``{video_id: group}`` from a CSV with a header and columns video_id,group."""
+    import csv
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--csv {path!r}: no such file")
+    out: dict[str, str] = {}
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in reader.fieldnames or []]
+        if "video_id" not in fields or "group" not in fields:
+            raise UsageError(
+                f"--csv {path!r} needs a header with columns video_id,group; found {fields}"
+            )
+        for n, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not row.get("video_id") or not row.get("group"):
+                raise UsageError(f"--csv {path!r}, line {n}: empty video_id or group: {row}")
+            out[row["video_id"]] = row["group"]
+    return out
+
+
+def run_set_groups(args: argparse.Namespace) -> int:
+    store = open_store(args.path, "r+")
+    ids = store.videos(status=None)
+    if args.csv is not None:
+        wanted = read_group_csv(args.csv)
+        unknown = [v for v in wanted if v not in set(ids)]
+        targets = {v: g for v, g in wanted.items() if v not in set(unknown)}
+    else:
+        from aggregator.data import video_groups
+
+        try:
+            groups, _ = video_groups(store, ids, args.pattern)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        assert groups is not None
+        unknown, targets = [], dict(zip(ids, groups, strict=True))
+    current = dict(zip(ids, store.groups(ids), strict=True))
+    changed = 0
+    for vid, group in targets.items():
+        if current[vid] != group:
+            store.update_video_attrs(vid, group=group)
+            changed += 1
+    without = sum(1 for v in ids if v not in targets and current[v] is None)
+    print(
+        f"groups: {len(targets)} videos in {len(set(targets.values()))} groups "
+        f"({changed} changed), {without} videos without a group"
+        + (f"; {len(unknown)} listed ids not in the store (e.g. {unknown[0]})" if unknown else "")
+    )
     return 0
 
 

@@ -1,15 +1,13 @@
-"""How the selection chooses on a few validation videos, and how long the refit then trains."""
+"""How the selection chooses on a few validation videos."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
-from aggregator.train import Selection, one_standard_error, pooled_scores, refit_steps
-from aggregator.train_config import Budget, TrainConfig
+from aggregator.train import Selection, one_standard_error, pooled_scores
 from aggregator.train_loop import Trial, validation_score, validation_spread
 
 GRID = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 1e-2, 1e-1) for wd in (1e-4, 1e-2)]
@@ -65,21 +63,9 @@ def test_pooled_scores_pool_losses_and_their_spread_over_folds() -> None:
     assert math.isclose(se, math.sqrt((sq - loss**2) / 40))
 
 
-def _selection(best_step: int, select_steps: int, **kw: Any) -> Selection:
-    t = _trial(GRID[0], [(best_step, 0.5, 1.0, 2.0)])
-    return Selection([t], dict(GRID[0]), t, 0.0, select_steps=select_steps, **kw)
-
-
-def test_the_refit_stops_where_validation_peaked() -> None:
-    budget = Budget(batch_size=8, steps=1000, select_steps=200, n_configs=9)
-    config = TrainConfig()
-    assert refit_steps(budget, _selection(200, 200), config) == 1000  # peak at the end
-    assert refit_steps(budget, _selection(50, 200), config) == 250  # a quarter of the way
-    assert refit_steps(budget, _selection(1, 200), config) == 50  # at least one pass's steps
-    # the pooled best pass decides when there are folds
-    pooled = _selection(200, 200, best_steps=[100])
-    assert pooled.peak_fraction == 0.5 and refit_steps(budget, pooled, config) == 500
-    # nothing selected, or steps / epochs given by the user: the whole budget
-    assert refit_steps(budget, Selection([], dict(GRID[0]), None, 0.0), config) == 1000
-    assert refit_steps(budget, _selection(50, 200), config.replace(steps=1000)) == 1000
-    assert refit_steps(budget, _selection(50, 200), config.replace(epochs=3)) == 1000
+def test_the_validation_peak_is_reported_from_the_pooled_pass() -> None:
+    t = _trial(GRID[0], [(50, 0.5, 1.0, 2.0)])
+    assert Selection([t], dict(GRID[0]), t, 0.0, select_steps=200).peak_fraction == 0.25
+    pooled = Selection([t], dict(GRID[0]), t, 0.0, best_steps=[100], select_steps=200)
+    assert pooled.peak_fraction == 0.5
+    assert Selection([], dict(GRID[0]), None, 0.0).peak_fraction == 1.0

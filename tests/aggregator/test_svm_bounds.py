@@ -124,26 +124,8 @@ def test_selection_on_a_subsample_refits_on_every_video(
     assert metrics["selection"]["appearance"]["videos"] == info["selection_videos"]
     assert metrics["n_train"] == (60 if refit else 54)
     assert info["refit"] is refit
-    # the grid's fits are refit, so they stop at the selection's looser gap
-    assert info["selection_eps"] == svm_run.SELECTION_EPS == 1e-2
-    assert metrics["selection"]["appearance"]["eps"] == svm_run.SELECTION_EPS
     for entry in info["C_grid"]:
         assert entry["svm_iter_bound"] == 3
         assert 0 < entry["svm_at_bound"] <= entry["svm_solves"]
     assert info["svm_iter_bound"] == 3 and 0 < info["svm_at_bound"] <= info["svm_solves"]
     assert info["svm_solves"] == 6 * info["n_iter"]
-
-
-def test_the_selected_fit_keeps_eps_when_it_is_the_final_one(tmp_path: Path) -> None:
-    """Without refit and without subsample the grid's chosen fit is the run's SVM: it keeps the
-    user's eps."""
-    store = order_store(tmp_path / "store.zarr", n_train=6, n_test=1, seed=4)
-    metrics = svm_run.train_svm(
-        store,
-        tmp_path / "run",
-        **run_args(streams=["appearance"], C=None, C_grid=(0.1, 1.0), probe=False, refit=False),
-    )
-    info = metrics["svm"]["appearance"]
-    assert info["selection_eps"] == 1e-3 and not info["refit"]
-    assert info["selection_videos"] == metrics["n_train"] == 30
-    assert info["gap"] <= 1e-3

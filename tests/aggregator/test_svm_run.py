@@ -245,19 +245,12 @@ def test_selection_of_C_takes_the_best_validation_score(tmp_path: Path) -> None:
         **run_args(streams=["appearance"], C=None, C_grid=(1.0, 1e-5, 100.0), probe=False),
     )
     info = metrics["svm"]["appearance"]
-    # every depth up to levels=3, each with every C
-    grid = {(g["levels"], g["C"]): g["val_top1"] for g in info["C_grid"]}
-    assert set(grid) == {(d, c) for d in (1, 2, 3) for c in (1e-5, 1.0, 100.0)}
+    grid = {g["C"]: g["val_top1"] for g in info["C_grid"]}
+    assert set(grid) == {1e-5, 1.0, 100.0}
     best = max(grid.values())
-    # ties go to the shallower pyramid, then to the smaller C
-    assert (info["levels"], info["C"]) == min(k for k, v in grid.items() if v == best)
-    # the classes differ only in temporal order: the global mean (depth 1) cannot tell them
-    # apart, so a deeper pyramid is chosen
-    assert info["levels"] >= 2 and max(grid[1, c] for c in (1e-5, 1.0, 100.0)) < best
-    assert len(metrics["beta"]["appearance"]) == info["levels"]
+    assert info["C"] == min(c for c, v in grid.items() if v == best)
     assert info["refit"] and metrics["n_train"] == 60
-    chosen = {"C": info["C"], "levels": info["levels"]}
-    assert metrics["selection"]["appearance"]["chosen"] == chosen
+    assert metrics["selection"]["appearance"]["chosen"] == {"C": info["C"]}
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["params"]["C"] is None and config["train_args"]["C_grid"] == [1.0, 1e-5, 100.0]
 
@@ -311,8 +304,7 @@ def test_selection_of_gamma_takes_the_best_validation_score(tmp_path: Path) -> N
     assert all("gamma_mean" in g for g in info["C_grid"])
     assert scores[1.0] > max(scores[1e-4], scores[1e4])
     assert info["gamma_scale"] == 1.0
-    chosen = {"C": 1.0, "levels": 1, "gamma_scale": 1.0}
-    assert metrics["selection"]["appearance"]["chosen"] == chosen
+    assert metrics["selection"]["appearance"]["chosen"] == {"C": 1.0, "gamma_scale": 1.0}
     assert metrics["top1"] >= 0.9
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train_args"]["gamma_grid"] == [1e-4, 1.0, 1e4]

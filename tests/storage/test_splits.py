@@ -80,3 +80,32 @@ def test_cli_import_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert '"n_videos": 2' in capsys.readouterr().out
     assert main(["store", "info", str(tmp_path / "missing.zarr")]) == 2
     assert "no framepool store" in capsys.readouterr().err
+
+
+def test_cli_set_groups_from_a_pattern_or_a_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.zarr"
+    store = FeatureStore.create(path)
+    for vid in ("v_Run_g08_c01", "v_Run_g09_c02", "v_Jump_g08_c03"):
+        store.write_video(vid, {"appearance": np.ones((2, 3))}, label=vid.split("_")[1])
+    store.mark_failed("v_Jump_g10_c01", "broken", label="Jump")
+    assert main(["store", "set-groups", str(path), "--pattern", "_(g[0-9]+)_"]) == 0
+    assert "4 videos in 3 groups (4 changed), 0 videos without a group" in capsys.readouterr().out
+    ro = FeatureStore.open(path, "r")
+    ids = ["v_Jump_g08_c03", "v_Jump_g10_c01", "v_Run_g08_c01", "v_Run_g09_c02"]
+    assert ro.groups(ids) == ["g08", "g10", "g08", "g09"]
+
+    csv = tmp_path / "groups.csv"
+    csv.write_text("video_id,group\nv_Run_g08_c01,alice\nv_Run_g09_c02,g09\nnot_there,bob\n")
+    assert main(["store", "set-groups", str(path), "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "2 videos in 2 groups (1 changed)" in out and "1 listed ids not in the store" in out
+    assert FeatureStore.open(path, "r").groups(ids) == ["g08", "g10", "alice", "g09"]
+
+    # a pattern that misses a video, a CSV without the columns: usage errors naming the problem
+    assert main(["store", "set-groups", str(path), "--pattern", "_(x[0-9]+)_"]) == 2
+    assert "does not match video id 'v_Jump_g08_c03'" in capsys.readouterr().err
+    csv.write_text("id,subject\na,b\n")
+    assert main(["store", "set-groups", str(path), "--csv", str(csv)]) == 2
+    assert "needs a header with columns video_id,group" in capsys.readouterr().err
