@@ -518,15 +518,21 @@ def selection_folds(data: RunData, config: TrainConfig) -> list[Fold]:
             if k * n >= len(rows):  # the class would have nothing left to fit on
                 return folds
             parts.append(rows[(k - 1) * n : k * n])
-        val = np.sort(np.concatenate(parts))
-        fit = np.setdiff1d(data.rows_train, val)
-        key = f"fold{k}"
-        if config.standardize and key not in data.stats:
-            assert data.nodes is not None
-            data.stats[key] = standardization_stats(data.nodes, fit)
-        folds.append(Fold(fit, val, key))
+        folds.append(_fold(data, config, k, np.concatenate(parts)))
         k += 1
     return folds
+
+
+def _fold(data: RunData, config: TrainConfig, k: int, val: np.ndarray) -> Fold:
+    """Fold ``k``: validate on the rows ``val``, fit on the other training rows, standardised
+    with statistics of those fit rows only."""
+    val = np.sort(val)
+    fit = np.setdiff1d(data.rows_train, val)
+    key = f"fold{k}"
+    if config.standardize and key not in data.stats:
+        assert data.nodes is not None
+        data.stats[key] = standardization_stats(data.nodes, fit)
+    return Fold(fit, val, key)
 
 
 def _group_folds(data: RunData, config: TrainConfig, pooled: int) -> list[Fold]:
@@ -540,14 +546,8 @@ def _group_folds(data: RunData, config: TrainConfig, pooled: int) -> list[Fold]:
     for k, part in enumerate(splits.more_folds, start=1):
         if 1 + len(out) >= config.max_folds or pooled >= config.min_validation:
             break
-        val = np.sort(row_of[part])
-        fit = np.setdiff1d(data.rows_train, val)
-        key = f"fold{k}"
-        if config.standardize and key not in data.stats:
-            assert data.nodes is not None
-            data.stats[key] = standardization_stats(data.nodes, fit)
-        out.append(Fold(fit, val, key))
-        pooled += len(val)
+        out.append(_fold(data, config, k, row_of[part]))
+        pooled += len(part)
     return out
 
 
