@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,30 +102,40 @@ class LabelTable:
         return self.by_path.get(_absolute(path)) or self.by_name.get(path.name)
 
 
-def read_labels(csv_path: str | Path) -> LabelTable:
-    """Read ``path,label[,split][,group]`` rows (with a header) from ``csv_path``."""
+def read_csv_rows(
+    csv_path: str | Path, what: str, required: Sequence[str], columns: str
+) -> Iterator[dict[str, str]]:
+    """The rows of a CSV with a header, their keys and values stripped. FileNotFoundError when
+    ``csv_path`` is not a file; ValueError naming ``what`` (e.g. "labels file 'x.csv'") when a
+    ``required`` column is missing from the header (``columns`` describes them all) or empty in
+    a row, with the line."""
     p = Path(csv_path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"labels file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{what} does not exist")
     with open(p, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in fields or "label" not in fields:
-            raise ValueError(
-                f"labels file {str(p)!r} needs a header with columns path,label[,split][,group]; "
-                f"found {fields}"
-            )
-        by_path: dict[Path, LabelEntry] = {}
-        names: dict[str, list[LabelEntry]] = {}
+        if any(c not in fields for c in required):
+            raise ValueError(f"{what} needs a header with columns {columns}; found {fields}")
         for n, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            if not row.get("path") or not row.get("label"):
-                raise ValueError(f"labels file {str(p)!r}, line {n}: empty path or label: {row}")
-            entry = (row["label"], row.get("split") or None, row.get("group") or None)
-            rel = Path(row["path"]).expanduser()
-            by_path[_absolute(rel if rel.is_absolute() else p.parent / rel)] = entry
-            if rel.name == row["path"]:  # a bare file name
-                names.setdefault(rel.name, []).append(entry)
+            if any(not row.get(c) for c in required):
+                raise ValueError(f"{what}, line {n}: empty {' or '.join(required)}: {row}")
+            yield row
+
+
+def read_labels(csv_path: str | Path) -> LabelTable:
+    """Read ``path,label[,split][,group]`` rows (with a header) from ``csv_path``."""
+    p = Path(csv_path).expanduser()
+    by_path: dict[Path, LabelEntry] = {}
+    names: dict[str, list[LabelEntry]] = {}
+    what = f"labels file {str(p)!r}"
+    for row in read_csv_rows(p, what, ("path", "label"), "path,label[,split][,group]"):
+        entry = (row["label"], row.get("split") or None, row.get("group") or None)
+        rel = Path(row["path"]).expanduser()
+        by_path[_absolute(rel if rel.is_absolute() else p.parent / rel)] = entry
+        if rel.name == row["path"]:  # a bare file name
+            names.setdefault(rel.name, []).append(entry)
     by_name = {name: entries[0] for name, entries in names.items() if len(entries) == 1}
     return LabelTable(by_path, by_name)
 

@@ -177,26 +177,13 @@ def run_import_splits(args: argparse.Namespace) -> int:
 
 def read_group_csv(path: str) -> dict[str, str]:
     """``{video_id: group}`` from a CSV with a header and columns video_id,group."""
-    import csv
-    from pathlib import Path
+    from extractor.sources import read_csv_rows
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"--csv {path!r}: no such file")
-    out: dict[str, str] = {}
-    with open(p, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in reader.fieldnames or []]
-        if "video_id" not in fields or "group" not in fields:
-            raise UsageError(
-                f"--csv {path!r} needs a header with columns video_id,group; found {fields}"
-            )
-        for n, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            if not row.get("video_id") or not row.get("group"):
-                raise UsageError(f"--csv {path!r}, line {n}: empty video_id or group: {row}")
-            out[row["video_id"]] = row["group"]
-    return out
+    try:
+        rows = read_csv_rows(path, f"--csv {path!r}", ("video_id", "group"), "video_id,group")
+        return {row["video_id"]: row["group"] for row in rows}
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_set_groups(args: argparse.Namespace) -> int:
