@@ -196,6 +196,45 @@ class LabelledSplits:
         return np.unique(self.y_fit)
 
 
+def further_folds(
+    labels: np.ndarray,
+    fit: np.ndarray,
+    val: np.ndarray,
+    group_folds: Sequence[np.ndarray] | None,
+    *,
+    min_validation: int,
+    max_folds: int,
+) -> list[np.ndarray]:
+    """Validation folds after fold 0 (``val``, positions into ``labels``), added while the
+    pooled validation videos are fewer than ``min_validation`` and the folds fewer than
+    ``max_folds``: the next ``group_folds`` when validation holds out groups (positions too),
+    else folds with ``val``'s count of every class, taken in turn from ``fit`` in its order
+    (disjoint; it stops before a class would have nothing left to fit on). Every fold's fit
+    part is the rest of the training videos."""
+    out: list[np.ndarray] = []
+    pooled = len(val)
+    if group_folds is not None:
+        for part in group_folds:
+            if 1 + len(out) >= max_folds or pooled >= min_validation:
+                break
+            out.append(np.asarray(part))
+            pooled += len(part)
+        return out
+    counts = dict(zip(*np.unique(labels[val], return_counts=True), strict=True))
+    by_class = {c: fit[labels[fit] == c] for c in counts}
+    while 1 + len(out) < max_folds and pooled < min_validation:
+        k = len(out) + 1
+        parts = []
+        for c, n in counts.items():
+            rows = by_class[c]
+            if k * n >= len(rows):  # the class would have nothing left to fit on
+                return out
+            parts.append(rows[(k - 1) * n : k * n])
+        out.append(np.concatenate(parts))
+        pooled += len(val)
+    return out
+
+
 def labelled_splits(
     store: FeatureStore,
     train_split: str,

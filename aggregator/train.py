@@ -57,6 +57,7 @@ from aggregator.rundir import (
     METRICS_FILE,
     MODEL_FILE,
     LabelledSplits,
+    further_folds,
     labelled_splits,
     make_run_config,
     read_config,
@@ -494,33 +495,30 @@ class Fold:
 
 def selection_folds(data: RunData, config: TrainConfig) -> list[Fold]:
     """The validation part as fold 0 and, while the pooled validation videos are fewer than
-    ``config.min_validation``, further folds up to ``config.max_folds`` folds: when validation
-    holds out groups, the next folds of whole groups (:func:`aggregator.data.grouped_holdout`);
-    else folds of the same size per class taken in turn from the fit rows (disjoint, each class
-    keeping at least one video to fit). Every fold's standardisation statistics come from its
+    ``config.min_validation``, further folds up to ``config.max_folds`` folds
+    (:func:`aggregator.rundir.further_folds`): when validation holds out groups, the next folds
+    of whole groups (:func:`aggregator.data.grouped_holdout`); else folds of the same size per
+    class taken in turn from the fit rows. Every fold's standardisation statistics come from its
     own fit rows only."""
     folds = [Fold(data.rows_fit, data.rows_val, "fit")]
     if data.n_val == 0 or data.nodes is None:
         return folds
-    if data.splits.group_by is not None:
-        return folds + _group_folds(data, config, data.n_val)
-    fit_labels = data.labels[data.rows_fit]
-    val_counts = {
-        int(c): int(n)
-        for c, n in zip(*np.unique(data.labels[data.rows_val], return_counts=True), strict=True)
-    }
-    by_class = {c: data.rows_fit[fit_labels == c] for c in val_counts}
-    k = 1
-    while len(folds) < config.max_folds and data.n_val * len(folds) < config.min_validation:
-        parts = []
-        for c, n in val_counts.items():
-            rows = by_class[c]
-            if k * n >= len(rows):  # the class would have nothing left to fit on
-                return folds
-            parts.append(rows[(k - 1) * n : k * n])
-        folds.append(_fold(data, config, k, np.concatenate(parts)))
-        k += 1
-    return folds
+    splits = data.splits
+    group_folds = None
+    if splits.group_by is not None:
+        row_of = np.empty(len(splits.train_ids), dtype=np.int64)
+        row_of[splits.fit_idx] = np.arange(data.n_fit)
+        row_of[splits.val_idx] = data.n_fit + np.arange(data.n_val)
+        group_folds = [row_of[part] for part in splits.more_folds]
+    more = further_folds(
+        data.labels,
+        data.rows_fit,
+        data.rows_val,
+        group_folds,
+        min_validation=config.min_validation,
+        max_folds=config.max_folds,
+    )
+    return folds + [_fold(data, config, k, val) for k, val in enumerate(more, start=1)]
 
 
 def _fold(data: RunData, config: TrainConfig, k: int, val: np.ndarray) -> Fold:
@@ -533,22 +531,6 @@ def _fold(data: RunData, config: TrainConfig, k: int, val: np.ndarray) -> Fold:
         assert data.nodes is not None
         data.stats[key] = standardization_stats(data.nodes, fit)
     return Fold(fit, val, key)
-
-
-def _group_folds(data: RunData, config: TrainConfig, pooled: int) -> list[Fold]:
-    """Further folds of whole groups (rows of ``data``), while fewer than
-    ``config.min_validation`` videos are pooled."""
-    splits = data.splits
-    row_of = np.empty(len(splits.train_ids), dtype=np.int64)
-    row_of[splits.fit_idx] = np.arange(data.n_fit)
-    row_of[splits.val_idx] = data.n_fit + np.arange(data.n_val)
-    out: list[Fold] = []
-    for k, part in enumerate(splits.more_folds, start=1):
-        if 1 + len(out) >= config.max_folds or pooled >= config.min_validation:
-            break
-        out.append(_fold(data, config, k, row_of[part]))
-        pooled += len(part)
-    return out
 
 
 @dataclass
