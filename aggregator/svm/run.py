@@ -58,6 +58,7 @@ from aggregator.rundir import (
     CONFIG_FILE,
     MODEL_FILE,
     LabelledSplits,
+    further_folds,
     labelled_splits,
     make_run_config,
     read_config,
@@ -78,6 +79,9 @@ C_GRID = (0.1, 1.0, 10.0)
 GAMMA_GRID = (0.25, 1.0, 4.0)  # factors on the per-node "scale" gamma (rbf and chi2 kernels)
 VALIDATION_FRACTION = 0.1
 SELECTION_MAX_VIDEOS = 2000  # the selection grid is fitted on at most about this many videos
+MAX_LEVELS = 6  # levels=None chooses the pyramid depth among 1..MAX_LEVELS
+MIN_VALIDATION = 100  # validation videos the selection pools before it stops adding folds
+MAX_FOLDS = 10
 FUSION_GRID = 20  # simplex step 1/20 for the stream weights
 EMBED_DIM = 4096  # embeddings longer than this are count-sketched down to it
 
@@ -254,26 +258,22 @@ def _bound_record(est: MultipleAggregationSVM) -> dict[str, Any]:
     }
 
 
-def _fit_stream(
+def _fit_grid(
     X_fit: np.ndarray,
     y_fit: np.ndarray,
     X_val: np.ndarray | None,
-    y_val: np.ndarray,
     params: Mapping[str, Any],
     c_grid: Sequence[float],
+    gammas: Sequence[float],
     classes: np.ndarray,
     n_classes: int,
-    gamma_grid: Sequence[float] = (1.0,),
-) -> tuple[dict[str, float], list[dict[str, Any]], MultipleAggregationSVM]:
-    """Fit one stream's SVM for every ``C`` of ``c_grid`` (and, for the rbf/chi2 kernels, every
-    factor of ``gamma_grid`` on the gamma) on the fit videos and score each on the validation
-    videos; the fits of one gamma share one Gram cache across ``C``. Returns the chosen values
-    (best top-1; ties to the smaller C, then the gamma factor nearest 1), the grid's record and
-    the chosen fit."""
+) -> list[tuple[dict[str, float], dict[str, Any], np.ndarray | None]]:
+    """Fit one stream's SVM for every ``C`` of ``c_grid`` and every gamma factor of ``gammas``
+    on the fit videos ``X_fit`` (standardised node means of one depth) and score each on the
+    validation videos; the fits of one gamma share one Gram cache across ``C``. Per grid point:
+    its values, its fit record and its ``[n_val, n_classes]`` validation class scores."""
     kernel = params["kernel"]
-    gammas = [float(g) for g in gamma_grid] if kernel != "linear" else [1.0]
-    record: list[dict[str, Any]] = []
-    best: tuple[tuple[float, float, float], dict[str, float], MultipleAggregationSVM] | None = None
+    out: list[tuple[dict[str, float], dict[str, Any], np.ndarray | None]] = []
     for g in gammas:
         grams = None
         if params["variant"] == "concat" and len(c_grid) > 1:
@@ -292,22 +292,118 @@ def _fit_stream(
             t0 = time.perf_counter()
             values = {"C": float(C)} | ({"gamma_scale": g} if kernel != "linear" else {})
             est = MultipleAggregationSVM(**{**params, **values}).fit(X_fit, y_fit, grams=grams)
-            top1 = math.nan
-            if X_val is not None and len(y_val):
-                state = export_state(est)
-                scores = class_scores(stream_decision(state, X_val), classes, n_classes)
-                top1 = float((scores.argmax(1) == y_val).mean())
-            entry: dict[str, Any] = {**values, "val_top1": top1}
+            scores = None
+            if X_val is not None and len(X_val):
+                decision = stream_decision(export_state(est), X_val)
+                scores = class_scores(decision, classes, n_classes)
+            entry: dict[str, Any] = {"n_iter": est.n_iter_, **_bound_record(est)}
             if est.gammas_ is not None:
                 entry["gamma_mean"] = float(np.mean(est.gammas_))
-            entry |= {"n_iter": est.n_iter_, **_bound_record(est)}
             entry["seconds"] = time.perf_counter() - t0
-            record.append(entry)
-            key = (-math.inf if math.isnan(top1) else top1, -float(C), -abs(math.log(g)))
-            if best is None or key > best[0]:
-                best = (key, values, est)
-    assert best is not None
-    return best[1], record, best[2]
+            out.append((values, entry, scores))
+    return out
+
+
+def _selection_folds(splits: LabelledSplits) -> list[np.ndarray]:
+    """The SVM's validation folds (positions into the training split): the validation part and,
+    while fewer than :data:`MIN_VALIDATION` videos are pooled, further folds of whole groups or
+    of the same size per class (:func:`aggregator.rundir.further_folds`), at most
+    :data:`MAX_FOLDS` in all."""
+    if not len(splits.val_idx):
+        return []
+    more = further_folds(
+        splits.y_train,
+        splits.fit_idx,
+        splits.val_idx,
+        list(splits.more_folds) if splits.group_by is not None else None,
+        min_validation=MIN_VALIDATION,
+        max_folds=MAX_FOLDS,
+    )
+    return [np.sort(v) for v in (splits.val_idx, *more)]
+
+
+def _choose(record: Sequence[Mapping[str, Any]]) -> int:
+    """The grid point with the best pooled validation top-1; ties to the fewest levels, then the
+    smaller ``C``, then the gamma factor nearest 1."""
+
+    def key(i: int) -> tuple[float, ...]:
+        r = record[i]
+        top1 = r["val_top1"]
+        return (
+            -math.inf if math.isnan(top1) else top1,
+            -r["levels"],
+            -r["C"],
+            -abs(math.log(r.get("gamma_scale", 1.0))),
+        )
+
+    return max(range(len(record)), key=key)
+
+
+def _select(
+    X_train: np.ndarray,
+    splits: LabelledSplits,
+    folds: Sequence[np.ndarray],
+    depths: Sequence[int],
+    params: Mapping[str, Any],
+    c_grid: Sequence[float],
+    gammas: Sequence[float],
+    use_stats: bool,
+    seed: int,
+) -> tuple[int, list[dict[str, Any]], np.ndarray | None, int]:
+    """Fit the grid (pyramid depth x ``C`` x gamma factor) on every fold's fit videos (a
+    stratified subsample of at most about :data:`SELECTION_MAX_VIDEOS` of them), standardised
+    with their own statistics, and score it on the fold's validation videos. Returns the chosen
+    grid point's index, the grid's record (pooled and per-fold top-1), the chosen point's class
+    scores on the pooled validation videos (folds in order) and the most videos fitted."""
+    n_classes = len(splits.class_names)
+    n_train = len(splits.train_ids)
+    record: list[dict[str, Any]] = []
+    pooled: list[list[np.ndarray]] = []
+    fitted = 0
+    for k, val in enumerate(folds or [np.zeros(0, dtype=np.int64)]):
+        fit = np.setdiff1d(np.arange(n_train), val) if k else splits.fit_idx
+        y_fit = splits.y_train[fit]
+        fit = fit[_selection_rows(y_fit, SELECTION_MAX_VIDEOS, seed)]
+        fitted = max(fitted, len(fit))
+        i = 0
+        for levels in depths:
+            m = n_nodes(levels)
+            X_fit = np.asarray(X_train[fit, :m])
+            mean, std = node_statistics(X_fit) if use_stats else (None, None)
+            X_fit = standardize(X_fit, mean, std)
+            X_val = standardize(X_train[val, :m], mean, std) if len(val) else None
+            grid = _fit_grid(
+                X_fit,
+                splits.y_train[fit],
+                X_val,
+                params,
+                c_grid,
+                gammas,
+                np.unique(splits.y_train[fit]),
+                n_classes,
+            )
+            y_val = splits.y_train[val]
+            for values, entry, scores in grid:
+                correct = 0 if scores is None else int((scores.argmax(1) == y_val).sum())
+                if k == 0:
+                    record.append({"levels": levels, **values, "fold_correct": [], "folds": []})
+                    pooled.append([])
+                record[i]["fold_correct"].append(correct)
+                record[i]["folds"].append(entry)
+                if scores is not None:
+                    pooled[i].append(scores)
+                i += 1
+    sizes = [len(v) for v in folds]
+    for r in record:
+        r["val_top1"] = sum(r["fold_correct"]) / sum(sizes) if folds else math.nan
+        r["fold_val_top1"] = [c / n for c, n in zip(r.pop("fold_correct"), sizes, strict=True)]
+        first = r["folds"][0]  # fold 0's fit, as before folds were pooled
+        r |= {k: first[k] for k in ("n_iter", "gamma_mean", "svm_iter_bound") if k in first}
+        for k in ("svm_at_bound", "svm_solves", "seconds"):
+            r[k] = sum(f[k] for f in r["folds"])
+    chosen = _choose(record)
+    scores = np.concatenate(pooled[chosen]) if folds else None
+    return chosen, record, scores, fitted
 
 
 @dataclass(frozen=True)
@@ -317,6 +413,7 @@ class _StreamFit:
     state: dict[str, Any]
     info: dict[str, Any]
     in_features: int
+    levels: int
     val_scores: np.ndarray | None
     test_scores: np.ndarray | None
 
@@ -399,55 +496,49 @@ def _train_stream(
     store: FeatureStore,
     stream: str,
     splits: LabelledSplits,
+    folds: Sequence[np.ndarray],
     train_args: Mapping[str, Any],
     params: Mapping[str, Any],
     use_stats: bool,
 ) -> _StreamFit:
-    """Selection, fit and test scores of one stream: the grid (``C_grid`` and ``gamma_grid`` of
-    ``train_args``) on the fit part scored on the validation part, the chosen values refit on
-    the whole training split (``refit``). ``params`` are the estimator's."""
-    levels, c_grid, g_grid = train_args["levels"], train_args["C_grid"], train_args["gamma_grid"]
+    """Selection, fit and test scores of one stream: the grid (the pyramid depths, ``C_grid``
+    and ``gamma_grid`` of ``train_args``) fitted and scored on the validation folds
+    (:func:`_select`), the chosen values refit on the whole training split (``refit``), else
+    on fold 0's fit videos. ``params`` are the estimator's."""
+    depths, c_grid, g_grid = train_args["depths"], train_args["C_grid"], train_args["gamma_grid"]
     n_classes = len(splits.class_names)
     t_cache = time.perf_counter()
-    cache = load_node_cache(store, stream, depth=max(CACHE_DEPTH, levels), progress=False)
-    X_train = _node_means(cache, splits.train_ids, levels)
+    deepest = max(depths)
+    cache = load_node_cache(store, stream, depth=max(CACHE_DEPTH, deepest), progress=False)
+    X_train = _node_means(cache, splits.train_ids, deepest)
     in_features = int(X_train.shape[2])
-    mean, std = node_statistics(X_train) if use_stats else (None, None)
-    X_train = standardize(X_train, mean, std)
-    X_fit = X_train[splits.fit_idx]
-    X_val = X_train[splits.val_idx] if len(splits.val_idx) else None
     t_fit = time.perf_counter()
-    selecting = len(c_grid) * len(g_grid) > 1
-    rows = np.arange(len(splits.fit_idx))
-    if selecting:
-        rows = _selection_rows(splits.y_fit, SELECTION_MAX_VIDEOS, train_args["seed"])
-    if len(rows) < len(splits.fit_idx):
-        log.info(
-            "svm %s: selecting on %d of %d fit videos, then refitting on all",
-            stream,
-            len(rows),
-            len(splits.fit_idx),
-        )
-    chosen, grid, est = _fit_stream(
-        X_fit[rows],
-        splits.y_fit[rows],
-        X_val,
-        splits.y_val,
-        params,
-        c_grid,
-        splits.classes,
-        n_classes,
-        g_grid,
+    chosen_i, grid, val_scores, fitted = _select(
+        X_train, splits, folds, depths, params, c_grid, g_grid, use_stats, train_args["seed"]
     )
-    val_scores = None
-    if X_val is not None:
-        decision = stream_decision(export_state(est), X_val)
-        val_scores = class_scores(decision, splits.classes, n_classes)
+    chosen: dict[str, Any] = {
+        k: grid[chosen_i][k] for k in ("levels", "C", "gamma_scale") if k in grid[chosen_i]
+    }
+    levels = int(chosen.pop("levels"))
+    if len(folds) > 1:
+        log.info(
+            "svm %s: chose %d levels, C %g (validation top-1 %.4f on %d videos in %d folds)",
+            stream,
+            levels,
+            chosen["C"],
+            grid[chosen_i]["val_top1"],
+            sum(len(f) for f in folds),
+            len(folds),
+        )
     refitted = bool(train_args["refit"] and len(splits.val_idx))
-    if refitted:
-        est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_train, splits.y_train)
-    elif len(rows) < len(splits.fit_idx):  # the final SVMs never see only the subsample
-        est = MultipleAggregationSVM(**{**params, **chosen}).fit(X_fit, splits.y_fit)
+    rows = np.arange(len(splits.train_ids)) if refitted else splits.fit_idx
+    m = n_nodes(levels)
+    X = np.asarray(X_train[rows, :m])
+    del X_train
+    mean, std = node_statistics(X) if use_stats else (None, None)
+    X = standardize(X, mean, std)
+    est = MultipleAggregationSVM(**{**params, **chosen}).fit(X, splits.y_train[rows])
+    del X
     if est.n_svm_at_bound_:
         log.warning(
             "svm %s: libsvm stopped at its bound of %d iterations in %d of %d SVM solves of "
@@ -458,7 +549,6 @@ def _train_stream(
             est.n_svm_solves_,
             chosen["C"],
         )
-    del X_fit, X_val, X_train
     seconds_fit = time.perf_counter() - t_fit
     state = export_state(est)
     if mean is not None and std is not None:
@@ -468,10 +558,12 @@ def _train_stream(
         decision = stream_decision(state, _node_means(cache, splits.test_ids, levels))
         test_scores = class_scores(decision, splits.classes, n_classes)
     info = {
+        "levels": levels,
         "C": chosen["C"],
         "gamma_scale": chosen.get("gamma_scale"),
         "C_grid": grid,
-        "selection_videos": len(rows),
+        "selection_videos": fitted,
+        "selection_folds": [len(f) for f in folds],
         "refit": refitted,
         "n_iter": est.n_iter_,
         "gap": est.gap_,
@@ -483,20 +575,21 @@ def _train_stream(
         "history": [{k: v for k, v in h.items() if k != "beta"} for h in est.history_],
     }
     log.info(
-        "svm %s: C %g, %d iterations, gap %.2g, J %.6g, %.1f s",
+        "svm %s: %d levels, C %g, %d iterations, gap %.2g, J %.6g, %.1f s",
         stream,
+        levels,
         chosen["C"],
         est.n_iter_,
         est.gap_,
         est.objective_,
         seconds_fit,
     )
-    return _StreamFit(state, info, in_features, val_scores, test_scores)
+    return _StreamFit(state, info, in_features, levels, val_scores, test_scores)
 
 
 def _calibrate(fits: Mapping[str, _StreamFit], y_val: np.ndarray) -> _Fusion:
-    """Fusion weights and temperature learned on the validation part (equal weights and
-    temperature 1 without a validation video)."""
+    """Fusion weights and temperature learned on the pooled validation folds' scores of the
+    chosen values (equal weights and temperature 1 without a validation video)."""
     val_scores = {s: f.val_scores for s, f in fits.items() if f.val_scores is not None}
     if len(y_val):
         weights, val_top1 = choose_fusion(val_scores, y_val)
@@ -562,6 +655,7 @@ def _summary(
         "streams": list(fits),
         "n_train": len(splits.train_ids) if refitted else len(splits.fit_idx),
         "n_val": len(splits.val_idx),
+        "selection_folds": next(iter(info.values()))["selection_folds"],
         "n_test": len(splits.test_ids),
         "standardize": config["standardize"],
         "beta": {s: beta_by_level(f.state["beta"].numpy()) for s, f in fits.items()},
@@ -573,7 +667,7 @@ def _summary(
         "probe": probes,
         "selection": {
             s: {
-                "chosen": {"C": i["C"]}
+                "chosen": {"levels": i["levels"], "C": i["C"]}
                 | ({"gamma_scale": i["gamma_scale"]} if i["gamma_scale"] is not None else {}),
                 "grid": i["C_grid"],
                 "videos": i["selection_videos"],
@@ -585,12 +679,14 @@ def _summary(
 
 
 def _model(
-    levels: int, splits: LabelledSplits, fits: Mapping[str, _StreamFit], fusion: _Fusion
+    splits: LabelledSplits, fits: Mapping[str, _StreamFit], fusion: _Fusion
 ) -> dict[str, Any]:
-    """``model.pt``: plain tensors and numbers (``torch.load(weights_only=True)``)."""
+    """``model.pt``: plain tensors and numbers (``torch.load(weights_only=True)``). ``levels``
+    is the deepest stream's: the pyramid's nodes come level by level, so a shallower stream's
+    nodes are the first ones of the deeper pyramid."""
     return {
         "format": FORMAT,
-        "levels": levels,
+        "levels": max(f.levels for f in fits.values()),
         "classes": torch.from_numpy(splits.classes.astype(np.int64)),
         "fusion_weights": torch.tensor([fusion.weights[s] for s in fits], dtype=torch.float64),
         "temperature": float(fusion.temperature),
@@ -630,7 +726,7 @@ def train_svm(
     out_dir: Path | str,
     *,
     streams: list[str],
-    levels: int,
+    levels: int | None,
     variant: str,
     C: float | None,
     kernel: str,
@@ -665,8 +761,9 @@ def train_svm(
     streams = list(dict.fromkeys(streams))
     if not streams:
         raise ValueError("no stream given")
-    if not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    if levels is not None and (not isinstance(levels, int) or levels < 1):
+        raise ValueError(f"levels must be an integer >= 1 or None, got {levels!r}")
+    depths = list(range(1, MAX_LEVELS + 1)) if levels is None else [levels]
     c_grid, g_grid = _grids(C, C_grid, gamma_grid, kernel)
     # the estimator validates C, variant, kernel, max_iter and eps before any work
     estimator = MultipleAggregationSVM(
@@ -685,6 +782,7 @@ def train_svm(
     train_args = {
         "streams": streams,
         "levels": levels,
+        "depths": depths,
         "variant": variant,
         "C": C,
         "C_grid": c_grid,
@@ -704,12 +802,18 @@ def train_svm(
     }
     config = _run_config(store, out, estimator, splits, train_args, use_stats)
     params = estimator.get_params()
-    fits = {s: _train_stream(store, s, splits, train_args, params, use_stats) for s in streams}
-    fusion = _calibrate(fits, splits.y_val)
+    selecting = len(depths) * len(c_grid) * len(g_grid) > 1
+    folds = _selection_folds(splits) if selecting else [np.sort(splits.val_idx)]
+    folds = [f for f in folds if len(f)]
+    fits = {
+        s: _train_stream(store, s, splits, folds, train_args, params, use_stats) for s in streams
+    }
+    pooled = np.concatenate(folds) if folds else np.zeros(0, dtype=np.int64)
+    fusion = _calibrate(fits, splits.y_train[pooled])
     metrics, per_stream = _test_metrics(fits, fusion, splits)
     probes = _probes(store, streams, splits, probe_levels, seed) if probe else None
     metrics.update(_summary(config, splits, fits, fusion, per_stream, probes))
-    model = _model(levels, splits, fits, fusion)
+    model = _model(splits, fits, fusion)
     return _write_run(out, config, model, metrics, fits, t_start)
 
 

@@ -348,7 +348,7 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
     "max_iter": HeadOption(("svm",), "alternating iterations (50)", int),
     "eps": HeadOption(("svm",), "relative duality gap to stop at (1e-3)", float),
 }
-_LEVELS_DEFAULT = {"tp": 6, "tpp": 3, "svm": 6}
+_LEVELS_DEFAULT = {"tp": "6", "tpp": "3", "svm": "chosen on validation in 1-6"}
 
 
 def _head_flag(dest: str) -> str:

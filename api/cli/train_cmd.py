@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             args.store,
             args.out,
             streams=streams,
-            levels=6 if args.levels is None else args.levels,
+            levels=args.levels,
             variant=args.variant or "concat",
             C=args.C,
             kernel=args.kernel or "linear",

@@ -250,7 +250,7 @@ def test_selection_of_C_takes_the_best_validation_score(tmp_path: Path) -> None:
     best = max(grid.values())
     assert info["C"] == min(c for c, v in grid.items() if v == best)
     assert info["refit"] and metrics["n_train"] == 60
-    assert metrics["selection"]["appearance"]["chosen"] == {"C": info["C"]}
+    assert metrics["selection"]["appearance"]["chosen"] == {"levels": 3, "C": info["C"]}
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["params"]["C"] is None and config["train_args"]["C_grid"] == [1.0, 1e-5, 100.0]
 
@@ -304,7 +304,11 @@ def test_selection_of_gamma_takes_the_best_validation_score(tmp_path: Path) -> N
     assert all("gamma_mean" in g for g in info["C_grid"])
     assert scores[1.0] > max(scores[1e-4], scores[1e4])
     assert info["gamma_scale"] == 1.0
-    assert metrics["selection"]["appearance"]["chosen"] == {"C": 1.0, "gamma_scale": 1.0}
+    assert metrics["selection"]["appearance"]["chosen"] == {
+        "levels": 1,
+        "C": 1.0,
+        "gamma_scale": 1.0,
+    }
     assert metrics["top1"] >= 0.9
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train_args"]["gamma_grid"] == [1e-4, 1.0, 1e4]
