@@ -409,9 +409,9 @@ def _select(
         r["val_top1"] = sum(r["fold_correct"]) / sum(sizes) if folds else math.nan
         r["fold_val_top1"] = [c / n for c, n in zip(r.pop("fold_correct"), sizes, strict=True)]
         first = r["folds"][0]  # fold 0's fit, as before folds were pooled
-        r |= {k: first[k] for k in ("n_iter", "gamma_mean", "svm_iter_bound") if k in first}
-        for k in ("svm_at_bound", "svm_solves", "seconds"):
-            r[k] = sum(f[k] for f in r["folds"])
+        r |= {key: first[key] for key in ("n_iter", "gamma_mean", "svm_iter_bound") if key in first}
+        for key in ("svm_at_bound", "svm_solves", "seconds"):
+            r[key] = sum(f[key] for f in r["folds"])
     chosen = _choose(record)
     scores = np.concatenate(pooled[chosen]) if folds else None
     return chosen, record, scores, fitted

@@ -190,9 +190,14 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
         )
     selection = metrics.get("selection") or {}
     if metrics.get("head") == "svm":
-        chosen = {s: v["chosen"]["C"] for s, v in selection.items()}
-        if chosen:
-            lines.append("selection    C " + "  ".join(f"{s} {c:g}" for s, c in chosen.items()))
+        parts = [
+            f"{s} {v['chosen'].get('levels', '?')} levels C {v['chosen']['C']:g}"
+            for s, v in selection.items()
+        ]
+        if parts:
+            folds = metrics.get("selection_folds") or []
+            where = f" on {sum(folds)} validation videos in {len(folds)} fold(s)" if folds else ""
+            lines.append("selection    " + "  ".join(parts) + where)
     elif selection.get("grid"):
         c = selection["chosen"]
         lines.append(
