@@ -333,3 +333,27 @@ def test_a_small_validation_part_gets_more_folds(order_store: str, tmp_path: Pat
     losses = {(g["lr"], g["weight_decay"]): g["val_loss"] for g in sel["grid"]}
     assert losses[(1e-2, 1e-4)] < min(v for k, v in losses.items() if k != (1e-2, 1e-4))
     assert all(len(g["fold_val_top1"]) == 3 for g in sel["grid"])
+
+
+def test_gap_on_standardised_inputs_has_no_batch_norm(order_store: str, tmp_path: Path) -> None:
+    """On standardised global means ``gap`` is the global-mean probe's model (a multinomial
+    logistic regression): batch norm only adds batch noise there. Kept without
+    standardisation, where it is the only normalisation, when the user sets it, and for
+    ``max``. The choice is recorded, so the run reloads with the same model."""
+    from aggregator.train import resolve_batch_norm
+
+    gap = TrainConfig(head="gap")
+    assert resolve_batch_norm(gap).head_kwargs == {"batch_norm": False}
+    assert resolve_batch_norm(gap.replace(standardize=False)).head_kwargs == {}
+    kept = gap.replace(head_kwargs={"batch_norm": True})
+    assert resolve_batch_norm(kept).head_kwargs == {"batch_norm": True}
+    assert resolve_batch_norm(TrainConfig(head="max")).head_kwargs == {}
+    out = tmp_path / "gap"
+    metrics = train_run(order_store, out, head="gap", steps=30, **ONE, **FAST)
+    config = json.loads((out / "config.json").read_text())
+    assert config["head_kwargs"]["batch_norm"] is False
+    run = load_run(out)
+    assert isinstance(run, TorchRun)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in run.model.modules())
+    again = evaluate_run(out, order_store, split="test", write=False)
+    assert again["top1"] == pytest.approx(metrics["top1"])
