@@ -241,7 +241,7 @@ def run_head(key: str, store: Path, out: Path, threads: int) -> dict[str, Any]:
             store,
             out,
             streams=["appearance"],
-            levels=6,
+            levels=None,
             variant="concat",
             C=None,
             kernel="linear",
