@@ -407,7 +407,8 @@ def _select(
     sizes = [len(v) for v in folds]
     for r in record:
         r["val_top1"] = sum(r["fold_correct"]) / sum(sizes) if folds else math.nan
-        r["fold_val_top1"] = [c / n for c, n in zip(r.pop("fold_correct"), sizes, strict=True)]
+        correct = r.pop("fold_correct")
+        r["fold_val_top1"] = [c / n for c, n in zip(correct, sizes, strict=True)] if folds else []
         first = r["folds"][0]  # fold 0's fit, as before folds were pooled
         r |= {key: first[key] for key in ("n_iter", "gamma_mean", "svm_iter_bound") if key in first}
         for key in ("svm_at_bound", "svm_solves", "seconds"):
@@ -524,6 +525,9 @@ def _train_stream(
     X_train = _node_means(cache, splits.train_ids, deepest)
     in_features = int(X_train.shape[2])
     t_fit = time.perf_counter()
+    if not folds:  # nothing to validate on: the tie rule's choice, without fitting the rest
+        gamma = min(g_grid, key=lambda g: abs(math.log(g)))
+        depths, c_grid, g_grid = [min(depths)], [min(c_grid)], [gamma]
     chosen_i, grid, val_scores, fitted = _select(
         X_train, splits, folds, depths, params, c_grid, g_grid, use_stats, train_args["seed"]
     )

@@ -129,3 +129,25 @@ def test_svm_folds_hold_out_whole_groups(tmp_path: Path) -> None:
         store, tmp_path / "run", **run_args(streams=["appearance"], levels=2, probe=False)
     )
     assert metrics["selection_folds"] == [len(folds[0])]  # one configuration: fold 0 only
+
+
+def test_without_a_validation_video_nothing_is_chosen(tmp_path: Path) -> None:
+    """One training video per class leaves nothing to validate on: the tie rule's choice (one
+    level, the smallest C) is the only fit, with equal weights and temperature 1."""
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(tmp_path / "store.zarr", extractor={"appearance": {"b": "toy"}})
+    for c in range(2):
+        for i, split in enumerate(("train", "test", "test")):
+            x = rng.normal(size=(10, 3)) + 4.0 * c
+            store.write_video(f"c{c}_{i}", {"appearance": x}, label=f"k{c}", split=split)
+    metrics = train_svm(
+        store,
+        tmp_path / "run",
+        **run_args(streams=["appearance"], levels=None, C=None, probe=False),
+    )
+    assert metrics["n_val"] == 0 and metrics["selection_folds"] == []
+    assert metrics["calibration"].startswith("none")
+    assert metrics["selection"]["appearance"]["chosen"] == {"levels": 1, "C": 0.1}
+    [grid] = metrics["svm"]["appearance"]["C_grid"]
+    assert grid["val_top1"] is None and grid["fold_val_top1"] == []
+    assert metrics["top1"] == 1.0
