@@ -350,6 +350,20 @@ def _choose(record: Sequence[Mapping[str, Any]]) -> int:
     return max(range(len(record)), key=key)
 
 
+def _pool_record(record: list[dict[str, Any]], sizes: Sequence[int]) -> None:
+    """Turn every grid point's per-fold counts of right answers into its pooled and per-fold
+    validation top-1 (NaN and none without folds), with fold 0's iterations and bound and the
+    stopped solves and seconds of all folds."""
+    for r in record:
+        correct = r.pop("fold_correct")
+        r["val_top1"] = sum(correct) / sum(sizes) if sizes else math.nan
+        r["fold_val_top1"] = [c / n for c, n in zip(correct, sizes, strict=True)] if sizes else []
+        first = r["folds"][0]
+        r |= {key: first[key] for key in ("n_iter", "gamma_mean", "svm_iter_bound") if key in first}
+        for key in ("svm_at_bound", "svm_solves", "seconds"):
+            r[key] = sum(f[key] for f in r["folds"])
+
+
 def _select(
     X_train: np.ndarray,
     splits: LabelledSplits,
@@ -404,15 +418,7 @@ def _select(
                 if scores is not None:
                     pooled[i].append(scores)
                 i += 1
-    sizes = [len(v) for v in folds]
-    for r in record:
-        r["val_top1"] = sum(r["fold_correct"]) / sum(sizes) if folds else math.nan
-        correct = r.pop("fold_correct")
-        r["fold_val_top1"] = [c / n for c, n in zip(correct, sizes, strict=True)] if folds else []
-        first = r["folds"][0]  # fold 0's fit, as before folds were pooled
-        r |= {key: first[key] for key in ("n_iter", "gamma_mean", "svm_iter_bound") if key in first}
-        for key in ("svm_at_bound", "svm_solves", "seconds"):
-            r[key] = sum(f[key] for f in r["folds"])
+    _pool_record(record, [len(v) for v in folds])
     chosen = _choose(record)
     scores = np.concatenate(pooled[chosen]) if folds else None
     return chosen, record, scores, fitted
