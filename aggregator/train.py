@@ -935,6 +935,7 @@ def train_run(
             train_split=config.train_split,
             test_split=config.test_split,
             val_fraction=config.val_fraction,
+            val_groups=config.val_groups,
             epochs=config.epochs if config.epochs is not None else 30,
             batch_size=config.batch_size if config.batch_size is not None else 32,
             lr=config.lr,

@@ -60,6 +60,7 @@ def train_map_run(
     train_split: str = "train",
     test_split: str | None = "test",
     val_fraction: float = 0.1,
+    val_groups: str = "auto",
     epochs: int = 30,
     batch_size: int = 32,
     lr: float | None = None,
@@ -76,7 +77,9 @@ def train_map_run(
 
     Adam (``lr`` 1e-3) with cosine decay per step and L2 weight decay on weight matrices, as
     :func:`aggregator.train.train_run`. ``max_frames`` keeps at most that many evenly spaced map
-    frames per video. Returns the metrics written to ``metrics.json``.
+    frames per video. ``val_groups`` holds out the validation part as the deep heads do
+    (:func:`aggregator.rundir.labelled_splits`: whole groups when the videos have them). Returns
+    the metrics written to ``metrics.json``.
     """
     t_start = time.perf_counter()
     if head not in MAP_HEADS:
@@ -90,6 +93,7 @@ def train_map_run(
         "train_split": train_split,
         "test_split": test_split,
         "val_fraction": val_fraction,
+        "val_groups": val_groups,
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": "adam",
@@ -146,6 +150,7 @@ def _train(
         args["test_split"],
         val_fraction=args["val_fraction"],
         seed=args["seed"],
+        val_groups=args["val_groups"],
     )
     class_names = splits.class_names
     in_features = _map_dims(store, splits.train_ids[0])

@@ -116,6 +116,20 @@ def test_cli_trains_and_evaluates_stpn(tiny_store: Path, tmp_path: Path) -> None
                  "--pathways", "spatial,nodes"]) == 2  # fmt: skip
 
 
+def test_stpn_validation_holds_out_groups(tiny_store: Path, tmp_path: Path) -> None:
+    """``--val-groups`` reaches the map trainer: a pattern's groups (the clip number) are held
+    out whole, and the run records how."""
+    out = tmp_path / "run"
+    pattern = "_([0-9]{4})$"
+    args = ["train", "--store", str(tiny_store), "--head", "stpn", "--out", str(out)]
+    args += ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--no-plots"]
+    assert main([*args, "--val-groups", pattern]) == 0
+    splits = json.loads((out / "config.json").read_text())["splits"]
+    assert splits["val_groups"] == pattern and splits["n_groups"] == 3
+    assert len({v[-4:] for v in splits["validation_ids"]}) == 1
+    assert len(splits["validation_ids"]) == 4  # one clip number, all four classes
+
+
 def test_stpn_on_a_store_without_maps_names_the_fix(tmp_path: Path) -> None:
     store = FeatureStore.create(tmp_path / "v.zarr", class_names=["a", "b"])
     for i in range(4):
