@@ -386,7 +386,7 @@ def _select(
     pooled: list[list[np.ndarray]] = []
     fitted = 0
     for k, val in enumerate(folds or [np.zeros(0, dtype=np.int64)]):
-        fit = np.setdiff1d(np.arange(n_train), val) if k else splits.fit_idx
+        fit = np.setdiff1d(np.arange(n_train), val)  # fold 0: splits.fit_idx, built the same way
         y_fit = splits.y_train[fit]
         fit = fit[_selection_rows(y_fit, SELECTION_MAX_VIDEOS, seed)]
         fitted = max(fitted, len(fit))
