@@ -431,7 +431,6 @@ class _StreamFit:
     state: dict[str, Any]
     info: dict[str, Any]
     in_features: int
-    levels: int
     val_scores: np.ndarray | None
     test_scores: np.ndarray | None
 
@@ -605,7 +604,7 @@ def _train_stream(
         est.objective_,
         seconds_fit,
     )
-    return _StreamFit(state, info, in_features, levels, val_scores, test_scores)
+    return _StreamFit(state, info, in_features, val_scores, test_scores)
 
 
 def _calibrate(fits: Mapping[str, _StreamFit], y_val: np.ndarray) -> _Fusion:
@@ -707,7 +706,7 @@ def _model(
     nodes are the first ones of the deeper pyramid."""
     return {
         "format": FORMAT,
-        "levels": max(f.levels for f in fits.values()),
+        "levels": max(f.info["levels"] for f in fits.values()),
         "classes": torch.from_numpy(splits.classes.astype(np.int64)),
         "fusion_weights": torch.tensor([fusion.weights[s] for s in fits], dtype=torch.float64),
         "temperature": float(fusion.temperature),
