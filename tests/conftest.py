@@ -1,4 +1,9 @@
-"""Shared fixtures: where the real clips are, and a small helper for writing toy stores."""
+"""Shared fixtures: where the real clips are, and a small helper for writing toy stores.
+
+The real clips are the small permissively licensed ones shipped in ``tests/data/videos`` (their
+sources and licences beside them), or the folder ``FRAMEPOOL_TEST_VIDEOS`` names, which must hold
+those files too (it may hold more: every test that runs over all clips then covers them all).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_VIDEOS = Path(
-    os.environ.get("FRAMEPOOL_TEST_VIDEOS", REPO.parent / "shared" / "data" / "videos")
-)
+SHIPPED_VIDEOS = REPO / "tests" / "data" / "videos"
+REAL_VIDEOS = Path(os.environ.get("FRAMEPOOL_TEST_VIDEOS") or SHIPPED_VIDEOS)
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
 
 
 def real_video_paths() -> list[Path]:
-    """Every real clip in ``../shared/data/videos`` (sorted). Missing clips fail, never skip."""
+    """Every real clip in the test clip folder (sorted). Missing clips fail, never skip."""
     if not REAL_VIDEOS.is_dir():
         raise FileNotFoundError(
-            f"real test clips not found at {REAL_VIDEOS}; set FRAMEPOOL_TEST_VIDEOS to their folder"
+            f"real test clips not found at {REAL_VIDEOS} (FRAMEPOOL_TEST_VIDEOS or tests/data/videos)"
         )
     paths = sorted(p for p in REAL_VIDEOS.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no video files in {REAL_VIDEOS}")
     return paths
+
+
+def real_clip(name: str) -> Path:
+    """The real clip called ``name`` in the test clip folder; a clear error when it is not there."""
+    path = REAL_VIDEOS / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"real test clip {name!r} not found in {REAL_VIDEOS}; the folder FRAMEPOOL_TEST_VIDEOS "
+            f"names must hold every clip of {SHIPPED_VIDEOS}"
+        )
+    return path
 
 
 @pytest.fixture(scope="session")

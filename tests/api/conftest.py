@@ -20,10 +20,10 @@ from tests.conftest import real_video_paths
 STORE_FRAMES = 8
 REAL_CLIPS = {
     "mm_part_0.mp4": "people",
-    "mm_test.avi": "people",
     "mm_demo_spatiotemporal_det.mp4": "people",
-    "tu_v_Basketball_g01_c01.avi": "sport",
-    "tu_abseiling_k400.mp4": "sport",
+    "mm_demo_skeleton.mp4": "people",
+    "mm_test.avi": "sport",
+    "mm_S001C001P001R001A001_rgb.avi": "sport",
     "vf_v_GGSY1Qvo990.mp4": "sport",
 }
 CLASSES = ["left_then_right", "people", "right_then_left", "sport"]

@@ -15,7 +15,7 @@ from storage import FeatureStore
 from tests.api.conftest import labelled_clips
 from tests.conftest import real_video_paths
 
-REAL = {"mm_part_0.mp4": "people", "tu_v_Basketball_g01_c01.avi": "sport"}
+REAL = {"mm_part_0.mp4": "people", "mm_test.avi": "sport"}
 BACKBONES = {
     "timm": ["--arch", "timm:test_vit", "--motion-arch", "resnet18"],
     "torchvision": ["--arch", "resnet18"],

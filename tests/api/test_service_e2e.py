@@ -73,7 +73,7 @@ def test_every_real_clip_predicts(client: TestClient, clip: Path) -> None:
 
 
 def test_concurrent_requests_get_their_own_answers(client: TestClient) -> None:
-    names = ["mm_part_0.mp4", "tu_v_Basketball_g01_c01.avi", "mm_test.avi", "mm_demo.mp4"]
+    names = ["mm_part_0.mp4", "vf_v_GGSY1Qvo990.mp4", "mm_test.avi", "mm_demo.mp4"]
     clips = [p for p in real_video_paths() if p.name in names]
     alone = {c.name: predict(client, c, max_frames=3, top_k=2) for c in clips}
     together: dict[str, dict] = {}
@@ -108,7 +108,7 @@ def test_similar_finds_a_training_video_itself_first(
     run_id = model_ids(client)[head]["id"]
     labels = {
         "mm_part_0": "people",
-        "tu_v_Basketball_g01_c01": "sport",
+        "mm_test": "sport",
         "left_then_right_000": "left_then_right",
     }
     for vid in labels:
@@ -174,7 +174,7 @@ def test_serve_command_rejects_bad_values(tmp_path: Path) -> None:
 
 
 def test_bad_uploads_with_the_real_extractor(client: TestClient, real_videos: list[Path]) -> None:
-    avi = next(p for p in real_videos if p.name == "tu_v_Basketball_g01_c01.avi").read_bytes()
+    avi = next(p for p in real_videos if p.name == "mm_test.avi").read_bytes()
     mp4 = next(p for p in real_videos if p.name == "mm_part_0.mp4").read_bytes()
     for data, status in (
         (avi[: len(avi) // 2], 422),

@@ -23,8 +23,8 @@ from tests.conftest import real_video_paths
 
 CLIPS = {
     "mm_part_0.mp4": ("people", "train"),
-    "mm_test.avi": ("people", "train"),
-    "tu_v_Basketball_g01_c01.avi": ("sport", "train"),
+    "mm_demo.mp4": ("people", "train"),
+    "mm_test.avi": ("sport", "train"),
     "vf_v_GGSY1Qvo990.mp4": ("sport", "train"),
     "mm_demo_spatiotemporal_det.mp4": ("people", "test"),
 }
@@ -102,7 +102,7 @@ def test_models_and_similar_videos(client: TestClient) -> None:
     assert [m["head"] for m in models] == ["stpn"]
     assert models[0]["streams"] == ["appearance_map", "motion_map"]
     assert models[0]["similarity_index"] == 4  # the train split, embedded from the store's maps
-    clip = next(p for p in real_video_paths() if p.name == "tu_v_Basketball_g01_c01.avi")
+    clip = next(p for p in real_video_paths() if p.name == "mm_test.avi")
     body = _post(client, clip, max_frames=FRAMES, similar=2)
     nearest = body["similar"][0]
     assert nearest["video_id"] == clip.stem and nearest["label"] == "sport"

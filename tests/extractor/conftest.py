@@ -62,7 +62,7 @@ def bad_inputs(
     text = d / "text_file.mp4"
     text.write_text("this is not a video\n" * 50)
     audio = write_audio_only(d / "audio_only.m4a")
-    avi = next(p for p in real_videos if p.name == "tu_v_Basketball_g01_c01.avi")
+    avi = next(p for p in real_videos if p.name == "mm_test.avi")
     data = avi.read_bytes()
     truncated = d / "truncated.avi"
     truncated.write_bytes(data[: int(len(data) * 0.4)])

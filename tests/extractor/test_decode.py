@@ -11,6 +11,8 @@ from tests.extractor.conftest import textured_frames, write_clip
 # decoded frame counts and sizes of the real clips, from their SOURCES.md
 REAL = {
     "mm_test.mp4": (300, 340, 256),
+    "mm_demo.mp4": (280, 340, 256),
+    "mm_S001C001P001R001A001_rgb.avi": (103, 1920, 1080),
     "mm_test.avi": (164, 320, 240),
     "mm_part_0.mp4": (32, 340, 256),
     "mm_demo_skeleton.mp4": (72, 1920, 1080),

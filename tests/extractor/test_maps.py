@@ -19,7 +19,7 @@ STREAMS = ["appearance", "motion", "appearance_map", "motion_map"]
 
 
 def _clips(real_videos: list[Path]) -> list[Path]:
-    names = ("mm_part_0.mp4", "tu_v_Basketball_g01_c01.avi")  # an mp4 and an avi, 32 + ~150 frames
+    names = ("mm_part_0.mp4", "mm_test.avi")  # an mp4 and an avi, 32 + 164 frames
     return [p for p in real_videos if p.name in names]
 
 

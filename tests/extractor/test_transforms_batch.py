@@ -33,7 +33,7 @@ def _real_frames(real_videos: list[Path], name: str, n: int = 6) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "name",
-    ["tu_v_Basketball_g01_c01.avi", "vf_v_ZNVhz7ctTq0.mp4", "mm_demo_skeleton.mp4", "mm_test.mp4"],
+    ["mm_test.avi", "vf_v_GGSY1Qvo990.mp4", "mm_demo_skeleton.mp4", "mm_demo.mp4"],
 )
 def test_batch_resize_and_appearance_within_one_level(real_videos: list[Path], name: str) -> None:
     frames = _real_frames(real_videos, name)
@@ -90,7 +90,7 @@ def test_bad_batches_are_refused() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_equal_to_cpu_batch_path(real_videos: list[Path]) -> None:
-    frames = torch.from_numpy(_real_frames(real_videos, "vf_v_ZNVhz7ctTq0.mp4"))
+    frames = torch.from_numpy(_real_frames(real_videos, "vf_v_GGSY1Qvo990.mp4"))
     gpu = resize_shorter(frames.cuda())  # dispatches to the float path on a CUDA device
     assert gpu.device.type == "cuda"
     diff = (gpu.cpu().int() - resize_shorter_batch(frames).int()).abs()

@@ -15,7 +15,7 @@ from extractor.spec import BackboneSpec
 from storage import FeatureStore
 from storage.export import export_filename, pyramid_node_means
 
-CLIPS = ("mm_part_0.mp4", "vf_v_GGSY1Qvo990.mp4", "tu_v_Basketball_g01_c01.avi", "mm_test.mp4")
+CLIPS = ("mm_part_0.mp4", "vf_v_GGSY1Qvo990.mp4", "mm_test.avi", "mm_demo.mp4")
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import zarr
 from api.cli import main
 from storage import CorruptVideoError, FeatureStore
 from storage.files import files_for
+from tests.conftest import real_clip
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "videos"
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -119,12 +119,11 @@ def test_train_reports_the_damaged_video(tmp_path: Path) -> None:
         train_run(path, tmp_path / "run", head="gap", epochs=1, threads=1, progress=False)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="the shared real clips are not here")
 def test_extract_redoes_a_damaged_video(tmp_path: Path) -> None:
     from extractor.pipeline import run_extract
     from extractor.spec import BackboneSpec
 
-    clip = REAL / "mm_test.mp4"
+    clip = real_clip("mm_demo.mp4")
     store_path = tmp_path / "s.zarr"
     spec = BackboneSpec(streams=("appearance",), weights="random", arch="resnet18")
     opts = {
@@ -134,14 +133,14 @@ def test_extract_redoes_a_damaged_video(tmp_path: Path) -> None:
         "progress": False,
     }
     first = run_extract([clip], store_path, spec, **opts)  # type: ignore[arg-type]
-    assert first.complete == ["mm_test"]
-    before = FeatureStore.open(store_path).read("mm_test", "appearance")
-    (store_path / "videos" / "mm_test" / "appearance" / "c" / "0" / "0").unlink()
+    assert first.complete == ["mm_demo"]
+    before = FeatureStore.open(store_path).read("mm_demo", "appearance")
+    (store_path / "videos" / "mm_demo" / "appearance" / "c" / "0" / "0").unlink()
     again = run_extract([clip], store_path, spec, **opts)  # type: ignore[arg-type]
-    assert again.skipped == ["mm_test"]  # extract alone does not read every feature back
+    assert again.skipped == ["mm_demo"]  # extract alone does not read every feature back
     assert main(["store", "verify", str(store_path)]) == 1
     redo = run_extract([clip], store_path, spec, **opts)  # type: ignore[arg-type]
-    assert redo.complete == ["mm_test"]
+    assert redo.complete == ["mm_demo"]
     store = FeatureStore.open(store_path)
-    assert store.status("mm_test") == "complete"
-    np.testing.assert_allclose(store.read("mm_test", "appearance"), before, rtol=1e-2, atol=1e-2)
+    assert store.status("mm_demo") == "complete"
+    np.testing.assert_allclose(store.read("mm_demo", "appearance"), before, rtol=1e-2, atol=1e-2)
