@@ -22,7 +22,8 @@ def real_video_paths() -> list[Path]:
     """Every real clip in the test clip folder (sorted). Missing clips fail, never skip."""
     if not REAL_VIDEOS.is_dir():
         raise FileNotFoundError(
-            f"real test clips not found at {REAL_VIDEOS} (FRAMEPOOL_TEST_VIDEOS or tests/data/videos)"
+            f"real test clips not found at {REAL_VIDEOS} "
+            "(FRAMEPOOL_TEST_VIDEOS, else tests/data/videos)"
         )
     paths = sorted(p for p in REAL_VIDEOS.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     if not paths:
