@@ -152,7 +152,7 @@ class FarnebackFlow:
     def __call__(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         _check_pair(prev, nxt)
         p = self.params
-        return cv2.calcOpticalFlowFarneback(  # type: ignore[call-overload]
+        return cv2.calcOpticalFlowFarneback(  # type: ignore[call-overload, unused-ignore]
             prev,
             nxt,
             None,
