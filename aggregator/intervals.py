@@ -7,11 +7,12 @@ they are pooled (``kind``: mean or max): the fixed-size summary ``[M, d]``, ``M 
 that a head reads. Heads compute it from padded frames (:func:`batch_pool_intervals`) and the node
 cache from one video at a time (:func:`pool_intervals`); both follow the same bounds.
 
-The temporal pyramid (seed 002) is the partitions ``(1, 2, 4, ..., 2^(D-1))``: node (k, l),
-levels l = 1..D and k = 1..2^(l-1), is part k of level l, and nodes are ordered level by level,
-left to right (node index ``n = 2^(l-1) - 1 + (k-1)``). A node's value does not depend on D, so
-depth-6 nodes (63) serve every depth <= 6. Means come from prefix sums: O(T d) per video whatever
-M is. :class:`PyramidLeaves` holds the nodes as their last level and a mixing matrix.
+The temporal pyramid of the multiple aggregation paper is the partitions
+``(1, 2, 4, ..., 2^(D-1))``: node (k, l), levels l = 1..D and k = 1..2^(l-1), is part k of level
+l, and nodes are ordered level by level, left to right (node index ``n = 2^(l-1) - 1 + (k-1)``).
+A node's value does not depend on D, so depth-6 nodes (63) serve every depth <= 6. Means come
+from prefix sums: O(T d) per video whatever M is. :class:`PyramidLeaves` holds the nodes as their
+last level and a mixing matrix.
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ def plot_beta_pyramid(beta: Mapping[str, np.ndarray], path: str | Path, *, title
     """Heatmap of beta per stream (rows) and pyramid (columns), levels top to bottom.
 
     ``beta[stream]`` is ``[P, 2^D - 1]`` (one row per pyramid) or ``[2^D - 1]``. Warmer is heavier,
-    as in seed 002, Fig. 5. Every panel shares one colour scale (0 to the largest weight of any
-    stream), so colours compare across streams; ``title`` (the run and head) heads the figure.
+    as in the multiple aggregation paper, Fig. 5. Every panel shares one colour scale (0 to the
+    largest weight of any stream), so colours compare across streams; ``title`` (the run and
+    head) heads the figure.
     """
     mats = {s: np.atleast_2d(np.asarray(b, dtype=np.float64)) for s, b in beta.items()}
     if not mats:

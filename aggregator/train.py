@@ -395,12 +395,8 @@ def resolve_batch_norm(config: TrainConfig) -> TrainConfig:
     global means are then already standardised with training-split statistics, and the head is
     the global-mean probe's model, a multinomial logistic regression, whose loss is convex
     without batch norm and noisy with it (its statistics come from each batch of a dozen
-    videos). Measured at seed 0 against the global-mean probe: Watch 76.2 -> 81.0 (probe 78.6;
-    seeds 0-4 73.8-81.0 with it, 78.6-81.0 without), JapaneseVowels 96.2 -> 97.0 (96.8), PLAID
-    28.7 -> 28.9 (30.0), FSDD 81.0 -> 80.0 (80.0), GeneFamilies 41.3 -> 40.4 (41.6). The
-    ``max`` head keeps it: without, it scored 64.3 against 71.4 on Watch and 56.0 against 57.0
-    on FSDD (28.9 against 28.3 on PLAID, 92.2 against 90.8 on JapaneseVowels). The result is
-    recorded in ``head_kwargs``."""
+    videos). The ``max`` head keeps it: without, it lost more on some datasets than it gained on
+    others (figures in ``benchmarks/README.md``). The result is recorded in ``head_kwargs``."""
     if config.head != "gap" or not config.standardize or "batch_norm" in config.head_kwargs:
         return config
     return config.replace(head_kwargs={**config.head_kwargs, "batch_norm": False})

@@ -3,7 +3,7 @@
 Three parts, each printed as a markdown table with wall seconds, CPU seconds and peak RSS:
 
 1. **location task** (:mod:`aggregator.maps.synthetic`): the class is the quadrant of the frame
-   where the motion is; pooled vectors carry no trace of it. ``stpn`` (the seed's three pathways,
+   where the motion is; pooled vectors carry no trace of it. ``stpn`` (STPN's three pathways,
    and with the fused pathway) against ``stcb`` and ``tp`` on the pooled streams of the same store,
    all through :func:`aggregator.train.train_run`.
 2. **extraction** with and without map streams on real clips (``--videos``): frames/s and stored

@@ -18,9 +18,9 @@ Because the layout is fixed, a video is written and read as plain files: :func:`
 :func:`write_stream` write the Zarr v3 documents (``zarr.json``) and encoded chunks that Zarr itself
 would write (tests read them back through Zarr), and :func:`read_direct` reads a stream with one
 file read per chunk and no metadata round trip (the index records T, d and the rows per chunk).
-Through Zarr's API each node operation costs a synchronised event-loop round trip (about 7 ms on a
-busy 2-core machine, six per written video); plain files are about 10x faster both ways. Arrays
-with any other layout are read through Zarr.
+Through Zarr's API each node operation costs a synchronised event-loop round trip (six per
+written video); plain files avoid them, both ways. Arrays with any other layout are read through
+Zarr.
 """
 
 from __future__ import annotations

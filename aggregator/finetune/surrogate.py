@@ -1,4 +1,5 @@
-"""Fine-tuning core: the surrogate gradient over periodic frame subsets (seed 002, Eq. 7).
+"""Fine-tuning core: the surrogate gradient over periodic frame subsets (the multiple
+aggregation paper, Eq. 7).
 
 Every frame of a video goes through the backbone in the forward pass, so the pooling head sees all
 ``T`` frame features. At epoch ``r`` only the frames of the periodic subset

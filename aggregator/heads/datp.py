@@ -1,4 +1,4 @@
-"""``datp``: deep adaptive temporal pooling (seed 001).
+"""``datp``: deep adaptive temporal pooling, after the DATP paper.
 
 An auxiliary temporal conv net reads the N segment features of a video and regresses the
 parameters of a weight generator: a mixture of K Gaussians (rho, mu, sigma) evaluated at the
@@ -54,7 +54,7 @@ class AdaptiveTemporalPooling(NodeHead):
     Segment features ``x [B, N, d]`` are batch-normalised; a shared linear classifier gives the
     segment scores ``I [B, N, C]`` (logits, or probabilities with ``scores="softmax"`` as in the
     paper; logits by default because pooled probabilities make weak logits for the loss).
-    The auxiliary net (Table 2 of seed 001, conv-feature column) is a width-1 conv to 64 (run as a
+    The auxiliary net (DATP paper, Table 2, conv-feature column) is a width-1 conv to 64 (run as a
     linear map per segment), two temporal convs of width 3 to 32, two FC layers; its last layer
     starts at zero so that training starts from ``rho_k = 1/K``, ``mu_k = k/(K+1)``,
     ``sigma_k = init_sigma`` (or uniform discrete weights). ``rho = softmax``,

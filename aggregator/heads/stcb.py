@@ -1,4 +1,4 @@
-"""``stcb``: spatiotemporal compact bilinear fusion (seed 003, Algorithm 1).
+"""``stcb``: spatiotemporal compact bilinear fusion (STPN, Algorithm 1).
 
 The Count Sketch of a vector ``v [p]`` with fixed random ``h [p]`` (indices in 0..d-1) and
 ``s [p]`` (signs) is ``v'[k] = sum_{j: h(j) = k} s(j) v(j)``. The sketch of the outer product of

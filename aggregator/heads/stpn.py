@@ -1,8 +1,8 @@
-"""``stpn``: the spatiotemporal pyramid network's head on cached feature maps (seed 003).
+"""``stpn``: the head of STPN, the spatiotemporal pyramid network, on cached feature maps.
 
 It reads the last convolutional block's output of both backbones, per frame, as spatial maps
 ``appearance_map [B, T, h, w, C_a]`` and ``motion_map [B, T, h, w, C_m]`` (the map streams of
-the store) and builds the seed's three pathways:
+the store) and builds STPN's three pathways:
 
 - **spatial**: the appearance map averaged over cells and frames (the usual pooled feature);
 - **temporal** (multi-path temporal fusion): the motion map averaged over cells gives one motion
@@ -15,7 +15,7 @@ the store) and builds the seed's three pathways:
   then one), normalised by a softmax over the cells into weights ``alpha_c``; the frame's attended
   feature is ``sum_c alpha_c a_c``, and the video's is the mean over its frames. The guidance
   ``g_c`` is the motion map's cell (``guidance="cell"``) or the temporal pathway's vector at every
-  cell (``guidance="video"``, the figure's reading of the seed).
+  cell (``guidance="video"``, the reading of STPN's figure).
 
 A fourth pathway, **fused**, is optional: the cell-wise fusion ``u_c`` that drives the attention,
 averaged over the cells and frames (the two streams' compact bilinear fusion at the last
@@ -27,7 +27,7 @@ vector is scaled to unit norm and gets a constant 1 appended before that fusion,
 holds each pathway alone and the product of every subset of pathways, with equal energy: in the
 plain product a pathway that carries no class information on some data (a zero-mean,
 class-independent vector) multiplies the others' information away, which the constant avoids;
-``fusion_constant=False`` is the seed's exact form.
+``fusion_constant=False`` is STPN's exact form.
 The last attention convolution starts at zero, so the attention starts as average pooling.
 """
 
@@ -88,7 +88,7 @@ class SpatialCompactBilinear(nn.Module):
 
 
 class AttentionPooling(nn.Module):
-    """Spatiotemporal attention pooling of one frame's appearance map (seed 003, section 3.3).
+    """Spatiotemporal attention pooling of one frame's appearance map (STPN, section 3.3).
 
     ``u_c = signed_sqrt(STCB(a_c, g_c))``; ``e = conv_1x1(relu(conv_kxk(u)))`` (``hidden``
     channels, then one; zero-padded, the grid size is kept); ``alpha = softmax_c(e_c)``;

@@ -1,4 +1,5 @@
-"""``tp``: the deep temporal pyramid with learned node weights beta (seed 002, section 3.2)."""
+"""``tp``: the deep temporal pyramid with learned node weights beta (the multiple aggregation
+paper, section 3.2)."""
 
 from __future__ import annotations
 

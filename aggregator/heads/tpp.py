@@ -1,4 +1,4 @@
-"""``tpp``: temporal pyramid pooling of DTPP (seed 000, section 3.1)."""
+"""``tpp``: temporal pyramid pooling of DTPP (section 3.1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Late fusion of per-stream heads: learned weights on probabilities (seed 002), or fixed weights on
-scores (DTPP: 0.5/0.5)."""
+"""Late fusion of per-stream heads: learned weights on probabilities (the multiple aggregation
+paper), or fixed weights on scores (DTPP: 0.5/0.5)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ class TwoStream(nn.Module):
 
     The weights satisfy ``w_s >= 0`` and ``sum_s w_s = 1``.
 
-    - ``fusion="learned"`` (seed 002): ``w = softmax(w_hat)`` (starting from ``weights`` or equal
-      weights) mixes the streams' class *probabilities*, ``p = sum_s w_s softmax(z_s)``, and the
-      model's output is ``log p`` (so ``softmax`` of it is ``p`` and cross-entropy on it is
-      ``-log p_y``). On logits the weights would not be identifiable: scaling one stream's
-      classifier compensates any change of ``w``; on probabilities they are.
+    - ``fusion="learned"`` (the multiple aggregation paper): ``w = softmax(w_hat)`` (starting
+      from ``weights`` or equal weights) mixes the streams' class *probabilities*,
+      ``p = sum_s w_s softmax(z_s)``, and the model's output is ``log p`` (so ``softmax`` of it
+      is ``p`` and cross-entropy on it is ``-log p_y``). On logits the weights would not be
+      identifiable: scaling one stream's classifier compensates any change of ``w``; on
+      probabilities they are.
     - ``fusion="fixed"`` (DTPP): ``logits = sum_s w_s z_s`` with the given weights.
 
     ``learned_on="logits"`` fuses learned weights on logits instead, as runs written before

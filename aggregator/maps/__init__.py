@@ -1,4 +1,4 @@
-"""Spatial feature maps and the ``stpn`` head on them (seed 003).
+"""Spatial feature maps and the ``stpn`` head on them (STPN).
 
 - :mod:`~aggregator.maps.data`: padded batches of a store's map streams at their frame stride;
 - :mod:`~aggregator.maps.train`: training an ``stpn`` run (:func:`train_map_run`);

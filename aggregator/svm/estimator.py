@@ -1,4 +1,5 @@
-"""The shallow multiple-aggregation kernel SVM (seed 002, section 3.1) as a scikit-learn estimator.
+"""The shallow multiple-aggregation kernel SVM (the multiple aggregation paper, section 3.1) as a
+scikit-learn estimator.
 
 One-vs-rest soft-margin SVMs over the C classes share one weight vector ``beta`` on the simplex over
 the M = 2^D - 1 temporal-pyramid nodes. Training solves the multiple-kernel-learning saddle point

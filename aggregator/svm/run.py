@@ -12,11 +12,11 @@ the videos have them) is held out and the SVMs are fitted on the rest, with more
 data (below). On the held-out videos a grid over the simplex of stream weights
 (step 1/20) picks the best top-1 (ties: the most even weights), then a softmax temperature is fitted
 by minimum negative log-likelihood. Learned rather than fixed, because two streams' SVM scores have
-no reason to be equally reliable (seed 002 learns w_a, w_m and finds them unequal) and SVM scores
-need a scale before a softmax; on held-out videos, because training videos' scores sit at the
-margins the SVMs were fitted to. The test split is never looked at. Without any validation video
-(every class has a single training video) the weights are equal, the temperature is 1, and
-``metrics.json`` says so.
+no reason to be equally reliable (the multiple aggregation paper learns w_a, w_m and finds them
+unequal) and SVM scores need a scale before a softmax; on held-out videos, because training
+videos' scores sit at the margins the SVMs were fitted to. The test split is never looked at.
+Without any validation video (every class has a single training video) the weights are equal, the
+temperature is 1, and ``metrics.json`` says so.
 
 The pyramid depth (when ``levels`` is None, among 1 to :data:`MAX_LEVELS`) and the soft-margin
 ``C`` (when not given, from :data:`C_GRID`) are chosen together, per stream, by validation top-1
@@ -24,14 +24,13 @@ The pyramid depth (when ``levels`` is None, among 1 to :data:`MAX_LEVELS`) and t
 folds until :data:`MIN_VALIDATION` videos validate (at most :data:`MAX_FOLDS` folds): the next
 folds of whole groups when validation holds out groups, else folds with the validation part's
 count of every class (:func:`aggregator.rundir.further_folds`); every fold is standardised with
-statistics of its own fit videos. On Watch (98 training videos of seven subjects) one held-out
-subject of 14 videos chose C at a fixed depth of 6 and the run scored 69.0%, 9.5 points below the
-node-mean probe; the seven subjects pooled chose 2 levels and C 10, and scored 78.6%, as the
-probe. The fits across ``C`` of one fold and depth share one
-:class:`aggregator.svm.solvers.NodeGrams`, so the node Gram matrices are computed once. The
-chosen values are then refit on the whole training split; the fusion weights and temperature are
-learned on the chosen values' scores of the pooled validation videos. With more than
-:data:`SELECTION_MAX_VIDEOS` fit videos a fold's grid is fitted on a seeded, stratified
+statistics of its own fit videos. A single held-out group of a dozen videos is too few to
+choose a depth; pooled folds are not, and an SVM on a few hundred videos fits in seconds (the
+measured effect is in ``benchmarks/README.md``). The fits across ``C`` of one fold and depth
+share one :class:`aggregator.svm.solvers.NodeGrams`, so the node Gram matrices are computed
+once. The chosen values are then refit on the whole training split; the fusion weights and
+temperature are learned on the chosen values' scores of the pooled validation videos. With more
+than :data:`SELECTION_MAX_VIDEOS` fit videos a fold's grid is fitted on a seeded, stratified
 subsample of about that many, scored on the whole validation part (libsvm's cost grows faster
 than n^2 on a hard problem), and the chosen values are always refit on all of them. libsvm's
 iterations per SVM are bounded (``MultipleAggregationSVM(svm_max_iter="auto")``); the solves

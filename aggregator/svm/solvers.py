@@ -1,4 +1,5 @@
-"""Numerical building blocks of the multiple-aggregation SVM (seed 002, section 3.1).
+"""Numerical building blocks of the multiple-aggregation SVM (the multiple aggregation paper,
+section 3.1).
 
 Notation: ``X [n, M, d]`` node features Psi_m, ``beta [M]`` on the simplex, ``Y [n, L]`` one-vs-rest
 targets in {-1, +1} (L = 1 for two classes, L = C otherwise), ``U [n, L]`` the dual vectors

@@ -1,11 +1,11 @@
 """``framepool finetune``: backbone + pooling head trained end to end with the surrogate gradient.
 
 Every frame goes through the backbone; at epoch r only frames t ≡ r (mod K) carry gradient
-(seed 002, Eq. 7). ``--head stpn`` (both streams) trains on the backbones' last block output
-(spatial maps, see :mod:`aggregator.finetune.maps`). Multi-GPU / multi-node: ``torchrun
---nproc-per-node N -m api.cli finetune ...`` (one process per GPU, videos sharded across ranks,
-rank 0 writes). A directory that already holds
-a ``checkpoint.pt`` is resumed from it (``--no-resume`` starts over).
+(multiple aggregation paper, Eq. 7). ``--head stpn`` (both streams) trains on the backbones'
+last block output (spatial maps, see :mod:`aggregator.finetune.maps`). Multi-GPU / multi-node:
+``torchrun --nproc-per-node N -m api.cli finetune ...`` (one process per GPU, videos sharded
+across ranks, rank 0 writes). A directory that already holds a ``checkpoint.pt`` is resumed from
+it (``--no-resume`` starts over).
 
 Writes in ``--out``: ``backbone_appearance.pt`` / ``backbone_motion.pt`` (for ``framepool extract
 --weights`` / ``--motion-weights``), ``head.pt`` (= ``model.pt``) and ``config.json`` (a run
@@ -57,7 +57,8 @@ def register(sub: Any) -> None:
         "finetune",
         help="fine-tune the backbone(s) and a pooling head end to end",
         description="Fine-tune backbone(s) + pooling head end to end on videos; at epoch r only "
-        "frames t = r (mod K) carry gradient into the backbone (seed 002, Eq. 7).",
+        "frames t = r (mod K) carry gradient into the backbone (multiple aggregation paper, "
+        "Eq. 7).",
         epilog="Re-extract a store with the result: framepool extract VIDEOS --store NEW "
         "--weights OUT/backbone_appearance.pt --motion-weights OUT/backbone_motion.pt",
     )
@@ -131,7 +132,7 @@ def register(sub: Any) -> None:
         "NEW_STORE (sharded across torchrun ranks like framepool extract)",
     )
 
-    opt = p.add_argument_group("optimisation (seed 002 defaults)")
+    opt = p.add_argument_group("optimisation (multiple aggregation paper defaults)")
     opt.add_argument("--period", type=int, default=1, help="K: 1/K of the frames carry gradient")
     opt.add_argument("--epochs", type=int, default=130)
     opt.add_argument("--batch-videos", type=int, default=4, help="videos per step and process")

@@ -22,7 +22,7 @@ def gaussian(t: float, mu: float, sigma: float) -> float:
 
 def test_mixture_weight_gradients_are_eq2() -> None:
     """dw_i/drho_j = N_ti(mu_j, s_j^2); dw_i/dmu_j = rho_j N (t_i - mu_j)/s_j^2;
-    dw_i/ds_j = rho_j N (1/s_j) [(t_i - mu_j)^2 / s_j^2 - 1]  (seed 001, Eq. 2)."""
+    dw_i/ds_j = rho_j N (1/s_j) [(t_i - mu_j)^2 / s_j^2 - 1]  (DATP, Eq. 2)."""
     n, k = 10, 3
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     rho = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
@@ -48,7 +48,7 @@ def test_mixture_weight_gradients_are_eq2() -> None:
 
 def test_weighted_pool_gradients_are_eq4() -> None:
     """dS/dI_i = w_i / ||w||; dS[c]/dw_i = (||w||^2 I_i[c] - w_i sum_j w_j I_j[c]) / ||w||^3
-    (seed 001, Eq. 4; the paper's dS/dw_i is the sum of the latter over c)."""
+    (DATP, Eq. 4; the paper's dS/dw_i is the sum of the latter over c)."""
     torch.manual_seed(0)
     n, c = 6, 4
     scores = torch.randn(1, n, c, dtype=torch.float64)

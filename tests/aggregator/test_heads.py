@@ -266,7 +266,8 @@ def test_tp_pooling_gradcheck_float64(variant: str) -> None:
 
 
 def test_softmax_jacobian_is_eq5() -> None:
-    """d beta_p / d beta_hat_k = beta_k (delta_pk - beta_p) for h = exp (seed 002, Eq. 5)."""
+    """d beta_p / d beta_hat_k = beta_k (delta_pk - beta_p) for h = exp (the multiple aggregation
+    paper, Eq. 5)."""
     head = TemporalPyramid(in_features=2, num_classes=2, depth=3)
     beta_hat = torch.randn(7, dtype=torch.float64)
 
