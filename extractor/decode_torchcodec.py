@@ -66,6 +66,9 @@ def torchcodec_problem() -> str | None:
     try:
         from torchcodec import _core
         from torchcodec.decoders import VideoDecoder  # noqa: F401
+
+        # recent releases load FFmpeg's libraries on first use, not on import: ask for them now
+        _core.get_ffmpeg_library_versions()
     except Exception as exc:  # ImportError, or RuntimeError when FFmpeg's libraries are missing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (
