@@ -120,9 +120,7 @@ def _curves(view: RunView) -> str:
     if not any(isinstance(h, Mapping) and "train_loss" in h for h in history):
         return '<p class="none">no training curves (this head does not train by steps)</p>'
     refit = view.metrics.get("refit_history") or None
-    uri = _png_uri(
-        lambda p: plots.plot_history(history, p, title=view.run_id, refit=refit)
-    )
+    uri = _png_uri(lambda p: plots.plot_history(history, p, title=view.run_id, refit=refit))
     return f'<img src="{uri}" alt="training curves of {_esc(view.run_id)}: loss and top-1">'
 
 
