@@ -35,7 +35,7 @@
 
   const pct = (p) => (100 * p).toFixed(1) + " %";
   const secs = (s) => (s < 0.01 ? s.toFixed(4) : s.toFixed(2)) + " s";
-  const mb = (bytes) => (bytes / (1024 * 1024)).toFixed(1) + " MB";
+  const mb = (bytes) => parseFloat((bytes / (1024 * 1024)).toFixed(2)) + " MiB";
 
   // white to dark blue, and a text colour that reads on it (WCAG relative luminance)
   function shade(value, vmax) {
