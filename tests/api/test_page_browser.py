@@ -206,7 +206,8 @@ def test_a_real_clip_shows_classes_beta_frames_and_neighbours(
 def test_a_head_without_beta_says_so(server: LiveServer, page: Any, served: Served) -> None:
     _open(page, server)
     page.select_option("#model", json.loads((served.gap / "config.json").read_text())["run_id"])
-    page.set_input_files("#file", str(real_clip(SMALL)))
+    _drop(page, real_clip(SMALL))
+    assert page.inner_text("#chosen") == f"Chosen: {SMALL} (154.9 KiB)"
     page.fill("#max_frames", "4")
     page.fill("#similar", "0")
     page.click("#go")
@@ -215,6 +216,23 @@ def test_a_head_without_beta_says_so(server: LiveServer, page: Any, served: Serv
     assert page.locator("#beta .cell").count() == 0
     assert "Not asked for" in page.inner_text("#neighbours")
     assert page.locator("#frames img").count() == 4
+
+
+def _drop(page: Any, clip: Path) -> None:
+    """Drop ``clip`` on the upload box, as a file dragged from the desktop."""
+    transfer = page.evaluate_handle(
+        """([b64, name]) => {
+            const bin = atob(b64);
+            const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "video/mp4" }));
+            return transfer;
+        }""",
+        [base64.b64encode(clip.read_bytes()).decode("ascii"), clip.name],
+    )
+    page.dispatch_event("#drop", "dragover", {"dataTransfer": transfer})
+    assert "over" in (page.get_attribute("#drop", "class") or "")
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
 
 def _refusal(page: Any, path: Path) -> str:

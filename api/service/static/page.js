@@ -36,6 +36,7 @@
   const pct = (p) => (100 * p).toFixed(1) + " %";
   const secs = (s) => (s < 0.01 ? s.toFixed(4) : s.toFixed(2)) + " s";
   const mb = (bytes) => parseFloat((bytes / (1024 * 1024)).toFixed(2)) + " MiB";
+  const size = (bytes) => (bytes < 1024 * 1024 ? (bytes / 1024).toFixed(1) + " KiB" : mb(bytes));
 
   // white to dark blue, and a text colour that reads on it (WCAG relative luminance)
   function shade(value, vmax) {
@@ -103,7 +104,7 @@
   // ------------------------------------------------------------------ choosing a file
   function showChosen() {
     const file = fileInput.files && fileInput.files[0];
-    $("chosen").textContent = file ? "Chosen: " + file.name + " (" + mb(file.size) + ")" : "";
+    $("chosen").textContent = file ? "Chosen: " + file.name + " (" + size(file.size) + ")" : "";
   }
 
   fileInput.addEventListener("change", showChosen);
@@ -165,7 +166,7 @@
     if (status === 413 && limits) {
       extra = el("p", {}, "This service takes uploads up to " + mb(limits.max_upload_bytes) +
         " and videos up to " + limits.max_decoded_frames + " frames; " + file.name + " is " +
-        mb(file.size) + ".");
+        size(file.size) + ".");
     } else if (status === 415) {
       extra = el("p", {}, "Send a video file (mp4, mov, mkv, webm, avi, ...).");
     } else if (status === 503) {
@@ -189,7 +190,7 @@
       clearTimeout(retryTimer);
       tick();
     }
-    const what = el("p", { id: "error-file" }, "File: " + file.name + " (" + mb(file.size) + ")");
+    const what = el("p", { id: "error-file" }, "File: " + file.name + " (" + size(file.size) + ")");
     showError(title, detail, extra ? el("div", {}, what, extra) : what);
   }
 
