@@ -97,6 +97,12 @@ def _extractor_summary(config: Mapping[str, Any]) -> str:
     for stream, cfg in (config.get("extractor") or {}).items():
         if not isinstance(cfg, Mapping):
             continue
+        if cfg.get("source_stream"):  # a map stream: maps of another stream's backbone
+            parts.append(
+                f"{stream}: maps of {cfg['source_stream']} ({cfg.get('channels', '?')} channels, "
+                f"frame stride {cfg.get('frame_stride', '?')})"
+            )
+            continue
         bits = [str(cfg.get("arch", "?")), f"weights {cfg.get('weights', '?')}"]
         flow = cfg.get("flow")
         if isinstance(flow, Mapping) and flow.get("backend"):
@@ -195,6 +201,23 @@ def _beta(view: RunView) -> str:
     return "".join(out)
 
 
+# figures a trainer draws that the report does not redraw from metrics.json
+OWN_FIGURES = {
+    "attention.png": "spatial attention (stpn)",
+    "datp_weights.png": "DATP temporal weights",
+}
+
+
+def _own_figures(view: RunView) -> str:
+    out = []
+    for name, what in OWN_FIGURES.items():
+        path = view.run_dir / name
+        if path.is_file():
+            uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+            out.append(f'<img src="{uri}" alt="{_esc(what)} of {_esc(view.run_id)}">')
+    return "".join(out) or '<p class="none">none (no attention or DATP weights drawn)</p>'
+
+
 # --------------------------------------------------------------------------- the page
 def _rows(views: Sequence[RunView]) -> list[tuple[str, list[str]]]:
     """Label and one cell per run of every row of the comparison table (cells are HTML)."""
@@ -228,8 +251,11 @@ def _rows(views: Sequence[RunView]) -> list[tuple[str, list[str]]]:
         ),
         row("seed", lambda v: _compact(v.config.get("seed"))),
         row("epochs asked", lambda v: _compact(train(v).get("epochs"))),
-        row("learning rate", lambda v: _compact(training(v).get("lr"))),
-        row("weight decay", lambda v: _compact(training(v).get("weight_decay"))),
+        row("learning rate", lambda v: _compact(training(v).get("lr", train(v).get("lr")))),
+        row(
+            "weight decay",
+            lambda v: _compact(training(v).get("weight_decay", train(v).get("weight_decay"))),
+        ),
         row("test top-1", score("top1")),
         row("test mean class accuracy", score("mean_class_accuracy")),
         row("test top-5", lambda v: _pct(v.metrics.get("top5"))),
@@ -291,6 +317,7 @@ def render_report(run_dirs: Sequence[str | Path], *, title: str = "framepool run
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'
         f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{_esc(title)}</h1>"
         f"<p>{len(views)} run(s). Accuracies are on each run's test split; the probes are the "
@@ -299,6 +326,11 @@ def render_report(run_dirs: Sequence[str | Path], *, title: str = "framepool run
         f'<table id="runs"><thead><tr><th scope="col">run</th>{head_cells}</tr></thead>'
         f"<tbody>{body}</tbody></table>"
         + figures("learned pyramid weights beta (darker is heavier)", _beta)
+        + (
+            figures("attention and temporal weights, as the trainer drew them", _own_figures)
+            if any((v.run_dir / n).is_file() for v in views for n in OWN_FIGURES)
+            else ""
+        )
         + figures("training curves", _curves)
         + figures("confusion matrices", _confusion)
         + f"<h2>configurations</h2>{configs}</body></html>"

@@ -26,21 +26,11 @@ from api.cli import main as cli_main
 from api.service import Settings, create_app
 from api.service.routes.page import static_dir
 from extractor.prepare import select_frames
+from tests.api.browser import chromium
 from tests.api.conftest import CLASSES, Served
 from tests.api.live import LiveServer
 from tests.conftest import real_clip
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 FRAMES = 8  # frames the page asks for: those the store holds of every clip
 # uploads over 0.75 MiB are refused (413); 0.6 MiB of uploads at once fill the disk budget (503)
 MAX_UPLOAD_MB, UPLOAD_BUDGET_MB = 0.75, 0.6
@@ -68,16 +58,8 @@ def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"no chromium at {CHROMIUM} (Debian: apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

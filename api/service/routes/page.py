@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from api.service.deps import StateDep
-from api.service.routes import thumbnails
+from api.service.routes import attention, thumbnails
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -27,9 +27,10 @@ def static_dir() -> Path:
 
 
 def add_page(app: FastAPI) -> None:
-    """Serve ``/``, ``/static/*`` and ``/runs``, and the endpoint only the page needs
-    (``POST /v1/thumbnails``)."""
+    """Serve ``/``, ``/static/*`` and ``/runs``, and the endpoints the page needs beside
+    prediction (``POST /v1/thumbnails``, ``POST /v1/attention``)."""
     app.include_router(thumbnails.router)
+    app.include_router(attention.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="page-static")
     reports: dict[tuple[str, ...], str] = {}
     lock = threading.Lock()

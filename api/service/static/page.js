@@ -250,6 +250,7 @@
       $("status").textContent = "Classified " + file.name + "; fetching thumbnails of the frames used...";
       const strip = await fetchThumbnails(file);
       renderFrames(answer, strip);
+      if ($("attention")) renderAttention(await fetchAttention(file, answer.model), answer);
       const total = (performance.now() - started) / 1000;
       $("status").textContent = "Done: " + file.name + " in " + total.toFixed(2) + " s.";
     } finally {
@@ -262,6 +263,18 @@
     params.set("count", "12");
     try {
       const response = await fetch("v1/thumbnails?" + params, { method: "POST", body: upload(file) });
+      if (!response.ok) return { error: await reason(response) };
+      return await response.json();
+    } catch (err) {
+      return { error: String(err.message || err) };
+    }
+  }
+
+  async function fetchAttention(file, model) {
+    const params = options(false);
+    params.set("model", model);
+    try {
+      const response = await fetch("v1/attention?" + params, { method: "POST", body: upload(file) });
       if (!response.ok) return { error: await reason(response) };
       return await response.json();
     } catch (err) {
@@ -308,10 +321,15 @@
   function renderBeta(answer) {
     const box = clear($("beta"));
     const beta = answer.beta;
+    $("beta-hint").hidden = !beta || !Object.keys(beta).length;
     if (!beta || !Object.keys(beta).length) {
+      const model = models.find((m) => m.id === answer.model);
+      const maps = model && model.streams.some((s) => s.endsWith("_map"));
       box.append(el("p", { class: "none", id: "no-beta" },
         "The " + answer.head + " head learns no pyramid weights: it weighs the frames it uses " +
-        "as its pooling defines, not with a learned beta."));
+        "as its pooling defines, not with a learned beta." +
+        (maps ? " It attends over the cells of its feature maps: see below." : "")));
+      if (maps) box.append(el("div", { id: "attention" }, el("p", { class: "none" }, "Loading attention...")));
       return;
     }
     let vmax = 0;
@@ -342,6 +360,42 @@
         el("span", {}, "time →"), el("span", {}, "last frame used")));
       box.append(figure);
     }
+  }
+
+  // the head's attention over the cells of every map frame: one small grid per frame, the
+  // heaviest cell outlined and named in the caption
+  function renderAttention(att, answer) {
+    const box = clear($("attention"));
+    if (att.error) {
+      box.append(el("p", { class: "none" }, "No attention: " + att.error));
+      return;
+    }
+    box.append(el("h4", {}, "Where in the frames the " + answer.head + " head looks"),
+      el("p", { class: "hint" }, "Attention over the cells of each map frame (rows top to bottom, " +
+        "columns left to right of the centre crop); darker weighs more, the heaviest cell is outlined."));
+    let vmax = 0;
+    for (const frame of att.weights) for (const row of frame) for (const w of row) vmax = Math.max(vmax, w);
+    const row = el("div", { class: "maps" });
+    att.weights.forEach((grid, i) => {
+      let peak = [0, 0];
+      grid.forEach((r, y) => r.forEach((w, x) => { if (w > grid[peak[0]][peak[1]]) peak = [y, x]; }));
+      const cells = el("div", { class: "map", style: "grid-template-columns:repeat(" + grid[0].length + ",1fr)",
+        role: "img", "aria-label": "attention of frame " + att.frames[i] });
+      grid.forEach((r, y) => r.forEach((w, x) => {
+        const colour = shade(w, vmax);
+        const isPeak = y === peak[0] && x === peak[1];
+        cells.append(el("span", {
+          class: isPeak ? "mcell peak" : "mcell",
+          title: "row " + (y + 1) + ", column " + (x + 1) + ": " + w.toFixed(3),
+          style: "background:" + colour.background,
+        }));
+      }));
+      const best = grid[peak[0]][peak[1]];
+      row.append(el("figure", { class: "attn" }, cells, el("figcaption", {},
+        "frame " + att.frames[i] + ": heaviest row " + (peak[0] + 1) + ", column " + (peak[1] + 1) +
+        " (" + best.toFixed(3) + ")")));
+    });
+    box.append(row);
   }
 
   function renderFrames(answer, strip) {
