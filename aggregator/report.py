@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from aggregator import plots
-from aggregator.rundir import read_config, read_metrics
+from aggregator.rundir import METRICS_FILE, read_config, read_metrics
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,12 @@ class RunView:
 
 
 def load_view(run_dir: str | Path) -> RunView:
-    """A run's ``config.json`` and ``metrics.json``; a directory without them is named in the
-    error (``FileNotFoundError``)."""
+    """A run's ``config.json`` (a directory without one is named in the error,
+    ``FileNotFoundError``) and its ``metrics.json`` (empty when the run has none yet)."""
     path = Path(run_dir)
-    return RunView(path, read_config(path), read_metrics(path))
+    config = read_config(path)
+    metrics = read_metrics(path) if (path / METRICS_FILE).is_file() else {}
+    return RunView(path, config, metrics)
 
 
 # --------------------------------------------------------------------------- formatting
