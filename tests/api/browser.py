@@ -7,6 +7,7 @@ missing (``.ci/run`` installs the one, the ``dev`` extra the other).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,12 @@ def chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def screenshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tests save screenshots: ``FRAMEPOOL_SCREENSHOTS`` when it names a folder (the
+    docs' pictures come from there), else a temporary folder."""
+    named = os.environ.get("FRAMEPOOL_SCREENSHOTS")
+    folder = Path(named) if named else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from api.cli import main as cli_main
 from api.service import Settings, create_app
 from api.service.routes.page import static_dir
 from extractor.prepare import select_frames
-from tests.api.browser import chromium
+from tests.api.browser import chromium, screenshot_dir
 from tests.api.conftest import CLASSES, Served
 from tests.api.live import LiveServer
 from tests.conftest import real_clip
@@ -64,10 +63,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    named = os.environ.get("FRAMEPOOL_SCREENSHOTS")
-    folder = Path(named) if named else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return screenshot_dir(tmp_path_factory)
 
 
 @pytest.fixture

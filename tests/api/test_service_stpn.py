@@ -20,7 +20,7 @@ from aggregator.run_loader import load_run
 from api.cli import main as cli_main
 from api.service import Settings, create_app
 from storage import FeatureStore
-from tests.api.browser import chromium
+from tests.api.browser import chromium, screenshot_dir
 from tests.api.live import LiveServer
 from tests.conftest import real_video_paths
 
@@ -158,6 +158,10 @@ def test_the_page_shows_where_the_head_attends(
         page.click("#go")
         page.wait_for_selector(".attn", timeout=90_000)
         captions = page.locator(".attn figcaption").all_inner_texts()
+        scale = page.inner_text("#attention-scale")
+        page.locator("#attention").screenshot(
+            path=str(screenshot_dir(tmp_path_factory) / "page-attention.png")
+        )
         with clip.open("rb") as f:
             body = httpx.post(
                 url + "/v1/attention",
@@ -167,6 +171,7 @@ def test_the_page_shows_where_the_head_attends(
             ).json()
         page.close()
     weights = np.asarray(body["weights"])
+    assert f"{weights.min():.3f}, to the darkest, {weights.max():.3f}" in scale
     assert len(captions) == len(body["frames"]) == 2
     for caption, frame, grid in zip(captions, body["frames"], weights, strict=True):
         y, x = np.unravel_index(np.argmax(grid), grid.shape)

@@ -124,6 +124,12 @@
       showChosen();
     }
   });
+  // a file dropped beside the box is not opened by the browser in place of the page
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => {
+      if (!drop.contains(event.target)) event.preventDefault();
+    });
+  }
   modelSelect.addEventListener("change", describeModel);
 
   // ------------------------------------------------------------------ errors
@@ -370,11 +376,17 @@
       box.append(el("p", { class: "none" }, "No attention: " + att.error));
       return;
     }
-    box.append(el("h4", {}, "Where in the frames the " + answer.head + " head looks"),
-      el("p", { class: "hint" }, "Attention over the cells of each map frame (rows top to bottom, " +
-        "columns left to right of the centre crop); darker weighs more, the heaviest cell is outlined."));
+    let vmin = Infinity;
     let vmax = 0;
-    for (const frame of att.weights) for (const row of frame) for (const w of row) vmax = Math.max(vmax, w);
+    for (const frame of att.weights) {
+      for (const r of frame) for (const w of r) { vmax = Math.max(vmax, w); vmin = Math.min(vmin, w); }
+    }
+    const cellsPerFrame = att.weights[0].length * att.weights[0][0].length;
+    box.append(el("h4", {}, "Where in the frames the " + answer.head + " head looks"),
+      el("p", { class: "hint", id: "attention-scale" }, "Attention over the cells of each map frame " +
+        "(rows top to bottom, columns left to right of the centre crop); the heaviest cell is outlined. " +
+        "Shades run from the lightest weight of all frames, " + vmin.toFixed(3) + ", to the darkest, " +
+        vmax.toFixed(3) + " (even attention would be " + (1 / cellsPerFrame).toFixed(3) + " per cell)."));
     const row = el("div", { class: "maps" });
     att.weights.forEach((grid, i) => {
       let peak = [0, 0];
@@ -382,7 +394,7 @@
       const cells = el("div", { class: "map", style: "grid-template-columns:repeat(" + grid[0].length + ",1fr)",
         role: "img", "aria-label": "attention of frame " + att.frames[i] });
       grid.forEach((r, y) => r.forEach((w, x) => {
-        const colour = shade(w, vmax);
+        const colour = shade(w - vmin, vmax - vmin);
         const isPeak = y === peak[0] && x === peak[1];
         cells.append(el("span", {
           class: isPeak ? "mcell peak" : "mcell",
