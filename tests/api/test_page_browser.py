@@ -229,6 +229,9 @@ def test_refusals_are_shown_with_their_reason(
     playlist = tmp_path / "clip.mp4"
     playlist.write_text(f"ffconcat version 1.0\nfile {real_clip(SMALL)}\n")
     _open(page, server)
+    page.click("#go")  # nothing chosen yet: said on the page, the upload gets the focus
+    assert "No video chosen" in page.inner_text("#error")
+    assert page.evaluate("document.activeElement.id") == "file"
 
     text = _refusal(page, png)
     assert "not a video the service can read (HTTP 415)" in text
