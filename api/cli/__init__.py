@@ -33,6 +33,7 @@ _SUBCOMMANDS: dict[str, str] = {
     "train": "api.cli.train_cmd",
     "evaluate": "api.cli.evaluate_cmd",
     "summarize": "api.cli.summarize_cmd",
+    "report": "api.cli.report_cmd",
     "index": "api.cli.index_cmd",
     "finetune": "api.cli.finetune_cmd",
     "serve": "api.cli.serve_cmd",

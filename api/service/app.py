@@ -20,6 +20,7 @@ from api.service.inference import InferenceQueue
 from api.service.prometheus import MetricsMiddleware, ServiceMetrics
 from api.service.routes import health, limits, metrics, models, predict, similar
 from api.service.routes.docs import add_offline_docs
+from api.service.routes.page import add_page
 from api.service.served_runs import Registry, WorkerContext, load_registry, make_worker_context
 from api.service.settings import Settings
 from api.service.uploads import UploadBudget, make_upload_dir
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (predict, similar, models, limits, health, metrics):
         app.include_router(module.router)
     add_offline_docs(app)
+    add_page(app)
     app.add_exception_handler(RequestValidationError, _validation_error)
     _describe_loaded_models(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -104,6 +104,7 @@ def test_schemathesis_cli_runs_clean(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "Warning" not in out and "WARNINGS" not in out, out[-3000:]
+    n_operations = sum(len(ops) for ops in app.openapi()["paths"].values())
     for operation in ("POST /v1/predict", "POST /v1/similar", "GET /v1/similar", "GET /v1/limits"):
-        assert operation in out or "Tested: 8" in out, out[-2000:]
+        assert operation in out or f"Tested: {n_operations}" in out, out[-2000:]
     assert list(uploads.iterdir()) == []

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,8 @@ from aggregator.run_loader import load_run
 from api.cli import main as cli_main
 from api.service import Settings, create_app
 from storage import FeatureStore
+from tests.api.browser import chromium, screenshot_dir
+from tests.api.live import LiveServer
 from tests.conftest import real_video_paths
 
 CLIPS = {
@@ -108,3 +111,71 @@ def test_models_and_similar_videos(client: TestClient) -> None:
     assert nearest["video_id"] == clip.stem and nearest["label"] == "sport"
     assert nearest["distance"] == pytest.approx(0.0, abs=1e-5)
     assert np.isfinite(body["similar"][1]["distance"])
+
+
+def test_attention_of_an_upload_is_that_of_the_stored_maps(
+    client: TestClient, stpn_served: StpnServed
+) -> None:
+    clip = next(p for p in real_video_paths() if p.name == "mm_part_0.mp4")
+    with clip.open("rb") as f:
+        r = client.post(
+            "/v1/attention", params={"max_frames": FRAMES}, files={"file": (clip.name, f)}
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["head"] == "stpn" and body["n_frames"] == 32
+    # 4 frames used of 32 (0, 10, 21, 31), maps at every 2nd of them
+    assert body["frames"] == [0, 21]
+    got = np.asarray(body["weights"])
+    assert got.shape[0] == 2 and got.ndim == 3
+    np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+    run = load_run(stpn_served.run)
+    assert isinstance(run, MapRun)
+    store = FeatureStore.open(stpn_served.store)
+    want = run.attention({s: store.read(clip.stem, s) for s in run.streams})
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_page_shows_where_the_head_attends(
+    stpn_served: StpnServed, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """In chromium: the page draws one attention grid per map frame and names its heaviest
+    cell, as the service's /v1/attention answers for the same upload."""
+    settings = Settings(
+        runs=[stpn_served.run],
+        store=stpn_served.store,
+        upload_dir=tmp_path_factory.mktemp("page-uploads"),
+    )
+    clip = next(p for p in real_video_paths() if p.name == "mm_part_0.mp4")
+    with chromium() as browser, LiveServer(create_app(settings)) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#model option", state="attached")
+        page.set_input_files("#file", str(clip))
+        page.fill("#max_frames", str(FRAMES))
+        page.click("#go")
+        page.wait_for_selector(".attn", timeout=90_000)
+        captions = page.locator(".attn figcaption").all_inner_texts()
+        scale = page.inner_text("#attention-scale")
+        page.locator("#attention").screenshot(
+            path=str(screenshot_dir(tmp_path_factory) / "page-attention.png")
+        )
+        with clip.open("rb") as f:
+            body = httpx.post(
+                url + "/v1/attention",
+                params={"max_frames": FRAMES},
+                files={"file": (clip.name, f)},
+                timeout=120,
+            ).json()
+        page.close()
+    weights = np.asarray(body["weights"])
+    assert f"{weights.min():.3f}, to the darkest, {weights.max():.3f}" in scale
+    assert len(captions) == len(body["frames"]) == 2
+    for caption, frame, grid in zip(captions, body["frames"], weights, strict=True):
+        y, x = np.unravel_index(np.argmax(grid), grid.shape)
+        assert caption == (
+            f"frame {frame}: heaviest row {y + 1}, column {x + 1} ({grid[y, x]:.3f})"
+        )
+    assert page.is_closed()
