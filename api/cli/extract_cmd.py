@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
@@ -18,6 +17,7 @@ from api.cli.options import (
     add_store,
     add_streams,
     backbone_spec_from,
+    non_negative_float,
     positive_int,
     stream_list,
 )
@@ -110,7 +110,15 @@ def register(sub: Any) -> None:
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
     r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    r.add_argument(
+        "--progress-interval",
+        type=non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (a bar is shown "
+        "on a terminal)",
+    )
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
         "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
@@ -163,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         shard=shard,
         stride=args.stride,
         max_frames=args.max_frames,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
+        progress_interval=args.progress_interval,
         map_dim=args.map_dim,
         map_stride=args.map_stride,
         map_seed=args.map_seed,
