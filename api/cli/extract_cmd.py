@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         args.map_dim is not None or args.map_stride != 1
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    check_before_models(args)
     from extractor.pipeline import run_extract
 
     pooled = [s for s in streams if s not in MAP_STREAMS]
@@ -180,6 +182,24 @@ def run(args: argparse.Namespace) -> int:
     )
     print(summary.format())
     return exit_status(summary)
+
+
+def check_before_models(args: argparse.Namespace) -> None:
+    """What can be wrong with the inputs, labels, weights files and store, checked before torch
+    and the models load: a missing video path or labels row, or a store path that is a file or
+    someone's folder, is a usage error (FileNotFoundError, ValueError) naming them all."""
+    from extractor.sources import make_sources
+    from storage.store import check_store_path
+
+    check_store_path(args.store)
+    for option, value in (
+        ("--weights", args.weights),
+        ("--motion-weights", args.motion_weights),
+        ("--flow-weights", args.flow_weights),
+    ):
+        if value is not None and value not in ("imagenet", "random") and not Path(value).exists():
+            raise UsageError(f"{option} {value}: no such file")
+    make_sources(args.inputs, labels=args.labels)
 
 
 def exit_status(summary: ExtractionSummary) -> int:
