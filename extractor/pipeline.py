@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from extractor.backbones import STREAMS
 from extractor.decode import VideoError
@@ -47,6 +46,7 @@ from extractor.decode_torchcodec import FrameReader, make_frame_reader
 from extractor.features import MAP_STREAMS, FeatureExtractor
 from extractor.flow import FlowBackend, sha256_file
 from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
+from extractor.progress import DEFAULT_INTERVAL, ExtractProgress
 from extractor.sharding import in_shard, parse_shard, shard_from_env
 from extractor.sources import Source, make_sources
 from extractor.spec import BackboneSpec
@@ -143,11 +143,13 @@ def _video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) 
 class _Writer(threading.Thread):
     """Writes finished videos (and failures) to the store, in order, off the main thread."""
 
-    def __init__(self, store: FeatureStore, summary: ExtractionSummary, bar: tqdm) -> None:
+    def __init__(
+        self, store: FeatureStore, summary: ExtractionSummary, progress: ExtractProgress
+    ) -> None:
         super().__init__(name="framepool-writer", daemon=True)
         self.store = store
         self.summary = summary
-        self.bar = bar
+        self.progress = progress
         self.jobs: queue.Queue[tuple[str, Source, Any] | None] = queue.Queue()
         self.lock = threading.Lock()
 
@@ -155,16 +157,18 @@ class _Writer(threading.Thread):
         while (job := self.jobs.get()) is not None:
             kind, source, payload = job
             if kind == "write":
-                self._write(source, *payload)
+                written = self._write(source, *payload)
             else:
                 self._fail(source, payload)
-            with self.lock:
-                self.bar.update(1)
-                self.bar.set_postfix(failed=len(self.summary.failed), refresh=False)
+                written = False
+            if written:
+                self.progress.video_done()
+            else:
+                self.progress.video_failed()
 
     def _write(
         self, source: Source, streams: dict[str, np.ndarray], meta: dict[str, Any], n: int
-    ) -> None:
+    ) -> bool:
         vid = source.video_id
         try:
             if self.store.status(vid) == "complete":  # adding streams: keep the others
@@ -178,10 +182,11 @@ class _Writer(threading.Thread):
         except Exception as exc:
             log.exception("writing %s failed", vid)
             self._fail(source, f"{str(source.path)!r}: could not write its features: {exc}")
-            return
+            return False
         with self.lock:
             self.summary.complete.append(vid)
             self.summary.frames += n
+        return True
 
     def _fail(self, source: Source, reason: str) -> None:
         with self.lock:
@@ -256,6 +261,7 @@ def run_extraction(
     progress: bool = True,
     queue_frames: int | None = None,
     decoder: str = "auto",
+    progress_interval: float = DEFAULT_INTERVAL,
 ) -> ExtractionSummary:
     """Extract ``sources`` into the store at ``store`` (created if needed) with ``extractor``.
 
@@ -264,6 +270,8 @@ def run_extraction(
     bounds the prepared frames waiting for the model (default: 2 batches + one chunk per worker).
     ``decoder`` (``auto``, ``pyav``, ``torchcodec``): see
     :func:`extractor.decode_torchcodec.resolve_decoder`; each worker decodes with its own decoder.
+    ``progress``: a bar on a terminal, else a plain line every ``progress_interval`` seconds on
+    stderr (:class:`extractor.progress.ExtractProgress`).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
@@ -294,11 +302,9 @@ def run_extraction(
             read_frames=read_frames,
             queue_chunks=max(1, bound // _CHUNK_FRAMES),
         )
-        bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not progress, leave=True)
-        writer = _Writer(fstore, summary, bar)
-        batcher = _Batcher(
-            todo, extractor, writer, subsampled=stride > 1 or max_frames is not None, start=start
-        )
+        shown = ExtractProgress(len(todo), enabled=progress, interval=progress_interval)
+        writer = _Writer(fstore, summary, shown)
+        batcher = _Batcher(todo, extractor, writer, subsampled=stride > 1 or max_frames is not None)
         writer.start()
         try:
             preparers.start(min(workers, len(todo)))
@@ -306,7 +312,7 @@ def run_extraction(
         finally:
             preparers.stop()
             writer.finish()
-            bar.close()
+            shown.close()
     summary.seconds = time.perf_counter() - start
     summary.complete.sort()
     summary.skipped.sort()
@@ -429,7 +435,6 @@ class _Batcher:
         writer: _Writer,
         *,
         subsampled: bool,
-        start: float,
     ) -> None:
         self.todo = todo
         self.extractor = extractor
@@ -439,8 +444,6 @@ class _Batcher:
         self.dead: set[int] = set()
         self.pending: list[tuple[int, FrameChunk]] = []
         self.n_pending = 0
-        self.embedded = 0  # frames through the model so far (for the frames/s shown)
-        self.start = start  # the run's start (for the frames/s shown)
 
     def consume(self, preparers: _Preparers) -> None:
         """Run every message of the preparing threads through the model and to the writer."""
@@ -516,10 +519,7 @@ class _Batcher:
                 v.indices.append(c.indices)
                 v.n_embedded += len(c)
             row += len(c)
-        self.embedded += n
-        with self.writer.lock:
-            elapsed = time.perf_counter() - self.start
-            self.writer.bar.set_postfix(fps=f"{self.embedded / elapsed:.1f}", refresh=False)
+        self.writer.progress.frames(n)
         for key in {k for k, _ in taken}:
             self.finish_if_done(key)
 
@@ -619,13 +619,14 @@ def run_extract(
     map_stride: int = 1,
     map_seed: int = 0,
     decoder: str = "auto",
+    progress_interval: float = DEFAULT_INTERVAL,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
 
     ``spec`` (default: :class:`~extractor.spec.BackboneSpec`'s defaults) says which backbones,
     flow and dtype compute the features; ``batch_size`` frames go through the model at once and
     ``workers`` threads decode. ``decoder``: ``auto`` (torchcodec with NVDEC when ``device`` is
-    CUDA, else PyAV), ``pyav`` or ``torchcodec``.
+    CUDA, else PyAV), ``pyav`` or ``torchcodec``. ``progress``: see :func:`run_extraction`.
 
     ``shard`` is ``"I/N"`` or ``(I, N)``; without it, torchrun's ``RANK``/``WORLD_SIZE`` are used
     when set. Raises ValueError/FileNotFoundError for unusable arguments (bad shard, missing
@@ -668,4 +669,5 @@ def run_extract(
         max_frames=max_frames,
         progress=progress,
         decoder=decoder,
+        progress_interval=progress_interval,
     )

@@ -2,8 +2,11 @@
 
 - A file is a video (whatever its name, so that a broken one is recorded as failed, not skipped),
   except ``.txt`` files, which are lists: one path per line, relative paths taken relative to the
-  list's folder, blank lines and ``#`` comments ignored. A missing path is kept (it fails later
-  with a reason) except a missing list, which is an error.
+  list's folder, blank lines and ``#`` comments ignored. :func:`expand_inputs` keeps a missing
+  path (a file that vanishes before it is read fails with a reason); :func:`make_sources` refuses
+  missing paths up front, all of them named in one FileNotFoundError, as it refuses a labels CSV
+  row whose file neither exists nor labels an input (a typo would otherwise leave its video
+  unlabelled).
 - A folder is searched recursively for files with a video suffix (:data:`VIDEO_SUFFIXES`).
 - Labels: from a CSV with a header and columns ``path,label[,split][,group]`` (paths relative to
   the CSV's folder, or bare file names when unique), else the name of the video's parent folder.
@@ -21,6 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from storage import assign_video_ids
 
@@ -97,9 +101,23 @@ class LabelTable:
 
     by_path: dict[Path, LabelEntry]
     by_name: dict[str, LabelEntry]
+    rows: tuple[tuple[int, str, Path], ...] = ()  # (line, path as written, absolute path)
 
     def get(self, path: Path) -> LabelEntry | None:
         return self.by_path.get(_absolute(path)) or self.by_name.get(path.name)
+
+    def missing_rows(self, paths: Sequence[Path]) -> list[tuple[int, str]]:
+        """``(line, path as written)`` of the rows whose file does not exist and that label none
+        of ``paths`` (a bare file name labels any input of that name)."""
+        inputs = {_absolute(p) for p in paths}
+        names = {p.name for p in paths}
+        return [
+            (line, text)
+            for line, text, absolute in self.rows
+            if absolute not in inputs
+            and not (Path(text).name == text and text in names)
+            and not absolute.exists()
+        ]
 
 
 def read_csv_rows(
@@ -129,19 +147,39 @@ def read_labels(csv_path: str | Path) -> LabelTable:
     p = Path(csv_path).expanduser()
     by_path: dict[Path, LabelEntry] = {}
     names: dict[str, list[LabelEntry]] = {}
+    rows: list[tuple[int, str, Path]] = []
     what = f"labels file {str(p)!r}"
-    for row in read_csv_rows(p, what, ("path", "label"), "path,label[,split][,group]"):
+    for line, row in enumerate(
+        read_csv_rows(p, what, ("path", "label"), "path,label[,split][,group]"), start=2
+    ):
         entry = (row["label"], row.get("split") or None, row.get("group") or None)
         rel = Path(row["path"]).expanduser()
-        by_path[_absolute(rel if rel.is_absolute() else p.parent / rel)] = entry
+        absolute = _absolute(rel if rel.is_absolute() else p.parent / rel)
+        by_path[absolute] = entry
+        rows.append((line, row["path"], absolute))
         if rel.name == row["path"]:  # a bare file name
             names.setdefault(rel.name, []).append(entry)
     by_name = {name: entries[0] for name, entries in names.items() if len(entries) == 1}
-    return LabelTable(by_path, by_name)
+    return LabelTable(by_path, by_name, tuple(rows))
 
 
-def make_sources(inputs: Sequence[str | Path], *, labels: str | Path | None = None) -> list[Source]:
-    """Expand ``inputs`` and attach ids, labels and splits (see the module doc)."""
+def _listed(items: Sequence[str], limit: int = 10) -> str:
+    more = len(items) - limit
+    return "\n  " + "\n  ".join(items[:limit]) + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def make_sources(
+    inputs: Sequence[str | Path],
+    *,
+    labels: str | Path | None = None,
+    missing: Literal["error", "keep"] = "error",
+) -> list[Source]:
+    """Expand ``inputs`` and attach ids, labels and splits (see the module doc).
+
+    Raises FileNotFoundError naming every input path that does not exist, and every row of the
+    ``labels`` CSV whose file does not exist and labels no input (``missing="keep"`` keeps
+    missing paths instead, to fail one by one when extracted).
+    """
     paths = expand_inputs(inputs)
     if not paths:
         raise ValueError(
@@ -149,8 +187,23 @@ def make_sources(inputs: Sequence[str | Path], *, labels: str | Path | None = No
             f"for files ending in {', '.join(sorted(VIDEO_SUFFIXES))}; a {LIST_SUFFIX} file lists "
             "one video per line"
         )
-    ids = assign_video_ids(str(p) for p in paths)
+    if missing not in ("error", "keep"):
+        raise ValueError(f"missing must be 'error' or 'keep', got {missing!r}")
+    absent = [str(p) for p in paths if not p.exists()]
+    if absent and missing == "error":
+        raise FileNotFoundError(
+            f"video paths that do not exist ({len(absent)} of {len(paths)}):{_listed(absent)}"
+        )
     table = read_labels(labels) if labels is not None else None
+    if table is not None and missing == "error":
+        rows = table.missing_rows(paths)
+        if rows:
+            raise FileNotFoundError(
+                f"rows of the labels file {str(labels)!r} whose file does not exist ({len(rows)}; "
+                "paths are relative to the CSV's folder, or bare file names of the inputs):"
+                + _listed([f"line {n}: {text}" for n, text in rows])
+            )
+    ids = assign_video_ids(str(p) for p in paths)
     out = []
     unlabelled = []
     for p in paths:

@@ -176,6 +176,33 @@ def _check_chunk_count(files: Any, video_id: str, stream: str, where: str) -> No
 _OWN_MEMBERS = {"videos", INDEX_DIR}
 
 
+def check_store_path(path: str | Path) -> None:
+    """Raise when ``path`` can be neither an existing store nor a new one, before any work: an
+    existing file (NotADirectoryError) or a folder with content that is not a Zarr group
+    (ValueError naming a few of its entries); a store is never created over someone's folder.
+    An absent path, an empty folder and any Zarr group pass (:meth:`FeatureStore.create` checks
+    the group), as do URLs (checked when opened)."""
+    spath = str(path)
+    if _is_url(spath):
+        return
+    p = Path(spath).expanduser()
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise NotADirectoryError(f"{spath!r} is a file, not a feature store (a folder)")
+    if (p / "zarr.json").is_file():
+        return
+    entries = sorted(e.name for e in p.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (
+            f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+        )
+        raise ValueError(
+            f"{spath!r} is a folder with other content ({shown}), not a feature store; give a "
+            "new path, an empty folder or an existing store"
+        )
+
+
 def _open_or_create_root(path: str) -> zarr.Group:
     """The root group at ``path``, created when absent. Processes creating one store at once
     race on its root: the loser of the race sees the winner's group and opens it."""
@@ -225,6 +252,7 @@ class FeatureStore:
         :attr:`class_names`; any number of processes may do so at once).
         """
         spath = str(path)
+        check_store_path(spath)
         root = _open_or_create_root(spath)
         attrs = dict(root.attrs)
         for _attempt in range(20):

@@ -47,10 +47,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from aggregator.svm import notes as solver_notes
+from aggregator.svm.notes import level_fallback
 from aggregator.svm.solvers import (
     KERNELS,
     AlphaStep,
     NodeGrams,
+    SolveError,
     alpha_step,
     average_objective,
     clean_simplex,
@@ -135,6 +138,8 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
     concat also kernel_seconds, svm_seconds, beta_step_seconds, node_grams_computed; average
     also restart, with lower NaN), ``n_svm_at_bound_`` (SVM solves stopped at the bound over the
     whole fit), ``n_svm_solves_`` (all of them), ``svm_iter_bound_`` (the bound; -1: none),
+    ``solver_notes_`` (cvxpy solves, those reported inaccurate, level projections that fell back
+    to the LP minimiser; see :mod:`aggregator.svm.notes`: one warning per fit sums them up),
     ``n_nodes_``, ``n_node_features_``, ``n_features_in_``. L is 1 for two
     classes (positive = ``classes_[1]``) and C otherwise.
     """
@@ -299,10 +304,17 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
                 f"grams of X {grams.X.shape} with kernel {grams.kernel!r} do not match X "
                 f"{X.shape} with kernel {self.kernel!r} and these gammas"
             )
-        if self.variant == "concat":
-            self._fit_concat(X, Y, grams)
-        else:
-            self._fit_average(X, Y)
+        nested = solver_notes.active() is not None
+        with solver_notes.collecting() as notes:
+            if self.variant == "concat":
+                self._fit_concat(X, Y, grams)
+            else:
+                self._fit_average(X, Y)
+        self.solver_notes_ = notes.as_dict()
+        if notes and not nested:  # an enclosing block reports them itself
+            warnings.warn(
+                f"{type(self).__name__}(C={self.C:g}): {notes.summary()}", UserWarning, stacklevel=3
+            )
         if self.n_svm_at_bound_:
             warnings.warn(
                 f"{type(self).__name__}(C={self.C:g}) on n={X.shape[0]}: libsvm stopped at "
@@ -418,8 +430,10 @@ class MultipleAggregationSVM(ClassifierMixin, BaseEstimator):
             level = lb + self.level * (best_ub - lb)
             try:
                 beta_next = level_projection(all_a, all_S, owner, n_cls, beta, level)
+            except SolveError as exc:
+                level_fallback(exc.status)
             except (RuntimeError, cp.error.SolverError) as exc:
-                log.warning("level projection failed (%s); taking the LP minimiser", exc)
+                level_fallback(f"{type(exc).__name__}: {exc}")
         return beta_next, lb
 
     def _fit_average(self, X: np.ndarray, Y: np.ndarray) -> None:

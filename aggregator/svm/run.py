@@ -77,6 +77,7 @@ from aggregator.rundir import (
     write_json,
     write_metrics,
 )
+from aggregator.svm import notes as solver_notes
 from aggregator.svm.estimator import MultipleAggregationSVM
 from aggregator.svm.plots import plot_convergence
 from aggregator.svm.solvers import NodeGrams, node_kernel
@@ -825,14 +826,17 @@ def train_svm(
     selecting = len(depths) * len(c_grid) * len(g_grid) > 1
     folds = _selection_folds(splits) if selecting else [np.sort(splits.val_idx)]
     folds = [f for f in folds if len(f)]
-    fits = {
-        s: _train_stream(store, s, splits, folds, train_args, params, use_stats) for s in streams
-    }
+    with solver_notes.collecting() as notes:  # counted, reported once (metrics, the CLI)
+        fits = {
+            s: _train_stream(store, s, splits, folds, train_args, params, use_stats)
+            for s in streams
+        }
     pooled = np.concatenate(folds) if folds else np.zeros(0, dtype=np.int64)
     fusion = _calibrate(fits, splits.y_train[pooled])
     metrics, per_stream = _test_metrics(fits, fusion, splits)
     probes = _probes(store, streams, splits, probe_levels, seed) if probe else None
     metrics.update(_summary(config, splits, fits, fusion, per_stream, probes))
+    metrics["solver_notes"] = notes.as_dict() | {"summary": notes.summary()}
     model = _model(splits, fits, fusion)
     return _write_run(out, config, model, metrics, fits, t_start)
 

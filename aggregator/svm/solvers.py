@@ -32,6 +32,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics.pairwise import additive_chi2_kernel, euclidean_distances
 from sklearn.svm import SVC
 
+from aggregator.svm.notes import counted_solve, swallow_highs_banner
+
 log = logging.getLogger(__name__)
 
 KERNELS = ("linear", "rbf", "chi2")
@@ -384,10 +386,20 @@ class NodeGrams:
 
 
 # --------------------------------------------------------------------------- beta-steps
+class SolveError(RuntimeError):
+    """A cvxpy problem ended without a usable solution; ``status`` is cvxpy's status."""
+
+    def __init__(self, what: str, status: str | None) -> None:
+        super().__init__(f"{what} did not solve: status {status!r}")
+        self.status = str(status)
+
+
 def _lp_solver() -> str:
     installed = cp.installed_solvers()
     for name in ("HIGHS", "CLARABEL", "ECOS", "SCS"):
         if name in installed:
+            if name == "HIGHS":
+                swallow_highs_banner()
             return name
     raise RuntimeError(f"no LP solver available to cvxpy (installed: {installed})")
 
@@ -420,9 +432,10 @@ def cutting_plane_lp(
         cp.Minimize(cp.sum(t)),
         cuts,
     )
-    problem.solve(solver=_lp_solver())
+    solver = _lp_solver()
+    counted_solve(lambda: problem.solve(solver=solver), lambda: problem.status)
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or beta.value is None:
-        raise RuntimeError(f"the beta LP did not solve: status {problem.status!r}")
+        raise SolveError("the beta LP", problem.status)
     return np.asarray(beta.value, dtype=np.float64), float(problem.value)
 
 
@@ -442,9 +455,10 @@ def level_projection(
         cp.Minimize(cp.sum_squares(beta - center)),
         [*cuts, cp.sum(t) <= level],
     )
-    problem.solve(solver="CLARABEL" if "CLARABEL" in cp.installed_solvers() else None)
+    solver = "CLARABEL" if "CLARABEL" in cp.installed_solvers() else None
+    counted_solve(lambda: problem.solve(solver=solver), lambda: problem.status)
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or beta.value is None:
-        raise RuntimeError(f"the level projection did not solve: status {problem.status!r}")
+        raise SolveError("the level projection", problem.status)
     return np.asarray(beta.value, dtype=np.float64)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
@@ -18,6 +18,7 @@ from api.cli.options import (
     add_store,
     add_streams,
     backbone_spec_from,
+    non_negative_float,
     positive_int,
     stream_list,
 )
@@ -110,7 +111,15 @@ def register(sub: Any) -> None:
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
     r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    r.add_argument(
+        "--progress-interval",
+        type=non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (a bar is shown "
+        "on a terminal)",
+    )
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
         "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
@@ -147,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         args.map_dim is not None or args.map_stride != 1
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    check_before_models(args)
     from extractor.pipeline import run_extract
 
     pooled = [s for s in streams if s not in MAP_STREAMS]
@@ -163,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         shard=shard,
         stride=args.stride,
         max_frames=args.max_frames,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
+        progress_interval=args.progress_interval,
         map_dim=args.map_dim,
         map_stride=args.map_stride,
         map_seed=args.map_seed,
@@ -171,6 +182,24 @@ def run(args: argparse.Namespace) -> int:
     )
     print(summary.format())
     return exit_status(summary)
+
+
+def check_before_models(args: argparse.Namespace) -> None:
+    """What can be wrong with the inputs, labels, weights files and store, checked before torch
+    and the models load: a missing video path or labels row, or a store path that is a file or
+    someone's folder, is a usage error (FileNotFoundError, ValueError) naming them all."""
+    from extractor.sources import make_sources
+    from storage.store import check_store_path
+
+    check_store_path(args.store)
+    for option, value in (
+        ("--weights", args.weights),
+        ("--motion-weights", args.motion_weights),
+        ("--flow-weights", args.flow_weights),
+    ):
+        if value is not None and value not in ("imagenet", "random") and not Path(value).exists():
+            raise UsageError(f"{option} {value}: no such file")
+    make_sources(args.inputs, labels=args.labels)
 
 
 def exit_status(summary: ExtractionSummary) -> int:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from extractor.spec import BackboneSpec
@@ -76,12 +78,75 @@ class HelpFormatter(argparse.HelpFormatter):
         return "\n\n".join(fill(p, width, indent) for p in text.split("\n\n"))
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
 class Parser(argparse.ArgumentParser):
-    """``framepool``'s parser: every subcommand gets :class:`HelpFormatter`."""
+    """``framepool``'s parser: every subcommand gets :class:`HelpFormatter`, and an argument a
+    (sub)command does not know is reported by that command's own parser, with its usage and the
+    closest option it has (``did you mean --levels?``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    def error(self, message: str) -> NoReturn:
+        choice = _INVALID_CHOICE.search(message)
+        if choice:
+            offered = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), offered, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        unknown = self._unknown_options(getattr(self, "_given", []))
+        if unknown:
+            if not message.startswith("unrecognized arguments"):
+                message += f"; unrecognized {', '.join(unknown)}"
+            message += self._suggestion(unknown)
+        super().error(message)
+
+    def _visible_options(self) -> list[str]:
+        return [
+            opt
+            for action in self._actions
+            if action.help != argparse.SUPPRESS
+            for opt in action.option_strings
+            if opt.startswith("--")
+        ]
+
+    def _unknown_options(self, given: Sequence[str]) -> list[str]:
+        """The options in ``given`` (up to a ``--``) that this parser does not know, neither
+        whole nor as the unique abbreviation argparse accepts."""
+        known = list(self._option_string_actions)
+        out = []
+        for token in given:
+            if token == "--" or (self._subparsers is not None and not token.startswith("-")):
+                break  # the rest belongs to the subcommand, which checks it
+            if not token.startswith("--") or len(token) < 3:
+                continue
+            option = token.split("=", 1)[0]
+            if option in known or sum(k.startswith(option) for k in known) == 1:
+                continue
+            out.append(option)
+        return out
+
+    def _suggestion(self, unknown: Sequence[str]) -> str:
+        """`` (did you mean --x?)``: the visible options closest to the ``unknown`` ones;
+        empty when none is close."""
+        guesses: list[str] = []
+        for option in unknown:
+            close = difflib.get_close_matches(option, self._visible_options(), n=1, cutoff=0.6)
+            if close and close[0] not in guesses:
+                guesses.append(close[0])
+        return f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
 
 
 def deprecation_note(old: str, new: str) -> None:
@@ -212,6 +277,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 

@@ -198,6 +198,9 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
             folds = metrics.get("selection_folds") or []
             where = f" on {sum(folds)} validation videos in {len(folds)} fold(s)" if folds else ""
             lines.append("selection    " + "  ".join(parts) + where)
+        notes = (metrics.get("solver_notes") or {}).get("summary")
+        if notes:
+            lines.append(f"solvers      {notes}")
     elif selection.get("grid"):
         c = selection["chosen"]
         lines.append(

@@ -141,8 +141,9 @@ class AllowHeaderMiddleware:
 
 
 def _describe_loaded_models(app: FastAPI) -> None:
-    """Once the runs are loaded, the schema lists their ids as the values ``model`` may take,
-    so that the schema says what the service accepts (any other id is a 404)."""
+    """Once the runs are loaded, the schema lists the values ``model`` may take (the run ids,
+    and the directory names and heads that name one run), so that the schema says what the
+    service accepts (any other name is a 404, an ambiguous one a 422)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -150,7 +151,7 @@ def _describe_loaded_models(app: FastAPI) -> None:
         state = getattr(app.state, "service", None)
         if state is None:
             return schema
-        ids = list(state.registry.runs)
+        ids = state.registry.names()
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
                 for param in op.get("parameters", []):

@@ -23,6 +23,7 @@ from aggregator.similarity import SimilarityIndex
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
 from api.service.prometheus import ServiceMetrics
 from api.service.served_runs import (
+    AmbiguousModel,
     Analysis,
     JobControl,
     JobStopped,
@@ -70,9 +71,13 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def select_run(state: ServiceState, run_id: str | None) -> LoadedRun:
+def select_run(state: ServiceState, model: str | None) -> LoadedRun:
+    """The run ``?model=`` names (a run id, a run directory's name, or a head naming one run);
+    404 when none does, 422 listing the candidates when several do."""
     try:
-        return state.registry.get(run_id)
+        return state.registry.get(model)
+    except AmbiguousModel as exc:
+        raise HTTPException(422, str(exc)) from None
     except KeyError as exc:
         raise HTTPException(404, str(exc.args[0])) from None
 

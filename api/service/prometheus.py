@@ -65,10 +65,24 @@ class ServiceMetrics:
 
 
 def route_label(scope: Scope) -> str:
-    """The matched route's path template, or ``"unmatched"``."""
+    """The matched route's path template, or ``"unmatched"``.
+
+    FastAPI's own routes record themselves in the scope; Starlette's plain routes and mounts
+    (``/openapi.json``, the docs' static assets under their mount path) record only their
+    endpoint, which is looked up among the app's routes.
+    """
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    if isinstance(path, str):
+        return path
+    endpoint = scope.get("endpoint")
+    if endpoint is not None:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            if endpoint in (getattr(candidate, "endpoint", None), getattr(candidate, "app", None)):
+                path = getattr(candidate, "path", None)
+                if isinstance(path, str):
+                    return path or "/"
+    return "unmatched"
 
 
 class MetricsMiddleware:

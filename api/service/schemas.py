@@ -20,7 +20,13 @@ SimilarK = Annotated[
     ),
 ]
 RunId = Annotated[
-    str, Field(min_length=1, max_length=200, description="id of a loaded run (see /v1/models)")
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        description="a loaded run (see /v1/models): its id, its run directory's name, or its "
+        "head when one loaded run has that head",
+    ),
 ]
 VideoId = Annotated[
     str, Field(min_length=1, max_length=300, description="id of an indexed training video")

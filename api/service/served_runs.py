@@ -40,18 +40,59 @@ class LoadedRun:
         return json.dumps(self.extractor_config, sort_keys=True, default=str)
 
 
+class AmbiguousModel(ValueError):
+    """A model name that several loaded runs answer to; ``candidates`` are their ids."""
+
+    def __init__(self, name: str, candidates: list[str]) -> None:
+        super().__init__(
+            f"model {name!r} names {len(candidates)} loaded runs: {candidates}; give one of "
+            "their ids"
+        )
+        self.candidates = candidates
+
+
 @dataclass
 class Registry:
-    """The loaded runs by id; the first one loaded answers requests that name none."""
+    """The loaded runs by id; the first one loaded answers requests that name none.
+
+    A request names a run by its id, by its run directory's name, or by its head (``svm``)
+    when only one loaded run answers to that name (:meth:`get`).
+    """
 
     runs: dict[str, LoadedRun]
     default_id: str
 
-    def get(self, run_id: str | None) -> LoadedRun:
-        key = self.default_id if run_id is None else run_id
-        if key not in self.runs:
-            raise KeyError(f"model {key!r} is not loaded; loaded: {sorted(self.runs)}")
-        return self.runs[key]
+    def get(self, name: str | None) -> LoadedRun:
+        """The run ``name`` names (None: the default run): a run id; else the run whose
+        directory is called ``name``; else the run whose head is ``name``. KeyError when none
+        is, :class:`AmbiguousModel` when several are."""
+        key = self.default_id if name is None else name
+        if key in self.runs:
+            return self.runs[key]
+        for matches in (
+            [r for r in self.runs.values() if r.run_dir.name == key],
+            [r for r in self.runs.values() if r.predictor.head == key],
+        ):
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                raise AmbiguousModel(key, sorted(r.run_id for r in matches))
+        raise KeyError(
+            f"model {key!r} is not loaded; give a run id, a run directory's name or a head; "
+            f"loaded: {sorted(self.runs)}"
+        )
+
+    def names(self) -> list[str]:
+        """Every value :meth:`get` accepts: the ids, then the directory names and heads that
+        name one run."""
+        out = list(self.runs)
+        for attr in ("dir", "head"):
+            counts: dict[str, int] = {}
+            for r in self.runs.values():
+                value = r.run_dir.name if attr == "dir" else r.predictor.head
+                counts[value] = counts.get(value, 0) + 1
+            out += [v for v, n in counts.items() if n == 1 and v not in out]
+        return out
 
     def extractor_configs(self) -> dict[str, dict[str, Any]]:
         """Distinct extractor configurations of the loaded runs, by key."""

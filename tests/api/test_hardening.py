@@ -283,7 +283,8 @@ def test_the_schema_says_what_the_service_takes(
         schema = client.get("/openapi.json").json()
         predict = schema["paths"]["/v1/predict"]["post"]
         model = next(p for p in predict["parameters"] if p["name"] == "model")
-        assert model["schema"]["enum"] == ["fake-run"]  # the loaded runs
+        # the loaded run's id, its directory's name and its head
+        assert model["schema"]["enum"] == ["fake-run", "nonexistent", "gap"]
         body = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert body["required"] == ["file"] and body["additionalProperties"] is False
         assert set(schema["paths"]["/v1/similar"]) == {"get", "post"}

@@ -55,7 +55,7 @@ def real_run(
 ) -> RealRun:
     """Every real clip plus every kind of bad input, in one run (the heaviest test here)."""
     store = tmp_path_factory.mktemp("real") / "features.zarr"
-    sources = make_sources([*real_videos, *bad_inputs.values()])
+    sources = make_sources([*real_videos, *bad_inputs.values()], missing="keep")
     # each video its own group (what a labels CSV's group column gives), kept by good and bad
     sources = [replace(s, group=f"g{i}") for i, s in enumerate(sources)]
     summary = run_extraction(sources, store, resnet18, workers=2, progress=False)

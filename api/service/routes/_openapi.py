@@ -34,7 +34,7 @@ def upload_body(required: bool, extra_fields: dict[str, Any] | None = None) -> d
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "empty upload or malformed multipart body"},
-    404: {"model": ErrorResponse, "description": "no loaded model with that id"},
+    404: {"model": ErrorResponse, "description": "no loaded model with that id or name"},
     408: {"model": ErrorResponse, "description": "the upload stalled or took too long"},
     413: {
         "model": ErrorResponse,
@@ -46,7 +46,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     },
     422: {
         "model": ErrorResponse,
-        "description": "bad option, or a video that cannot be decoded",
+        "description": "bad option (a model name several loaded runs answer to: the detail "
+        "lists their ids), or a video that cannot be decoded",
     },
     503: {
         "model": ErrorResponse,
