@@ -330,7 +330,10 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
     "pyramids": HeadOption(("tp",), "{heads}: number of stacked pyramids P (1)", int),
     "node_dim": HeadOption(("tp",), "{heads} concat: node projection size (128)", int),
     "pooling": HeadOption(("tpp",), "{heads} pooling (max)", None, ("max", "average")),
-    "segments": HeadOption(("datp",), "{heads}: number of segments N (10)", int),
+    "segments": HeadOption(
+        ("datp", "attn"), "{heads}: number of segments N (datp 10, attn 32)", int
+    ),
+    "queries": HeadOption(("attn",), "{heads}: number of learned queries (4)", int),
     "gaussians": HeadOption(("datp",), "{heads}: mixture size K (2)", int),
     "weights_model": HeadOption(("datp",), "{heads} weights (mog)", None, ("mog", "discrete")),
     "out_dim": HeadOption(("stcb", "stpn"), "{heads}: fused dimension (4096)", int),
@@ -341,7 +344,9 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
         "attended, fused (spatial,temporal,attended)",
     ),
     "dropout": HeadOption(
-        ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"), "dropout before the classifier", float
+        ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "attn"),
+        "dropout before the classifier",
+        float,
     ),
     "C": HeadOption(("svm",), "SVM soft-margin C (default: chosen from 0.1, 1, 10)", float),
     "kernel": HeadOption(("svm",), "node kernel (linear)", None, ("linear", "rbf", "chi2")),
@@ -399,6 +404,8 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
         kw.update({d: given[d] for d in ("segments", "gaussians") if d in given})
         if "weights_model" in given:
             kw["weights"] = given["weights_model"]
+    elif args.head == "attn":
+        kw.update({d: given[d] for d in ("segments", "queries") if d in given})
     elif args.head in ("stcb", "stpn"):
         kw.update({d: given[d] for d in ("out_dim", "paths") if d in given})
         if "pathways" in given:
