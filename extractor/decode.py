@@ -268,3 +268,35 @@ def count_frames_within(
         if n > max_frames:
             raise VideoTooLarge(f"{str(p)!r}: more than the limit of {max_frames} frames")
     return n
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    """Presentation times of every frame :func:`iter_frames` yields, in seconds.
+
+    ``seconds[t]`` is frame t's time: the container's presentation timestamps (``pts`` x
+    ``time_base``, as FFmpeg reports them on the decoded frames) in increasing order. Decoders
+    hand frames out in presentation order; AVI files carry decode-order stamps only, and frames
+    reordered from B-frames come out with their stamps permuted (pts 1, 2, 4, 3, ... on the
+    shipped AVI clips), so the t-th frame gets the t-th smallest stamp. A frame without a stamp is
+    placed ``1 / fps`` after the frame before it and counted in ``estimated``.
+    """
+
+    seconds: np.ndarray  # float64 [T]
+    estimated: int = 0
+
+
+def frame_times(path: str | Path, *, threads: bool = True) -> FrameTimes:
+    """The :class:`FrameTimes` of ``path`` (a decode without colour conversion; raises like
+    :func:`iter_frames`)."""
+    p = Path(path)
+    step = 1.0 / probe(p).fps
+    out: list[float] = []
+    estimated = 0
+    for frame in _decode(p, threads):
+        t = frame.time
+        if t is None:
+            estimated += 1
+            t = out[-1] + step if out and math.isfinite(step) else 0.0
+        out.append(float(t))
+    return FrameTimes(np.sort(np.asarray(out, dtype=np.float64)), estimated)

@@ -110,6 +110,13 @@ def register(sub: Any) -> None:
     r.add_argument("--shard", help="I/N: extract only shard I (0-based) of N")
     r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
+    r.add_argument(
+        "--fps",
+        type=_positive_float,
+        dest="sample_fps",
+        help="keep, for each instant k/F seconds from the first frame, the frame shown then "
+        "(by presentation time: right on variable frame rates); replaces --stride/--max-frames",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
@@ -147,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         args.map_dim is not None or args.map_stride != 1
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    if args.sample_fps is not None and (args.stride != 1 or args.max_frames is not None):
+        raise UsageError("--fps replaces --stride and --max-frames: give one or the other")
     from extractor.pipeline import run_extract
 
     pooled = [s for s in streams if s not in MAP_STREAMS]
@@ -168,9 +177,20 @@ def run(args: argparse.Namespace) -> int:
         map_stride=args.map_stride,
         map_seed=args.map_seed,
         decoder=args.decoder,
+        sample_fps=args.sample_fps,
     )
     print(summary.format())
     return exit_status(summary)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def exit_status(summary: ExtractionSummary) -> int:

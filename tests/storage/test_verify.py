@@ -17,7 +17,6 @@ from storage.files import files_for
 from tests.conftest import real_clip
 
 
-
 @pytest.fixture(params=["local", "memory"])
 def store_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
