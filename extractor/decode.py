@@ -290,13 +290,31 @@ def frame_times(path: str | Path, *, threads: bool = True) -> FrameTimes:
     """The :class:`FrameTimes` of ``path`` (a decode without colour conversion; raises like
     :func:`iter_frames`)."""
     p = Path(path)
-    step = 1.0 / probe(p).fps
+    fps = probe(p).fps
+    return times_from_stamps([frame.time for frame in _decode(p, threads)], fps)
+
+
+def times_from_stamps(stamps: list[float | None], fps: float) -> FrameTimes:
+    """:class:`FrameTimes` from the decoded frames' stamps in the order the decoder gave them
+    (None: a frame without one, placed ``1 / fps`` after the one before)."""
+    step = 1.0 / fps if fps > 0 else math.nan
     out: list[float] = []
     estimated = 0
-    for frame in _decode(p, threads):
-        t = frame.time
+    for t in stamps:
         if t is None:
             estimated += 1
             t = out[-1] + step if out and math.isfinite(step) else 0.0
         out.append(float(t))
     return FrameTimes(np.sort(np.asarray(out, dtype=np.float64)), estimated)
+
+
+def iter_timed_frames(
+    path: str | Path, stamps: list[float | None], *, threads: bool = True
+) -> Iterator[np.ndarray]:
+    """:func:`iter_frames` that also appends each frame's presentation stamp in seconds (None
+    when it has none) to ``stamps``: the times come from the same decode
+    (:func:`times_from_stamps` turns them into :class:`FrameTimes`)."""
+    rgb = VideoReformatter()
+    for frame in _decode(Path(path), threads):
+        stamps.append(frame.time)
+        yield rgb.reformat(frame, format="rgb24").to_ndarray()

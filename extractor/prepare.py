@@ -10,14 +10,17 @@ then keeps at most that many of them, evenly spaced (first and last included). `
 instead keeps, for each instant ``t0 + k / F`` (``t0`` the first frame's time, up to the last
 frame's), the frame shown at that instant: the last one whose presentation time is at most the
 instant (:func:`select_at_fps`), so a frame shown at several instants is kept for each. Every
-kept frame's presentation time comes from a timing pass before the frames are decoded
-(:func:`extractor.decode.frame_times`). The motion stack of a kept frame t is still built from
-the flow between consecutive decoded frames t, t+1, ..., t+L; only the fields some kept frame
-needs are computed.
+kept frame's presentation time is recorded: read in the same decode with PyAV; from a timing
+pass first (:func:`extractor.decode.frame_times`, a decode without colour conversion) when the
+selection needs all times before the frames (``sample_fps``, ``max_frames``, which needed a
+counting pass before) or another decoder reads the frames. The motion stack of a kept frame t
+is still built from the flow between consecutive decoded frames t, t+1, ..., t+L; only the
+fields some kept frame needs are computed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from extractor.decode import FrameTimes, VideoError, frame_times, iter_frames, probe
+from extractor.decode import (
+    FrameTimes,
+    VideoError,
+    frame_times,
+    iter_frames,
+    iter_timed_frames,
+    probe,
+    times_from_stamps,
+)
 from extractor.decode_torchcodec import FrameReader
 from extractor.flow import FlowBackend
 from extractor.transforms import (
@@ -146,9 +157,15 @@ def prepare_video(
     if "motion" in streams and flow is None:
         raise ValueError("the motion stream needs a flow backend")
     info = probe(path)
-    times = frame_times(path)
+    reader = read_frames or iter_frames
+    stamps: list[float | None] = []
+    ahead: FrameTimes | None = None
+    if sample_fps is not None or max_frames is not None or reader is not iter_frames:
+        ahead = frame_times(path)
+    else:  # the times come with the frames
+        reader = functools.partial(iter_timed_frames, stamps=stamps)
     video = _VideoInputs(
-        _frame_selector(times, stride, max_frames, sample_fps),
+        _frame_selector(ahead, stride, max_frames, sample_fps),
         streams=streams,
         flow=flow,
         chunk_size=chunk_size,
@@ -156,11 +173,12 @@ def prepare_video(
         appearance_input=appearance_input,
     )
     n = 0
-    for t, frame in enumerate((read_frames or iter_frames)(Path(path))):
+    for t, frame in enumerate(reader(Path(path))):
         if should_stop is not None and should_stop():
             return
         n = t + 1
         yield from video.add_frame(t, frame)
+    times = ahead if ahead is not None else times_from_stamps(stamps, info.fps)
     if n != len(times.seconds):
         raise VideoError(
             f"{str(path)!r}: decoded {n} frames, but its timing pass found {len(times.seconds)}"
@@ -180,13 +198,16 @@ def prepare_video(
 
 
 def _frame_selector(
-    times: FrameTimes, stride: int, max_frames: int | None, sample_fps: float | None
+    times: FrameTimes | None, stride: int, max_frames: int | None, sample_fps: float | None
 ) -> Callable[[int], int]:
-    """How many times frame ``t`` is kept (0: dropped)."""
+    """How many times frame ``t`` is kept (0: dropped); ``times`` are needed for ``sample_fps``
+    and ``max_frames``."""
     if sample_fps is not None:
+        assert times is not None
         counts = np.bincount(select_at_fps(times.seconds, sample_fps), minlength=len(times.seconds))
         return lambda t: int(counts[t]) if t < len(counts) else 0
     if max_frames is not None:
+        assert times is not None
         kept = set(select_frames(len(times.seconds), stride, max_frames).tolist())
         return lambda t: int(t in kept)
     return lambda t: int(t % stride == 0)

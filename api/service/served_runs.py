@@ -200,6 +200,7 @@ class Analysis:
     width: int
     height: int
     queue_s: float
+    times: list[float] | None = None  # presentation time of each row the head saw, seconds
     decode_extract_s: float
     head_s: float
 
@@ -262,4 +263,5 @@ def analyse(
         queue_s=start - submitted_at,
         decode_extract_s=extracted - start,
         head_s=done - extracted,
+        times=None if video.frame_times is None else [float(t) for t in video.frame_times],
     )
