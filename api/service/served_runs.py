@@ -200,9 +200,9 @@ class Analysis:
     width: int
     height: int
     queue_s: float
-    times: list[float] | None = None  # presentation time of each row the head saw, seconds
     decode_extract_s: float
     head_s: float
+    times: list[float] | None = None  # presentation time of each row the head saw, seconds
 
 
 def analyse(
@@ -263,5 +263,10 @@ def analyse(
         queue_s=start - submitted_at,
         decode_extract_s=extracted - start,
         head_s=done - extracted,
-        times=None if video.frame_times is None else [float(t) for t in video.frame_times],
+        times=_times(getattr(video, "frame_times", None)),
     )
+
+
+def _times(frame_times: np.ndarray | None) -> list[float] | None:
+    """Each used frame's time in seconds (None: an extractor that measures none)."""
+    return None if frame_times is None else [float(t) for t in frame_times]
