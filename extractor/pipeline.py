@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -647,6 +647,7 @@ def run_extract(
     map_seed: int = 0,
     decoder: str = "auto",
     sample_fps: float | None = None,
+    window_stride: int | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
 
@@ -666,6 +667,9 @@ def run_extract(
 
     ``sample_fps`` keeps, for each instant k / F from the first frame, the frame shown then
     (instead of ``stride`` / ``max_frames``); every stored row's presentation time is recorded.
+
+    ``spec.arch = "hf:<model>"`` is a window backbone (:mod:`extractor.windows`): one row per
+    window of the model's frame count, window starts ``window_stride`` kept frames apart.
     """
     spec = spec if spec is not None else BackboneSpec()
     bad = [m for m in maps if m not in MAP_STREAMS]
@@ -684,6 +688,11 @@ def run_extract(
     if part is None:
         part = shard_from_env()
     sources = make_sources(inputs, labels=labels)
+    if spec.arch.startswith("hf:"):
+        return _run_windows(sources, store, spec, device, batch_size, part, stride, max_frames,
+                            maps, progress, sample_fps, window_stride)  # fmt: skip
+    if window_stride is not None:
+        raise ValueError("window_stride applies to window backbones (arch hf:<model>) only")
     extractor = FeatureExtractor(
         replace(spec, streams=streams), device=device, batch_size=batch_size
     )
@@ -702,4 +711,41 @@ def run_extract(
         progress=progress,
         decoder=decoder,
         sample_fps=sample_fps,
+    )
+
+
+def _run_windows(
+    sources: Sequence[Source],
+    store: str | Path,
+    spec: BackboneSpec,
+    device: str,
+    batch_size: int,
+    shard: tuple[int, int] | None,
+    stride: int,
+    max_frames: int | None,
+    maps: Sequence[str],
+    progress: bool,
+    sample_fps: float | None,
+    window_stride: int | None,
+) -> ExtractionSummary:
+    """:func:`run_extract` with a window backbone (:mod:`extractor.windows`)."""
+    from extractor.windows import WindowExtractor, run_window_extraction
+
+    if tuple(spec.streams) != ("appearance",) or maps:
+        raise ValueError(f"--arch {spec.arch} computes the appearance stream only")
+    if stride != 1 or max_frames is not None:
+        raise ValueError(f"--arch {spec.arch}: windows cover every frame; use --fps to sample")
+    extractor = WindowExtractor(
+        spec.arch,
+        spec.weights,
+        window_stride=window_stride,
+        device=device,
+        batch_size=max(1, batch_size // 8),  # batch_size counts frames; a window holds several
+        seed=spec.seed,
+    )
+    return cast(
+        ExtractionSummary,
+        run_window_extraction(
+            sources, store, extractor, shard=shard, sample_fps=sample_fps, progress=progress
+        ),
     )

@@ -30,6 +30,9 @@ __all__ = ["register", "run"]
 MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
 
 
+DEFAULT_STREAMS = "appearance,motion"
+
+
 def _extract_streams(text: str) -> str:
     """The pooled streams (as :func:`stream_list` reads them) and any map streams."""
     parts = [s.strip() for s in text.split(",") if s.strip()]
@@ -71,7 +74,7 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("model")
     add_streams(
         g,
-        default=",".join(("appearance", "motion")),
+        default=DEFAULT_STREAMS,
         type=str,
         help="appearance, motion, or both (appearance,motion); add appearance_map, motion_map "
         "for the spatial maps of the last conv block",
@@ -117,6 +120,12 @@ def register(sub: Any) -> None:
         help="keep, for each instant k/F seconds from the first frame, the frame shown then "
         "(by presentation time: right on variable frame rates); replaces --stride/--max-frames",
     )
+    r.add_argument(
+        "--window-stride",
+        type=positive_int,
+        help="--arch hf:<model>: kept frames between window starts (default: the model's "
+        "frames per window)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
@@ -136,6 +145,15 @@ def run(args: argparse.Namespace) -> int:
         streams = _extract_streams(args.streams).split(",")
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"--streams: {exc}") from None
+    if args.arch.startswith("hf:"):
+        if args.streams == DEFAULT_STREAMS:  # a window backbone computes appearance alone
+            streams = ["appearance"]
+        elif streams != ["appearance"]:
+            raise UsageError(f"--arch {args.arch} computes the appearance stream only")
+        if args.stride != 1 or args.max_frames is not None:
+            raise UsageError(f"--arch {args.arch}: windows cover every frame; use --fps to sample")
+    elif args.window_stride is not None:
+        raise UsageError("--window-stride applies to --arch hf:<model> only")
     shard = None
     if args.shard is not None:
         try:
@@ -178,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         map_seed=args.map_seed,
         decoder=args.decoder,
         sample_fps=args.sample_fps,
+        window_stride=args.window_stride,
     )
     print(summary.format())
     return exit_status(summary)

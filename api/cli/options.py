@@ -222,10 +222,13 @@ FINETUNE_ARCHS = ("resnet18", "resnet50", "resnet101")  # what end-to-end fine-t
 
 def arch_name(text: str) -> str:
     """A ResNet of :data:`RESNET_ARCHS` or ``timm:<name>``."""
-    if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
+    if text in RESNET_ARCHS:
         return text
+    for prefix in ("timm:", "hf:"):
+        if text.startswith(prefix) and len(text) > len(prefix):
+            return text
     raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(sorted(RESNET_ARCHS))} or timm:<name>, got {text}"
+        f"expected one of {', '.join(sorted(RESNET_ARCHS))}, timm:<name> or hf:<model>, got {text}"
     )
 
 
@@ -242,8 +245,9 @@ def add_backbone(group: Any, *, timm: bool = True) -> None:
             default="resnet101",
             type=arch_name,
             metavar="ARCH",
-            help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, or timm:<name> for any timm "
-            "model (appearance only, with the model's own preprocessing)",
+            help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, timm:<name> for any timm "
+            "model (appearance only, with the model's own preprocessing), or hf:<model> for a "
+            "transformers video model (VideoMAE, V-JEPA 2: one row per window of frames)",
         )
         group.add_argument(
             "--motion-arch",

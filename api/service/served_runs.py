@@ -18,6 +18,7 @@ from aggregator.similarity import SimilarityIndex, build_index, has_index, train
 
 if TYPE_CHECKING:
     from extractor.features import FeatureExtractor
+    from extractor.windows import WindowExtractor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class WorkerContext:
     flow backend), so workers share one set of extractors and the backbones are loaded once.
     """
 
-    extractors: dict[str, FeatureExtractor] = field(default_factory=dict)
+    extractors: dict[str, FeatureExtractor | WindowExtractor] = field(default_factory=dict)
 
 
 def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
