@@ -370,11 +370,20 @@ def run_window_extraction(
         meta = _video_meta(src, v.done, sha256_file(src.path), sample_fps is not None)
         meta.update(window_meta(v.done, v.bounds))
         feats = {"appearance": np.concatenate(v.rows)}
-        fstore.write_video(
-            src.video_id, feats, label=src.label, split=src.split, group=src.group, meta=meta
-        )
+        try:
+            fstore.write_video(
+                src.video_id, feats, label=src.label, split=src.split, group=src.group, meta=meta
+            )
+        except Exception as exc:  # recorded per video; the run goes on
+            log.exception("writing %s failed", src.video_id)
+            fail(src, f"{str(src.path)!r}: could not write its features: {exc}")
+            return
         summary.complete.append(src.video_id)
         summary.frames += v.done.n_frames
+
+    def fail(src: Any, reason: str) -> None:
+        summary.failed[src.video_id] = reason
+        fstore.mark_failed(src.video_id, reason, label=src.label, split=src.split, group=src.group)
 
     def run(n: int) -> None:
         taken, queue[:] = queue[:n], queue[n:]
@@ -391,10 +400,7 @@ def run_window_extraction(
         try:
             crops, done = extractor.prepare(src.path, sample_fps=sample_fps)
         except VideoError as exc:
-            summary.failed[src.video_id] = str(exc)
-            fstore.mark_failed(
-                src.video_id, str(exc), label=src.label, split=src.split, group=src.group
-            )
+            fail(src, str(exc))
             bar.update(1)
             continue
         bounds = window_bounds(len(crops), extractor.frames, extractor.window_stride)

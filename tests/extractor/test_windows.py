@@ -171,3 +171,17 @@ def test_offline_pretrained_weights_are_an_error_naming_the_file(tmp_path: Path)
     assert done.returncode == 2, done.stderr
     assert "models--facebook--vjepa2-vitl-fpc64-256" in done.stderr
     assert "model.safetensors" in done.stderr and "--weights PATH" in done.stderr
+
+
+def test_a_bad_video_fails_alone(tmp_path: Path) -> None:
+    folder = tiny_models(tmp_path)["videomae"]
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    store = tmp_path / "s.zarr"
+    args = ["extract", str(bad), str(real_clip("mm_part_0.mp4")), "--store", str(store)]
+    args += ["--arch", f"hf:{folder}", "--weights", "random", "--device", "cpu", "--no-progress"]
+    assert main(args) == 1
+    s = FeatureStore.open(store)
+    assert s.videos() == ["mm_part_0"] and s.status("notes") == "failed"
+    assert "notes.mp4" in s.video_attrs("notes")["error"]
+    assert main([*args[:5], "--arch", f"hf:{folder}", "--streams", "motion"]) == 2
