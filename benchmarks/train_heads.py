@@ -105,14 +105,14 @@ def datp_flops(segments: int, gaussians: int) -> Callable[[int, int], float]:
     return f
 
 
-def attn_flops(segments: int, queries: int, dim: int) -> Callable[[int, int], float]:
+def attn_flops(segments: int, queries: int, dim: int, heads: int) -> Callable[[int, int], float]:
     def f(d: int, c: int) -> float:
-        n, q, e = segments, queries, dim
-        kv = 2 * 2 * n * d * e  # key and value projections of the segments
-        attend = 2 * 2 * q * n * e  # scores and the weighted sum of the values
+        n, q, e, h = segments, queries, dim, heads
+        attend = 2 * 2 * h * q * n * d  # scores and attended tokens, in the input space
+        values = 2 * q * d * e  # value projection of the attended tokens
         block = 2 * q * e * e + 2 * 2 * q * e * 2 * e  # output projection, MLP (ratio 2)
         scores = 2 * q * e * c  # classifier on the concatenated queries
-        return float(3 * (kv + attend + block + scores))  # forward + both gradients
+        return float(3 * (attend + values + block + scores))  # forward + both gradients
 
     return f
 
@@ -155,11 +155,11 @@ def configs(depth: int, leaves: bool) -> dict[str, Config]:
             lambda d, t: (10, False),
         ),
         "attn": Config(
-            "attn N=32 Q=4 e=256",
+            "attn N=32 Q=4 e=256 H=8",
             "attn",
             {},
             False,
-            attn_flops(32, 4, 256),
+            attn_flops(32, 4, 256, 8),
             lambda d, t: (32, False),
         ),
     }

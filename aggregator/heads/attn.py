@@ -7,6 +7,11 @@ head trains as fast as the others); a video of ``T >= N`` frames has ``N`` disti
 per ``T / N`` frames, and ``segments >= T`` gives each frame its own token (a frame that falls
 into several segments of a shorter video is weighted by how many it falls into). A learned
 position embedding per segment lets the attention tell the start of a video from its end.
+
+The attention runs in the input space: the queries are mapped through the key projection once
+per batch, and the attended tokens (not every token) through the value projection, which is
+exact (the softmax weights sum to one) and, with ``Q`` queries over ``N`` tokens of ``d``
+features, costs about ``Q / N`` of projecting every token (measured in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -14,44 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aggregator.heads.base import Dropout, NodeHead, NodeInput
 from aggregator.intervals import Intervals
-
-
-def cross_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    heads: int,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Multi-head scaled dot-product attention of ``queries [B, Q, e]`` over ``keys, values
-    [B, N, e]`` -> ``[B, Q, e]``; ``mask [B, N]`` (True: a token to attend to) hides padding.
-
-    Head ``h`` uses the ``e / heads`` channels ``h * e / heads ...``; every row of ``mask``
-    must keep at least one token.
-    """
-    b, q, e = queries.shape
-    n = keys.shape[1]
-    if e % heads:
-        raise ValueError(f"attention width {e} is not divisible by {heads} heads")
-    dh = e // heads
-    qh = queries.view(b, q, heads, dh).transpose(1, 2)  # [B, H, Q, dh]
-    kh = keys.view(b, n, heads, dh).transpose(1, 2)  # [B, H, N, dh]
-    vh = values.view(b, n, heads, dh).transpose(1, 2)  # [B, H, N, dh]
-    bias = None
-    if mask is not None:
-        if mask.shape != (b, n):
-            raise ValueError(f"mask must be [{b}, {n}], got {tuple(mask.shape)}")
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("every video needs at least one unmasked token")
-        bias = torch.zeros(b, 1, 1, n, dtype=queries.dtype, device=queries.device)
-        bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))  # [B, 1, 1, N]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)  # [B, H, Q, dh]
-    return out.transpose(1, 2).reshape(b, q, e)  # [B, Q, e]
 
 
 class AttentiveProbe(NodeHead):
@@ -110,25 +81,38 @@ class AttentiveProbe(NodeHead):
         self.drop = Dropout(dropout)
         self.fc = nn.Linear(queries * dim, num_classes)
 
-    def _qkv(self, nodes: NodeInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.norm_in(self.node_tensor(nodes))  # [B, N, d]
-        keys = self.k_proj(x)  # [B, N, e]
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, Q, N]`` attention logits of normalised tokens ``x [B, N, d]``.
+
+        ``q_h . (W_k x + b_k + p)_h = (W_kh^T q_h) . x + q_h . p_h + q_h . b_kh``: the queries are
+        taken to the input space once per batch (``[Q, H, d]``) instead of projecting every token
+        to keys, and the key bias term, the same for every token, cancels in the softmax.
+        """
+        h, dh = self.heads, self.dim // self.heads
+        q = self.q_proj(self.queries).view(-1, h, dh)  # [Q, H, dh]
+        wk = self.k_proj.weight.view(h, dh, -1)  # [H, dh, d]
+        u = torch.einsum("qhc,hcd->hqd", q, wk)  # [H, Q, d]
+        scores = torch.einsum("bnd,hqd->bhqn", x, u)  # [B, H, Q, N]
         if self.position is not None:
-            keys = keys + self.position
-        q = self.q_proj(self.queries).expand(x.shape[0], -1, -1)  # [B, Q, e]
-        return q, keys, self.v_proj(x)
+            p = self.position.view(-1, h, dh)  # [N, H, dh]
+            scores = scores + torch.einsum("qhc,nhc->hqn", q, p)  # [H, Q, N], broadcast over B
+        return scores / math.sqrt(dh)
 
     def attention(self, nodes: NodeInput) -> torch.Tensor:
         """``[B, H, Q, N]`` attention weights of every head and query over the segments."""
-        q, k, _ = self._qkv(nodes)
-        b, n, h = k.shape[0], k.shape[1], self.heads
-        qh = q.view(b, -1, h, self.dim // h).transpose(1, 2)  # [B, H, Q, dh]
-        kh = k.view(b, n, h, self.dim // h).transpose(1, 2)  # [B, H, N, dh]
-        return torch.softmax(qh @ kh.transpose(2, 3) / math.sqrt(self.dim // h), dim=-1)
+        x = self.norm_in(self.node_tensor(nodes))  # [B, N, d]
+        return torch.softmax(self._scores(x), dim=-1)
 
     def features(self, nodes: NodeInput) -> torch.Tensor:
-        q, k, v = self._qkv(nodes)
-        z = self.out_proj(cross_attention(q, k, v, self.heads))  # [B, Q, e]
+        x = self.norm_in(self.node_tensor(nodes))  # [B, N, d]
+        a = torch.softmax(self._scores(x), dim=-1)  # [B, H, Q, N]
+        # the weights sum to 1, so attending to the values is projecting the attended tokens:
+        # sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + b_v, Q H vectors per video, not N
+        pooled = torch.einsum("bhqn,bnd->bhqd", a, x)  # [B, H, Q, d]
+        h, dh = self.heads, self.dim // self.heads
+        wv = self.v_proj.weight.view(h, dh, -1)  # [H, dh, d]
+        z = torch.einsum("bhqd,hcd->bqhc", pooled, wv).reshape(x.shape[0], -1, self.dim)
+        z = self.out_proj(z + self.v_proj.bias)  # [B, Q, e]
         z = z + self.mlp(self.norm_mlp(z))
         return self.norm_out(z).flatten(1)  # [B, Q * e]
 

@@ -9,36 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.heads.attn import AttentiveProbe, cross_attention
+from aggregator.heads.attn import AttentiveProbe
 from aggregator.run_loader import load_run
 from api.cli import main
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 from tests.aggregator.toy_store import write_order_store
-
-
-def test_masked_attention_equals_attention_over_the_kept_tokens() -> None:
-    gen = torch.Generator().manual_seed(0)
-    b, q, n, e, heads = 3, 2, 9, 8, 4
-    lengths = [9, 1, 4]
-    queries = torch.randn(b, q, e, generator=gen, dtype=torch.float64)
-    keys = torch.randn(b, n, e, generator=gen, dtype=torch.float64)
-    values = torch.randn(b, n, e, generator=gen, dtype=torch.float64)
-    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-    junk_k = torch.where(mask[..., None], keys, 1e4 * torch.randn(keys.shape, generator=gen))
-    junk_v = torch.where(mask[..., None], values, torch.full_like(values, 1e6))
-    got = cross_attention(queries, junk_k, junk_v, heads, mask)
-    for i, length in enumerate(lengths):
-        alone = cross_attention(
-            queries[i : i + 1], keys[i : i + 1, :length], values[i : i + 1, :length], heads
-        )
-        torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-12, atol=1e-12)
-    # a single token: every query reads exactly its value
-    torch.testing.assert_close(got[1], values[1, :1].expand(q, e), rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="at least one unmasked"):
-        cross_attention(queries, keys, values, heads, mask & False)
-    with pytest.raises(ValueError, match="divisible by 3 heads"):
-        cross_attention(queries, keys, values, 3)
 
 
 def test_attention_weights_are_a_distribution_over_segments() -> None:
