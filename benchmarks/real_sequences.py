@@ -66,6 +66,7 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
     "tpp": ("tpp", {}),
     "datp": ("datp", {}),
     "stcb": ("stcb", {}),
+    "attn": ("attn", {}),
     "svm": ("svm", {}),
 }
 

@@ -105,6 +105,18 @@ def datp_flops(segments: int, gaussians: int) -> Callable[[int, int], float]:
     return f
 
 
+def attn_flops(segments: int, queries: int, dim: int, heads: int) -> Callable[[int, int], float]:
+    def f(d: int, c: int) -> float:
+        n, q, e, h = segments, queries, dim, heads
+        attend = 2 * 2 * h * q * n * d  # scores and attended tokens, in the input space
+        values = 2 * q * d * e  # value projection of the attended tokens
+        block = 2 * q * e * e + 2 * 2 * q * e * 2 * e  # output projection, MLP (ratio 2)
+        scores = 2 * q * e * c  # classifier on the concatenated queries
+        return float(3 * (attend + values + block + scores))  # forward + both gradients
+
+    return f
+
+
 def configs(depth: int, leaves: bool) -> dict[str, Config]:
     m = (1 << depth) - 1
     n_leaves = 1 << (depth - 1)
@@ -141,6 +153,14 @@ def configs(depth: int, leaves: bool) -> dict[str, Config]:
             False,
             datp_flops(10, 2),
             lambda d, t: (10, False),
+        ),
+        "attn": Config(
+            "attn N=32 Q=4 e=256 H=8",
+            "attn",
+            {},
+            False,
+            attn_flops(32, 4, 256, 8),
+            lambda d, t: (32, False),
         ),
     }
 
@@ -338,7 +358,7 @@ def main() -> None:
     p.add_argument(
         "--heads",
         default="tp-concat,tp-average,tpp,datp",
-        help="comma-separated: tp-concat, tp-average, tpp, datp",
+        help="comma-separated: tp-concat, tp-average, tpp, datp, attn",
     )
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
     p.add_argument("--no-leaves", action="store_true", help="tp on all nodes, not on leaves")

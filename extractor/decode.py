@@ -268,3 +268,53 @@ def count_frames_within(
         if n > max_frames:
             raise VideoTooLarge(f"{str(p)!r}: more than the limit of {max_frames} frames")
     return n
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    """Presentation times of every frame :func:`iter_frames` yields, in seconds.
+
+    ``seconds[t]`` is frame t's time: the container's presentation timestamps (``pts`` x
+    ``time_base``, as FFmpeg reports them on the decoded frames) in increasing order. Decoders
+    hand frames out in presentation order; AVI files carry decode-order stamps only, and frames
+    reordered from B-frames come out with their stamps permuted (pts 1, 2, 4, 3, ... on the
+    shipped AVI clips), so the t-th frame gets the t-th smallest stamp. A frame without a stamp is
+    placed ``1 / fps`` after the frame before it and counted in ``estimated``.
+    """
+
+    seconds: np.ndarray  # float64 [T]
+    estimated: int = 0
+
+
+def frame_times(path: str | Path, *, threads: bool = True) -> FrameTimes:
+    """The :class:`FrameTimes` of ``path`` (a decode without colour conversion; raises like
+    :func:`iter_frames`)."""
+    p = Path(path)
+    fps = probe(p).fps
+    return times_from_stamps([frame.time for frame in _decode(p, threads)], fps)
+
+
+def times_from_stamps(stamps: list[float | None], fps: float) -> FrameTimes:
+    """:class:`FrameTimes` from the decoded frames' stamps in the order the decoder gave them
+    (None: a frame without one, placed ``1 / fps`` after the one before)."""
+    step = 1.0 / fps if fps > 0 else math.nan
+    out: list[float] = []
+    estimated = 0
+    for t in stamps:
+        if t is None:
+            estimated += 1
+            t = out[-1] + step if out and math.isfinite(step) else 0.0
+        out.append(float(t))
+    return FrameTimes(np.sort(np.asarray(out, dtype=np.float64)), estimated)
+
+
+def iter_timed_frames(
+    path: str | Path, stamps: list[float | None], *, threads: bool = True
+) -> Iterator[np.ndarray]:
+    """:func:`iter_frames` that also appends each frame's presentation stamp in seconds (None
+    when it has none) to ``stamps``: the times come from the same decode
+    (:func:`times_from_stamps` turns them into :class:`FrameTimes`)."""
+    rgb = VideoReformatter()
+    for frame in _decode(Path(path), threads):
+        stamps.append(frame.time)
+        yield rgb.reformat(frame, format="rgb24").to_ndarray()

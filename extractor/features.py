@@ -110,6 +110,7 @@ class ExtractedVideo:
     width: int
     height: int
     codec: str
+    frame_times: np.ndarray | None = None  # float64 [n]: presentation time of each row, seconds
 
 
 def _input_config(stream: str, app_input: AppearanceInput) -> dict[str, Any]:
@@ -508,6 +509,7 @@ class FeatureExtractor:
             width=done.width,
             height=done.height,
             codec=done.codec,
+            frame_times=done.frame_times,
         )
 
     def _map_embedder(self) -> _Embed:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -137,7 +137,17 @@ def _video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) 
     }
     if subsampled:
         meta["frame_indices"] = done.frame_indices.tolist()
+    if done.times_estimated:
+        meta["times_estimated"] = done.times_estimated
     return meta
+
+
+def _stream_times(done: VideoDone, streams: Sequence[str]) -> dict[str, list[float]]:
+    """Per stream the presentation time of every stored row (the kept frames')."""
+    if done.frame_times is None:
+        return {}
+    times = done.frame_times.tolist()
+    return {s: times for s in streams}
 
 
 class _Writer(threading.Thread):
@@ -175,6 +185,7 @@ class _Writer(threading.Thread):
                 for name in self.store.streams(vid):
                     if name not in streams and self.store.n_frames(vid, name) == n:
                         streams[name] = self.store.read(vid, name, dtype=np.float16)
+                        _keep_times(meta, name)
                 _keep_maps(self.store, vid, streams, meta)
             self.store.write_video(
                 vid, streams, label=source.label, split=source.split, group=source.group, meta=meta
@@ -206,6 +217,13 @@ class _Writer(threading.Thread):
     def finish(self) -> None:
         self.jobs.put(None)
         self.join()
+
+
+def _keep_times(meta: dict[str, Any], name: str) -> None:
+    """A kept stream has the rows of the streams written with it: the same times."""
+    times = meta.get("times")
+    if times and name not in times:
+        times[name] = next(iter(times.values()))
 
 
 def _keep_maps(
@@ -262,12 +280,14 @@ def run_extraction(
     queue_frames: int | None = None,
     decoder: str = "auto",
     progress_interval: float = DEFAULT_INTERVAL,
+    sample_fps: float | None = None,
 ) -> ExtractionSummary:
     """Extract ``sources`` into the store at ``store`` (created if needed) with ``extractor``.
 
     ``workers`` threads prepare videos; the calling thread runs the model on batches of
     ``extractor.batch_size`` frames; a writer thread stores finished videos. ``queue_frames``
     bounds the prepared frames waiting for the model (default: 2 batches + one chunk per worker).
+    ``sample_fps`` keeps the frames shown at that rate (:func:`extractor.prepare.select_at_fps`).
     ``decoder`` (``auto``, ``pyav``, ``torchcodec``): see
     :func:`extractor.decode_torchcodec.resolve_decoder`; each worker decodes with its own decoder.
     ``progress``: a bar on a terminal, else a plain line every ``progress_interval`` seconds on
@@ -301,10 +321,12 @@ def run_extraction(
             max_frames=max_frames,
             read_frames=read_frames,
             queue_chunks=max(1, bound // _CHUNK_FRAMES),
+            sample_fps=sample_fps,
         )
         shown = ExtractProgress(len(todo), enabled=progress, interval=progress_interval)
         writer = _Writer(fstore, summary, shown)
-        batcher = _Batcher(todo, extractor, writer, subsampled=stride > 1 or max_frames is not None)
+        subsampled = stride > 1 or max_frames is not None or sample_fps is not None
+        batcher = _Batcher(todo, extractor, writer, subsampled=subsampled)
         writer.start()
         try:
             preparers.start(min(workers, len(todo)))
@@ -335,7 +357,9 @@ class _Preparers:
         max_frames: int | None,
         read_frames: FrameReader,
         queue_chunks: int,
+        sample_fps: float | None = None,
     ) -> None:
+        self.sample_fps = sample_fps
         self.todo = todo
         self.extractor = extractor
         self.stride = stride
@@ -413,6 +437,7 @@ class _Preparers:
             should_stop=self.stopping.is_set,
             appearance_input=self.extractor.appearance_input,
             read_frames=self.read_frames,
+            sample_fps=self.sample_fps,
         ):
             if isinstance(item, VideoDone):
                 msg: _Message = _Done(key, item, sha256_file(path))
@@ -536,6 +561,7 @@ class _Batcher:
             raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
         assert v.sha256 is not None
         meta = _video_meta(v.source, v.done, v.sha256, self.subsampled)
+        meta["times"] = _stream_times(v.done, self.extractor.streams)
         if self.extractor.map_streams:
             names, stride = self.extractor.map_streams, self.extractor.map_stride
             feats.update(_video_maps(v, names, stride, meta))
@@ -590,6 +616,9 @@ def _video_maps(
         raise AssertionError(f"{v.source.video_id}: map frames {frames} out of order")
     meta["map_frame_indices"] = frames.tolist()
     meta["map_stride"] = stride
+    if v.done.frame_times is not None:
+        for name in names:
+            meta.setdefault("times", {})[name] = v.done.frame_times[::stride].tolist()
     return {name: np.concatenate(v.maps[name]) for name in names}
 
 
@@ -620,6 +649,8 @@ def run_extract(
     map_seed: int = 0,
     decoder: str = "auto",
     progress_interval: float = DEFAULT_INTERVAL,
+    sample_fps: float | None = None,
+    window_stride: int | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
 
@@ -636,6 +667,12 @@ def run_extract(
     maps from the same forward pass (the source stream is then extracted too), reduced to
     ``map_dim`` channels by a random projection seeded with ``map_seed`` and kept every
     ``map_stride`` extracted frames (see :meth:`FeatureExtractor.set_maps`).
+
+    ``sample_fps`` keeps, for each instant k / F from the first frame, the frame shown then
+    (instead of ``stride`` / ``max_frames``); every stored row's presentation time is recorded.
+
+    ``spec.arch = "hf:<model>"`` is a window backbone (:mod:`extractor.windows`): one row per
+    window of the model's frame count, window starts ``window_stride`` kept frames apart.
     """
     spec = spec if spec is not None else BackboneSpec()
     bad = [m for m in maps if m not in MAP_STREAMS]
@@ -646,12 +683,19 @@ def run_extract(
         s for s in wanted if s not in STREAMS
     )
     check_selection(stride, max_frames)
+    if sample_fps is not None and (stride != 1 or max_frames is not None):
+        raise ValueError("sample_fps replaces stride and max_frames; give one or the other")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     part = parse_shard(shard) if isinstance(shard, str) else shard
     if part is None:
         part = shard_from_env()
     sources = make_sources(inputs, labels=labels)
+    if spec.arch.startswith("hf:"):
+        return _run_windows(sources, store, spec, device, batch_size, part, stride, max_frames,
+                            maps, progress, sample_fps, window_stride)  # fmt: skip
+    if window_stride is not None:
+        raise ValueError("window_stride applies to window backbones (arch hf:<model>) only")
     extractor = FeatureExtractor(
         replace(spec, streams=streams), device=device, batch_size=batch_size
     )
@@ -670,4 +714,42 @@ def run_extract(
         progress=progress,
         decoder=decoder,
         progress_interval=progress_interval,
+        sample_fps=sample_fps,
+    )
+
+
+def _run_windows(
+    sources: Sequence[Source],
+    store: str | Path,
+    spec: BackboneSpec,
+    device: str,
+    batch_size: int,
+    shard: tuple[int, int] | None,
+    stride: int,
+    max_frames: int | None,
+    maps: Sequence[str],
+    progress: bool,
+    sample_fps: float | None,
+    window_stride: int | None,
+) -> ExtractionSummary:
+    """:func:`run_extract` with a window backbone (:mod:`extractor.windows`)."""
+    from extractor.windows import WindowExtractor, run_window_extraction
+
+    if tuple(spec.streams) != ("appearance",) or maps:
+        raise ValueError(f"--arch {spec.arch} computes the appearance stream only")
+    if stride != 1 or max_frames is not None:
+        raise ValueError(f"--arch {spec.arch}: windows cover every frame; use --fps to sample")
+    extractor = WindowExtractor(
+        spec.arch,
+        spec.weights,
+        window_stride=window_stride,
+        device=device,
+        batch_size=max(1, batch_size // 8),  # batch_size counts frames; a window holds several
+        seed=spec.seed,
+    )
+    return cast(
+        ExtractionSummary,
+        run_window_extraction(
+            sources, store, extractor, shard=shard, sample_fps=sample_fps, progress=progress
+        ),
     )

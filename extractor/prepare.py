@@ -6,14 +6,22 @@ stacks need (the last L flow fields), so a long video never sits in memory. Yiel
 with one :class:`VideoDone` that says how many frames the video had.
 
 Frame selection: every frame by default. ``stride`` keeps frames 0, s, 2s, ...; ``max_frames``
-then keeps at most that many of them, evenly spaced (first and last included), which needs the
-frame count first (one extra decode pass). The motion stack of a kept frame t is still built from
-the flow between consecutive decoded frames t, t+1, ..., t+L; only the fields some kept frame
-needs are computed.
+then keeps at most that many of them, evenly spaced (first and last included). ``sample_fps`` F
+instead keeps, for each instant ``t0 + k / F`` (``t0`` the first frame's time, up to the last
+frame's), the frame shown at that instant: the last one whose presentation time is at most the
+instant (:func:`select_at_fps`), so a frame shown at several instants is kept for each. Every
+kept frame's presentation time is recorded: read in the same decode with PyAV; from a timing
+pass first (:func:`extractor.decode.frame_times`, a decode without colour conversion) when the
+selection needs all times before the frames (``sample_fps``, ``max_frames``, which needed a
+counting pass before) or another decoder reads the frames. The motion stack of a kept frame t
+is still built from the flow between consecutive decoded frames t, t+1, ..., t+L; only the
+fields some kept frame needs are computed.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from extractor.decode import count_frames, iter_frames, probe
+from extractor.decode import (
+    FrameTimes,
+    VideoError,
+    frame_times,
+    iter_frames,
+    iter_timed_frames,
+    probe,
+    times_from_stamps,
+)
 from extractor.decode_torchcodec import FrameReader
 from extractor.flow import FlowBackend
 from extractor.transforms import (
@@ -67,6 +83,28 @@ class VideoDone:
     width: int
     height: int
     codec: str
+    # presentation time in seconds of every kept frame (None: not measured)
+    frame_times: np.ndarray | None = None
+    times_estimated: int = 0  # frames without a timestamp among the video's frames
+
+
+TIME_TOLERANCE = 1e-6  # seconds: a frame stamped this much after an instant still shows at it
+
+
+def select_at_fps(times: np.ndarray, sample_fps: float) -> np.ndarray:
+    """Indices of the frames shown at the instants ``t0 + k / sample_fps``, k = 0, 1, ...,
+    while the instant is at most the last frame's time; ``times`` are the frames' increasing
+    presentation times (``t0 = times[0]``). The frame shown at an instant is the last one whose
+    time is at most the instant (within :data:`TIME_TOLERANCE`); a frame may be shown at several
+    instants (``sample_fps`` above the video's rate) or at none (below it)."""
+    if not (math.isfinite(sample_fps) and sample_fps > 0):
+        raise ValueError(f"sample fps must be a positive number, got {sample_fps!r}")
+    if len(times) == 0:
+        return np.zeros(0, dtype=np.int64)
+    t0 = float(times[0])
+    n = math.floor((float(times[-1]) - t0) * sample_fps + TIME_TOLERANCE * sample_fps) + 1
+    instants = t0 + np.arange(n, dtype=np.float64) / sample_fps
+    return np.searchsorted(times, instants + TIME_TOLERANCE, side="right").astype(np.int64) - 1
 
 
 def select_frames(n_frames: int, stride: int = 1, max_frames: int | None = None) -> np.ndarray:
@@ -98,6 +136,7 @@ def prepare_video(
     should_stop: Callable[[], bool] | None = None,
     appearance_input: AppearanceInput = DEFAULT_APPEARANCE_INPUT,
     read_frames: FrameReader | None = None,
+    sample_fps: float | None = None,
 ) -> Iterator[FrameChunk | VideoDone]:
     """Stream one video's kept frames as uint8 model inputs; the last item is a :class:`VideoDone`.
 
@@ -109,13 +148,24 @@ def prepare_video(
     this thread only. ``should_stop`` is polled between frames to abandon the video early.
     ``read_frames`` decodes (default: PyAV, :func:`extractor.decode.iter_frames`); frames it yields
     on a CUDA device are resized there, and only the resized frame comes to host memory.
+    ``sample_fps`` keeps the frames shown at a fixed rate (module docstring); it excludes
+    ``stride`` and ``max_frames``.
     """
     check_selection(stride, max_frames)
+    if sample_fps is not None and (stride != 1 or max_frames is not None):
+        raise ValueError("sample_fps replaces stride and max_frames; give one or the other")
     if "motion" in streams and flow is None:
         raise ValueError("the motion stream needs a flow backend")
     info = probe(path)
+    reader = read_frames or iter_frames
+    stamps: list[float | None] = []
+    ahead: FrameTimes | None = None
+    if sample_fps is not None or max_frames is not None or reader is not iter_frames:
+        ahead = frame_times(path)
+    else:  # the times come with the frames
+        reader = functools.partial(iter_timed_frames, stamps=stamps)
     video = _VideoInputs(
-        _frame_selector(path, stride, max_frames),
+        _frame_selector(ahead, stride, max_frames, sample_fps),
         streams=streams,
         flow=flow,
         chunk_size=chunk_size,
@@ -123,27 +173,44 @@ def prepare_video(
         appearance_input=appearance_input,
     )
     n = 0
-    for t, frame in enumerate((read_frames or iter_frames)(Path(path))):
+    for t, frame in enumerate(reader(Path(path))):
         if should_stop is not None and should_stop():
             return
         n = t + 1
         yield from video.add_frame(t, frame)
+    times = ahead if ahead is not None else times_from_stamps(stamps, info.fps)
+    if n != len(times.seconds):
+        raise VideoError(
+            f"{str(path)!r}: decoded {n} frames, but its timing pass found {len(times.seconds)}"
+        )
     yield from video.finish(n)
+    kept = np.array(video.kept, dtype=np.int64)
     yield VideoDone(
         n_frames=n,
-        frame_indices=np.array(video.kept, dtype=np.int64),
+        frame_indices=kept,
         fps=info.fps,
         width=info.width,
         height=info.height,
         codec=info.codec,
+        frame_times=times.seconds[kept],
+        times_estimated=times.estimated,
     )
 
 
-def _frame_selector(path: str | Path, stride: int, max_frames: int | None) -> Callable[[int], bool]:
-    """Whether frame ``t`` is kept; ``max_frames`` needs the frame count (one decode pass)."""
+def _frame_selector(
+    times: FrameTimes | None, stride: int, max_frames: int | None, sample_fps: float | None
+) -> Callable[[int], int]:
+    """How many times frame ``t`` is kept (0: dropped); ``times`` are needed for ``sample_fps``
+    and ``max_frames``."""
+    if sample_fps is not None:
+        assert times is not None
+        counts = np.bincount(select_at_fps(times.seconds, sample_fps), minlength=len(times.seconds))
+        return lambda t: int(counts[t]) if t < len(counts) else 0
     if max_frames is not None:
-        return set(select_frames(count_frames(path), stride, max_frames).tolist()).__contains__
-    return lambda t: t % stride == 0
+        assert times is not None
+        kept = set(select_frames(len(times.seconds), stride, max_frames).tolist())
+        return lambda t: int(t in kept)
+    return lambda t: int(t % stride == 0)
 
 
 class _VideoInputs:
@@ -156,7 +223,7 @@ class _VideoInputs:
 
     def __init__(
         self,
-        selected: Callable[[int], bool],
+        selected: Callable[[int], int],
         *,
         streams: Sequence[str],
         flow: FlowBackend | None,
@@ -191,20 +258,20 @@ class _VideoInputs:
 
     def add_frame(self, t: int, frame: Any) -> Iterator[FrameChunk]:
         """Take decoded frame ``t``; yield the chunks it completes."""
-        keep = self.selected(t)
+        keep = self.selected(t)  # times kept (a frame shown at several sampled instants)
         resized = self._resized(frame)
         app = self._appearance(frame, resized) if self.want_app and keep else None
-        if keep:
-            self.kept.append(t)
+        self.kept.extend([t] * keep)
         if not self.want_motion:
-            if keep:
+            for _ in range(keep):
                 self.ready.add(t, app, None)
-            yield from self._flush()
+                yield from self._flush()
             return
         assert resized is not None
         self.grays.append(to_gray(resized))
         if keep:  # the crop waits up to L frames for its stack: hold a copy, not a view
-            self.pending.append((t, None if app is None else app.copy()))
+            held = None if app is None else app.copy()
+            self.pending.extend([(t, held)] * keep)
         if t >= 1 and self._field_needed(t - 1):
             self._put_field(t - 1)
         # frame t0's stack is complete once field t0 + L - 1 exists, i.e. at frame t0 + L

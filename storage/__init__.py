@@ -5,6 +5,7 @@ from storage.index import IndexTable
 from storage.layout import CorruptVideoError
 from storage.splits import SPLIT_FORMATS, parse_splits
 from storage.store import SCHEMA_VERSION, FeatureStore
+from storage.times import StreamTimes
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -12,6 +13,7 @@ __all__ = [
     "CorruptVideoError",
     "FeatureStore",
     "IndexTable",
+    "StreamTimes",
     "assign_video_ids",
     "parse_splits",
     "safe_video_id",

@@ -3,7 +3,11 @@
 :func:`export_store` writes one file per video and stream, named as video_features names its
 outputs, ``<video_id>_<stream>.npy`` (or ``.npz``, the array stored under the stream's name),
 float32 ``[T, d]`` exactly as :meth:`FeatureStore.read` returns it. Each file is written under a
-temporary name and renamed, so an interrupted export never leaves a truncated file.
+temporary name and renamed, so an interrupted export never leaves a truncated file. Beside each
+``.npy`` goes ``<video_id>_<stream>_times.npy``, float64 ``[T]``: every row's presentation time
+in seconds (:meth:`FeatureStore.times`; a window's centre), and ``<video_id>_<stream>_spans.npy``
+``[T, 2]`` for window streams; an ``.npz`` holds them under ``times`` and ``time_spans``. Times
+derived from fps (stores written without times) are written too, and counted in the summary.
 
 :func:`to_numpy` pulls a split as one matrix for scikit-learn: ``pooling="mean"`` gives each video's
 mean frame feature ``[n, d]``; ``pooling="nodes"`` its temporal pyramid node means, level by level,
@@ -39,12 +43,19 @@ class ExportSummary:
     files: list[Path] = field(default_factory=list)
     n_videos: int = 0
     bytes_written: int = 0
+    derived_times: int = 0  # videos whose times were derived from fps (none recorded)
 
     def format(self) -> str:
         mib = self.bytes_written / 2**20
+        derived = (
+            f"; times of {self.derived_times} videos derived from fps and frame indices (the "
+            "store recorded none)"
+            if self.derived_times
+            else ""
+        )
         return (
             f"exported {self.n_videos} videos as {len(self.files)} files "
-            f"({mib:.1f} MiB) to {self.out_dir}"
+            f"({mib:.1f} MiB) to {self.out_dir}{derived}"
         )
 
 
@@ -53,13 +64,15 @@ def export_filename(video_id: str, stream: str, fmt: str) -> str:
     return f"{video_id}_{stream}.{fmt}"
 
 
-def _save(path: Path, stream: str, array: np.ndarray, fmt: str) -> None:
+def _save(
+    path: Path, stream: str, array: np.ndarray, fmt: str, extra: dict[str, np.ndarray] | None = None
+) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:  # a file object: np.save would otherwise append ".npy"
         if fmt == "npy":
             np.save(f, array)
         else:
-            np.savez_compressed(f, **{stream: array})  # type: ignore[arg-type]
+            np.savez_compressed(f, **{stream: array}, **(extra or {}))  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 
@@ -89,12 +102,27 @@ def export_store(
     for vid in video_ids:
         names = streams if streams is not None else store.streams(vid)
         arrays = {s: store.read(vid, s) for s in names}  # KeyError names a missing stream
+        derived = False
         for stream, array in arrays.items():
-            path = out / export_filename(vid, stream, fmt)
-            _save(path, stream, array, fmt)
-            summary.files.append(path)
-            summary.bytes_written += path.stat().st_size
+            times = store.times(vid, stream)
+            derived = derived or times.derived
+            extra = {"times": times.seconds}
+            if times.spans is not None:
+                extra["time_spans"] = times.spans
+            paths = [out / export_filename(vid, stream, fmt)]
+            if fmt == "npy":
+                _save(paths[0], stream, array, fmt)
+                for key, suffix in (("times", "times"), ("time_spans", "spans")):
+                    if key in extra:
+                        paths.append(out / export_filename(vid, f"{stream}_{suffix}", fmt))
+                        _save(paths[-1], stream, extra[key], fmt)
+            else:
+                _save(paths[0], stream, array, fmt, extra)
+            for path in paths:
+                summary.files.append(path)
+                summary.bytes_written += path.stat().st_size
         summary.n_videos += 1
+        summary.derived_times += int(derived)
     return summary
 
 

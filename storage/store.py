@@ -7,7 +7,8 @@ Layout (the contract other parts rely on)::
                                   :attr:`FeatureStore.extractor`)
     /videos/<video_id>/<stream>   float16 [T, d]
     /videos/<video_id>            attrs: label, split, source, source_sha256, n_frames, fps,
-                                  width, height, status, error, extracted_at
+                                  width, height, status, error, extracted_at, times (stream ->
+                                  seconds of every row; see :mod:`storage.times`)
     /splits                       attrs: named split lists of older stores (read, never written)
     /index/...                    the metadata index of every video (:mod:`storage.index`), and
                                   the declarations of streams, split lists and class names that
@@ -82,6 +83,7 @@ from storage.layout import (
     write_group,
     write_stream,
 )
+from storage.times import StreamTimes, stream_times
 
 if TYPE_CHECKING:
     from storage.export import ExportSummary, SplitArrays
@@ -800,6 +802,13 @@ class FeatureStore:
                     f"videos/{video_id}/{stream}",
                 )
         return data.astype(dtype, copy=False)
+
+    def times(self, video_id: str, stream: str) -> StreamTimes:
+        """Presentation time in seconds of every row of ``stream`` (:class:`StreamTimes`: a
+        window's centre and span for window backbones); a store written without times gives
+        times derived from fps and frame indices, marked ``derived``."""
+        n = self.n_frames(video_id, stream)
+        return stream_times(video_id, stream, self._group_attrs(video_id), n)
 
     def read_many(
         self,

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from aggregator.heads.attn import AttentiveProbe
 from aggregator.heads.base import NodeHead, NodeInput
 from aggregator.heads.datp import AdaptiveTemporalPooling
 from aggregator.heads.global_pool import GlobalPool
@@ -31,6 +32,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "datp": AdaptiveTemporalPooling,
     "stcb": CompactBilinearHead,
     "stpn": SpatiotemporalPyramid,
+    "attn": AttentiveProbe,
 }
 # keyword arguments a head name fixes (two names, one class)
 HEAD_PRESETS: dict[str, dict[str, Any]] = {"gap": {"kind": "mean"}, "max": {"kind": "max"}}
@@ -106,6 +108,7 @@ __all__ = [
     "HEADS",
     "HEAD_PRESETS",
     "AdaptiveTemporalPooling",
+    "AttentiveProbe",
     "CompactBilinear",
     "CompactBilinearHead",
     "GlobalPool",

@@ -31,6 +31,9 @@ __all__ = ["register", "run"]
 MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
 
 
+DEFAULT_STREAMS = "appearance,motion"
+
+
 def _extract_streams(text: str) -> str:
     """The pooled streams (as :func:`stream_list` reads them) and any map streams."""
     parts = [s.strip() for s in text.split(",") if s.strip()]
@@ -72,7 +75,7 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("model")
     add_streams(
         g,
-        default=",".join(("appearance", "motion")),
+        default=DEFAULT_STREAMS,
         type=str,
         help="appearance, motion, or both (appearance,motion); add appearance_map, motion_map "
         "for the spatial maps of the last conv block",
@@ -120,6 +123,19 @@ def register(sub: Any) -> None:
         help="seconds between progress lines when stderr is not a terminal (a bar is shown "
         "on a terminal)",
     )
+    r.add_argument(
+        "--fps",
+        type=_positive_float,
+        dest="sample_fps",
+        help="keep, for each instant k/F seconds from the first frame, the frame shown then "
+        "(by presentation time: right on variable frame rates); replaces --stride/--max-frames",
+    )
+    r.add_argument(
+        "--window-stride",
+        type=positive_int,
+        help="--arch hf:<model>: kept frames between window starts (default: the model's "
+        "frames per window)",
+    )
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
         "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
@@ -138,6 +154,15 @@ def run(args: argparse.Namespace) -> int:
         streams = _extract_streams(args.streams).split(",")
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"--streams: {exc}") from None
+    if args.arch.startswith("hf:"):
+        if args.streams == DEFAULT_STREAMS:  # a window backbone computes appearance alone
+            streams = ["appearance"]
+        elif streams != ["appearance"]:
+            raise UsageError(f"--arch {args.arch} computes the appearance stream only")
+        if args.stride != 1 or args.max_frames is not None:
+            raise UsageError(f"--arch {args.arch}: windows cover every frame; use --fps to sample")
+    elif args.window_stride is not None:
+        raise UsageError("--window-stride applies to --arch hf:<model> only")
     shard = None
     if args.shard is not None:
         try:
@@ -156,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         args.map_dim is not None or args.map_stride != 1
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    if args.sample_fps is not None and (args.stride != 1 or args.max_frames is not None):
+        raise UsageError("--fps replaces --stride and --max-frames: give one or the other")
     check_before_models(args)
     from extractor.pipeline import run_extract
 
@@ -179,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         map_stride=args.map_stride,
         map_seed=args.map_seed,
         decoder=args.decoder,
+        sample_fps=args.sample_fps,
+        window_stride=args.window_stride,
     )
     print(summary.format())
     return exit_status(summary)
@@ -200,6 +229,16 @@ def check_before_models(args: argparse.Namespace) -> None:
         if value is not None and value not in ("imagenet", "random") and not Path(value).exists():
             raise UsageError(f"{option} {value}: no such file")
     make_sources(args.inputs, labels=args.labels)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def exit_status(summary: ExtractionSummary) -> int:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from aggregator.finetune.loop import FinetuneSettings
 
 STREAM_CHOICES = ("appearance", "motion", "both")
-HEADS = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn")  # aggregator.heads.HEADS
+HEADS = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "attn")  # aggregator.heads.HEADS
 HEAD_OPTIONS = ("levels", "variant", "pyramids", "node_dim", "dropout")
 
 _PRECISION_OF_DTYPE = {dtype: name for name, dtype in PRECISION_DTYPES.items()}
@@ -82,7 +82,8 @@ def register(sub: Any) -> None:
     head.add_argument(
         "--head",
         default="tp",
-        help="pooling head: gap, max, tp, tpp, datp, stcb, or stpn (spatial maps of both streams)",
+        help="pooling head: gap, max, tp, tpp, datp, stcb, attn, or stpn (spatial maps of both "
+        "streams)",
     )
     add_head_options(head, HEAD_OPTIONS, heads=HEADS)
     head.add_argument(

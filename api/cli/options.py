@@ -297,10 +297,13 @@ FINETUNE_ARCHS = ("resnet18", "resnet50", "resnet101")  # what end-to-end fine-t
 
 def arch_name(text: str) -> str:
     """A ResNet of :data:`RESNET_ARCHS` or ``timm:<name>``."""
-    if text in RESNET_ARCHS or (text.startswith("timm:") and len(text) > len("timm:")):
+    if text in RESNET_ARCHS:
         return text
+    for prefix in ("timm:", "hf:"):
+        if text.startswith(prefix) and len(text) > len(prefix):
+            return text
     raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(sorted(RESNET_ARCHS))} or timm:<name>, got {text}"
+        f"expected one of {', '.join(sorted(RESNET_ARCHS))}, timm:<name> or hf:<model>, got {text}"
     )
 
 
@@ -317,8 +320,9 @@ def add_backbone(group: Any, *, timm: bool = True) -> None:
             default="resnet101",
             type=arch_name,
             metavar="ARCH",
-            help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, or timm:<name> for any timm "
-            "model (appearance only, with the model's own preprocessing)",
+            help=f"backbone: {', '.join(sorted(RESNET_ARCHS))}, timm:<name> for any timm "
+            "model (appearance only, with the model's own preprocessing), or hf:<model> for a "
+            "transformers video model (VideoMAE, V-JEPA 2: one row per window of frames)",
         )
         group.add_argument(
             "--motion-arch",
@@ -405,7 +409,10 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
     "pyramids": HeadOption(("tp",), "{heads}: number of stacked pyramids P (1)", int),
     "node_dim": HeadOption(("tp",), "{heads} concat: node projection size (128)", int),
     "pooling": HeadOption(("tpp",), "{heads} pooling (max)", None, ("max", "average")),
-    "segments": HeadOption(("datp",), "{heads}: number of segments N (10)", int),
+    "segments": HeadOption(
+        ("datp", "attn"), "{heads}: number of segments N (datp 10, attn 32)", int
+    ),
+    "queries": HeadOption(("attn",), "{heads}: number of learned queries (4)", int),
     "gaussians": HeadOption(("datp",), "{heads}: mixture size K (2)", int),
     "weights_model": HeadOption(("datp",), "{heads} weights (mog)", None, ("mog", "discrete")),
     "out_dim": HeadOption(("stcb", "stpn"), "{heads}: fused dimension (4096)", int),
@@ -416,7 +423,9 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
         "attended, fused (spatial,temporal,attended)",
     ),
     "dropout": HeadOption(
-        ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn"), "dropout before the classifier", float
+        ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "attn"),
+        "dropout before the classifier",
+        float,
     ),
     "C": HeadOption(("svm",), "SVM soft-margin C (default: chosen from 0.1, 1, 10)", float),
     "kernel": HeadOption(("svm",), "node kernel (linear)", None, ("linear", "rbf", "chi2")),
@@ -474,6 +483,8 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
         kw.update({d: given[d] for d in ("segments", "gaussians") if d in given})
         if "weights_model" in given:
             kw["weights"] = given["weights_model"]
+    elif args.head == "attn":
+        kw.update({d: given[d] for d in ("segments", "queries") if d in given})
     elif args.head in ("stcb", "stpn"):
         kw.update({d: given[d] for d in ("out_dim", "paths") if d in given})
         if "pathways" in given:

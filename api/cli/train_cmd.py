@@ -12,10 +12,10 @@ from api.cli.options import add_head_options, add_store, add_streams, head_kwarg
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
-HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "svm")
+HEAD_NAMES = ("gap", "max", "tp", "tpp", "datp", "stcb", "stpn", "attn", "svm")
 _HEAD_OPTIONS = (
     "levels", "variant", "pyramids", "node_dim", "pooling", "segments", "gaussians",
-    "weights_model", "out_dim", "paths", "pathways", "dropout",
+    "weights_model", "out_dim", "paths", "pathways", "queries", "dropout",
 )  # fmt: skip
 
 

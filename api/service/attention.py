@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from api.service.served_runs import JobControl, JobStopped, Limits, LoadedRun, WorkerContext
+from extractor.features import FeatureExtractor
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def attention_maps(
     control = control or JobControl()
     control.start()
     extractor = ctx.extractors[run.extractor_key]
+    if not isinstance(extractor, FeatureExtractor):  # window backbones keep no spatial maps
+        raise ValueError(f"model {run.run_id!r} has no spatial maps to attend over")
     try:
         if limits is not None:
             count_frames_within(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from extractor.features import MAP_STREAMS, FeatureExtractor
+from extractor.windows import WindowExtractor, is_window_arch
 
 
 def map_configs(config: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -18,9 +19,11 @@ def map_configs(config: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[st
 
 def extractor_from_config(
     config: Mapping[str, Mapping[str, Any]], *, device: str = "cpu"
-) -> FeatureExtractor:
+) -> FeatureExtractor | WindowExtractor:
     """:meth:`FeatureExtractor.from_config` plus the recorded map streams, checked to be identical
-    (same source backbone, projection, stride)."""
+    (same source backbone, projection, stride); a window backbone's own extractor."""
+    if is_window_arch(str(config.get("appearance", {}).get("arch", ""))):
+        return WindowExtractor.from_config(config, device=device)
     extractor = FeatureExtractor.from_config(config, device=device)
     maps = map_configs(config)
     if not maps:

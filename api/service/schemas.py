@@ -71,6 +71,10 @@ class FramesInfo(_Model):
     used: dict[str, int] = Field(description="frame features the head saw, per stream")
     stride: int
     max_frames: int | None
+    times: list[float] | None = Field(
+        default=None,
+        description="presentation time in seconds of each frame the head saw, in order",
+    )
 
 
 class VideoInfo(_Model):

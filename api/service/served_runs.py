@@ -18,6 +18,7 @@ from aggregator.similarity import SimilarityIndex, build_index, has_index, train
 
 if TYPE_CHECKING:
     from extractor.features import FeatureExtractor
+    from extractor.windows import WindowExtractor
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class WorkerContext:
     flow backend), so workers share one set of extractors and the backbones are loaded once.
     """
 
-    extractors: dict[str, FeatureExtractor] = field(default_factory=dict)
+    extractors: dict[str, FeatureExtractor | WindowExtractor] = field(default_factory=dict)
 
 
 def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
@@ -243,6 +244,7 @@ class Analysis:
     queue_s: float
     decode_extract_s: float
     head_s: float
+    times: list[float] | None = None  # presentation time of each row the head saw, seconds
 
 
 def analyse(
@@ -303,4 +305,10 @@ def analyse(
         queue_s=start - submitted_at,
         decode_extract_s=extracted - start,
         head_s=done - extracted,
+        times=_times(getattr(video, "frame_times", None)),
     )
+
+
+def _times(frame_times: np.ndarray | None) -> list[float] | None:
+    """Each used frame's time in seconds (None: an extractor that measures none)."""
+    return None if frame_times is None else [float(t) for t in frame_times]

@@ -12,6 +12,7 @@ from torch import nn
 
 from aggregator.heads import (
     AdaptiveTemporalPooling,
+    AttentiveProbe,
     CompactBilinear,
     CompactBilinearHead,
     GlobalPool,
@@ -73,6 +74,8 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(torch.randn(p.shape, generator=gen))
             if name.endswith("regress.weight"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            if name.endswith("position") or ".norm_" in f".{name}":  # attn: zero/one at init
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
     return module
 
 
@@ -147,6 +150,40 @@ def ref_datp(head: AdaptiveTemporalPooling, x: np.ndarray, length: int) -> np.nd
         scores = [softmax_rows(s[None])[0] for s in scores]
     norm = math.sqrt(sum(v * v for v in w))
     return sum(w[i] * scores[i] for i in range(n_seg)) / norm
+
+
+def _layer_norm(v: np.ndarray, ln: nn.LayerNorm) -> np.ndarray:
+    mean = sum(v) / len(v)
+    var = sum((a - mean) ** 2 for a in v) / len(v)
+    return (v - mean) / math.sqrt(var + ln.eps) * _np(ln.weight) + _np(ln.bias)
+
+
+def ref_attn(head: AttentiveProbe, x: np.ndarray, length: int) -> np.ndarray:
+    """Queries, heads and segments one at a time: softmax of q.k / sqrt(dh) over the segments."""
+    seg = naive_pool(x, length, (head.segments,), "mean")
+    toks = [_layer_norm(row, head.norm_in) for row in seg]
+    keys = [linear(t, head.k_proj) for t in toks]
+    if head.position is not None:
+        keys = [k + _np(head.position)[i] for i, k in enumerate(keys)]
+    values = [linear(t, head.v_proj) for t in toks]
+    dh = head.dim // head.heads
+    outs = []
+    for q_raw in _np(head.queries):
+        q = linear(q_raw, head.q_proj)
+        attended = np.zeros(head.dim)
+        for h in range(head.heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            scores = [float(q[sl] @ k[sl]) / math.sqrt(dh) for k in keys]
+            top = max(scores)
+            w = [math.exp(s - top) for s in scores]
+            for i, v in enumerate(values):
+                attended[sl] += w[i] / sum(w) * v[sl]
+        z = linear(attended, head.out_proj)
+        hidden = linear(_layer_norm(z, head.norm_mlp), head.mlp[0])
+        gelu = np.array([0.5 * a * (1 + math.erf(a / math.sqrt(2))) for a in hidden])
+        z = z + linear(gelu, head.mlp[2])
+        outs.append(_layer_norm(z, head.norm_out))
+    return linear(np.concatenate(outs), head.fc)
 
 
 def naive_compact_bilinear(cb: CompactBilinear, vectors: list[np.ndarray]) -> np.ndarray:

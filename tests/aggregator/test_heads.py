@@ -13,6 +13,7 @@ from torch import nn
 from aggregator.heads import (
     HEADS,
     AdaptiveTemporalPooling,
+    AttentiveProbe,
     CompactBilinearHead,
     GlobalPool,
     NodeHead,
@@ -28,6 +29,7 @@ from aggregator.intervals import Intervals, pool_intervals, pyramid_mix
 from tests.aggregator.reference import (
     one_thread,  # noqa: F401 - autouse fixture
     randomize,
+    ref_attn,
     ref_datp,
     ref_global,
     ref_stcb,
@@ -62,6 +64,10 @@ SINGLE: dict[str, Callable[[], NodeHead]] = {
     "datp-discrete": lambda: AdaptiveTemporalPooling(
         in_features=D, num_classes=C, weights="discrete"
     ),
+    "attn": lambda: AttentiveProbe(in_features=D, num_classes=C, segments=8, dim=8, heads=2),
+    "attn-1q-nopos": lambda: AttentiveProbe(
+        in_features=D, num_classes=C, segments=32, queries=1, dim=4, heads=4, positional=False
+    ),
 }
 
 
@@ -72,6 +78,8 @@ def reference(head: NodeHead, x: np.ndarray, length: int) -> np.ndarray:
         return ref_tp(head, x, length)
     if isinstance(head, TemporalPyramidPooling):
         return ref_tpp(head, x, length)
+    if isinstance(head, AttentiveProbe):
+        return ref_attn(head, x, length)
     assert isinstance(head, AdaptiveTemporalPooling)
     return ref_datp(head, x, length)
 

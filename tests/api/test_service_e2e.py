@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from aggregator.similarity import IDS_FILE, INDEX_FILE, SimilarityIndex
 from api.cli import main as cli_main
 from api.service import Settings, create_app
+from extractor.decode import frame_times
 from tests.api.conftest import CLASSES, STORE_FRAMES, Served
 from tests.conftest import real_video_paths
 
@@ -68,6 +69,9 @@ def test_every_real_clip_predicts(client: TestClient, clip: Path) -> None:
     assert all(0 <= p <= 1 for p in probs) and probs == sorted(probs, reverse=True)
     assert body["frames"]["used"] == {"appearance": 2, "motion": 2}
     assert body["frames"]["n_frames"] >= 2
+    # the times of the two frames used: the first and the last, as the decoder stamps them
+    times = frame_times(clip).seconds
+    assert body["frames"]["times"] == pytest.approx([times[0], times[-1]], abs=1e-9)
     assert body["video"]["width"] > 0 and body["video"]["height"] > 0
     assert body["model"] == model_ids(client)["gap"]["id"]
 

@@ -50,7 +50,10 @@ def test_export_round_trips_against_read(real_store: Path, tmp_path: Path, fmt: 
     store = FeatureStore.open(real_store)
     vids = store.videos()
     assert len(vids) == len(CLIPS)
-    expected = {export_filename(v, s, fmt) for v in vids for s in ("appearance", "motion")}
+    names = ("appearance", "motion")
+    if fmt == "npy":  # and each stream's row times beside it
+        names += ("appearance_times", "motion_times")
+    expected = {export_filename(v, s, fmt) for v in vids for s in names}
     assert {p.name for p in out.iterdir()} == expected  # no partial files left
     for vid in vids:
         for stream in ("appearance", "motion"):
@@ -59,6 +62,14 @@ def test_export_round_trips_against_read(real_store: Path, tmp_path: Path, fmt: 
             want = store.read(vid, stream)
             assert got.dtype == np.float32 and got.shape == want.shape == (5, 512)
             np.testing.assert_array_equal(got, want)
+            times = (
+                np.load(out / export_filename(vid, f"{stream}_times", fmt))
+                if fmt == "npy"
+                else np.load(path)["times"]
+            )
+            recorded = store.times(vid, stream)
+            assert not recorded.derived and times.dtype == np.float64
+            np.testing.assert_array_equal(times, recorded.seconds)
 
 
 def test_export_of_one_split_and_one_stream(real_store: Path, tmp_path: Path) -> None:
@@ -67,7 +78,7 @@ def test_export_of_one_split_and_one_stream(real_store: Path, tmp_path: Path) ->
     assert main([*args, "--streams", "motion"]) == 0
     store = FeatureStore.open(real_store)
     (vid,) = store.videos(split="test")
-    assert [p.name for p in out.iterdir()] == [f"{vid}_motion.npy"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{vid}_motion.npy", f"{vid}_motion_times.npy"]
     assert main([*args[:-1], "nope"]) == 2  # an empty split is a usage error
     summary = store.export(tmp_path / "api", fmt="npz", split="test")
     assert summary.n_videos == 1 and len(summary.files) == 2

@@ -112,7 +112,11 @@ async def predict(
             for i in order
         ],
         frames=FramesInfo(
-            n_frames=result.n_frames, used=result.used, stride=n_stride, max_frames=n_max
+            n_frames=result.n_frames,
+            used=result.used,
+            stride=n_stride,
+            max_frames=n_max,
+            times=result.times,
         ),
         video=VideoInfo(
             width=result.width, height=result.height, fps=result.fps, size_bytes=upload.size

@@ -126,7 +126,11 @@ async def similar(
         index_size=len(index),
         index_split=index.meta.get("split"),
         frames=FramesInfo(
-            n_frames=result.n_frames, used=result.used, stride=n_stride, max_frames=n_max
+            n_frames=result.n_frames,
+            used=result.used,
+            stride=n_stride,
+            max_frames=n_max,
+            times=result.times,
         ),
         timings=Timings(
             upload=upload.seconds,
