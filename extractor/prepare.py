@@ -7,9 +7,12 @@ with one :class:`VideoDone` that says how many frames the video had.
 
 Frame selection: every frame by default. ``stride`` keeps frames 0, s, 2s, ...; ``max_frames``
 then keeps at most that many of them, evenly spaced (first and last included), which needs the
-frame count first (one extra decode pass). The motion stack of a kept frame t is still built from
-the flow between consecutive decoded frames t, t+1, ..., t+L; only the fields some kept frame
-needs are computed.
+frame count before decoding: the demuxer's packet count (:func:`extractor.decode.count_packets`,
+no decoding), so a video is decoded once. Where the decoded count turns out different and the
+selection depends on it, :class:`FrameCountChanged` says so at the end and the caller decodes
+again with the true count (:class:`~extractor.features.FeatureExtractor` does). The motion
+stack of a kept frame t is still built from the flow between consecutive decoded frames t, t+1,
+..., t+L; only the fields some kept frame needs are computed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from extractor.decode import count_frames, iter_frames, probe
+from extractor.decode import VideoError, VideoTooLarge, count_packets, iter_frames, probe
 from extractor.decode_torchcodec import FrameReader
 from extractor.flow import FlowBackend
 from extractor.transforms import (
@@ -69,6 +72,20 @@ class VideoDone:
     codec: str
 
 
+class FrameCountChanged(VideoError):
+    """The video decoded to another number of frames than its demuxer counted, and the frames
+    ``max_frames`` keeps depend on that number: the chunks already given out are of the wrong
+    frames. Decode again with ``n_frames=decoded``."""
+
+    def __init__(self, path: str | Path, counted: int, decoded: int) -> None:
+        super().__init__(
+            f"{str(path)!r}: the demuxer counted {counted} frames but {decoded} decoded; the "
+            "frames kept by max_frames need the decoded count"
+        )
+        self.counted = counted
+        self.decoded = decoded
+
+
 def select_frames(n_frames: int, stride: int = 1, max_frames: int | None = None) -> np.ndarray:
     """Frames kept out of ``n_frames``: every ``stride``-th, then at most ``max_frames`` of them."""
     check_selection(stride, max_frames)
@@ -98,6 +115,9 @@ def prepare_video(
     should_stop: Callable[[], bool] | None = None,
     appearance_input: AppearanceInput = DEFAULT_APPEARANCE_INPUT,
     read_frames: FrameReader | None = None,
+    n_frames: int | None = None,
+    max_decoded_frames: int | None = None,
+    max_frame_pixels: int | None = None,
 ) -> Iterator[FrameChunk | VideoDone]:
     """Stream one video's kept frames as uint8 model inputs; the last item is a :class:`VideoDone`.
 
@@ -106,16 +126,36 @@ def prepare_video(
 
     Raises :class:`extractor.decode.VideoError` (possibly after some chunks: discard them) when the
     file cannot be decoded in full. ``flow`` is required for the motion stream and is used from
-    this thread only. ``should_stop`` is polled between frames to abandon the video early.
+    this thread only. ``should_stop`` is polled once per decoded frame to abandon the video early.
     ``read_frames`` decodes (default: PyAV, :func:`extractor.decode.iter_frames`); frames it yields
     on a CUDA device are resized there, and only the resized frame comes to host memory.
+
+    The video is decoded once. ``n_frames`` is its frame count when the caller knows it exactly;
+    otherwise ``max_frames`` selects by the demuxer's count and raises :class:`FrameCountChanged`
+    at the end in the rare case where decoding disagrees with it. ``max_decoded_frames`` and
+    ``max_frame_pixels`` bound untrusted input: :class:`extractor.decode.VideoTooLarge` before
+    decoding when the demuxer counts more frames (or the container declares larger ones), and
+    while decoding at the first frame past either limit (a stream may change size part-way).
     """
     check_selection(stride, max_frames)
     if "motion" in streams and flow is None:
         raise ValueError("the motion stream needs a flow backend")
     info = probe(path)
+    if max_frame_pixels is not None:
+        _check_pixels(path, "declares frames of", info.width, info.height, max_frame_pixels)
+    counted = n_frames
+    if counted is None and (max_frames is not None or max_decoded_frames is not None):
+        counted = count_packets(path)
+    if max_decoded_frames is not None and counted is not None and counted > max_decoded_frames:
+        raise VideoTooLarge(
+            f"{str(path)!r}: {counted} frames, more than the limit of {max_decoded_frames} frames"
+        )
+    selected: Callable[[int], bool] = lambda t: t % stride == 0  # noqa: E731
+    if max_frames is not None:
+        assert counted is not None
+        selected = set(select_frames(counted, stride, max_frames).tolist()).__contains__
     video = _VideoInputs(
-        _frame_selector(path, stride, max_frames),
+        selected,
         streams=streams,
         flow=flow,
         chunk_size=chunk_size,
@@ -126,8 +166,24 @@ def prepare_video(
     for t, frame in enumerate((read_frames or iter_frames)(Path(path))):
         if should_stop is not None and should_stop():
             return
+        if max_decoded_frames is not None and t >= max_decoded_frames:
+            raise VideoTooLarge(
+                f"{str(path)!r}: more than the limit of {max_decoded_frames} frames"
+            )
+        if max_frame_pixels is not None:
+            height, width = int(frame.shape[0]), int(frame.shape[1])
+            _check_pixels(path, f"frame {t} is", width, height, max_frame_pixels)
         n = t + 1
         yield from video.add_frame(t, frame)
+    if (
+        max_frames is not None
+        and n_frames is None
+        and n != counted
+        and not np.array_equal(
+            select_frames(n, stride, max_frames), select_frames(counted or 0, stride, max_frames)
+        )
+    ):
+        raise FrameCountChanged(path, counted or 0, n)
     yield from video.finish(n)
     yield VideoDone(
         n_frames=n,
@@ -139,11 +195,12 @@ def prepare_video(
     )
 
 
-def _frame_selector(path: str | Path, stride: int, max_frames: int | None) -> Callable[[int], bool]:
-    """Whether frame ``t`` is kept; ``max_frames`` needs the frame count (one decode pass)."""
-    if max_frames is not None:
-        return set(select_frames(count_frames(path), stride, max_frames).tolist()).__contains__
-    return lambda t: t % stride == 0
+def _check_pixels(path: str | Path, what: str, width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise VideoTooLarge(
+            f"{str(path)!r}: {what} {width}x{height} = {width * height} pixels, more than the "
+            f"limit of {limit}"
+        )
 
 
 class _VideoInputs:
