@@ -130,6 +130,10 @@ def _open(path: Path) -> av.container.InputContainer:
             f"{str(path)!r}: cannot be read as a video: not a video, an unrecognised container, "
             f"or a damaged file ({_ffmpeg_reason(exc)})"
         ) from exc
+    except UnicodeDecodeError:  # PyAV decodes the container's metadata strings as UTF-8
+        raise VideoError(
+            f"{str(path)!r}: cannot be read as a video: its metadata is damaged (not UTF-8)"
+        ) from None
     if not _is_video_demuxer(str(container.format.name)):  # the allowlist held; belt and braces
         container.close()
         raise UnsupportedFormat(
@@ -151,7 +155,12 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
             f"{str(path)!r}: no video stream (container {container.format.name!r} has "
             f"{', '.join(kinds)} streams)"
         )
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a damaged header: FFmpeg found no codec for the stream
+        raise VideoError(
+            f"{str(path)!r}: the video stream has no decoder (unknown or damaged codec parameters)"
+        )
+    return stream
 
 
 def _fps(stream: av.VideoStream) -> float:
