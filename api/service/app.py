@@ -40,7 +40,7 @@ def _load(settings: Settings) -> tuple[Registry, list[WorkerContext]]:
         context.add_batchers(
             max_frames=settings.batch_max_frames,
             max_wait_s=settings.batch_max_wait_s,
-            workers=settings.workers + settings.jobs_workers,
+            workers=settings.workers,  # a running job's frames join whichever pass is next
         )
     contexts = [context] * settings.workers  # extractors are thread-safe and shared
     return registry, contexts

@@ -8,7 +8,8 @@ holds:
 
 - ``max_frames`` frames are waiting (the largest batch; one upload's batch larger than that runs
   alone, never split),
-- every worker that can feed it is waiting (nobody could join the pass: no reason to wait),
+- every request worker is waiting (nobody could join the pass: no reason to wait; a job
+  worker's frames join whichever pass comes next),
 - ``max_wait_s`` has passed since the oldest waiting batch came in.
 
 A model's output for one frame does not depend on the other frames of its batch (the inference
@@ -54,8 +55,9 @@ class Pass:
 
 
 class FrameBatcher:
-    """Runs ``embed`` (``{stream: [n, ...]} -> {stream: [n, d]}``) on the frames of up to
-    ``workers`` concurrent callers at once; :meth:`embed` is what each caller uses instead.
+    """Runs ``embed`` (``{stream: [n, ...]} -> {stream: [n, d]}``) on the frames of concurrent
+    callers at once; :meth:`embed` is what each caller uses instead. ``workers``: how many
+    callers there are (a pass waits no longer once that many are waiting).
 
     ``passes`` keeps the last 1,000 passes (batches and frames per pass), for tests and logs.
     """
