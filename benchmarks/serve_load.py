@@ -9,6 +9,21 @@ server's stage times, and the server's peak resident memory (VmHWM).
     python benchmarks/serve_load.py --run RUN_DIR --clips a.mp4 b.avi --clients 8 --duration 60 \
         --max-frames 16
 
+``--sweep`` measures the batcher instead: one server per setting, with the batcher off
+(``FRAMEPOOL_BATCH_MAX_FRAMES=0``) and on (``--batch-max-frames``), each at 1, 4 and 8 clients
+(``--sweep-clients``), all with the same ``--workers``, interleaved and ``--repeats`` times
+(median answers/s; latencies pooled); it prints answers/s, latency p50/p95 and
+the server's CPU seconds per answer, the ratio of answers/s with and without the batcher, and
+writes the figures as JSON (``--json``). Without ``--run`` it first builds a small run from the
+shipped clips (random-weight ResNet-18, both streams, DIS flow, a ``gap`` head):
+
+    python benchmarks/serve_load.py --sweep --clips tests/data/videos/*.mp4 --max-frames 8 \
+        --workers 8 --duration 30 --json benchmarks/results/serve_load.json
+
+``--explain`` says what bounds the batcher: the CPU seconds of one request's decoding and flow
+against its backbones alone and inside a 64-frame pass, and the sizes of the passes an
+in-process service forms under the largest ``--sweep-clients`` load for ``--duration`` s.
+
 ``--hostile N`` adds N misbehaving clients of each kind beside the normal ones, to show that
 they are still served: ``slow`` (sends its upload at 4 KiB/s), ``stall`` (sends half of it, then
 nothing), ``oversize`` (declares 1 GiB; and streams zeros without a length until cut off),
@@ -228,9 +243,256 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc; 0 when unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def build_run(root: Path, clips: list[Path]) -> Path:
+    """A small run to serve: the clips extracted with a random-weight ResNet-18 (both streams,
+    DIS flow, 8 frames each) under two made-up labels, and a ``gap`` head trained on them."""
+    import csv
+
+    from api.cli import main as cli_main
+
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(
+            (str(c.resolve()), f"class{i % 2}", "test" if i % 3 == 2 else "train")
+            for i, c in enumerate(clips)
+        )
+    store, run = root / "store.zarr", root / "run-gap"
+    extract = ["extract", *map(str, clips), "--store", str(store), "--labels", str(labels)]
+    extract += ["--arch", "resnet18", "--weights", "random", "--flow", "dis", "--max-frames", "8"]
+    if cli_main([*extract, "--device", "cpu", "--no-progress"]) != 0:
+        raise RuntimeError("extracting the clips for the benchmark's run failed")
+    train = ["train", "--store", str(store), "--head", "gap", "--out", str(run)]
+    train += ["--epochs", "3", "--val-fraction", "0", "--device", "cpu", "--no-plots"]
+    if cli_main(train) != 0:
+        raise RuntimeError("training the benchmark's run failed")
+    return run
+
+
+def load_once(
+    args: argparse.Namespace, clips: list[Path], params: dict[str, Any], clients: int, batch: int
+) -> dict[str, Any]:
+    """One server with the batcher set to ``batch`` frames (0: off), ``clients`` clients for
+    ``args.duration`` seconds; the figures of the answered requests."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"FRAMEPOOL_BATCH_MAX_FRAMES": str(batch)}
+    if args.batch_max_wait_s is not None:
+        env["FRAMEPOOL_BATCH_MAX_WAIT_S"] = str(args.batch_max_wait_s)
+    proc = start_server(args, port, env)
+    records: list[Record] = []
+    try:
+        wait_ready(base, proc, args.ready_timeout)
+        warm = threading.Lock()
+        client(0, base, clips[:1], params, time.monotonic() + 0.1, [], warm)  # first-call costs
+        lock = threading.Lock()
+        cpu0, t0 = cpu_seconds_of(proc.pid), time.monotonic()
+        deadline = t0 + args.duration
+        threads = [
+            threading.Thread(target=client, args=(i, base, clips, params, deadline, records, lock))
+            for i in range(clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - t0
+        cpu = cpu_seconds_of(proc.pid) - cpu0
+        peak = rss_kib(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    ok = [r for r in records if r.status == 200]
+    lat = [r.seconds for r in ok]
+    return {
+        "clients": clients,
+        "batch_max_frames": batch,
+        "requests": len(records),
+        "answered": len(ok),
+        "status_codes": dict(collections.Counter(str(r.status) for r in records)),
+        "wall_s": wall,
+        "answers_per_s": len(ok) / wall,
+        "p50_s": pct(lat, 50),
+        "p95_s": pct(lat, 95),
+        "latencies_s": [round(x, 3) for x in lat],
+        "server_cpu_s": cpu,
+        "server_cpu_s_per_answer": cpu / len(ok) if ok else float("nan"),
+        "server_peak_rss_mib": peak / 1024,
+        "mean_decode_extract_s": float(np.mean([r.timings.get("decode_extract", 0) for r in ok]))
+        if ok
+        else float("nan"),
+    }
+
+
+def explain(args: argparse.Namespace, clips: list[Path]) -> int:
+    """What bounds the batcher: the CPU seconds of one request's decoding, flow and crops (not
+    batched) against its backbones alone and inside a 64-frame pass; and the passes an
+    in-process service with ``--workers`` forms under ``max(--sweep-clients)`` clients."""
+    import resource
+
+    from fastapi.testclient import TestClient
+
+    from api.service import Settings, create_app
+    from extractor.features import FeatureExtractor
+    from extractor.prepare import FrameChunk, prepare_video
+    from extractor.spec import BackboneSpec
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    fx = FeatureExtractor(BackboneSpec(arch="resnet18", weights="random", flow="dis"), device="cpu")
+    prep = alone = pooled = 0.0
+    for clip in clips:
+        t = cpu()
+        assert fx.flow is not None
+        items = prepare_video(clip, streams=fx.streams, flow=fx.flow.clone(), max_frames=8)
+        chunks = [c for c in items if isinstance(c, FrameChunk)]
+        prep += cpu() - t
+        batch = {s: np.concatenate([getattr(c, s) for c in chunks]) for s in fx.streams}
+        t = cpu()
+        fx.embed(batch)
+        alone += cpu() - t
+        t = cpu()
+        fx.embed({s: np.concatenate([x] * 8) for s, x in batch.items()})
+        pooled += (cpu() - t) / 8
+    n = len(clips)
+    print(
+        f"CPU s per 8-frame request ({fx.dtype}): decode + flow + crops {prep / n:.2f}; "
+        f"backbones alone {alone / n:.2f}, inside a 64-frame pass {pooled / n:.2f}"
+    )
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        run = Path(args.run[0]) if args.run else build_run(Path(tmp.name), clips)
+        data = [c.read_bytes() for c in clips]
+        answered = [0]
+        settings = Settings(runs=[run], workers=args.workers, queue_size=args.queue_size)
+        with TestClient(create_app(settings)) as http:
+            deadline = time.monotonic() + args.duration
+
+            def post(i: int) -> None:
+                while time.monotonic() < deadline:
+                    r = http.post(
+                        "/v1/predict",
+                        params={"max_frames": 8},
+                        files={"file": ("v", data[i % len(data)])},
+                    )
+                    answered[0] += r.status_code == 200
+                    i += 1
+
+            clients = max(args.sweep_clients)
+            threads = [threading.Thread(target=post, args=(i,)) for i in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            (batcher,) = http.app.state.service.context.batchers.values()  # type: ignore[attr-defined]
+            sizes = [p.frames for p in batcher.passes]
+    finally:
+        tmp.cleanup()
+    print(
+        f"{clients} clients, {args.workers} workers, {args.duration:g} s: {answered[0]} answers "
+        f"in {len(sizes)} passes of {min(sizes, default=0)} to {max(sizes, default=0)} frames "
+        f"(mean {np.mean(sizes) if sizes else 0:.1f})"
+    )
+    return 0
+
+
+def sweep(args: argparse.Namespace, clips: list[Path], params: dict[str, Any]) -> int:
+    import json
+    import platform
+
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        if not args.run:
+            t = time.perf_counter()
+            args.run = [str(build_run(Path(tmp.name), clips))]
+            print(f"built the run to serve in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        rows = []  # interleaved (off, on at each load, repeated): drift hits both alike
+        for repeat in range(args.repeats):
+            for n in args.sweep_clients:
+                for batch in (0, args.batch_max_frames):
+                    row = load_once(args, clips, params, n, batch)
+                    rows.append({"repeat": repeat, **row})
+                    print(
+                        f"batcher {batch or 'off'}, {n} clients: "
+                        f"{row['answers_per_s']:.2f} answers/s",
+                        file=sys.stderr,
+                    )
+    finally:
+        tmp.cleanup()
+    by: dict[tuple[bool, int], dict[str, Any]] = {}
+    for key in {(r["batch_max_frames"] > 0, r["clients"]) for r in rows}:
+        same = [r for r in rows if (r["batch_max_frames"] > 0, r["clients"]) == key]
+        lat = [x for r in same for x in r["latencies_s"]]
+        by[key] = {
+            "answers_per_s": float(np.median([r["answers_per_s"] for r in same])),
+            "p50_s": pct(lat, 50),
+            "p95_s": pct(lat, 95),
+            "server_cpu_s_per_answer": sum(r["server_cpu_s"] for r in same)
+            / max(1, sum(r["answered"] for r in same)),
+            "server_peak_rss_mib": max(r["server_peak_rss_mib"] for r in same),
+        }
+    print(
+        f"serve load sweep: {args.max_frames}-frame requests, workers={args.workers}, "
+        f"queue={args.queue_size}, {args.duration:g} s per setting and repeat, "
+        f"median of {args.repeats} repeat(s), {len(clips)} clips, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| clients | batcher | answers/s | p50 (s) | p95 (s) | server CPU s / answer | "
+        "peak RSS (MiB) | answers/s vs no batcher |"
+    )
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (on, n), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = by.get((False, n))
+        ratio = r["answers_per_s"] / base["answers_per_s"] if base and base["answers_per_s"] else 0
+        print(
+            f"| {n} | {f'on ({args.batch_max_frames} frames)' if on else 'off'} "
+            f"| {r['answers_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} "
+            f"| {r['server_cpu_s_per_answer']:.2f} | {r['server_peak_rss_mib']:.0f} "
+            f"| {ratio:.2f}x |"
+        )
+    if args.json:
+        meta = {
+            "max_frames": args.max_frames,
+            "workers": args.workers,
+            "queue_size": args.queue_size,
+            "duration_s": args.duration,
+            "clips": [c.name for c in clips],
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "batch_max_wait_s": args.batch_max_wait_s,
+            "repeats": args.repeats,
+        }
+        Path(args.json).write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
+    bad = sum(n for r in rows for c, n in r["status_codes"].items() if c not in ("200", "503"))
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--run", action="append", required=True, help="run directory (repeatable)")
+    ap.add_argument(
+        "--run", action="append", default=[], help="run directory (repeatable; --sweep: optional)"
+    )
     ap.add_argument("--clips", nargs="+", required=True, help="video files to upload")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of load")
@@ -244,7 +506,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--hostile", type=int, default=0, help="misbehaving clients of each kind beside the others"
     )
+    ap.add_argument("--sweep", action="store_true", help="batcher off and on, at several loads")
+    ap.add_argument(
+        "--explain", action="store_true", help="what bounds the batcher (CPU split, pass sizes)"
+    )
+    ap.add_argument("--sweep-clients", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--batch-max-frames", type=int, default=64, help="--sweep: the batcher's size")
+    ap.add_argument("--batch-max-wait-s", type=float, default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="--sweep: runs of every setting")
+    ap.add_argument("--json", default=None, help="--sweep: write the figures to this file")
     args = ap.parse_args(argv)
+    if not args.run and not (args.sweep or args.explain):
+        ap.error("--run is required (or --sweep, which builds a run when none is given)")
 
     clips = [Path(c) for c in args.clips]
     for c in clips:
@@ -254,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stride:
         params["stride"] = args.stride
 
+    if args.explain:
+        return explain(args, clips)
+    if args.sweep:
+        return sweep(args, clips, params)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(args, port, HOSTILE_ENV if args.hostile else None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -130,6 +130,10 @@ def _open(path: Path) -> av.container.InputContainer:
             f"{str(path)!r}: cannot be read as a video: not a video, an unrecognised container, "
             f"or a damaged file ({_ffmpeg_reason(exc)})"
         ) from exc
+    except UnicodeDecodeError:  # PyAV decodes the container's metadata strings as UTF-8
+        raise VideoError(
+            f"{str(path)!r}: cannot be read as a video: its metadata is damaged (not UTF-8)"
+        ) from None
     if not _is_video_demuxer(str(container.format.name)):  # the allowlist held; belt and braces
         container.close()
         raise UnsupportedFormat(
@@ -151,7 +155,12 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
             f"{str(path)!r}: no video stream (container {container.format.name!r} has "
             f"{', '.join(kinds)} streams)"
         )
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a damaged header: FFmpeg found no codec for the stream
+        raise VideoError(
+            f"{str(path)!r}: the video stream has no decoder (unknown or damaged codec parameters)"
+        )
+    return stream
 
 
 def _fps(stream: av.VideoStream) -> float:
@@ -241,32 +250,27 @@ def count_frames(path: str | Path) -> int:
     return sum(1 for _ in _decode(Path(path), True))
 
 
-def count_frames_within(
-    path: str | Path,
-    *,
-    max_frames: int,
-    max_pixels: int | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> int:
-    """:func:`count_frames` for untrusted input: stop as soon as the video is too large.
+def count_packets(path: str | Path) -> int:
+    """The frames of the first video stream as the demuxer counts them: its packets, without
+    decoding one (cheap: it reads the file, it does not run the codec).
 
-    Raises :class:`VideoTooLarge` naming the limit when the video has more than ``max_frames``
-    frames or a frame of more than ``max_pixels`` pixels (a stream may change size part-way), and
-    :class:`InterruptedError` when ``should_stop()`` turns true (it is polled at every frame).
+    Every packet that is not empty and not marked for discarding (an MP4 edit list's) holds one
+    frame for the codecs and containers framepool reads, so this equals the number of frames
+    :func:`iter_frames` yields on every real clip checked; a caller that needs the exact count
+    compares it with the decoded one at the end (:mod:`extractor.prepare` does). Raises
+    :class:`VideoError` like :func:`probe`; a container damaged part-way counts the packets
+    before the damage (decoding it then fails with the reason).
     """
     p = Path(path)
     n = 0
-    for frame in _decode(p, True):
-        if should_stop is not None and should_stop():
-            raise InterruptedError(f"{str(p)!r}: stopped after counting {n} frames")
-        if max_pixels is not None and frame.width * frame.height > max_pixels:
-            raise VideoTooLarge(
-                f"{str(p)!r}: frame {n} is {frame.width}x{frame.height} = "
-                f"{frame.width * frame.height} pixels, more than the limit of {max_pixels}"
-            )
-        n += 1
-        if n > max_frames:
-            raise VideoTooLarge(f"{str(p)!r}: more than the limit of {max_frames} frames")
+    with _open(p) as container:
+        stream = _video_stream(container, p)
+        try:
+            for packet in container.demux(stream):
+                if packet.size and not packet.is_discard:
+                    n += 1
+        except av.error.FFmpegError as exc:  # decoding meets the same damage and says so
+            log.debug("%s: demuxing stopped after %d packets (%s)", p, n, _ffmpeg_reason(exc))
     return n
 
 

@@ -38,7 +38,7 @@ from extractor.backbones import (
     resolve_weights,
 )
 from extractor.flow import FLOW_BACKENDS, FlowBackend, flow_from_config, make_flow, sha256_file
-from extractor.prepare import FrameChunk, VideoDone, prepare_video
+from extractor.prepare import FrameChunk, FrameCountChanged, VideoDone, prepare_video
 from extractor.spec import BackboneSpec
 from extractor.transforms import (
     CROP_SIZE,
@@ -466,37 +466,56 @@ class FeatureExtractor:
         max_frames: int | None = None,
         should_stop: Callable[[], bool] | None = None,
         maps: bool = False,
+        max_decoded_frames: int | None = None,
+        max_frame_pixels: int | None = None,
+        embed: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
     ) -> ExtractedVideo:
         """Decode and embed one video (every frame unless ``stride``/``max_frames`` subsample).
 
-        Raises :class:`extractor.decode.VideoError` for a file that cannot be decoded in full.
+        Raises :class:`extractor.decode.VideoError` for a file that cannot be decoded in full, and
+        :class:`extractor.decode.VideoTooLarge` for one with more than ``max_decoded_frames``
+        frames or a frame of more than ``max_frame_pixels`` pixels (found while decoding).
         Safe to call from several threads (each call uses its own flow backend instance).
-        ``should_stop`` is polled at every decoded frame; once it returns true the video is
+        ``should_stop`` is polled once per decoded frame; once it returns true the video is
         abandoned with :class:`InterruptedError` (at most one batch later). ``maps=True`` also
         returns the map streams set by :meth:`set_maps`, ``[n', h, w, C]`` for every
         ``map_stride``-th kept frame from the first (as ``framepool extract`` stores them), from
-        the same forward passes as the vectors.
+        the same forward passes as the vectors. ``embed`` replaces :meth:`embed` for the vectors
+        (e.g. a batcher that runs several videos' frames in one forward pass; not with maps).
+
+        The video is decoded once; only when its demuxer miscounted its frames and ``max_frames``
+        depends on the count is it decoded a second time (logged).
         """
         if maps and not self.map_streams:
             raise ValueError("maps=True needs map streams: call set_maps first")
-        embed = self._map_embedder() if maps else lambda batch, _start: self.embed(batch)
-        batches = _Batches(self.batch_size, self.streams, embed)
-        done: VideoDone | None = None
-        for item in prepare_video(
-            path,
-            streams=self.streams,
-            flow=self.flow.clone() if self.flow is not None else None,
-            stride=stride,
-            max_frames=max_frames,
-            should_stop=should_stop,
-            appearance_input=self.appearance_input,
-        ):
-            if isinstance(item, VideoDone):
-                done = item
-                break
-            batches.add(item)
-        if done is None:
-            raise InterruptedError(f"{str(path)!r}: extraction stopped before the end")
+        if maps and embed is not None:
+            raise ValueError("embed= replaces the vectors' forward pass only; not with maps=True")
+        vectors = embed if embed is not None else self.embed
+        n_frames: int | None = None
+        while True:
+            batches = _Batches(
+                self.batch_size,
+                self.streams,
+                self._map_embedder() if maps else lambda batch, _start: vectors(batch),
+            )
+            try:
+                done = self._prepare_into(
+                    batches,
+                    path,
+                    stride=stride,
+                    max_frames=max_frames,
+                    should_stop=should_stop,
+                    n_frames=n_frames,
+                    max_decoded_frames=max_decoded_frames,
+                    max_frame_pixels=max_frame_pixels,
+                )
+            except FrameCountChanged as exc:
+                if n_frames is not None:
+                    raise
+                log.warning("%s; decoding it again", exc)
+                n_frames = exc.decoded
+                continue
+            break
         features = batches.finish()
         for s in self.streams:
             n = features[s].shape[0]
@@ -511,6 +530,20 @@ class FeatureExtractor:
             codec=done.codec,
             frame_times=done.frame_times,
         )
+
+    def _prepare_into(self, batches: _Batches, path: str | Path, **options: Any) -> VideoDone:
+        """Feed one video's chunks to ``batches``; its :class:`VideoDone`."""
+        for item in prepare_video(
+            path,
+            streams=self.streams,
+            flow=self.flow.clone() if self.flow is not None else None,
+            appearance_input=self.appearance_input,
+            **options,
+        ):
+            if isinstance(item, VideoDone):
+                return item
+            batches.add(item)
+        raise InterruptedError(f"{str(path)!r}: extraction stopped before the end")
 
     def _map_embedder(self) -> _Embed:
         """Embed a batch whose first row is kept frame ``start``: vectors of every row, maps of

@@ -6,16 +6,19 @@ stacks need (the last L flow fields), so a long video never sits in memory. Yiel
 with one :class:`VideoDone` that says how many frames the video had.
 
 Frame selection: every frame by default. ``stride`` keeps frames 0, s, 2s, ...; ``max_frames``
-then keeps at most that many of them, evenly spaced (first and last included). ``sample_fps`` F
+then keeps at most that many of them, evenly spaced (first and last included), which needs the
+frame count before decoding: the demuxer's packet count (:func:`extractor.decode.count_packets`,
+no decoding), so a video is decoded once. Where the decoded count turns out different and the
+selection depends on it, :class:`FrameCountChanged` says so at the end and the caller decodes
+again with the true count (:class:`~extractor.features.FeatureExtractor` does). ``sample_fps`` F
 instead keeps, for each instant ``t0 + k / F`` (``t0`` the first frame's time, up to the last
 frame's), the frame shown at that instant: the last one whose presentation time is at most the
 instant (:func:`select_at_fps`), so a frame shown at several instants is kept for each. Every
 kept frame's presentation time is recorded: read in the same decode with PyAV; from a timing
 pass first (:func:`extractor.decode.frame_times`, a decode without colour conversion) when the
-selection needs all times before the frames (``sample_fps``, ``max_frames``, which needed a
-counting pass before) or another decoder reads the frames. The motion stack of a kept frame t
-is still built from the flow between consecutive decoded frames t, t+1, ..., t+L; only the
-fields some kept frame needs are computed.
+selection needs all times before the frames (``sample_fps``) or another decoder reads the
+frames. The motion stack of a kept frame t is still built from the flow between consecutive
+decoded frames t, t+1, ..., t+L; only the fields some kept frame needs are computed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import numpy as np
 from extractor.decode import (
     FrameTimes,
     VideoError,
+    VideoTooLarge,
+    count_packets,
     frame_times,
     iter_frames,
     iter_timed_frames,
@@ -107,6 +112,20 @@ def select_at_fps(times: np.ndarray, sample_fps: float) -> np.ndarray:
     return np.searchsorted(times, instants + TIME_TOLERANCE, side="right").astype(np.int64) - 1
 
 
+class FrameCountChanged(VideoError):
+    """The video decoded to another number of frames than its demuxer counted, and the frames
+    ``max_frames`` keeps depend on that number: the chunks already given out are of the wrong
+    frames. Decode again with ``n_frames=decoded``."""
+
+    def __init__(self, path: str | Path, counted: int, decoded: int) -> None:
+        super().__init__(
+            f"{str(path)!r}: the demuxer counted {counted} frames but {decoded} decoded; the "
+            "frames kept by max_frames need the decoded count"
+        )
+        self.counted = counted
+        self.decoded = decoded
+
+
 def select_frames(n_frames: int, stride: int = 1, max_frames: int | None = None) -> np.ndarray:
     """Frames kept out of ``n_frames``: every ``stride``-th, then at most ``max_frames`` of them."""
     check_selection(stride, max_frames)
@@ -137,6 +156,9 @@ def prepare_video(
     appearance_input: AppearanceInput = DEFAULT_APPEARANCE_INPUT,
     read_frames: FrameReader | None = None,
     sample_fps: float | None = None,
+    n_frames: int | None = None,
+    max_decoded_frames: int | None = None,
+    max_frame_pixels: int | None = None,
 ) -> Iterator[FrameChunk | VideoDone]:
     """Stream one video's kept frames as uint8 model inputs; the last item is a :class:`VideoDone`.
 
@@ -145,11 +167,19 @@ def prepare_video(
 
     Raises :class:`extractor.decode.VideoError` (possibly after some chunks: discard them) when the
     file cannot be decoded in full. ``flow`` is required for the motion stream and is used from
-    this thread only. ``should_stop`` is polled between frames to abandon the video early.
+    this thread only. ``should_stop`` is polled once per decoded frame to abandon the video early.
     ``read_frames`` decodes (default: PyAV, :func:`extractor.decode.iter_frames`); frames it yields
     on a CUDA device are resized there, and only the resized frame comes to host memory.
     ``sample_fps`` keeps the frames shown at a fixed rate (module docstring); it excludes
     ``stride`` and ``max_frames``.
+
+    The video is decoded once (twice with ``sample_fps`` or a reader other than PyAV's: a timing
+    pass first). ``n_frames`` is its frame count when the caller knows it exactly; otherwise
+    ``max_frames`` selects by the demuxer's count and raises :class:`FrameCountChanged` at the end
+    in the rare case where decoding disagrees with it. ``max_decoded_frames`` and
+    ``max_frame_pixels`` bound untrusted input: :class:`extractor.decode.VideoTooLarge` before
+    decoding when the demuxer counts more frames (or the container declares larger ones), and
+    while decoding at the first frame past either limit (a stream may change size part-way).
     """
     check_selection(stride, max_frames)
     if sample_fps is not None and (stride != 1 or max_frames is not None):
@@ -157,15 +187,26 @@ def prepare_video(
     if "motion" in streams and flow is None:
         raise ValueError("the motion stream needs a flow backend")
     info = probe(path)
+    if max_frame_pixels is not None:
+        _check_pixels(path, "declares frames of", info.width, info.height, max_frame_pixels)
     reader = read_frames or iter_frames
     stamps: list[float | None] = []
     ahead: FrameTimes | None = None
-    if sample_fps is not None or max_frames is not None or reader is not iter_frames:
+    if sample_fps is not None or reader is not iter_frames:
         ahead = frame_times(path)
     else:  # the times come with the frames
         reader = functools.partial(iter_timed_frames, stamps=stamps)
+    counted = n_frames
+    if counted is None and ahead is not None:
+        counted = len(ahead.seconds)
+    if counted is None and (max_frames is not None or max_decoded_frames is not None):
+        counted = count_packets(path)
+    if max_decoded_frames is not None and counted is not None and counted > max_decoded_frames:
+        raise VideoTooLarge(
+            f"{str(path)!r}: {counted} frames, more than the limit of {max_decoded_frames} frames"
+        )
     video = _VideoInputs(
-        _frame_selector(ahead, stride, max_frames, sample_fps),
+        _frame_selector(ahead, counted, stride, max_frames, sample_fps),
         streams=streams,
         flow=flow,
         chunk_size=chunk_size,
@@ -176,8 +217,25 @@ def prepare_video(
     for t, frame in enumerate(reader(Path(path))):
         if should_stop is not None and should_stop():
             return
+        if max_decoded_frames is not None and t >= max_decoded_frames:
+            raise VideoTooLarge(
+                f"{str(path)!r}: more than the limit of {max_decoded_frames} frames"
+            )
+        if max_frame_pixels is not None:
+            height, width = int(frame.shape[0]), int(frame.shape[1])
+            _check_pixels(path, f"frame {t} is", width, height, max_frame_pixels)
         n = t + 1
         yield from video.add_frame(t, frame)
+    if (
+        max_frames is not None
+        and n_frames is None
+        and ahead is None
+        and n != counted
+        and not np.array_equal(
+            select_frames(n, stride, max_frames), select_frames(counted or 0, stride, max_frames)
+        )
+    ):
+        raise FrameCountChanged(path, counted or 0, n)
     times = ahead if ahead is not None else times_from_stamps(stamps, info.fps)
     if n != len(times.seconds):
         raise VideoError(
@@ -198,19 +256,31 @@ def prepare_video(
 
 
 def _frame_selector(
-    times: FrameTimes | None, stride: int, max_frames: int | None, sample_fps: float | None
+    times: FrameTimes | None,
+    counted: int | None,
+    stride: int,
+    max_frames: int | None,
+    sample_fps: float | None,
 ) -> Callable[[int], int]:
-    """How many times frame ``t`` is kept (0: dropped); ``times`` are needed for ``sample_fps``
-    and ``max_frames``."""
+    """How many times frame ``t`` is kept (0: dropped); ``times`` are needed for ``sample_fps``,
+    the frame count ``counted`` for ``max_frames``."""
     if sample_fps is not None:
         assert times is not None
         counts = np.bincount(select_at_fps(times.seconds, sample_fps), minlength=len(times.seconds))
         return lambda t: int(counts[t]) if t < len(counts) else 0
     if max_frames is not None:
-        assert times is not None
-        kept = set(select_frames(len(times.seconds), stride, max_frames).tolist())
+        assert counted is not None
+        kept = set(select_frames(counted, stride, max_frames).tolist())
         return lambda t: int(t in kept)
     return lambda t: int(t % stride == 0)
+
+
+def _check_pixels(path: str | Path, what: str, width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise VideoTooLarge(
+            f"{str(path)!r}: {what} {width}x{height} = {width * height} pixels, more than the "
+            f"limit of {limit}"
+        )
 
 
 class _VideoInputs:

@@ -274,8 +274,11 @@ class WindowExtractor:
         *,
         sample_fps: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        max_decoded_frames: int | None = None,
+        max_frame_pixels: int | None = None,
     ) -> tuple[np.ndarray, VideoDone]:
-        """Every kept frame's uint8 crop ``[n, S, S, 3]`` and the video's end record."""
+        """Every kept frame's uint8 crop ``[n, S, S, 3]`` and the video's end record
+        (``max_decoded_frames``, ``max_frame_pixels``: :func:`extractor.prepare.prepare_video`)."""
         chunks: list[np.ndarray] = []
         done: VideoDone | None = None
         for item in prepare_video(
@@ -285,6 +288,8 @@ class WindowExtractor:
             sample_fps=sample_fps,
             should_stop=should_stop,
             chunk_size=32,
+            max_decoded_frames=max_decoded_frames,
+            max_frame_pixels=max_frame_pixels,
         ):
             if isinstance(item, VideoDone):
                 done = item
@@ -303,12 +308,20 @@ class WindowExtractor:
         max_frames: int | None = None,
         should_stop: Callable[[], bool] | None = None,
         maps: bool = False,
+        max_decoded_frames: int | None = None,
+        max_frame_pixels: int | None = None,
     ) -> ExtractedVideo:
         """One video's window features (``stride`` and ``max_frames`` do not apply: windows
-        cover every frame); ``frame_times`` are the windows' centres."""
+        cover every frame); ``frame_times`` are the windows' centres. ``max_decoded_frames`` and
+        ``max_frame_pixels`` bound untrusted input (:class:`extractor.decode.VideoTooLarge`)."""
         if maps:
             raise ValueError("window backbones compute no spatial maps")
-        crops, done = self.prepare(path, should_stop=should_stop)
+        crops, done = self.prepare(
+            path,
+            should_stop=should_stop,
+            max_decoded_frames=max_decoded_frames,
+            max_frame_pixels=max_frame_pixels,
+        )
         bounds = window_bounds(len(crops), self.frames, self.window_stride)
         clips = self.clips_of(crops, bounds)
         rows = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,8 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.service.access import AccessLogMiddleware
 from api.service.deps import ServiceState
 from api.service.inference import InferenceQueue
+from api.service.jobs import JobTable, clean_jobs_dir
 from api.service.prometheus import MetricsMiddleware, ServiceMetrics
-from api.service.routes import health, limits, metrics, models, predict, similar
+from api.service.routes import health, jobs, limits, metrics, models, predict, similar
 from api.service.routes.docs import add_offline_docs
 from api.service.routes.page import add_page
 from api.service.served_runs import Registry, WorkerContext, load_registry, make_worker_context
@@ -35,6 +37,12 @@ def _load(settings: Settings) -> tuple[Registry, list[WorkerContext]]:
         torch.set_num_threads(settings.torch_threads)
     registry = load_registry(settings.runs, settings.store, settings.device)
     context = make_worker_context(registry, settings.device)
+    if settings.batch_max_frames > 0:
+        context.add_batchers(
+            max_frames=settings.batch_max_frames,
+            max_wait_s=settings.batch_max_wait_s,
+            workers=settings.workers,  # a running job's frames join whichever pass is next
+        )
     contexts = [context] * settings.workers  # extractors are thread-safe and shared
     return registry, contexts
 
@@ -50,6 +58,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upload_dir, owned = settings.upload_dir, False
         upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     queue = InferenceQueue(contexts, settings.queue_size, on_change=service_metrics.queue_changed)
+    if settings.jobs_dir is None:
+        jobs_dir, jobs_owned = make_upload_dir(), True
+    else:
+        jobs_dir, jobs_owned = settings.jobs_dir, False
+        jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        clean_jobs_dir(jobs_dir)  # what a service that did not stop cleanly left
+    job_queue = InferenceQueue(
+        [contexts[0]] * settings.jobs_workers, settings.jobs_max, name="jobs"
+    )
+    job_table = JobTable(max_active=settings.jobs_max, result_ttl_s=settings.jobs_result_ttl_s)
     app.state.service = ServiceState(
         settings=settings,
         registry=registry,
@@ -57,21 +75,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upload_dir=upload_dir,
         metrics=service_metrics,
         uploads=UploadBudget(settings.upload_budget_bytes, settings.retry_after_s),
+        context=contexts[0],
+        jobs=job_table,
+        job_queue=job_queue,
+        jobs_dir=jobs_dir,
+        job_uploads=UploadBudget(settings.jobs_budget_bytes, settings.retry_after_s),
     )
     log.info(
-        "serving %d run(s) (%s) with %d worker(s), queue %d",
+        "serving %d run(s) (%s) with %d worker(s), queue %d, %d jobs worker(s)",
         len(registry.runs),
         ", ".join(registry.runs),
         settings.workers,
         settings.queue_size,
+        settings.jobs_workers,
     )
     try:
         yield
     finally:
         app.state.service = None
+        job_table.cancel_all("the service is shutting down")
         await anyio.to_thread.run_sync(queue.close)
+        await anyio.to_thread.run_sync(job_queue.close)
+        contexts[0].close()
         if owned:
             shutil.rmtree(upload_dir, ignore_errors=True)
+        if jobs_owned:
+            shutil.rmtree(jobs_dir, ignore_errors=True)
+        else:
+            clean_jobs_dir(jobs_dir)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -102,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.service = None
-    for module in (predict, similar, models, limits, health, metrics):
+    for module in (predict, similar, jobs, models, limits, health, metrics):
         app.include_router(module.router)
     add_offline_docs(app)
     add_page(app)
@@ -129,8 +160,8 @@ class AllowHeaderMiddleware:
 
         async def send_with_allow(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
-                paths = scope["app"].openapi().get("paths", {})  # the service has no path params
-                methods = sorted(m.upper() for m in paths.get(scope.get("path"), {}))
+                paths = scope["app"].openapi().get("paths", {})
+                methods = sorted(m.upper() for m in _operations(paths, scope.get("path", "")))
                 if methods:
                     headers = [(k, v) for k, v in message["headers"] if k.lower() != b"allow"]
                     headers.append((b"allow", ", ".join(methods).encode()))
@@ -138,6 +169,18 @@ class AllowHeaderMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_allow)
+
+
+def _operations(paths: dict[str, Any], path: str) -> dict[str, Any]:
+    """The schema's operations on ``path``, matching templates such as ``/v1/jobs/{job_id}``."""
+    if path in paths:
+        return dict(paths[path])
+    for template, ops in paths.items():
+        if "{" in template:
+            pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            if re.fullmatch(pattern, path):
+                return dict(ops)
+    return {}
 
 
 def _describe_loaded_models(app: FastAPI) -> None:

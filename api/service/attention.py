@@ -50,8 +50,6 @@ def attention_maps(
     ``limits``, :class:`JobStopped` when ``control`` stops the job, and ``ValueError`` for a run
     without spatial attention.
     """
-    from extractor.decode import count_frames_within
-
     if not has_attention(run):
         raise ValueError(f"model {run.run_id!r} ({run.predictor.head}) has no spatial attention")
     control = control or JobControl()
@@ -60,15 +58,14 @@ def attention_maps(
     if not isinstance(extractor, FeatureExtractor):  # window backbones keep no spatial maps
         raise ValueError(f"model {run.run_id!r} has no spatial maps to attend over")
     try:
-        if limits is not None:
-            count_frames_within(
-                path,
-                max_frames=limits.max_decoded_frames,
-                max_pixels=limits.max_frame_pixels,
-                should_stop=control.should_stop,
-            )
         video = extractor.extract_file(
-            path, stride=stride, max_frames=max_frames, should_stop=control.should_stop, maps=True
+            path,
+            stride=stride,
+            max_frames=max_frames,
+            should_stop=control.should_stop,
+            maps=True,
+            max_decoded_frames=None if limits is None else limits.max_decoded_frames,
+            max_frame_pixels=None if limits is None else limits.max_frame_pixels,
         )
     except InterruptedError:
         raise JobStopped(control.reason or "stopped") from None

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from pydantic import BaseModel, ValidationError
@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aggregator.similarity import SimilarityIndex
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
+from api.service.jobs import JobTable
 from api.service.prometheus import ServiceMetrics
 from api.service.served_runs import (
     AmbiguousModel,
@@ -43,6 +44,9 @@ from api.service.uploads import (
     sniff_container,
 )
 
+if TYPE_CHECKING:
+    from extractor.decode import VideoInfo
+
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
@@ -59,6 +63,11 @@ class ServiceState:
     upload_dir: Path
     metrics: ServiceMetrics
     uploads: UploadBudget
+    context: WorkerContext  # what the workers share: the extractors and their batchers
+    jobs: JobTable
+    job_queue: InferenceQueue[WorkerContext]
+    jobs_dir: Path
+    job_uploads: UploadBudget
 
 
 def get_state(request: Request) -> ServiceState:
@@ -112,17 +121,18 @@ def refuse_if_busy(state: ServiceState) -> None:
 
 @contextlib.asynccontextmanager
 async def uploaded_file(
-    request: Request, state: ServiceState, *, require_file: bool = True
+    request: Request, state: ServiceState, *, require_file: bool = True, job: bool = False
 ) -> AsyncIterator[Upload]:
-    """The request's multipart upload in a private temporary file, removed afterwards."""
+    """The request's multipart upload in a private temporary file, removed afterwards (``job``:
+    in the jobs folder, within the jobs' size limit and disk budget)."""
     settings = state.settings
     try:
         async with receive_upload(
             request,
-            state.upload_dir,
-            max_bytes=settings.max_upload_bytes,
+            state.jobs_dir if job else state.upload_dir,
+            max_bytes=settings.jobs_max_upload_bytes if job else settings.max_upload_bytes,
             require_file=require_file,
-            budget=state.uploads,
+            budget=state.job_uploads if job else state.uploads,
             idle_timeout_s=settings.upload_idle_timeout_s,
             timeout_s=settings.upload_timeout_s,
         ) as upload:
@@ -152,12 +162,13 @@ def merge_options(query: M, fields: dict[str, str]) -> M:
 
 
 def frame_options(
-    state: ServiceState, stride: int | None, max_frames: int | None
+    state: ServiceState, stride: int | None, max_frames: int | None, *, job: bool = False
 ) -> tuple[int, int | None]:
+    """The stride and frame count a request uses, within the service's (or the jobs') limit."""
     settings = state.settings
     s = settings.default_stride if stride is None else stride
     m = settings.default_max_frames if max_frames is None else max_frames
-    limit = settings.max_frames_limit
+    limit = settings.jobs_max_frames_limit if job else settings.max_frames_limit
     if limit is not None:
         if m is not None and m > limit:
             raise HTTPException(422, f"max_frames={m} exceeds this service's limit of {limit}")
@@ -165,29 +176,37 @@ def frame_options(
     return s, m
 
 
-async def probe_upload(state: ServiceState, path: Path) -> None:
-    """Check that the upload is a video with a video stream, and not larger than the limits
-    allow by what its container declares, before queueing it."""
+def request_limits(settings: Settings, *, job: bool = False) -> Limits:
+    """The frames and pixels a video may have: a request's, or a job's (larger by default)."""
+    if job:
+        return Limits(settings.jobs_max_decoded_frames, settings.jobs_max_frame_pixels)
+    return Limits(settings.max_decoded_frames, settings.max_frame_pixels)
+
+
+async def probe_upload(state: ServiceState, path: Path, limits: Limits | None = None) -> VideoInfo:
+    """Check that the upload is a video with a video stream, and not larger than ``limits``
+    (default: a request's) allow by what its container declares, before queueing it."""
     from extractor.decode import VideoError, probe
 
     try:
         info = await run_in_threadpool(probe, path)
     except VideoError as exc:
         raise video_error(path, exc) from None
-    settings = state.settings
+    limits = limits or request_limits(state.settings)
     pixels = info.width * info.height
-    if pixels > settings.max_frame_pixels:
+    if pixels > limits.max_frame_pixels:
         raise HTTPException(
             413,
             f"frames of {info.width}x{info.height} = {pixels} pixels are larger than this "
-            f"service's limit of {settings.max_frame_pixels} pixels per frame",
+            f"service's limit of {limits.max_frame_pixels} pixels per frame",
         )
-    if info.n_frames_hint is not None and info.n_frames_hint > settings.max_decoded_frames:
+    if info.n_frames_hint is not None and info.n_frames_hint > limits.max_decoded_frames:
         raise HTTPException(
             413,
             f"the video declares {info.n_frames_hint} frames, more than this service's limit "
-            f"of {settings.max_decoded_frames} frames per video",
+            f"of {limits.max_decoded_frames} frames per video",
         )
+    return info
 
 
 def video_error(path: Path, exc: Exception) -> HTTPException:
@@ -299,10 +318,7 @@ async def analyse_upload(
         proba=proba,
         embedding=embedding,
         submitted_at=time.perf_counter(),
-        limits=Limits(
-            max_decoded_frames=settings.max_decoded_frames,
-            max_frame_pixels=settings.max_frame_pixels,
-        ),
+        limits=request_limits(settings),
         control=control,
     )
     return await run_job(state, upload, job, request=request, control=control)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +57,15 @@ class SimilarOptions(_Model):
     stride: Stride | None = None
     max_frames: MaxFrames | None = None
     video_id: VideoId | None = None
+
+
+class JobOptions(_Model):
+    """Options of POST /v1/jobs, given as query parameters or as multipart form fields."""
+
+    top_k: TopK | None = None
+    model: RunId | None = None
+    stride: Stride | None = None
+    max_frames: MaxFrames | None = None
 
 
 class ErrorResponse(_Model):
@@ -180,3 +191,47 @@ class LimitsResponse(_Model):
     upload_timeout_s: float = Field(description="an upload may take this long in all (408)")
     workers: int = Field(description="inference workers")
     queue_size: int = Field(description="requests that may wait for a worker (503 beyond)")
+
+
+class JobState(str, enum.Enum):
+    """Where a job is: ``queued`` and ``running`` jobs hold their upload; the others are done."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class JobProgress(_Model):
+    frames_decoded: int = Field(ge=0, description="frames decoded so far")
+    frames_total: int | None = Field(
+        description="frames the video has, as its container counts them (None: unknown)"
+    )
+    fraction: float | None = Field(
+        ge=0.0, le=1.0, description="frames_decoded / frames_total (1 once succeeded)"
+    )
+
+
+class JobError(_Model):
+    status_code: int = Field(description="the HTTP status /v1/predict would have answered")
+    detail: str = Field(description="what went wrong, in words")
+
+
+class JobStatus(_Model):
+    """A job for a long video: where it is, how far, and its answer once it has one."""
+
+    id: str = Field(description="the job's id, as in its URL /v1/jobs/{id}")
+    status: JobState
+    model: str = Field(description="run id that answers")
+    created_at: datetime
+    started_at: datetime | None = Field(default=None, description="when a worker took it")
+    finished_at: datetime | None = Field(default=None)
+    expires_at: datetime | None = Field(
+        default=None, description="when a finished job and its result are forgotten (then 404)"
+    )
+    progress: JobProgress
+    result: PredictResponse | None = Field(
+        default=None, description="the answer, once status is 'succeeded'"
+    )
+    error: JobError | None = Field(default=None, description="why it failed or stopped")

@@ -15,6 +15,7 @@ import numpy as np
 
 from aggregator.predictor import Predictor
 from aggregator.similarity import SimilarityIndex, build_index, has_index, training_split
+from api.service.batching import FrameBatcher
 
 if TYPE_CHECKING:
     from extractor.features import FeatureExtractor
@@ -109,6 +110,27 @@ class WorkerContext:
     """
 
     extractors: dict[str, FeatureExtractor | WindowExtractor] = field(default_factory=dict)
+    batchers: dict[str, FrameBatcher] = field(default_factory=dict)
+
+    def add_batchers(self, *, max_frames: int, max_wait_s: float, workers: int) -> None:
+        """A :class:`~api.service.batching.FrameBatcher` in front of every frame extractor's
+        models, fed by ``workers`` worker threads (window backbones run one upload at a time)."""
+        from extractor.features import FeatureExtractor
+
+        for i, (key, extractor) in enumerate(self.extractors.items()):
+            if not isinstance(extractor, FeatureExtractor):
+                continue
+            self.batchers[key] = FrameBatcher(
+                extractor.embed,
+                max_frames=max_frames,
+                max_wait_s=max_wait_s,
+                workers=workers,
+                name=f"batcher-{i}",
+            )
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
 
 
 def metrics_summary(run_dir: Path) -> dict[str, float | int | None]:
@@ -201,14 +223,15 @@ class JobStopped(Exception):
 
 class JobControl:
     """Shared by a request and its job: the request may cancel it, the job polls
-    :meth:`should_stop` at every frame, and the clock of ``timeout_s`` starts when the job
-    starts (not while it waits for a worker)."""
+    :meth:`should_stop` at every decoded frame (``frames`` counts them), and the clock of
+    ``timeout_s`` starts when the job starts (not while it waits for a worker)."""
 
     def __init__(self, timeout_s: float | None = None) -> None:
         self.timeout_s = timeout_s
         self._cancelled = threading.Event()
         self._deadline: float | None = None
         self.reason: str | None = None
+        self.frames = 0  # calls of should_stop: frames decoded so far (the job's progress)
 
     def start(self) -> None:
         if self.timeout_s is not None:
@@ -219,6 +242,7 @@ class JobControl:
         self._cancelled.set()
 
     def should_stop(self) -> bool:
+        self.frames += 1
         if self._cancelled.is_set():
             return True
         if self._deadline is not None and time.monotonic() > self._deadline:
@@ -262,30 +286,27 @@ def analyse(
 ) -> Analysis:
     """Decode and extract ``path`` with the run's extractor, then apply its head.
 
-    Runs in an inference worker. Raises the extractor's ``VideoError`` for a video it cannot
-    decode, ``VideoTooLarge`` for one over ``limits`` (found by a first, counting pass that stops
-    at the limit), and :class:`JobStopped` when ``control`` stops the job.
+    Runs in an inference worker. Decodes the upload once: raises the extractor's ``VideoError``
+    for a video it cannot decode, ``VideoTooLarge`` for one over ``limits`` (from the demuxer's
+    count before decoding, or at the first frame past them), and :class:`JobStopped` when
+    ``control`` stops the job.
     """
-    from extractor.decode import count_frames_within
-    from extractor.prepare import select_frames
-
     start = time.perf_counter()
     control = control or JobControl()
     control.start()
     extractor = ctx.extractors[run.extractor_key]
+    maps = bool(getattr(extractor, "map_streams", ()))  # a map run: maps and vectors at once
+    batcher = None if maps else ctx.batchers.get(run.extractor_key)
     try:
-        if limits is not None:
-            n = count_frames_within(
-                path,
-                max_frames=limits.max_decoded_frames,
-                max_pixels=limits.max_frame_pixels,
-                should_stop=control.should_stop,
-            )
-            if max_frames is not None and len(select_frames(n, stride)) <= max_frames:
-                max_frames = None  # the same frames, without the extractor's own counting pass
-        maps = bool(getattr(extractor, "map_streams", ()))  # a map run: maps and vectors at once
         video = extractor.extract_file(
-            path, stride=stride, max_frames=max_frames, should_stop=control.should_stop, maps=maps
+            path,
+            stride=stride,
+            max_frames=max_frames,
+            should_stop=control.should_stop,
+            maps=maps,
+            max_decoded_frames=None if limits is None else limits.max_decoded_frames,
+            max_frame_pixels=None if limits is None else limits.max_frame_pixels,
+            **({} if batcher is None else {"embed": batcher.embed}),
         )
     except InterruptedError:
         raise JobStopped(control.reason or "stopped") from None

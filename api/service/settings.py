@@ -75,6 +75,59 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(
         default=600.0, gt=0, description="seconds a whole upload may take (408)"
     )
+    batch_max_frames: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="frames of concurrent uploads one forward pass of a model takes at most "
+        "(the batcher in front of each model); 0: no batcher, each upload runs its own passes",
+    )
+    batch_max_wait_s: float = Field(
+        default=0.01,
+        ge=0,
+        le=10,
+        description="seconds the batcher waits for other uploads' frames before a pass that is "
+        "not full (it never waits when every worker's frames are in)",
+    )
+    jobs_workers: int = Field(
+        default=1, ge=1, le=64, description="worker threads for /v1/jobs (long videos)"
+    )
+    jobs_max: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description="jobs queued or running at once; one more is answered 503 with Retry-After",
+    )
+    jobs_dir: Path | None = Field(
+        default=None,
+        description="private folder for job uploads, owned by this service: leftovers of an "
+        "earlier run are removed at start (default: a fresh temporary folder)",
+    )
+    jobs_max_upload_mb: float = Field(default=4096.0, gt=0, description="largest job upload")
+    jobs_budget_mb: float = Field(
+        default=8192.0,
+        gt=0,
+        description="disk all job uploads (received, queued or running) may take; beyond: 503",
+    )
+    jobs_result_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds a finished job's result is kept; then /v1/jobs/{id} answers 404",
+    )
+    jobs_max_frames_limit: int | None = Field(
+        default=3000,
+        ge=1,
+        description="frames a job uses at most (evenly spread); None: no bound",
+    )
+    jobs_max_decoded_frames: int = Field(
+        default=216_000, ge=1, description="frames a job's video may have (2 h at 30 fps)"
+    )
+    jobs_max_frame_pixels: int = Field(
+        default=7680 * 4320, ge=1, description="width x height of a job's frames at most"
+    )
+    jobs_timeout_s: float = Field(
+        default=3600.0, gt=0, description="wall seconds a job may run; then it fails"
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's own)"
     )
@@ -97,3 +150,11 @@ class Settings(BaseSettings):
     @property
     def upload_budget_bytes(self) -> int:
         return int(self.upload_budget_mb * 1024 * 1024)
+
+    @property
+    def jobs_max_upload_bytes(self) -> int:
+        return int(self.jobs_max_upload_mb * 1024 * 1024)
+
+    @property
+    def jobs_budget_bytes(self) -> int:
+        return int(self.jobs_budget_mb * 1024 * 1024)

@@ -72,21 +72,22 @@ def frame_strip(
     ``VideoTooLarge``), a second decodes up to the last thumbnail. Raises the decoder's
     ``VideoError`` for a file it cannot read and :class:`JobStopped` when ``control`` stops.
     """
-    from extractor.decode import count_frames_within, iter_frames, probe
+    from extractor.decode import VideoTooLarge, count_packets, iter_frames, probe
     from extractor.prepare import select_frames
 
     control = control or JobControl()
     control.start()
     info = probe(path)
-    try:
-        n = count_frames_within(
-            path,
-            max_frames=limits.max_decoded_frames if limits else np.iinfo(np.int64).max,
-            max_pixels=limits.max_frame_pixels if limits else None,
-            should_stop=control.should_stop,
+    n = count_packets(path)  # the demuxer's count, as predict selects its frames
+    if limits is not None and n > limits.max_decoded_frames:
+        raise VideoTooLarge(
+            f"{str(path)!r}: {n} frames, more than the limit of {limits.max_decoded_frames} frames"
         )
-    except InterruptedError:
-        raise JobStopped(control.reason or "stopped") from None
+    if limits is not None and info.width * info.height > limits.max_frame_pixels:
+        raise VideoTooLarge(
+            f"{str(path)!r}: frames of {info.width}x{info.height} pixels, more than the limit of "
+            f"{limits.max_frame_pixels}"
+        )
     used = select_frames(n, stride, max_frames)
     wanted = spread(used, count)
     fps = float(info.fps) if math.isfinite(info.fps) and info.fps > 0 else None

@@ -16,7 +16,7 @@ import numpy as np
 
 from aggregator.similarity import SimilarityIndex
 from api.service.served_runs import LoadedRun, Registry, WorkerContext
-from extractor.decode import iter_frames, probe
+from extractor.decode import VideoTooLarge, count_packets, iter_frames, probe
 
 CLASSES = ["blue", "green", "red"]
 CONFIG = {"appearance": {"backbone": "colour-mean", "weights": "none"}}
@@ -48,9 +48,17 @@ class FakeExtractor:
         max_frames: int | None = None,
         should_stop: Callable[[], bool] | None = None,
         maps: bool = False,
+        max_decoded_frames: int | None = None,
+        max_frame_pixels: int | None = None,
     ) -> FakeVideo:
         if maps:
             raise ValueError("the fake extractor computes no spatial maps")
+        if max_decoded_frames is not None:  # as extractor.prepare does: the demuxer's count
+            counted = count_packets(path)
+            if counted > max_decoded_frames:
+                raise VideoTooLarge(
+                    f"{path}: {counted} frames, more than the limit of {max_decoded_frames} frames"
+                )
         self.started.set()
         if self.gate is not None:
             for _ in range(3000):  # a job held at its first frame (30 s at most)
@@ -65,6 +73,12 @@ class FakeExtractor:
             if should_stop is not None and should_stop():
                 self.stopped.set()
                 raise InterruptedError(f"{path}: stopped")
+            pixels = frame.shape[0] * frame.shape[1]
+            if max_frame_pixels is not None and pixels > max_frame_pixels:
+                raise VideoTooLarge(
+                    f"{path}: frame {len(decoded)} is {frame.shape[1]}x{frame.shape[0]} = "
+                    f"{pixels} pixels, more than the limit of {max_frame_pixels}"
+                )
             decoded.append(frame)
         frames = decoded[::stride]
         idx = np.arange(len(frames)) * stride

@@ -104,10 +104,10 @@ def test_a_video_over_the_decoded_frame_limit_gets_413(
         assert "declares 3000 frames" in declared.json()["detail"]
         assert "limit of 1000 frames" in declared.json()["detail"]
         assert not extractor.started.is_set()  # never reached a worker
-        counted = post(client, long_tiny["mkv"].read_bytes())  # refused while counting
+        counted = post(client, long_tiny["mkv"].read_bytes())  # refused by the demuxer's count
         assert counted.status_code == 413, counted.text
-        assert "more than the limit of 1000 frames" in counted.json()["detail"]
-        assert not extractor.started.is_set()
+        assert "3000 frames, more than the limit of 1000 frames" in counted.json()["detail"]
+        assert not extractor.started.is_set()  # before decoding
     assert list(uploads.iterdir()) == []
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 
 from api.service.deps import (
+    ServiceState,
     StateDep,
     analyse_upload,
     frame_options,
@@ -33,6 +34,8 @@ from api.service.schemas import (
     TopK,
     VideoInfo,
 )
+from api.service.served_runs import Analysis, LoadedRun
+from api.service.uploads import Upload
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -81,8 +84,49 @@ async def predict(
             proba=True,
             embedding=opts.similar is not None,
         )
+    neighbours = None
+    search_s = 0.0
+    if opts.similar is not None:
+        assert run.index is not None and result.embedding is not None
+        t_search = time.perf_counter()
+        hits = run.index.search(result.embedding, opts.similar)
+        search_s = time.perf_counter() - t_search
+        neighbours = [
+            Neighbour(video_id=h.video_id, label=h.label, distance=h.distance) for h in hits
+        ]
+    answer = prediction(
+        state,
+        run,
+        result,
+        upload,
+        top_k=opts.top_k,
+        stride=n_stride,
+        max_frames=n_max,
+        started=t0,
+        search_s=search_s,
+    )
+    answer.similar = neighbours
+    return answer
+
+
+def prediction(
+    state: ServiceState,
+    run: LoadedRun,
+    result: Analysis,
+    upload: Upload,
+    *,
+    top_k: int | None,
+    stride: int,
+    max_frames: int | None,
+    started: float,
+    search_s: float = 0.0,
+    observe: bool = True,
+) -> PredictResponse:
+    """The answer for ``result`` (the worker's analysis of ``upload``), timed from ``started``
+    (a ``time.perf_counter()``); with ``observe``, the stage times go to the service's
+    metrics (a request's; a job's would blur them)."""
     assert result.proba is not None
-    k = min(opts.top_k or state.settings.default_top_k, len(result.proba))
+    k = min(top_k or state.settings.default_top_k, len(result.proba))
     order = np.argsort(-result.proba, kind="stable")[:k]
     names = run.predictor.class_names
     timings = Timings(
@@ -90,20 +134,12 @@ async def predict(
         queue=result.queue_s,
         decode_extract=result.decode_extract_s,
         head=result.head_s,
-        total=time.perf_counter() - t0,
+        search=search_s,
+        total=time.perf_counter() - started,
     )
-    neighbours = None
-    if opts.similar is not None:
-        assert run.index is not None and result.embedding is not None
-        t_search = time.perf_counter()
-        hits = run.index.search(result.embedding, opts.similar)
-        timings.search = time.perf_counter() - t_search
-        timings.total = time.perf_counter() - t0
-        neighbours = [
-            Neighbour(video_id=h.video_id, label=h.label, distance=h.distance) for h in hits
-        ]
     for stage in ("upload", "queue", "decode_extract", "head"):
-        state.metrics.stage.labels(stage).observe(getattr(timings, stage))
+        if observe:
+            state.metrics.stage.labels(stage).observe(getattr(timings, stage))
     return PredictResponse(
         model=run.run_id,
         head=run.predictor.head,
@@ -114,14 +150,13 @@ async def predict(
         frames=FramesInfo(
             n_frames=result.n_frames,
             used=result.used,
-            stride=n_stride,
-            max_frames=n_max,
+            stride=stride,
+            max_frames=max_frames,
             times=result.times,
         ),
         video=VideoInfo(
             width=result.width, height=result.height, fps=result.fps, size_bytes=upload.size
         ),
         beta=run.predictor.beta(),
-        similar=neighbours,
         timings=timings,
     )
