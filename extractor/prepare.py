@@ -38,6 +38,7 @@ from extractor.transforms import (
     to_gray,
     zero_flow_field,
 )
+from extractor.urls import local_or_url
 
 
 @dataclass
@@ -123,7 +124,7 @@ def prepare_video(
         appearance_input=appearance_input,
     )
     n = 0
-    for t, frame in enumerate((read_frames or iter_frames)(Path(path))):
+    for t, frame in enumerate((read_frames or iter_frames)(local_or_url(path))):
         if should_stop is not None and should_stop():
             return
         n = t + 1
