@@ -711,6 +711,7 @@ def _run(
         )
         results = _dataset(ray, todo, plan, model, options, gpus, actors)
         bar = ClusterProgress(len(todo), enabled=progress)
+        seen: set[str] = set()
         try:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 for vid, status, frames, error in zip(
@@ -720,6 +721,9 @@ def _run(
                     batch["error"],
                     strict=True,
                 ):
+                    if str(vid) in seen:  # a retried task's row (Ray may replay one)
+                        continue
+                    seen.add(str(vid))
                     if status == "complete":
                         summary.complete.append(str(vid))
                         summary.frames += int(frames)
@@ -752,7 +756,7 @@ def _dataset(
     actors: int,
 ) -> Any:
     """The Ray Data pipeline over ``todo`` (lazy: iterating it runs it)."""
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     env = {"runtime_env": dict(options.runtime_env)} if options.runtime_env else {}
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -774,7 +778,7 @@ def _dataset(
     if options.prepare_gpus > 0:
         prepare["num_gpus"] = options.prepare_gpus
     if options.prepare_tasks is not None:
-        prepare["concurrency"] = options.prepare_tasks
+        prepare["compute"] = TaskPoolStrategy(size=options.prepare_tasks)
     ds = ds.map_batches(prepare_videos, **prepare)
     ds = ds.map_batches(
         EmbedVideos,

@@ -49,6 +49,26 @@ def _extract_streams(text: str) -> str:
 
 
 DECODERS = ("auto", "pyav", "torchcodec")  # extractor.decode_torchcodec.DECODERS, without torch
+ENGINES = ("local", "ray")  # extractor.pipeline.ENGINES, without torch
+RAY_FLAGS = {
+    "ray_address": "address",
+    "model_actors": "model_actors",
+    "model_gpus": "model_gpus",
+    "model_cpus": "model_cpus",
+    "prepare_cpus": "prepare_cpus",
+    "prepare_tasks": "prepare_tasks",
+    "videos_per_call": "videos_per_call",
+}
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -111,6 +131,42 @@ def register(sub: Any) -> None:
     r.add_argument("--stride", type=positive_int, default=1, help="keep every N-th frame")
     r.add_argument("--max-frames", type=positive_int, help="keep at most N frames, evenly spaced")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = p.add_argument_group(
+        "engine (--engine ray: a Ray Data pipeline on a cluster; pip install 'framepool[ray]')"
+    )
+    e.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (default); ray: CPU tasks decode, model actors embed, "
+        "tasks write, across a Ray cluster",
+    )
+    e.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto); default: RAY_ADDRESS, "
+        "else a Ray instance on this machine",
+    )
+    e.add_argument(
+        "--model-actors", type=positive_int, help="model actors (default: one per GPU, or per node)"
+    )
+    e.add_argument(
+        "--model-gpus", type=non_negative_float, help="GPUs per model actor (default 1 with GPUs)"
+    )
+    e.add_argument("--model-cpus", type=non_negative_float, help="CPUs per model actor (default 1)")
+    e.add_argument(
+        "--prepare-cpus", type=non_negative_float, help="CPUs per decoding task (default 1)"
+    )
+    e.add_argument(
+        "--prepare-tasks",
+        type=positive_int,
+        help="decoding tasks at once (default: as many as the cluster holds)",
+    )
+    e.add_argument(
+        "--videos-per-call",
+        type=positive_int,
+        help="videos handed to a model actor at once (default 4)",
+    )
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
         "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
@@ -147,10 +203,27 @@ def run(args: argparse.Namespace) -> int:
         args.map_dim is not None or args.map_stride != 1
     ):
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    given = {flag: getattr(args, flag) for flag in RAY_FLAGS if getattr(args, flag) is not None}
+    if args.engine != "ray" and given:
+        names = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise UsageError(f"{names} apply only with --engine ray")
+    ray_options = None
+    if args.engine == "ray":
+        import importlib.util
+
+        from extractor.ray_engine import RAY_MISSING, RayOptions
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError(RAY_MISSING)
+        ray_options = RayOptions(
+            **{RAY_FLAGS[flag]: value for flag, value in given.items()},
+            verbose=args.verbose > 0,
+        )
     from extractor.pipeline import run_extract
 
     pooled = [s for s in streams if s not in MAP_STREAMS]
     spec = backbone_spec_from(args, pooled, dtype=PRECISION_DTYPES[args.precision])
+    progress = not args.no_progress and (args.engine == "ray" or sys.stderr.isatty())
     summary = run_extract(
         args.inputs,
         args.store,
@@ -163,11 +236,13 @@ def run(args: argparse.Namespace) -> int:
         shard=shard,
         stride=args.stride,
         max_frames=args.max_frames,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=progress,
         map_dim=args.map_dim,
         map_stride=args.map_stride,
         map_seed=args.map_seed,
         decoder=args.decoder,
+        engine=args.engine,
+        ray=ray_options,
     )
     print(summary.format())
     return exit_status(summary)
