@@ -121,6 +121,7 @@ def _compare(
 
     token = f"{os.getpid()}-{time.time_ns()}"
     ray.init(
+        address="local",  # this benchmark's own instance, not another one on this machine
         num_cpus=workers + 1,
         include_dashboard=False,
         log_to_driver=False,

@@ -87,7 +87,13 @@ def main() -> None:
     clips = _common.real_clips(args.videos)[: args.clips]
     for clip in clips:
         fs.put_file(str(clip), f"videos/all/{clip.name}")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
     counter.counts.clear()
     start = time.perf_counter()
     summary = run_extract(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from extractor.ray_progress import ClusterProgress
 from extractor.sources import Source
 from extractor.spec import BackboneSpec
 from extractor.transforms import AppearanceInput
+from extractor.urls import VideoPath
 
 log = logging.getLogger(__name__)
 
@@ -256,24 +258,10 @@ def prepare_videos(batch: dict[str, np.ndarray], plan: _Plan) -> Iterator[dict[s
             yield _row(plan, int(key), text, "done", meta={"frames": _kept_frames(attrs)})
             continue
         try:
-            chunks: list[FrameChunk] = []
-            done: VideoDone | None = None
-            for item in prepare_video(
-                source.path,
-                streams=plan.streams,
-                flow=_flow(plan),
-                stride=plan.stride,
-                max_frames=plan.max_frames,
-                chunk_size=64,
-                appearance_input=plan.appearance_input,
-            ):
-                if isinstance(item, VideoDone):
-                    done = item
-                else:
-                    chunks.append(item)
-            assert done is not None  # prepare_video ends with VideoDone
+            with _fetched(source.path) as (path, digest):
+                chunks, done = _prepare(plan, path)
             subsampled = plan.stride > 1 or plan.max_frames is not None
-            meta = video_meta(source, done, sha256_file(source.path), subsampled)
+            meta = video_meta(source, done, digest or sha256_file(source.path), subsampled)
         except VideoError as exc:
             yield _row(plan, int(key), text, "failed", error=str(exc))
             continue
@@ -290,6 +278,57 @@ def prepare_videos(batch: dict[str, np.ndarray], plan: _Plan) -> Iterator[dict[s
         }
         indices = np.concatenate([c.indices for c in chunks]) if chunks else None
         yield _row(plan, int(key), text, "ready", meta=meta, inputs=inputs, indices=indices)
+
+
+def _prepare(plan: _Plan, path: str | Path) -> tuple[list[FrameChunk], VideoDone]:
+    chunks: list[FrameChunk] = []
+    done: VideoDone | None = None
+    for item in prepare_video(
+        path,
+        streams=plan.streams,
+        flow=_flow(plan),
+        stride=plan.stride,
+        max_frames=plan.max_frames,
+        chunk_size=64,
+        appearance_input=plan.appearance_input,
+    ):
+        if isinstance(item, VideoDone):
+            done = item
+        else:
+            chunks.append(item)
+    assert done is not None  # prepare_video ends with VideoDone
+    return chunks, done
+
+
+@contextlib.contextmanager
+def _fetched(path: VideoPath) -> Iterator[tuple[VideoPath, str | None]]:
+    """``(path to decode, sha256 or None)``: a URL is read once, through fsspec, into this
+    process's memory filesystem (decoding then reads it as a file object, under the same
+    demuxer allowlist) instead of once for the probe, once per decoding pass and once for its
+    hash; the problems found name the URL, not the copy. A local path is used as it is."""
+    from extractor.decode import VideoError
+    from extractor.urls import filesystem, is_url, url_name
+
+    if not is_url(path):
+        yield path, None
+        return
+    url = str(path)
+    fs, inner = filesystem(url)
+    try:
+        data: bytes = fs.cat_file(inner)
+    except FileNotFoundError:
+        raise VideoError(f"{url!r}: no such file") from None
+    except IsADirectoryError:
+        raise VideoError(f"{url!r}: is a directory, not a video file") from None
+    memory, _ = filesystem("memory://")
+    copy = f"memory://framepool-{uuid.uuid4().hex}/{url_name(url)}"
+    memory.pipe_file(copy, data)
+    try:
+        yield copy, hashlib.sha256(data).hexdigest()
+    except VideoError as exc:
+        raise type(exc)(str(exc).replace(repr(copy), repr(url))) from exc
+    finally:
+        memory.rm(copy.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)
 
 
 # ---------------------------------------------------------------------------- stage 2: embed
@@ -532,6 +571,8 @@ def _connect(ray: Any, options: RayOptions) -> bool:
             "logging_level": logging.INFO if not quiet else logging.ERROR,
         }
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
+            # a Ray instance of this run's own, never another one running on this machine
+            kwargs["address"] = "local"
             kwargs["include_dashboard"] = False
         if options.runtime_env:
             kwargs["runtime_env"] = dict(options.runtime_env)

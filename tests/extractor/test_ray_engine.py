@@ -245,10 +245,13 @@ def test_removed_node_leaves_every_video_complete_once(
         return True
 
     try:
-        # two preparing tasks per node: the head's second CPU holds the model actor, so some
-        # videos are prepared on the second node
+        # one model actor (one CPU) and three preparing tasks on the two nodes' four CPUs, so
+        # some videos are prepared on the second node; when the actor was there, it restarts on
+        # the head beside the preparing tasks
         summary, acted = _run_while(
-            lambda: extract(real_videos, store, videos_per_call=1, prepare_tasks=3),
+            lambda: extract(
+                real_videos, store, videos_per_call=1, prepare_tasks=3, model_actors=1
+            ),
             store,
             remove_node,
         )
