@@ -11,8 +11,8 @@ same machine and clips, in one run.
 3. Memory: the driver's peak RSS, and the peak RSS (VmHWM, sampled from /proc) of each kind of
    Ray worker process of the run: preparing tasks, model actors, writing tasks.
 
-CPU seconds are this process's and, for Ray, its worker processes' (``RUSAGE_CHILDREN`` after the
-Ray instance is shut down and its processes are reaped).
+CPU seconds are this process's (for Ray: the driver's alone). An idle Ray worker ("other worker")
+keeps the peak of the tasks it ran before.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class WorkerMemory(threading.Thread):
         self.token = f"FRAMEPOOL_BENCH={token}".encode()
         self.period = period
         self.peak: dict[str, float] = {}
+        self.driver = 0.0  # this process's largest RSS while a Ray run was under way
+        self.active = threading.Event()  # set while a Ray run is under way
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -54,6 +56,10 @@ class WorkerMemory(threading.Thread):
             self.sample()
 
     def sample(self) -> None:
+        if self.active.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.driver = max(self.driver, int(line.split()[1]) / 1024)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -128,14 +134,16 @@ def _compare(
         logging_level=logging.ERROR,
         object_store_memory=1 << 30,
     )
-    children0 = _cpu(resource.RUSAGE_CHILDREN)
     memory = WorkerMemory(token)
     memory.start()
     runs: dict[str, list[dict]] = {"local": [], "ray": []}
     try:
         for _ in range(repeats):
             for engine in ("local", "ray"):
+                if engine == "ray":
+                    memory.active.set()
                 runs[engine].append(_run(engine, paths, spec, workers, token, device))
+                memory.active.clear()
     finally:
         peaks = memory.stop()
         ray.shutdown()
@@ -146,8 +154,8 @@ def _compare(
         "local": best["local"],
         "ray": best["ray"],
         "ratio": best["ray"]["fps"] / best["local"]["fps"],
-        "ray_worker_cpu_all_runs": _cpu(resource.RUSAGE_CHILDREN) - children0,
         "worker_peak_rss_mib": peaks,
+        "driver_rss_during_ray_mib": memory.driver,
         "all_runs": runs,
     }
 
@@ -203,10 +211,13 @@ def compare_engines(args: argparse.Namespace, clips: list[tuple[Path, int]], cpu
         f"{args.device}): {alone:.1f} frames/s; the Ray engine end to end reaches "
         f"{main['ray']['fps'] / alone:.0%} of it"
     )
-    print(f"\nPeak RSS: driver (this process, both engines) {driver_peak:.0f} MiB")
+    print(f"\nPeak RSS of this process (the local runs and the Ray driver): {driver_peak:.0f} MiB")
     for name, r in rows:
         peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in sorted(r["worker_peak_rss_mib"].items()))
-        print(f"- Ray workers, {name}: {peaks}; their CPU {r['ray_worker_cpu_all_runs']:.0f} s")
+        print(
+            f"- {name}: Ray driver {r['driver_rss_during_ray_mib']:.0f} MiB during its run; "
+            f"Ray workers' peak (VmHWM): {peaks}"
+        )
     out = Path(__file__).resolve().parent / "results" / "ray_engine.json"
     out.parent.mkdir(exist_ok=True)
     record = {

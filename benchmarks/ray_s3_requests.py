@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ class Requests(logging.Handler):
         self.counts: Counter[tuple[str, str]] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug colours some
         try:
             line = text.split('"')[1]
             method, target = line.split(" ")[:2]
@@ -120,7 +121,7 @@ def main() -> None:
     print("| method | touches | requests | per video |\n| --- | --- | ---: | ---: |")
     for (method, what), k in sorted(counter.counts.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"| {method} | {what} | {k} | {k / n:.1f} |")
-    out = Path(__file__).resolve().parent / "results" / "ray_s3_requests.json"
+    out = Path(__file__).resolve().parent / "results" / f"ray_s3_requests_{n}.json"
     out.parent.mkdir(exist_ok=True)
     rows = [{"method": m, "touches": w, "requests": k} for (m, w), k in counter.counts.items()]
     record = {"videos": n, "max_frames": args.max_frames, "total": total, "rows": rows}

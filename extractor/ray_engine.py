@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from extractor.sources import Source
 from extractor.spec import BackboneSpec
 from extractor.transforms import AppearanceInput
 from extractor.urls import VideoPath
+
+if TYPE_CHECKING:
+    from extractor.pipeline import ExtractionSummary
 
 log = logging.getLogger(__name__)
 
@@ -651,7 +654,7 @@ def run_extraction_ray(
     max_frames: int | None = None,
     progress: bool = True,
     options: RayOptions | None = None,
-) -> Any:
+) -> ExtractionSummary:
     """Extract ``sources`` into ``store`` on a Ray cluster; returns an
     :class:`~extractor.pipeline.ExtractionSummary` like the local engine's.
 
@@ -712,7 +715,7 @@ def _run(
     progress: bool,
     options: RayOptions,
     start: float,
-) -> Any:
+) -> ExtractionSummary:
     from extractor.pipeline import ExtractionSummary, todo_sources
     from storage import FeatureStore
 
