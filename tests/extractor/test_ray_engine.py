@@ -1,6 +1,6 @@
-"""``extract --engine ray`` on a real (local) Ray cluster: the same features as the local engine,
-every video complete exactly once through killed workers and a lost node, bad files recorded
-failed, videos and store on an S3 API server.
+"""``extract --engine ray`` on a real (local) Ray cluster: the same features (and spatial maps) as
+the local engine, every video complete exactly once through a killed model actor, a lost node
+and a killed driver, bad files recorded failed, videos and store on an S3 API server.
 
 The cluster is the session's (``ray_cluster``: one head node of 2 CPUs); runs keep few frames of
 each real clip (``max_frames``) with a random ResNet-18.
@@ -46,6 +46,9 @@ def extract(
         inputs,
         store,
         SPEC,
+        maps=("appearance_map",),  # the spatial maps too, reduced and every 2nd frame's
+        map_dim=8,
+        map_stride=2,
         device="cpu",
         max_frames=FRAMES,
         progress=False,
@@ -109,6 +112,11 @@ def assert_same_features(store: str | Path, reference: FeatureStore, ids: Sequen
             # one model, one CPU: batches of other videos around a frame may only move the
             # last float16 bit
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3, err_msg=f"{vid} {stream}")
+        got_map, want_map = fs.read(vid, "appearance_map"), reference.read(vid, "appearance_map")
+        assert got_map.shape == want_map.shape == (FRAMES // 2, 7, 7, 8), vid
+        np.testing.assert_allclose(got_map, want_map, rtol=2e-3, atol=2e-3, err_msg=vid)
+        for key in ("map_frame_indices", "map_stride"):
+            assert fs.video_attrs(vid)[key] == reference.video_attrs(vid)[key], (vid, key)
 
 
 def test_ray_engine_equals_local_and_records_bad_files(
@@ -273,7 +281,8 @@ def test_killed_driver_rerun_redoes_exactly_the_unfinished(
     command = [
         sys.executable, "-m", "api.cli", "extract", *map(str, real_videos), "--store", str(store),
         "--weights", "random", "--arch", "resnet18", "--device", "cpu", "--max-frames",
-        str(FRAMES), "--engine", "ray", "--ray-address", ray_cluster.address,
+        str(FRAMES), "--streams", "appearance,motion,appearance_map", "--map-dim", "8",
+        "--map-stride", "2", "--engine", "ray", "--ray-address", ray_cluster.address,
         "--videos-per-call", "1", "--no-progress",
     ]  # fmt: skip
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
