@@ -357,3 +357,21 @@ def test_missing_ray_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r'pip install "framepool\[ray\]"'):
         import_ray()
+
+
+def test_one_progress_line_for_the_cluster() -> None:
+    import io
+
+    from extractor.ray_progress import ClusterProgress
+
+    out = io.StringIO()  # not a terminal: a line per interval and one at the end
+    bar = ClusterProgress(3, stream=out, interval=3600)
+    bar.update(complete=True, frames=40)
+    bar.update(complete=False)
+    assert out.getvalue().count("\n") == 1  # the first video; then quiet within the interval
+    bar.update(complete=True, frames=20)
+    bar.close()
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("extract: 1/3 videos, 0 failed, ") and "ETA " in first
+    assert last.startswith("extract: 3/3 videos, 1 failed, ") and last.endswith("ETA -")
+    assert "frames/s" in last
