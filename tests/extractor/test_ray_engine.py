@@ -257,9 +257,7 @@ def test_removed_node_leaves_every_video_complete_once(
         # some videos are prepared on the second node; when the actor was there, it restarts on
         # the head beside the preparing tasks
         summary, acted = _run_while(
-            lambda: extract(
-                real_videos, store, videos_per_call=1, prepare_tasks=3, model_actors=1
-            ),
+            lambda: extract(real_videos, store, videos_per_call=1, prepare_tasks=3, model_actors=1),
             store,
             remove_node,
         )
