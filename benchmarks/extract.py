@@ -19,6 +19,13 @@ to keep a GPU busy). Prints a markdown table with (a)/(b) and (a)/(c). Optionall
     python benchmarks/extract.py --arch resnet101 --frames 270 --naive-frames 24
     python benchmarks/extract.py --device cuda --frames 2500 --loops 4 --naive-frames 0 \
         --batch-size 128 --workers 8 --flow raft --raft-model small
+
+``--engine ray`` compares instead ``--engine ray`` (a Ray instance started on this machine) with
+``--engine local`` on the same clips in one run (:mod:`ray_compare`): the throughput ratio, a
+table of 1, 2, 4 workers on a flow-bound setting (motion only), and the peak RSS of the driver
+and of each kind of Ray worker::
+
+    python benchmarks/extract.py --engine ray --arch resnet18 --frames 400
 """
 
 from __future__ import annotations
@@ -314,7 +321,16 @@ def main() -> None:
     p.add_argument("--model-batches", type=int, default=4, help="batches timed for (c)")
     p.add_argument("--repeats", type=int, default=2, help="best of N, interleaved")
     p.add_argument("--compare-workers", action="store_true", help="threads vs processes")
+    p.add_argument(
+        "--engine", default="local", choices=("local", "ray"), help="ray: ray vs local (above)"
+    )
+    p.add_argument("--worker-counts", default="1,2,4", help="--engine ray: the workers table")
     args = p.parse_args()
+    if args.engine == "ray":
+        from ray_compare import compare_engines
+
+        compare_engines(args, pick_clips(args.videos, args.frames), cpu_name())
+        return
     streams = [s for s in args.streams.split(",") if s]
     device = torch.device(args.device)
     tmp_root = tempfile.TemporaryDirectory()

@@ -3,8 +3,9 @@
 # then the GPU figures: decode rate (PyAV, torchcodec on the CPU, NVDEC), flow (DIS on N CPU
 # processes, RAFT small/large batched in fp32 and bf16 with the bf16 end-point error), extraction
 # end to end vs the model alone with GPU utilisation (appearance, motion with RAFT, both),
-# torchrun extraction, and fine-tuning with K = 24 (the benchmark, and torchrun with nccl where
-# the machine has more than one GPU).
+# torchrun extraction, fine-tuning with K = 24 (the benchmark, and torchrun with nccl where
+# the machine has more than one GPU), and `extract --engine ray`: a GPU model actor fed by CPU
+# decode tasks against the local engine and the model alone (when Ray is installed there).
 #
 #   bash benchmarks/gpu_check.sh --prepare   # on a machine with PyPI: fill .gpu/ (git-ignored)
 #   bash benchmarks/gpu_check.sh [LOG_DIR]   # on the GPU machine, from the repository root
@@ -33,6 +34,16 @@ if [[ "${1:-}" == "--prepare" ]]; then
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels "${specs[@]}"
     cp ../shared/data/videos/*.mp4 ../shared/data/videos/*.avi .gpu/videos/
+    # Ray Data with its dependencies, for the --engine ray step (about 150 MB; skipped when the
+    # download fails: the step then reports that Ray is missing)
+    rv=$(ver ray)
+    if [[ -n "$rv" ]]; then
+        mkdir -p .gpu/ray-wheels
+        "$PY" -m pip download -q --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 -d .gpu/ray-wheels "ray[data]==${rv}" ||
+            { echo "ray wheels not downloaded; the ray step will be skipped" >&2; rm -rf .gpu/ray-wheels; }
+    fi
     du -sh .gpu
     exit 0
 fi
@@ -64,6 +75,10 @@ if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
     export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if compgen -G ".gpu/ray-wheels/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-compile --no-cache-dir --target "$WORK/ray-site" \
+        .gpu/ray-wheels/*.whl && export PYTHONPATH="$PYTHONPATH:$WORK/ray-site"
 fi
 if [[ -d .gpu/videos ]]; then
     VIDEOS=$PWD/.gpu/videos
@@ -133,6 +148,17 @@ step "torchrun finetune K=24 on $NGPU GPU(s)" 50 "$PY" -m torch.distributed.run 
     --nproc-per-node "$NGPU" -m api.cli finetune --videos "$VIDEOS" --labels "$WORK/labels.csv" \
     --out "$WORK/ft" --period 24 --epochs 2 --weights random --arch resnet101 --max-frames 96 \
     --device cuda
+
+# Ray Data engine: one GPU model actor fed by CPU decode tasks (12 of them) on this machine,
+# against the local engine and against the model alone (frames/s of each, peak RSS by process)
+if "$PY" -c "import ray.data" 2>/dev/null; then
+    step "extract --engine ray: GPU actor + CPU decode tasks vs local vs the model alone" 240 \
+        "$PY" benchmarks/extract.py --engine ray --videos "$VIDEOS" --device cuda \
+        --arch resnet101 --frames 2500 --streams appearance --batch-size 256 --workers 12 \
+        --worker-counts 0 --repeats 1 --model-batches 8
+else
+    echo "=== extract --engine ray: skipped (Ray Data is not installed here) ==="
+fi
 
 echo
 if [[ ${#FAILED[@]} -eq 0 ]]; then

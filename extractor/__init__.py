@@ -4,7 +4,8 @@ Main entry points (imported lazily, so that light modules such as :mod:`extracto
 pull in torch): :class:`~extractor.features.FeatureExtractor` and
 :class:`~extractor.features.ExtractedVideo` for one video in memory,
 :class:`~extractor.spec.BackboneSpec` for the backbones, flow and dtype they compute with,
-:func:`~extractor.pipeline.run_extract` for batch extraction into a store,
+:func:`~extractor.pipeline.run_extract` for batch extraction into a store (on a Ray cluster with
+``engine="ray"`` and :class:`~extractor.ray_engine.RayOptions`),
 :func:`~extractor.synthetic.make_demo_clips` for the generated demo clips.
 """
 
@@ -22,6 +23,7 @@ _EXPORTS = {
     "cross_modality_conv1": "extractor.backbones",
     "run_extract": "extractor.pipeline",
     "ExtractionSummary": "extractor.pipeline",
+    "RayOptions": "extractor.ray_engine",
     "make_demo_clips": "extractor.synthetic",
 }
 

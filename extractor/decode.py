@@ -14,25 +14,32 @@ cannot give its frames is a :class:`VideoError` whose message names the file and
   A shortfall of up to ``max(2, 1%)`` of the declared count is tolerated with a warning, because
   some containers count frames the decoder legitimately drops (e.g. before an MP4 edit list).
 
-Only video containers are opened, and only as local files: FFmpeg is told to use the demuxers in
-:data:`VIDEO_DEMUXERS` and no protocol but ``file``. An image (PNG, JPEG, GIF, ...), a playlist
-(ffconcat, HLS) or any other format FFmpeg knows is an :class:`UnsupportedFormat` whatever the
-file is called, so a crafted upload cannot make FFmpeg read other files or URLs.
+Only video containers are opened, and only as local files or Python file objects: FFmpeg is told
+to use the demuxers in :data:`VIDEO_DEMUXERS` and no protocol but ``file`` (none at all for a file
+object). A URL (``s3://...``, see :mod:`extractor.urls`) is opened through fsspec and handed over
+as a file object under the same demuxer allowlist, so FFmpeg never sees the URL. An image (PNG,
+JPEG, GIF, ...), a playlist (ffconcat, HLS) or any other format FFmpeg knows is an
+:class:`UnsupportedFormat` whatever the file is called, so a crafted upload cannot make FFmpeg
+read other files or URLs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import av.error
 import numpy as np
 from av.video.reformatter import VideoReformatter
+
+from extractor.urls import VideoPath, is_url, local_or_url, open_url, url_info
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ class VideoTooLarge(VideoError):
 VIDEO_DEMUXERS: tuple[str, ...] = ("mov", "matroska", "avi", "mpegts", "mpeg", "flv", "asf", "ogg")
 ACCEPTED = "mp4/mov, matroska/webm, avi, mpeg-ts, mpeg-ps, flv, asf/wmv, ogg"
 _OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(VIDEO_DEMUXERS)}
+# a file object: FFmpeg reads through Python and may open nothing itself
+_FILEOBJ_OPTIONS = {"protocol_whitelist": "none", "format_whitelist": ",".join(VIDEO_DEMUXERS)}
 _PLAYLIST_HEADS = {b"ffconcat": "an FFmpeg concat playlist", b"#EXTM3U": "an M3U/HLS playlist"}
 
 
@@ -72,7 +81,20 @@ class VideoInfo:
     n_frames_hint: int | None
 
 
-def _check_path(path: Path) -> None:
+def _check_path(path: VideoPath) -> None:
+    if is_url(path):
+        try:
+            info = url_info(str(path))
+        except (OSError, ValueError, ImportError) as exc:
+            raise VideoError(f"{str(path)!r}: cannot be opened: {exc}") from exc
+        if info is None:
+            raise VideoError(f"{str(path)!r}: no such file")
+        if info.get("type") == "directory":
+            raise VideoError(f"{str(path)!r}: is a directory, not a video file")
+        if not info.get("size"):
+            raise VideoError(f"{str(path)!r}: empty file (0 bytes)")
+        return
+    path = Path(path)
     if not path.exists():
         raise VideoError(f"{str(path)!r}: no such file")
     if path.is_dir():
@@ -85,13 +107,18 @@ def _is_video_demuxer(name: str) -> bool:
     return any(n in VIDEO_DEMUXERS for n in name.split(","))
 
 
-def _detected_format(path: Path) -> str | None:
+def _open_bytes(path: VideoPath) -> Any:
+    """A binary file object on ``path`` (through fsspec for a URL)."""
+    return open_url(str(path)) if is_url(path) else Path(path).open("rb")
+
+
+def _detected_format(path: VideoPath) -> str | None:
     """What FFmpeg takes ``path`` for, found without letting it open anything else: the file is
     handed over as a Python file object and every protocol is refused. None when even that fails
     (a playlist's demuxer fails opening its first entry)."""
     try:
         with (
-            path.open("rb") as fh,
+            _open_bytes(path) as fh,
             av.open(fh, mode="r", options={"protocol_whitelist": "none"}) as container,
         ):
             return str(container.format.name)
@@ -99,9 +126,9 @@ def _detected_format(path: Path) -> str | None:
         return None
 
 
-def _refusal(path: Path) -> str | None:
+def _refusal(path: VideoPath) -> str | None:
     """Why ``path`` is not an accepted container, or None when it seems to be one."""
-    with path.open("rb") as fh:
+    with _open_bytes(path) as fh:
         head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
     for magic, what in _PLAYLIST_HEADS.items():
         if head.startswith(magic):
@@ -114,11 +141,30 @@ def _refusal(path: Path) -> str | None:
     return f"FFmpeg reads it as {name!r}"
 
 
-def _open(path: Path) -> av.container.InputContainer:
+@contextlib.contextmanager
+def _open(path: VideoPath) -> Iterator[av.container.InputContainer]:
+    """The open container of an accepted video file (closed on exit); :class:`VideoError`
+    naming ``path`` otherwise. A URL is read through an fsspec file object."""
     _check_path(path)
+    with contextlib.ExitStack() as stack:
+        if is_url(path):
+            try:
+                fh = stack.enter_context(open_url(str(path)))
+            except OSError as exc:
+                raise VideoError(f"{str(path)!r}: cannot be opened: {exc}") from exc
+            container = _open_container(path, fh, _FILEOBJ_OPTIONS)
+        else:
+            # "file:" so that no part of the name is taken for a protocol ("concat:", "http:")
+            container = _open_container(path, f"file:{path}", _OPEN_OPTIONS)
+        with container:
+            yield container
+
+
+def _open_container(
+    path: VideoPath, source: Any, options: dict[str, str]
+) -> av.container.InputContainer:
     try:
-        # "file:" so that no part of the name is taken for a protocol ("concat:", "http:")
-        container = av.open(f"file:{path}", mode="r", options=dict(_OPEN_OPTIONS))
+        container = av.open(source, mode="r", options=dict(options))
     except av.error.FFmpegError as exc:
         # A demuxer outside the allowlist is refused with EINVAL before it reads its header
         why = _refusal(path) if isinstance(exc, av.error.ArgumentError) else None
@@ -148,7 +194,7 @@ def _ffmpeg_reason(exc: BaseException) -> str:
     return str(text).split(":", 1)[0].strip() or type(exc).__name__
 
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+def _video_stream(container: av.container.InputContainer, path: VideoPath) -> av.VideoStream:
     if not container.streams.video:
         kinds = sorted({str(s.type) for s in container.streams}) or ["none"]
         raise VideoError(
@@ -183,7 +229,7 @@ def _info(stream: av.VideoStream) -> VideoInfo:
 
 def probe(path: str | Path) -> VideoInfo:
     """The first video stream's rate, size, codec and declared frame count, without decoding."""
-    p = Path(path)
+    p = local_or_url(path)
     with _open(p) as container:
         return _info(_video_stream(container, p))
 
@@ -193,7 +239,7 @@ def truncation_tolerance(declared: int) -> int:
     return max(2, declared // 100)
 
 
-def check_frame_count(path: Path, decoded: int, declared: int | None) -> None:
+def check_frame_count(path: VideoPath, decoded: int, declared: int | None) -> None:
     """Raise :class:`VideoError` when a video decoded to more than
     :func:`truncation_tolerance` fewer frames than its container declares (``declared``: 0 or
     None when it declares none); a smaller shortfall is logged."""
@@ -207,7 +253,7 @@ def check_frame_count(path: Path, decoded: int, declared: int | None) -> None:
     log.warning("%s: decoded %d of %d declared frames", path, decoded, declared)
 
 
-def _decode(p: Path, threads: bool) -> Iterator[av.VideoFrame]:
+def _decode(p: VideoPath, threads: bool) -> Iterator[av.VideoFrame]:
     with _open(p) as container:
         stream = _video_stream(container, p)
         if threads:
@@ -241,13 +287,13 @@ def iter_frames(path: str | Path, *, threads: bool = True) -> Iterator[np.ndarra
     ``threads`` lets FFmpeg decode with its own frame/slice threads.
     """
     rgb = VideoReformatter()  # one cached conversion context for the whole video
-    for frame in _decode(Path(path), threads):
+    for frame in _decode(local_or_url(path), threads):
         yield rgb.reformat(frame, format="rgb24").to_ndarray()
 
 
 def count_frames(path: str | Path) -> int:
     """The number of frames :func:`iter_frames` yields (a full decode; raises like it)."""
-    return sum(1 for _ in _decode(Path(path), True))
+    return sum(1 for _ in _decode(local_or_url(path), True))
 
 
 def count_packets(path: str | Path) -> int:
@@ -261,7 +307,7 @@ def count_packets(path: str | Path) -> int:
     :class:`VideoError` like :func:`probe`; a container damaged part-way counts the packets
     before the damage (decoding it then fails with the reason).
     """
-    p = Path(path)
+    p = local_or_url(path)
     n = 0
     with _open(p) as container:
         stream = _video_stream(container, p)

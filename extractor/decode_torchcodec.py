@@ -42,6 +42,7 @@ from extractor.decode import (
     check_frame_count,
     iter_frames,
 )
+from extractor.urls import is_url
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ DECODERS = ("auto", "pyav", "torchcodec")
 
 #: Reads one video: yields its frames, ``[H, W, 3]`` uint8 RGB (NumPy, or a torch tensor that may
 #: live on a CUDA device).
-FrameReader = Callable[[Path], Iterator[np.ndarray | torch.Tensor]]
+FrameReader = Callable[[Path | str], Iterator[np.ndarray | torch.Tensor]]
 
 
 class TorchcodecError(VideoError):
@@ -184,7 +185,10 @@ def make_frame_reader(decoder: str = "auto", device: str | torch.device = "cpu")
         return iter_frames
     fallback = decoder == "auto"
 
-    def read(path: Path) -> Iterator[np.ndarray | torch.Tensor]:
+    def read(path: Path | str) -> Iterator[np.ndarray | torch.Tensor]:
+        if is_url(path):  # torchcodec would hand the URL to FFmpeg: read it through fsspec
+            yield from iter_frames(path)
+            return
         try:
             for frame in iter_frames_torchcodec(path, device=dev):
                 yield frame.numpy() if frame.device.type == "cpu" else frame

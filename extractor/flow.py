@@ -46,9 +46,11 @@ _DIS_PRESETS = {
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes (a URL read through fsspec, see :mod:`extractor.urls`)."""
+    from extractor.urls import is_url, open_url
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_url(str(path)) if is_url(path) else open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,13 @@ from extractor.sources import Source, make_sources
 from extractor.spec import BackboneSpec
 from storage import FeatureStore
 
+if TYPE_CHECKING:
+    from extractor.ray_engine import RayOptions
+
 log = logging.getLogger(__name__)
+
+
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -125,7 +131,7 @@ class _Video:
     sha256: str | None = None
 
 
-def _video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) -> dict[str, Any]:
+def video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "source": str(source.path),
         "source_sha256": sha256,
@@ -142,7 +148,7 @@ def _video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) 
     return meta
 
 
-def _stream_times(done: VideoDone, streams: Sequence[str]) -> dict[str, list[float]]:
+def stream_times(done: VideoDone, streams: Sequence[str]) -> dict[str, list[float]]:
     """Per stream the presentation time of every stored row (the kept frames')."""
     if done.frame_times is None:
         return {}
@@ -181,15 +187,7 @@ class _Writer(threading.Thread):
     ) -> bool:
         vid = source.video_id
         try:
-            if self.store.status(vid) == "complete":  # adding streams: keep the others
-                for name in self.store.streams(vid):
-                    if name not in streams and self.store.n_frames(vid, name) == n:
-                        streams[name] = self.store.read(vid, name, dtype=np.float16)
-                        _keep_times(meta, name)
-                _keep_maps(self.store, vid, streams, meta)
-            self.store.write_video(
-                vid, streams, label=source.label, split=source.split, group=source.group, meta=meta
-            )
+            store_video(self.store, source, streams, meta, n)
         except Exception as exc:
             log.exception("writing %s failed", vid)
             self._fail(source, f"{str(source.path)!r}: could not write its features: {exc}")
@@ -202,17 +200,7 @@ class _Writer(threading.Thread):
     def _fail(self, source: Source, reason: str) -> None:
         with self.lock:
             self.summary.failed[source.video_id] = reason
-        try:
-            self.store.mark_failed(
-                source.video_id,
-                reason,
-                label=source.label,
-                split=source.split,
-                group=source.group,
-                meta={"source": str(source.path)},
-            )
-        except Exception:
-            log.exception("could not record the failure of %s", source.video_id)
+        record_failure(self.store, source, reason)
 
     def finish(self) -> None:
         self.jobs.put(None)
@@ -224,6 +212,42 @@ def _keep_times(meta: dict[str, Any], name: str) -> None:
     times = meta.get("times")
     if times and name not in times:
         times[name] = next(iter(times.values()))
+
+
+def store_video(
+    store: FeatureStore,
+    source: Source,
+    streams: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    n: int,
+) -> None:
+    """Write one finished video (``n`` kept frames) and mark it complete; a video already
+    complete with other streams keeps them (its streams of the same length, its maps)."""
+    vid = source.video_id
+    if store.status(vid) == "complete":  # adding streams: keep the others
+        for name in store.streams(vid):
+            if name not in streams and store.n_frames(vid, name) == n:
+                streams[name] = store.read(vid, name, dtype=np.float16)
+                _keep_times(meta, name)
+        _keep_maps(store, vid, streams, meta)
+    store.write_video(
+        vid, streams, label=source.label, split=source.split, group=source.group, meta=meta
+    )
+
+
+def record_failure(store: FeatureStore, source: Source, reason: str) -> None:
+    """Mark ``source`` failed with ``reason`` (logged, never raised, when even that fails)."""
+    try:
+        store.mark_failed(
+            source.video_id,
+            reason,
+            label=source.label,
+            split=source.split,
+            group=source.group,
+            meta={"source": str(source.path)},
+        )
+    except Exception:
+        log.exception("could not record the failure of %s", source.video_id)
 
 
 def _keep_maps(
@@ -246,7 +270,7 @@ def _keep_maps(
         meta["map_stride"] = old.get("map_stride")
 
 
-def _todo(
+def todo_sources(
     store: FeatureStore,
     sources: Sequence[Source],
     streams: Sequence[str],
@@ -304,7 +328,7 @@ def run_extraction(
     class_names = sorted({s.label for s in sources if s.label is not None})
     fstore = FeatureStore.create(store, extractor=extractor.config(), class_names=class_names)
     summary = ExtractionSummary(store=str(store))
-    todo = _todo(fstore, sources, extractor.streams + extractor.map_streams, shard, summary)
+    todo = todo_sources(fstore, sources, extractor.streams + extractor.map_streams, shard, summary)
     if todo:
         log.info(
             "extracting %d videos (%d already complete, %d in other shards) into %s",
@@ -560,8 +584,8 @@ class _Batcher:
         if not np.array_equal(got, v.done.frame_indices):  # internal invariant
             raise AssertionError(f"{v.source.video_id}: frames {got} != {v.done.frame_indices}")
         assert v.sha256 is not None
-        meta = _video_meta(v.source, v.done, v.sha256, self.subsampled)
-        meta["times"] = _stream_times(v.done, self.extractor.streams)
+        meta = video_meta(v.source, v.done, v.sha256, self.subsampled)
+        meta["times"] = stream_times(v.done, self.extractor.streams)
         if self.extractor.map_streams:
             names, stride = self.extractor.map_streams, self.extractor.map_stride
             feats.update(_video_maps(v, names, stride, meta))
@@ -651,8 +675,15 @@ def run_extract(
     progress_interval: float = DEFAULT_INTERVAL,
     sample_fps: float | None = None,
     window_stride: int | None = None,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> ExtractionSummary:
     """``framepool extract`` as a function: expand inputs, build the extractor, run the pipeline.
+
+    ``engine``: ``local`` (this process: decode threads, the model, a writer thread) or ``ray``
+    (a Ray Data pipeline on a cluster, :mod:`extractor.ray_engine`, set up by ``ray``; needs
+    ``pip install "framepool[ray]"``; ``workers`` and ``decoder`` then do not apply: CPU tasks
+    decode with PyAV, as many as the cluster holds).
 
     ``spec`` (default: :class:`~extractor.spec.BackboneSpec`'s defaults) says which backbones,
     flow and dtype compute the features; ``batch_size`` frames go through the model at once and
@@ -690,12 +721,38 @@ def run_extract(
     part = parse_shard(shard) if isinstance(shard, str) else shard
     if part is None:
         part = shard_from_env()
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if not maps and (map_dim is not None or map_stride != 1):
+        raise ValueError("map_dim and map_stride apply only when a map stream is requested")
     sources = make_sources(inputs, labels=labels)
     if spec.arch.startswith("hf:"):
+        if engine != "local":
+            raise ValueError(f"arch {spec.arch}: window backbones run on the local engine only")
         return _run_windows(sources, store, spec, device, batch_size, part, stride, max_frames,
                             maps, progress, sample_fps, window_stride)  # fmt: skip
     if window_stride is not None:
         raise ValueError("window_stride applies to window backbones (arch hf:<model>) only")
+    if engine == "ray":
+        from extractor.ray_engine import run_extraction_ray
+
+        return run_extraction_ray(
+            sources,
+            store,
+            replace(spec, streams=streams),
+            maps=tuple(maps),
+            map_dim=map_dim,
+            map_stride=map_stride,
+            map_seed=map_seed,
+            device=device,
+            batch_size=batch_size,
+            shard=part,
+            stride=stride,
+            max_frames=max_frames,
+            sample_fps=sample_fps,
+            progress=progress,
+            options=ray,
+        )
     extractor = FeatureExtractor(
         replace(spec, streams=streams), device=device, batch_size=batch_size
     )

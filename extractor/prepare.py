@@ -59,6 +59,7 @@ from extractor.transforms import (
     to_gray,
     zero_flow_field,
 )
+from extractor.urls import local_or_url
 
 
 @dataclass
@@ -214,7 +215,7 @@ def prepare_video(
         appearance_input=appearance_input,
     )
     n = 0
-    for t, frame in enumerate(reader(Path(path))):
+    for t, frame in enumerate(reader(local_or_url(path))):
         if should_stop is not None and should_stop():
             return
         if max_decoded_frames is not None and t >= max_decoded_frames:

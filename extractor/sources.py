@@ -14,6 +14,10 @@
   each group on one side of its validation split.
 - Video ids: the safe file stem, deterministic whatever the input order
   (:func:`storage.assign_video_ids`).
+- URLs (``s3://bucket/videos/``, ``gs://...``; see :mod:`extractor.urls`) work as paths do:
+  a URL folder is searched recursively through fsspec, a ``.txt`` URL is a list (relative entries
+  relative to its folder), a list may name URLs, and a video's label defaults to the name of the
+  folder holding it. URLs stay URLs (strings); local paths are absolute :class:`~pathlib.Path`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from extractor.urls import (
+    VideoPath,
+    is_url,
+    join_url,
+    list_url_folder,
+    read_url_text,
+    url_name,
+    url_parent,
+)
 from storage import assign_video_ids
 
 log = logging.getLogger(__name__)
@@ -40,7 +53,7 @@ LIST_SUFFIX = ".txt"
 class Source:
     """One video to extract."""
 
-    path: Path  # absolute
+    path: VideoPath  # an absolute Path, or a URL
     video_id: str
     label: str | None
     split: str | None
@@ -52,31 +65,60 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser()))
 
 
-def _read_list(path: Path) -> list[Path]:
-    if not path.is_file():
-        raise FileNotFoundError(f"video list {str(path)!r} does not exist")
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+def _list_entries(text: str) -> Iterator[str]:
+    for line in text.splitlines():
         entry = line.strip()
-        if not entry or entry.startswith("#"):
+        if entry and not entry.startswith("#"):
+            yield entry
+
+
+def _read_list(path: VideoPath) -> list[VideoPath]:
+    """The entries of a list file (local or a URL), relative ones taken relative to its folder."""
+    if is_url(path):
+        url = str(path)
+        try:
+            text = read_url_text(url)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"video list {url!r} does not exist") from None
+        return [join_url(url_parent(url), e) for e in _list_entries(text)]
+    local = Path(path)
+    if not local.is_file():
+        raise FileNotFoundError(f"video list {str(local)!r} does not exist")
+    out: list[VideoPath] = []
+    for entry in _list_entries(local.read_text(encoding="utf-8")):
+        if is_url(entry):
+            out.append(entry)
             continue
         p = Path(entry).expanduser()
-        out.append(p if p.is_absolute() else path.parent / p)
+        out.append(p if p.is_absolute() else local.parent / p)
     return out
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Absolute video paths (first occurrence of duplicates kept) from files, folders, lists."""
-    seen: set[Path] = set()
-    out: list[Path] = []
+def expand_inputs(inputs: Iterable[str | Path]) -> list[VideoPath]:
+    """Absolute video paths and URLs (first occurrence of duplicates kept) from files, folders,
+    lists."""
+    seen: set[VideoPath] = set()
+    out: list[VideoPath] = []
 
-    def add(p: Path) -> None:
-        a = _absolute(p)
+    def add(p: VideoPath) -> None:
+        a: VideoPath = p if is_url(p) else _absolute(Path(p))
         if a not in seen:
             seen.add(a)
             out.append(a)
 
     for item in inputs:
+        if is_url(item):
+            url = str(item)
+            found = list_url_folder(url, VIDEO_SUFFIXES)
+            if found is not None:
+                for entry_url in found:
+                    add(entry_url)
+            elif url_name(url).lower().endswith(LIST_SUFFIX):
+                for entry in _read_list(url):
+                    add(entry)
+            else:
+                add(url)
+            continue
         p = Path(item).expanduser()
         if p.is_dir():
             for f in sorted(p.rglob("*")):
@@ -84,7 +126,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                     add(f)
         elif p.suffix.lower() == LIST_SUFFIX:
             for entry in _read_list(p):
-                if entry.is_dir():
+                if isinstance(entry, Path) and entry.is_dir():
                     raise ValueError(f"list {str(p)!r} names a folder, {str(entry)!r}; list files")
                 add(entry)
         else:
@@ -99,18 +141,21 @@ LabelEntry = tuple[str, str | None, str | None]  # label, split, group
 class LabelTable:
     """Labels (and splits, groups) from a CSV, looked up by absolute path or unique file name."""
 
-    by_path: dict[Path, LabelEntry]
+    by_path: dict[VideoPath, LabelEntry]
     by_name: dict[str, LabelEntry]
     rows: tuple[tuple[int, str, Path], ...] = ()  # (line, path as written, absolute path)
 
-    def get(self, path: Path) -> LabelEntry | None:
-        return self.by_path.get(_absolute(path)) or self.by_name.get(path.name)
+    def get(self, path: VideoPath) -> LabelEntry | None:
+        if is_url(path):
+            return self.by_path.get(str(path)) or self.by_name.get(url_name(str(path)))
+        p = Path(path)
+        return self.by_path.get(_absolute(p)) or self.by_name.get(p.name)
 
-    def missing_rows(self, paths: Sequence[Path]) -> list[tuple[int, str]]:
-        """``(line, path as written)`` of the rows whose file does not exist and that label none
-        of ``paths`` (a bare file name labels any input of that name)."""
-        inputs = {_absolute(p) for p in paths}
-        names = {p.name for p in paths}
+    def missing_rows(self, paths: Sequence[VideoPath]) -> list[tuple[int, str]]:
+        """``(line, path as written)`` of the local rows whose file does not exist and that label
+        none of ``paths`` (a bare file name labels any input of that name)."""
+        inputs = {_absolute(Path(p)) for p in paths if not is_url(p)}
+        names = {url_name(str(p)) if is_url(p) else Path(p).name for p in paths}
         return [
             (line, text)
             for line, text, absolute in self.rows
@@ -145,7 +190,7 @@ def read_csv_rows(
 def read_labels(csv_path: str | Path) -> LabelTable:
     """Read ``path,label[,split][,group]`` rows (with a header) from ``csv_path``."""
     p = Path(csv_path).expanduser()
-    by_path: dict[Path, LabelEntry] = {}
+    by_path: dict[VideoPath, LabelEntry] = {}
     names: dict[str, list[LabelEntry]] = {}
     rows: list[tuple[int, str, Path]] = []
     what = f"labels file {str(p)!r}"
@@ -153,6 +198,9 @@ def read_labels(csv_path: str | Path) -> LabelTable:
         read_csv_rows(p, what, ("path", "label"), "path,label[,split][,group]"), start=2
     ):
         entry = (row["label"], row.get("split") or None, row.get("group") or None)
+        if is_url(row["path"]):
+            by_path[row["path"]] = entry
+            continue
         rel = Path(row["path"]).expanduser()
         absolute = _absolute(rel if rel.is_absolute() else p.parent / rel)
         by_path[absolute] = entry
@@ -189,7 +237,8 @@ def make_sources(
         )
     if missing not in ("error", "keep"):
         raise ValueError(f"missing must be 'error' or 'keep', got {missing!r}")
-    absent = [str(p) for p in paths if not p.exists()]
+    # URLs are not checked one by one here (a request each): a missing one fails when extracted
+    absent = [str(p) for p in paths if not is_url(p) and not Path(p).exists()]
     if absent and missing == "error":
         raise FileNotFoundError(
             f"video paths that do not exist ({len(absent)} of {len(paths)}):{_listed(absent)}"
@@ -211,7 +260,7 @@ def make_sources(
         split: str | None = None
         group: str | None = None
         if table is None:
-            label = p.parent.name or None
+            label = (url_name(url_parent(str(p))) if is_url(p) else Path(p).parent.name) or None
         else:
             found = table.get(p)
             if found is None:

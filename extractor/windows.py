@@ -367,20 +367,20 @@ def run_window_extraction(
     back. Returns an :class:`extractor.pipeline.ExtractionSummary`."""
     from tqdm import tqdm
 
-    from extractor.pipeline import ExtractionSummary, _todo, _video_meta
+    from extractor.pipeline import ExtractionSummary, todo_sources, video_meta
     from storage import FeatureStore
 
     start = time.perf_counter()
     class_names = sorted({s.label for s in sources if s.label is not None})
     fstore = FeatureStore.create(store, extractor=extractor.config(), class_names=class_names)
     summary = ExtractionSummary(store=str(store))
-    todo = _todo(fstore, sources, extractor.streams, shard, summary)
+    todo = todo_sources(fstore, sources, extractor.streams, shard, summary)
     pending: list[_Pending] = []
     queue: list[tuple[_Pending, np.ndarray]] = []
 
     def write(v: _Pending) -> None:
         src = todo[v.key]
-        meta = _video_meta(src, v.done, sha256_file(src.path), sample_fps is not None)
+        meta = video_meta(src, v.done, sha256_file(src.path), sample_fps is not None)
         meta.update(window_meta(v.done, v.bounds))
         feats = {"appearance": np.concatenate(v.rows)}
         try:

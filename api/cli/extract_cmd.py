@@ -53,6 +53,16 @@ def _extract_streams(text: str) -> str:
 
 
 DECODERS = ("auto", "pyav", "torchcodec")  # extractor.decode_torchcodec.DECODERS, without torch
+ENGINES = ("local", "ray")  # extractor.pipeline.ENGINES, without torch
+RAY_FLAGS = {
+    "ray_address": "address",
+    "model_actors": "model_actors",
+    "model_gpus": "model_gpus",
+    "model_cpus": "model_cpus",
+    "prepare_cpus": "prepare_cpus",
+    "prepare_tasks": "prepare_tasks",
+    "videos_per_call": "videos_per_call",
+}
 
 
 def register(sub: Any) -> None:
@@ -136,6 +146,42 @@ def register(sub: Any) -> None:
         help="--arch hf:<model>: kept frames between window starts (default: the model's "
         "frames per window)",
     )
+    e = p.add_argument_group(
+        "engine (--engine ray: a Ray Data pipeline on a cluster; pip install 'framepool[ray]')"
+    )
+    e.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (default); ray: CPU tasks decode, model actors embed, "
+        "tasks write, across a Ray cluster",
+    )
+    e.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto); default: RAY_ADDRESS, "
+        "else a Ray instance on this machine",
+    )
+    e.add_argument(
+        "--model-actors", type=positive_int, help="model actors (default: one per GPU, or per node)"
+    )
+    e.add_argument(
+        "--model-gpus", type=non_negative_float, help="GPUs per model actor (default 1 with GPUs)"
+    )
+    e.add_argument("--model-cpus", type=non_negative_float, help="CPUs per model actor (default 1)")
+    e.add_argument(
+        "--prepare-cpus", type=non_negative_float, help="CPUs per decoding task (default 1)"
+    )
+    e.add_argument(
+        "--prepare-tasks",
+        type=positive_int,
+        help="decoding tasks at once (default: as many as the cluster holds)",
+    )
+    e.add_argument(
+        "--videos-per-call",
+        type=positive_int,
+        help="videos handed to a model actor at once (default 4)",
+    )
     m = p.add_argument_group("spatial maps (--streams ...,appearance_map,motion_map)")
     m.add_argument(
         "--map-dim", type=positive_int, help="reduce map channels to N by a seeded projection"
@@ -183,11 +229,28 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--map-dim and --map-stride need a map stream in --streams")
     if args.sample_fps is not None and (args.stride != 1 or args.max_frames is not None):
         raise UsageError("--fps replaces --stride and --max-frames: give one or the other")
+    given = {flag: getattr(args, flag) for flag in RAY_FLAGS if getattr(args, flag) is not None}
+    if args.engine != "ray" and given:
+        names = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise UsageError(f"{names} apply only with --engine ray")
+    ray_options = None
+    if args.engine == "ray":
+        import importlib.util
+
+        from extractor.ray_engine import RAY_MISSING, RayOptions
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError(RAY_MISSING)
+        ray_options = RayOptions(
+            **{RAY_FLAGS[flag]: value for flag, value in given.items()},
+            verbose=args.verbose > 0,
+        )
     check_before_models(args)
     from extractor.pipeline import run_extract
 
     pooled = [s for s in streams if s not in MAP_STREAMS]
     spec = backbone_spec_from(args, pooled, dtype=PRECISION_DTYPES[args.precision])
+    progress = not args.no_progress
     summary = run_extract(
         args.inputs,
         args.store,
@@ -200,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         shard=shard,
         stride=args.stride,
         max_frames=args.max_frames,
-        progress=not args.no_progress,
+        progress=progress,
         progress_interval=args.progress_interval,
         map_dim=args.map_dim,
         map_stride=args.map_stride,
@@ -208,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         decoder=args.decoder,
         sample_fps=args.sample_fps,
         window_stride=args.window_stride,
+        engine=args.engine,
+        ray=ray_options,
     )
     print(summary.format())
     return exit_status(summary)

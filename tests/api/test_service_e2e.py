@@ -140,8 +140,11 @@ def test_model_selection(client: TestClient, real_videos: list[Path]) -> None:
     body = predict(client, clip, max_frames=4, model=tp["id"])
     assert body["model"] == tp["id"] and body["head"] == "tp"
     assert body["beta"] == tp["beta"]
+    # the run directory's name and the head name the same run
+    for name in ("run-tp", "tp"):
+        assert predict(client, clip, max_frames=4, model=name)["model"] == tp["id"]
     r = client.post(
-        "/v1/predict", params={"model": "run-tp"}, files={"file": ("c", clip.read_bytes())}
+        "/v1/predict", params={"model": "run-xyz"}, files={"file": ("c", clip.read_bytes())}
     )
     assert r.status_code == 404 and tp["id"] in r.json()["detail"]
 

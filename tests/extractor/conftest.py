@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -78,3 +84,86 @@ def bad_inputs(
         "truncated_mp4": truncated_mp4,
         "missing": d / "does_not_exist.mp4",
     }
+
+
+# ------------------------------------------------------------------ Ray and S3 (shared per session)
+RAY_NODE_CPUS = 2
+RAY_OBJECT_STORE = 300 * 2**20
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One Ray cluster for the whole test session: a head node of 2 CPUs and a 300 MB object
+    store on this machine (``ray.cluster_utils.Cluster``, so that a test can add a node and
+    remove it), this process connected as its driver. Shut down at the end."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": RAY_NODE_CPUS,
+            "object_store_memory": RAY_OBJECT_STORE,
+            "include_dashboard": False,
+        },
+    )
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server on 127.0.0.1 and the settings that reach it."""
+
+    endpoint: str
+    env: dict[str, str]  # for worker processes (fsspec reads FSSPEC_S3_* when imported)
+
+    def filesystem(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint, key="testing", secret="testing", use_listings_cache=False
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on a free port of 127.0.0.1, with fsspec in this process pointed at it."""
+    pytest.importorskip("s3fs")
+    import fsspec.config
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+    }
+    old_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    old_conf = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    try:
+        yield S3Server(endpoint, env)
+    finally:
+        if old_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = old_conf
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
