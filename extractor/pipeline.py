@@ -751,6 +751,7 @@ def run_extract(
             max_frames=max_frames,
             sample_fps=sample_fps,
             progress=progress,
+            progress_interval=progress_interval,
             options=ray,
         )
     extractor = FeatureExtractor(

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from extractor.prepare import FrameChunk, VideoDone, check_selection, prepare_video
-from extractor.ray_progress import ClusterProgress
+from extractor.progress import DEFAULT_INTERVAL, ExtractProgress
 from extractor.sources import Source
 from extractor.spec import BackboneSpec
 from extractor.transforms import AppearanceInput
@@ -659,6 +659,7 @@ def run_extraction_ray(
     max_frames: int | None = None,
     sample_fps: float | None = None,
     progress: bool = True,
+    progress_interval: float = DEFAULT_INTERVAL,
     options: RayOptions | None = None,
 ) -> ExtractionSummary:
     """Extract ``sources`` into ``store`` on a Ray cluster; returns an
@@ -696,6 +697,7 @@ def run_extraction_ray(
                 max_frames=max_frames,
                 sample_fps=sample_fps,
                 progress=progress,
+                progress_interval=progress_interval,
                 options=options,
                 start=start,
             )
@@ -721,6 +723,7 @@ def _run(
     max_frames: int | None,
     sample_fps: float | None,
     progress: bool,
+    progress_interval: float,
     options: RayOptions,
     start: float,
 ) -> ExtractionSummary:
@@ -763,7 +766,7 @@ def _run(
             sample_fps=sample_fps,
         )
         results = _dataset(ray, todo, plan, model, options, gpus, actors)
-        bar = ClusterProgress(len(todo), enabled=progress)
+        bar = ExtractProgress(len(todo), enabled=progress, interval=progress_interval)
         seen: set[str] = set()
         try:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
@@ -782,7 +785,11 @@ def _run(
                         summary.frames += int(frames)
                     else:
                         summary.failed[str(vid)] = str(error)
-                    bar.update(complete=status == "complete", frames=int(frames))
+                    bar.frames(int(frames))
+                    if status == "complete":
+                        bar.video_done()
+                    else:
+                        bar.video_failed()
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - start

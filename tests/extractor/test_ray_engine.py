@@ -40,7 +40,12 @@ FRAMES = 4  # kept frames per clip
 
 
 def extract(
-    inputs: Sequence[str | Path], store: str | Path, *, engine: str = "ray", **ray: Any
+    inputs: Sequence[str | Path],
+    store: str | Path,
+    *,
+    engine: str = "ray",
+    progress: bool = False,
+    **ray: Any,
 ) -> ExtractionSummary:
     return run_extract(
         inputs,
@@ -51,7 +56,8 @@ def extract(
         map_stride=2,
         device="cpu",
         max_frames=FRAMES,
-        progress=False,
+        progress=progress,
+        progress_interval=0,  # a line at every finished video (stderr is not a terminal here)
         engine=engine,
         ray=RayOptions(**ray) if engine == "ray" else None,
     )
@@ -117,17 +123,26 @@ def assert_same_features(store: str | Path, reference: FeatureStore, ids: Sequen
         np.testing.assert_allclose(got_map, want_map, rtol=2e-3, atol=2e-3, err_msg=vid)
         for key in ("map_frame_indices", "map_stride"):
             assert fs.video_attrs(vid)[key] == reference.video_attrs(vid)[key], (vid, key)
+        times, want_times = fs.times(vid, "appearance"), reference.times(vid, "appearance")
+        assert not times.derived  # measured by the decoder, as the local engine's
+        np.testing.assert_array_equal(times.seconds, want_times.seconds)
 
 
 def test_ray_engine_equals_local_and_records_bad_files(
     ray_cluster: Any,
+    capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     real_videos: list[Path],
     bad_inputs: dict[str, Path],
     local_reference: FeatureStore,
 ) -> None:
     store = tmp_path / "ray.zarr"
-    summary = extract([*real_videos, *bad_inputs.values()], store, videos_per_call=3)
+    summary = extract([*real_videos, *bad_inputs.values()], store, progress=True, videos_per_call=3)
+    lines = capsys.readouterr().err.splitlines()
+    n = len(real_videos) + len(bad_inputs)
+    progress = [line for line in lines if line.startswith("extract: ")]
+    assert progress[-1].startswith(f"extract: {n}/{n} videos"), lines  # one line for the cluster
+    assert progress[-1].endswith(f"{len(bad_inputs)} failed") and "frames/s" in progress[-1]
     ids = local_reference.videos()
     assert summary.complete == ids
     assert summary.frames == FRAMES * len(ids)
@@ -355,21 +370,3 @@ def test_missing_ray_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r'pip install "framepool\[ray\]"'):
         import_ray()
-
-
-def test_one_progress_line_for_the_cluster() -> None:
-    import io
-
-    from extractor.ray_progress import ClusterProgress
-
-    out = io.StringIO()  # not a terminal: a line per interval and one at the end
-    bar = ClusterProgress(3, stream=out, interval=3600)
-    bar.update(complete=True, frames=40)
-    bar.update(complete=False)
-    assert out.getvalue().count("\n") == 1  # the first video; then quiet within the interval
-    bar.update(complete=True, frames=20)
-    bar.close()
-    first, last = out.getvalue().splitlines()
-    assert first.startswith("extract: 1/3 videos, 0 failed, ") and "ETA " in first
-    assert last.startswith("extract: 3/3 videos, 1 failed, ") and last.endswith("ETA -")
-    assert "frames/s" in last
