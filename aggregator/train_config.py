@@ -68,7 +68,11 @@ class TrainConfig:
             (None: never); there are :data:`EVALUATIONS` passes per phase.
         standardize: standardise every stream's features with training-split statistics.
         probe: fit the logistic-regression references (global mean, pyramid node means of
-            ``probe_levels`` levels) and report them beside the head.
+            ``probe_levels`` levels) and report them beside the head, and compare the head
+            with them on the validation folds.
+        probe_start: start a head that can represent its probe (``gap``, ``tp`` concat,
+            ``tpp``) from the probe's solution, and keep that start when it validates at
+            least as well as the trained head (:mod:`aggregator.probe_start`).
         inputs: ``nodes`` (cached summaries in memory) or ``frames`` (padded frames).
         pyramid_leaves: hold the temporal pyramid's nodes as their leaves (exact, cheaper).
         precision: ``bf16`` trains under bfloat16 autocast; ``auto`` picks it where native.
@@ -111,6 +115,7 @@ class TrainConfig:
     standardize: bool = True
     probe: bool = True
     probe_levels: int = 4
+    probe_start: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "streams", tuple(dict.fromkeys(self.streams)))
