@@ -26,8 +26,8 @@ MIN_BATCH = 8
 DEFAULT_LR_GRID = {"adam": (1e-3, 1e-2, 1e-1), "sgd": (1e-3, 1e-2, 1e-1)}
 DEFAULT_WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2)
 EVALUATIONS = 20  # validation passes per training phase
-MIN_VALIDATION = 30  # validation videos the selection wants before it adds folds
-MAX_FOLDS = 3
+MIN_VALIDATION = 40  # validation videos the selection wants before it adds folds
+MAX_FOLDS = 4
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class TrainConfig:
             (per fold).
         min_validation, max_folds: where the validation part holds fewer than
             ``min_validation`` videos, the grid is also trained and scored on further folds of
-            the same size (disjoint, stratified, from the rest of the training split), up to
+            the same size (disjoint, stratified, from the rest of the training split, then
+            from repeated seeded shuffles of it once the disjoint ones run out), up to
             ``max_folds`` folds in all, and chosen on the pooled scores: top-1 on three held-out
             videos cannot tell nine configurations apart.
         refit: train the chosen values again on the whole training split (else keep the
