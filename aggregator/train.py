@@ -49,7 +49,7 @@ from aggregator.heads import (
     VideoModel,
     build_model,
 )
-from aggregator.heads.standardize import RunningMoments
+from aggregator.heads.standardize import MIN_STD, RunningMoments
 from aggregator.intervals import Intervals
 from aggregator.metrics import beta_by_level, chance_warnings, classification_metrics
 from aggregator.node_cache import NodeBlocks
@@ -369,6 +369,26 @@ def prepare_data(
     )
 
 
+def refuse_degenerate(config: TrainConfig, data: RunData) -> None:
+    """A clear error, before any training, for inputs a head cannot learn from: a stream
+    whose every feature is constant over the training videos, and ``stcb`` on streams that
+    are all one-dimensional (the compact bilinear feature of scalars is a single product, and
+    the signed square root and L2 normalisation that follow leave only its sign)."""
+    for s, (_, std) in data.stats.get("train", {}).items():
+        if float(std.max()) <= MIN_STD:
+            raise ValueError(
+                f"stream {s!r} is constant over the {data.n_fit + data.n_val} training videos "
+                f"(standard deviation <= {MIN_STD:g} in all {data.in_features[s]} features): "
+                "no head can learn from it"
+            )
+    if config.head == "stcb" and all(d == 1 for d in data.in_features.values()):
+        raise ValueError(
+            f"head 'stcb' on one-dimensional streams {sorted(data.in_features)}: their compact "
+            "bilinear feature is one product whose L2 normalisation leaves only its sign; "
+            "use gap, tpp or tp on one-dimensional inputs"
+        )
+
+
 SMALL_FEATURES = 64
 REFIT_DROP = 0.2  # training top-1 a healthy refit cannot lose against the selected weights
 
@@ -614,13 +634,17 @@ class Selection:
         return t.best[0], -t.best[1]
 
     def against_start(self) -> Selection:
-        """Keep the probe start when it validates at least as well (top-1 on the pooled
-        folds) as the chosen trained configuration: the trained head's score is the best of
-        a grid and of its validation passes, so on a tie the start is the more honest guess."""
+        """Keep the probe start unless the chosen trained configuration validates better on
+        the pooled folds on both counts: more videos right and a lower loss. Top-1 alone
+        cannot see a head whose confident mistakes cost many times the probe's loss (a linear
+        head trained at too large a learning rate keeps its argmax and loses its scale), and
+        the trained head's scores are the best of a grid and of its validation passes, so on
+        a tie the start is the more honest guess."""
         head = self.head_scores()
         if self.start is not None and head is not None:
             self.start["head_val_top1"], self.start["head_val_loss"] = head
-            self.keep_start = self.start["val_top1"] >= head[0]
+            better = head[0] > self.start["val_top1"] and head[1] < self.start["val_loss"]
+            self.keep_start = not better
             self.start["kept"] = "probe start" if self.keep_start else "trained head"
             log.info(
                 "%s probe start %.4f against the trained head %.4f on %d validation videos: "
@@ -1114,6 +1138,7 @@ def _train(
     probe_model = build(config, dict.fromkeys(config.streams, 1), 2)
     leaves = pyramid_leaf_streams(probe_model) if config.pyramid_leaves else []
     data = prepare_data(store, config, probe_model.input_specs, leaves, progress=progress)
+    refuse_degenerate(config, data)
     config = resolve_dropout(config, data.in_features, len(data.class_names))
     config = resolve_batch_norm(config)
     trainer = Trainer(config, data, dev, precision == "bf16")

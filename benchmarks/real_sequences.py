@@ -364,12 +364,17 @@ def main() -> None:
             )
             results[name] = {}
             for key in heads:
-                runs = []
+                runs, refused = [], ""
                 for seed in seeds:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    m = run_head(
-                        key, store, work / "runs" / name / key / str(seed), args.threads, seed
-                    )
+                    try:
+                        m = run_head(
+                            key, store, work / "runs" / name / key / str(seed), args.threads, seed
+                        )
+                    except ValueError as exc:  # the head refuses these inputs, and says why
+                        refused = str(exc)
+                        print(f"{name:15s} {key:11s} refused: {refused}", flush=True)
+                        break
                     runs.append(
                         seed_record(m, seed, time.perf_counter() - t0, time.process_time() - c0)
                     )
@@ -382,7 +387,7 @@ def main() -> None:
                         + " ".join(runs[-1]["warnings"]),
                         flush=True,
                     )
-                results[name][key] = over_seeds(runs)
+                results[name][key] = over_seeds(runs) if runs else {"refused": refused}
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -482,9 +487,11 @@ def print_table(
     )
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in heads) + " |")
     for name, r in results.items():
-        first = r[heads[0]]["probe"]
+        first = next(r[h]["probe"] for h in heads if "probe" in r[h])
         cells = [
-            f"{100 * r[h]['top1']:.1f} ± {100 * r[h].get('top1_std', 0.0):.1f} "
+            "refused"
+            if "refused" in r[h]
+            else f"{100 * r[h]['top1']:.1f} ± {100 * r[h].get('top1_std', 0.0):.1f} "
             f"({r[h]['seconds']:.0f} s)" + (" *" if r[h].get("warnings") else "")
             for h in heads
         ]
@@ -531,13 +538,15 @@ def check_targets(
     for name, r in results.items():
         chance = 1.0 / n_classes[name]
         for h, v in r.items():
+            if "refused" in v:
+                continue  # a clear error, not a silent result
             for run in v.get("seeds") or [v]:
                 if run["top1"] <= chance + 1e-9 and not run.get("warnings"):
                     lines.append(
                         f"FAIL {name} {h} seed {run.get('seed', 0)}: {100 * run['top1']:.1f} at "
                         f"or below chance ({100 * chance:.1f}) without a warning"
                     )
-        if "gap" in r:
+        if "gap" in r and "refused" not in r["gap"]:
             d = r["gap"]["top1"] - r["gap"]["probe"]["global_mean"]["top1"]
             if d < -0.02 - 1e-9:
                 lines.append(
@@ -550,8 +559,12 @@ def check_targets(
         # is listed for information, it cannot see where in time a feature is
         goal = h != "tp-average"
         diffs = {
-            n: r[h]["top1"] - r[h]["probe"]["pyramid_nodes"]["top1"] for n, r in results.items()
+            n: r[h]["top1"] - r[h]["probe"]["pyramid_nodes"]["top1"]
+            for n, r in results.items()
+            if "refused" not in r[h]
         }
+        if not diffs:
+            continue
         mean = float(np.mean(list(diffs.values())))
         worst = min(diffs, key=lambda n: diffs[n])
         ok = mean >= -0.02 - 1e-9 and diffs[worst] >= -0.05 - 1e-9  # 0.80 - 0.85 is -0.0500...04
