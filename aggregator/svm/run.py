@@ -847,11 +847,10 @@ def _write_run(
     save_torch(model, out / MODEL_FILE)
     betas = {s: f.state["beta"].numpy() for s, f in fits.items()}
     title = f"{out.name} (svm)"
-    histories = {s: f.info["history"] for s, f in fits.items()}
-    written = [
-        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title),
-        plot_convergence(histories, out / "svm_convergence.png", title=title),
-    ]
+    histories = {s: f.info["history"] for s, f in fits.items() if f.info["history"]}
+    written = [plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title)]
+    if histories:  # a stream that kept its probe has no SVM iterations to draw
+        written.append(plot_convergence(histories, out / "svm_convergence.png", title=title))
     if metrics["n_test"]:
         confusion, names = metrics["confusion_matrix"], config["class_names"]
         written.append(plots.plot_confusion(confusion, names, out / "confusion.png", title=title))

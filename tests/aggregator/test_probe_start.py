@@ -99,16 +99,17 @@ def five_per_class(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-# a learning rate that wrecks any head in a few steps: training would lose to the start
-HARMFUL: dict[str, Any] = {"lr_grid": (30.0,), "weight_decay_grid": (0.0, 1e-4), "steps": 40}
+# a budget that leaves a randomly started head where it began: training would lose to the probe
+HARMFUL: dict[str, Any] = {"lr_grid": (1e-7,), "weight_decay_grid": (0.0, 1e-4), "steps": 20}
 
 
 def test_selection_keeps_the_probe_start_where_training_loses(
     five_per_class: str, tmp_path: Path
 ) -> None:
-    """On 5 videos per class with a learning rate that wrecks training, ``gap`` started from
+    """On 5 videos per class with a budget too small to learn anything, ``gap`` started from
     the global-mean probe keeps that start (recorded, with both validation scores) and scores
-    the probe's own test top-1; from a random start the same training scores below it."""
+    the probe's own test top-1; from a random start the same training scores far below it,
+    and the run says that the probe validates better."""
     kept = train_run(five_per_class, tmp_path / "kept", head="gap", **HARMFUL, **FAST)
     check = kept["probe_check"]
     assert check["probe"] == "global_mean" and check["kept"] == "probe start"
