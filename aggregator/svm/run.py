@@ -555,7 +555,7 @@ def _train_stream(
     rows = np.arange(len(splits.train_ids)) if refitted else splits.fit_idx
     probe_levels = int(train_args["probe_levels"])
     check = None
-    if train_args["probe"] and folds and probe_levels <= cache.depth:
+    if train_args["probe_start"] and folds and probe_levels <= cache.depth:
         X_probe = _node_means(cache, splits.train_ids, probe_levels)
         check = _probe_on_folds(X_probe, splits, folds, grid[chosen_i]["val_top1"], train_args)
         if check is not None and check["kept"] == "probe":
@@ -880,6 +880,7 @@ def train_svm(
     probe: bool = True,
     probe_levels: int = 4,
     svm_max_iter: int | str | None = "auto",
+    probe_start: bool = True,
 ) -> dict[str, Any]:
     """Fit one multiple-aggregation SVM per stream on ``train_split``, evaluate on ``test_split``
     (None: no test), and write the run directory ``out_dir``. Returns the metrics written.
@@ -891,6 +892,9 @@ def train_svm(
     selected, else 1: a given ``C`` is a fixed configuration). See the module docstring
     for the validation part, selection, refit, fusion, calibration and standardisation.
     ``svm_max_iter`` bounds libsvm's iterations per SVM (see :class:`MultipleAggregationSVM`).
+    ``probe_start``: compare the chosen SVM with the node-mean probe of ``probe_levels`` levels
+    on the same validation folds and keep the probe (beta uniform, the logistic regression's
+    weights) when it validates at least as well.
     """
     t_start = time.perf_counter()
     if isinstance(store, str | Path):
@@ -937,6 +941,7 @@ def train_svm(
         "standardize_inputs": standardize_inputs,
         "probe": probe,
         "probe_levels": probe_levels,
+        "probe_start": probe_start,
     }
     config = _run_config(store, out, estimator, splits, train_args, use_stats)
     params = estimator.get_params()

@@ -58,6 +58,7 @@ def tp_run(order_store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "1",
             "--device",
             "cpu",
+            "--no-probe-start",  # the refit's mechanics, from a random start
         ]
     )
     assert rc == 0
