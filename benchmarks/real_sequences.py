@@ -388,6 +388,10 @@ def main() -> None:
                         flush=True,
                     )
                 results[name][key] = over_seeds(runs) if runs else {"refused": refused}
+                if args.json:  # after every head: a run cut short keeps what it measured
+                    save_json(
+                        args.json, args, seeds, results, shapes, n_classes, majority, t_all, c_all
+                    )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -396,32 +400,47 @@ def main() -> None:
 
     print_table(results, heads, shapes, n_classes, majority)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "results": results,
-                    "shapes": shapes,
-                    "n_classes": n_classes,
-                    "majority": majority,
-                    "wall": wall,
-                    "cpu": cpu,
-                    "peak_rss_mib": rss,
-                    "load_average": os.getloadavg(),
-                    "group": args.group,
-                    "seeds": seeds,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "machine": f"{platform.processor() or platform.machine()}, "
-                    f"{os.cpu_count()} CPUs, torch {torch.__version__}",
-                },
-                indent=1,
-            )
-        )
+        save_json(args.json, args, seeds, results, shapes, n_classes, majority, t_all, c_all)
     print()
     print(
         f"wall {wall:.0f} s, CPU {cpu:.0f} s, peak RSS {rss:.0f} MiB; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{args.threads} torch thread(s) per run, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.1f}"
+    )
+
+
+def save_json(
+    path: str,
+    args: argparse.Namespace,
+    seeds: list[int],
+    results: dict[str, dict[str, Any]],
+    shapes: dict[str, str],
+    n_classes: dict[str, int],
+    majority: dict[str, float],
+    t_all: float,
+    c_all: float,
+) -> None:
+    """The results so far, with the run's times, memory, load, machine and date."""
+    Path(path).write_text(
+        json.dumps(
+            {
+                "results": results,
+                "shapes": shapes,
+                "n_classes": n_classes,
+                "majority": majority,
+                "wall": time.perf_counter() - t_all,
+                "cpu": time.process_time() - c_all,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "load_average": os.getloadavg(),
+                "group": args.group,
+                "seeds": seeds,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+            },
+            indent=1,
+        )
     )
 
 
