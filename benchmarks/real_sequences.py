@@ -525,7 +525,8 @@ def print_table(
 
 
 def print_saved(paths: list[str]) -> None:
-    """One table over the ``--json`` files of several runs (e.g. one process per dataset)."""
+    """One table over the ``--json`` files of several runs (e.g. one process per dataset, or
+    per seed: the seeds of one dataset and head are pooled)."""
     results: dict[str, dict[str, Any]] = {}
     shapes: dict[str, str] = {}
     n_classes: dict[str, int] = {}
@@ -533,7 +534,11 @@ def print_saved(paths: list[str]) -> None:
     for path in paths:
         saved = json.loads(Path(path).read_text())
         for name, r in saved["results"].items():
-            results.setdefault(name, {}).update(r)
+            have = results.setdefault(name, {})
+            for head, v in r.items():
+                if head in have and "seeds" in have[head] and "seeds" in v:  # more seeds
+                    v = over_seeds(have[head]["seeds"] + v["seeds"])
+                have[head] = v
         shapes.update(saved["shapes"])
         n_classes.update(saved["n_classes"])
         majority.update(saved["majority"])

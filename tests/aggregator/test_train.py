@@ -317,6 +317,7 @@ def test_svm_head_goes_to_the_svm_trainer(
         "standardize_inputs": True,
         "probe": True,
         "probe_levels": 4,
+        "probe_start": True,
     }
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"head": "svm"}))
