@@ -222,7 +222,8 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
     selection = metrics.get("selection") or {}
     if metrics.get("head") == "svm":
         parts = [
-            f"{s} {v['chosen'].get('levels', '?')} levels C {v['chosen']['C']:g}"
+            f"{s} {v['chosen'].get('levels', '?')} levels "
+            + ("node-mean probe" if v["chosen"].get("C") is None else f"C {v['chosen']['C']:g}")
             for s, v in selection.items()
         ]
         if parts:

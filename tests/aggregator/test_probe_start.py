@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aggregator.heads import build_model
+from api.cli.train_cmd import format_summary
 from aggregator.metrics import chance_warnings
 from aggregator.probe import _probe_pipeline, fit_linear_probe
 from aggregator.probe_start import model_probe_name, start_from_probe
@@ -159,6 +160,8 @@ def test_the_svm_keeps_the_node_mean_probe_where_it_validates_better(
     check = metrics["probe_check"]["appearance"]
     assert check["kept"] == "probe" and check["val_top1"] >= check["svm_val_top1"]
     assert metrics["top1"] == pytest.approx(metrics["probe"]["pyramid_nodes"]["top1"], abs=1e-9)
+    summary = format_summary(metrics, str(tmp_path / "svm"))
+    assert "appearance 2 levels node-mean probe" in summary and "kept the probe" in summary
     predictor = SVMPredictor.load(tmp_path / "svm")
     store = FeatureStore.open(five_per_class)
     vid = store.videos(split="test")[0]

@@ -60,11 +60,12 @@ def test_svm_chooses_a_depth_that_sees_temporal_order(tmp_path: Path) -> None:
         store, tmp_path / "run", **run_args(streams=["appearance"], levels=None, probe=False)
     )
     info = metrics["svm"]["appearance"]
-    assert metrics["selection_folds"] == [6] * 7  # 8 per class: 7 folds leave one to fit
+    # 8 per class: 7 disjoint folds leave one to fit, then repeated folds up to MAX_FOLDS
+    assert metrics["selection_folds"] == [6] * svm_run.MAX_FOLDS
     grid = {g["levels"]: g for g in info["C_grid"]}
     assert sorted(grid) == list(range(1, svm_run.MAX_LEVELS + 1))
     for g in grid.values():
-        assert len(g["fold_val_top1"]) == 7
+        assert len(g["fold_val_top1"]) == svm_run.MAX_FOLDS
         assert g["val_top1"] == pytest.approx(np.mean(g["fold_val_top1"]))
     assert grid[1]["val_top1"] < 0.5 and info["levels"] >= 2
     assert info["levels"] == max(grid, key=lambda d: (grid[d]["val_top1"], -d))
