@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from aggregator.heads import build_model
-from api.cli.train_cmd import format_summary
 from aggregator.metrics import chance_warnings
 from aggregator.probe import _probe_pipeline, fit_linear_probe
 from aggregator.probe_start import model_probe_name, start_from_probe
 from aggregator.rundir import further_folds
 from aggregator.svm.run import SVMPredictor, train_svm
 from aggregator.train import train_run
+from api.cli.train_cmd import format_summary
 from storage import FeatureStore
 from tests.aggregator.toy_store import write_burst_store
 
