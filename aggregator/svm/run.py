@@ -553,7 +553,9 @@ def _train_stream(
         )
     refitted = bool(train_args["refit"] and len(splits.val_idx))
     rows = np.arange(len(splits.train_ids)) if refitted else splits.fit_idx
-    probe_levels = int(train_args["probe_levels"])
+    # the probe at the depth the user fixed, else at the reported node-mean probe's depth (one
+    # more candidate of the depth selection)
+    probe_levels = int(train_args["levels"] or train_args["probe_levels"])
     check = None
     if train_args["probe_start"] and folds and probe_levels <= cache.depth:
         X_probe = _node_means(cache, splits.train_ids, probe_levels)
@@ -892,9 +894,9 @@ def train_svm(
     selected, else 1: a given ``C`` is a fixed configuration). See the module docstring
     for the validation part, selection, refit, fusion, calibration and standardisation.
     ``svm_max_iter`` bounds libsvm's iterations per SVM (see :class:`MultipleAggregationSVM`).
-    ``probe_start``: compare the chosen SVM with the node-mean probe of ``probe_levels`` levels
-    on the same validation folds and keep the probe (beta uniform, the logistic regression's
-    weights) when it validates at least as well.
+    ``probe_start``: compare the chosen SVM with the node-mean probe (of ``levels`` levels when
+    given, else of ``probe_levels``) on the same validation folds and keep the probe (beta
+    uniform, the logistic regression's weights) when it validates at least as well.
     """
     t_start = time.perf_counter()
     if isinstance(store, str | Path):
