@@ -511,7 +511,9 @@ def print_table(
             "refused"
             if "refused" in r[h]
             else f"{100 * r[h]['top1']:.1f} ± {100 * r[h].get('top1_std', 0.0):.1f} "
-            f"({r[h]['seconds']:.0f} s)" + (" *" if r[h].get("warnings") else "")
+            f"({r[h]['seconds']:.0f} s, {len(r[h].get('seeds') or [0])} seed"
+            + ("s)" if len(r[h].get("seeds") or [0]) > 1 else ")")
+            + (" *" if r[h].get("warnings") else "")
             for h in heads
         ]
         print(
