@@ -25,8 +25,8 @@ GunPoint, ItalyPowerDemand and ACSF1, official splits. OSULeaf stays selectable 
 ``--datasets``. ``--seeds 0,1,2`` trains every head at each seed (validation folds and
 initialisation; the test split is fixed) and reports mean ± std.
 
-Each sequence is written into a FeatureStore through its public API as one "video" with a ``[T,
-d]`` ``appearance`` stream, and each head is trained by the same code as ``framepool train``
+Each sequence is written into a FeatureStore through its public API as one "video" with a
+``[T, d]`` ``appearance`` stream, and each head is trained by the same code as ``framepool train``
 with default options. The table gives each head's test top-1 beside chance, the majority-class
 rate and the two linear-probe references of the same run (standardised logistic regression on
 the global mean and on the node means of a 4-level pyramid), and the seconds per head; the goals
