@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -73,3 +74,14 @@ def beta_by_level(beta: np.ndarray) -> list[list[float]]:
         start = (1 << (level - 1)) - 1
         out.append([float(v) for v in beta[start : start + (1 << (level - 1))]])
     return out
+
+
+def chance_warnings(metrics: Mapping[str, Any], n_classes: int) -> list[str]:
+    """A warning when the test top-1 is at or below chance (one over the classes)."""
+    top1, n_test = metrics.get("top1"), metrics.get("n_test") or 0
+    if top1 is None or not n_test or n_classes < 2 or top1 > 1.0 / n_classes + 1e-12:
+        return []
+    return [
+        f"test top-1 {100 * top1:.1f}% is at or below chance ({100 / n_classes:.1f}%, "
+        f"{n_classes} classes): this head learned nothing that transfers to the test videos"
+    ]

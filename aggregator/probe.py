@@ -15,6 +15,7 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,65 @@ log = logging.getLogger(__name__)
 MAX_FLOATS = 120_000_000  # training-matrix entries of a probe (~0.5 GB as float32)
 
 
+def _probe_pipeline(seed: int) -> Any:
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+    )
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """A fitted probe folded into one affine map of the raw features: ``scores(x) = x W' + b``
+    with ``W' [F, L]`` and ``b [L]`` over ``classes`` (indices into the class names); ``L = 1``
+    for two classes (the score of ``classes[1]``), else one column per class."""
+
+    classes: np.ndarray
+    coef: np.ndarray  # [L, F] on the raw (unscaled) features
+    intercept: np.ndarray  # [L]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """``[n, L]`` decision values of ``x [n, F]``."""
+        return np.asarray(x, dtype=np.float64) @ self.coef.T + self.intercept
+
+    def logits(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(W [n_classes, F], b [n_classes])`` whose softmax is the probe's probabilities: two
+        classes get ``-s/2`` and ``+s/2``; classes the probe never saw a bias far below the
+        others."""
+        f = self.coef.shape[1]
+        weight, bias = np.zeros((n_classes, f)), np.zeros(n_classes)
+        if len(self.coef) == 1:
+            half_w, half_b = self.coef[0] / 2, self.intercept[0] / 2
+            weight[self.classes[0]], bias[self.classes[0]] = -half_w, -half_b
+            weight[self.classes[1]], bias[self.classes[1]] = half_w, half_b
+        else:
+            weight[self.classes], bias[self.classes] = self.coef, self.intercept
+        unseen = np.setdiff1d(np.arange(n_classes), self.classes)
+        if len(unseen):
+            bias[unseen] = bias[self.classes].min() - UNSEEN_MARGIN
+        return weight, bias
+
+
+UNSEEN_MARGIN = 10.0  # nats below the lowest seen class's bias for a class without training video
+
+
+def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> LinearProbe:
+    """The probe of this module (standardised L2 logistic regression, C = 1) fitted on ``x [n, F]``
+    with labels ``y`` (at least two classes), the scaler folded into the weights."""
+    if len(np.unique(y)) < 2:
+        raise ValueError("a probe needs training videos of at least two classes")
+    model = _probe_pipeline(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(np.asarray(x, dtype=np.float32), y)
+    scaler, lr = model[0], model[-1]
+    scale = np.asarray(scaler.scale_, dtype=np.float64)
+    coef = np.asarray(lr.coef_, dtype=np.float64) / scale
+    intercept = np.asarray(lr.intercept_, dtype=np.float64) - coef @ np.asarray(
+        scaler.mean_, dtype=np.float64
+    )
+    return LinearProbe(np.asarray(lr.classes_, dtype=np.int64), coef, intercept)
+
+
 def probe_accuracy(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -43,9 +103,7 @@ def probe_accuracy(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fit the standardised logistic regression on ``x_train [n, F]``; metrics on the test."""
-    model = make_pipeline(
-        StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
-    )
+    model = _probe_pipeline(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(np.asarray(x_train, dtype=np.float32), y_train)

@@ -204,13 +204,17 @@ def further_folds(
     *,
     min_validation: int,
     max_folds: int,
+    seed: int = 0,
 ) -> list[np.ndarray]:
     """Validation folds after fold 0 (``val``, positions into ``labels``), added while the
     pooled validation videos are fewer than ``min_validation`` and the folds fewer than
     ``max_folds``: the next ``group_folds`` when validation holds out groups (positions too),
     else folds with ``val``'s count of every class, taken in turn from ``fit`` in its order
-    (disjoint; it stops before a class would have nothing left to fit on). Every fold's fit
-    part is the rest of the training videos."""
+    (disjoint) and, once a class would have nothing left to fit on, from repeated seeded
+    shuffles of every class's training videos (``fit`` and ``val``): repeated stratified
+    folds, so that on a few videos per class the choice rests on every video, several times,
+    rather than on the one or two a single split holds out. Every fold's fit part is the rest
+    of the training videos."""
     out: list[np.ndarray] = []
     pooled = len(val)
     if group_folds is not None:
@@ -221,17 +225,32 @@ def further_folds(
             pooled += len(part)
         return out
     counts = dict(zip(*np.unique(labels[val], return_counts=True), strict=True))
+    if not counts:
+        return out
     by_class = {c: fit[labels[fit] == c] for c in counts}
-    while 1 + len(out) < max_folds and pooled < min_validation:
-        k = len(out) + 1
-        parts = []
-        for c, n in counts.items():
-            rows = by_class[c]
-            if k * n >= len(rows):  # the class would have nothing left to fit on
-                return out
-            parts.append(rows[(k - 1) * n : k * n])
-        out.append(np.concatenate(parts))
+
+    def wanted() -> bool:
+        return 1 + len(out) < max_folds and pooled < min_validation
+
+    k = 1
+    while wanted():
+        if any(k * n >= len(by_class[c]) for c, n in counts.items()):
+            break  # a class would have nothing left to fit on
+        out.append(np.concatenate([by_class[c][(k - 1) * n : k * n] for c, n in counts.items()]))
         pooled += len(val)
+        k += 1
+    every = np.concatenate([fit, val])
+    rng = np.random.default_rng(seed)
+    while wanted():  # repeats: a fresh shuffle of every class, cut into folds of val's counts
+        shuffled = {c: rng.permutation(every[labels[every] == c]) for c in counts}
+        j = 0
+        while wanted() and all((j + 1) * n < len(shuffled[c]) for c, n in counts.items()):
+            parts = [shuffled[c][j * n : (j + 1) * n] for c, n in counts.items()]
+            out.append(np.concatenate(parts))
+            pooled += len(val)
+            j += 1
+        if j == 0:
+            break  # no class can give a fold and keep a video to fit on
     return out
 
 

@@ -20,6 +20,7 @@ See :mod:`aggregator.train_config` for the options and their defaults, and
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -48,10 +49,11 @@ from aggregator.heads import (
     VideoModel,
     build_model,
 )
-from aggregator.heads.standardize import RunningMoments
+from aggregator.heads.standardize import MIN_STD, RunningMoments
 from aggregator.intervals import Intervals
-from aggregator.metrics import beta_by_level, classification_metrics
+from aggregator.metrics import beta_by_level, chance_warnings, classification_metrics
 from aggregator.node_cache import NodeBlocks
+from aggregator.probe import MAX_FLOATS
 from aggregator.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -367,6 +369,26 @@ def prepare_data(
     )
 
 
+def refuse_degenerate(config: TrainConfig, data: RunData) -> None:
+    """A clear error, before any training, for inputs a head cannot learn from: a stream
+    whose every feature is constant over the training videos, and ``stcb`` on streams that
+    are all one-dimensional (the compact bilinear feature of scalars is a single product, and
+    the signed square root and L2 normalisation that follow leave only its sign)."""
+    for s, (_, std) in data.stats.get("train", {}).items():
+        if float(std.max()) <= MIN_STD:
+            raise ValueError(
+                f"stream {s!r} is constant over the {data.n_fit + data.n_val} training videos "
+                f"(standard deviation <= {MIN_STD:g} in all {data.in_features[s]} features): "
+                "no head can learn from it"
+            )
+    if config.head == "stcb" and all(d == 1 for d in data.in_features.values()):
+        raise ValueError(
+            f"head 'stcb' on one-dimensional streams {sorted(data.in_features)}: their compact "
+            "bilinear feature is one product whose L2 normalisation leaves only its sign; "
+            "use gap, tpp or tp on one-dimensional inputs"
+        )
+
+
 SMALL_FEATURES = 64
 REFIT_DROP = 0.2  # training top-1 a healthy refit cannot lose against the selected weights
 
@@ -411,6 +433,10 @@ class Trainer:
     data: RunData
     device: torch.device
     bf16: bool
+    # per statistics key: the probe start's weights (None: the head cannot take one) and name
+    starts: dict[str, tuple[dict[str, torch.Tensor] | None, str | None]] = field(
+        default_factory=dict
+    )
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -419,18 +445,50 @@ class Trainer:
         differences before the standardisation; the head's matmuls still run in bfloat16)."""
         return torch.bfloat16 if self.bf16 and not self.config.standardize else torch.float32
 
-    def model(self, stats_key: str) -> VideoModel:
-        """A freshly initialised model (same seed, so every configuration starts alike)."""
+    def model(self, stats_key: str, start_rows: np.ndarray | None = None) -> VideoModel:
+        """A freshly initialised model (same seed, so every configuration starts alike),
+        started from its probe fitted on ``start_rows`` where the head can represent one
+        (:func:`aggregator.probe_start.start_from_probe`; fitted once per ``stats_key``)."""
         torch.manual_seed(self.config.seed)
         model = build(self.config, self.data.in_features, len(self.data.class_names))
         if isinstance(model, TwoStream) and model.standardizer is not None:
             for s, (mean, std) in self.data.stats[stats_key].items():
                 model.standardizer.set_statistics(s, mean, std)
+        if start_rows is not None and self.config.probe_start and self.data.nodes is not None:
+            if stats_key not in self.starts:
+                self.starts[stats_key] = self._probe_start(model, start_rows)
+            state, _ = self.starts[stats_key]
+            if state is not None:
+                model.load_state_dict(state)
         return model.to(self.device)
 
-    def trial(self, values: Mapping[str, float], steps: int, stats_key: str) -> Trial:
+    def start_name(self, stats_key: str) -> str | None:
+        """The probe the models of ``stats_key`` start from (None: a random start)."""
+        return self.starts.get(stats_key, (None, None))[1]
+
+    def _probe_start(
+        self, model: VideoModel, rows: np.ndarray
+    ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        from aggregator.probe_start import model_probe_name, probe_start_size, start_from_probe
+
+        if model_probe_name(model) is None or probe_start_size(model, len(rows)) > MAX_FLOATS:
+            return None, None
+        assert self.data.nodes is not None
+        inputs = self.data.nodes.take(torch.as_tensor(np.asarray(rows)), torch.float32)
+        name = start_from_probe(model, inputs, self.data.labels[rows], seed=self.config.seed)
+        if name is None:
+            return None, None
+        return copy.deepcopy(model.state_dict()), name
+
+    def trial(
+        self,
+        values: Mapping[str, float],
+        steps: int,
+        stats_key: str,
+        start_rows: np.ndarray | None = None,
+    ) -> Trial:
         c = self.config
-        model = self.model(stats_key)
+        model = self.model(stats_key, start_rows)
         opt = make_optimizer(
             model,
             optimizer=c.optimizer,
@@ -529,6 +587,7 @@ def selection_folds(data: RunData, config: TrainConfig) -> list[Fold]:
         group_folds,
         min_validation=config.min_validation,
         max_folds=config.max_folds,
+        seed=config.seed,
     )
     return folds + [_fold(data, config, k, val) for k, val in enumerate(more, start=1)]
 
@@ -557,6 +616,42 @@ class Selection:
     best_steps: list[int] = field(default_factory=list)  # pooled best pass, per grid point
     select_steps: int = 0
     errors: list[float] = field(default_factory=list)  # standard error of each pooled loss
+    start: dict[str, Any] | None = None  # the probe start's pooled validation scores
+    keep_start: bool = False  # the probe start validated at least as well as the trained head
+
+    def head_scores(self) -> tuple[float, float] | None:
+        """The chosen configuration's validation ``(top1, loss)``, pooled over the folds."""
+        t = self.chosen_trial
+        if t is None or t.best_state is None:
+            return None
+        if self.scores:
+            top1, neg_loss = self.scores[self.trials.index(t)]
+            return top1, -neg_loss
+        return t.best[0], -t.best[1]
+
+    def against_start(self) -> Selection:
+        """Keep the probe start unless the chosen trained configuration validates better on
+        the pooled folds on both counts: more videos right and a lower loss. Top-1 alone
+        cannot see a head whose confident mistakes cost many times the probe's loss (a linear
+        head trained at too large a learning rate keeps its argmax and loses its scale), and
+        the trained head's scores are the best of a grid and of its validation passes, so on
+        a tie the start is the more honest guess."""
+        head = self.head_scores()
+        if self.start is not None and head is not None:
+            self.start["head_val_top1"], self.start["head_val_loss"] = head
+            better = head[0] > self.start["val_top1"] and head[1] < self.start["val_loss"]
+            self.keep_start = not better
+            self.start["kept"] = "probe start" if self.keep_start else "trained head"
+            log.info(
+                "%s probe start %.4f against the trained head %.4f on %d validation videos: "
+                "keeping the %s",
+                self.start["probe"],
+                self.start["val_top1"],
+                head[0],
+                self.start["videos"],
+                self.start["kept"],
+            )
+        return self
 
     @property
     def peak_fraction(self) -> float:
@@ -662,8 +757,12 @@ def select(trainer: Trainer, budget: Budget) -> Selection:
     folds = selection_folds(data, c)
     per_fold: list[list[Trial]] = []
     seconds = 0.0
+    start_scores: list[tuple[float, float, int]] = []  # per fold: (top1, loss, videos)
     for fold in folds:
-        trials = [trainer.trial(v, steps, fold.stats_key) for v in grid]
+        trials = [trainer.trial(v, steps, fold.stats_key, fold.fit) for v in grid]
+        if trainer.start_name(fold.stats_key) is not None:
+            top1, loss = trainer.validator(fold.val)(trials[0].model)[:2]
+            start_scores.append((top1, loss, len(fold.val)))
         seconds += train_trials(
             trials,
             trainer.batches(fold.fit, budget.batch_size, c.seed),
@@ -678,10 +777,13 @@ def select(trainer: Trainer, budget: Budget) -> Selection:
         )
         per_fold.append(trials)
     trials = per_fold[0]
+    start = _pooled_start(trainer, folds, start_scores)
     if len(folds) == 1:
         best = choose(trials)
         log.info("chose %s (validation top-1 %.4f)", best.values, best.best[0])
-        return Selection(trials, dict(best.values), best, seconds, select_steps=steps)
+        return Selection(
+            trials, dict(best.values), best, seconds, select_steps=steps, start=start
+        ).against_start()
     sizes = [len(f.val) for f in folds]
     scores, best_steps, errors = pooled_scores(per_fold, sizes)
     # the pooled loss decides (top-1 on a few dozen videos moves in steps of several points)
@@ -706,7 +808,23 @@ def select(trainer: Trainer, budget: Budget) -> Selection:
         best_steps,
         steps,
         errors,
-    )
+        start,
+    ).against_start()
+
+
+def _pooled_start(
+    trainer: Trainer, folds: Sequence[Fold], scores: list[tuple[float, float, int]]
+) -> dict[str, Any] | None:
+    """The probe start's validation top-1 and loss pooled over the folds (None: no start)."""
+    if len(scores) != len(folds) or not scores:
+        return None
+    n = sum(v for _, _, v in scores)
+    return {
+        "probe": trainer.start_name(folds[0].stats_key),
+        "val_top1": sum(t * v for t, _, v in scores) / n,
+        "val_loss": sum(loss * v for _, loss, v in scores) / n,
+        "videos": n,
+    }
 
 
 @dataclass
@@ -723,6 +841,9 @@ def final_training(trainer: Trainer, budget: Budget, selection: Selection) -> Fi
     """Step 3: the chosen values trained on the whole training split (refit), or the chosen
     configuration's best validation weights (no refit)."""
     c, data = trainer.config, trainer.data
+    if selection.keep_start:  # the probe's solution, fitted on the videos the refit would see
+        key, rows = ("train", data.rows_train) if c.refit else ("fit", data.rows_fit)
+        return Final(trainer.model(key, rows), [], len(rows), 0, c.refit, 0.0)
     if selection.chosen_trial is not None and not c.refit:
         t = selection.chosen_trial
         assert t.best_state is not None
@@ -730,7 +851,7 @@ def final_training(trainer: Trainer, budget: Budget, selection: Selection) -> Fi
         return Final(t.model, t.history, data.n_fit, t.steps_run, False, 0.0)
     rows = data.rows_train if c.refit or data.n_val == 0 else data.rows_fit
     steps = budget.steps if c.refit else budget.select_steps
-    trial = trainer.trial(selection.chosen, steps, "train" if c.refit else "fit")
+    trial = trainer.trial(selection.chosen, steps, "train" if c.refit else "fit", rows)
     validate = None if c.refit or data.n_val == 0 else trainer.validator()
     seconds = train_trials(
         [trial],
@@ -773,6 +894,44 @@ def final_training(trainer: Trainer, budget: Budget, selection: Selection) -> Fi
             chosen.model.load_state_dict(chosen.best_state)
             return Final(chosen.model, chosen.history, data.n_fit, chosen.steps_run, False, seconds)
     return Final(trial.model, trial.history, len(rows), trial.steps_run, c.refit, seconds)
+
+
+# ---------------------------------------------------------------------------------- probes
+def probe_check(trainer: Trainer, selection: Selection) -> tuple[dict[str, Any] | None, list[str]]:
+    """The head against its probes on the selection's validation folds, and the warnings.
+
+    A head started from its probe records the start's and the trained head's pooled scores
+    and which one was kept (:meth:`Selection.against_start`). Any other head (or a run whose
+    start was skipped) is compared with the global-mean and node-mean probes fitted on every
+    fold's fit videos (:func:`aggregator.probe_start.fold_probe_scores`); a warning says when a
+    probe validates better."""
+    from aggregator.probe_start import ProbeScores, fold_probe_scores, probe_verdict
+
+    if selection.start is not None:
+        return dict(selection.start), []
+    data, c = trainer.data, trainer.config
+    head = selection.head_scores()
+    if head is None or data.n_val == 0 or not c.probe:
+        return None, []
+    folds = selection_folds(data, c)
+    n_train = data.n_fit + data.n_val
+    ids = data.video_ids[:n_train]
+    spec = Intervals.pyramid(c.probe_levels)
+    width = sum(data.in_features.values())
+    if n_train * spec.count * width > MAX_FLOATS:
+        return None, []
+    from aggregator.data import load_summaries
+
+    nodes = [load_summaries(data.store, ids, s, spec, progress=False) for s in c.streams]
+    probes: dict[str, ProbeScores | None] = {}
+    labels = data.labels[:n_train]
+    pairs = [(f.fit, f.val) for f in folds]
+    for name, count in (("global_mean", 1), ("pyramid_nodes", spec.count)):
+        x = np.concatenate([n[:, :count].reshape(n_train, -1) for n in nodes], axis=1)
+        probes[name] = fold_probe_scores(x.astype(np.float32), labels, pairs, seed=c.seed)
+    record, warning = probe_verdict(head[0], probes)
+    record["levels"] = c.probe_levels
+    return record, [warning] if warning else []
 
 
 # ---------------------------------------------------------------------------------- 4. test
@@ -975,6 +1134,7 @@ def _train(
     probe_model = build(config, dict.fromkeys(config.streams, 1), 2)
     leaves = pyramid_leaf_streams(probe_model) if config.pyramid_leaves else []
     data = prepare_data(store, config, probe_model.input_specs, leaves, progress=progress)
+    refuse_degenerate(config, data)
     config = resolve_dropout(config, data.in_features, len(data.class_names))
     config = resolve_batch_norm(config)
     trainer = Trainer(config, data, dev, precision == "bf16")
@@ -1025,6 +1185,11 @@ def _train(
         history=chosen.history if chosen is not None else final.history,
         refit_history=final.history if chosen is not None and final.refit else None,
     )
+    check, warnings = probe_check(trainer, selection)
+    warnings += chance_warnings(metrics, len(data.class_names))
+    for w in warnings:
+        log.warning("%s: %s", config.head, w)
+    metrics.update(probe_check=check, warnings=warnings)
     betas = model_beta_matrices(model)
     if any(b.shape[0] > 1 for b in betas.values()):
         metrics["beta_pyramids"] = {s: [beta_by_level(row) for row in b] for s, b in betas.items()}

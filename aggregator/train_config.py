@@ -26,8 +26,8 @@ MIN_BATCH = 8
 DEFAULT_LR_GRID = {"adam": (1e-3, 1e-2, 1e-1), "sgd": (1e-3, 1e-2, 1e-1)}
 DEFAULT_WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2)
 EVALUATIONS = 20  # validation passes per training phase
-MIN_VALIDATION = 30  # validation videos the selection wants before it adds folds
-MAX_FOLDS = 3
+MIN_VALIDATION = 40  # validation videos the selection wants before it adds folds
+MAX_FOLDS = 4
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class TrainConfig:
             (per fold).
         min_validation, max_folds: where the validation part holds fewer than
             ``min_validation`` videos, the grid is also trained and scored on further folds of
-            the same size (disjoint, stratified, from the rest of the training split), up to
+            the same size (disjoint, stratified, from the rest of the training split, then
+            from repeated seeded shuffles of it once the disjoint ones run out), up to
             ``max_folds`` folds in all, and chosen on the pooled scores: top-1 on three held-out
             videos cannot tell nine configurations apart.
         refit: train the chosen values again on the whole training split (else keep the
@@ -68,7 +69,11 @@ class TrainConfig:
             (None: never); there are :data:`EVALUATIONS` passes per phase.
         standardize: standardise every stream's features with training-split statistics.
         probe: fit the logistic-regression references (global mean, pyramid node means of
-            ``probe_levels`` levels) and report them beside the head.
+            ``probe_levels`` levels) and report them beside the head, and compare the head
+            with them on the validation folds.
+        probe_start: start a head that can represent its probe (``gap``, ``tp`` concat,
+            ``tpp``) from the probe's solution, and keep that start when it validates at
+            least as well as the trained head (:mod:`aggregator.probe_start`).
         inputs: ``nodes`` (cached summaries in memory) or ``frames`` (padded frames).
         pyramid_leaves: hold the temporal pyramid's nodes as their leaves (exact, cheaper).
         precision: ``bf16`` trains under bfloat16 autocast; ``auto`` picks it where native.
@@ -111,6 +116,7 @@ class TrainConfig:
     standardize: bool = True
     probe: bool = True
     probe_levels: int = 4
+    probe_start: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "streams", tuple(dict.fromkeys(self.streams)))

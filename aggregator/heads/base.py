@@ -56,6 +56,30 @@ class NodeHead(nn.Module):
         """Logits ``[B, C]`` from :meth:`features`."""
         raise NotImplementedError
 
+    def probe_name(self) -> str | None:
+        """The linear probe this head can represent (``"global_mean"``, ``"pyramid_nodes"``,
+        ...), or None. A head that names one is a linear classifier ``fc`` on :meth:`features`
+        (``classify = fc(dropout(features))``) whose layers before it
+        :meth:`represent_probe` can set so that the features carry the probe's inputs."""
+        return None
+
+    def represent_probe(self, nodes: torch.Tensor) -> None:
+        """Set the layers before the classifier from standardised training summaries
+        ``nodes [n, M, d]`` so that :meth:`features` (in eval mode) is an invertible affine
+        image of the probe's inputs (beta uniform); only for heads with a :meth:`probe_name`."""
+        raise ValueError(f"{type(self).__name__} cannot represent a linear probe")
+
+    @torch.no_grad()
+    def set_classifier(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set the final linear classifier ``fc`` (``weight [C, feature_dim]``, ``bias [C]``)."""
+        fc = getattr(self, "fc", None)
+        if not isinstance(fc, nn.Linear) or tuple(fc.weight.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"{type(self).__name__}: no classifier fc of shape {tuple(weight.shape)}"
+            )
+        fc.weight.copy_(weight.to(fc.weight.dtype))
+        fc.bias.copy_(bias.to(fc.bias.dtype))
+
     def forward_nodes(self, nodes: NodeInput) -> torch.Tensor:
         return self.classify(self.features(nodes))
 
@@ -65,6 +89,15 @@ class NodeHead(nn.Module):
                 f"{type(self).__name__} expects x [B, T, {self.in_features}], got {tuple(x.shape)}"
             )
         return self.forward_nodes(self.pool(x, lengths))
+
+
+@torch.no_grad()
+def set_running_statistics(norm: nn.BatchNorm1d, x: torch.Tensor) -> None:
+    """A batch norm's running mean and (population) variance set to those of ``x [n, F]``."""
+    mean, var = norm.running_mean, norm.running_var
+    assert mean is not None and var is not None
+    mean.copy_(x.mean(0))
+    var.copy_(x.var(0, unbiased=False))
 
 
 class Dropout(nn.Module):

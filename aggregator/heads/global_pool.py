@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aggregator.heads.base import Dropout, NodeHead, NodeInput
+from aggregator.heads.base import Dropout, NodeHead, NodeInput, set_running_statistics
 from aggregator.intervals import Intervals, PoolKind
 
 
@@ -42,6 +42,17 @@ class GlobalPool(NodeHead):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(features))  # [B, C]
+
+    def probe_name(self) -> str | None:
+        """``gap`` is a linear classifier on the global mean: the global-mean probe's model."""
+        return "global_mean" if self.kind == "mean" else None
+
+    @torch.no_grad()
+    def represent_probe(self, nodes: torch.Tensor) -> None:
+        if self.probe_name() is None:
+            super().represent_probe(nodes)
+        if isinstance(self.norm, nn.BatchNorm1d):  # its running statistics: those of the videos
+            set_running_statistics(self.norm, self.node_tensor(nodes)[:, 0].float())
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

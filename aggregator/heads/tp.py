@@ -8,9 +8,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aggregator.heads.base import Dropout, NodeHead
+from aggregator.heads.base import Dropout, NodeHead, set_running_statistics
 from aggregator.intervals import Intervals, PyramidLeaves, n_nodes
 from aggregator.metrics import beta_by_level
+
+PCA_ROWS = 20_000  # node rows whose principal directions a probe start projects on
 
 
 class TemporalPyramid(NodeHead):
@@ -151,3 +153,32 @@ class TemporalPyramid(NodeHead):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(features))  # [B, C]
+
+    def probe_name(self) -> str | None:
+        """One ``concat`` pyramid is the node-mean probe's model when its projection keeps the
+        node means (identity for ``d <= node_dim``, else their ``node_dim`` principal
+        directions), its batch norm standardises every node feature and beta is uniform."""
+        return "pyramid_nodes" if self.variant == "concat" and self.pyramids == 1 else None
+
+    @torch.no_grad()
+    def represent_probe(self, nodes: torch.Tensor) -> None:
+        if self.probe_name() is None:
+            super().represent_probe(nodes)
+        nodes = self.node_tensor(nodes).float()  # [n, M, d]
+        n, m, d = nodes.shape
+        weight = torch.zeros(self.node_dim, d)
+        if d <= self.node_dim:
+            weight[:d] = torch.eye(d)
+        else:  # the principal directions of the node means (a seeded sample of rows)
+            flat = nodes.reshape(n * m, d)
+            gen = torch.Generator().manual_seed(0)
+            rows = torch.randperm(len(flat), generator=gen)[:PCA_ROWS]
+            sample = flat[rows] - flat[rows].mean(0)
+            weight = torch.linalg.svd(sample, full_matrices=False).Vh[: self.node_dim]
+        self.beta_hat.zero_()
+        self.proj.weight.copy_(weight.to(self.proj.weight.dtype))
+        self.proj.bias.zero_()
+        z = self.proj(nodes.to(self.proj.weight.dtype)).reshape(n, m * self.node_dim)
+        set_running_statistics(self.norm, z)
+        self.norm.weight.fill_(1.0)
+        self.norm.bias.zero_()

@@ -47,3 +47,11 @@ class TemporalPyramidPooling(NodeHead):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(features))  # [B, C]
+
+    def probe_name(self) -> str | None:
+        """DTPP's head is a linear classifier on its concatenated bins: the probe on those bins
+        (node means of the levels for ``average``, node maxima for ``max``)."""
+        return "pyramid_nodes" if self.pooling == "average" else "pyramid_maxes"
+
+    def represent_probe(self, nodes: torch.Tensor) -> None:
+        self.node_tensor(nodes)  # nothing before the classifier to set

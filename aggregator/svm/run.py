@@ -62,7 +62,7 @@ from sklearn.base import clone
 from aggregator import plots
 from aggregator.data import open_store
 from aggregator.intervals import n_nodes, node_means
-from aggregator.metrics import beta_by_level, classification_metrics
+from aggregator.metrics import beta_by_level, chance_warnings, classification_metrics
 from aggregator.node_cache import CACHE_DEPTH, NodeCache, load_node_cache
 from aggregator.rundir import (
     CONFIG_FILE,
@@ -329,6 +329,7 @@ def _selection_folds(splits: LabelledSplits) -> list[np.ndarray]:
         list(splits.more_folds) if splits.group_by is not None else None,
         min_validation=MIN_VALIDATION,
         max_folds=MAX_FOLDS,
+        seed=splits.seed,
     )
     return [np.sort(v) for v in (splits.val_idx, *more)]
 
@@ -552,6 +553,23 @@ def _train_stream(
         )
     refitted = bool(train_args["refit"] and len(splits.val_idx))
     rows = np.arange(len(splits.train_ids)) if refitted else splits.fit_idx
+    # the probe at the depth the user fixed, else at the reported node-mean probe's depth (one
+    # more candidate of the depth selection)
+    probe_levels = int(train_args["levels"] or train_args["probe_levels"])
+    check = None
+    if train_args["probe_start"] and folds and probe_levels <= cache.depth:
+        X_probe = _node_means(cache, splits.train_ids, probe_levels)
+        check = _probe_on_folds(X_probe, splits, folds, grid[chosen_i]["val_top1"], train_args)
+        if check is not None and check["kept"] == "probe":
+            del X_train
+            kept = _probe_fit(
+                cache, stream, splits, X_probe[rows], rows, check, in_features, t_cache, t_fit
+            )
+            kept.info.update(C_grid=grid, selection_folds=[len(f) for f in folds])
+            return kept
+        if check is not None:
+            check.pop("val_scores")
+        del X_probe
     m = n_nodes(levels)
     X = np.asarray(X_train[rows, :m])
     del X_train
@@ -578,6 +596,8 @@ def _train_stream(
         decision = stream_decision(state, _node_means(cache, splits.test_ids, levels))
         test_scores = class_scores(decision, splits.classes, n_classes)
     info = {
+        "kept": "svm",
+        "probe_check": check,
         "levels": levels,
         "C": chosen["C"],
         "gamma_scale": chosen.get("gamma_scale"),
@@ -604,6 +624,105 @@ def _train_stream(
         est.objective_,
         seconds_fit,
     )
+    return _StreamFit(state, info, in_features, val_scores, test_scores)
+
+
+def _probe_on_folds(
+    X: np.ndarray,
+    splits: LabelledSplits,
+    folds: Sequence[np.ndarray],
+    svm_top1: float,
+    train_args: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """The node-mean probe (standardised logistic regression on the node means ``X [n, M, d]``
+    of the training videos) fitted on every fold's fit videos and scored on its validation
+    videos, against the chosen SVM's pooled top-1 ``svm_top1``: the probe is kept when it
+    validates at least as well (its model is the SVM's with beta uniform and the classifier
+    of a logistic regression). Its pooled class scores are kept for the calibration."""
+    from aggregator.probe import fit_linear_probe
+
+    n_train = len(splits.train_ids)
+    flat = np.asarray(X, dtype=np.float32).reshape(n_train, -1)
+    right, scores = 0, []
+    for val in folds:
+        fit = np.setdiff1d(np.arange(n_train), val)
+        if len(np.unique(splits.y_train[fit])) < 2:
+            return None
+        probe = fit_linear_probe(flat[fit], splits.y_train[fit], seed=train_args["seed"])
+        w, b = probe.logits(len(splits.class_names))
+        z = flat[val].astype(np.float64) @ w.T + b
+        right += int((z.argmax(1) == splits.y_train[val]).sum())
+        scores.append(z)
+    videos = sum(len(v) for v in folds)
+    top1 = right / videos
+    kept = "probe" if top1 >= svm_top1 else "svm"
+    log.info(
+        "svm: node-mean probe %.4f against the svm %.4f on %d validation videos: keeping the %s",
+        top1,
+        svm_top1,
+        videos,
+        kept,
+    )
+    return {
+        "probe": "pyramid_nodes",
+        "levels": int(X.shape[1]).bit_length(),
+        "val_top1": top1,
+        "videos": videos,
+        "svm_val_top1": svm_top1,
+        "kept": kept,
+        "val_scores": np.concatenate(scores),
+    }
+
+
+def _probe_fit(
+    cache: NodeCache,
+    stream: str,
+    splits: LabelledSplits,
+    X: np.ndarray,
+    rows: np.ndarray,
+    check: dict[str, Any],
+    in_features: int,
+    t_cache: float,
+    t_fit: float,
+) -> _StreamFit:
+    """The node-mean probe kept as the stream's model: fitted on the training videos ``rows``
+    (node means ``X [n, M, d]``), exported as a linear multiple-aggregation state with beta
+    uniform over the ``M`` nodes and the scaler folded into the weights."""
+    from aggregator.probe import fit_linear_probe
+
+    n, m, d = X.shape
+    probe = fit_linear_probe(X.reshape(n, -1), splits.y_train[rows], seed=0)
+    if not np.array_equal(probe.classes, splits.classes):
+        raise AssertionError("the probe's classes differ from the training split's")
+    state: dict[str, Any] = {
+        "beta": torch.full((m,), 1.0 / m, dtype=torch.float64),
+        "nodes": torch.arange(m, dtype=torch.int64),
+        "intercept": torch.from_numpy(probe.intercept.copy()),
+        "kernel": "linear",
+        "variant": "concat",
+        "coef": torch.from_numpy(probe.coef.reshape(len(probe.coef), m, d).astype(np.float32)),
+    }
+    test_scores = None
+    if splits.test_ids:
+        nodes = _node_means(cache, splits.test_ids, check["levels"])
+        decision = stream_decision(state, nodes)
+        test_scores = class_scores(decision, splits.classes, len(splits.class_names))
+    val_scores = check.pop("val_scores")
+    info = {
+        "kept": "probe",
+        "probe_check": check,
+        "levels": check["levels"],
+        "C": None,
+        "gamma_scale": None,
+        "C_grid": [],
+        "selection_videos": len(rows),
+        "refit": len(rows) == len(splits.train_ids),
+        "active_nodes": m,
+        "seconds_node_cache": t_fit - t_cache,
+        "seconds_fit": time.perf_counter() - t_fit,
+        "history": [],
+    }
+    log.info("svm %s: the node-mean probe (%d levels) validated better: kept", stream, m)
     return _StreamFit(state, info, in_features, val_scores, test_scores)
 
 
@@ -678,6 +797,7 @@ def _summary(
         "selection_folds": next(iter(info.values()))["selection_folds"],
         "n_test": len(splits.test_ids),
         "standardize": config["standardize"],
+        "probe_check": {s: i["probe_check"] for s, i in info.items()},
         "beta": {s: beta_by_level(f.state["beta"].numpy()) for s, f in fits.items()},
         "fusion_weights": fusion.weights,
         "temperature": fusion.temperature,
@@ -729,11 +849,10 @@ def _write_run(
     save_torch(model, out / MODEL_FILE)
     betas = {s: f.state["beta"].numpy() for s, f in fits.items()}
     title = f"{out.name} (svm)"
-    histories = {s: f.info["history"] for s, f in fits.items()}
-    written = [
-        plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title),
-        plot_convergence(histories, out / "svm_convergence.png", title=title),
-    ]
+    histories = {s: f.info["history"] for s, f in fits.items() if f.info["history"]}
+    written = [plots.plot_beta_pyramid(betas, out / "beta_pyramid.png", title=title)]
+    if histories:  # a stream that kept its probe has no SVM iterations to draw
+        written.append(plot_convergence(histories, out / "svm_convergence.png", title=title))
     if metrics["n_test"]:
         confusion, names = metrics["confusion_matrix"], config["class_names"]
         written.append(plots.plot_confusion(confusion, names, out / "confusion.png", title=title))
@@ -763,6 +882,7 @@ def train_svm(
     probe: bool = True,
     probe_levels: int = 4,
     svm_max_iter: int | str | None = "auto",
+    probe_start: bool = True,
 ) -> dict[str, Any]:
     """Fit one multiple-aggregation SVM per stream on ``train_split``, evaluate on ``test_split``
     (None: no test), and write the run directory ``out_dir``. Returns the metrics written.
@@ -774,6 +894,9 @@ def train_svm(
     selected, else 1: a given ``C`` is a fixed configuration). See the module docstring
     for the validation part, selection, refit, fusion, calibration and standardisation.
     ``svm_max_iter`` bounds libsvm's iterations per SVM (see :class:`MultipleAggregationSVM`).
+    ``probe_start``: compare the chosen SVM with the node-mean probe (of ``levels`` levels when
+    given, else of ``probe_levels``) on the same validation folds and keep the probe (beta
+    uniform, the logistic regression's weights) when it validates at least as well.
     """
     t_start = time.perf_counter()
     if isinstance(store, str | Path):
@@ -820,6 +943,7 @@ def train_svm(
         "standardize_inputs": standardize_inputs,
         "probe": probe,
         "probe_levels": probe_levels,
+        "probe_start": probe_start,
     }
     config = _run_config(store, out, estimator, splits, train_args, use_stats)
     params = estimator.get_params()
@@ -837,6 +961,9 @@ def train_svm(
     probes = _probes(store, streams, splits, probe_levels, seed) if probe else None
     metrics.update(_summary(config, splits, fits, fusion, per_stream, probes))
     metrics["solver_notes"] = notes.as_dict() | {"summary": notes.summary()}
+    metrics["warnings"] = chance_warnings(metrics, len(splits.class_names))
+    for w in metrics["warnings"]:
+        log.warning("svm: %s", w)
     model = _model(splits, fits, fusion)
     return _write_run(out, config, model, metrics, fits, t_start)
 

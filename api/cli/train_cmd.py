@@ -95,6 +95,12 @@ def register(sub: Any) -> None:
         "--probe-levels", type=int, default=4, help="pyramid levels of the node-mean probe (4)"
     )
     opt.add_argument(
+        "--no-probe-start",
+        action="store_true",
+        help="gap, tp concat, tpp: start from random weights, never keep the probe's solution; "
+        "svm: never keep the node-mean probe",
+    )
+    opt.add_argument(
         "--patience", type=int, default=10, help="early stopping in validation passes; 0 disables"
     )
     opt.add_argument("--seed", type=int, default=0)
@@ -169,6 +175,31 @@ def _versus(head: Any, *probes: Any) -> str:
     return f"{diff:+.2f} points against the better probe"
 
 
+def _probe_lines(metrics: dict[str, Any], pct: Any) -> list[str]:
+    """The head against its probes on validation (kept start, or which probe was better),
+    and the run's warnings."""
+    out = []
+    check = metrics.get("probe_check") or {}
+    records = check.values() if metrics.get("head") == "svm" else [check]
+    for c in records:
+        if not c:
+            continue
+        if "kept" in c:
+            head = c.get("head_val_top1", c.get("svm_val_top1"))
+            out.append(
+                f"against probe {c['probe']} {pct(c['val_top1'])} vs trained "
+                f"{pct(head)} on {c['videos']} validation videos: kept the {c['kept']}"
+            )
+        elif c.get("best_probe"):
+            best = c["best_probe"]
+            out.append(
+                f"against probe {best} {pct(c[best]['val_top1'])} vs head "
+                f"{pct(c['head_val_top1'])} on {c[best]['videos']} validation videos"
+            )
+    out += [f"WARNING      {w}" for w in metrics.get("warnings") or []]
+    return out
+
+
 def format_summary(metrics: dict[str, Any], out: str) -> str:
     def pct(v: Any) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -191,7 +222,8 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
     selection = metrics.get("selection") or {}
     if metrics.get("head") == "svm":
         parts = [
-            f"{s} {v['chosen'].get('levels', '?')} levels C {v['chosen']['C']:g}"
+            f"{s} {v['chosen'].get('levels', '?')} levels "
+            + ("node-mean probe" if v["chosen"].get("C") is None else f"C {v['chosen']['C']:g}")
             for s, v in selection.items()
         ]
         if parts:
@@ -207,6 +239,7 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
             f"selection    lr {c['lr']:g}  weight decay {c['weight_decay']:g}  of "
             f"{len(selection['grid'])} on validation (top1 {pct(metrics.get('val_top1'))})"
         )
+    lines += _probe_lines(metrics, pct)
     secs = f"seconds      {metrics.get('seconds', 0.0):.1f}"
     training = metrics.get("training") or {}
     if "seconds_train" in metrics and training:
@@ -285,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
             standardize_inputs=not args.no_standardize,
             probe=not args.no_probe,
             probe_levels=args.probe_levels,
+            probe_start=not args.no_probe_start,
         )
     else:
         from aggregator.train import train_run
@@ -311,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
                 standardize=not args.no_standardize,
                 probe=not args.no_probe,
                 probe_levels=args.probe_levels,
+                probe_start=not args.no_probe_start,
                 patience=args.patience or None,
                 seed=args.seed,
                 device=args.device,

@@ -73,6 +73,7 @@ def run_args(**overrides: Any) -> dict[str, Any]:
         "seed": 0,
         "max_iter": 30,
         "eps": 1e-3,
+        "probe_start": False,  # the SVM's own fit (tests/aggregator/test_probe_start.py: the probe)
     }
     args.update(overrides)
     return args

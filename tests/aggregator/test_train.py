@@ -58,6 +58,7 @@ def tp_run(order_store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "1",
             "--device",
             "cpu",
+            "--no-probe-start",  # the refit's mechanics, from a random start
         ]
     )
     assert rc == 0
@@ -316,6 +317,7 @@ def test_svm_head_goes_to_the_svm_trainer(
         "standardize_inputs": True,
         "probe": True,
         "probe_levels": 4,
+        "probe_start": True,
     }
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"head": "svm"}))

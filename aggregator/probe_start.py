@@ -1,0 +1,147 @@
+"""A head started from its own linear probe, and any head held against the probes.
+
+Every run reports a standardised logistic-regression probe (:mod:`aggregator.probe`). A head
+that is a linear classifier on features that can carry the probe's inputs (``gap``: the global
+mean; one ``concat`` temporal pyramid with uniform beta, ``tpp``: the node summaries; see
+:meth:`aggregator.heads.NodeHead.probe_name`) starts from the probe's solution, so that training
+moves away from it only where the validation folds say it helps, and selection keeps whichever
+of the trained head and its starting point validates better. A head that cannot represent a
+probe is compared with the probes on the same validation folds, and a run says so when a probe
+is better. On a few videos per class the trained head's choice is noise; its probe is the
+baseline it must not lose to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregator.heads import NodeHead, PyramidLeaves, TwoStream, VideoModel
+from aggregator.heads.base import NodeInput
+from aggregator.probe import MAX_FLOATS, fit_linear_probe
+
+log = logging.getLogger(__name__)
+
+
+def model_probe_name(model: VideoModel) -> str | None:
+    """The probe every stream head of ``model`` can represent (one name), else None."""
+    if not isinstance(model, TwoStream):
+        return None
+    names = {model.stream_head(s).probe_name() for s in model.streams}
+    if len(names) != 1:
+        return None
+    return next(iter(names))
+
+
+def probe_start_size(model: VideoModel, n_rows: int) -> int:
+    """Feature entries the probe start's logistic regression holds (its largest stream)."""
+    if not isinstance(model, TwoStream):
+        return 0
+    return n_rows * max(model.stream_head(s).feature_dim for s in model.streams)
+
+
+@torch.no_grad()
+def start_from_probe(
+    model: VideoModel, inputs: Mapping[str, NodeInput], labels: np.ndarray, *, seed: int = 0
+) -> str | None:
+    """Set ``model`` (standardiser statistics already set) to its probe's solution fitted on the
+    summaries ``inputs`` of the training rows with ``labels``: every stream head's layers
+    before its classifier represent the probe's inputs (:meth:`NodeHead.represent_probe`), and
+    its classifier is the logistic regression fitted on its features. Returns the probe's name,
+    or None (model unchanged) when the head cannot represent a probe, the rows hold fewer than
+    two classes, or the features would exceed :data:`aggregator.probe.MAX_FLOATS` entries."""
+    name = model_probe_name(model)
+    if name is None or len(np.unique(labels)) < 2:
+        return None
+    n = len(labels)
+    if probe_start_size(model, n) > MAX_FLOATS:
+        log.info("the probe start would hold %d features per video: random start", n)
+        return None
+    assert isinstance(model, TwoStream)
+    was_training = model.training
+    model.eval()
+    x = model.prepare(inputs)
+    for s in model.streams:
+        head = model.stream_head(s)
+        assert isinstance(head, NodeHead)
+        nodes = x[s]
+        head.represent_probe(nodes.nodes() if isinstance(nodes, PyramidLeaves) else nodes)
+        feats = head.features(nodes).double().cpu().numpy()  # [n, feature_dim]
+        keep = np.flatnonzero(feats.std(0) > 0)  # padding features (constant 0) carry nothing
+        probe = fit_linear_probe(feats[:, keep], labels, seed=seed)
+        w_keep, bias = probe.logits(head.out_features)
+        weight = np.zeros((head.out_features, feats.shape[1]))
+        weight[:, keep] = w_keep
+        head.set_classifier(torch.from_numpy(weight), torch.from_numpy(bias))
+    model.train(was_training)
+    return name
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """A probe's pooled validation scores: top-1, mean cross-entropy, videos."""
+
+    top1: float
+    loss: float
+    videos: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val_top1": self.top1, "val_loss": self.loss, "videos": self.videos}
+
+
+def fold_probe_scores(
+    summaries: np.ndarray,
+    labels: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    seed: int = 0,
+) -> ProbeScores | None:
+    """The probe fitted on every fold's fit rows of ``summaries [n, F]`` and scored on its
+    validation rows, pooled (None when a fold's fit rows hold fewer than two classes)."""
+    right, loss_sum, videos = 0, 0.0, 0
+    for fit, val in folds:
+        if len(np.unique(labels[fit])) < 2 or not len(val):
+            return None
+        probe = fit_linear_probe(summaries[fit], labels[fit], seed=seed)
+        n_classes = int(labels.max()) + 1
+        w, b = probe.logits(n_classes)
+        z = np.asarray(summaries[val], dtype=np.float64) @ w.T + b  # [n_val, C]
+        z -= z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        y = labels[val]
+        right += int((z.argmax(1) == y).sum())
+        loss_sum += float(-logp[np.arange(len(y)), y].sum())
+        videos += len(val)
+    if not videos:
+        return None
+    return ProbeScores(right / videos, loss_sum / videos, videos)
+
+
+def probe_verdict(
+    head_top1: float | None, probes: Mapping[str, ProbeScores | None]
+) -> tuple[dict[str, Any], str | None]:
+    """The record of a head that cannot represent a probe against the probes' pooled
+    validation scores, and a warning when the best probe validates better than the head."""
+    scored = {k: v for k, v in probes.items() if v is not None}
+    record: dict[str, Any] = {k: v.to_dict() for k, v in scored.items()}
+    record["head_val_top1"] = head_top1
+    if not scored or head_top1 is None or not math.isfinite(head_top1):
+        record["probe_better"] = None
+        return record, None
+    best = max(scored, key=lambda k: scored[k].top1)
+    record["best_probe"] = best
+    better = scored[best].top1 > head_top1
+    record["probe_better"] = better
+    if not better:
+        return record, None
+    return record, (
+        f"the {best} probe validates better than this head ({100 * scored[best].top1:.1f}% "
+        f"against {100 * head_top1:.1f}% on {scored[best].videos} validation videos): "
+        "prefer the probe's model (the gap head on the global mean, tp concat on the nodes)"
+    )
