@@ -339,7 +339,7 @@ class FrameTimes:
 def frame_times(path: str | Path, *, threads: bool = True) -> FrameTimes:
     """The :class:`FrameTimes` of ``path`` (a decode without colour conversion; raises like
     :func:`iter_frames`)."""
-    p = Path(path)
+    p = local_or_url(path)
     fps = probe(p).fps
     return times_from_stamps([frame.time for frame in _decode(p, threads)], fps)
 
@@ -365,6 +365,6 @@ def iter_timed_frames(
     when it has none) to ``stamps``: the times come from the same decode
     (:func:`times_from_stamps` turns them into :class:`FrameTimes`)."""
     rgb = VideoReformatter()
-    for frame in _decode(Path(path), threads):
+    for frame in _decode(local_or_url(path), threads):
         stamps.append(frame.time)
         yield rgb.reformat(frame, format="rgb24").to_ndarray()

@@ -340,7 +340,7 @@ def test_videos_and_store_on_s3(
 
     summary = extract(["s3://clips/videos.txt"], store, runtime_env={"env_vars": s3_server.env})
     ids = sorted(c.stem for c in clips)
-    assert summary.complete == ids
+    assert summary.complete == ids, summary.failed
     assert list(summary.failed) == ["broken"]
     assert "'s3://clips/walk/broken.mp4'" in summary.failed["broken"]
     out = FeatureStore.open(store)
