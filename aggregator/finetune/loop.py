@@ -273,8 +273,14 @@ def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The part of a job's ``config`` a resumed run must share: what the model and data are, not
     where the starting weights or the stored features came from (the checkpoint replaces them),
     nor how the backward pass is chunked (the same gradients, sized for the hardware)."""
-    skip = ("run_id", "store", "store_streams", "start_extractor", "reuse_features")
-    skip = (*skip, "backward_chunks")
+    skip = (
+        "run_id",
+        "store",
+        "store_streams",
+        "start_extractor",
+        "reuse_features",
+        "backward_chunks",
+    )
     return {k: v for k, v in finite(dict(config or {})).items() if k not in skip}
 
 
