@@ -17,11 +17,12 @@ builds it with :func:`faiss.index_factory` over the full embedding:
   thousands of videos at the default budget, where a scan takes milliseconds and never misses.
 - **hnsw** (``HNSW32,SQ8``): an HNSW graph over the vectors quantised to a byte per dimension
   (a quarter of flat), when that fits; searched with ``efSearch`` 128.
-- **ivfpq** (``PCAR{r},IVF{nlist},PQ{M}x{nbits}``) otherwise: an inverted file of ``sqrt(n)``
-  lists (a quarter of them probed) whose residuals are product-quantised with the most
-  sub-quantizers that fit the share, after a rotation onto the ``r = 4 M`` leading uncentred
-  principal directions of the embedding (when ``4 M`` is below its size). The rotation,
-  the coarse centroids and the codebooks are trained on evenly spaced samples of the videos.
+- **ivfpq** (``IVF{nlist},PQ{M}x{nbits}``) otherwise: an inverted file of ``sqrt(n)`` lists
+  (a quarter of them probed) whose residuals are product-quantised with the most
+  sub-quantizers that fit the share (at most 256), after a rotation onto the ``r = 4 M``
+  leading uncentred principal directions of the embedding (when ``4 M`` is below its size).
+  The rotation, the coarse centroids and the codebooks are trained on evenly spaced samples
+  of the videos.
 
 The ``tp`` concat embedding is 63 x 128 = 8,064 floats (7.7 GB per float32 copy at 240,000
 videos); at ``--memory-budget 128M`` its index is an IVF-PQ of about 140 bytes a video. The
@@ -64,6 +65,7 @@ INDEX_SHARE = 4  # the index holds at most memory_budget() // INDEX_SHARE bytes
 TRAIN_SHARE = 2  # its training samples at most memory_budget() // TRAIN_SHARE bytes
 PCA_SAMPLE = 4096  # videos embedded to train an HNSW's scalar quantiser (at most)
 MIN_PQ = 8  # sub-quantizers of an IVF-PQ at least (and no compression below 8 dimensions)
+MAX_PQ = 256  # sub-quantizers at most: each trains its own k-means codebook
 PQ_DSUB = 4  # rotated dimensions per sub-quantizer (faiss' guideline: 4 M dimensions, M codes)
 MIN_TRAIN_PER_CENTROID = 39  # what faiss' k-means asks for (the coarse centroids get it)
 PQ_TRAIN_PER_CENTROID = 8  # a codebook's k-means: at least this many points a centroid
@@ -300,7 +302,7 @@ def _ivfpq_plan(n: int, e: int, share: int, train_bytes: int) -> IndexPlan | Non
     above it, which a product quantiser over the raw coordinates would encode over and over).
     """
     pca_sample = min(n, PCA_SAMPLE, train_bytes // (5 * e))  # the sample, its Gram matrix, the map
-    for m in range(e, 0, -1):
+    for m in range(min(e, MAX_PQ), 0, -1):
         rotate = PQ_DSUB * m < e
         r = PQ_DSUB * m if rotate else e
         if not rotate and e % m:

@@ -58,7 +58,8 @@ def test_kind_follows_the_budget() -> None:
     assert 4 * k400.sample * 8064 * 5 // 4 <= 64 << 20  # the rotation's sample fits half the budget
     assert plan_index(100_000, 8064, 6 << 30).kind == "hnsw"
     at_default = plan_index(240_000, 8064, 6 << 30)
-    assert at_default.kind == "ivfpq" and "rotated_dim" not in at_default.params  # full dimension
+    assert at_default.kind == "ivfpq" and at_default.params["m"] == 256  # at most 256 codebooks
+    assert at_default.params["rotated_dim"] == 1024
     with pytest.raises(ValueError, match="n=0"):
         plan_index(0, 4)
 
