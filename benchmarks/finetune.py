@@ -20,6 +20,14 @@ frame carries gradient, the worst case), and the table gives wall and CPU second
 on a GPU, peak GPU memory:
 
     python benchmarks/finetune.py --memory --arch resnet18 --videos 2 --lengths 12,48,120
+
+``--memory --command`` runs ``framepool finetune`` itself, with default options (the frames with
+gradient per backward chunk chosen from the memory budget), on four short real clips of
+``tests/data/videos`` (32, 57, 72 and 164 frames, two classes), and reports its peak RSS (from
+``wait4``), wall and CPU seconds and the chunk size it chose; a watchdog stops it when its RSS
+passes ``--rss-limit``:
+
+    nice python benchmarks/finetune.py --memory --command --arch resnet101 --stream both
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +169,97 @@ def memory_table(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND_CLIPS = {  # four short real clips: 32, 57, 72 and 164 frames
+    "mm_part_0.mp4": "a",
+    "mm_demo_spatiotemporal_det.mp4": "b",
+    "mm_demo_skeleton.mp4": "a",
+    "mm_test.avi": "b",
+}
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def command_memory(args: argparse.Namespace) -> int:
+    """Peak RSS of ``framepool finetune --streams both --period 4 --epochs 2 --weights random``
+    with default options, in a child process watched against ``--rss-limit``."""
+    from aggregator.node_cache import parse_bytes
+
+    limit = parse_bytes(args.rss_limit)
+    clips = REPO / "tests" / "data" / "videos"
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = Path(tmp) / "labels.csv"
+        labels.write_text(
+            "path,label\n" + "".join(f"{clips / n},{lb}\n" for n, lb in COMMAND_CLIPS.items())
+        )
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "api.cli", "finetune", "--videos"]
+        cmd += [str(clips / n) for n in COMMAND_CLIPS]
+        cmd += ["--labels", str(labels), "--out", str(out), "--streams", args.stream]
+        cmd += ["--period", "4", "--epochs", "2", "--weights", "random", "--arch", args.arch]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        seen = {"max": 0, "killed": False}
+
+        def watch() -> None:
+            while proc.poll() is None:
+                rss = _rss(proc.pid)
+                seen["max"] = max(seen["max"], rss)
+                if rss > limit:
+                    seen["killed"] = True
+                    proc.kill()
+                    return
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert proc.stdout is not None
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        watcher.join()
+        wall = time.perf_counter() - t0
+        config = out / "config.json"
+        chunks = json.loads(config.read_text()).get("backward_chunks") if config.is_file() else None
+    print(stdout, file=sys.stderr)
+    if seen["killed"]:
+        print(f"stopped: RSS passed {args.rss_limit}", file=sys.stderr)
+        return 1
+    if proc.returncode != 0:
+        print(f"framepool finetune failed ({proc.returncode})", file=sys.stderr)
+        return 1
+    row = {
+        "command": " ".join(cmd[2:]),
+        "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30,
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "backward_chunks": chunks,
+    }
+    print(json.dumps(row))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(f"\nframepool finetune, default options, {args.arch}, stream {args.stream}\n")
+    print("| grad frames per chunk (chosen) | memory budget | peak RSS | wall s | CPU s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    budget = (chunks or {}).get("memory_budget")
+    print(
+        f"| {(chunks or {}).get('grad_frames')} | "
+        f"{'-' if budget is None else f'{budget / 2**30:.2f} GiB'} | "
+        f"{row['peak_rss_gib']:.2f} GiB | {wall:.0f} | {row['cpu_s']:.0f} |"
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", nargs="*", help="video files (default: real clips in shared/)")
@@ -176,6 +277,11 @@ def main() -> int:
     ap.add_argument("--memory", action="store_true", help="peak memory against T instead")
     ap.add_argument("--lengths", default="12,48,120", help="--memory: frames per video")
     ap.add_argument("--grad-frames", type=int, default=8, help="--memory: frames per backward")
+    ap.add_argument(
+        "--command", action="store_true", help="--memory: framepool finetune, default options"
+    )
+    ap.add_argument("--rss-limit", default="8G", help="--command: stop the run past this RSS")
+    ap.add_argument("--json", help="--command: append the result to this JSON-lines file")
     ap.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -184,6 +290,8 @@ def main() -> int:
     if args.memory_child:
         length, grad_frames = args.memory_child
         return memory_child(args, length, grad_frames or None)
+    if args.memory and args.command:
+        return command_memory(args)
     if args.memory:
         return memory_table(args)
 

@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,211 @@ def step_cache(store: str, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     cache = load_node_cache(fs, "appearance", progress=False, budget=0)
     return {"seconds": time.perf_counter() - t0, "videos": len(cache), "bytes": cache.nbytes()}
+
+
+# ---------------------------------------------------------------------------------- index
+INDEX_CHUNK = 2000
+INDEX_D_IN = 256  # frame feature size of the generated videos (the embedding is 63 x 128)
+INDEX_CLASSES = 400
+
+
+class EmbeddingSource:
+    """``tp`` concat embeddings (depth 6, 128 per node: 8,064 floats) of generated videos, made
+    chunk by chunk from a seed so that no ``[n, 8064]`` matrix is ever held.
+
+    Each video's 32 leaf means (of 256-d frame features) are its class centre (400 classes,
+    N(0, 1)), plus a video offset (N(0, 0.6^2)), plus a slow drift (3 cosines over the video with
+    N(0, 0.3^2) coefficients), plus leaf noise (N(0, 0.2^2)); the node means are the pyramid
+    mixes of the leaves, and the embedding is what a real ``TemporalPyramid`` head (random
+    weights, beta_hat ~ N(0, 0.5^2), eval mode) computes from them: projection, batch norm and
+    beta scaling per node, concatenated.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        import torch
+
+        from aggregator.heads.tp import TemporalPyramid
+        from aggregator.intervals import pyramid_mix
+
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        self.head = TemporalPyramid(in_features=INDEX_D_IN, num_classes=INDEX_CLASSES).eval()
+        with torch.no_grad():
+            self.head.beta_hat.normal_(0.0, 0.5)
+        rng = np.random.default_rng(seed)
+        self.centres = rng.standard_normal((INDEX_CLASSES, INDEX_D_IN)).astype(np.float32)
+        self.mix = torch.from_numpy(pyramid_mix(128, 6).astype(np.float32))  # [63, 32]
+        t = (np.arange(32) + 0.5) / 32
+        self.cos = np.stack([np.cos(np.pi * k * t) for k in (1, 2, 3)]).astype(np.float32)
+        self.seed = seed
+
+    @property
+    def dim(self) -> int:
+        return int(self.head.feature_dim)
+
+    def chunk(self, stream: int, i: int, n: int = INDEX_CHUNK) -> np.ndarray:
+        """``[n, 8064]`` float32 embeddings, L2-normalised: chunk ``i`` of stream ``stream``."""
+        import torch
+
+        from aggregator.intervals import PyramidLeaves
+        from aggregator.similarity import normalize
+
+        rng = np.random.default_rng([self.seed, stream, i])
+        y = rng.integers(0, INDEX_CLASSES, n)
+        leaves = self.centres[y][:, None, :] + 0.6 * rng.standard_normal((n, 1, INDEX_D_IN))
+        coef = 0.3 * rng.standard_normal((n, 3, INDEX_D_IN)).astype(np.float32)
+        leaves = leaves + np.einsum("kl,nkd->nld", self.cos, coef)
+        leaves = leaves + 0.2 * rng.standard_normal((n, 32, INDEX_D_IN))
+        with torch.no_grad():
+            z = self.head.features(
+                PyramidLeaves(
+                    torch.from_numpy(leaves.astype(np.float32)), self.mix.expand(n, -1, -1)
+                )
+            )
+        return normalize(z.numpy())
+
+    def blocks(self, stream: int, count: int) -> Any:
+        for i in range(-(-count // INDEX_CHUNK)):
+            yield self.chunk(stream, i, min(INDEX_CHUNK, count - i * INDEX_CHUNK))
+
+
+INDEXED, QUERIES, TRAINING = 0, 1, 2  # the generator's streams: indexed, held-out, training
+
+
+def projection_index(e: int, r: int, sample: np.ndarray) -> Any:
+    """The reduced index of earlier versions: centred PCA to ``r`` dimensions, normalised, exact."""
+    import faiss
+
+    pca = faiss.PCAMatrix(e, r)
+    pca.train(sample)
+    flat = faiss.IndexFlatIP(r)
+    inner = faiss.IndexPreTransform(faiss.NormalizationTransform(r, 2.0), flat)
+    return faiss.IndexPreTransform(pca, inner)
+
+
+def old_projection_dim(n: int, e: int, budget: int) -> tuple[int, int]:
+    """The principal components (and the sample) earlier versions kept: the most that fit a
+    quarter of the budget, from at most 4,096 sampled videos."""
+    share = budget // 4
+    sample = min(n, 4096, share // (4 * e))
+    return max(8, min(e - 1, share // (4 * n), sample)), max(sample, 8)
+
+
+def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Recall@10 against exact search, build seconds, bytes and query p50/p99 of the planned
+    index (and of earlier versions' projection) over ``n`` generated videos."""
+    import faiss
+
+    from aggregator.node_cache import parse_bytes
+    from aggregator.similarity import empty_index, plan_index
+
+    faiss.omp_set_num_threads(args.threads)
+    budget = parse_bytes(args.memory_budget)
+    src = EmbeddingSource(args.seed)
+    e = src.dim
+    queries = np.concatenate(list(src.blocks(QUERIES, args.queries)))
+    plan = plan_index(n, e, budget)
+    methods: dict[str, dict[str, Any]] = {}
+
+    def train_sample(count: int) -> Any:
+        return src.blocks(TRAINING, count)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    index = empty_index(plan, train_sample)
+    methods[plan.kind] = {
+        "index": index,
+        "factory": plan.factory,
+        "params": dict(plan.params),
+        "train": time.perf_counter() - t0,
+        "train_cpu": time.process_time() - c0,
+    }
+    dims = {old_projection_dim(n, e, budget)[0]} | {
+        int(r) for r in args.projection_dims.split(",") if r
+    }
+    for r in sorted(dims):
+        t0, c0 = time.perf_counter(), time.process_time()
+        sample = np.concatenate(list(src.blocks(TRAINING, old_projection_dim(n, e, budget)[1])))
+        methods[f"projection {r}"] = {
+            "index": projection_index(e, r, sample),
+            "factory": f"PCA{r},L2norm,Flat",
+            "params": {"reduced_dim": r},
+            "train": time.perf_counter() - t0,
+            "train_cpu": time.process_time() - c0,
+        }
+        del sample
+    for m in methods.values():
+        m["add"] = m["add_cpu"] = 0.0
+    k = 10
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), k), dtype=np.int64)
+    exact_s = 0.0
+    done = 0
+    for block in src.blocks(INDEXED, n):
+        t0 = time.perf_counter()
+        sims = queries @ block.T  # exact search, streamed: the running top 10
+        both_s = np.concatenate([best_s, sims], axis=1)
+        both_i = np.concatenate(
+            [best_i, done + np.arange(len(block))[None, :].repeat(len(queries), 0)], axis=1
+        )
+        top = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
+        best_s = np.take_along_axis(both_s, top, 1)
+        best_i = np.take_along_axis(both_i, top, 1)
+        exact_s += time.perf_counter() - t0
+        for m in methods.values():
+            t0, c0 = time.perf_counter(), time.process_time()
+            m["index"].add(block)
+            m["add"] += time.perf_counter() - t0
+            m["add_cpu"] += time.process_time() - c0
+        done += len(block)
+        if done % 20000 == 0:
+            print(f"  {done}/{n} videos added", file=sys.stderr, flush=True)
+    truth = [set(row.tolist()) for row in best_i]
+    rows: dict[str, Any] = {
+        "videos": n,
+        "dim": e,
+        "budget": args.memory_budget,
+        "share": budget // 4,
+        "queries": len(queries),
+        "exact_scan_s": exact_s,
+    }
+    for name, m in methods.items():
+        index = m["index"]
+        times = []
+        found = []
+        for q in queries:
+            t0 = time.perf_counter()
+            _, got = index.search(q[None, :], k)
+            times.append(time.perf_counter() - t0)
+            found.append(got[0])
+        recall = float(np.mean([len(truth[i] & set(f.tolist())) / k for i, f in enumerate(found)]))
+        rows[name] = {
+            "factory": m["factory"],
+            "params": m["params"],
+            "recall_at_10": recall,
+            "build_s": m["train"] + m["add"],
+            "build_cpu_s": m["train_cpu"] + m["add_cpu"],
+            "bytes": int(faiss.serialize_index(index).nbytes),
+            "query_p50_ms": 1e3 * float(np.percentile(times, 50)),
+            "query_p99_ms": 1e3 * float(np.percentile(times, 99)),
+        }
+        print(f"  {name}: {rows[name]}", file=sys.stderr, flush=True)
+    rows["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return rows
+
+
+def print_index_rows(results: list[dict[str, Any]]) -> None:
+    print()
+    print("| videos | index | recall@10 | build s (CPU s) | bytes | query p50 / p99 ms |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        for name, m in r.items():
+            if not isinstance(m, dict):
+                continue
+            print(
+                f"| {r['videos']:,} | {name}: `{m['factory']}` | {m['recall_at_10']:.3f} | "
+                f"{m['build_s']:.1f} ({m['build_cpu_s']:.1f}) | {m['bytes'] / 2**20:.1f} MiB | "
+                f"{m['query_p50_ms']:.2f} / {m['query_p99_ms']:.2f} |"
+            )
 
 
 # ---------------------------------------------------------------------------------- parent
@@ -196,6 +402,23 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/framepool-store-scale")
     p.add_argument("--json", default=None, help="append the results to this JSON-lines file")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    p.add_argument(
+        "--index",
+        action="store_true",
+        help="the similar-video index instead: recall@10 against exact search, build seconds, "
+        "bytes, query p50/p99 at --index-videos generated videos under --memory-budget",
+    )
+    p.add_argument("--index-videos", default="10000,240000", help="--index: comma-separated")
+    p.add_argument("--memory-budget", default="128M", help="--index: the memory budget")
+    p.add_argument("--queries", type=int, default=200, help="--index: held-out queries")
+    p.add_argument(
+        "--projection-dims",
+        default="43",
+        help="--index: also measure the earlier projection at these dimensions (beside the one "
+        "it would choose)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="--index: generator seed")
+    p.add_argument("--threads", type=int, default=1, help="--index: faiss threads")
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -210,6 +433,22 @@ def main() -> None:
             print(json.dumps(steps[args.step](args.store, args)))
         return
 
+    if args.index:
+        print(
+            f"# similar-video index, budget {args.memory_budget}; "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"load average {os.getloadavg()[0]:.1f}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            flush=True,
+        )
+        results = []
+        for n in (int(v) for v in args.index_videos.split(",")):
+            results.append(index_benchmark(n, args))
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
+        print_index_rows(results)
+        return
     base = Path(args.dir)
     store = str(base / "store.zarr")
     if args.train_only:

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from aggregator.finetune.loop import (
     finetune,
 )
 from aggregator.finetune.maps import MAP_HEADS, StridedSource, build_map_model, map_channels
+from aggregator.finetune.memory import choose_grad_frames
 from aggregator.finetune.standardize import fit_standardizer
 from aggregator.finetune.surrogate import FinetuneModel
 from aggregator.heads import build_model
@@ -200,7 +202,15 @@ class FinetuneJob:
         fresh = not (self.resume and (self.out / CHECKPOINT).exists())
         if self.standardize and self.maps is None and fresh:
             fit_standardizer(model, inputs.source, ids, chunk_size=self.settings.chunk_size)
+        chunks = choose_grad_frames(
+            model,
+            inputs.source.frames(ids[0]),
+            given=self.settings.grad_frames,
+            autocast=self._autocast,
+        )
+        settings = replace(self.settings, grad_frames=chunks["grad_frames"])
         config = self.config(extractor, start_config, known, names, ids)
+        config["backward_chunks"] = chunks
         source: Any = inputs.source
         if self.maps is not None:
             source = StridedSource(inputs.source, self.map_stride)
@@ -208,7 +218,7 @@ class FinetuneJob:
             model,
             [TrainVideo(v, names.index(self.labels[v])) for v in ids],
             source,
-            self.settings,
+            settings,
             self.out,
             device=self.device,
             config=config,
@@ -218,6 +228,11 @@ class FinetuneJob:
         if rank == 0 and finished:
             self.finish(extractor, inputs)
         return history
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.settings.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def check(self) -> list[str]:
         """The sorted class names (given, or the labels'); raises on a video without a label

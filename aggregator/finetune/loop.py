@@ -271,8 +271,16 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The part of a job's ``config`` a resumed run must share: what the model and data are, not
-    where the starting weights or the stored features came from (the checkpoint replaces them)."""
-    skip = ("run_id", "store", "store_streams", "start_extractor", "reuse_features")
+    where the starting weights or the stored features came from (the checkpoint replaces them),
+    nor how the backward pass is chunked (the same gradients, sized for the hardware)."""
+    skip = (
+        "run_id",
+        "store",
+        "store_streams",
+        "start_extractor",
+        "reuse_features",
+        "backward_chunks",
+    )
     return {k: v for k, v in finite(dict(config or {})).items() if k not in skip}
 
 

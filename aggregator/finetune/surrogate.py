@@ -121,7 +121,8 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _loader(frames: Frames, prepare: Prepare | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def frame_loader(frames: Frames, prepare: Prepare | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``idx -> [len(idx), *input]``: a video's stored frames as its backbone's input."""
     if not isinstance(frames, torch.Tensor):
         return frames.take
     tensor = frames
@@ -204,7 +205,7 @@ def batch_surrogate_features(
         grads.append(gi)
         # frames without gradient that need the backbone: none when their features are known
         rests.append(torch.nonzero(~with_grad).flatten() if kn is None else gi[:0])
-    loaders = [_loader(f, prepare) for f in frames]
+    loaders = [frame_loader(f, prepare) for f in frames]
 
     def with_graph(x: torch.Tensor) -> torch.Tensor:
         f = _checkpoint(backbone, x, use_reentrant=False) if checkpoint else backbone(x)
@@ -441,7 +442,7 @@ def step_in_chunks(
     loss, correct = loss_and_correct(logits, labels)
     loss.backward()
     for stream in streams:
-        loaders = [_loader(it.frames[stream], model._prepare.get(stream)) for it in items]
+        loaders = [frame_loader(it.frames[stream], model._prepare.get(stream)) for it in items]
         subsets = [it.grad_index.to(torch.long).cpu() for it in items]
         for chunk in _plan(subsets, grad_frames):
             upstream = []

@@ -32,6 +32,7 @@ from api.cli.options import (
     head_kwargs_from,
     streams_choice,
 )
+from api.cli.train_cmd import apply_memory_budget
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +166,14 @@ def register(sub: Any) -> None:
         metavar="N",
         help="backward pass in chunks of N frames with gradient (their activations recomputed): "
         "memory of N frames whatever the videos' length; the same gradients, one more forward "
-        "pass of the subset (default: one graph over all of a batch's subset frames)",
+        "pass of the subset (default: chosen from --memory-budget)",
+    )
+    opt.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="memory the run may use, e.g. 6G: the frames with gradient per backward chunk are "
+        "chosen so that their activations take a third of it (default: "
+        "$FRAMEPOOL_MEMORY_BUDGET, else a quarter of the RAM; --grad-frames wins)",
     )
     opt.add_argument("--seed", type=int, default=0)
     add_device(opt)
@@ -258,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise UsageError(f"--max-frames must be >= 1, got {args.max_frames}")
 
+    apply_memory_budget(args.memory_budget)
+
     import torch
 
     from aggregator.finetune.job import reextract_dtype, run_finetune_job
@@ -313,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{len(paths)} videos, {last['epoch']} epochs, K={args.period}: loss "
                 f"{last['loss']:.4f}, accuracy {last['accuracy']:.3f}"
             )
+        print(backward_chunks_line(out))
         names = [p.name for p in files.values()]
         print(f"wrote {out}: " + ", ".join([*names, "head.pt", "config.json", "metrics.json"]))
         print(f"re-extract: {reextract_command(args, files, streams, reextract_dtype(out))}")
@@ -324,6 +335,27 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         torch.distributed.destroy_process_group()
     return status
+
+
+def backward_chunks_line(out: Path) -> str:
+    """What the run recorded of its backward chunks, as one line."""
+    import json
+
+    config = out / "config.json"
+    chunks = json.loads(config.read_text()).get("backward_chunks") if config.is_file() else None
+    if not isinstance(chunks, dict):
+        return "frames with gradient per backward chunk: not recorded"
+    line = f"frames with gradient per backward chunk: {chunks['grad_frames']}"
+    if chunks.get("chosen_by") == "memory_budget":
+        per_frame = chunks["activation_bytes_per_frame"]
+        line += (
+            f" (chosen from the memory budget {chunks['memory_budget'] / 2**30:.2f} GiB; "
+            + ", ".join(f"{s} {b / 2**20:.0f} MiB" for s, b in per_frame.items())
+            + " of activations per frame)"
+        )
+    else:
+        line += " (--grad-frames)"
+    return line
 
 
 def _weights_options(files: dict[str, Path]) -> tuple[Path, Path | None]:

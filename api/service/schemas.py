@@ -142,6 +142,15 @@ class SimilarResponse(_Model):
     timings: Timings
 
 
+class IndexKind(_Model):
+    """How a run's similar-video index holds its vectors."""
+
+    kind: str = Field(description="flat (exact), hnsw, ivfpq, or pca (older reduced indexes)")
+    factory: str = Field(description="the faiss index_factory string that builds it")
+    params: dict[str, int] = Field(description="its parameters (nlist, m, nbits, nprobe, ...)")
+    bytes: int | None = Field(description="size of the saved index file")
+
+
 class ModelInfo(_Model):
     id: str
     head: str
@@ -153,6 +162,9 @@ class ModelInfo(_Model):
     )
     default: bool = Field(description="answers requests that name no model")
     similarity_index: int | None = Field(description="indexed videos, or None without an index")
+    similarity_index_kind: IndexKind | None = Field(
+        default=None, description="the similar-video index's kind, or None without an index"
+    )
 
 
 class ModelsResponse(_Model):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.finetune.memory import ACTIVATION_SHARE
+from aggregator.node_cache import BUDGET_ENV
 from api.cli import main
 from storage import FeatureStore
 
@@ -35,10 +37,23 @@ def test_bad_values_are_usage_errors(labelled: Path, tmp_path: Path) -> None:
 
 
 def test_run_resume_and_reextract(
-    labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    labelled: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv(BUDGET_ENV, raising=False)  # --memory-budget sets it for this process
     out = tmp_path / "run"
-    assert main(_args(labelled, out, "--epochs", "1")) == 0
+    assert main(_args(labelled, out, "--epochs", "1", "--memory-budget", "300M")) == 0
+    # the frames with gradient per backward chunk follow the budget, and are recorded
+    config = json.loads((out / "config.json").read_text())
+    chunks = config["backward_chunks"]
+    per_frame = chunks["activation_bytes_per_frame"]["appearance"]
+    assert 15 << 20 < per_frame < 30 << 20  # resnet18 at 224 x 224 keeps ~21 MiB a frame
+    assert chunks["chosen_by"] == "memory_budget" and chunks["memory_budget"] == 300 << 20
+    assert chunks["grad_frames"] == (300 << 20) // ACTIVATION_SHARE // per_frame == 4
+    assert config["settings"]["grad_frames"] == 4
+    assert "frames with gradient per backward chunk: 4 (chosen from" in capsys.readouterr().out
     first = json.loads((out / "metrics.json").read_text())["epochs"]
     assert len(first) == 1 and first[0]["frames_total"] == 6  # the two train-split clips
     assert first[0]["frames_with_grad"] == 4  # frames 0 and 2 of each
@@ -54,6 +69,11 @@ def test_run_resume_and_reextract(
     assert metrics["epochs"][1]["frames_with_grad"] == 2  # frame 1 of each
     printed = capsys.readouterr().out
     assert f"--weights {out / 'backbone_appearance.pt'}" in printed
+    # --grad-frames wins over the budget
+    config = json.loads((out / "config.json").read_text())
+    assert config["backward_chunks"] == {"grad_frames": 1, "chosen_by": "grad_frames"}
+    assert config["settings"]["grad_frames"] == 1
+    assert "frames with gradient per backward chunk: 1 (--grad-frames)" in printed
 
     recorded = FeatureStore.open(store).extractor["appearance"]
     config = json.loads((out / "config.json").read_text())

@@ -20,6 +20,7 @@ from aggregator.finetune import (
     step_in_chunks,
 )
 from aggregator.finetune.loop import finetune
+from aggregator.finetune.memory import MAX_GRAD_FRAMES, activation_bytes, grad_frames_for
 from aggregator.heads import build_model
 from tests.aggregator.test_finetune_train import _data, _model, _settings
 
@@ -185,3 +186,23 @@ def test_grad_frames_must_be_positive() -> None:
         _settings(grad_frames=0)
     with pytest.raises(ValueError, match="grad_frames"):
         step_in_chunks(tiny_model(), batch((3,), 1, 0), torch.tensor([0]), grad_frames=0)
+
+
+def test_activation_bytes_are_what_autograd_keeps() -> None:
+    """conv keeps its input, ReLU its output (in place: the conv's output), parameters left out."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(inplace=True))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert activation_bytes(net, x) == 4 * (2 * 3 * 64 + 2 * 4 * 64)
+    with torch.no_grad():
+        assert activation_bytes(net, x.detach()) == 4 * (2 * 3 * 64 + 2 * 4 * 64)  # grad forced
+
+
+def test_grad_frames_follow_the_budget() -> None:
+    per_frame = {"appearance": 100 << 20, "motion": 120 << 20}  # the worst stream sizes it
+    assert grad_frames_for(per_frame, 3 * (120 << 20) * 16) == 16
+    assert grad_frames_for(per_frame, 3 * (120 << 20) * 16 - 1) == 15
+    assert grad_frames_for(per_frame, 6 << 30) == (6 << 30) // 3 // (120 << 20) == 17
+    assert grad_frames_for(per_frame, 0) == 1  # at least one frame
+    assert grad_frames_for({"appearance": 1}, 1 << 40) == MAX_GRAD_FRAMES
+    with pytest.raises(ValueError, match="no stream"):
+        grad_frames_for({}, 1 << 30)

@@ -49,6 +49,8 @@ def test_health_ready_models_docs(client: TestClient) -> None:
     assert [m["id"] for m in models] == ["fake-run"]
     assert models[0]["classes"] == CLASSES and models[0]["default"] is True
     assert models[0]["similarity_index"] == 6
+    assert models[0]["similarity_index_kind"]["kind"] == "flat"  # six videos: exact
+    assert models[0]["similarity_index_kind"]["factory"] == "Flat"
     schema = client.get("/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200

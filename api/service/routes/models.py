@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.service.deps import StateDep
-from api.service.schemas import ModelInfo, ModelsResponse
+from api.service.schemas import IndexKind, ModelInfo, ModelsResponse
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -24,6 +24,9 @@ def list_models(state: StateDep) -> ModelsResponse:
                 metrics=run.metrics,
                 default=run.run_id == registry.default_id,
                 similarity_index=None if run.index is None else len(run.index),
+                similarity_index_kind=None
+                if run.index is None
+                else IndexKind.model_validate(run.index.kind()),
             )
             for run in registry.runs.values()
         ]
