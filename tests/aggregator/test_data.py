@@ -246,6 +246,7 @@ INPUT_PATHS = {
     "tpp-average": ("tpp", {"levels": (1, 3), "pooling": "average"}, ()),
     "datp": ("datp", {"segments": 5, "gaussians": 2}, ()),
     "stcb": ("stcb", {"out_dim": 32, "paths": 3}, ()),
+    "attn": ("attn", {"segments": 5, "queries": 2, "heads": 1}, ()),
 }
 
 
