@@ -174,7 +174,8 @@ class TemporalPyramid(NodeHead):
             gen = torch.Generator().manual_seed(0)
             rows = torch.randperm(len(flat), generator=gen)[:PCA_ROWS]
             sample = flat[rows] - flat[rows].mean(0)
-            weight = torch.linalg.svd(sample, full_matrices=False).Vh[: self.node_dim]
+            top = torch.linalg.svd(sample, full_matrices=False).Vh[: self.node_dim]
+            weight[: len(top)] = top  # fewer node rows than node_dim: the rest stays zero
         self.beta_hat.zero_()
         self.proj.weight.copy_(weight.to(self.proj.weight.dtype))
         self.proj.bias.zero_()
