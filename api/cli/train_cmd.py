@@ -180,22 +180,26 @@ def _probe_lines(metrics: dict[str, Any], pct: Any) -> list[str]:
     and the run's warnings."""
     out = []
     check = metrics.get("probe_check") or {}
-    records = check.values() if metrics.get("head") == "svm" else [check]
-    for c in records:
+    named = check.items() if metrics.get("head") == "svm" else [("", check)]
+    parts = []
+    for stream, c in named:
         if not c:
             continue
+        where = f"{stream}: " if stream else ""
         if "kept" in c:
             head = c.get("head_val_top1", c.get("svm_val_top1"))
-            out.append(
-                f"against probe {c['probe']} {pct(c['val_top1'])} vs trained "
-                f"{pct(head)} on {c['videos']} validation videos: kept the {c['kept']}"
+            parts.append(
+                f"{where}probe {c['probe']} {pct(c['val_top1'])} vs trained {pct(head)} on "
+                f"{c['videos']} validation videos, kept the {c['kept']}"
             )
         elif c.get("best_probe"):
             best = c["best_probe"]
-            out.append(
-                f"against probe {best} {pct(c[best]['val_top1'])} vs head "
+            parts.append(
+                f"{where}probe {best} {pct(c[best]['val_top1'])} vs head "
                 f"{pct(c['head_val_top1'])} on {c[best]['videos']} validation videos"
             )
+    if parts:
+        out.append("vs probe     " + "; ".join(parts))
     out += [f"WARNING      {w}" for w in metrics.get("warnings") or []]
     return out
 

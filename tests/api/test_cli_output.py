@@ -41,7 +41,10 @@ def test_svm_training_on_real_clips_prints_its_summary_and_one_solver_line(
     assert "Solution may be inaccurate" not in proc.stderr
     assert "level projection failed" not in proc.stderr
     assert stderr == [], stderr
-    assert stdout[0].startswith("run ") and len(stdout) <= 15, stdout
+    # the summary: one line per topic (run, head, scores, probes, selection, solvers, the check
+    # against the probe, seconds, per stream, fusion, beta per stream, index)
+    assert stdout[0].startswith("run ") and len(stdout) <= 16, stdout
+    assert sum(line.startswith("vs probe ") for line in stdout) == 1
     notes = json.loads((out / "metrics.json").read_text())["solver_notes"]
     assert notes["solves"] > 0
     solver_lines = [line for line in stdout if line.startswith("solvers ")]
