@@ -17,13 +17,14 @@ from api.service.deps import (
     merge_options,
     probe_upload,
     refuse_if_busy,
+    request_limits,
     run_job,
     select_run,
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
 from api.service.schemas import MaxFrames, RunId, Stride, _Model
-from api.service.served_runs import JobControl, Limits, LoadedRun
+from api.service.served_runs import JobControl, LoadedRun
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -84,10 +85,7 @@ async def attention(
             path=upload.path,
             stride=n_stride,
             max_frames=n_max,
-            limits=Limits(
-                max_decoded_frames=settings.max_decoded_frames,
-                max_frame_pixels=settings.max_frame_pixels,
-            ),
+            limits=request_limits(settings),
             control=control,
         )
         maps = await run_job(state, upload, job, request=request, control=control)

@@ -20,12 +20,13 @@ from api.service.deps import (
     merge_options,
     probe_upload,
     refuse_if_busy,
+    request_limits,
     run_job,
     uploaded_file,
 )
 from api.service.routes._openapi import ERRORS, upload_body
 from api.service.schemas import MaxFrames, Stride, _Model
-from api.service.served_runs import JobControl, Limits
+from api.service.served_runs import JobControl
 from api.service.thumbnails import frame_strip
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -95,10 +96,7 @@ async def thumbnails(
             max_frames=n_max,
             count=opts.count or 12,
             height=opts.height or 72,
-            limits=Limits(
-                max_decoded_frames=settings.max_decoded_frames,
-                max_frame_pixels=settings.max_frame_pixels,
-            ),
+            limits=request_limits(settings),
             control=control,
         )
         strip = await run_job(state, upload, lambda _ctx: job(), request=request, control=control)
