@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -84,9 +84,6 @@ from storage.layout import (
     write_stream,
 )
 from storage.times import StreamTimes, stream_times
-
-if TYPE_CHECKING:
-    from storage.export import ExportSummary, SplitArrays
 
 log = logging.getLogger(__name__)
 
@@ -1075,20 +1072,3 @@ class FeatureStore:
             "extractor": attrs.get("extractor", {}),
             "failed": failures,
         }
-
-    # ------------------------------------------------------------------ export
-    def to_numpy(
-        self, split: str | None, stream: str, pooling: str = "mean", levels: int = 3
-    ) -> SplitArrays:
-        """A split as ``(X, y, video_ids)`` for scikit-learn: :func:`storage.export.to_numpy`."""
-        from storage.export import to_numpy
-
-        return to_numpy(self, split, stream, pooling=pooling, levels=levels)
-
-    def export(
-        self, out_dir: str | Path, fmt: str = "npy", split: str | None = None
-    ) -> ExportSummary:
-        """Per-video, per-stream NumPy files; see :func:`storage.export.export_store`."""
-        from storage.export import export_store
-
-        return export_store(self, out_dir, fmt=fmt, split=split)
