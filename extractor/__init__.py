@@ -22,7 +22,7 @@ _EXPORTS = {
     "build_backbone": "extractor.backbones",
     "cross_modality_conv1": "extractor.backbones",
     "run_extract": "extractor.pipeline",
-    "ExtractionSummary": "extractor.pipeline",
+    "ExtractionSummary": "extractor.records",
     "RayOptions": "extractor.ray_engine",
     "make_demo_clips": "extractor.synthetic",
 }

@@ -53,7 +53,7 @@ from extractor.transforms import AppearanceInput
 from extractor.urls import VideoPath
 
 if TYPE_CHECKING:
-    from extractor.pipeline import ExtractionSummary
+    from extractor.records import ExtractionSummary
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def prepare_videos(batch: dict[str, np.ndarray], plan: _Plan) -> Iterator[dict[s
 
     from extractor.decode import VideoError
     from extractor.flow import sha256_file
-    from extractor.pipeline import stream_times, video_meta
+    from extractor.records import stream_times, video_meta
 
     torch.set_num_threads(plan.torch_threads)
     for key, text in zip(batch["key"], batch["source"], strict=True):
@@ -490,7 +490,7 @@ def write_videos(
 ) -> dict[str, np.ndarray]:
     """Ray Data stage: write each finished video (or record its failure) into the store;
     returns one small row per video for the driver's progress and summary."""
-    from extractor.pipeline import record_failure, store_video
+    from extractor.records import record_failure, store_video
 
     store = _store(plan)
     n_rows = len(batch["key"])
@@ -663,7 +663,7 @@ def run_extraction_ray(
     options: RayOptions | None = None,
 ) -> ExtractionSummary:
     """Extract ``sources`` into ``store`` on a Ray cluster; returns an
-    :class:`~extractor.pipeline.ExtractionSummary` like the local engine's.
+    :class:`~extractor.records.ExtractionSummary` like the local engine's.
 
     ``spec.streams`` must already include the source streams of ``maps``. Raises ImportError
     when Ray is not installed, ValueError for unusable arguments; per-video problems are in the
@@ -727,7 +727,7 @@ def _run(
     options: RayOptions,
     start: float,
 ) -> ExtractionSummary:
-    from extractor.pipeline import ExtractionSummary, todo_sources
+    from extractor.records import ExtractionSummary, todo_sources
     from storage import FeatureStore
 
     actor_device, gpus, actors = _model_placement(ray, device, options)
