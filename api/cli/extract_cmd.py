@@ -283,7 +283,7 @@ def check_before_models(args: argparse.Namespace) -> None:
     and the models load: a missing video path or labels row, or a store path that is a file or
     someone's folder, is a usage error (FileNotFoundError, ValueError) naming them all."""
     from extractor.sources import make_sources
-    from storage.store import check_store_path
+    from storage.root import check_store_path
 
     check_store_path(args.store)
     for option, value in (
