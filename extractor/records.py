@@ -54,6 +54,8 @@ class ExtractionSummary:
 
 
 def video_meta(source: Source, done: VideoDone, sha256: str, subsampled: bool) -> dict[str, Any]:
+    """The attrs a finished video's group records about its file: source, hash, frame count,
+    rate, size and codec, and its kept frames when ``subsampled``."""
     meta: dict[str, Any] = {
         "source": str(source.path),
         "source_sha256": sha256,
@@ -148,6 +150,8 @@ def todo_sources(
     shard: tuple[int, int] | None,
     summary: ExtractionSummary,
 ) -> list[Source]:
+    """The ``sources`` this run does: those of ``shard`` not already complete with every one of
+    ``streams``; the others are counted in ``summary`` (outside the shard, or skipped)."""
     todo = []
     for src in sources:
         if not in_shard(src.video_id, shard):
