@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
 from aggregator.streams import MAP_HEADS, MAP_STREAMS
+from extractor.runtime import OLD_PRECISIONS, PRECISIONS
 
 DEFAULT_STEPS = 1000
 MAX_BATCH = 128
@@ -186,6 +187,8 @@ class TrainConfig(BaseTrainConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head_kwargs", dict(self.head_kwargs or {}))
+        if self.precision in OLD_PRECISIONS:  # float32/bfloat16, as older configs spell them
+            object.__setattr__(self, "precision", OLD_PRECISIONS[self.precision])
         if self.fusion_weights is not None:
             object.__setattr__(self, "fusion_weights", dict(self.fusion_weights))
         for name in ("lr_grid", "weight_decay_grid"):
@@ -207,7 +210,7 @@ class TrainConfig(BaseTrainConfig):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.inputs not in ("nodes", "frames"):
             raise ValueError(f"inputs must be 'nodes' or 'frames', got {self.inputs!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

@@ -3,7 +3,8 @@
 The one home of these choices for the feature extractor, every trainer and the service, so that
 ``auto`` means the same thing everywhere. Precision has one vocabulary, the one the command line
 shows: ``auto``, ``fp32``, ``bf16`` (the older ``float32`` and ``bfloat16`` are still read, as
-recorded configurations spell them).
+recorded configurations spell them). torch and NumPy are imported on first use, so that a
+config can check a precision without loading them.
 """
 
 from __future__ import annotations
@@ -12,21 +13,22 @@ import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
 OLD_PRECISIONS: dict[str, Precision] = {"float32": "fp32", "bfloat16": "bf16"}
-TORCH_DTYPES: dict[Precision, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES: dict[Precision, str] = {"fp32": "float32", "bf16": "bfloat16"}  # torch's names
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto``: CUDA when available, else CPU; ``cuda`` under torchrun: ``cuda:$LOCAL_RANK``
     (modulo the visible GPUs); ``cuda`` without a GPU is an error."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
@@ -43,6 +45,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def bf16_supported(device: torch.device) -> bool:
     """Native bfloat16 matmuls: CUDA with bf16, or a CPU with AVX512-BF16/AMX (oneDNN)."""
+    import torch
+
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:
@@ -69,6 +73,9 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's global and torch's random streams."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (1 << 32))  # noqa: NPY002 - for code that uses the global state
     torch.manual_seed(seed)
@@ -76,6 +83,9 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The global random streams' state (Python, NumPy, torch, and CUDA when available)."""
+    import numpy as np
+    import torch
+
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),  # noqa: NPY002 - the global state is what is saved
@@ -88,6 +98,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Put back what :func:`rng_state` returned."""
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])  # noqa: NPY002
     torch.set_rng_state(state["torch"])
@@ -99,6 +112,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def seeded_run(seed: int, threads: int | None = None) -> Iterator[None]:
     """Run the body seeded with ``seed`` on ``threads`` torch CPU threads (None: as they are),
     then give the caller back its thread count and random streams as they were."""
+    import torch
+
     old_threads = torch.get_num_threads()
     old_rng = rng_state()
     if threads is not None:
