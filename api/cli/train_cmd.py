@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
 from api.cli.options import add_head_options, add_store, add_streams, head_kwargs_from
+
+if TYPE_CHECKING:
+    from aggregator.train_config import BaseTrainConfig
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
@@ -297,7 +300,7 @@ _NEGATED = {
 }
 
 
-def config_from_args(args: argparse.Namespace, streams: list[str]) -> Any:
+def config_from_args(args: argparse.Namespace, streams: list[str]) -> BaseTrainConfig:
     """The config of ``args.head``'s trainer (:func:`aggregator.trainers.config_class`) from the
     parsed options: every config field whose option was given (a ``--no-X`` flag for a field
     that is on by default); the fields no option sets keep their defaults."""
