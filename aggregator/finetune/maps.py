@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from aggregator.finetune.surrogate import FinetuneModel, FrameInputs, Frames, n_frames_of
+from aggregator.streams import MAP_HEADS
 
 if TYPE_CHECKING:
     from aggregator.finetune.loop import VideoSource
 
-MAP_HEADS = ("stpn",)
 MAP_INPUTS = {"appearance": "appearance_map", "motion": "motion_map"}  # stream -> head input
 
 

@@ -22,14 +22,13 @@ from api.cli.options import (
     positive_int,
     stream_list,
 )
+from extractor.spec import MAP_STREAMS  # spatial maps of the pooled streams; nothing heavy
 
 if TYPE_CHECKING:
     from extractor.ray_engine import RayOptions
     from extractor.records import ExtractionSummary
 
 __all__ = ["register", "run"]
-
-MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
 
 
 DEFAULT_STREAMS = "appearance,motion"

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from aggregator.data import grouped_holdout, video_groups
+from aggregator.heads.views import pyramid_leaf_streams
+from aggregator.run_data import prepare_data
 from aggregator.rundir import labelled_splits
-from aggregator.train import build, prepare_data, pyramid_leaf_streams, selection_folds
+from aggregator.selection import selection_folds
 from aggregator.train_config import TrainConfig
+from aggregator.trainer import build
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 
