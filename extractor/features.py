@@ -56,7 +56,6 @@ from extractor.transforms import (
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the recorded dtype names
-MAP_STREAMS = MAP_SOURCES  # map -> its source stream (extractor.spec's table)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -334,20 +333,20 @@ class FeatureExtractor:
         ``stride``-th extracted frame, starting with the first.
         """
         maps = tuple(maps)
-        bad = [m for m in maps if m not in MAP_STREAMS]
+        bad = [m for m in maps if m not in MAP_SOURCES]
         if bad or len(set(maps)) != len(maps):
-            raise ValueError(f"maps must be distinct names among {list(MAP_STREAMS)}, got {maps!r}")
-        missing = [m for m in maps if MAP_STREAMS[m] not in self.streams]
+            raise ValueError(f"maps must be distinct names among {list(MAP_SOURCES)}, got {maps!r}")
+        missing = [m for m in maps if MAP_SOURCES[m] not in self.streams]
         if missing:
             raise ValueError(
                 f"maps {missing} need their source streams "
-                f"{[MAP_STREAMS[m] for m in missing]}, which this extractor does not compute"
+                f"{[MAP_SOURCES[m] for m in missing]}, which this extractor does not compute"
             )
-        timm = [m for m in maps if is_timm(self._arch[MAP_STREAMS[m]])]
+        timm = [m for m in maps if is_timm(self._arch[MAP_SOURCES[m]])]
         if timm:
             raise ValueError(
                 f"maps {timm} need a ResNet backbone (its last block's output); "
-                f"{self._arch[MAP_STREAMS[timm[0]]]!r} is a timm model"
+                f"{self._arch[MAP_SOURCES[timm[0]]]!r} is a timm model"
             )
         if dim is not None and dim < 1:
             raise ValueError(f"map dim must be >= 1, got {dim!r}")
@@ -358,7 +357,7 @@ class FeatureExtractor:
         self._projections: dict[str, torch.Tensor] = {}
         self._map_configs: dict[str, dict[str, Any]] = {}
         for name in maps:
-            source = MAP_STREAMS[name]
+            source = MAP_SOURCES[name]
             channels = self.feature_dims[source]
             projection: dict[str, Any] | None = None
             if dim is not None:
@@ -401,7 +400,7 @@ class FeatureExtractor:
         rows = None if map_rows is None else torch.as_tensor(map_rows, dtype=torch.long)
         features: dict[str, np.ndarray] = {}
         maps: dict[str, np.ndarray] = {}
-        wanted = {MAP_STREAMS[m]: m for m in self.map_streams}
+        wanted = {MAP_SOURCES[m]: m for m in self.map_streams}
         with torch.inference_mode():
             for stream in self.streams:
                 x = torch.as_tensor(batch[stream])

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from extractor.backbones import STREAMS
-from extractor.features import MAP_STREAMS, FeatureExtractor
+from extractor.features import FeatureExtractor
 from extractor.local_engine import run_extraction
 from extractor.prepare import check_selection
 from extractor.progress import DEFAULT_INTERVAL
 from extractor.records import ExtractionSummary
 from extractor.sharding import parse_shard, shard_from_env
 from extractor.sources import Source, make_sources
-from extractor.spec import BackboneSpec
+from extractor.spec import MAP_SOURCES, BackboneSpec
 
 if TYPE_CHECKING:
     from extractor.ray_engine import RayOptions
@@ -122,10 +122,10 @@ def _checked(
 ) -> tuple[tuple[str, ...], tuple[int, int] | None]:
     """The streams to extract (pooled ones in :data:`STREAMS` order, then maps) and the shard of
     :func:`run_extract`'s options; ValueError naming the first option that cannot be used."""
-    bad = [m for m in maps if m not in MAP_STREAMS]
+    bad = [m for m in maps if m not in MAP_SOURCES]
     if bad:
-        raise ValueError(f"maps must be among {list(MAP_STREAMS)}, got {bad}")
-    wanted = dict.fromkeys([*spec.streams, *(MAP_STREAMS[m] for m in maps)])
+        raise ValueError(f"maps must be among {list(MAP_SOURCES)}, got {bad}")
+    wanted = dict.fromkeys([*spec.streams, *(MAP_SOURCES[m] for m in maps)])
     streams = tuple(s for s in STREAMS if s in wanted) + tuple(
         s for s in wanted if s not in STREAMS
     )

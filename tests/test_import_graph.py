@@ -21,7 +21,6 @@ LAYERS = ("storage", "extractor", "aggregator", "api", "benchmarks")  # lower fi
 # Circles known in the trainers and being taken apart elsewhere; each entry is one edge of the
 # circle, which the walk below leaves out. Delete an entry once its circle is gone.
 ALLOWED_CIRCLES: dict[tuple[str, str], str] = {
-    ("aggregator.maps.train", "aggregator.train"): "maps/train.py <-> train.py",
     ("aggregator.finetune.loop", "aggregator.finetune.maps"): "finetune/loop.py <-> maps.py",
 }
 
