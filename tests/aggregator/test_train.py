@@ -290,10 +290,11 @@ def test_svm_head_goes_to_the_svm_trainer(
         def load(cls, run_dir: Any) -> str:
             return f"svm at {run_dir}"
 
+    import aggregator.svm.predictor
     import aggregator.svm.run
 
     monkeypatch.setattr(aggregator.svm.run, "train_svm", train_svm)
-    monkeypatch.setattr(aggregator.svm.run, "SVMPredictor", SVMPredictor)
+    monkeypatch.setattr(aggregator.svm.predictor, "SVMPredictor", SVMPredictor)
     out = tmp_path / "svm"
     argv = ["train", "--store", order_store, "--head", "svm", "--out", str(out), "--levels", "3"]
     argv += ["--variant", "average", "--C", "2.5", "--kernel", "chi2", "--max-iter", "7"]
