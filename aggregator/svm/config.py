@@ -35,7 +35,7 @@ class SVMConfig:
         refit: fit the chosen values again on the whole training split (else on the fit
             videos of the validation part).
         val_groups: how the validation part is held out (``auto``, ``none`` or a regular
-            expression, see :func:`aggregator.data.video_groups`).
+            expression, see :func:`aggregator.splits.video_groups`).
         standardize_inputs: standardise node means with training statistics (never for the
             chi2 kernel, which needs non-negative features).
         probe: fit and report the linear-probe references.

@@ -7,7 +7,7 @@ scores fused with weights, and a run directory like the deep heads' (``config.js
 :class:`aggregator.predictor.Predictor`.
 
 Fusion weights and probabilities are *learned on validation videos*: a stratified 10% of every
-class of the training split (:func:`aggregator.data.stratified_holdout`, seeded; whole groups when
+class of the training split (:func:`aggregator.splits.stratified_holdout`, seeded; whole groups when
 the videos have them) is held out and the SVMs are fitted on the rest, with more folds on small
 data (below). On the held-out videos a grid over the simplex of stream weights
 (step 1/20) picks the best top-1 (ties: the most even weights), then a softmax temperature is fitted

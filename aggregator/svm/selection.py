@@ -83,7 +83,7 @@ def selection_rows(y_fit: np.ndarray, limit: int, seed: int) -> np.ndarray:
     else a seeded subsample of about ``limit`` with every class in its share (at least one)."""
     if len(y_fit) <= limit:
         return np.arange(len(y_fit))
-    from aggregator.data import stratified_holdout
+    from aggregator.splits import stratified_holdout
 
     _, sub = stratified_holdout(y_fit, limit / len(y_fit), seed)
     return sub

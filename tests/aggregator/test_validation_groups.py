@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.data import grouped_holdout, video_groups
 from aggregator.rundir import labelled_splits
+from aggregator.splits import grouped_holdout, video_groups
 from aggregator.train import build, prepare_data, pyramid_leaf_streams, selection_folds
 from aggregator.train_config import TrainConfig
 from storage import FeatureStore
