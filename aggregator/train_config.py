@@ -1,4 +1,10 @@
-"""What a training run is asked to do (:class:`TrainConfig`), and the budget it resolves to.
+"""What a training run is asked to do, and the budget it resolves to.
+
+Every trainer takes one frozen, typed config: :class:`TrainConfig` (the deep heads),
+:class:`aggregator.maps.config.MapTrainConfig` (the spatial map heads) and the SVM's; they share
+:class:`BaseTrainConfig`, which holds the options every trainer has (head, streams, splits,
+seed) and the ``to_dict``/``from_dict``/``replace`` round trip through ``config.json``'s
+``train_args``.
 
 Defaults that hold from a hundred videos to UCF101's 13,320:
 
@@ -18,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 DEFAULT_STEPS = 1000
 MAX_BATCH = 128
@@ -31,8 +37,74 @@ MAX_FOLDS = 4
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a deep-head training run (``framepool train`` without ``--head svm``).
+class BaseTrainConfig:
+    """The options every trainer shares, and the round trip through ``train_args``.
+
+    A trainer's config subclasses it (``@dataclass(frozen=True)``), gives ``head`` its default,
+    lists its tuple-valued fields in ``TUPLE_FIELDS`` (read back from JSON lists) and extends
+    :meth:`validate` (calling ``super().validate()``). The fields are checked when the config is
+    made, so a config that exists is valid.
+
+    Attributes:
+        head: the head's name (a key of :data:`aggregator.heads.HEADS`, or ``svm``).
+        streams: stream names, in order, without repeats.
+        train_split, test_split: the store's split names (no test split: None).
+        val_groups: how the validation part is held out: ``auto`` holds out whole groups when
+            every training video has a stored group (a labels CSV's ``group`` column), else a
+            stratified random share; ``none`` always the random share; otherwise a regular
+            expression on video ids whose first capture group is the group (``_(g[0-9]+)_`` for
+            UCF101). See :func:`aggregator.data.video_groups`.
+        seed: seeds every random choice of the run (splits, initialisation, batches).
+    """
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("streams",)
+
+    head: str = ""
+    streams: tuple[str, ...] = ("appearance",)
+    train_split: str = "train"
+    test_split: str | None = "test"
+    val_groups: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "streams", tuple(dict.fromkeys(self.streams)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option that is out of range."""
+        if not self.streams:
+            raise ValueError("no stream given")
+        if not self.val_groups:
+            raise ValueError("val_groups must be 'auto', 'none' or a regular expression, got ''")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists): ``config.json``'s ``train_args``."""
+        out = dataclasses.asdict(self)
+        for name in self.TUPLE_FIELDS:
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+        """A config from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        kw = dict(values)
+        for name in cls.TUPLE_FIELDS:
+            if kw.get(name) is not None:
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig(BaseTrainConfig):
+    """Every option of a deep-head training run (:class:`BaseTrainConfig`'s and its own).
 
     Attributes:
         head: a key of :data:`aggregator.heads.HEADS`.
@@ -41,11 +113,6 @@ class TrainConfig:
         head_kwargs: the head class's keyword arguments, e.g. ``{"depth": 4}`` for ``tp``.
         val_fraction: share of every class of the training split held out for selection and
             early stopping.
-        val_groups: how the validation part is held out: ``auto`` holds out whole groups when
-            every training video has a stored group (a labels CSV's ``group`` column), else a
-            stratified random share; ``none`` always the random share; otherwise a regular
-            expression on video ids whose first capture group is the group (``_(g[0-9]+)_`` for
-            UCF101). See :func:`aggregator.data.video_groups`.
         steps: optimiser steps of the final training (default :data:`DEFAULT_STEPS`).
         epochs: passes over the training videos instead of ``steps`` (wins when given).
         batch_size: videos per step (default: an eighth of the training videos, within
@@ -80,15 +147,13 @@ class TrainConfig:
         threads: torch CPU threads for the run.
     """
 
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("streams", "lr_grid", "weight_decay_grid")
+
     head: str = "tp"
-    streams: tuple[str, ...] = ("appearance",)
     head_kwargs: Mapping[str, Any] = field(default_factory=dict)
     fusion: Literal["learned", "fixed"] | None = None
     fusion_weights: Mapping[str, float] | None = None
-    train_split: str = "train"
-    test_split: str | None = "test"
     val_fraction: float = 0.1
-    val_groups: str = "auto"
     steps: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -107,7 +172,6 @@ class TrainConfig:
     warmup: float = 0.05
     patience: int | None = 10
     grad_clip: float | None = 40.0
-    seed: int = 0
     device: str = "auto"
     inputs: Literal["nodes", "frames"] = "nodes"
     pyramid_leaves: bool = True
@@ -119,7 +183,6 @@ class TrainConfig:
     probe_start: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "streams", tuple(dict.fromkeys(self.streams)))
         object.__setattr__(self, "head_kwargs", dict(self.head_kwargs or {}))
         if self.fusion_weights is not None:
             object.__setattr__(self, "fusion_weights", dict(self.fusion_weights))
@@ -127,12 +190,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(float(v) for v in value))
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
         """Raise ValueError naming the first option that is out of range."""
-        if not self.streams:
-            raise ValueError("no stream given")
+        super().validate()
         for name in ("steps", "epochs", "batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -147,8 +209,6 @@ class TrainConfig:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not self.val_groups:
-            raise ValueError("val_groups must be 'auto', 'none' or a regular expression, got ''")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.select_budget <= 0:
@@ -188,30 +248,6 @@ class TrainConfig:
         lrs = (self.lr,) if self.lr is not None else self.lr_grid or DEFAULT_LR_GRID[self.optimizer]
         wds = (self.weight_decay,) if self.weight_decay is not None else self.weight_decay_grid
         return {"lr": float(lrs[len(lrs) // 2]), "weight_decay": float(wds[len(wds) // 2])}
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["streams"] = list(self.streams)
-        for name in ("lr_grid", "weight_decay_grid"):
-            if out[name] is not None:
-                out[name] = list(out[name])
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """A config from :meth:`to_dict` output; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
-        kw = dict(values)
-        for name in ("streams", "lr_grid", "weight_decay_grid"):
-            if kw.get(name) is not None:
-                kw[name] = tuple(kw[name])
-        return cls(**kw)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
