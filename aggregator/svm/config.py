@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from aggregator.train_config import BaseTrainConfig
 
 if TYPE_CHECKING:
     from aggregator.svm.estimator import MultipleAggregationSVM
@@ -17,10 +18,12 @@ MAX_LEVELS = 6  # levels=None chooses the pyramid depth among 1..MAX_LEVELS
 
 
 @dataclass(frozen=True)
-class SVMConfig:
-    """Every option of an SVM run (:func:`aggregator.svm.run.train_svm`).
+class SVMConfig(BaseTrainConfig):
+    """Every option of an SVM run (:func:`aggregator.svm.run.train_svm`):
+    :class:`aggregator.train_config.BaseTrainConfig`'s and its own.
 
     Attributes:
+        head: ``svm``.
         streams: stream names, one multiple-aggregation SVM each, their scores fused.
         levels: pyramid depth; None chooses it among 1 to :data:`MAX_LEVELS` on the
             validation folds.
@@ -30,12 +33,9 @@ class SVMConfig:
             for the rbf/chi2 kernels a factor on the gamma from ``gamma_grid`` (default
             :data:`GAMMA_GRID` when ``C`` is selected, else 1: a given ``C`` is a fixed
             configuration).
-        train_split, test_split: the store's splits (``test_split`` None: no test).
         seed: seeds the validation part, the folds, the subsamples and the estimator.
         refit: fit the chosen values again on the whole training split (else on the fit
             videos of the validation part).
-        val_groups: how the validation part is held out (``auto``, ``none`` or a regular
-            expression, see :func:`aggregator.splits.video_groups`).
         standardize_inputs: standardise node means with training statistics (never for the
             chi2 kernel, which needs non-negative features).
         probe: fit and report the linear-probe references.
@@ -45,20 +45,18 @@ class SVMConfig:
             when it validates at least as well.
     """
 
-    streams: tuple[str, ...] = ("appearance",)
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("streams", "C_grid", "gamma_grid")
+
+    head: str = "svm"
     levels: int | None = None
     variant: str = "concat"
     C: float | None = None
     kernel: str = "linear"
-    train_split: str = "train"
-    test_split: str | None = "test"
-    seed: int = 0
     max_iter: int = 50
     eps: float = 1e-3
     C_grid: tuple[float, ...] = C_GRID
     gamma_grid: tuple[float, ...] | None = None
     refit: bool = True
-    val_groups: str = "auto"
     standardize_inputs: bool = True
     probe: bool = True
     probe_levels: int = 4
@@ -66,19 +64,19 @@ class SVMConfig:
     probe_start: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "streams", tuple(dict.fromkeys(self.streams)))
         object.__setattr__(self, "C_grid", tuple(self.C_grid))
         if self.gamma_grid is not None:
             object.__setattr__(self, "gamma_grid", tuple(self.gamma_grid))
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
         """Raise ValueError naming the first option that is out of range (the estimator's
         options are checked by the estimator, for every ``C`` tried)."""
         from sklearn.base import clone
 
-        if not self.streams:
-            raise ValueError("no stream given")
+        super().validate()
+        if self.head != "svm":
+            raise ValueError(f"an SVMConfig's head is 'svm', got {self.head!r}")
         if self.levels is not None and (not isinstance(self.levels, int) or self.levels < 1):
             raise ValueError(f"levels must be an integer >= 1 or None, got {self.levels!r}")
         c_values = self.c_values  # raises for an empty C_grid
@@ -138,8 +136,9 @@ class SVMConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The run's ``train_args`` in ``config.json``: the options with the depths and grids
-        the selection tries (:meth:`from_dict` reads it back to an equal config)."""
+        """The run's ``train_args`` in ``config.json``: the options (``head`` aside, which
+        ``config.json`` holds once) with the depths and grids the selection tries
+        (:meth:`from_dict` reads it back to a config that writes the same)."""
         return {
             "streams": list(self.streams),
             "levels": self.levels,
@@ -164,15 +163,7 @@ class SVMConfig:
         }
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SVMConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
         """A config from :meth:`to_dict` output (``depths`` is derived and skipped); unknown
         keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in values.items() if k != "depths"}
-        unknown = sorted(set(kw) - known)
-        if unknown:
-            raise ValueError(f"unknown svm options {unknown}; known: {sorted(known)}")
-        return cls(**kw)
-
-    def replace(self, **changes: Any) -> SVMConfig:
-        return dataclasses.replace(self, **changes)
+        return super().from_dict({k: v for k, v in values.items() if k != "depths"})
