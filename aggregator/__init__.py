@@ -2,7 +2,10 @@
 
 Main entry points, imported lazily so that ``import aggregator`` stays cheap for the command line:
 
-- :class:`~aggregator.train_config.TrainConfig` and :func:`~aggregator.train.train_run` fit a head;
+- :func:`~aggregator.trainers.train` fits a head from its config
+  (:class:`~aggregator.train_config.TrainConfig` for the deep heads, trained by
+  :func:`~aggregator.train.train_run`; :class:`~aggregator.train_config.MapTrainConfig` for
+  ``stpn``);
 - :func:`~aggregator.evaluate.evaluate_run` and :func:`~aggregator.evaluate.summarize_runs` score;
 - :func:`~aggregator.run_loader.load_run` loads a run as a :class:`~aggregator.predictor.Predictor`;
 - :func:`~aggregator.heads.build_model` and ``HEADS``: the pooling heads;
@@ -25,6 +28,7 @@ _EXPORTS = {
     "Predictor": "aggregator.predictor",
     "SimilarityIndex": "aggregator.similarity",
     "TorchRun": "aggregator.run_loader",
+    "MapTrainConfig": "aggregator.train_config",
     "TrainConfig": "aggregator.train_config",
     "build_index": "aggregator.similarity",
     "evaluate_run": "aggregator.evaluate",

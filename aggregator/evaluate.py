@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from aggregator.data import label_indices, load_node_tensors, open_store, split_videos
+from aggregator.heads.views import pyramid_leaf_streams
 from aggregator.maps.data import MapDataset
 from aggregator.maps.predict import MapRun
 from aggregator.metrics import classification_metrics
 from aggregator.run_loader import TorchRun, load_run
 from aggregator.rundir import CONFIG_FILE, evaluation_file, read_metrics, write_json
-from aggregator.train import pyramid_leaf_streams
 
 __all__ = ["SUMMARY_KEYS", "evaluate_run", "evaluation_file", "summarize_runs"]
 

@@ -11,10 +11,11 @@ import torch
 
 from aggregator.data import summaries_of
 from aggregator.heads import NodeInput, VideoModel, build_model
+from aggregator.heads.views import fusion_weights_of, model_betas
 from aggregator.intervals import Intervals
 from aggregator.predictor import Predictor
 from aggregator.rundir import learned_fusion_rule, read_config, read_model_state
-from aggregator.train import fusion_weights_of, model_betas, resolve_device
+from extractor.runtime import resolve_device
 
 __all__ = ["TorchRun", "load_run", "read_config"]
 

@@ -506,7 +506,7 @@ def iter_store_embeddings(
 
         from aggregator.data import load_node_data
         from aggregator.heads import VideoModel
-        from aggregator.train import pyramid_leaf_streams
+        from aggregator.heads.views import pyramid_leaf_streams
 
         # the node cache the trainer loaded is reused (loaded once per process), and streamed
         # block by block when it exceeds the memory budget; a temporal pyramid reads its leaves

@@ -1,7 +1,7 @@
 """What a training run is asked to do, and the budget it resolves to.
 
 Every trainer takes one frozen, typed config: :class:`TrainConfig` (the deep heads),
-:class:`aggregator.maps.config.MapTrainConfig` (the spatial map heads) and the SVM's; they share
+:class:`MapTrainConfig` (the spatial map heads) and the SVM's; they share
 :class:`BaseTrainConfig`, which holds the options every trainer has (head, streams, splits,
 seed) and the ``to_dict``/``from_dict``/``replace`` round trip through ``config.json``'s
 ``train_args``.
@@ -25,6 +25,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
+
+from aggregator.streams import MAP_HEADS, MAP_STREAMS
+from extractor.runtime import OLD_PRECISIONS, PRECISIONS
 
 DEFAULT_STEPS = 1000
 MAX_BATCH = 128
@@ -184,6 +187,8 @@ class TrainConfig(BaseTrainConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head_kwargs", dict(self.head_kwargs or {}))
+        if self.precision in OLD_PRECISIONS:  # float32/bfloat16, as older configs spell them
+            object.__setattr__(self, "precision", OLD_PRECISIONS[self.precision])
         if self.fusion_weights is not None:
             object.__setattr__(self, "fusion_weights", dict(self.fusion_weights))
         for name in ("lr_grid", "weight_decay_grid"):
@@ -205,7 +210,7 @@ class TrainConfig(BaseTrainConfig):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.inputs not in ("nodes", "frames"):
             raise ValueError(f"inputs must be 'nodes' or 'frames', got {self.inputs!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -248,6 +253,67 @@ class TrainConfig(BaseTrainConfig):
         lrs = (self.lr,) if self.lr is not None else self.lr_grid or DEFAULT_LR_GRID[self.optimizer]
         wds = (self.weight_decay,) if self.weight_decay is not None else self.weight_decay_grid
         return {"lr": float(lrs[len(lrs) // 2]), "weight_decay": float(wds[len(wds) // 2])}
+
+
+@dataclass(frozen=True)
+class MapTrainConfig(BaseTrainConfig):
+    """Every option of a map-head run (``stpn``, :func:`aggregator.maps.train.train_map_run`).
+
+    The head reads the spatial map streams (:data:`aggregator.streams.MAP_STREAMS`, always
+    both); Adam with cosine decay per step picks the epoch on the validation part.
+
+    Attributes:
+        head: a key of :data:`aggregator.streams.MAP_HEADS`.
+        head_kwargs: the head class's keyword arguments, e.g. ``{"out_dim": 1024}``.
+        val_fraction: share of every class of the training split held out to pick the epoch
+            and stop early.
+        epochs, batch_size: passes over the training videos, videos per step (at least 2).
+        optimizer: ``adam`` (the only one; recorded).
+        lr, weight_decay: Adam's learning rate; L2 weight decay on weight matrices only.
+        patience: epochs without a better validation score before training stops (None:
+            never).
+        grad_clip: the gradients' norm is clipped to this (None: not clipped).
+        max_frames: at most this many evenly spaced map frames per video (None: all).
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        threads: torch CPU threads for the run.
+    """
+
+    head: str = "stpn"
+    streams: tuple[str, ...] = MAP_STREAMS
+    head_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    val_fraction: float = 0.1
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: Literal["adam"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int | None = 10
+    grad_clip: float | None = 40.0
+    max_frames: int | None = None
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head_kwargs", dict(self.head_kwargs or {}))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option that is out of range."""
+        super().validate()
+        if self.head not in MAP_HEADS:
+            raise ValueError(
+                f"head {self.head!r} does not read map streams; map heads: {MAP_HEADS}"
+            )
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"need epochs >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}"
+            )
+        if self.streams != MAP_STREAMS:
+            raise ValueError(
+                f"head {self.head!r} reads the streams {MAP_STREAMS}, got {self.streams}"
+            )
+        if self.optimizer != "adam":
+            raise ValueError(f"head {self.head!r} trains with adam, got {self.optimizer!r}")
 
 
 @dataclass(frozen=True)

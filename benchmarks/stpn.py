@@ -5,7 +5,7 @@ Three parts, each printed as a markdown table with wall seconds, CPU seconds and
 1. **location task** (:mod:`aggregator.maps.synthetic`): the class is the quadrant of the frame
    where the motion is; pooled vectors carry no trace of it. ``stpn`` (STPN's three pathways,
    and with the fused pathway) against ``stcb`` and ``tp`` on the pooled streams of the same store,
-   all through :func:`aggregator.train.train_run`.
+   all through :func:`aggregator.trainers.train`.
 2. **extraction** with and without map streams on real clips (``--videos``): frames/s and stored
    bytes per frame, and what that makes for UCF101 (13,320 clips, ``--ucf-frames`` frames).
 3. **time per epoch** of ``stpn`` at UCF101 scale (9,537 training videos of split 1, maps of
@@ -37,7 +37,8 @@ import torch
 
 from aggregator.heads import build_model
 from aggregator.maps.synthetic import LocationTask, write_location_store
-from aggregator.train import fit_epoch, param_groups, train_run
+from aggregator.train_loop import fit_epoch, param_groups
+from aggregator.trainers import train
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = REPO.parent / "shared" / "data" / "videos"
@@ -88,11 +89,11 @@ def part_task(args: argparse.Namespace, work: Path) -> None:
     for name, head, streams, kw in runs:
         out = work / f"run-{head}-{len(kw)}"
         metrics, wall, cpu = timed(
-            lambda head=head, streams=streams, kw=kw, out=out: train_run(
+            lambda head=head, streams=streams, kw=kw, out=out: train(
                 store,
                 out,
                 head=head,
-                streams=streams or ["appearance"],
+                **({"streams": streams} if streams else {}),
                 head_kwargs=kw,
                 epochs=args.epochs,
                 batch_size=16,

@@ -2,7 +2,7 @@
 
 Synthetic node tensors in memory (no store, no disk): UCF101 scale by default (13,320 videos,
 101 classes, depth-6 pyramids, d = 2048, two streams). Each epoch runs the trainer's own loop
-(:func:`aggregator.train.fit_epoch`: shuffled index batches over in-memory tensors, Adam,
+(:func:`aggregator.train_loop.fit_epoch`: shuffled index batches over in-memory tensors, Adam,
 gradient clipping), so the numbers are what ``framepool train`` spends per epoch once the node
 cache exists. The machine's fp32 (and bf16) matmul throughput is measured in the same run; each
 head's FLOPs per epoch are counted analytically (matmul-like work, forward + backward) and
@@ -42,12 +42,13 @@ import torch
 
 from aggregator.data import NodeTensors, stratified_holdout
 from aggregator.heads import TwoStream, build_model, pyramid_mix
-from aggregator.train import fit_epoch, param_groups
 from aggregator.train_config import TrainConfig, plan_budget
 from aggregator.train_loop import (
     Trial,
     endless_batches,
+    fit_epoch,
     make_optimizer,
+    param_groups,
     train_trials,
     warmup_cosine,
 )
@@ -243,7 +244,7 @@ def run_config(cfg: Config, args: argparse.Namespace, precision: str) -> dict[st
 
 def selection_fold_count(config: TrainConfig, n_train: int, n_classes: int) -> int:
     """Folds the default selection trains the grid on for ``n_train`` training videos spread
-    evenly over ``n_classes`` (:func:`aggregator.train.selection_folds`: more folds while the
+    evenly over ``n_classes`` (:func:`aggregator.selection.selection_folds`: more folds while the
     validation part holds fewer than ``min_validation`` videos)."""
     labels = np.arange(n_train) % n_classes
     n_val = len(stratified_holdout(labels, config.val_fraction, 0)[1])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,8 @@ from extractor.backbones import (
 )
 from extractor.flow import FLOW_BACKENDS, FlowBackend, flow_from_config, make_flow, sha256_file
 from extractor.prepare import FrameChunk, FrameCountChanged, VideoDone, prepare_video
-from extractor.spec import BackboneSpec
+from extractor.runtime import DTYPE_NAMES, resolve_device, resolve_precision
+from extractor.spec import MAP_SOURCES, BackboneSpec
 from extractor.transforms import (
     CROP_SIZE,
     DEFAULT_APPEARANCE_INPUT,
@@ -55,44 +55,18 @@ from extractor.transforms import (
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-MAP_STREAMS = {"appearance_map": "appearance", "motion_map": "motion"}  # map -> its source stream
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; ``cuda`` under torchrun: ``cuda:$LOCAL_RANK``."""
-    if isinstance(device, torch.device):
-        return device
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return torch.device(device)
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the recorded dtype names
+MAP_STREAMS = MAP_SOURCES  # map -> its source stream (extractor.spec's table)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto`` -> ``bfloat16`` on CUDA with bf16 and on CPUs with native bf16, else ``float32``."""
-    if dtype in ("bf16", "bfloat16"):
-        return "bfloat16"
-    if dtype in ("fp32", "float32"):
-        return "float32"
-    if dtype != "auto":
-        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_supports_bf16() else "float32"
+    """The compute dtype a configuration records (``bfloat16`` or ``float32``) for ``dtype``
+    (``auto``, ``fp32``/``bf16`` or the recorded names): ``auto`` -> bfloat16 where the device
+    has it natively (:func:`extractor.runtime.resolve_precision`)."""
+    try:
+        return DTYPE_NAMES[resolve_precision(dtype, device)]
+    except ValueError:
+        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}") from None
 
 
 @dataclass

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 STREAMS = ("appearance", "motion")  # the two streams, in their canonical order
+# the spatial map streams, each computed by the backbone of the stream it is named after
+MAP_SOURCES = {"appearance_map": "appearance", "motion_map": "motion"}
+MAP_STREAMS = tuple(MAP_SOURCES)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from aggregator.finetune.surrogate import (
     step_in_chunks,
 )
 from aggregator.rundir import CONFIG_FILE, METRICS_FILE, finite, save_torch, write_json
+from extractor.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +134,11 @@ def init_distributed(device: str) -> torch.device:
     each takes ``cuda:LOCAL_RANK``. Backend: nccl on GPU, gloo on CPU. Without torchrun's variables
     it is a plain single-process run.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device)
+    dev = resolve_device(device)  # cuda under torchrun: cuda:LOCAL_RANK
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
         if dev.index is None:
-            dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+            dev = torch.device("cuda", 0)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
@@ -157,7 +153,7 @@ def _stream_of(name: str, streams: Sequence[str]) -> str | None:
     return None
 
 
-def make_optimizer(
+def make_stream_sgd(
     model: FinetuneModel, settings: FinetuneSettings
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD with one parameter group per stream and a per-stream step decay of the learning rate.
@@ -285,7 +281,7 @@ class FinetuneLoop:
         self.config, self.on_batch = config, on_batch
         self.rank, self.world = distributed()
         model.to(device)
-        self.opt, self.sched = make_optimizer(model, settings)
+        self.opt, self.sched = make_stream_sgd(model, settings)
         self.history: list[dict[str, Any]] = []
         self.start = 0  # the first epoch this call trains
         self.ckpt_path = out / CHECKPOINT
@@ -546,6 +542,6 @@ __all__ = [
     "finetune",
     "init_distributed",
     "load_checkpoint",
-    "make_optimizer",
+    "make_stream_sgd",
     "write_outputs",
 ]

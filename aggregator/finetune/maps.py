@@ -24,8 +24,8 @@ from torch import nn
 
 from aggregator.finetune.sources import VideoSource
 from aggregator.finetune.surrogate import FinetuneModel, FrameInputs, Frames, n_frames_of
+from aggregator.streams import MAP_HEADS
 
-MAP_HEADS = ("stpn",)
 MAP_INPUTS = {"appearance": "appearance_map", "motion": "motion_map"}  # stream -> head input
 
 

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-STREAMS = ("appearance", "motion")
+from aggregator.streams import STREAMS
+
 GradScale = Literal["unbiased", "sum"]
 
 # A function that turns a chunk of stored inputs (e.g. uint8 [n, C, H, W] on the CPU) into the

@@ -43,8 +43,8 @@ from torch import nn
 from aggregator.heads.base import Dropout
 from aggregator.heads.stcb import CompactBilinear, signed_sqrt_l2
 from aggregator.intervals import Intervals, batch_pool_intervals
+from aggregator.streams import MAP_STREAMS
 
-MAP_STREAMS = ("appearance_map", "motion_map")
 PATHWAYS = ("spatial", "temporal", "attended", "fused")
 PAPER_PATHWAYS = ("spatial", "temporal", "attended")
 Guidance = Literal["cell", "video"]

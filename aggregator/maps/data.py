@@ -18,11 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from aggregator.data import pad_streams
+from aggregator.streams import MAP_STREAMS
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
-
-MAP_STREAMS = ("appearance_map", "motion_map")
 
 
 def pick_frames(n: int, max_frames: int | None) -> np.ndarray:

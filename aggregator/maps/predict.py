@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from aggregator.heads import SpatiotemporalPyramid, build_model
-from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
+from aggregator.maps.data import MapDataset, map_loader
 from aggregator.rundir import read_config, read_model_state
-from aggregator.train import resolve_device
-
-SOURCE_STREAMS = {"appearance_map": "appearance", "motion_map": "motion"}
+from aggregator.streams import MAP_SOURCES, MAP_STREAMS
+from extractor.runtime import resolve_device
 
 
 class MapRun:
@@ -42,7 +41,7 @@ class MapRun:
     @property
     def extractor_streams(self) -> list[str]:
         """Every stream whose recorded configuration computing the maps needs (sources + maps)."""
-        sources = [SOURCE_STREAMS[s] for s in self.streams]
+        sources = [MAP_SOURCES[s] for s in self.streams]
         missing = [s for s in sources if self.extractor.get(s) is None]
         if missing:
             raise ValueError(
@@ -126,9 +125,27 @@ class MapRun:
         return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def predict_maps(
+    model: SpatiotemporalPyramid,
+    data: MapDataset,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits [n, C] float32, labels [n])`` of every video of ``data``, in order."""
+    model.eval()
+    logits, labels = [], []
+    for b in map_loader(data, batch_size=batch_size):
+        x = {s: t.to(device) for s, t in b.features.items()}
+        logits.append(model(x, b.lengths.to(device)).float().cpu())
+        labels.append(b.labels)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
 def is_map_run(config: Mapping[str, Any]) -> bool:
     """True for a run whose head reads the map streams."""
     return str(config.get("head")) == "stpn"
 
 
-__all__ = ["SOURCE_STREAMS", "MapRun", "is_map_run"]
+__all__ = ["MapRun", "is_map_run", "predict_maps"]

@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +26,8 @@ from matplotlib.figure import Figure
 from aggregator import plots
 from aggregator.data import open_store
 from aggregator.heads import SpatiotemporalPyramid, VideoModel, build_model
-from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
+from aggregator.maps.data import MapDataset, map_loader
+from aggregator.maps.predict import predict_maps
 from aggregator.metrics import classification_metrics
 from aggregator.rundir import (
     CONFIG_FILE,
@@ -39,14 +39,13 @@ from aggregator.rundir import (
     write_json,
     write_metrics,
 )
-from aggregator.train import resolve_device, seed_everything
+from aggregator.streams import MAP_STREAMS
+from aggregator.train_config import MapTrainConfig
 from aggregator.train_loop import fit_epoch, param_groups
+from extractor.runtime import resolve_device, seeded_run
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
-
-MAP_HEADS = ("stpn",)
-
 
 IN_MEMORY_BYTES = 2 << 30  # map streams up to this size (float16) stay in memory after epoch 1
 
@@ -54,68 +53,27 @@ IN_MEMORY_BYTES = 2 << 30  # map streams up to this size (float16) stay in memor
 def train_map_run(
     store_path: str | Path,
     out_dir: str | Path,
+    config: MapTrainConfig | None = None,
     *,
-    head: str = "stpn",
-    head_kwargs: Mapping[str, Any] | None = None,
-    train_split: str = "train",
-    test_split: str | None = "test",
-    val_fraction: float = 0.1,
-    val_groups: str = "auto",
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float | None = None,
-    weight_decay: float = 1e-4,
-    patience: int | None = 10,
-    grad_clip: float | None = 40.0,
-    max_frames: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
     make_plots: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Train ``head`` on the store's ``appearance_map`` and ``motion_map`` streams.
+    """Train ``config.head`` on the store's ``appearance_map`` and ``motion_map`` streams.
 
-    Adam (``lr`` 1e-3) with cosine decay per step and L2 weight decay on weight matrices, as
-    :func:`aggregator.train.train_run`. ``max_frames`` keeps at most that many evenly spaced map
-    frames per video. ``val_groups`` holds out the validation part as the deep heads do
-    (:func:`aggregator.rundir.labelled_splits`: whole groups when the videos have them). Returns
-    the metrics written to ``metrics.json``.
+    ``config`` holds the options (:class:`aggregator.train_config.MapTrainConfig`); keyword
+    ``options`` replace its fields. Adam with cosine decay per step and L2 weight decay on weight
+    matrices, as :func:`aggregator.train.train_run`. ``val_groups`` holds out the validation
+    part as the deep heads do (:func:`aggregator.rundir.labelled_splits`: whole groups when the
+    videos have them). Returns the metrics written to ``metrics.json``.
     """
     t_start = time.perf_counter()
-    if head not in MAP_HEADS:
-        raise ValueError(f"head {head!r} does not read map streams; map heads: {MAP_HEADS}")
-    if epochs < 1 or batch_size < 2:
-        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {epochs}, {batch_size}")
-    args: dict[str, Any] = {
-        "head": head,
-        "streams": list(MAP_STREAMS),
-        "head_kwargs": dict(head_kwargs or {}),
-        "train_split": train_split,
-        "test_split": test_split,
-        "val_fraction": val_fraction,
-        "val_groups": val_groups,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "optimizer": "adam",
-        "lr": 1e-3 if lr is None else lr,
-        "weight_decay": weight_decay,
-        "patience": patience,
-        "grad_clip": grad_clip,
-        "max_frames": max_frames,
-        "seed": seed,
-        "device": device,
-        "threads": threads,
-    }
-    dev = resolve_device(device)
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        seed_everything(seed)
+    config = config or MapTrainConfig()
+    if options:
+        config = config.replace(**options)
+    dev = resolve_device(config.device)
+    with seeded_run(config.seed, config.threads):
         store = open_store(str(store_path), writable=False)
-        return _train(store, Path(out_dir), args, dev, make_plots, t_start)
-    finally:
-        torch.set_num_threads(old_threads)
+        return _train(store, Path(out_dir), config, dev, make_plots, t_start)
 
 
 def _map_dims(store: FeatureStore, video_id: str) -> dict[str, int]:
@@ -139,38 +97,38 @@ def _map_bytes(store: FeatureStore, video_ids: list[str]) -> int:
 def _train(
     store: FeatureStore,
     out: Path,
-    args: dict[str, Any],
+    config: MapTrainConfig,
     dev: torch.device,
     make_plots: bool,
     t_start: float,
 ) -> dict[str, Any]:
     splits = labelled_splits(
         store,
-        args["train_split"],
-        args["test_split"],
-        val_fraction=args["val_fraction"],
-        seed=args["seed"],
-        val_groups=args["val_groups"],
+        config.train_split,
+        config.test_split,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        val_groups=config.val_groups,
     )
     class_names = splits.class_names
     in_features = _map_dims(store, splits.train_ids[0])
     model = build_model(
-        args["head"],
+        config.head,
         in_features=in_features,
         num_classes=len(class_names),
-        head_kwargs=args["head_kwargs"],
+        head_kwargs=config.head_kwargs,
     )
     assert isinstance(model, SpatiotemporalPyramid)
-    config = _run_config(store, out, args, in_features, splits)
+    config_json = _run_config(store, out, config, in_features, splits)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG_FILE, config)
+    write_json(out / CONFIG_FILE, config_json)
 
     t_data = time.perf_counter()
     in_memory = _map_bytes(store, splits.train_ids) <= IN_MEMORY_BYTES
 
     def dataset(ids: list[str], labels: np.ndarray) -> MapDataset:
         return MapDataset(
-            store, ids, MAP_STREAMS, labels, max_frames=args["max_frames"], in_memory=in_memory
+            store, ids, MAP_STREAMS, labels, max_frames=config.max_frames, in_memory=in_memory
         )
 
     fit_set = dataset(splits.fit_ids, splits.y_fit)
@@ -178,11 +136,11 @@ def _train(
     test_set = dataset(list(splits.test_ids), splits.y_test)
     seconds_data = time.perf_counter() - t_data
 
-    fit = _fit(model, fit_set, val_set, args, dev)
+    fit = _fit(model, fit_set, val_set, config, dev)
     metrics = _test_metrics(model, test_set, class_names, dev)
     metrics.update(
-        run_id=config["run_id"],
-        head=args["head"],
+        run_id=config_json["run_id"],
+        head=config.head,
         streams=list(MAP_STREAMS),
         n_train=len(fit_set),
         n_val=len(val_set),
@@ -204,13 +162,13 @@ def _train(
 def _run_config(
     store: FeatureStore,
     out: Path,
-    args: dict[str, Any],
+    config: MapTrainConfig,
     in_features: dict[str, int],
     splits: LabelledSplits,
 ) -> dict[str, Any]:
     """The run's ``config.json``, with its run id."""
     model_fields = {
-        "head_kwargs": args["head_kwargs"],
+        "head_kwargs": config.head_kwargs,
         "in_features": in_features,
         "num_classes": len(splits.class_names),
         "streams": list(MAP_STREAMS),
@@ -222,7 +180,13 @@ def _run_config(
         if s in MAP_STREAMS or store.extractor.get(s) is not None
     }
     return make_run_config(
-        out, store, args["head"], model_fields, extractor=extractor, splits=splits, train_args=args
+        out,
+        store,
+        config.head,
+        model_fields,
+        extractor=extractor,
+        splits=splits,
+        train_args=config.to_dict(),
     )
 
 
@@ -240,32 +204,30 @@ def _fit(
     model: SpatiotemporalPyramid,
     fit_set: MapDataset,
     val_set: MapDataset,
-    args: dict[str, Any],
+    config: MapTrainConfig,
     dev: torch.device,
 ) -> _Fit:
     """Adam with cosine decay per step; after every epoch the validation part picks the best
     weights (top-1, then lower loss) and stops after ``patience`` epochs without improvement.
     The model ends with the best weights (the last ones without a validation part)."""
     model.to(dev)
-    groups = param_groups(model, args["lr"], args["weight_decay"], 1.0)
-    opt = torch.optim.Adam(groups, lr=args["lr"])
-    steps = max(1, math.ceil(len(fit_set) / args["batch_size"])) * args["epochs"]
+    groups = param_groups(model, config.lr, config.weight_decay, 1.0)
+    opt = torch.optim.Adam(groups, lr=config.lr)
+    steps = max(1, math.ceil(len(fit_set) / config.batch_size)) * config.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    train_loader = map_loader(
-        fit_set, batch_size=args["batch_size"], shuffle=True, seed=args["seed"]
-    )
+    train_loader = map_loader(fit_set, batch_size=config.batch_size, shuffle=True, seed=config.seed)
 
     history: list[dict[str, Any]] = []
     best: tuple[float, float] = (-1.0, -math.inf)
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch, stale = 0, 0
     t_train = time.perf_counter()
-    for epoch in range(1, args["epochs"] + 1):
+    for epoch in range(1, config.epochs + 1):
         t_epoch = time.perf_counter()
         batches = (((b.features, b.lengths), b.labels) for b in train_loader)
         # fit_epoch calls forward(x, lengths), the contract every head keeps
         loss, top1 = fit_epoch(
-            cast(VideoModel, model), batches, opt, sched, device=dev, grad_clip=args["grad_clip"]
+            cast(VideoModel, model), batches, opt, sched, device=dev, grad_clip=config.grad_clip
         )
         record: dict[str, Any] = {
             "epoch": epoch,
@@ -286,7 +248,7 @@ def _fit(
         record["seconds"] = time.perf_counter() - t_epoch
         history.append(record)
         log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in record.items()})
-        if args["patience"] and len(val_set) and stale >= args["patience"]:
+        if config.patience and len(val_set) and stale >= config.patience:
             break
     seconds = time.perf_counter() - t_train
     if best_state is None:
@@ -320,24 +282,6 @@ def _plots(
     if len(test_set):
         written.append(plot_attention(model, test_set, out / "attention.png"))
     return [p.name for p in written]
-
-
-@torch.no_grad()
-def predict_maps(
-    model: SpatiotemporalPyramid,
-    data: MapDataset,
-    *,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(logits [n, C] float32, labels [n])`` of every video of ``data``, in order."""
-    model.eval()
-    logits, labels = [], []
-    for b in map_loader(data, batch_size=batch_size):
-        x = {s: t.to(device) for s, t in b.features.items()}
-        logits.append(model(x, b.lengths.to(device)).float().cpu())
-        labels.append(b.labels)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 @torch.no_grad()

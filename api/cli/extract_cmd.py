@@ -22,13 +22,12 @@ from api.cli.options import (
     positive_int,
     stream_list,
 )
+from extractor.spec import MAP_STREAMS  # spatial maps of the pooled streams; nothing heavy
 
 if TYPE_CHECKING:
     from extractor.pipeline import ExtractionSummary
 
 __all__ = ["register", "run"]
-
-MAP_STREAMS = ("appearance_map", "motion_map")  # spatial maps of the pooled streams
 
 
 DEFAULT_STREAMS = "appearance,motion"

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from extractor.spec import STREAMS  # imports nothing heavy
+
 if TYPE_CHECKING:
     from extractor.spec import BackboneSpec
 
-STREAMS = ("appearance", "motion")
 RESNET_ARCHS = ("resnet101", "resnet18", "resnet50")
 FLOW_BACKENDS = ("dis", "farneback", "tvl1", "raft")
 SPLIT_FORMATS = ("ucf101", "hmdb51")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.cli import UsageError
 from api.cli.options import add_head_options, add_store, add_streams, head_kwargs_from
+
+if TYPE_CHECKING:
+    from aggregator.train_config import BaseTrainConfig
 
 # The head names; their classes are aggregator.heads.HEADS (imported only when training, so that
 # `framepool --help` does not load torch); svm is the scikit-learn estimator, trained apart.
@@ -288,6 +291,76 @@ def apply_memory_budget(text: str | None) -> None:
     os.environ[BUDGET_ENV] = text
 
 
+# command-line flags that switch a config field off
+_NEGATED = {
+    "refit": "no_refit",
+    "standardize": "no_standardize",
+    "probe": "no_probe",
+    "probe_start": "no_probe_start",
+}
+
+
+def config_from_args(args: argparse.Namespace, streams: list[str]) -> BaseTrainConfig:
+    """The config of ``args.head``'s trainer (:func:`aggregator.trainers.config_class`) from the
+    parsed options: every config field whose option was given (a ``--no-X`` flag for a field
+    that is on by default); the fields no option sets keep their defaults."""
+    import dataclasses
+
+    from aggregator.streams import MAP_HEADS
+    from aggregator.trainers import config_class
+
+    cls = config_class(args.head)
+    values: dict[str, Any] = {
+        "head": args.head,
+        "head_kwargs": head_kwargs_from(args),
+        "test_split": args.test_split or None,
+        "patience": args.patience or None,
+    }
+    if args.head not in MAP_HEADS:  # the map heads read their own streams
+        values["streams"] = tuple(streams)
+        values["fusion_weights"] = parse_fusion_weights(args.fusion_weights, streams)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            continue
+        if f.name in _NEGATED:
+            values[f.name] = not getattr(args, _NEGATED[f.name])
+        elif getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _train_svm(args: argparse.Namespace, streams: list[str]) -> dict[str, Any]:
+    """``--head svm``: the scikit-learn estimator's own trainer."""
+    kw = head_kwargs_from(args)  # rejects options that do not apply
+    del kw
+    from aggregator.svm.run import train_svm  # type: ignore[import-not-found,unused-ignore]
+
+    metrics: dict[str, Any] = train_svm(
+        args.store,
+        args.out,
+        streams=streams,
+        levels=args.levels,
+        variant=args.variant or "concat",
+        C=args.C,
+        kernel=args.kernel or "linear",
+        train_split=args.train_split,
+        test_split=args.test_split or None,
+        seed=args.seed,
+        max_iter=50 if args.max_iter is None else args.max_iter,
+        eps=1e-3 if args.eps is None else args.eps,
+        refit=not args.no_refit,
+        val_groups=args.val_groups,
+        standardize_inputs=not args.no_standardize,
+        probe=not args.no_probe,
+        probe_levels=args.probe_levels,
+        probe_start=not args.no_probe_start,
+    )
+    return metrics
+
+
 def run(args: argparse.Namespace) -> int:
     from aggregator.data import open_store
 
@@ -298,71 +371,15 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         raise UsageError(f"store {args.store!r} has no complete video")
     streams = resolve_streams(args.stream, store.streams(videos[0]))
-    test_split = args.test_split or None
     if args.head == "svm":
-        kw = head_kwargs_from(args)  # rejects options that do not apply
-        del kw
-        from aggregator.svm.run import train_svm  # type: ignore[import-not-found,unused-ignore]
-
-        metrics = train_svm(
-            args.store,
-            args.out,
-            streams=streams,
-            levels=args.levels,
-            variant=args.variant or "concat",
-            C=args.C,
-            kernel=args.kernel or "linear",
-            train_split=args.train_split,
-            test_split=test_split,
-            seed=args.seed,
-            max_iter=50 if args.max_iter is None else args.max_iter,
-            eps=1e-3 if args.eps is None else args.eps,
-            refit=not args.no_refit,
-            val_groups=args.val_groups,
-            standardize_inputs=not args.no_standardize,
-            probe=not args.no_probe,
-            probe_levels=args.probe_levels,
-            probe_start=not args.no_probe_start,
-        )
+        metrics = _train_svm(args, streams)
     else:
-        from aggregator.train import train_run
-        from aggregator.train_config import TrainConfig
+        from aggregator.trainers import train
 
-        try:
-            config = TrainConfig(
-                head=args.head,
-                streams=tuple(streams),
-                head_kwargs=head_kwargs_from(args),
-                fusion=args.fusion,
-                fusion_weights=parse_fusion_weights(args.fusion_weights, streams),
-                train_split=args.train_split,
-                test_split=test_split,
-                val_fraction=args.val_fraction,
-                val_groups=args.val_groups,
-                steps=args.steps,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                optimizer=args.optimizer,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                refit=not args.no_refit,
-                standardize=not args.no_standardize,
-                probe=not args.no_probe,
-                probe_levels=args.probe_levels,
-                probe_start=not args.no_probe_start,
-                patience=args.patience or None,
-                seed=args.seed,
-                device=args.device,
-                inputs=args.inputs,
-                precision=args.precision,
-                threads=args.threads,
-            )
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        metrics = train_run(
+        metrics = train(
             args.store,
             args.out,
-            config,
+            config_from_args(args, streams),
             make_plots=not args.no_plots,
             progress=args.verbose > 0 or sys.stderr.isatty(),
         )

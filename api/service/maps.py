@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from extractor.features import MAP_STREAMS, FeatureExtractor
+from extractor.features import FeatureExtractor
+from extractor.spec import MAP_STREAMS
 from extractor.windows import WindowExtractor, is_window_arch
 
 

@@ -17,9 +17,11 @@ import aggregator.node_cache as nc
 from aggregator.data import NodeTensors, load_node_data, load_node_tensors
 from aggregator.evaluate import evaluate_run
 from aggregator.heads import build_model
+from aggregator.inference import predict_nodes
 from aggregator.intervals import Intervals, PyramidLeaves, node_means
+from aggregator.run_data import standardization_stats
 from aggregator.similarity import build_index
-from aggregator.train import predict_nodes, standardization_stats, train_run
+from aggregator.train import train_run
 from aggregator.train_loop import validation_score
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from aggregator.train import Selection, one_standard_error, pooled_scores
+from aggregator.selection import Selection, one_standard_error, pooled_scores
 from aggregator.train_loop import Trial, validation_score, validation_spread
 
 GRID = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 1e-2, 1e-1) for wd in (1e-4, 1e-2)]

@@ -137,19 +137,19 @@ def test_stpn_on_a_store_without_maps_names_the_fix(tmp_path: Path) -> None:
         store.write_video(f"v{i}", {"appearance": np.ones((3, 4))}, label=label, split="train")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="appearance_map,motion_map"):
-        from aggregator.train import train_run
+        from aggregator.trainers import train
 
-        train_run(tmp_path / "v.zarr", out, head="stpn", test_split=None, epochs=1)
+        train(tmp_path / "v.zarr", out, head="stpn", test_split=None, epochs=1)
 
 
 @pytest.mark.slow
 def test_stpn_sees_where_the_motion_is_and_pooled_heads_do_not(tmp_path: Path) -> None:
-    from aggregator.train import train_run
+    from aggregator.trainers import train
 
     task = LocationTask(grid=5, channels=16, frames=(4, 8))
     write_location_store(tmp_path / "loc.zarr", train_per_class=60, test_per_class=25, task=task)
     common = {"epochs": 12, "batch_size": 16, "patience": None, "make_plots": False}
-    stpn = train_run(
+    stpn = train(
         tmp_path / "loc.zarr",
         tmp_path / "stpn",
         head="stpn",
@@ -161,7 +161,7 @@ def test_stpn_sees_where_the_motion_is_and_pooled_heads_do_not(tmp_path: Path) -
         },
         **common,  # type: ignore[arg-type]
     )
-    stcb = train_run(
+    stcb = train(
         tmp_path / "loc.zarr",
         tmp_path / "stcb",
         head="stcb",

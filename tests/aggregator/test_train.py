@@ -16,8 +16,10 @@ from aggregator.evaluate import evaluate_run, summarize_runs
 from aggregator.heads import build_model
 from aggregator.predictor import Predictor
 from aggregator.run_loader import TorchRun, load_run
-from aggregator.train import bf16_supported, resolve_precision, retrain, train_run
+from aggregator.train import train_run
+from aggregator.trainers import retrain
 from api.cli import main
+from extractor.runtime import bf16_supported, resolve_precision
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 from tests.aggregator.toy_store import write_burst_store, write_order_store

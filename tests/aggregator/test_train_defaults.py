@@ -296,7 +296,10 @@ def test_a_small_validation_part_gets_more_folds(order_store: str, tmp_path: Pat
     same size per class are taken from the fit videos, disjoint, each standardised with its own
     fit videos only, and the grid is chosen on the pooled validation loss of 18 videos; the
     known-best value still wins."""
-    from aggregator.train import build, prepare_data, pyramid_leaf_streams, selection_folds
+    from aggregator.heads.views import pyramid_leaf_streams
+    from aggregator.run_data import prepare_data
+    from aggregator.selection import selection_folds
+    from aggregator.trainer import build
 
     config = TrainConfig(
         head="gap", max_folds=3, **{k: v for k, v in FAST.items() if k != "make_plots"}
@@ -345,7 +348,7 @@ def test_gap_on_standardised_inputs_has_no_batch_norm(order_store: str, tmp_path
     logistic regression): batch norm only adds batch noise there. Kept without
     standardisation, where it is the only normalisation, when the user sets it, and for
     ``max``. The choice is recorded, so the run reloads with the same model."""
-    from aggregator.train import resolve_batch_norm
+    from aggregator.trainer import resolve_batch_norm
 
     gap = TrainConfig(head="gap")
     assert resolve_batch_norm(gap).head_kwargs == {"batch_norm": False}

@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.heads.views import pyramid_leaf_streams
+from aggregator.run_data import prepare_data
 from aggregator.rundir import labelled_splits
+from aggregator.selection import selection_folds
 from aggregator.splits import grouped_holdout, video_groups
-from aggregator.train import build, prepare_data, pyramid_leaf_streams, selection_folds
 from aggregator.train_config import TrainConfig
+from aggregator.trainer import build
 from storage import FeatureStore
 from tests.aggregator.reference import one_thread  # noqa: F401 - autouse fixture
 
