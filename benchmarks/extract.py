@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _model_alone import model_alone, sync
 from PIL import Image
 
 from extractor.backbones import build_backbone
@@ -151,35 +152,6 @@ def naive_motion(model: torch.nn.Module, clips: Sequence[Path], limit: int) -> i
 
 
 # ----------------------------------------------------------------------------- (c) model alone
-def model_alone(fx: FeatureExtractor, streams: Sequence[str], n_batches: int) -> float:
-    """Frames per second of the backbones alone (all of ``streams`` per frame)."""
-    b = fx.batch_size
-    dtype = torch.bfloat16 if fx.dtype == "bfloat16" else torch.float32
-    inputs = {
-        "appearance": torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last),
-        "motion": torch.randn(b, 20, 224, 224).contiguous(memory_format=torch.channels_last),
-    }
-    inputs = {k: v.to(fx.device, dtype) for k, v in inputs.items()}
-
-    def step() -> None:
-        with torch.inference_mode():
-            for s in streams:
-                fx.models[s](inputs[s]).float()
-
-    step()  # warm-up
-    _sync(fx.device)
-    start = time.perf_counter()
-    for _ in range(n_batches):
-        step()
-    _sync(fx.device)
-    return n_batches * b / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------- GPU, decode rate
 class GpuSampler(threading.Thread):
     """Samples the GPU's utilisation (%) every ``period`` s: NVML through torch, else nvidia-smi."""
@@ -241,7 +213,7 @@ def decode_rate(clips: Sequence[Path], decoder: str, device: torch.device, worke
     cpu0, start = _cpu_seconds(), time.perf_counter()
     with cf.ThreadPoolExecutor(workers) as ex:
         n = sum(ex.map(count, clips))
-    _sync(device)
+    sync(device)
     wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
     return f"{n} frames, {wall:.2f} s wall, {cpu:.2f} s CPU: {n / wall:.0f} frames/s"
 

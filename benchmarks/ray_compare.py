@@ -161,7 +161,7 @@ def _compare(
 
 
 def compare_engines(args: argparse.Namespace, clips: list[tuple[Path, int]], cpu: str) -> None:
-    from extract import model_alone  # the benchmark script beside this module
+    from _model_alone import model_alone
 
     from extractor.features import FeatureExtractor
 

@@ -2,7 +2,8 @@
 
 Main entry points (imported lazily, so that light modules such as :mod:`extractor.sharding` do not
 pull in torch): :class:`~extractor.features.FeatureExtractor` and
-:class:`~extractor.features.ExtractedVideo` for one video in memory,
+:class:`~extractor.features.ExtractedVideo` for one video in memory (both extractors, frame and
+window backbones, are :class:`~extractor.video_extractor.VideoExtractor`),
 :class:`~extractor.spec.BackboneSpec` for the backbones, flow and dtype they compute with,
 :func:`~extractor.pipeline.run_extract` for batch extraction into a store (on a Ray cluster with
 ``engine="ray"`` and :class:`~extractor.ray_engine.RayOptions`),
@@ -22,8 +23,9 @@ _EXPORTS = {
     "build_backbone": "extractor.backbones",
     "cross_modality_conv1": "extractor.backbones",
     "run_extract": "extractor.pipeline",
-    "ExtractionSummary": "extractor.pipeline",
+    "ExtractionSummary": "extractor.records",
     "RayOptions": "extractor.ray_engine",
+    "VideoExtractor": "extractor.video_extractor",
     "make_demo_clips": "extractor.synthetic",
 }
 

@@ -36,6 +36,7 @@ import numpy as np
 from extractor.decode import (
     FrameTimes,
     VideoError,
+    VideoInfo,
     VideoTooLarge,
     count_packets,
     frame_times,
@@ -190,22 +191,9 @@ def prepare_video(
     info = probe(path)
     if max_frame_pixels is not None:
         _check_pixels(path, "declares frames of", info.width, info.height, max_frame_pixels)
-    reader = read_frames or iter_frames
     stamps: list[float | None] = []
-    ahead: FrameTimes | None = None
-    if sample_fps is not None or reader is not iter_frames:
-        ahead = frame_times(path)
-    else:  # the times come with the frames
-        reader = functools.partial(iter_timed_frames, stamps=stamps)
-    counted = n_frames
-    if counted is None and ahead is not None:
-        counted = len(ahead.seconds)
-    if counted is None and (max_frames is not None or max_decoded_frames is not None):
-        counted = count_packets(path)
-    if max_decoded_frames is not None and counted is not None and counted > max_decoded_frames:
-        raise VideoTooLarge(
-            f"{str(path)!r}: {counted} frames, more than the limit of {max_decoded_frames} frames"
-        )
+    reader, ahead = _reader(path, read_frames, sample_fps, stamps)
+    counted = _counted(path, n_frames, ahead, max_frames, max_decoded_frames)
     video = _VideoInputs(
         _frame_selector(ahead, counted, stride, max_frames, sample_fps),
         streams=streams,
@@ -218,33 +206,85 @@ def prepare_video(
     for t, frame in enumerate(reader(local_or_url(path))):
         if should_stop is not None and should_stop():
             return
-        if max_decoded_frames is not None and t >= max_decoded_frames:
-            raise VideoTooLarge(
-                f"{str(path)!r}: more than the limit of {max_decoded_frames} frames"
-            )
-        if max_frame_pixels is not None:
-            height, width = int(frame.shape[0]), int(frame.shape[1])
-            _check_pixels(path, f"frame {t} is", width, height, max_frame_pixels)
+        _check_frame(path, t, frame, max_decoded_frames, max_frame_pixels)
         n = t + 1
         yield from video.add_frame(t, frame)
-    if (
-        max_frames is not None
-        and n_frames is None
-        and ahead is None
-        and n != counted
-        and not np.array_equal(
-            select_frames(n, stride, max_frames), select_frames(counted or 0, stride, max_frames)
-        )
-    ):
-        raise FrameCountChanged(path, counted or 0, n)
+    if max_frames is not None and n_frames is None and ahead is None and n != counted:
+        _check_count(path, n, counted or 0, stride, max_frames)
     times = ahead if ahead is not None else times_from_stamps(stamps, info.fps)
     if n != len(times.seconds):
         raise VideoError(
             f"{str(path)!r}: decoded {n} frames, but its timing pass found {len(times.seconds)}"
         )
     yield from video.finish(n)
-    kept = np.array(video.kept, dtype=np.int64)
-    yield VideoDone(
+    yield _video_done(n, np.array(video.kept, dtype=np.int64), info, times)
+
+
+def _reader(
+    path: str | Path,
+    read_frames: FrameReader | None,
+    sample_fps: float | None,
+    stamps: list[float | None],
+) -> tuple[FrameReader, FrameTimes | None]:
+    """The frame reader of :func:`prepare_video` and the frames' times when a timing pass is
+    needed first (``sample_fps``, or a reader other than PyAV's); else the reader records each
+    frame's time in ``stamps`` as it decodes."""
+    reader = read_frames or iter_frames
+    if sample_fps is not None or reader is not iter_frames:
+        return reader, frame_times(path)
+    return functools.partial(iter_timed_frames, stamps=stamps), None
+
+
+def _counted(
+    path: str | Path,
+    n_frames: int | None,
+    ahead: FrameTimes | None,
+    max_frames: int | None,
+    max_decoded_frames: int | None,
+) -> int | None:
+    """The video's frame count as known before decoding (given, timed, or the demuxer's when
+    ``max_frames`` or ``max_decoded_frames`` needs one); VideoTooLarge past the limit."""
+    counted = n_frames
+    if counted is None and ahead is not None:
+        counted = len(ahead.seconds)
+    if counted is None and (max_frames is not None or max_decoded_frames is not None):
+        counted = count_packets(path)
+    if max_decoded_frames is not None and counted is not None and counted > max_decoded_frames:
+        raise VideoTooLarge(
+            f"{str(path)!r}: {counted} frames, more than the limit of {max_decoded_frames} frames"
+        )
+    return counted
+
+
+def _check_frame(
+    path: str | Path,
+    t: int,
+    frame: Any,  # [H, W, 3]: a numpy array, or a torch tensor on the decoding device
+    max_decoded_frames: int | None,
+    max_frame_pixels: int | None,
+) -> None:
+    """VideoTooLarge when decoded frame ``t`` is past either limit of :func:`prepare_video`."""
+    if max_decoded_frames is not None and t >= max_decoded_frames:
+        raise VideoTooLarge(f"{str(path)!r}: more than the limit of {max_decoded_frames} frames")
+    if max_frame_pixels is not None:
+        height, width = int(frame.shape[0]), int(frame.shape[1])
+        _check_pixels(path, f"frame {t} is", width, height, max_frame_pixels)
+
+
+def _check_count(
+    path: str | Path, decoded: int, counted: int, stride: int, max_frames: int
+) -> None:
+    """FrameCountChanged when the frames ``max_frames`` keeps out of the ``decoded`` frames are
+    not those it kept out of the ``counted`` ones (the chunks given out are then wrong)."""
+    if not np.array_equal(
+        select_frames(decoded, stride, max_frames), select_frames(counted, stride, max_frames)
+    ):
+        raise FrameCountChanged(path, counted, decoded)
+
+
+def _video_done(n: int, kept: np.ndarray, info: VideoInfo, times: FrameTimes) -> VideoDone:
+    """The end record of a video of ``n`` decoded frames, ``kept`` of them kept."""
+    return VideoDone(
         n_frames=n,
         frame_indices=kept,
         fps=info.fps,

@@ -364,10 +364,10 @@ def run_window_extraction(
 ) -> Any:
     """``framepool extract`` with a window backbone: videos decoded one after the other, their
     windows embedded in batches across videos, each video written once all its windows are
-    back. Returns an :class:`extractor.pipeline.ExtractionSummary`."""
+    back. Returns an :class:`extractor.records.ExtractionSummary`."""
     from tqdm import tqdm
 
-    from extractor.pipeline import ExtractionSummary, todo_sources, video_meta
+    from extractor.records import ExtractionSummary, todo_sources, video_meta
     from storage import FeatureStore
 
     start = time.perf_counter()

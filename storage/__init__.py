@@ -3,8 +3,9 @@
 from storage.ids import assign_video_ids, safe_video_id
 from storage.index import IndexTable
 from storage.layout import CorruptVideoError
+from storage.root import SCHEMA_VERSION
 from storage.splits import SPLIT_FORMATS, parse_splits
-from storage.store import SCHEMA_VERSION, FeatureStore
+from storage.store import FeatureStore
 from storage.times import StreamTimes
 
 __all__ = [

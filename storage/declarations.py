@@ -105,3 +105,36 @@ def merged_splits(files: Files, recorded: dict[str, Any]) -> dict[str, dict[str,
     for _name, payload in read_declarations(files, SPLITS):
         lists.update(payload)
     return lists
+
+
+def new_streams(path: str, current: dict[str, Any], extractor: dict[str, Any]) -> dict[str, Any]:
+    """The streams of ``extractor`` (stream -> configuration) that the store at ``path``, whose
+    merged extractor is ``current``, does not hold yet; ValueError for a stream it holds with
+    another configuration."""
+    for stream, cfg in extractor.items():
+        if stream in current and current[stream] != cfg:
+            raise ValueError(
+                f"store {path!r} holds stream {stream!r} extracted with "
+                f"{current[stream]}, which differs from the requested {cfg}; "
+                "use a new store (or remove the stream) to change the extractor"
+            )
+    return {s: cfg for s, cfg in extractor.items() if s not in current}
+
+
+def declare_streams(files: Files, path: str, new: dict[str, Any]) -> None:
+    """Declare the extractor configuration of streams ``new`` in a file of their own, then read
+    the declarations back: a rival declaring one of them with another configuration makes this
+    declaration withdraw (ValueError), whichever sorts first."""
+    name = declare(files, EXTRACTOR, new)
+    rivals = conflicting_declarations(files, name, new)
+    if rivals:
+        # The rival may have listed before this file existed and taken the stream, and only
+        # "no rival seen after my own write" rules out two winners (both may lose; neither is
+        # ever silently overridden).
+        withdraw(files, name)
+        stream, held = rivals[0]
+        raise ValueError(
+            f"store {path!r}: stream {stream!r} was declared at the same time with "
+            f"{held}, which differs from the requested {new[stream]}; "
+            "check the store's extractor and retry"
+        )

@@ -26,6 +26,7 @@ Zarr.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import google_crc32c
@@ -34,6 +35,7 @@ import zarr
 from numcodecs import Zstd
 
 from storage.files import Files
+from storage.ids import safe_video_id
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB of float16 per chunk
 _ZSTD = Zstd()
@@ -240,3 +242,67 @@ def record_from_group(files: Files, video_id: str) -> dict[str, Any]:
             rec.update(status="incomplete", error=f"damaged: stream arrays missing: {missing}")
     rec["shapes"] = shapes
     return rec
+
+
+def check_chunk_count(files: Files, video_id: str, stream: str, where: str) -> None:
+    """Arrays in an older layout (fill value 0, no checksum) read a lost chunk as zeros: count
+    their chunk files against the shape instead."""
+    base = f"videos/{video_id}/{stream}"
+    raw = files.read(f"{base}/zarr.json")
+    meta = json.loads(raw) if raw else {}
+    try:
+        t = int(meta["shape"][0])
+        rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CorruptVideoError(
+            f"video {video_id!r} in {where!r}: unreadable array metadata {base}/zarr.json",
+            video_id,
+            f"{base}/zarr.json",
+        ) from None
+    for i in range(-(-t // rows)):
+        if "0" not in files.list(f"{base}/c/{i}"):
+            key = f"{base}/c/{i}/0"
+            raise CorruptVideoError(
+                f"video {video_id!r} in {where!r} is damaged: chunk file {key!r} of stream "
+                f"{stream!r} is missing (this array would read it back as zeros)",
+                video_id,
+                key,
+            )
+
+
+def float16_streams(video_id: str, streams: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The streams of one video as the store keeps them (float16), checked: a safe video id and
+    stream names, ``[T, d]`` arrays (or ``[T', h, w, C]`` maps) of finite numbers within float16
+    range, every ``[T, d]`` stream with the same T. ValueError naming the video, the stream and
+    what is wrong."""
+    if video_id != safe_video_id(video_id):
+        raise ValueError(f"video id {video_id!r} is not safe; use storage.safe_video_id")
+    if not streams:
+        raise ValueError(f"video {video_id!r}: no streams given")
+    arrays: dict[str, np.ndarray] = {}
+    lengths = set()
+    for name, arr in streams.items():
+        if not name or name != safe_video_id(name):
+            raise ValueError(f"video {video_id!r}: invalid stream name {name!r}")
+        a = np.asarray(arr)
+        if a.ndim not in (2, 4) or min(a.shape) < 1:
+            raise ValueError(
+                f"video {video_id!r}, stream {name!r}: expected a [T, d] array with T, d >= 1 "
+                f"(or a [T', h, w, C] map), got shape {a.shape}"
+            )
+        if not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"video {video_id!r}, stream {name!r}: dtype {a.dtype} is not numeric")
+        with np.errstate(over="ignore", invalid="ignore"):
+            a16 = a.astype(np.float16)
+        if not np.isfinite(a16).all():
+            raise ValueError(
+                f"video {video_id!r}, stream {name!r}: features contain NaN or values beyond "
+                "float16 range"
+            )
+        arrays[name] = a16
+        if a.ndim == 2:  # maps may be kept at a frame stride: their T' is their own
+            lengths.add(a.shape[0])
+    if len(lengths) > 1:
+        shapes = {k: v.shape for k, v in arrays.items()}
+        raise ValueError(f"video {video_id!r}: streams differ in T: {shapes}")
+    return arrays

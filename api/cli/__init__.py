@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from api.cli.errors import UsageError
+
 # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work (or with
 # framepool's own decode threads), spinning workers stall each other. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -39,10 +41,6 @@ _SUBCOMMANDS: dict[str, str] = {
     "serve": "api.cli.serve_cmd",
     "quickstart": "api.cli.quickstart_cmd",
 }
-
-
-class UsageError(Exception):
-    """A command-line value that cannot be used; reported with exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,8 @@ from api.cli.options import (
 from extractor.spec import MAP_STREAMS  # spatial maps of the pooled streams; nothing heavy
 
 if TYPE_CHECKING:
-    from extractor.pipeline import ExtractionSummary
+    from extractor.ray_engine import RayOptions
+    from extractor.records import ExtractionSummary
 
 __all__ = ["register", "run"]
 
@@ -193,57 +194,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from extractor.sharding import parse_shard
-
-    try:
-        streams = _extract_streams(args.streams).split(",")
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"--streams: {exc}") from None
-    if args.arch.startswith("hf:"):
-        if args.streams == DEFAULT_STREAMS:  # a window backbone computes appearance alone
-            streams = ["appearance"]
-        elif streams != ["appearance"]:
-            raise UsageError(f"--arch {args.arch} computes the appearance stream only")
-        if args.stride != 1 or args.max_frames is not None:
-            raise UsageError(f"--arch {args.arch}: windows cover every frame; use --fps to sample")
-    elif args.window_stride is not None:
-        raise UsageError("--window-stride applies to --arch hf:<model> only")
-    shard = None
-    if args.shard is not None:
-        try:
-            shard = parse_shard(args.shard)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    if args.flow_precision is not None and args.flow != "raft":
-        raise UsageError("--flow-precision is only used with --flow raft")
-    if args.flow_weights is not None and args.flow != "raft":
-        raise UsageError("--flow-weights is only used with --flow raft")
-    if args.flow == "raft" and args.flow_weights is None and "motion" in streams:
-        raise UsageError(
-            "--flow raft needs --flow-weights PATH (RAFT weights are never downloaded)"
-        )
-    if not any(s in MAP_STREAMS for s in streams) and (
-        args.map_dim is not None or args.map_stride != 1
-    ):
-        raise UsageError("--map-dim and --map-stride need a map stream in --streams")
-    if args.sample_fps is not None and (args.stride != 1 or args.max_frames is not None):
-        raise UsageError("--fps replaces --stride and --max-frames: give one or the other")
-    given = {flag: getattr(args, flag) for flag in RAY_FLAGS if getattr(args, flag) is not None}
-    if args.engine != "ray" and given:
-        names = ", ".join("--" + f.replace("_", "-") for f in given)
-        raise UsageError(f"{names} apply only with --engine ray")
-    ray_options = None
-    if args.engine == "ray":
-        import importlib.util
-
-        from extractor.ray_engine import RAY_MISSING, RayOptions
-
-        if importlib.util.find_spec("ray") is None:
-            raise UsageError(RAY_MISSING)
-        ray_options = RayOptions(
-            **{RAY_FLAGS[flag]: value for flag, value in given.items()},
-            verbose=args.verbose > 0,
-        )
+    streams = _streams(args)
+    shard = _shard(args)
+    _check_options(args, streams)
+    ray_options = _ray_options(args)
     check_before_models(args)
     from extractor.pipeline import run_extract
 
@@ -277,12 +231,79 @@ def run(args: argparse.Namespace) -> int:
     return exit_status(summary)
 
 
+def _streams(args: argparse.Namespace) -> list[str]:
+    """The streams ``--streams`` asks for (appearance alone for a window backbone)."""
+    try:
+        streams = _extract_streams(args.streams).split(",")
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--streams: {exc}") from None
+    if args.arch.startswith("hf:"):
+        if args.streams == DEFAULT_STREAMS:  # a window backbone computes appearance alone
+            streams = ["appearance"]
+        elif streams != ["appearance"]:
+            raise UsageError(f"--arch {args.arch} computes the appearance stream only")
+        if args.stride != 1 or args.max_frames is not None:
+            raise UsageError(f"--arch {args.arch}: windows cover every frame; use --fps to sample")
+    elif args.window_stride is not None:
+        raise UsageError("--window-stride applies to --arch hf:<model> only")
+    return streams
+
+
+def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    from extractor.sharding import parse_shard
+
+    if args.shard is None:
+        return None
+    try:
+        return parse_shard(args.shard)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_options(args: argparse.Namespace, streams: list[str]) -> None:
+    """Usage errors of options given together that do not go together."""
+    if args.flow_precision is not None and args.flow != "raft":
+        raise UsageError("--flow-precision is only used with --flow raft")
+    if args.flow_weights is not None and args.flow != "raft":
+        raise UsageError("--flow-weights is only used with --flow raft")
+    if args.flow == "raft" and args.flow_weights is None and "motion" in streams:
+        raise UsageError(
+            "--flow raft needs --flow-weights PATH (RAFT weights are never downloaded)"
+        )
+    if not any(s in MAP_STREAMS for s in streams) and (
+        args.map_dim is not None or args.map_stride != 1
+    ):
+        raise UsageError("--map-dim and --map-stride need a map stream in --streams")
+    if args.sample_fps is not None and (args.stride != 1 or args.max_frames is not None):
+        raise UsageError("--fps replaces --stride and --max-frames: give one or the other")
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """The Ray engine's options from its flags (which apply with ``--engine ray`` only)."""
+    given = {flag: getattr(args, flag) for flag in RAY_FLAGS if getattr(args, flag) is not None}
+    if args.engine != "ray" and given:
+        names = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise UsageError(f"{names} apply only with --engine ray")
+    if args.engine != "ray":
+        return None
+    import importlib.util
+
+    from extractor.ray_engine import RAY_MISSING, RayOptions
+
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError(RAY_MISSING)
+    return RayOptions(
+        **{RAY_FLAGS[flag]: value for flag, value in given.items()},
+        verbose=args.verbose > 0,
+    )
+
+
 def check_before_models(args: argparse.Namespace) -> None:
     """What can be wrong with the inputs, labels, weights files and store, checked before torch
     and the models load: a missing video path or labels row, or a store path that is a file or
     someone's folder, is a usage error (FileNotFoundError, ValueError) naming them all."""
     from extractor.sources import make_sources
-    from storage.store import check_store_path
+    from storage.root import check_store_path
 
     check_store_path(args.store)
     for option, value in (

@@ -460,7 +460,7 @@ def head_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
     """The head class's keyword arguments from the head options that were given (a command
     without one of :data:`HEAD_OPTIONS` reads it as not given); an option given for a head it
     does not apply to is a usage error."""
-    from api.cli import UsageError
+    from api.cli.errors import UsageError
 
     given: dict[str, Any] = {
         d: getattr(args, d) for d in HEAD_OPTIONS if getattr(args, d, None) is not None

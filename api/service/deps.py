@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from aggregator.similarity import SimilarityIndex
 from api.service.inference import InferenceQueue, QueueClosed, QueueFull
-from api.service.jobs import JobTable
+from api.service.jobs import Job, JobTable
 from api.service.prometheus import ServiceMetrics
 from api.service.served_runs import (
     AmbiguousModel,
@@ -161,6 +162,17 @@ def merge_options(query: M, fields: dict[str, str]) -> M:
         raise HTTPException(422, f"invalid option(s): {errors}") from None
 
 
+@contextlib.asynccontextmanager
+async def upload_and_options(
+    request: Request, state: ServiceState, query: M
+) -> AsyncIterator[tuple[Upload, M]]:
+    """A request's upload (refused at once, 503, when the service is busy) and its options:
+    ``query``'s, with the upload's form fields over them (:func:`merge_options`)."""
+    refuse_if_busy(state)
+    async with uploaded_file(request, state) as upload:
+        yield upload, merge_options(query, upload.fields)
+
+
 def frame_options(
     state: ServiceState, stride: int | None, max_frames: int | None, *, job: bool = False
 ) -> tuple[int, int | None]:
@@ -291,6 +303,22 @@ async def run_job(
         ) from None
 
 
+JobFactory = Callable[[Path, Limits, JobControl], Callable[[WorkerContext], T]]
+
+
+async def run_upload_job(
+    state: ServiceState, request: Request | None, upload: Upload, make_job: JobFactory[T]
+) -> T:
+    """Probe the uploaded video, then run the job that ``make_job(path, limits, control)``
+    builds in an inference worker, within a request's limits and timeout (:func:`run_job`: the
+    job stops when ``request``'s client goes away)."""
+    assert upload.path is not None
+    await probe_upload(state, upload.path)
+    control = JobControl(state.settings.job_timeout_s)
+    job = make_job(upload.path, request_limits(state.settings), control)
+    return await run_job(state, upload, job, request=request, control=control)
+
+
 async def analyse_upload(
     state: ServiceState,
     request: Request | None,
@@ -305,20 +333,45 @@ async def analyse_upload(
     """Probe the uploaded video, then decode, extract and apply ``run``'s head in a worker
     (``stride`` and ``max_frames`` as resolved by :func:`frame_options`), within the service's
     limits; the job stops when ``request``'s client goes away."""
-    assert upload.path is not None
-    await probe_upload(state, upload.path)
-    settings = state.settings
-    control = JobControl(settings.job_timeout_s)
-    job = functools.partial(
-        analyse,
-        run=run,
-        path=upload.path,
-        stride=stride,
-        max_frames=max_frames,
-        proba=proba,
-        embedding=embedding,
-        submitted_at=time.perf_counter(),
-        limits=request_limits(settings),
-        control=control,
-    )
-    return await run_job(state, upload, job, request=request, control=control)
+
+    def make_job(
+        path: Path, limits: Limits, control: JobControl
+    ) -> Callable[[WorkerContext], Analysis]:
+        return functools.partial(
+            analyse,
+            run=run,
+            path=path,
+            stride=stride,
+            max_frames=max_frames,
+            proba=proba,
+            embedding=embedding,
+            submitted_at=time.perf_counter(),
+            limits=limits,
+            control=control,
+        )
+
+    return await run_upload_job(state, request, upload, make_job)
+
+
+JobId = Annotated[
+    str,
+    PathParam(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[0-9a-f]+$",
+        description="the job's id, from POST /v1/jobs",
+    ),
+]
+
+
+def existing_job(state: StateDep, job_id: JobId) -> Job:
+    """The job ``job_id`` names; 404 when there is none (never created, deleted, or expired)."""
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(
+            404, f"no job {job_id!r}: never created, deleted, or its result has expired"
+        )
+    return job
+
+
+JobDep = Annotated[Job, Depends(existing_job)]

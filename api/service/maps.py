@@ -10,6 +10,7 @@ from typing import Any
 
 from extractor.features import FeatureExtractor
 from extractor.spec import MAP_STREAMS
+from extractor.video_extractor import VideoExtractor
 from extractor.windows import WindowExtractor, is_window_arch
 
 
@@ -20,7 +21,7 @@ def map_configs(config: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[st
 
 def extractor_from_config(
     config: Mapping[str, Mapping[str, Any]], *, device: str = "cpu"
-) -> FeatureExtractor | WindowExtractor:
+) -> VideoExtractor:
     """:meth:`FeatureExtractor.from_config` plus the recorded map streams, checked to be identical
     (same source backbone, projection, stride); a window backbone's own extractor."""
     if is_window_arch(str(config.get("appearance", {}).get("arch", ""))):

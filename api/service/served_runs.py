@@ -18,8 +18,7 @@ from aggregator.similarity import SimilarityIndex, build_index, has_index, train
 from api.service.batching import FrameBatcher
 
 if TYPE_CHECKING:
-    from extractor.features import FeatureExtractor
-    from extractor.windows import WindowExtractor
+    from extractor.video_extractor import VideoExtractor
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class WorkerContext:
     flow backend), so workers share one set of extractors and the backbones are loaded once.
     """
 
-    extractors: dict[str, FeatureExtractor | WindowExtractor] = field(default_factory=dict)
+    extractors: dict[str, VideoExtractor] = field(default_factory=dict)
     batchers: dict[str, FrameBatcher] = field(default_factory=dict)
 
     def add_batchers(self, *, max_frames: int, max_wait_s: float, workers: int) -> None:

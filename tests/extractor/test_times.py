@@ -19,6 +19,7 @@ from extractor.pipeline import run_extract
 from extractor.prepare import select_at_fps
 from extractor.spec import BackboneSpec
 from storage import FeatureStore
+from storage.export import export_store
 from tests.conftest import real_clip
 
 # irregular presentation times in ms: gaps of 1 to 200 ms, like a phone clip or a screen recording
@@ -182,7 +183,7 @@ def test_stores_without_times_derive_them_and_say_so(tmp_path: Path) -> None:
     assert sub.derived and sub.spans is None
     np.testing.assert_allclose(sub.seconds, [0.0, 0.08, 0.2])
     np.testing.assert_allclose(store.times("all", "appearance").seconds, [0, 1 / 30, 2 / 30])
-    summary = store.export(tmp_path / "export")
+    summary = export_store(store, tmp_path / "export")
     assert summary.derived_times == 2 and "derived from fps" in summary.format()
     np.testing.assert_allclose(
         np.load(tmp_path / "export" / "sub_appearance_times.npy"), sub.seconds

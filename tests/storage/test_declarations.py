@@ -131,7 +131,7 @@ def test_a_rival_declaration_makes_a_writer_withdraw_whatever_the_order(
         files.write(f"index/{own}", json.dumps(payload).encode())
         return own
 
-    monkeypatch.setattr("storage.store.declare", racing_declare)
+    monkeypatch.setattr("storage.declarations.declare", racing_declare)
     with pytest.raises(ValueError, match="same time"):
         store._merge_extractor({"appearance": {"backbone": "resnet101"}})
     assert own not in files.list("index")

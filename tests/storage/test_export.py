@@ -13,7 +13,7 @@ from api.cli import main
 from extractor.pipeline import run_extract
 from extractor.spec import BackboneSpec
 from storage import FeatureStore
-from storage.export import export_filename, pyramid_node_means
+from storage.export import export_filename, export_store, pyramid_node_means, to_numpy
 
 CLIPS = ("mm_part_0.mp4", "vf_v_GGSY1Qvo990.mp4", "mm_test.avi", "mm_demo.mp4")
 
@@ -80,25 +80,25 @@ def test_export_of_one_split_and_one_stream(real_store: Path, tmp_path: Path) ->
     (vid,) = store.videos(split="test")
     assert sorted(p.name for p in out.iterdir()) == [f"{vid}_motion.npy", f"{vid}_motion_times.npy"]
     assert main([*args[:-1], "nope"]) == 2  # an empty split is a usage error
-    summary = store.export(tmp_path / "api", fmt="npz", split="test")
+    summary = export_store(store, tmp_path / "api", fmt="npz", split="test")
     assert summary.n_videos == 1 and len(summary.files) == 2
 
 
 def test_to_numpy_mean_and_nodes(real_store: Path) -> None:
     store = FeatureStore.open(real_store)
-    X, y, ids = store.to_numpy("train", "appearance")
+    X, y, ids = to_numpy(store, "train", "appearance")
     assert ids == store.videos(split="train") and len(ids) == 3
     assert X.shape == (3, 512) and X.dtype == np.float32
     assert list(y) == store.labels(ids)
     for row, vid in zip(X, ids, strict=True):
         np.testing.assert_allclose(row, store.read(vid, "appearance").mean(axis=0), rtol=1e-6)
-    Xn, _, _ = store.to_numpy("train", "motion", pooling="nodes", levels=3)
+    Xn, _, _ = to_numpy(store, "train", "motion", pooling="nodes", levels=3)
     assert Xn.shape == (3, 7 * 512)
     for row, vid in zip(Xn, ids, strict=True):
         want = node_means(store.read(vid, "motion"), 3).reshape(-1)
         np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="'max'"):
-        store.to_numpy("train", "motion", pooling="max")
+        to_numpy(store, "train", "motion", pooling="max")
 
 
 def test_pyramid_node_means_match_the_heads_rule_for_short_videos() -> None:

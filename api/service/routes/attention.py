@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import Field
 
-from api.service.attention import attention_maps, has_attention
+from api.service.attention import AttentionMaps, attention_maps, has_attention
 from api.service.deps import (
     ServiceState,
     StateDep,
     frame_options,
-    merge_options,
-    probe_upload,
-    refuse_if_busy,
-    request_limits,
-    run_job,
+    run_upload_job,
     select_run,
-    uploaded_file,
+    upload_and_options,
 )
 from api.service.routes._openapi import ERRORS, upload_body
 from api.service.schemas import MaxFrames, RunId, Stride, _Model
-from api.service.served_runs import JobControl, LoadedRun
+from api.service.served_runs import JobControl, Limits, LoadedRun, WorkerContext
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -69,26 +67,25 @@ async def attention(
     t0 = time.perf_counter()
     query = AttentionOptions(model=model, stride=stride, max_frames=max_frames)
     _require_attention(state, query.model)
-    refuse_if_busy(state)
-    async with uploaded_file(request, state) as upload:
-        opts = merge_options(query, upload.fields)
+    async with upload_and_options(request, state, query) as (upload, opts):
         run = _require_attention(state, opts.model)
         request.state.model = run.run_id
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
-        assert upload.path is not None
-        await probe_upload(state, upload.path)
-        settings = state.settings
-        control = JobControl(settings.job_timeout_s)
-        job = functools.partial(
-            attention_maps,
-            run=run,
-            path=upload.path,
-            stride=n_stride,
-            max_frames=n_max,
-            limits=request_limits(settings),
-            control=control,
-        )
-        maps = await run_job(state, upload, job, request=request, control=control)
+
+        def make_job(
+            path: Path, limits: Limits, control: JobControl
+        ) -> Callable[[WorkerContext], AttentionMaps]:
+            return functools.partial(
+                attention_maps,
+                run=run,
+                path=path,
+                stride=n_stride,
+                max_frames=n_max,
+                limits=limits,
+                control=control,
+            )
+
+        maps = await run_upload_job(state, request, upload, make_job)
     return AttentionResponse(
         model=run.run_id,
         head=run.predictor.head,

@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.service.deps import (
+    JobDep,
     ServiceState,
     StateDep,
     frame_options,
@@ -59,15 +60,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
-JobId = Annotated[
-    str,
-    Path(
-        min_length=1,
-        max_length=64,
-        pattern=r"^[0-9a-f]+$",
-        description="the job's id, from POST /v1/jobs",
-    ),
-]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {
         "model": ErrorResponse,
@@ -168,12 +160,9 @@ async def create_job(
     responses=NOT_FOUND,
     summary="A job's status, progress and result",
 )
-def get_job(state: StateDep, job_id: JobId) -> JobStatus:
+def get_job(state: StateDep, job: JobDep) -> JobStatus:
     """Poll until ``status`` is ``succeeded`` (``result`` holds the answer), ``failed`` or
     ``cancelled`` (``error`` says why). A finished job is kept until ``expires_at``."""
-    job = state.jobs.get(job_id)
-    if job is None:
-        raise _no_job(job_id)
     return job_status(state, job)
 
 
@@ -183,13 +172,10 @@ def get_job(state: StateDep, job_id: JobId) -> JobStatus:
     responses=NOT_FOUND,
     summary="Cancel a job, or forget a finished one",
 )
-def delete_job(state: StateDep, job_id: JobId) -> JobStatus:
+def delete_job(state: StateDep, job: JobDep) -> JobStatus:
     """A queued job is dropped and a running one stops at its next frame; its upload is removed
     once it has. The job is forgotten (a later GET answers 404); the answer is its last status."""
-    job = state.jobs.remove(job_id)
-    if job is None:
-        raise _no_job(job_id)
-    return job_status(state, job)
+    return job_status(state, state.jobs.remove(job.id) or job)
 
 
 def job_status(state: ServiceState, job: Job) -> JobStatus:
@@ -281,12 +267,6 @@ def _jobs_busy(state: ServiceState) -> HTTPException:
         f"{state.jobs.max_active} job(s) queued or running, as many as this service takes; "
         "retry later",
         headers={"Retry-After": str(state.settings.retry_after_s)},
-    )
-
-
-def _no_job(job_id: str) -> HTTPException:
-    return HTTPException(
-        404, f"no job {job_id!r}: never created, deleted, or its result has expired"
     )
 
 

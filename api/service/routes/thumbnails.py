@@ -9,25 +9,18 @@ from __future__ import annotations
 import base64
 import functools
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import Field
 
-from api.service.deps import (
-    StateDep,
-    frame_options,
-    merge_options,
-    probe_upload,
-    refuse_if_busy,
-    request_limits,
-    run_job,
-    uploaded_file,
-)
+from api.service.deps import StateDep, frame_options, run_upload_job, upload_and_options
 from api.service.routes._openapi import ERRORS, upload_body
 from api.service.schemas import MaxFrames, Stride, _Model
-from api.service.served_runs import JobControl
-from api.service.thumbnails import frame_strip
+from api.service.served_runs import JobControl, Limits, WorkerContext
+from api.service.thumbnails import FrameStrip, frame_strip
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -81,25 +74,25 @@ async def thumbnails(
     the same ``stride`` and ``max_frames``, and ``count`` small JPEG thumbnails among them."""
     t0 = time.perf_counter()
     query = ThumbnailOptions(stride=stride, max_frames=max_frames, count=count, height=height)
-    refuse_if_busy(state)
-    async with uploaded_file(request, state) as upload:
-        opts = merge_options(query, upload.fields)
+    async with upload_and_options(request, state, query) as (upload, opts):
         n_stride, n_max = frame_options(state, opts.stride, opts.max_frames)
-        assert upload.path is not None
-        await probe_upload(state, upload.path)
-        settings = state.settings
-        control = JobControl(settings.job_timeout_s)
-        job = functools.partial(
-            frame_strip,
-            upload.path,
-            stride=n_stride,
-            max_frames=n_max,
-            count=opts.count or 12,
-            height=opts.height or 72,
-            limits=request_limits(settings),
-            control=control,
-        )
-        strip = await run_job(state, upload, lambda _ctx: job(), request=request, control=control)
+
+        def make_job(
+            path: Path, limits: Limits, control: JobControl
+        ) -> Callable[[WorkerContext], FrameStrip]:
+            strip = functools.partial(
+                frame_strip,
+                path,
+                stride=n_stride,
+                max_frames=n_max,
+                count=opts.count or 12,
+                height=opts.height or 72,
+                limits=limits,
+                control=control,
+            )
+            return lambda _ctx: strip()  # no extractor needed: the worker's context is unused
+
+        strip = await run_upload_job(state, request, upload, make_job)
     return ThumbnailsResponse(
         n_frames=strip.n_frames,
         used=strip.used,
