@@ -102,7 +102,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
     """Load a run directory written by ``framepool train`` as a Predictor.
 
     Torch heads come back as :class:`TorchRun`; ``svm`` runs as
-    ``aggregator.svm.run.SVMPredictor``; ``stpn`` runs as :class:`aggregator.maps.predict.MapRun`.
+    ``aggregator.svm.predictor.SVMPredictor``; ``stpn`` runs as
+    :class:`aggregator.maps.predict.MapRun`.
     """
     config = read_config(run_dir)
     if config["head"] == "stpn":  # reads the spatial map streams
@@ -111,7 +112,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> Predictor:
         map_run: Predictor = MapRun.load(run_dir, device=device)
         return map_run
     if config["head"] == "svm":
-        from aggregator.svm.run import SVMPredictor  # type: ignore[import-not-found,unused-ignore]
+        from aggregator.svm.predictor import SVMPredictor
 
         predictor: Predictor = SVMPredictor.load(run_dir)
         return predictor

@@ -130,7 +130,7 @@ def resolve_splits(
 ) -> tuple[list[str], list[str]]:
     """Complete videos of the training and test splits (no test split: none); the splits must
     not share a video."""
-    from aggregator.data import split_videos
+    from aggregator.splits import split_videos
 
     train_ids = split_videos(store, train_split)
     test_ids = split_videos(store, test_split) if test_split else []
@@ -192,7 +192,7 @@ class LabelledSplits:
     @property
     def classes(self) -> np.ndarray:
         """Every class of the training split: one with a single video keeps it for fitting
-        (:func:`aggregator.data.stratified_holdout`)."""
+        (:func:`aggregator.splits.stratified_holdout`)."""
         return np.unique(self.y_fit)
 
 
@@ -268,10 +268,10 @@ def labelled_splits(
     part of the training split; ``streams`` (when given) must be in the store.
 
     The validation part holds out whole groups when the videos have them
-    (:func:`aggregator.data.video_groups`): videos of one subject or session on both sides
+    (:func:`aggregator.splits.video_groups`): videos of one subject or session on both sides
     would score the validation on faces and rooms the model has seen, and choose for that.
     Otherwise it is a stratified share of every class."""
-    from aggregator.data import grouped_holdout, label_indices, stratified_holdout, video_groups
+    from aggregator.splits import grouped_holdout, label_indices, stratified_holdout, video_groups
 
     class_names = store.class_names
     if not class_names:

@@ -2,7 +2,8 @@
 
 Every head is trained from one frozen config (:mod:`aggregator.train_config`): the deep heads
 from :class:`TrainConfig` by :func:`aggregator.train.train_run`, the heads that read spatial map
-streams from :class:`MapTrainConfig` by :func:`aggregator.maps.train.train_map_run`. The
+streams from :class:`MapTrainConfig` by :func:`aggregator.maps.train.train_map_run`, the ``svm``
+from :class:`aggregator.svm.config.SVMConfig` by :func:`aggregator.svm.run.train_svm`. The
 trainers are imported on first use, so that choosing a config loads none of them.
 """
 
@@ -14,17 +15,20 @@ from typing import Any
 
 from aggregator.rundir import read_config
 from aggregator.streams import MAP_HEADS
+from aggregator.svm.config import SVMConfig
 from aggregator.train_config import BaseTrainConfig, MapTrainConfig, TrainConfig
 
 __all__ = ["config_class", "config_of", "retrain", "train"]
 
 
-def config_class(head: str) -> type[TrainConfig] | type[MapTrainConfig]:
+def config_class(head: str) -> type[TrainConfig] | type[MapTrainConfig] | type[SVMConfig]:
     """The config class of ``head``'s trainer."""
+    if head == "svm":
+        return SVMConfig
     return MapTrainConfig if head in MAP_HEADS else TrainConfig
 
 
-def config_of(head: str, values: Mapping[str, Any]) -> TrainConfig | MapTrainConfig:
+def config_of(head: str, values: Mapping[str, Any]) -> TrainConfig | MapTrainConfig | SVMConfig:
     """``head``'s config from ``train_args``-shaped ``values`` (unknown keys are an error)."""
     return config_class(head).from_dict({**values, "head": head})
 
@@ -49,6 +53,10 @@ def train(
         from aggregator.maps.train import train_map_run
 
         return train_map_run(store_path, out_dir, config, make_plots=make_plots)
+    if isinstance(config, SVMConfig):  # writes its plots whatever make_plots says
+        from aggregator.svm.run import train_svm
+
+        return train_svm(store_path, out_dir, config)
     if isinstance(config, TrainConfig):
         from aggregator.train import train_run
 

@@ -13,16 +13,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("storage", "extractor", "aggregator", "api", "benchmarks")  # lower first
-
-# Circles known in the trainers and being taken apart elsewhere; each entry is one edge of the
-# circle, which the walk below leaves out. Delete an entry once its circle is gone.
-ALLOWED_CIRCLES: dict[tuple[str, str], str] = {
-    ("aggregator.finetune.loop", "aggregator.finetune.maps"): "finetune/loop.py <-> maps.py",
-}
 
 
 def _module_name(path: Path) -> str:
@@ -56,10 +48,9 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[st
             yield target, [alias.name for alias in node.names]
 
 
-def import_graph(*, allow: bool = True) -> dict[str, set[str]]:
+def import_graph() -> dict[str, set[str]]:
     """Module -> the modules of this repository it imports (``from pkg import mod`` names the
-    submodule ``pkg.mod`` when there is one); with ``allow``, less the edges of
-    :data:`ALLOWED_CIRCLES`."""
+    submodule ``pkg.mod`` when there is one)."""
     modules = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -79,7 +70,7 @@ def import_graph(*, allow: bool = True) -> dict[str, set[str]]:
                 if parts:
                     edges.add(".".join(parts))
         edges.discard(name)
-        graph[name] = {e for e in edges if not (allow and (name, e) in ALLOWED_CIRCLES)}
+        graph[name] = edges
     return graph
 
 
@@ -138,21 +129,6 @@ def test_no_import_circles() -> None:
     assert "storage.store" in graph and "api.cli" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
-
-
-@pytest.mark.parametrize("edge", sorted(ALLOWED_CIRCLES))
-def test_allowed_circles_still_exist(edge: tuple[str, str]) -> None:
-    """An allowance for a circle that is gone must be deleted, so that it cannot come back."""
-    importer, imported = edge
-    graph = import_graph(allow=False)
-    seen, todo = set(), [imported]
-    while todo:  # what the imported module reaches
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(graph.get(node, ()))
-    still = imported in graph.get(importer, set()) and importer in seen
-    assert still, f"{ALLOWED_CIRCLES[edge]} is no longer a circle: drop {edge}"
 
 
 def test_imports_flow_one_way() -> None:

@@ -7,20 +7,18 @@
   remembered features for the frames outside the subset;
 - :mod:`~aggregator.finetune.standardize`: the head's input standardisation from its training
   videos;
+- :mod:`~aggregator.finetune.sources`: the training videos and where their inputs come from;
+- :mod:`~aggregator.finetune.checkpoint`: the loop's checkpoint, read safely, and resumption;
 - :mod:`~aggregator.finetune.loop`: the training loop (SGD, DDP, checkpoints, outputs);
 - :mod:`~aggregator.finetune.job`: a whole job on video files (:func:`run_finetune_job`).
 """
 
+from aggregator.finetune.checkpoint import load_checkpoint
 from aggregator.finetune.inputs import DecodedSource, FeatureMemory, InputCache
 from aggregator.finetune.job import run_finetune_job, start_extractor
-from aggregator.finetune.loop import (
-    FinetuneSettings,
-    TrainVideo,
-    VideoSource,
-    finetune,
-    load_checkpoint,
-)
+from aggregator.finetune.loop import FinetuneSettings, finetune
 from aggregator.finetune.maps import MAP_HEADS, MapBackbone, build_map_model
+from aggregator.finetune.sources import TrainVideo, VideoSource
 from aggregator.finetune.standardize import fit_standardizer
 from aggregator.finetune.surrogate import (
     STREAMS,

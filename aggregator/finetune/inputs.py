@@ -375,7 +375,7 @@ class FeatureMemory:
 
 
 class DecodedSource:
-    """The :class:`aggregator.finetune.loop.VideoSource` of decoded videos, with features for
+    """The :class:`aggregator.finetune.sources.VideoSource` of decoded videos, with features for
     the frames outside the subset from a :class:`StoreFeatures` and/or a :class:`FeatureMemory`."""
 
     def __init__(

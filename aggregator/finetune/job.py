@@ -21,17 +21,12 @@ from typing import Any
 
 import torch
 
+from aggregator.finetune.checkpoint import CHECKPOINT
 from aggregator.finetune.inputs import DecodedSource, FeatureMemory, InputCache, StoreFeatures
-from aggregator.finetune.loop import (
-    CHECKPOINT,
-    HEAD_FILE,
-    FinetuneSettings,
-    TrainVideo,
-    distributed,
-    finetune,
-)
+from aggregator.finetune.loop import HEAD_FILE, FinetuneSettings, distributed, finetune
 from aggregator.finetune.maps import MAP_HEADS, StridedSource, build_map_model, map_channels
 from aggregator.finetune.memory import choose_grad_frames
+from aggregator.finetune.sources import TrainVideo
 from aggregator.finetune.standardize import fit_standardizer
 from aggregator.finetune.surrogate import FinetuneModel
 from aggregator.heads import build_model

@@ -23,14 +23,13 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import pickle
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,11 +37,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from aggregator.finetune.checkpoint import (
+    CHECKPOINT,
+    differences,
+    load_checkpoint,
+    resume_key,
+    rng_state,
+    set_rng_state,
+)
 from aggregator.finetune.maps import exported_backbone
+from aggregator.finetune.sources import TrainVideo, VideoSource
 from aggregator.finetune.surrogate import (
     STREAMS,
     FinetuneModel,
-    Frames,
     GradScale,
     VideoBatchItem,
     grad_multiplier,
@@ -56,7 +63,6 @@ from extractor.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = METRICS_FILE
 HEAD_FILE = "head.pt"  # the head's weights; the job copies them to the run directory's model.pt
 # Seed 002, section 4: SGD, lr 0.001 (appearance) / 0.005 (motion), divided by 10 every 25
@@ -111,29 +117,6 @@ class FinetuneSettings:
         for key in ("epochs", "chunk_size", "checkpoint", "grad_frames", "amp"):
             d.pop(key)
         return d
-
-
-@dataclass(frozen=True)
-class TrainVideo:
-    video_id: str
-    label: int
-
-
-class VideoSource(Protocol):
-    """Where a training video's inputs (and optional precomputed features) come from.
-
-    A source may also have ``remember(video_id, features: {stream: [T, d]})``: the loop then
-    hands it every video's features after its step (see
-    :class:`aggregator.finetune.inputs.FeatureMemory`).
-    """
-
-    def frames(self, video_id: str) -> dict[str, Frames]:
-        """Per stream the video's backbone inputs (loaded chunk by chunk on the device)."""
-        ...
-
-    def known(self, video_id: str) -> dict[str, torch.Tensor] | None:
-        """Per stream ``[T, d]`` features for the frames outside the subset, or None."""
-        ...
 
 
 # --------------------------------------------------------------------------- distributed
@@ -219,65 +202,6 @@ def _seed_everything(seed: int, epoch: int, rank: int) -> None:
     s = (seed * 1_000_003 + epoch * 9_176 + rank) % (2**31)
     random.seed(s)
     torch.manual_seed(s)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto a GPU moved it there
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def load_checkpoint(path: Path, *, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`finetune` without running code from the file.
-
-    Everything in it (tensors, the optimiser's and scheduler's state dicts, the Python RNG state as
-    a tuple of ints, the history as plain numbers and strings) is what ``torch.load``'s
-    ``weights_only`` unpickler accepts, so it is loaded with it: a crafted file that would call a
-    function when unpickled is refused instead.
-    """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a framepool fine-tuning checkpoint that loads safely "
-            f"(it holds objects other than tensors and plain values: {first}); "
-            "delete it or use a new output directory"
-        ) from None
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{str(path)!r} is not a fine-tuning checkpoint (missing {missing})")
-    return ckpt
-
-
-_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "settings")
-
-
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def _resume_key(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The part of a job's ``config`` a resumed run must share: what the model and data are, not
-    where the starting weights or the stored features came from (the checkpoint replaces them),
-    nor how the backward pass is chunked (the same gradients, sized for the hardware)."""
-    skip = (
-        "run_id",
-        "store",
-        "store_streams",
-        "start_extractor",
-        "reuse_features",
-        "backward_chunks",
-    )
-    return {k: v for k, v in finite(dict(config or {})).items() if k not in skip}
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -371,8 +295,8 @@ class FinetuneLoop:
         if not self.ckpt_path.exists():
             return
         ckpt = load_checkpoint(self.ckpt_path, map_location=self.dev)
-        diff = _differences(ckpt["settings"], self.settings.resumable())
-        diff += _differences(ckpt.get("config", {}), _resume_key(self.config))
+        diff = differences(ckpt["settings"], self.settings.resumable())
+        diff += differences(ckpt.get("config", {}), resume_key(self.config))
         if diff:
             raise ValueError(
                 f"{str(self.ckpt_path)!r} was written by a run with other settings "
@@ -381,7 +305,7 @@ class FinetuneLoop:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         self.start = int(ckpt["epoch"])
         self.history = list(ckpt["history"])
         log.info("resuming from %s at epoch %d", self.ckpt_path, self.start + 1)
@@ -560,9 +484,9 @@ class FinetuneLoop:
                 "scheduler": self.sched.state_dict(),
                 "epoch": epoch + 1,
                 "history": self.history,
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "settings": self.settings.resumable(),
-                "config": _resume_key(self.config),
+                "config": resume_key(self.config),
             }
             save_torch(state, self.ckpt_path)
             write_json(self.out / METRICS, {"epochs": self.history})

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from aggregator.finetune.sources import VideoSource
 from aggregator.finetune.surrogate import FinetuneModel, FrameInputs, Frames, n_frames_of
 from aggregator.streams import MAP_HEADS
-
-if TYPE_CHECKING:
-    from aggregator.finetune.loop import VideoSource
 
 MAP_INPUTS = {"appearance": "appearance_map", "motion": "motion_map"}  # stream -> head input
 
@@ -89,8 +87,8 @@ class StridedFrames:
 
 
 class StridedSource:
-    """A :class:`aggregator.finetune.loop.VideoSource` whose videos are every ``stride``-th frame
-    of another's (stored features are vectors, not maps: none are offered)."""
+    """A :class:`aggregator.finetune.sources.VideoSource` whose videos are every ``stride``-th
+    frame of another's (stored features are vectors, not maps: none are offered)."""
 
     def __init__(self, source: VideoSource, stride: int) -> None:
         self.source = source

@@ -2,7 +2,7 @@
 
 With ``grad_frames`` unset, :func:`choose_grad_frames` measures what the backbones keep for the
 backward pass of one frame (the bytes autograd saves, parameters left out) and lets one chunk's
-activations take a third of the memory budget (:func:`aggregator.node_cache.memory_budget`,
+activations take a third of the memory budget (:func:`aggregator.caches.memory_budget`,
 ``--memory-budget``). The rest holds the weights, their gradients and momentum, the no-gradient
 passes over ``chunk_size`` frames, the backward pass's own buffers (about the size of the saved
 activations again) and the decoded inputs. Every chunk size gives the same gradients
@@ -90,7 +90,7 @@ def choose_grad_frames(
         return {"grad_frames": int(given), "chosen_by": "grad_frames"}
     from contextlib import nullcontext
 
-    from aggregator.node_cache import memory_budget
+    from aggregator.caches import memory_budget
 
     budget = memory_budget() if budget is None else budget
     per_frame = activation_bytes_per_frame(model, frames, autocast or nullcontext)

@@ -26,7 +26,7 @@ the M = 2^D - 1 temporal-pyramid nodes. Training solves the multiple-kernel-lear
 
 There is no ``predict_proba``: SVM scores are not probabilities. Calibrate them on held-out data
 (``sklearn.calibration.CalibratedClassifierCV`` works on the 2-D input form), as
-``aggregator.svm.run`` does with a softmax temperature.
+``aggregator.svm.calibration`` does with a softmax temperature.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from aggregator.svm import notes as solver_notes
+from aggregator.svm.kernels import KERNELS, node_kernel
 from aggregator.svm.notes import level_fallback
 from aggregator.svm.solvers import (
-    KERNELS,
     AlphaStep,
     NodeGrams,
     SolveError,
@@ -61,7 +61,6 @@ from aggregator.svm.solvers import (
     level_projection,
     libsvm_iterations,
     node_blocks,
-    node_kernel,
     ovr_targets,
     project_simplex,
     scale_gammas,

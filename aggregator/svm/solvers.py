@@ -29,14 +29,14 @@ import sklearn
 from joblib import Parallel, delayed
 from scipy import sparse
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics.pairwise import additive_chi2_kernel, euclidean_distances
+from sklearn.metrics.pairwise import additive_chi2_kernel
 from sklearn.svm import SVC
 
+from aggregator.svm.kernels import KERNELS, node_kernel
 from aggregator.svm.notes import counted_solve, swallow_highs_banner
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("linear", "rbf", "chi2")
 _CHUNK_BYTES = 512 << 20  # scaled node blocks multiplied at once when a Gram is not cached
 # svm_max_iter="auto": libsvm iterations per SVM, at least SVM_ITER_PER_SAMPLE per training sample
 # and at least SVM_WORK_MIN / n (an iteration costs O(n): small problems get as much work as a
@@ -182,21 +182,6 @@ def scale_gammas(X: np.ndarray, kernel: str) -> np.ndarray:
             raise ValueError(f"gamma applies to the rbf and chi2 kernels, not {kernel!r}")
         out[m] = 1.0 / mean_dist if mean_dist > 0 else 1.0
     return out
-
-
-def node_kernel(A: np.ndarray, B: np.ndarray, kernel: str, gamma: float) -> np.ndarray:
-    """``kappa(A, B)`` for one node: ``A [p, d]``, ``B [q, d]`` -> ``[p, q]``."""
-    if kernel == "linear":
-        return A @ B.T
-    if kernel == "rbf":
-        A64 = np.asarray(A, dtype=np.float64)
-        B64 = np.asarray(B, dtype=np.float64)
-        D = euclidean_distances(A64, B64, squared=True)
-        return np.exp(-gamma * D)
-    if kernel == "chi2":
-        D = -additive_chi2_kernel(np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64))
-        return np.exp(-gamma * D)
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 def work_dtype(dtype: np.dtype) -> np.dtype:

@@ -295,6 +295,7 @@ def apply_memory_budget(text: str | None) -> None:
 _NEGATED = {
     "refit": "no_refit",
     "standardize": "no_standardize",
+    "standardize_inputs": "no_standardize",
     "probe": "no_probe",
     "probe_start": "no_probe_start",
 }
@@ -326,39 +327,11 @@ def config_from_args(args: argparse.Namespace, streams: list[str]) -> BaseTrainC
             values[f.name] = not getattr(args, _NEGATED[f.name])
         elif getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
+    names = {f.name for f in dataclasses.fields(cls)}
     try:
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in names})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-
-
-def _train_svm(args: argparse.Namespace, streams: list[str]) -> dict[str, Any]:
-    """``--head svm``: the scikit-learn estimator's own trainer."""
-    kw = head_kwargs_from(args)  # rejects options that do not apply
-    del kw
-    from aggregator.svm.run import train_svm  # type: ignore[import-not-found,unused-ignore]
-
-    metrics: dict[str, Any] = train_svm(
-        args.store,
-        args.out,
-        streams=streams,
-        levels=args.levels,
-        variant=args.variant or "concat",
-        C=args.C,
-        kernel=args.kernel or "linear",
-        train_split=args.train_split,
-        test_split=args.test_split or None,
-        seed=args.seed,
-        max_iter=50 if args.max_iter is None else args.max_iter,
-        eps=1e-3 if args.eps is None else args.eps,
-        refit=not args.no_refit,
-        val_groups=args.val_groups,
-        standardize_inputs=not args.no_standardize,
-        probe=not args.no_probe,
-        probe_levels=args.probe_levels,
-        probe_start=not args.no_probe_start,
-    )
-    return metrics
 
 
 def run(args: argparse.Namespace) -> int:
@@ -371,18 +344,15 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         raise UsageError(f"store {args.store!r} has no complete video")
     streams = resolve_streams(args.stream, store.streams(videos[0]))
-    if args.head == "svm":
-        metrics = _train_svm(args, streams)
-    else:
-        from aggregator.trainers import train
+    from aggregator.trainers import train
 
-        metrics = train(
-            args.store,
-            args.out,
-            config_from_args(args, streams),
-            make_plots=not args.no_plots,
-            progress=args.verbose > 0 or sys.stderr.isatty(),
-        )
+    metrics = train(
+        args.store,
+        args.out,
+        config_from_args(args, streams),
+        make_plots=not args.no_plots,
+        progress=args.verbose > 0 or sys.stderr.isatty(),
+    )
     print(format_summary(metrics, args.out))
     if not args.no_index:
         from aggregator.similarity import build_index

@@ -14,7 +14,8 @@ from aggregator.metrics import chance_warnings
 from aggregator.probe import _probe_pipeline, fit_linear_probe
 from aggregator.probe_start import model_probe_name, start_from_probe
 from aggregator.rundir import further_folds
-from aggregator.svm.run import SVMPredictor, train_svm
+from aggregator.svm.predictor import SVMPredictor
+from aggregator.svm.run import train_svm
 from aggregator.train import train_run
 from api.cli.train_cmd import format_summary
 from storage import FeatureStore

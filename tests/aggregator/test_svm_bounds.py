@@ -11,7 +11,8 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 
 from aggregator.svm import MultipleAggregationSVM
-from aggregator.svm import run as svm_run
+from aggregator.svm import selection as svm_selection
+from aggregator.svm.run import train_svm
 from aggregator.svm.solvers import (
     SVM_ITER_PER_SAMPLE,
     SVM_WORK_MIN,
@@ -93,11 +94,11 @@ def test_default_bound_is_silent_on_an_easy_problem() -> None:
 
 def test_selection_rows_are_a_stratified_subsample() -> None:
     y = np.repeat(np.arange(4), [50, 30, 15, 5])
-    assert np.array_equal(svm_run._selection_rows(y, 100, seed=0), np.arange(100))
-    rows = svm_run._selection_rows(y, 40, seed=0)
+    assert np.array_equal(svm_selection.selection_rows(y, 100, seed=0), np.arange(100))
+    rows = svm_selection.selection_rows(y, 40, seed=0)
     assert abs(len(rows) - 40) <= 4 and len(np.unique(rows)) == len(rows)
     assert set(np.unique(y[rows])) == {0, 1, 2, 3}
-    assert np.array_equal(rows, svm_run._selection_rows(y, 40, seed=0))
+    assert np.array_equal(rows, svm_selection.selection_rows(y, 40, seed=0))
 
 
 @pytest.mark.parametrize("refit", [True, False])
@@ -107,10 +108,10 @@ def test_selection_on_a_subsample_refits_on_every_video(
     """Beyond SELECTION_MAX_VIDEOS fit videos the grid sees a subsample; the final SVMs are
     fitted on all training videos (refit) or on all fit videos (no refit), and metrics.json
     says how many videos the selection used and how many solves hit libsvm's bound."""
-    monkeypatch.setattr(svm_run, "SELECTION_MAX_VIDEOS", 20)
+    monkeypatch.setattr(svm_selection, "SELECTION_MAX_VIDEOS", 20)
     store = order_store(tmp_path / "store.zarr", n_train=10, n_test=2, seed=3)
     with pytest.warns(ConvergenceWarning, match="svm_max_iter=3 iterations"):
-        metrics = svm_run.train_svm(
+        metrics = train_svm(
             store,
             tmp_path / "run",
             **run_args(

@@ -18,16 +18,10 @@ from aggregator.node_cache import load_node_cache
 from aggregator.predictor import Predictor
 from aggregator.run_loader import load_run
 from aggregator.svm import KERNELS, MultipleAggregationSVM
-from aggregator.svm.run import (
-    SVMPredictor,
-    choose_fusion,
-    export_state,
-    fit_temperature,
-    node_statistics,
-    standardize,
-    stream_decision,
-    train_svm,
-)
+from aggregator.svm.calibration import choose_fusion, fit_temperature
+from aggregator.svm.fitted import export_state, node_statistics
+from aggregator.svm.predictor import SVMPredictor, standardize, stream_decision
+from aggregator.svm.run import train_svm
 from storage import FeatureStore
 from tests.aggregator.toy_store import write_burst_store
 

@@ -11,8 +11,10 @@ import pytest
 from aggregator.metrics import classification_metrics
 from aggregator.node_cache import load_node_cache
 from aggregator.rundir import further_folds, labelled_splits
-from aggregator.svm import run as svm_run
-from aggregator.svm.run import SVMPredictor, train_svm
+from aggregator.svm import config as svm_config
+from aggregator.svm import selection as svm_selection
+from aggregator.svm.predictor import SVMPredictor
+from aggregator.svm.run import train_svm
 from storage import FeatureStore
 from tests.aggregator.test_svm_run import order_store, run_args
 from tests.aggregator.test_validation_groups import _write_grouped_store
@@ -61,11 +63,11 @@ def test_svm_chooses_a_depth_that_sees_temporal_order(tmp_path: Path) -> None:
     )
     info = metrics["svm"]["appearance"]
     # 8 per class: 7 disjoint folds leave one to fit, then repeated folds up to MAX_FOLDS
-    assert metrics["selection_folds"] == [6] * svm_run.MAX_FOLDS
+    assert metrics["selection_folds"] == [6] * svm_selection.MAX_FOLDS
     grid = {g["levels"]: g for g in info["C_grid"]}
-    assert sorted(grid) == list(range(1, svm_run.MAX_LEVELS + 1))
+    assert sorted(grid) == list(range(1, svm_config.MAX_LEVELS + 1))
     for g in grid.values():
-        assert len(g["fold_val_top1"]) == svm_run.MAX_FOLDS
+        assert len(g["fold_val_top1"]) == svm_selection.MAX_FOLDS
         assert g["val_top1"] == pytest.approx(np.mean(g["fold_val_top1"]))
     assert grid[1]["val_top1"] < 0.5 and info["levels"] >= 2
     assert info["levels"] == max(grid, key=lambda d: (grid[d]["val_top1"], -d))
@@ -101,8 +103,8 @@ def _mean_store(path: Path) -> FeatureStore:
 def test_ties_go_to_the_fewest_levels_and_the_smaller_C(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(svm_run, "MAX_LEVELS", 3)
-    monkeypatch.setattr(svm_run, "MAX_FOLDS", 3)
+    monkeypatch.setattr(svm_config, "MAX_LEVELS", 3)
+    monkeypatch.setattr(svm_selection, "MAX_FOLDS", 3)
     store = _mean_store(tmp_path / "store.zarr")
     metrics = train_svm(
         store,
@@ -121,7 +123,7 @@ def test_svm_folds_hold_out_whole_groups(tmp_path: Path) -> None:
     store = FeatureStore.open(path)
     splits = labelled_splits(store, "train", "test", val_fraction=0.1, seed=0)
     assert splits.group_by == "store"
-    folds = svm_run._selection_folds(splits)
+    folds = svm_selection.selection_folds(splits)
     assert len(folds) == len(splits.more_folds) + 1  # 36 videos: every group is pooled
     groups = store.groups(splits.train_ids)
     seen: set[str] = set()

@@ -292,35 +292,26 @@ def test_svm_head_goes_to_the_svm_trainer(
         def load(cls, run_dir: Any) -> str:
             return f"svm at {run_dir}"
 
+    import aggregator.svm.predictor
     import aggregator.svm.run
+    from aggregator.svm.config import SVMConfig
 
     monkeypatch.setattr(aggregator.svm.run, "train_svm", train_svm)
-    monkeypatch.setattr(aggregator.svm.run, "SVMPredictor", SVMPredictor)
+    monkeypatch.setattr(aggregator.svm.predictor, "SVMPredictor", SVMPredictor)
     out = tmp_path / "svm"
     argv = ["train", "--store", order_store, "--head", "svm", "--out", str(out), "--levels", "3"]
-    argv += ["--variant", "average", "--C", "2.5", "--kernel", "chi2", "--max-iter", "7"]
+    argv += ["--C", "2.5", "--kernel", "chi2", "--max-iter", "7"]
     argv += ["--eps", "1e-4", "--seed", "5", "--stream", "motion", "--no-index"]
     assert main(argv) == 0
     ((args, kwargs),) = calls
-    assert args == (order_store, str(out))
-    assert kwargs == {
-        "streams": ["motion"],
-        "levels": 3,
-        "variant": "average",
-        "C": 2.5,
-        "kernel": "chi2",
-        "train_split": "train",
-        "test_split": "test",
-        "seed": 5,
-        "max_iter": 7,
-        "eps": 1e-4,
-        "refit": True,
-        "val_groups": "auto",
-        "standardize_inputs": True,
-        "probe": True,
-        "probe_levels": 4,
-        "probe_start": True,
-    }
+    assert kwargs == {}
+    want = SVMConfig(
+        streams=("motion",), levels=3, C=2.5, kernel="chi2", seed=5, max_iter=7, eps=1e-4
+    )
+    assert args == (order_store, str(out), want)
+    assert want.to_dict()["standardize_inputs"] and want.test_split == "test"
+    assert main([*argv, "--variant", "average"]) == 2  # chi2 is a per-node kernel: refused
+    assert len(calls) == 1
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"head": "svm"}))
     assert load_run(out) == f"svm at {out}"  # type: ignore[comparison-overlap]

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.data import grouped_holdout, video_groups
 from aggregator.heads.views import pyramid_leaf_streams
 from aggregator.run_data import prepare_data
 from aggregator.rundir import labelled_splits
 from aggregator.selection import selection_folds
+from aggregator.splits import grouped_holdout, video_groups
 from aggregator.train_config import TrainConfig
 from aggregator.trainer import build
 from storage import FeatureStore
