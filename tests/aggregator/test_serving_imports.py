@@ -124,6 +124,5 @@ def test_serving_a_torch_run_imports_no_trainer(imported: dict[str, list[str]], 
     assert imported[head] == [], f"serving a {head} run imported {imported[head]}"
 
 
-@pytest.mark.xfail(reason="SVMPredictor is still defined in the SVM trainer, aggregator.svm.run")
 def test_serving_an_svm_run_imports_no_trainer(imported: dict[str, list[str]]) -> None:
     assert imported["svm"] == [], f"serving an svm run imported {imported['svm']}"
