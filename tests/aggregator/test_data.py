@@ -261,7 +261,9 @@ def test_frames_input_path_equals_nodes_input_path(store: FeatureStore, case: st
     caches), for every video length in the store (T = 1 and 2 included)."""
     head, kwargs, leaves = INPUT_PATHS[case]
     streams = {"appearance": 6, "motion": 3}
-    # fixed fusion sums the streams' logits (learned fusion would squash them into log p)
+    # fixed fusion sums the streams' logits (learned fusion would squash them into log p);
+    # seeded, so that the initial weights do not depend on what ran before in this process
+    torch.manual_seed(len(case))
     model = build_model(
         head, in_features=streams, num_classes=3, head_kwargs=kwargs, fusion="fixed"
     )
