@@ -28,7 +28,8 @@ from aggregator import plots
 from aggregator.data import open_store
 from aggregator.heads import SpatiotemporalPyramid, VideoModel, build_model
 from aggregator.maps.data import MAP_STREAMS, MapDataset, map_loader
-from aggregator.metrics import classification_metrics
+from aggregator.maps.probes import map_probes
+from aggregator.metrics import chance_warnings, classification_metrics
 from aggregator.rundir import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -194,6 +195,12 @@ def _train(
         seconds_train=fit.seconds,
         history=fit.history,
     )
+    seed = args["seed"]
+    probes, check, warnings = map_probes(store, MAP_STREAMS, splits, fit.val_top1, seed=seed)
+    warnings += chance_warnings(metrics, len(class_names))
+    for w in warnings:
+        log.warning("%s: %s", args["head"], w)
+    metrics.update(probe=probes, probe_check=check, warnings=warnings)
     model.cpu()
     save_torch(model.state_dict(), out / MODEL_FILE)
     if make_plots:
