@@ -13,11 +13,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
 from aggregator.degenerate import constant_features
 from aggregator.heads import CompactBilinear
-from aggregator.heads.datp import mixture_weights, weighted_pool
+from aggregator.heads.datp import (
+    AdaptiveTemporalPooling,
+    mixture_weights,
+    relative_mixture_weights,
+    weighted_pool,
+)
 from aggregator.heads.standardize import MIN_STD
 from aggregator.train import train_run
 from storage import FeatureStore
@@ -99,6 +105,34 @@ def test_datp_pooling_gradcheck_float64() -> None:
         return weighted_pool(s, mixture_weights(t, rho, mu, sigma))
 
     assert torch.autograd.gradcheck(pooled, args)
+
+
+def test_relative_weights_pool_as_eq3_and_never_vanish() -> None:
+    """The pooling's weights are Eq. 1's divided by their largest (Eq. 3 is unchanged); where
+    the mixture drifts off [0, 1] and Eq. 1 underflows to zero at every segment (the pooled
+    features, logits and gradients were then all 0), the head still pools onto the nearest
+    segment, tells videos apart and its classifier learns."""
+    t = (torch.arange(10, dtype=torch.float64) + 0.5) / 10
+    rho = torch.tensor([[0.3, 0.7]], dtype=torch.float64)
+    mu = torch.tensor([[0.2, 0.9]], dtype=torch.float64)
+    sigma = torch.tensor([[0.1, 0.3]], dtype=torch.float64)
+    w = mixture_weights(t, rho, mu, sigma)
+    rel = relative_mixture_weights(t, rho.log(), mu, sigma)
+    torch.testing.assert_close(rel * w.max(), w)
+    scores = torch.randn(1, 10, 4, dtype=torch.float64)
+    torch.testing.assert_close(weighted_pool(scores, rel), weighted_pool(scores, w))
+
+    head = AdaptiveTemporalPooling(in_features=3, num_classes=4, segments=10, gaussians=2)
+    with torch.no_grad():  # means far right of [0, 1], narrow: Eq. 1 is 0 at every segment
+        head.regress.bias.copy_(torch.tensor([0.0, 0.0, 6.0, 7.0, -4.0, -4.0]))
+    nodes = torch.randn(6, 10, 3)
+    head.eval()
+    assert float(head.temporal_weights(nodes).abs().max()) == 0.0
+    head.train()
+    logits = head.forward_nodes(nodes)
+    assert float(logits.std(0).max()) > 0
+    F.cross_entropy(logits, torch.arange(6) % 4).backward()
+    assert head.fc.weight.grad is not None and float(head.fc.weight.grad.abs().max()) > 0
 
 
 # ------------------------------------------------------------------------------- compact bilinear
