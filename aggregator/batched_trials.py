@@ -47,8 +47,8 @@ _ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximiz
 
 def _float_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """A batch norm's input as float32: under bfloat16 autocast the vectorised batch norm
-    takes no bfloat16 input beside its float32 statistics (the loop's batch norm computes in
-    float32 all the same)."""
+    takes no bfloat16 input beside its float32 statistics (the loop's batch norm accumulates in
+    float32 too)."""
     return tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
 
 

@@ -9,7 +9,7 @@ pooled as ``S = sum_i w_i I_i / ||w||_2`` (Eq. 3).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,17 @@ class AdaptiveTemporalPooling(NodeHead):
                 self.regress.bias.fill_(1.0)
         self.drop = Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
+        # pools with the relative weights (see relative_mixture_weights); a model saved before
+        # them has no such entry and pools with Eq. 1's weights, as it was trained
+        self.register_buffer("relative_weights", torch.ones((), dtype=torch.bool))
+        self._relative = True
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        key = prefix + "relative_weights"
+        if key not in state_dict:
+            state_dict[key] = torch.zeros((), dtype=torch.bool)
+        self._relative = bool(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _normalised(self, nodes: NodeInput) -> torch.Tensor:
         nodes = self.node_tensor(nodes)
@@ -156,9 +167,11 @@ class AdaptiveTemporalPooling(NodeHead):
         theta = self._theta(xn)  # [B, 3K] or [B, N]
         if self.weights_model == "discrete":
             return theta
-        _, mu, sigma = self._mixture(theta)
-        log_rho = torch.log_softmax(theta[:, : self.gaussians], dim=1)
+        rho, mu, sigma = self._mixture(theta)
         times = self.segment_times(dtype=theta.dtype, device=theta.device)
+        if not self._relative:
+            return mixture_weights(times, rho, mu, sigma)  # [B, N]
+        log_rho = torch.log_softmax(theta[:, : self.gaussians], dim=1)
         return relative_mixture_weights(times, log_rho, mu, sigma)  # [B, N]
 
     def segment_times(
