@@ -36,8 +36,8 @@ import torch
 
 from aggregator import plots
 from aggregator.data import open_store
+from aggregator.degenerate import input_warnings, refuse_inputs
 from aggregator.heads import AdaptiveTemporalPooling, TwoStream, VideoModel
-from aggregator.heads.standardize import MIN_STD
 from aggregator.heads.views import (
     fusion_weights_of,
     model_beta_matrices,
@@ -47,7 +47,7 @@ from aggregator.heads.views import (
 from aggregator.intervals import Intervals
 from aggregator.metrics import beta_by_level, chance_warnings, classification_metrics
 from aggregator.probe import MAX_FLOATS
-from aggregator.run_data import RunData, prepare_data
+from aggregator.run_data import RunData, prepare_data, standardization_stats
 from aggregator.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -78,23 +78,12 @@ __all__ = [
 
 
 def refuse_degenerate(config: TrainConfig, data: RunData) -> None:
-    """A clear error, before any training, for inputs a head cannot learn from: a stream
-    whose every feature is constant over the training videos, and ``stcb`` on streams that
-    are all one-dimensional (the compact bilinear feature of scalars is a single product, and
-    the signed square root and L2 normalisation that follow leave only its sign)."""
-    for s, (_, std) in data.stats.get("train", {}).items():
-        if float(std.max()) <= MIN_STD:
-            raise ValueError(
-                f"stream {s!r} is constant over the {data.n_fit + data.n_val} training videos "
-                f"(standard deviation <= {MIN_STD:g} in all {data.in_features[s]} features): "
-                "no head can learn from it"
-            )
-    if config.head == "stcb" and all(d == 1 for d in data.in_features.values()):
-        raise ValueError(
-            f"head 'stcb' on one-dimensional streams {sorted(data.in_features)}: their compact "
-            "bilinear feature is one product whose L2 normalisation leaves only its sign; "
-            "use gap, tpp or tp on one-dimensional inputs"
-        )
+    """A clear error, before any training, for inputs a head cannot learn from
+    (:func:`aggregator.degenerate.refuse_inputs`: constant streams, ``stcb`` on scalars)."""
+    stats = data.stats.get("train")
+    if stats is None and data.nodes is not None:  # not standardised: the statistics still tell
+        stats = standardization_stats(data.nodes, data.rows_train)
+    refuse_inputs(config.head, data.in_features, stats or {}, data.n_fit + data.n_val)
 
 
 REFIT_DROP = 0.2  # training top-1 a healthy refit cannot lose against the selected weights
@@ -399,6 +388,7 @@ def _train(
     metrics.update(_run_metrics(trainer, config_json, budget, selection, final))
     check, warnings = probe_check(trainer, selection)
     warnings += chance_warnings(metrics, len(data.class_names))
+    warnings += input_warnings(config.head, data.in_features)
     for w in warnings:
         log.warning("%s: %s", config.head, w)
     metrics.update(probe_check=check, warnings=warnings)

@@ -11,6 +11,7 @@ configuration after ``patience`` validation passes without improvement.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -214,6 +215,17 @@ def train_trials(
     at the end; without it the trials just train (their weights at the end are the result).
     """
     t0 = time.perf_counter()
+    if steps >= 1 and len(trials) > 1 and all(t.running for t in trials):
+        from aggregator.batched_trials import batchable, train_batched
+
+        first = next(batches)
+        if batchable(trials, first[0]):  # a few small kernels per step: one batched model
+            return train_batched(
+                trials, batches, first, steps=steps, device=device, grad_clip=grad_clip,
+                bf16=bf16, validate=validate, eval_every=eval_every, patience=patience,
+                epoch_steps=epoch_steps, record=_record,
+            )  # fmt: skip
+        batches = itertools.chain([first], batches)
     for step in range(1, steps + 1):
         active = [t for t in trials if t.running]
         if not active:

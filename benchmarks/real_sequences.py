@@ -35,6 +35,7 @@ are checked below it.
     python benchmarks/real_sequences.py                       # the tuning group, all heads
     python benchmarks/real_sequences.py --group judging --heads gap,tp-concat,tpp,svm --seeds 0,1,2
     python benchmarks/real_sequences.py --datasets FSDD --heads gap,svm --json fsdd.json
+    python benchmarks/real_sequences.py --datasets JapaneseVowels --heads datp --train-per-class 5
     python benchmarks/real_sequences.py --tables jv.json fsdd.json    # one table over saved runs
 """
 
@@ -254,6 +255,26 @@ def load_dataset(name: str, max_length: int | None = None) -> Dataset:
     raise SystemExit(f"unknown dataset {name!r}; known: {VARIABLE_LENGTH + FIXED_LENGTH + AEON}")
 
 
+def keep_per_class(data: Dataset, n: int) -> Dataset:
+    """The first ``n`` training sequences of every class (the test split whole): the few videos
+    per class a new user may have, from a dataset that has more."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, y in enumerate(data.y_train):
+        seen[y] = seen.get(y, 0) + 1
+        if seen[y] <= n:
+            keep.append(i)
+    groups = None if data.groups_train is None else [data.groups_train[i] for i in keep]
+    return Dataset(
+        data.name,
+        [data.train[i] for i in keep],
+        [data.y_train[i] for i in keep],
+        data.test,
+        data.y_test,
+        groups,
+    )
+
+
 def write_store(data: Dataset, path: Path) -> None:
     """One video per sequence, ``appearance`` = the sequence, split = the official one."""
     store = FeatureStore.create(
@@ -325,6 +346,11 @@ def main() -> None:
         type=int,
         help="GeneFamilies: keep only the sequences of at most this many bases (default: all)",
     )
+    p.add_argument(
+        "--train-per-class",
+        type=int,
+        help="keep only the first N training sequences of every class (default: all)",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument(
         "--tables",
@@ -357,6 +383,8 @@ def main() -> None:
     try:
         for name in datasets:
             data = load_dataset(name, args.gene_max_length)
+            if args.train_per_class:
+                data = keep_per_class(data, args.train_per_class)
             if args.no_groups:
                 data.groups_train = None
             store = work / f"{name}.zarr"

@@ -40,6 +40,10 @@ class AttentiveProbe(NodeHead):
     ``attention(nodes) -> [B, H, Q, N]`` (the weights of every head and query on every segment).
     """
 
+    # its einsums, vectorised over the grid, ran 2-3x slower than the grid one configuration
+    # after the other (6-d segments, 8 videos a batch)
+    batch_steps = False
+
     def __init__(
         self,
         *,

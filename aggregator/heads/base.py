@@ -29,6 +29,9 @@ class NodeHead(nn.Module):
     in_features: int
     out_features: int
     feature_dim: int
+    # the selection grid's configurations of this head may be stepped as one batched model
+    # (:mod:`aggregator.batched_trials`)
+    batch_steps: bool = True
 
     def pool(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``[B, M, d]`` summaries of padded frames ``x [B, T, d]`` with ``lengths [B]``."""

@@ -9,7 +9,7 @@ pooled as ``S = sum_i w_i I_i / ||w||_2`` (Eq. 3).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,24 @@ def mixture_weights(
     z = (t[None, None, :] - mu[..., None]) / sigma[..., None]  # [B, K, N]
     density = torch.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma[..., None])
     return (rho[..., None] * density).sum(dim=1)  # [B, N]
+
+
+def relative_mixture_weights(
+    t: torch.Tensor, log_rho: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """``[B, N]`` mixture weights (Eq. 1) divided by their largest, computed from logarithms.
+
+    Eq. 3 divides by ``||w||``, so it is the same for ``w`` and ``w / max_i w_i``. Computed
+    directly, a mixture whose means drift outside [0, 1] or whose deviations shrink gives
+    densities that underflow to zero at every segment: the pooled features, the logits and
+    every gradient become 0 and the head stays at chance for good. In logarithms the largest
+    weight is 1 and the others keep their ratios to it: the head pools at worst onto the
+    nearest segment, and its classifier keeps learning.
+    """
+    z = (t[None, None, :] - mu[..., None]) / sigma[..., None]  # [B, K, N]
+    log_density = -0.5 * z * z - torch.log(math.sqrt(2.0 * math.pi) * sigma[..., None])
+    log_w = torch.logsumexp(log_rho[..., None] + log_density, dim=1)  # [B, N]
+    return torch.exp(log_w - log_w.max(dim=1, keepdim=True).values)
 
 
 def weighted_pool(scores: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -121,6 +139,17 @@ class AdaptiveTemporalPooling(NodeHead):
                 self.regress.bias.fill_(1.0)
         self.drop = Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
+        # pools with the relative weights (see relative_mixture_weights); a model saved before
+        # them has no such entry and pools with Eq. 1's weights, as it was trained
+        self.register_buffer("relative_weights", torch.ones((), dtype=torch.bool))
+        self._relative = True
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        key = prefix + "relative_weights"
+        if key not in state_dict:
+            state_dict[key] = torch.zeros((), dtype=torch.bool)
+        self._relative = bool(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _normalised(self, nodes: NodeInput) -> torch.Tensor:
         nodes = self.node_tensor(nodes)
@@ -133,12 +162,17 @@ class AdaptiveTemporalPooling(NodeHead):
         return self.regress(self.aux(h))
 
     def _weights(self, xn: torch.Tensor) -> torch.Tensor:
+        """The weights the pooling uses: the mixture's divided by their largest (the same
+        pooling, see :func:`relative_mixture_weights`), or the discrete ones."""
         theta = self._theta(xn)  # [B, 3K] or [B, N]
         if self.weights_model == "discrete":
             return theta
         rho, mu, sigma = self._mixture(theta)
         times = self.segment_times(dtype=theta.dtype, device=theta.device)
-        return mixture_weights(times, rho, mu, sigma)  # [B, N]
+        if not self._relative:
+            return mixture_weights(times, rho, mu, sigma)  # [B, N]
+        log_rho = torch.log_softmax(theta[:, : self.gaussians], dim=1)
+        return relative_mixture_weights(times, log_rho, mu, sigma)  # [B, N]
 
     def segment_times(
         self, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None
@@ -162,8 +196,13 @@ class AdaptiveTemporalPooling(NodeHead):
         return self._mixture(self._theta(xn))
 
     def temporal_weights(self, nodes: NodeInput) -> torch.Tensor:
-        """``[B, N]`` weights ``w_i`` of the segments at :meth:`segment_times`."""
-        return self._weights(self._normalised(nodes))
+        """``[B, N]`` weights ``w_i`` of the segments at :meth:`segment_times` (Eq. 1)."""
+        xn = self._normalised(nodes)
+        if self.weights_model == "discrete":
+            return self._weights(xn)
+        rho, mu, sigma = self._mixture(self._theta(xn))
+        times = self.segment_times(dtype=rho.dtype, device=rho.device)
+        return mixture_weights(times, rho, mu, sigma)
 
     def features(self, nodes: NodeInput) -> torch.Tensor:
         xn = self._normalised(nodes)

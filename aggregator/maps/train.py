@@ -28,7 +28,8 @@ from aggregator.data import open_store
 from aggregator.heads import SpatiotemporalPyramid, VideoModel, build_model
 from aggregator.maps.data import MapDataset, map_loader
 from aggregator.maps.predict import predict_maps
-from aggregator.metrics import classification_metrics
+from aggregator.maps.probes import map_probes
+from aggregator.metrics import chance_warnings, classification_metrics
 from aggregator.rundir import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -152,6 +153,11 @@ def _train(
         seconds_train=fit.seconds,
         history=fit.history,
     )
+    probes, check, warnings = map_probes(store, MAP_STREAMS, splits, fit.val_top1, seed=config.seed)
+    warnings += chance_warnings(metrics, len(class_names))
+    for w in warnings:
+        log.warning("%s: %s", config.head, w)
+    metrics.update(probe=probes, probe_check=check, warnings=warnings)
     model.cpu()
     save_torch(model.state_dict(), out / MODEL_FILE)
     if make_plots:

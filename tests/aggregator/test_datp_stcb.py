@@ -1,15 +1,32 @@
-"""DATP's mixture pooling against the paper's analytic gradients; compact bilinear statistics."""
+"""DATP's mixture pooling against the paper's analytic gradients; compact bilinear statistics;
+both heads on one-dimensional and constant inputs."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
+from aggregator.degenerate import constant_features
 from aggregator.heads import CompactBilinear
-from aggregator.heads.datp import mixture_weights, weighted_pool
+from aggregator.heads.datp import (
+    AdaptiveTemporalPooling,
+    mixture_weights,
+    relative_mixture_weights,
+    weighted_pool,
+)
+from aggregator.heads.standardize import MIN_STD
+from aggregator.train import train_run
+from storage import FeatureStore
 from tests.aggregator.reference import (
     naive_compact_bilinear,
     one_thread,  # noqa: F401 - autouse fixture
@@ -90,6 +107,34 @@ def test_datp_pooling_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(pooled, args)
 
 
+def test_relative_weights_pool_as_eq3_and_never_vanish() -> None:
+    """The pooling's weights are Eq. 1's divided by their largest (Eq. 3 is unchanged); where
+    the mixture drifts off [0, 1] and Eq. 1 underflows to zero at every segment (the pooled
+    features, logits and gradients were then all 0), the head still pools onto the nearest
+    segment, tells videos apart and its classifier learns."""
+    t = (torch.arange(10, dtype=torch.float64) + 0.5) / 10
+    rho = torch.tensor([[0.3, 0.7]], dtype=torch.float64)
+    mu = torch.tensor([[0.2, 0.9]], dtype=torch.float64)
+    sigma = torch.tensor([[0.1, 0.3]], dtype=torch.float64)
+    w = mixture_weights(t, rho, mu, sigma)
+    rel = relative_mixture_weights(t, rho.log(), mu, sigma)
+    torch.testing.assert_close(rel * w.max(), w)
+    scores = torch.randn(1, 10, 4, dtype=torch.float64)
+    torch.testing.assert_close(weighted_pool(scores, rel), weighted_pool(scores, w))
+
+    head = AdaptiveTemporalPooling(in_features=3, num_classes=4, segments=10, gaussians=2)
+    with torch.no_grad():  # means far right of [0, 1], narrow: Eq. 1 is 0 at every segment
+        head.regress.bias.copy_(torch.tensor([0.0, 0.0, 6.0, 7.0, -4.0, -4.0]))
+    nodes = torch.randn(6, 10, 3)
+    head.eval()
+    assert float(head.temporal_weights(nodes).abs().max()) == 0.0
+    head.train()
+    logits = head.forward_nodes(nodes)
+    assert float(logits.std(0).max()) > 0
+    F.cross_entropy(logits, torch.arange(6) % 4).backward()
+    assert head.fc.weight.grad is not None and float(head.fc.weight.grad.abs().max()) > 0
+
+
 # ------------------------------------------------------------------------------- compact bilinear
 def test_compact_bilinear_matches_loops_and_keeps_its_hashes() -> None:
     cb = CompactBilinear(in_features=(7, 5, 4), out_features=12, seed=3).double()
@@ -144,3 +189,69 @@ def test_sketched_inner_product_is_unbiased_for_the_outer_product() -> None:
     bound = ((x @ x) * (y @ y) * (x2 @ x2) * (y2 @ y2) + target**2) / d
     assert est.var(ddof=1) <= 3 * bound
     assert est.std() > 0.05 * abs(target)  # single sketches do err: the mean is what converges
+
+
+# ------------------------------------------------------------------------------- degenerate inputs
+FAST: dict[str, Any] = {"threads": 1, "device": "cpu", "make_plots": False}
+
+
+def _scalar_store(path: Path, level: Callable[[int, str], float], noise: float = 1.0) -> str:
+    """Three classes, 12 training and 6 test sequences each, of one-dimensional frames:
+    ``level(class, split) + noise * N(0, 1)``."""
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(path, class_names=["a", "b", "c"])
+    for c in range(3):
+        for i in range(18):
+            split = "train" if i < 12 else "test"
+            t = int(rng.integers(8, 30))
+            x = level(c, split) + noise * rng.normal(size=(t, 1))
+            store.write_video(f"c{c}_{i:02d}", {"appearance": x}, label="abc"[c], split=split)
+    return str(path)
+
+
+def test_stcb_refuses_one_dimensional_streams(tmp_path: Path) -> None:
+    store = _scalar_store(tmp_path / "s.zarr", lambda c, _: float(c))
+    with pytest.raises(
+        ValueError, match=r"head 'stcb' on one-dimensional streams \['appearance'\]"
+    ):
+        train_run(store, tmp_path / "run", head="stcb", **FAST)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_constant_streams_are_refused_by_name(tmp_path: Path, offset: float) -> None:
+    """A stream that does not vary over the training videos (exactly, or by rounding only
+    around a large value) stops every head before training, standardised or not."""
+    store = _scalar_store(tmp_path / "c.zarr", lambda c, _: offset, noise=1e-6 * offset)
+    for head, standardize in (("datp", True), ("gap", False)):
+        with pytest.raises(ValueError, match="stream 'appearance' is constant over the 36"):
+            train_run(store, tmp_path / head, head=head, standardize=standardize, **FAST)
+
+
+def test_a_spread_of_rounding_size_is_constant() -> None:
+    mean, std = torch.tensor([1000.0, 0.0, 1000.0]), torch.tensor([1e-3, 1e-3, 1.0])
+    assert constant_features(mean, std).tolist() == [True, False, False]
+    assert constant_features(torch.zeros(1), torch.full((1,), MIN_STD)).tolist() == [True]
+
+
+def test_datp_learns_on_one_dimensional_inputs_and_says_what_it_sees(tmp_path: Path) -> None:
+    """Classes whose one-dimensional sequences differ in level: datp's pooled feature (one
+    weighted mean) separates them, and the run warns that it sees nothing else."""
+    store = _scalar_store(tmp_path / "d.zarr", lambda c, _: 1.5 * c)
+    metrics = train_run(store, tmp_path / "run", head="datp", steps=200, **FAST)
+    assert metrics["top1"] >= 0.8
+    assert any("'appearance' is one-dimensional: datp pools" in w for w in metrics["warnings"])
+
+
+def test_a_run_at_chance_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The test split's classes take each other's levels: the head learns the training
+    videos and scores at or below chance on the test videos; metrics.json and the console say
+    so."""
+    store = _scalar_store(tmp_path / "x.zarr", lambda c, s: 2.0 * (c if s == "train" else 2 - c))
+    with caplog.at_level(logging.WARNING):
+        metrics = train_run(store, tmp_path / "run", head="gap", steps=100, **FAST)
+    assert metrics["top1"] <= 1 / 3
+    warning = next(w for w in metrics["warnings"] if "at or below chance" in w)
+    assert "33.3%, 3 classes" in warning
+    assert warning in caplog.text
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert warning in written["warnings"]

@@ -174,3 +174,42 @@ def test_stpn_sees_where_the_motion_is_and_pooled_heads_do_not(tmp_path: Path) -
         stpn["top1"],
         stcb["top1"],
     )
+
+
+def _pooled_class_store(path: Path) -> Path:
+    """Three classes told apart by an offset of every cell of the maps, so that the pooled
+    streams (the maps' spatial means) carry the class and their probes validate well."""
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create(path, class_names=["a", "b", "c"])
+    for i in range(36):
+        c, t = i % 3, int(rng.integers(2, 5))
+        maps = {s: rng.normal(size=(t, 2, 2, 4)) + 2.0 * c for s in ("appearance", "motion")}
+        store.write_video(
+            f"v{i:02d}",
+            {**{s: m.mean(axis=(1, 2)) for s, m in maps.items()},
+             **{f"{s}_map": m for s, m in maps.items()}},
+            label="abc"[c],
+            split="train" if i < 24 else "test",
+        )  # fmt: skip
+    return path
+
+
+def test_stpn_is_checked_against_the_pooled_streams_probes(tmp_path: Path) -> None:
+    """stpn cannot represent a probe: the global-mean and node-mean probes of the pooled
+    streams are scored on its validation videos, recorded, and a warning says when one is
+    better (here: an untrained head against probes that see the class in every video)."""
+    from aggregator.maps.train import train_map_run
+
+    store = _pooled_class_store(tmp_path / "pooled.zarr")
+    metrics = train_map_run(
+        store, tmp_path / "run", epochs=1, lr=1e-12, batch_size=4, val_fraction=0.3,
+        device="cpu", make_plots=False, head_kwargs={"out_dim": 32},
+    )  # fmt: skip
+    check = metrics["probe_check"]
+    assert check["streams"] == ["appearance", "motion"] and check["probe_better"] is True
+    assert check["global_mean"]["val_top1"] == 1.0 and check["global_mean"]["videos"] >= 6
+    assert check["head_val_top1"] == metrics["val_top1"] < 1.0
+    assert any("probe validates better" in w for w in metrics["warnings"])
+    assert metrics["probe"]["global_mean"]["top1"] == 1.0
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["probe_check"]["best_probe"] == check["best_probe"]
