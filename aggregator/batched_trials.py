@@ -259,6 +259,29 @@ def _unstack(stack: _Stack, trial: Any, k: int) -> None:
         b.copy_(stack.buffers[name][k] if name in stack.buffers else stack.shared[name])
 
 
+def _account(
+    trials: Sequence[Any],
+    running: list[bool],
+    step: int,
+    losses: torch.Tensor,
+    right: torch.Tensor,
+    n: int,
+) -> None:
+    """Each running trial's scheduler step and running loss and accuracy after a stacked step of
+    ``n`` videos (``losses``, ``right``: one value per trial)."""
+    loss_values, right_values = losses.detach().tolist(), right.tolist()
+    for k, t in enumerate(trials):
+        if not running[k]:
+            continue
+        with warnings.catch_warnings():  # the stacked step stands for t.opt.step()
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            t.sched.step()
+        t.steps_run = step
+        t._loss += loss_values[k] * n
+        t._correct += int(right_values[k])
+        t._seen += n
+
+
 def train_batched(
     trials: Sequence[Any],
     batches: Iterator[Any],
@@ -321,20 +344,7 @@ def train_batched(
             grads = torch.autograd.grad(losses.sum(), list(views.values()), allow_unused=True)
             grad, used = _flat_gradient(stack, grads)
             _optimizer_step(stack, trials, grad, used, kind, running, grad_clip)
-            right = (predicted == y).sum(1).tolist()
-            loss_values = losses.detach().tolist()
-            for k, t in enumerate(trials):
-                if not running[k]:
-                    continue
-                with warnings.catch_warnings():  # the stacked step stands for t.opt.step()
-                    warnings.filterwarnings(
-                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
-                    )
-                    t.sched.step()
-                t.steps_run = step
-                t._loss += loss_values[k] * len(y)
-                t._correct += int(right[k])
-                t._seen += len(y)
+            _account(trials, running, step, losses, (predicted == y).sum(1), len(y))
             if step % eval_every == 0 or step == steps:
                 for k, t in enumerate(trials):
                     if running[k]:
