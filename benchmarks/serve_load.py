@@ -10,8 +10,8 @@ server's stage times, and the server's peak resident memory (VmHWM).
         --max-frames 16
 
 ``--sweep`` measures the batcher instead: one server per setting, with the batcher off
-(``FRAMEPOOL_BATCH_MAX_FRAMES=0``) and on (``--batch-max-frames``), each at 1, 4 and 8 clients
-(``--sweep-clients``), all with the same ``--workers``, interleaved and ``--repeats`` times
+(``framepool serve --batch-max-frames 0``) and on (``--batch-max-frames``), each at 1, 4 and 8
+clients (``--sweep-clients``), all with the same ``--workers``, interleaved and ``--repeats`` times
 (median answers/s; latencies pooled); it prints answers/s, latency p50/p95 and
 the server's CPU seconds per answer, the ratio of answers/s with and without the batcher, and
 writes the figures as JSON (``--json``). Without ``--run`` it first builds a small run from the
@@ -96,14 +96,17 @@ HOSTILE_ENV = {  # Settings by environment: short upload timeouts, a small disk 
 
 
 def start_server(
-    args: argparse.Namespace, port: int, env: dict[str, str] | None = None
+    args: argparse.Namespace,
+    port: int,
+    flags: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), *(flags or [])]
     for run in args.run:
         cmd += ["--run", run]
     cmd += ["--workers", str(args.workers), "--queue-size", str(args.queue_size)]
     if args.torch_threads:
-        cmd += ["--torch-threads", str(args.torch_threads)]
+        cmd += ["--threads", str(args.torch_threads)]
     log = open(args.server_log, "wb") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
@@ -287,10 +290,10 @@ def load_once(
     ``args.duration`` seconds; the figures of the answered requests."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"FRAMEPOOL_BATCH_MAX_FRAMES": str(batch)}
+    flags = ["--batch-max-frames", str(batch)]
     if args.batch_max_wait_s is not None:
-        env["FRAMEPOOL_BATCH_MAX_WAIT_S"] = str(args.batch_max_wait_s)
-    proc = start_server(args, port, env)
+        flags += ["--batch-max-wait", str(args.batch_max_wait_s)]
+    proc = start_server(args, port, flags)
     records: list[Record] = []
     try:
         wait_ready(base, proc, args.ready_timeout)
@@ -533,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         return sweep(args, clips, params)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(args, port, HOSTILE_ENV if args.hostile else None)
+    proc = start_server(args, port, env=HOSTILE_ENV if args.hostile else None)
     records: list[Record] = []
     bad: list[Record] = []
     flood: list[Path] = []
