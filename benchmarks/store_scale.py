@@ -149,7 +149,7 @@ class EmbeddingSource:
         import torch
 
         from aggregator.intervals import PyramidLeaves
-        from aggregator.similarity import normalize
+        from aggregator.faiss_index import normalize
 
         rng = np.random.default_rng([self.seed, stream, i])
         y = rng.integers(0, INDEX_CLASSES, n)
@@ -198,7 +198,7 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
     import faiss
 
     from aggregator.node_cache import parse_bytes
-    from aggregator.similarity import empty_index, plan_index
+    from aggregator.faiss_index import empty_index, plan_index
 
     faiss.omp_set_num_threads(args.threads)
     budget = parse_bytes(args.memory_budget)
