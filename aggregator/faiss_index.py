@@ -43,6 +43,7 @@ PCA_SAMPLE = 4096  # videos embedded to train an HNSW's scalar quantiser (at mos
 MIN_PQ = 8  # sub-quantizers of an IVF-PQ at least (and no compression below 8 dimensions)
 MAX_PQ = 256  # sub-quantizers at most: each trains its own k-means codebook
 PQ_DSUB = 4  # rotated dimensions per sub-quantizer (faiss' guideline: 4 M dimensions, M codes)
+NPROBE_SHARE = 4  # an IVF-PQ probes nlist / NPROBE_SHARE of its lists
 MIN_TRAIN_PER_CENTROID = 39  # what faiss' k-means asks for (the coarse centroids get it)
 PQ_TRAIN_PER_CENTROID = 8  # a codebook's k-means: at least this many points a centroid
 TRAIN_MIN_BYTES = 64 << 20  # training samples may always take this much (freed before adding)
@@ -98,10 +99,19 @@ def _hnsw_bytes(n: int, e: int) -> int:
     return n * (e + int(2.2 * 4 * HNSW_M) + 12) + 8 * e
 
 
-def _ivfpq_plan(n: int, e: int, share: int, train_bytes: int) -> IndexPlan | None:
-    """The IVF-PQ with the most sub-quantizers whose bytes fit ``share`` (None if none does).
+def ivfpq_plan(
+    n: int,
+    e: int,
+    share: int,
+    train_bytes: int,
+    *,
+    dsub: int = PQ_DSUB,
+    probe_share: int = NPROBE_SHARE,
+) -> IndexPlan | None:
+    """The IVF-PQ with the most sub-quantizers whose bytes fit ``share`` (None if none does),
+    ``dsub`` rotated dimensions per sub-quantizer, ``nlist / probe_share`` lists probed.
 
-    Where ``PQ_DSUB * M < e`` the embedding is first rotated onto its ``r = PQ_DSUB * M``
+    Where ``dsub * M < e`` the embedding is first rotated onto its ``r = dsub * M``
     leading uncentred principal directions (``PCAR``, trained on a sample of at most
     ``train_bytes``): the codes then spend their bits on the directions that carry the
     embedding's inner products (the ``tp`` concat embedding repeats every leaf in the nodes
@@ -109,8 +119,8 @@ def _ivfpq_plan(n: int, e: int, share: int, train_bytes: int) -> IndexPlan | Non
     """
     pca_sample = min(n, PCA_SAMPLE, train_bytes // (5 * e))  # the sample, its Gram matrix, the map
     for m in range(min(e, MAX_PQ), 0, -1):
-        rotate = PQ_DSUB * m < e
-        r = PQ_DSUB * m if rotate else e
+        rotate = dsub * m < e
+        r = dsub * m if rotate else e
         if not rotate and e % m:
             continue
         if rotate and r > pca_sample:
@@ -125,7 +135,8 @@ def _ivfpq_plan(n: int, e: int, share: int, train_bytes: int) -> IndexPlan | Non
         if nbytes > share:
             continue
         factory = f"IVF{nlist},PQ{m}x{nbits}"
-        params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, -(-nlist // 4))}
+        nprobe = max(1, -(-nlist // probe_share))
+        params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe}
         if rotate:
             params["rotated_dim"] = r
         return IndexPlan(
@@ -139,7 +150,7 @@ def plan_index(n: int, e: int, budget: int | None = None) -> IndexPlan:
     :func:`aggregator.node_cache.memory_budget`), the most accurate whose bytes fit a quarter of
     the budget: exact (``Flat``) when the float32 vectors fit; else an HNSW graph over 8-bit
     scalar-quantised vectors (``HNSW32,SQ8``, the full embedding at a byte per dimension); else
-    an IVF-PQ (see :func:`_ivfpq_plan`). Training samples are held within half the budget."""
+    an IVF-PQ (see :func:`ivfpq_plan`). Training samples are held within half the budget."""
     if n < 1 or e < 1:
         raise ValueError(f"an index needs n >= 1 embeddings of size e >= 1, got n={n}, e={e}")
     if budget is None:
@@ -163,7 +174,7 @@ def plan_index(n: int, e: int, budget: int | None = None) -> IndexPlan:
         params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
         sample = min(n, PCA_SAMPLE, max(1, train_bytes // (4 * e)))
         return IndexPlan(n, e, share, "hnsw", f"HNSW{HNSW_M},SQ8", params, sample, 0, hnsw)
-    plan = _ivfpq_plan(n, e, share, train_bytes)
+    plan = ivfpq_plan(n, e, share, train_bytes)
     if plan is None:
         m = MIN_PQ
         r = PQ_DSUB * m
