@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from aggregator.faiss_index import ivfpq_plan
 from aggregator.similarity import INDEX_SHARE, SimilarityIndex, index_matrix, normalize, plan_index
 
 
@@ -62,6 +63,18 @@ def test_kind_follows_the_budget() -> None:
     assert at_default.params["rotated_dim"] == 1024
     with pytest.raises(ValueError, match="n=0"):
         plan_index(0, 4)
+
+
+def test_an_ivfpq_of_another_code_shape_fits_the_same_share() -> None:
+    n, e, share, train = 240_000, 8064, 32 << 20, 64 << 20
+    planned = ivfpq_plan(n, e, share, train)
+    narrow = ivfpq_plan(n, e, share, train, dsub=2, probe_share=1)
+    assert planned is not None and narrow is not None
+    assert planned == plan_index(n, e, 128 << 20)
+    assert narrow.params["rotated_dim"] == 2 * narrow.params["m"]
+    assert narrow.params["nprobe"] == narrow.params["nlist"]  # every list probed
+    # half the rotated dimensions a code: a smaller rotation leaves bytes for more codes
+    assert planned.params["m"] < narrow.params["m"] and narrow.nbytes <= share
 
 
 @pytest.mark.parametrize(
