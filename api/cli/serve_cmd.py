@@ -146,7 +146,7 @@ FLAGS = {
 
 
 def _flag(loc: tuple[Any, ...]) -> str:
-    """The command-line flag of a settings field (``batch_max_frames`` -> ``--batch-max-frames``)."""
+    """The flag of a settings field (``batch_max_frames`` -> ``--batch-max-frames``)."""
     name = "_".join(map(str, loc))
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
