@@ -251,6 +251,10 @@ def empty_index(plan: IndexPlan, sample: Callable[[int], Iterable[np.ndarray]]) 
     # the plan sizes the samples; faiss' k-means would warn (on stderr, per codebook) below 39
     ivf.cp.min_points_per_centroid = 1
     ivf.pq.cp.min_points_per_centroid = 1
+    # index_factory turns on polysemous training for 8-bit codes: a simulated annealing over
+    # every codebook's centroid order, for Hamming-distance filtering that search never uses
+    # (polysemous_ht stays 0); it took most of the training's CPU time
+    ivf.do_polysemous_training = False
     if rotated:
         transform = uncentred_pca(_collect(sample(plan.sample), plan.e), rotated)
         z = _collect(
