@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -114,6 +115,8 @@ def _ivfpq(x: np.ndarray, ids: list[str]) -> SimilarityIndex:
 def test_compressed_search_returns_the_constructed_neighbours() -> None:
     x, ids = _groups()
     index = _ivfpq(x, ids)
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index.index))
+    assert not ivf.do_polysemous_training and ivf.polysemous_ht == 0  # no Hamming filter to train
     for i in range(0, len(ids), 7):
         hits = index.search(x[i], 4, exclude=[ids[i]])
         assert {h.video_id[:3] for h in hits} == {ids[i][:3]}  # its four siblings
