@@ -13,8 +13,8 @@ samples within a half. :func:`plan_index` picks the most accurate kind that fits
   (a quarter of flat), when that fits; searched with ``efSearch`` 128.
 - **ivfpq** (``IVF{nlist},PQ{M}x{nbits}``) otherwise: an inverted file of ``sqrt(n)`` lists
   (a quarter of them probed) whose residuals are product-quantised with the most
-  sub-quantizers that fit the share (at most 256), after a rotation onto the ``r = 4 M``
-  leading uncentred principal directions of the embedding (when ``4 M`` is below its size).
+  sub-quantizers that fit the share (at most 256), after a rotation onto the ``r = 2 M``
+  leading uncentred principal directions of the embedding (when ``2 M`` is below its size).
   The rotation, the coarse centroids and the codebooks are trained on evenly spaced samples
   of the videos.
 
@@ -42,7 +42,10 @@ TRAIN_SHARE = 2  # its training samples at most memory_budget() // TRAIN_SHARE b
 PCA_SAMPLE = 4096  # videos embedded to train an HNSW's scalar quantiser (at most)
 MIN_PQ = 8  # sub-quantizers of an IVF-PQ at least (and no compression below 8 dimensions)
 MAX_PQ = 256  # sub-quantizers at most: each trains its own k-means codebook
-PQ_DSUB = 4  # rotated dimensions per sub-quantizer (faiss' guideline: 4 M dimensions, M codes)
+# rotated dimensions per sub-quantizer: 2 rather than faiss' usual 4, since at a few hundred
+# bytes a video a smaller rotation leaves bytes for more codes, and a byte per 2 dimensions keeps
+# more of the leading directions (held-out recall@10 at 30,000 videos under 128M: 0.90 vs 0.78)
+PQ_DSUB = 2
 NPROBE_SHARE = 4  # an IVF-PQ probes nlist / NPROBE_SHARE of its lists
 MIN_TRAIN_PER_CENTROID = 39  # what faiss' k-means asks for (the coarse centroids get it)
 PQ_TRAIN_PER_CENTROID = 8  # a codebook's k-means: at least this many points a centroid
