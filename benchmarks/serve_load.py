@@ -10,8 +10,8 @@ server's stage times, and the server's peak resident memory (VmHWM).
         --max-frames 16
 
 ``--sweep`` measures the batcher instead: one server per setting, with the batcher off
-(``FRAMEPOOL_BATCH_MAX_FRAMES=0``) and on (``--batch-max-frames``), each at 1, 4 and 8 clients
-(``--sweep-clients``), all with the same ``--workers``, interleaved and ``--repeats`` times
+(``framepool serve --batch-max-frames 0``) and on (``--batch-max-frames``), each at 1, 4 and 8
+clients (``--sweep-clients``), all with the same ``--workers``, interleaved and ``--repeats`` times
 (median answers/s; latencies pooled); it prints answers/s, latency p50/p95 and
 the server's CPU seconds per answer, the ratio of answers/s with and without the batcher, and
 writes the figures as JSON (``--json``). Without ``--run`` it first builds a small run from the
@@ -21,8 +21,10 @@ shipped clips (random-weight ResNet-18, both streams, DIS flow, a ``gap`` head):
         --workers 8 --duration 30 --json benchmarks/results/serve_load.json
 
 ``--explain`` says what bounds the batcher: the CPU seconds of one request's decoding and flow
-against its backbones alone and inside a 64-frame pass, and the sizes of the passes an
-in-process service forms under the largest ``--sweep-clients`` load for ``--duration`` s.
+(with the threads a worker gets) against its backbones alone and inside a 64-frame pass, on one
+torch thread and on the batcher's threads (:mod:`api.service.threads`), and the sizes and waits
+of the passes an in-process service forms under the largest ``--sweep-clients`` load for
+``--duration`` s.
 
 ``--hostile N`` adds N misbehaving clients of each kind beside the normal ones, to show that
 they are still served: ``slow`` (sends its upload at 4 KiB/s), ``stall`` (sends half of it, then
@@ -96,14 +98,17 @@ HOSTILE_ENV = {  # Settings by environment: short upload timeouts, a small disk 
 
 
 def start_server(
-    args: argparse.Namespace, port: int, env: dict[str, str] | None = None
+    args: argparse.Namespace,
+    port: int,
+    flags: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), *(flags or [])]
     for run in args.run:
         cmd += ["--run", run]
     cmd += ["--workers", str(args.workers), "--queue-size", str(args.queue_size)]
     if args.torch_threads:
-        cmd += ["--torch-threads", str(args.torch_threads)]
+        cmd += ["--threads", str(args.torch_threads)]
     log = open(args.server_log, "wb") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
@@ -287,10 +292,10 @@ def load_once(
     ``args.duration`` seconds; the figures of the answered requests."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"FRAMEPOOL_BATCH_MAX_FRAMES": str(batch)}
+    flags = ["--batch-max-frames", str(batch)]
     if args.batch_max_wait_s is not None:
-        env["FRAMEPOOL_BATCH_MAX_WAIT_S"] = str(args.batch_max_wait_s)
-    proc = start_server(args, port, env)
+        flags += ["--batch-max-wait", str(args.batch_max_wait_s)]
+    proc = start_server(args, port, flags)
     records: list[Record] = []
     try:
         wait_ready(base, proc, args.ready_timeout)
@@ -348,6 +353,7 @@ def explain(args: argparse.Namespace, clips: list[Path]) -> int:
     from fastapi.testclient import TestClient
 
     from api.service import Settings, create_app
+    from api.service.threads import plan_threads, use_opencv_threads, use_torch_threads
     from extractor.features import FeatureExtractor
     from extractor.prepare import FrameChunk, prepare_video
     from extractor.spec import BackboneSpec
@@ -357,31 +363,50 @@ def explain(args: argparse.Namespace, clips: list[Path]) -> int:
         return r.ru_utime + r.ru_stime
 
     fx = FeatureExtractor(BackboneSpec(arch="resnet18", weights="random", flow="dis"), device="cpu")
-    prep = alone = pooled = 0.0
+    plan = plan_threads(args.workers, batcher=True, torch_threads=args.torch_threads)
+    use_opencv_threads(plan.opencv)
+    use_torch_threads(plan.worker)
+    prep = 0.0
+    batches = []
     for clip in clips:
         t = cpu()
         assert fx.flow is not None
         items = prepare_video(clip, streams=fx.streams, flow=fx.flow.clone(), max_frames=8)
         chunks = [c for c in items if isinstance(c, FrameChunk)]
         prep += cpu() - t
-        batch = {s: np.concatenate([getattr(c, s) for c in chunks]) for s in fx.streams}
-        t = cpu()
-        fx.embed(batch)
-        alone += cpu() - t
-        t = cpu()
-        fx.embed({s: np.concatenate([x] * 8) for s, x in batch.items()})
-        pooled += (cpu() - t) / 8
+        batches.append({s: np.concatenate([getattr(c, s) for c in chunks]) for s in fx.streams})
     n = len(clips)
     print(
-        f"CPU s per 8-frame request ({fx.dtype}): decode + flow + crops {prep / n:.2f}; "
-        f"backbones alone {alone / n:.2f}, inside a 64-frame pass {pooled / n:.2f}"
+        f"# load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs; threads: "
+        f"{plan.worker} torch and {plan.opencv} OpenCV per worker, {plan.batcher} per pass\n"
+        f"CPU s per 8-frame request ({fx.dtype}): decode + flow + crops {prep / n:.2f} "
+        f"({plan.opencv} OpenCV thread(s))"
     )
+    for threads in sorted({1, plan.batcher}):
+        use_torch_threads(threads)
+        alone = pooled = 0.0
+        for batch in batches:
+            t = cpu()
+            fx.embed(batch)
+            alone += cpu() - t
+            t = cpu()
+            fx.embed({s: np.concatenate([x] * 8) for s, x in batch.items()})
+            pooled += (cpu() - t) / 8
+        print(
+            f"backbones on {threads} torch thread(s): alone {alone / n:.2f}, "
+            f"inside a 64-frame pass {pooled / n:.2f}"
+        )
     tmp = tempfile.TemporaryDirectory()
     try:
         run = Path(args.run[0]) if args.run else build_run(Path(tmp.name), clips)
         data = [c.read_bytes() for c in clips]
         answered = [0]
-        settings = Settings(runs=[run], workers=args.workers, queue_size=args.queue_size)
+        settings = Settings(
+            runs=[run],
+            workers=args.workers,
+            queue_size=args.queue_size,
+            torch_threads=args.torch_threads,
+        )
         with TestClient(create_app(settings)) as http:
             deadline = time.monotonic() + args.duration
 
@@ -403,12 +428,14 @@ def explain(args: argparse.Namespace, clips: list[Path]) -> int:
                 thread.join()
             (batcher,) = http.app.state.service.context.batchers.values()  # type: ignore[attr-defined]
             sizes = [p.frames for p in batcher.passes]
+            waits = [w for p in batcher.passes for w in p.waits]
     finally:
         tmp.cleanup()
     print(
         f"{clients} clients, {args.workers} workers, {args.duration:g} s: {answered[0]} answers "
         f"in {len(sizes)} passes of {min(sizes, default=0)} to {max(sizes, default=0)} frames "
-        f"(mean {np.mean(sizes) if sizes else 0:.1f})"
+        f"(mean {np.mean(sizes) if sizes else 0:.1f}); frames waited {pct(waits, 50):.3f} s "
+        f"(p50), {pct(waits, 95):.3f} s (p95) for their pass"
     )
     return 0
 
@@ -533,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return sweep(args, clips, params)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(args, port, HOSTILE_ENV if args.hostile else None)
+    proc = start_server(args, port, env=HOSTILE_ENV if args.hostile else None)
     records: list[Record] = []
     bad: list[Record] = []
     flood: list[Path] = []

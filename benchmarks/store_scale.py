@@ -148,8 +148,8 @@ class EmbeddingSource:
         """``[n, 8064]`` float32 embeddings, L2-normalised: chunk ``i`` of stream ``stream``."""
         import torch
 
+        from aggregator.faiss_index import normalize
         from aggregator.intervals import PyramidLeaves
-        from aggregator.similarity import normalize
 
         rng = np.random.default_rng([self.seed, stream, i])
         y = rng.integers(0, INDEX_CLASSES, n)
@@ -197,8 +197,15 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
     index (and of earlier versions' projection) over ``n`` generated videos."""
     import faiss
 
+    from aggregator.faiss_index import (
+        INDEX_SHARE,
+        TRAIN_MIN_BYTES,
+        TRAIN_SHARE,
+        empty_index,
+        ivfpq_plan,
+        plan_index,
+    )
     from aggregator.node_cache import parse_bytes
-    from aggregator.similarity import empty_index, plan_index
 
     faiss.omp_set_num_threads(args.threads)
     budget = parse_bytes(args.memory_budget)
@@ -211,15 +218,24 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
     def train_sample(count: int) -> Any:
         return src.blocks(TRAINING, count)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    index = empty_index(plan, train_sample)
-    methods[plan.kind] = {
-        "index": index,
-        "factory": plan.factory,
-        "params": dict(plan.params),
-        "train": time.perf_counter() - t0,
-        "train_cpu": time.process_time() - c0,
-    }
+    plans = {plan.kind: plan}
+    for spec in (v for v in args.also_ivfpq.split(",") if v):
+        dsub, probe_share = (int(v) for v in spec.split("/"))
+        train_bytes = max(TRAIN_MIN_BYTES, budget // TRAIN_SHARE)
+        other = ivfpq_plan(
+            n, e, budget // INDEX_SHARE, train_bytes, dsub=dsub, probe_share=probe_share
+        )
+        if other is not None:
+            plans[f"ivfpq {dsub} dims a code, 1/{probe_share} probed"] = other
+    for name, p in plans.items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        methods[name] = {
+            "index": empty_index(p, train_sample),
+            "factory": p.factory,
+            "params": dict(p.params),
+            "train": time.perf_counter() - t0,
+            "train_cpu": time.process_time() - c0,
+        }
     dims = {old_projection_dim(n, e, budget)[0]} | {
         int(r) for r in args.projection_dims.split(",") if r
     }
@@ -416,6 +432,13 @@ def main() -> None:
         default="43",
         help="--index: also measure the earlier projection at these dimensions (beside the one "
         "it would choose)",
+    )
+    p.add_argument(
+        "--also-ivfpq",
+        default="",
+        metavar="DSUB/PROBE,...",
+        help="--index: also measure IVF-PQs within the same share with DSUB rotated dimensions "
+        "per sub-quantizer and 1/PROBE of the lists probed (e.g. 2/4,4/1)",
     )
     p.add_argument("--seed", type=int, default=0, help="--index: generator seed")
     p.add_argument("--threads", type=int, default=1, help="--index: faiss threads")

@@ -69,7 +69,24 @@ def register(sub: Any) -> None:
         dest="torch_threads",
         type=positive_int,
         default=None,
-        help="torch CPU threads (default: torch's choice)",
+        help="torch CPU threads of a forward pass: the batcher's, else each worker's (default: "
+        "every core for the batcher, the cores divided among the workers without it)",
+    )
+    p.add_argument(
+        "--batch-max-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="frames of concurrent uploads one forward pass takes at most; 0 turns the batcher "
+        "off (default 64, or FRAMEPOOL_BATCH_MAX_FRAMES)",
+    )
+    p.add_argument(
+        "--batch-max-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds the batcher waits for other uploads' frames before a pass that is not "
+        "full (default 0.01, or FRAMEPOOL_BATCH_MAX_WAIT_S)",
     )
     p.add_argument(
         "--torch-threads",
@@ -107,13 +124,31 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             ),
             upload_dir=None if args.upload_dir is None else Path(args.upload_dir),
             torch_threads=args.torch_threads,
+            **{
+                field: value
+                for field, value in (
+                    ("batch_max_frames", args.batch_max_frames),
+                    ("batch_max_wait_s", args.batch_max_wait),
+                )
+                if value is not None  # else the setting's default or its environment variable
+            },
         )
     except ValidationError as exc:
-        errors = "; ".join(
-            f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
+        errors = "; ".join(f"{_flag(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
         raise UsageError(errors) from None
+
+
+FLAGS = {
+    "batch_max_wait_s": "--batch-max-wait",
+    "torch_threads": "--threads",
+    "default_max_frames": "--max-frames",
+}
+
+
+def _flag(loc: tuple[Any, ...]) -> str:
+    """The flag of a settings field (``batch_max_frames`` -> ``--batch-max-frames``)."""
+    name = "_".join(map(str, loc))
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def run(args: argparse.Namespace) -> int:

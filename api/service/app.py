@@ -7,6 +7,7 @@ import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -25,39 +26,55 @@ from api.service.routes.docs import add_offline_docs
 from api.service.routes.page import add_page
 from api.service.served_runs import Registry, WorkerContext, load_registry, make_worker_context
 from api.service.settings import Settings
+from api.service.threads import ThreadPlan, plan_threads, use_opencv_threads, use_torch_threads
 from api.service.uploads import UploadBudget, make_upload_dir
 
 log = logging.getLogger(__name__)
 
 
-def _load(settings: Settings) -> tuple[Registry, list[WorkerContext]]:
-    if settings.torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
+def _load(
+    settings: Settings, service_metrics: ServiceMetrics
+) -> tuple[Registry, list[WorkerContext], ThreadPlan]:
+    batcher = settings.batch_max_frames > 0
+    threads = plan_threads(settings.workers, batcher=batcher, torch_threads=settings.torch_threads)
+    use_opencv_threads(threads.opencv)
     registry = load_registry(settings.runs, settings.store, settings.device)
     context = make_worker_context(registry, settings.device)
-    if settings.batch_max_frames > 0:
+    if batcher:
         context.add_batchers(
             max_frames=settings.batch_max_frames,
             max_wait_s=settings.batch_max_wait_s,
             workers=settings.workers,  # a running job's frames join whichever pass is next
+            on_start=partial(use_torch_threads, threads.batcher),
+            on_pass=service_metrics.batch_pass,
         )
+    log.info(
+        "torch threads: %d per worker, %s; OpenCV threads: %d",
+        threads.worker,
+        f"{threads.batcher} per batcher pass" if batcher else "no batcher",
+        threads.opencv,
+    )
     contexts = [context] * settings.workers  # extractors are thread-safe and shared
-    return registry, contexts
+    return registry, contexts, threads
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     service_metrics: ServiceMetrics = app.state.metrics
-    registry, contexts = await anyio.to_thread.run_sync(_load, settings)
+    registry, contexts, threads = await anyio.to_thread.run_sync(_load, settings, service_metrics)
+    worker_start = partial(use_torch_threads, threads.worker)
     if settings.upload_dir is None:
         upload_dir, owned = make_upload_dir(), True
     else:
         upload_dir, owned = settings.upload_dir, False
         upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    queue = InferenceQueue(contexts, settings.queue_size, on_change=service_metrics.queue_changed)
+    queue = InferenceQueue(
+        contexts,
+        settings.queue_size,
+        on_change=service_metrics.queue_changed,
+        on_start=worker_start,
+    )
     if settings.jobs_dir is None:
         jobs_dir, jobs_owned = make_upload_dir(), True
     else:
@@ -65,7 +82,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         clean_jobs_dir(jobs_dir)  # what a service that did not stop cleanly left
     job_queue = InferenceQueue(
-        [contexts[0]] * settings.jobs_workers, settings.jobs_max, name="jobs"
+        [contexts[0]] * settings.jobs_workers,
+        settings.jobs_max,
+        name="jobs",
+        on_start=worker_start,
     )
     job_table = JobTable(max_active=settings.jobs_max, result_ttl_s=settings.jobs_result_ttl_s)
     app.state.service = ServiceState(

@@ -48,10 +48,12 @@ class _Item:
 
 @dataclass(frozen=True)
 class Pass:
-    """One forward pass: how many workers' batches it took, and how many frames in all."""
+    """One forward pass: how many workers' batches it took, how many frames in all, and how
+    long each batch waited in the batcher before the pass started (seconds, in arrival order)."""
 
     batches: int
     frames: int
+    waits: tuple[float, ...] = field(default=(), compare=False)
 
 
 class FrameBatcher:
@@ -59,7 +61,10 @@ class FrameBatcher:
     callers at once; :meth:`embed` is what each caller uses instead. ``workers``: how many
     callers there are (a pass waits no longer once that many are waiting).
 
-    ``passes`` keeps the last 1,000 passes (batches and frames per pass), for tests and logs.
+    ``on_start`` runs first in the batcher's thread (the service gives that thread the torch
+    intra-op threads: :mod:`api.service.threads`); ``on_pass`` is called with every
+    :class:`Pass` that succeeded (metrics). ``passes`` keeps the last 1,000 passes, for tests
+    and logs.
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class FrameBatcher:
         max_wait_s: float,
         workers: int,
         name: str = "batcher",
+        on_start: Callable[[], None] | None = None,
+        on_pass: Callable[[Pass], None] | None = None,
     ) -> None:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames!r}")
@@ -81,6 +88,8 @@ class FrameBatcher:
         self.max_frames = max_frames
         self.max_wait_s = max_wait_s
         self.workers = workers
+        self._on_start = on_start
+        self._on_pass = on_pass
         self.passes: deque[Pass] = deque(maxlen=1000)
         self._items: deque[_Item] = deque()
         self._cond = threading.Condition()
@@ -110,6 +119,8 @@ class FrameBatcher:
 
     # ------------------------------------------------------------------ the batcher's thread
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             with self._cond:
                 taken = self._gather()
@@ -145,6 +156,7 @@ class FrameBatcher:
 
     def _pass(self, taken: list[_Item]) -> None:
         streams = list(taken[0].batch)
+        started = time.monotonic()
         try:
             batch = {s: np.concatenate([np.asarray(i.batch[s]) for i in taken]) for s in streams}
             out = self._embed(batch)
@@ -152,9 +164,19 @@ class FrameBatcher:
             for item in taken:
                 item.future.set_exception(exc)
             return
-        self.passes.append(Pass(batches=len(taken), frames=sum(i.rows for i in taken)))
+        done = Pass(
+            batches=len(taken),
+            frames=sum(i.rows for i in taken),
+            waits=tuple(max(0.0, started - i.arrived) for i in taken),
+        )
+        self.passes.append(done)
         start = 0
         for item in taken:
             stop = start + item.rows
             item.future.set_result({s: np.asarray(f)[start:stop] for s, f in out.items()})
             start = stop
+        if self._on_pass is not None:
+            try:
+                self._on_pass(done)
+            except Exception:  # a metric must never fail the pass
+                log.exception("recording a batcher pass failed")

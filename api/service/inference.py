@@ -43,7 +43,8 @@ class InferenceQueue(Generic[C]):
 
     ``submit(fn)`` returns a :class:`concurrent.futures.Future` resolved with ``fn(context)`` run in
     a worker thread. A future cancelled while its job still waits (its client went away) is
-    skipped. ``on_change`` is called with ``(waiting, running)`` whenever either changes.
+    skipped. ``on_change`` is called with ``(waiting, running)`` whenever either changes;
+    ``on_start`` runs first in every worker thread (its torch threads: :mod:`api.service.threads`).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class InferenceQueue(Generic[C]):
         *,
         name: str = "inference",
         on_change: Callable[[int, int], None] | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         if not contexts:
             raise ValueError("an inference queue needs at least one worker context")
@@ -64,6 +66,7 @@ class InferenceQueue(Generic[C]):
         self._queue: queue.Queue[_Job[C] | None] = queue.Queue()
         self._pending = 0
         self._on_change = on_change
+        self._on_start = on_start
         self._lock = threading.Lock()
         self._running = 0
         self._closed = False
@@ -127,6 +130,8 @@ class InferenceQueue(Generic[C]):
         return fut
 
     def _work(self, ctx: C) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             job = self._queue.get()
             if job is None:

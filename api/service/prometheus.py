@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests and latency per route, queue depth, in flight.
+"""Prometheus metrics of one app: requests and latency per route, queue depth, in flight, and
+the batcher's passes (frames and uploads per forward pass, seconds an upload's frames waited).
 
 Each app has its own ``CollectorRegistry`` so that several apps (tests) never share counters.
 Routes are labelled by their path template (``/v1/predict``), never by the raw URL, so that
@@ -12,7 +13,12 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.service.batching import Pass
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+PASS_FRAME_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+PASS_UPLOAD_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class ServiceMetrics:
@@ -58,6 +64,32 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.batch_frames = Histogram(
+            "framepool_batch_pass_frames",
+            "frames per forward pass of the batcher (all uploads of the pass together)",
+            buckets=PASS_FRAME_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_uploads = Histogram(
+            "framepool_batch_pass_uploads",
+            "uploads (workers' batches) whose frames shared one forward pass of the batcher",
+            buckets=PASS_UPLOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_wait = Histogram(
+            "framepool_batch_wait_seconds",
+            "seconds a worker's frames waited in the batcher before their forward pass began",
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+
+    def batch_pass(self, done: Pass) -> None:
+        """Record one forward pass of a batcher (its ``on_pass``)."""
+        self.batch_frames.observe(done.frames)
+        self.batch_uploads.observe(done.batches)
+        for wait in done.waits:
+            self.batch_wait.observe(wait)
 
     def queue_changed(self, waiting: int, running: int) -> None:
         self.queue_waiting.set(waiting)

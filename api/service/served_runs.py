@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +15,7 @@ import numpy as np
 
 from aggregator.predictor import Predictor
 from aggregator.similarity import SimilarityIndex, build_index, has_index, training_split
-from api.service.batching import FrameBatcher
+from api.service.batching import FrameBatcher, Pass
 
 if TYPE_CHECKING:
     from extractor.video_extractor import VideoExtractor
@@ -111,9 +111,18 @@ class WorkerContext:
     extractors: dict[str, VideoExtractor] = field(default_factory=dict)
     batchers: dict[str, FrameBatcher] = field(default_factory=dict)
 
-    def add_batchers(self, *, max_frames: int, max_wait_s: float, workers: int) -> None:
+    def add_batchers(
+        self,
+        *,
+        max_frames: int,
+        max_wait_s: float,
+        workers: int,
+        on_start: Callable[[], None] | None = None,
+        on_pass: Callable[[Pass], None] | None = None,
+    ) -> None:
         """A :class:`~api.service.batching.FrameBatcher` in front of every frame extractor's
-        models, fed by ``workers`` worker threads (window backbones run one upload at a time)."""
+        models, fed by ``workers`` worker threads (window backbones run one upload at a time);
+        ``on_start`` and ``on_pass`` as :class:`~api.service.batching.FrameBatcher` takes them."""
         from extractor.features import FeatureExtractor
 
         for i, (key, extractor) in enumerate(self.extractors.items()):
@@ -125,6 +134,8 @@ class WorkerContext:
                 max_wait_s=max_wait_s,
                 workers=workers,
                 name=f"batcher-{i}",
+                on_start=on_start,
+                on_pass=on_pass,
             )
 
     def close(self) -> None:

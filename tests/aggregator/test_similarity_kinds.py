@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import pytest
 
+from aggregator.faiss_index import PQ_DSUB, ivfpq_plan
 from aggregator.similarity import INDEX_SHARE, SimilarityIndex, index_matrix, normalize, plan_index
 
 
@@ -54,14 +56,28 @@ def test_kind_follows_the_budget() -> None:
     # 240,000 tp concat embeddings (63 x 128) at --memory-budget 128M: rotated, then IVF-PQ
     k400 = plan_index(240_000, 8064, 128 << 20)
     assert k400.kind == "ivfpq" and k400.nbytes <= k400.share == 32 << 20
-    assert k400.params["rotated_dim"] == 4 * k400.params["m"] and k400.params["nbits"] == 8
+    assert k400.params["rotated_dim"] == PQ_DSUB * k400.params["m"] and k400.params["nbits"] == 8
     assert 4 * k400.sample * 8064 * 5 // 4 <= 64 << 20  # the rotation's sample fits half the budget
     assert plan_index(100_000, 8064, 6 << 30).kind == "hnsw"
     at_default = plan_index(240_000, 8064, 6 << 30)
     assert at_default.kind == "ivfpq" and at_default.params["m"] == 256  # at most 256 codebooks
-    assert at_default.params["rotated_dim"] == 1024
+    assert at_default.params["rotated_dim"] == PQ_DSUB * 256
     with pytest.raises(ValueError, match="n=0"):
         plan_index(0, 4)
+
+
+def test_an_ivfpq_of_another_code_shape_fits_the_same_share() -> None:
+    n, e, share, train = 240_000, 8064, 32 << 20, 64 << 20
+    planned = ivfpq_plan(n, e, share, train)
+    wide = ivfpq_plan(n, e, share, train, dsub=4)
+    narrow = ivfpq_plan(n, e, share, train, dsub=2, probe_share=1)
+    assert planned is not None and wide is not None and narrow is not None
+    assert planned == plan_index(n, e, 128 << 20)
+    assert wide.params["rotated_dim"] == 4 * wide.params["m"]
+    assert narrow.params["rotated_dim"] == 2 * narrow.params["m"]
+    assert narrow.params["nprobe"] == narrow.params["nlist"]  # every list probed
+    # half the rotated dimensions a code: a smaller rotation leaves bytes for more codes
+    assert wide.params["m"] < narrow.params["m"] and narrow.nbytes <= share
 
 
 @pytest.mark.parametrize(
@@ -101,6 +117,8 @@ def _ivfpq(x: np.ndarray, ids: list[str]) -> SimilarityIndex:
 def test_compressed_search_returns_the_constructed_neighbours() -> None:
     x, ids = _groups()
     index = _ivfpq(x, ids)
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index.index))
+    assert not ivf.do_polysemous_training and ivf.polysemous_ht == 0  # no Hamming filter to train
     for i in range(0, len(ids), 7):
         hits = index.search(x[i], 4, exclude=[ids[i]])
         assert {h.video_id[:3] for h in hits} == {ids[i][:3]}  # its four siblings

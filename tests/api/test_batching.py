@@ -115,6 +115,10 @@ def test_two_concurrent_requests_share_a_forward_pass(served: Served, tmp_path: 
             together = list(pool.map(lambda c: _predict(client, c), clips))
         (batcher,) = client.app.state.service.context.batchers.values()  # type: ignore[attr-defined]
         assert list(batcher.passes) == [Pass(batches=2, frames=16)]
+        metrics = client.get("/metrics").text
+        assert "framepool_batch_pass_frames_sum 16.0" in metrics
+        assert "framepool_batch_pass_uploads_sum 2.0" in metrics
+        assert "framepool_batch_wait_seconds_count 2.0" in metrics
     for a, t in zip(alone, together, strict=True):
         assert t["frames"] == a["frames"]
         pa, pt = _proba(a), _proba(t)
