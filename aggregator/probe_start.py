@@ -24,9 +24,24 @@ import torch
 
 from aggregator.heads import NodeHead, PyramidLeaves, TwoStream, VideoModel
 from aggregator.heads.base import NodeInput
+from aggregator.intervals import pyramid_parts
 from aggregator.probe import MAX_FLOATS, fit_linear_probe
+from aggregator.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+def resolve_tpp_bins(config: TrainConfig) -> TrainConfig:
+    """``tpp`` in a training run pools the node means of the probe's pyramid (``probe_levels``
+    levels: bins 1, 2, 4, 8 by default) unless the user set its pooling or its levels (then the
+    head's own defaults, DTPP's maxima at levels 1, 2, 4, fill in the other): its classifier is
+    then the node-mean probe's model, which it starts from and is held against. DTPP's maxima
+    lost to that probe on the tuning datasets of ``benchmarks/real_sequences.py`` (figures in
+    ``benchmarks/README.md``). Recorded in ``head_kwargs``."""
+    if config.head != "tpp" or {"pooling", "levels"} & set(config.head_kwargs):
+        return config
+    bins = {"pooling": "average", "levels": pyramid_parts(config.probe_levels)}
+    return config.replace(head_kwargs={**config.head_kwargs, **bins})
 
 
 def model_probe_name(model: VideoModel) -> str | None:

@@ -86,6 +86,7 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
     "tp-concat": ("tp", {"variant": "concat"}),
     "tp-average": ("tp", {"variant": "average"}),
     "tpp": ("tpp", {}),
+    "tpp-max": ("tpp", {"pooling": "max", "levels": (1, 2, 4)}),  # DTPP's maxima, not the default
     "datp": ("datp", {}),
     "stcb": ("stcb", {}),
     "attn": ("attn", {}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ from aggregator.probe_start import (
     model_probe_name,
     pass_loss_error,
     probe_columns,
+    resolve_tpp_bins,
     start_from_probe,
     trained_head_wins,
 )
 from aggregator.rundir import further_folds
 from aggregator.svm.run import SVMPredictor, train_svm
 from aggregator.train import train_run
+from aggregator.train_config import TrainConfig
 from api.cli.train_cmd import format_summary
 from storage import FeatureStore
 from tests.aggregator.toy_store import write_burst_store
@@ -205,6 +208,30 @@ def test_tp_keeps_the_run_s_node_mean_probe_where_training_loses(
     assert check["probe"] == "pyramid_nodes" and check["kept"] == "probe start"
     assert "head_val_loss_se" in check
     assert metrics["top1"] == pytest.approx(metrics["probe"]["pyramid_nodes"]["top1"], abs=1e-9)
+
+
+def test_tpp_pools_the_probe_s_node_means_unless_told_otherwise(
+    five_per_class: str, tmp_path: Path
+) -> None:
+    """``tpp`` with no pooling or levels given reads the node means of the run's probe
+    pyramid, so its start is the node-mean probe itself; where training loses it ships that
+    probe. Given a pooling or levels, the head's own defaults fill in the rest."""
+    assert resolve_tpp_bins(TrainConfig(head="tpp", probe_levels=3)).head_kwargs == {
+        "pooling": "average",
+        "levels": (1, 2, 4),
+    }
+    assert resolve_tpp_bins(TrainConfig(head="tpp", head_kwargs={"pooling": "max"})).head_kwargs
+    assert resolve_tpp_bins(
+        TrainConfig(head="tpp", head_kwargs={"levels": (1, 2)})
+    ).head_kwargs == {"levels": (1, 2)}
+    metrics = train_run(
+        five_per_class, tmp_path / "tpp", head="tpp", probe_levels=2, **HARMFUL, **FAST
+    )
+    check = metrics["probe_check"]
+    assert check["probe"] == "pyramid_nodes" and check["kept"] == "probe start"
+    assert metrics["top1"] == pytest.approx(metrics["probe"]["pyramid_nodes"]["top1"], abs=1e-9)
+    config = json.loads((tmp_path / "tpp" / "config.json").read_text())
+    assert config["train_args"]["head_kwargs"]["pooling"] == "average"
 
 
 def test_a_head_without_a_probe_says_when_the_probe_is_better(
