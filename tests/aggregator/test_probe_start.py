@@ -21,6 +21,7 @@ from aggregator.probe_start import (
     start_from_probe,
     trained_head_wins,
 )
+from aggregator.run_loader import load_run
 from aggregator.rundir import further_folds
 from aggregator.svm.run import SVMPredictor, train_svm
 from aggregator.train import train_run
@@ -232,6 +233,11 @@ def test_tpp_pools_the_probe_s_node_means_unless_told_otherwise(
     assert metrics["top1"] == pytest.approx(metrics["probe"]["pyramid_nodes"]["top1"], abs=1e-9)
     config = json.loads((tmp_path / "tpp" / "config.json").read_text())
     assert config["train_args"]["head_kwargs"]["pooling"] == "average"
+    predictor = load_run(tmp_path / "tpp")  # the recorded bins build the same head again
+    store = FeatureStore.open(five_per_class)
+    vid = store.videos(split="test")[0]
+    proba = predictor.predict_proba({"appearance": store.read(vid, "appearance")})
+    assert proba.shape == (6,) and abs(proba.sum() - 1) < 1e-6
 
 
 def test_a_head_without_a_probe_says_when_the_probe_is_better(
