@@ -24,22 +24,33 @@ import torch
 
 from aggregator.heads import NodeHead, PyramidLeaves, TwoStream, VideoModel
 from aggregator.heads.base import NodeInput
-from aggregator.intervals import pyramid_parts
+from aggregator.intervals import n_nodes, pyramid_parts
 from aggregator.probe import MAX_FLOATS, fit_linear_probe
 from aggregator.train_config import TrainConfig
+from storage import FeatureStore
 
 log = logging.getLogger(__name__)
 
 
-def resolve_tpp_bins(config: TrainConfig) -> TrainConfig:
+def resolve_tpp_bins(config: TrainConfig, store: FeatureStore | None = None) -> TrainConfig:
     """``tpp`` in a training run pools the node means of the probe's pyramid (``probe_levels``
     levels: bins 1, 2, 4, 8 by default) unless the user set its pooling or its levels (then the
     head's own defaults, DTPP's maxima at levels 1, 2, 4, fill in the other): its classifier is
     then the node-mean probe's model, which it starts from and is held against. DTPP's maxima
     lost to that probe on the tuning datasets of ``benchmarks/real_sequences.py`` (figures in
-    ``benchmarks/README.md``). Recorded in ``head_kwargs``."""
+    ``benchmarks/README.md``). Where the probe start would not fit its memory budget
+    (:data:`aggregator.probe.MAX_FLOATS` for the training videos of ``store``: thousands of
+    videos of CNN features), the mean bins would have no probe to start from, and DTPP's
+    defaults stay. Recorded in ``head_kwargs``."""
     if config.head != "tpp" or {"pooling", "levels"} & set(config.head_kwargs):
         return config
+    if store is not None:
+        ids = store.videos(split=config.train_split)
+        if ids:
+            width = max(int(store.read(ids[0], s).shape[1]) for s in config.streams)
+            if len(ids) * n_nodes(config.probe_levels) * width > MAX_FLOATS:
+                log.info("tpp: the probe start would not fit, keeping DTPP's node maxima")
+                return config
     bins = {"pooling": "average", "levels": pyramid_parts(config.probe_levels)}
     return config.replace(head_kwargs={**config.head_kwargs, **bins})
 

@@ -1146,7 +1146,7 @@ def _train(
     config = config.replace(precision=precision)
     from aggregator.probe_start import resolve_tpp_bins
 
-    config = resolve_tpp_bins(config)
+    config = resolve_tpp_bins(config, store)
     # a throwaway model says what the head reads (input specs, which streams take leaves)
     probe_model = build(config, dict.fromkeys(config.streams, 1), 2)
     leaves = pyramid_leaf_streams(probe_model) if config.pyramid_leaves else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -225,6 +226,9 @@ def test_tpp_pools_the_probe_s_node_means_unless_told_otherwise(
     assert resolve_tpp_bins(
         TrainConfig(head="tpp", head_kwargs={"levels": (1, 2)})
     ).head_kwargs == {"levels": (1, 2)}
+    with patch("aggregator.probe_start.MAX_FLOATS", 6 * 5 * 3 * 6 - 1):  # 30 videos, d = 6
+        store = FeatureStore.open(five_per_class)
+        assert resolve_tpp_bins(TrainConfig(head="tpp", probe_levels=2), store).head_kwargs == {}
     metrics = train_run(
         five_per_class, tmp_path / "tpp", head="tpp", probe_levels=2, **HARMFUL, **FAST
     )
@@ -234,7 +238,6 @@ def test_tpp_pools_the_probe_s_node_means_unless_told_otherwise(
     config = json.loads((tmp_path / "tpp" / "config.json").read_text())
     assert config["train_args"]["head_kwargs"]["pooling"] == "average"
     predictor = load_run(tmp_path / "tpp")  # the recorded bins build the same head again
-    store = FeatureStore.open(five_per_class)
     vid = store.videos(split="test")[0]
     proba = predictor.predict_proba({"appearance": store.read(vid, "appearance")})
     assert proba.shape == (6,) and abs(proba.sum() - 1) < 1e-6
