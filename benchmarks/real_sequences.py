@@ -533,7 +533,37 @@ def print_table(
             f"{100 * first['pyramid_nodes']['top1']:.1f} | " + " | ".join(cells) + " |"
         )
     print()
+    print_deltas(results, heads)
+    print()
     print(check_targets(results, heads, n_classes))
+
+
+def print_deltas(results: dict[str, dict[str, Any]], heads: list[str]) -> None:
+    """The Markdown table of each head minus the probe it is held against (``gap``: the
+    global-mean probe, the others: the node-mean probe), in points, mean over the seeds, with
+    the mean and the worst dataset of every head."""
+    diffs: dict[str, dict[str, float]] = {}
+    for h in heads:
+        probe = "global_mean" if h == "gap" else "pyramid_nodes"
+        diffs[h] = {
+            n: 100 * (r[h]["top1"] - r[h]["probe"][probe]["top1"])
+            for n, r in results.items()
+            if h in r and "refused" not in r[h]
+        }
+    print("Head minus its probe (points; gap: global-mean probe, the others: node-mean probe):")
+    print()
+    print("| dataset | " + " | ".join(heads) + " |")
+    print("| --- | " + " | ".join("---:" for _ in heads) + " |")
+    for name in results:
+        cells = [f"{diffs[h][name]:+.1f}" if name in diffs[h] else "—" for h in heads]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    means = [f"{np.mean(list(diffs[h].values())):+.1f}" if diffs[h] else "—" for h in heads]
+    print("| **mean** | " + " | ".join(means) + " |")
+    worst = [
+        f"{diffs[h][w]:+.1f} ({w})" if diffs[h] and (w := min(diffs[h], key=diffs[h].get)) else "—"
+        for h in heads
+    ]
+    print("| **worst** | " + " | ".join(worst) + " |")
 
 
 def print_saved(paths: list[str]) -> None:
