@@ -516,9 +516,11 @@ def print_table(
     )
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in heads) + " |")
     for name, r in results.items():
-        first = next(r[h]["probe"] for h in heads if "probe" in r[h])
+        first = next(r[h]["probe"] for h in heads if h in r and "probe" in r[h])
         cells = [
-            "refused"
+            "—"
+            if h not in r
+            else "refused"
             if "refused" in r[h]
             else f"{100 * r[h]['top1']:.1f} ± {100 * r[h].get('top1_std', 0.0):.1f} "
             f"({r[h]['seconds']:.0f} s, {len(r[h].get('seeds') or [0])} seed"
@@ -589,7 +591,7 @@ def print_saved(paths: list[str]) -> None:
             f"CPU {saved['cpu']:.0f} s, peak RSS {saved['peak_rss_mib']:.0f} MiB, "
             f"load average {saved['load_average'][0]:.1f} at the end"
         )
-    heads = [h for h in HEADS if all(h in r for r in results.values())]
+    heads = [h for h in HEADS if any(h in r for r in results.values())]  # "—" where not run
     print_table(results, heads, shapes, n_classes, majority)
 
 
@@ -627,7 +629,7 @@ def check_targets(
         diffs = {
             n: r[h]["top1"] - r[h]["probe"]["pyramid_nodes"]["top1"]
             for n, r in results.items()
-            if "refused" not in r[h]
+            if h in r and "refused" not in r[h]
         }
         if not diffs:
             continue
