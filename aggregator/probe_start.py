@@ -24,9 +24,35 @@ import torch
 
 from aggregator.heads import NodeHead, PyramidLeaves, TwoStream, VideoModel
 from aggregator.heads.base import NodeInput
+from aggregator.intervals import n_nodes, pyramid_parts
 from aggregator.probe import MAX_FLOATS, fit_linear_probe
+from aggregator.train_config import TrainConfig
+from storage import FeatureStore
 
 log = logging.getLogger(__name__)
+
+
+def resolve_tpp_bins(config: TrainConfig, store: FeatureStore | None = None) -> TrainConfig:
+    """``tpp`` in a training run pools the node means of the probe's pyramid (``probe_levels``
+    levels: bins 1, 2, 4, 8 by default) unless the user set its pooling or its levels (then the
+    head's own defaults, DTPP's maxima at levels 1, 2, 4, fill in the other): its classifier is
+    then the node-mean probe's model, which it starts from and is held against. DTPP's maxima
+    lost to that probe on the tuning datasets of ``benchmarks/real_sequences.py`` (figures in
+    ``benchmarks/README.md``). Where the probe start would not fit its memory budget
+    (:data:`aggregator.probe.MAX_FLOATS` for the training videos of ``store``: thousands of
+    videos of CNN features), the mean bins would have no probe to start from, and DTPP's
+    defaults stay. Recorded in ``head_kwargs``."""
+    if config.head != "tpp" or {"pooling", "levels"} & set(config.head_kwargs):
+        return config
+    if store is not None:
+        ids = store.videos(split=config.train_split)
+        if ids:
+            width = max(int(store.read(ids[0], s).shape[1]) for s in config.streams)
+            if len(ids) * n_nodes(config.probe_levels) * width > MAX_FLOATS:
+                log.info("tpp: the probe start would not fit, keeping DTPP's node maxima")
+                return config
+    bins = {"pooling": "average", "levels": pyramid_parts(config.probe_levels)}
+    return config.replace(head_kwargs={**config.head_kwargs, **bins})
 
 
 def model_probe_name(model: VideoModel) -> str | None:
@@ -46,16 +72,41 @@ def probe_start_size(model: VideoModel, n_rows: int) -> int:
     return n_rows * max(model.stream_head(s).feature_dim for s in model.streams)
 
 
+def probe_columns(head: NodeHead, levels: int | None) -> np.ndarray:
+    """The feature columns of ``head`` that carry the node-mean probe's inputs of ``levels``
+    levels (None: every column). A head whose probe is ``pyramid_nodes`` lays its features out
+    node by node (``tp`` concat: ``node_dim`` per node, ``tpp``: ``d`` per bin); the run's
+    node-mean probe, the baseline the head is held against, reads the nodes of the first
+    ``levels`` levels, so the head's start is that probe with zero weight on its finer nodes."""
+    every = np.arange(head.feature_dim)
+    spec = head.input_spec
+    if levels is None or head.probe_name() != "pyramid_nodes" or spec.node_indices() is None:
+        return every
+    if head.feature_dim % spec.count:
+        return every
+    per_node = head.feature_dim // spec.count
+    finest = 1 << (levels - 1)
+    in_probe = np.repeat([p <= finest for p in spec.parts], spec.parts)  # [M]
+    return np.flatnonzero(np.repeat(in_probe, per_node))
+
+
 @torch.no_grad()
 def start_from_probe(
-    model: VideoModel, inputs: Mapping[str, NodeInput], labels: np.ndarray, *, seed: int = 0
+    model: VideoModel,
+    inputs: Mapping[str, NodeInput],
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    levels: int | None = None,
 ) -> str | None:
     """Set ``model`` (standardiser statistics already set) to its probe's solution fitted on the
     summaries ``inputs`` of the training rows with ``labels``: every stream head's layers
     before its classifier represent the probe's inputs (:meth:`NodeHead.represent_probe`), and
-    its classifier is the logistic regression fitted on its features. Returns the probe's name,
-    or None (model unchanged) when the head cannot represent a probe, the rows hold fewer than
-    two classes, or the features would exceed :data:`aggregator.probe.MAX_FLOATS` entries."""
+    its classifier is the logistic regression fitted on its features (for the node-mean probe,
+    on the nodes of its first ``levels`` levels only: :func:`probe_columns`). Returns the
+    probe's name, or None (model unchanged) when the head cannot represent a probe, the rows
+    hold fewer than two classes, or the features would exceed
+    :data:`aggregator.probe.MAX_FLOATS` entries."""
     name = model_probe_name(model)
     if name is None or len(np.unique(labels)) < 2:
         return None
@@ -73,7 +124,9 @@ def start_from_probe(
         nodes = x[s]
         head.represent_probe(nodes.nodes() if isinstance(nodes, PyramidLeaves) else nodes)
         feats = head.features(nodes).double().cpu().numpy()  # [n, feature_dim]
-        keep = np.flatnonzero(feats.std(0) > 0)  # padding features (constant 0) carry nothing
+        columns = probe_columns(head, levels)
+        # padding features (constant 0) carry nothing
+        keep = columns[feats[:, columns].std(0) > 0]
         probe = fit_linear_probe(feats[:, keep], labels, seed=seed)
         w_keep, bias = probe.logits(head.out_features)
         weight = np.zeros((head.out_features, feats.shape[1]))
@@ -81,6 +134,28 @@ def start_from_probe(
         head.set_classifier(torch.from_numpy(weight), torch.from_numpy(bias))
     model.train(was_training)
     return name
+
+
+def trained_head_wins(
+    start: Mapping[str, Any], head_top1: float, head_loss: float, head_loss_se: float
+) -> bool:
+    """Whether a trained head leaves its probe start: it must validate better on both counts,
+    more videos right and a pooled loss lower than the start's by more than the standard error
+    of the head's pooled loss (``head_loss_se``; NaN: unknown, no margin). This is the
+    selection's one-standard-error rule with the start as the most conservative candidate: on
+    5 videos per class the chosen head's scores are the best of a grid and of its validation
+    passes, and a lead within one standard error is a draw, which the start wins."""
+    margin = head_loss_se if math.isfinite(head_loss_se) else 0.0
+    return head_top1 > start["val_top1"] and head_loss + margin < start["val_loss"]
+
+
+def pass_loss_error(history: Sequence[Mapping[str, Any]], step: int, videos: int) -> float:
+    """The standard error of the mean validation loss of the validation pass at ``step`` of
+    ``history`` on ``videos`` videos (NaN when that pass holds no squared loss)."""
+    for h in history:
+        if h.get("step") == step and "val_loss_sq" in h and videos > 0:
+            return math.sqrt(max(0.0, h["val_loss_sq"] - h["val_loss"] ** 2) / videos)
+    return math.nan
 
 
 @dataclass(frozen=True)

@@ -107,16 +107,24 @@ class Selection:
 
     def against_start(self) -> Selection:
         """Keep the probe start unless the chosen trained configuration validates better on
-        the pooled folds on both counts: more videos right and a lower loss. Top-1 alone
+        the pooled folds on both counts: more videos right and a loss lower by more than its
+        standard error (:func:`aggregator.probe_start.trained_head_wins`). Top-1 alone
         cannot see a head whose confident mistakes cost many times the probe's loss (a linear
         head trained at too large a learning rate keeps its argmax and loses its scale), and
         the trained head's scores are the best of a grid and of its validation passes, so on
-        a tie the start is the more honest guess."""
-        head = self.head_scores()
-        if self.start is not None and head is not None:
+        a draw the start is the more honest guess."""
+        from aggregator.probe_start import pass_loss_error, trained_head_wins
+
+        head, t = self.head_scores(), self.chosen_trial
+        if self.start is not None and head is not None and t is not None:
+            se = (
+                self.errors[self.trials.index(t)]
+                if self.errors
+                else pass_loss_error(t.history, t.best_step, self.start["videos"])
+            )
             self.start["head_val_top1"], self.start["head_val_loss"] = head
-            better = head[0] > self.start["val_top1"] and head[1] < self.start["val_loss"]
-            self.keep_start = not better
+            self.start["head_val_loss_se"] = se
+            self.keep_start = not trained_head_wins(self.start, head[0], head[1], se)
             self.start["kept"] = "probe start" if self.keep_start else "trained head"
             log.info(
                 "%s probe start %.4f against the trained head %.4f on %d validation videos: "

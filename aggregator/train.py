@@ -369,6 +369,9 @@ def _train(
     t_start: float,
 ) -> dict[str, Any]:
     config = config.replace(precision=precision)
+    from aggregator.probe_start import resolve_tpp_bins
+
+    config = resolve_tpp_bins(config, store)
     # a throwaway model says what the head reads (input specs, which streams take leaves)
     probe_model = build(config, dict.fromkeys(config.streams, 1), 2)
     leaves = pyramid_leaf_streams(probe_model) if config.pyramid_leaves else []

@@ -129,7 +129,13 @@ class Trainer:
             return None, None
         assert self.data.nodes is not None
         inputs = self.data.nodes.take(torch.as_tensor(np.asarray(rows)), torch.float32)
-        name = start_from_probe(model, inputs, self.data.labels[rows], seed=self.config.seed)
+        name = start_from_probe(
+            model,
+            inputs,
+            self.data.labels[rows],
+            seed=self.config.seed,
+            levels=self.config.probe_levels,
+        )
         if name is None:
             return None, None
         return copy.deepcopy(model.state_dict()), name

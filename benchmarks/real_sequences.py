@@ -87,6 +87,7 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
     "tp-concat": ("tp", {"variant": "concat"}),
     "tp-average": ("tp", {"variant": "average"}),
     "tpp": ("tpp", {}),
+    "tpp-max": ("tpp", {"pooling": "max", "levels": (1, 2, 4)}),  # DTPP's maxima, not the default
     "datp": ("datp", {}),
     "stcb": ("stcb", {}),
     "attn": ("attn", {}),
@@ -543,9 +544,11 @@ def print_table(
     )
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in heads) + " |")
     for name, r in results.items():
-        first = next(r[h]["probe"] for h in heads if "probe" in r[h])
+        first = next(r[h]["probe"] for h in heads if h in r and "probe" in r[h])
         cells = [
-            "refused"
+            "—"
+            if h not in r
+            else "refused"
             if "refused" in r[h]
             else f"{100 * r[h]['top1']:.1f} ± {100 * r[h].get('top1_std', 0.0):.1f} "
             f"({r[h]['seconds']:.0f} s, {len(r[h].get('seeds') or [0])} seed"
@@ -560,7 +563,37 @@ def print_table(
             f"{100 * first['pyramid_nodes']['top1']:.1f} | " + " | ".join(cells) + " |"
         )
     print()
+    print_deltas(results, heads)
+    print()
     print(check_targets(results, heads, n_classes))
+
+
+def print_deltas(results: dict[str, dict[str, Any]], heads: list[str]) -> None:
+    """The Markdown table of each head minus the probe it is held against (``gap``: the
+    global-mean probe, the others: the node-mean probe), in points, mean over the seeds, with
+    the mean and the worst dataset of every head."""
+    diffs: dict[str, dict[str, float]] = {}
+    for h in heads:
+        probe = "global_mean" if h == "gap" else "pyramid_nodes"
+        diffs[h] = {
+            n: 100 * (r[h]["top1"] - r[h]["probe"][probe]["top1"])
+            for n, r in results.items()
+            if h in r and "refused" not in r[h]
+        }
+    print("Head minus its probe (points; gap: global-mean probe, the others: node-mean probe):")
+    print()
+    print("| dataset | " + " | ".join(heads) + " |")
+    print("| --- | " + " | ".join("---:" for _ in heads) + " |")
+    for name in results:
+        cells = [f"{diffs[h][name]:+.1f}" if name in diffs[h] else "—" for h in heads]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    means = [f"{np.mean(list(diffs[h].values())):+.1f}" if diffs[h] else "—" for h in heads]
+    print("| **mean** | " + " | ".join(means) + " |")
+    worst = [
+        f"{diffs[h][w]:+.1f} ({w})" if diffs[h] and (w := min(diffs[h], key=diffs[h].get)) else "—"
+        for h in heads
+    ]
+    print("| **worst** | " + " | ".join(worst) + " |")
 
 
 def print_saved(paths: list[str]) -> None:
@@ -586,7 +619,7 @@ def print_saved(paths: list[str]) -> None:
             f"CPU {saved['cpu']:.0f} s, peak RSS {saved['peak_rss_mib']:.0f} MiB, "
             f"load average {saved['load_average'][0]:.1f} at the end"
         )
-    heads = [h for h in HEADS if all(h in r for r in results.values())]
+    heads = [h for h in HEADS if any(h in r for r in results.values())]  # "—" where not run
     print_table(results, heads, shapes, n_classes, majority)
 
 
@@ -624,7 +657,7 @@ def check_targets(
         diffs = {
             n: r[h]["top1"] - r[h]["probe"]["pyramid_nodes"]["top1"]
             for n, r in results.items()
-            if "refused" not in r[h]
+            if h in r and "refused" not in r[h]
         }
         if not diffs:
             continue

@@ -142,7 +142,7 @@ def configs(depth: int, leaves: bool) -> dict[str, Config]:
         "tpp": Config(
             "tpp max {1,2,4}",
             "tpp",
-            {},
+            {"pooling": "max", "levels": (1, 2, 4)},  # DTPP's bins, as the label says
             False,
             tpp_flops(7),
             lambda d, t: (7, False),

@@ -409,7 +409,13 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
     "variant": HeadOption(("tp", "svm"), "{heads} node map (concat)", None, ("concat", "average")),
     "pyramids": HeadOption(("tp",), "{heads}: number of stacked pyramids P (1)", int),
     "node_dim": HeadOption(("tp",), "{heads} concat: node projection size (128)", int),
-    "pooling": HeadOption(("tpp",), "{heads} pooling (max)", None, ("max", "average")),
+    "pooling": HeadOption(
+        ("tpp",),
+        "{heads} pooling (max; train with neither --pooling nor --levels: average over the "
+        "node-mean probe's pyramid)",
+        None,
+        ("max", "average"),
+    ),
     "segments": HeadOption(
         ("datp", "attn"), "{heads}: number of segments N (datp 10, attn 32)", int
     ),
@@ -433,7 +439,11 @@ HEAD_OPTIONS: dict[str, HeadOption] = {
     "max_iter": HeadOption(("svm",), "alternating iterations (50)", int),
     "eps": HeadOption(("svm",), "relative duality gap to stop at (1e-3)", float),
 }
-_LEVELS_DEFAULT = {"tp": "6", "tpp": "3", "svm": "chosen on validation in 1-6"}
+_LEVELS_DEFAULT = {
+    "tp": "6",
+    "tpp": "3; train without --pooling: --probe-levels",
+    "svm": "chosen on validation in 1-6",
+}
 
 
 def _head_flag(dest: str) -> str:
