@@ -1,5 +1,6 @@
-"""Small modules with one role each: no module of ``storage/`` over 600 lines, no function of
-``storage/`` or ``extractor/`` over 80 lines (a function that long does several things)."""
+"""Small modules with one role each: no module of ``storage/`` or ``aggregator/`` over 600 lines,
+no function of the four packages over 80 lines (a function that long does several things), the
+CLI's argparse option tables (``register``) aside."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULE_LINES = {"storage": 600}
-FUNCTION_LINES = {"storage": 80, "extractor": 80}
+MODULE_LINES = {"storage": 600, "aggregator": 600}
+FUNCTION_LINES = {"storage": 80, "extractor": 80, "aggregator": 80, "api": 80}
+OPTION_TABLES = {"register"}  # api/cli/*_cmd.py: one add_argument after another
 
 
 def _files(package: str) -> list[Path]:
@@ -36,6 +38,6 @@ def test_functions_are_short(package: str) -> None:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 n = (node.end_lineno or node.lineno) - node.lineno + 1
-                if n > limit:
+                if n > limit and node.name not in OPTION_TABLES:
                     long[f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"] = n
     assert not long, f"functions over {limit} lines: {long}"

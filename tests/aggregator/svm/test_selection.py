@@ -16,7 +16,7 @@ from aggregator.svm import selection as svm_selection
 from aggregator.svm.predictor import SVMPredictor
 from aggregator.svm.run import train_svm
 from storage import FeatureStore
-from tests.aggregator.test_svm_run import order_store, run_args
+from tests.aggregator.svm.test_run import order_store, run_args
 from tests.aggregator.test_validation_groups import _write_grouped_store
 
 

@@ -14,7 +14,7 @@ import pytest
 from aggregator.svm.config import C_GRID, GAMMA_GRID, MAX_LEVELS, SVMConfig
 from aggregator.train_config import BaseTrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SVM_RUNS = [ROOT / "tests" / "fixtures" / "runs-0.1" / name for name in ("svm-linear", "svm-rbf")]
 
 

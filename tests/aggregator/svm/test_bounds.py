@@ -21,7 +21,7 @@ from aggregator.svm.solvers import (
     libsvm_iterations,
     ovr_targets,
 )
-from tests.aggregator.test_svm_run import order_store, run_args
+from tests.aggregator.svm.test_run import order_store, run_args
 
 
 def noise_nodes(

@@ -22,7 +22,7 @@ from aggregator.finetune import (
 from aggregator.finetune.loop import finetune
 from aggregator.finetune.memory import MAX_GRAD_FRAMES, activation_bytes, grad_frames_for
 from aggregator.heads import build_model
-from tests.aggregator.test_finetune_train import _data, _model, _settings
+from tests.aggregator.finetune.test_train import _data, _model, _settings
 
 D = 5
 
