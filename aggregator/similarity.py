@@ -49,6 +49,7 @@ from aggregator.faiss_index import (
     sample_rows,
 )
 from aggregator.predictor import Predictor
+from aggregator.rerank import CANDIDATES, VECTORS_FILE, open_vectors, rerank, write_vectors
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class SimilarityIndex:
     video_ids: list[str]
     labels: list[str | None]
     meta: dict[str, Any] = field(default_factory=dict)
+    # the full normalised embeddings ``[n, e]`` (a memory map): a compressed index's candidates
+    # are re-ranked by their exact similarity (:mod:`aggregator.rerank`)
+    vectors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.index.ntotal != len(self.video_ids) or len(self.labels) != len(self.video_ids):
@@ -141,6 +145,9 @@ class SimilarityIndex:
         else:
             out = {"kind": "flat", "factory": "Flat", "params": {}}
         out["bytes"] = self.meta.get("index_bytes")
+        rerank_record = self.meta.get("rerank")
+        if isinstance(rerank_record, Mapping):
+            out["rerank_candidates"] = rerank_record.get("candidates")
         return out
 
     def __len__(self) -> int:
@@ -153,7 +160,10 @@ class SimilarityIndex:
         """The stored (normalised) embedding of an indexed video."""
         if video_id not in self._rows:
             raise KeyError(f"video {video_id!r} is not in the similarity index")
-        return np.asarray(self.index.reconstruct(self._rows[video_id]), dtype=np.float32)
+        row = self._rows[video_id]
+        if self.vectors is not None:
+            return np.asarray(self.vectors[row], dtype=np.float32)
+        return np.asarray(self.index.reconstruct(row), dtype=np.float32)
 
     def search(
         self, query: np.ndarray, k: int = 5, *, exclude: Sequence[str] = ()
@@ -174,9 +184,13 @@ class SimilarityIndex:
             )
         skip = set(exclude)
         want = min(len(self), k + len(skip))
-        sims, rows = self.index.search(q[None, :], want)
+        if self.vectors is None:
+            found_sims, found_rows = (r[0] for r in self.index.search(q[None, :], want))
+        else:  # a compressed index: its candidates in their exact order
+            _, candidates = self.index.search(q[None, :], min(len(self), CANDIDATES * want))
+            found_sims, found_rows = rerank(self.vectors, q, candidates[0])
         out: list[Neighbour] = []
-        for sim, row in zip(sims[0], rows[0], strict=True):
+        for sim, row in zip(found_sims, found_rows, strict=True):
             if row < 0:
                 continue
             vid = self.video_ids[int(row)]
@@ -231,7 +245,15 @@ class SimilarityIndex:
         recorded = meta.get("index")
         if isinstance(recorded, Mapping) and isinstance(recorded.get("params"), Mapping):
             configure_search(index, recorded["params"])
-        return cls(index, video_ids, labels, meta)
+        vectors = None
+        if meta.get("rerank"):
+            if not (run / VECTORS_FILE).is_file():
+                raise FileNotFoundError(
+                    f"similarity index in {str(run)!r} re-ranks from {VECTORS_FILE}, which is "
+                    "missing: rebuild it with `framepool index`"
+                )
+            vectors = open_vectors(run / VECTORS_FILE, len(video_ids), int(index.d))
+        return cls(index, video_ids, labels, meta, vectors)
 
 
 def has_index(run_dir: str | Path) -> bool:
@@ -389,8 +411,21 @@ def build_index(
             yield normalize(block)
 
     index = empty_index(plan, sample)
-    for block in blocks(video_ids):
-        index.add(normalize(block))
+
+    def added() -> Generator[np.ndarray, None, None]:
+        for block in blocks(video_ids):
+            x = normalize(block)
+            index.add(x)
+            yield x
+
+    vectors = None
+    if plan.exact:
+        for _ in added():
+            pass
+        (Path(run_dir) / VECTORS_FILE).unlink(missing_ok=True)  # an earlier compressed build's
+    else:  # the full vectors beside the compressed index, to re-rank its candidates
+        path = write_vectors(Path(run_dir) / VECTORS_FILE, added(), len(video_ids), plan.e)
+        vectors = open_vectors(path, len(video_ids), plan.e)
     labels = _labels(store, video_ids)
     meta = {
         "run_id": predictor.run_id,
@@ -403,7 +438,9 @@ def build_index(
         "embedding_dim": plan.e,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    result = SimilarityIndex(index, video_ids, labels, meta)
+    if vectors is not None:
+        meta["rerank"] = {"file": VECTORS_FILE, "candidates": CANDIDATES}
+    result = SimilarityIndex(index, video_ids, labels, meta, vectors)
     result.save(run_dir)
     log.info(
         "similarity index of %d %s videos (%s) written to %s in %.1f s",

@@ -149,6 +149,11 @@ class IndexKind(_Model):
     factory: str = Field(description="the faiss index_factory string that builds it")
     params: dict[str, int] = Field(description="its parameters (nlist, m, nbits, nprobe, ...)")
     bytes: int | None = Field(description="size of the saved index file")
+    rerank_candidates: int | None = Field(
+        default=None,
+        description="a compressed index's candidates per neighbour wanted, re-ranked by their "
+        "exact similarity from the full embeddings on disk (none: no re-ranking)",
+    )
 
 
 class ModelInfo(_Model):

@@ -118,4 +118,16 @@ def test_budget_path_never_holds_the_embedding_matrix(
     assert peak < sim.TRAIN_MIN_BYTES
     assert reduced.meta["index_bytes"] <= plan.share  # the saved index fits its share
     loaded = SimilarityIndex.load(small)
-    assert loaded.kind() == reduced.kind()
+    assert loaded.kind() == reduced.kind() and loaded.kind()["rerank_candidates"] >= 1
+    # the full vectors beside the compressed index, read through a memory map for re-ranking
+    assert isinstance(loaded.vectors, np.memmap) and loaded.vectors.shape == (n, e)
+    full = np.asarray(loaded.vectors, dtype=np.float32)
+    for i in (0, 40, 95):
+        q = full[i] / np.linalg.norm(full[i])
+        hits = loaded.search(q, 5, exclude=[loaded.video_ids[i]])
+        exact = [1.0 - float(full[loaded.video_ids.index(h.video_id)] @ q) for h in hits]
+        np.testing.assert_allclose([h.distance for h in hits], np.clip(exact, 0, 2), atol=1e-5)
+        assert exact == sorted(exact)  # in their exact order
+    (small / "index_vectors.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"index_vectors\.npy"):
+        SimilarityIndex.load(small)

@@ -142,3 +142,18 @@ def test_saved_compressed_index_reloads(tmp_path: Path) -> None:
         assert [h.video_id for h in a] == [h.video_id for h in b]
         v = loaded.vector(ids[i])  # the decoded code: close to the video's embedding
         assert float(v @ x[i]) / float(np.linalg.norm(v)) > 0.9
+
+
+def test_reranking_from_the_full_vectors_recovers_what_the_codes_miss() -> None:
+    x = _clustered(3000, 256, seed=3)
+    queries, x = x[:100], x[100:]
+    n, e = x.shape
+    index, plan = index_matrix(x, INDEX_SHARE * n * e // 16)  # 2 bits a dimension
+    assert plan.kind == "ivfpq"
+    ids = [f"v{i}" for i in range(n)]
+    truth = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :10]
+    codes_only = _recall(index, x, queries)
+    reranked = SimilarityIndex(index, ids, [None] * n, vectors=x.astype(np.float16))
+    found = [[int(h.video_id[1:]) for h in reranked.search(q, 10)] for q in queries]
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
+    assert recall >= max(codes_only, 0.95), (codes_only, recall)
