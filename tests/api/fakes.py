@@ -16,6 +16,7 @@ import numpy as np
 
 from aggregator.similarity import SimilarityIndex
 from api.service.served_runs import LoadedRun, Registry, WorkerContext
+from api.service.threads import ThreadPlan
 from extractor.decode import VideoTooLarge, count_packets, iter_frames, probe
 
 CLASSES = ["blue", "green", "red"]
@@ -139,13 +140,13 @@ def fake_registry() -> Registry:
 def fake_loader(extractor: FakeExtractor):  # type: ignore[no-untyped-def]
     """A replacement for ``api.service.app._load`` serving the fake run."""
 
-    def load(settings: Any) -> tuple[Registry, list[WorkerContext]]:
+    def load(settings: Any, service_metrics: Any) -> tuple[Registry, list[WorkerContext], Any]:
         registry = fake_registry()
         key = next(iter(registry.runs.values())).extractor_key
         contexts = [
             WorkerContext(extractors={key: extractor})  # type: ignore[dict-item]
             for _ in range(settings.workers)
         ]
-        return registry, contexts
+        return registry, contexts, ThreadPlan(worker=1, batcher=0, opencv=1)
 
     return load
