@@ -49,7 +49,14 @@ from aggregator.faiss_index import (
     sample_rows,
 )
 from aggregator.predictor import Predictor
-from aggregator.rerank import CANDIDATES, VECTORS_FILE, open_vectors, rerank, write_vectors
+from aggregator.rerank import (
+    CANDIDATES,
+    VECTORS_FILE,
+    VectorFile,
+    open_vectors,
+    rerank,
+    write_vectors,
+)
 from storage import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -101,7 +108,7 @@ class SimilarityIndex:
     meta: dict[str, Any] = field(default_factory=dict)
     # the full normalised embeddings ``[n, e]`` (a memory map): a compressed index's candidates
     # are re-ranked by their exact similarity (:mod:`aggregator.rerank`)
-    vectors: np.ndarray | None = None
+    vectors: VectorFile | None = None
 
     def __post_init__(self) -> None:
         if self.index.ntotal != len(self.video_ids) or len(self.labels) != len(self.video_ids):
@@ -162,7 +169,7 @@ class SimilarityIndex:
             raise KeyError(f"video {video_id!r} is not in the similarity index")
         row = self._rows[video_id]
         if self.vectors is not None:
-            return np.asarray(self.vectors[row], dtype=np.float32)
+            return self.vectors.read(np.array([row]))[0]
         return np.asarray(self.index.reconstruct(row), dtype=np.float32)
 
     def search(

@@ -255,11 +255,11 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
         m["add"] = m["add_cpu"] = 0.0
     # the full vectors on disk beside a compressed plan, for its re-ranked searches
     vec_dir = tempfile.TemporaryDirectory(prefix="index-vectors-")
-    vectors = None
+    writer = None
     if not plan.exact:
-        vectors = np.lib.format.open_memmap(
-            Path(vec_dir.name) / "vectors.npy", mode="w+", dtype=np.float16, shape=(n, e)
-        )
+        from aggregator.rerank import VectorsWriter
+
+        writer = VectorsWriter(Path(vec_dir.name) / "vectors.npy", n, e)
     write_s = write_cpu = 0.0
     k = 10
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -277,9 +277,9 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
         best_s = np.take_along_axis(both_s, top, 1)
         best_i = np.take_along_axis(both_i, top, 1)
         exact_s += time.perf_counter() - t0
-        if vectors is not None:
+        if writer is not None:
             t0, c0 = time.perf_counter(), time.process_time()
-            vectors[done : done + len(block)] = block
+            writer.add(block)
             write_s, write_cpu = (
                 write_s + time.perf_counter() - t0,
                 write_cpu + time.process_time() - c0,
@@ -322,12 +322,14 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "query_p99_ms": 1e3 * float(np.percentile(times, 99)),
         }
         print(f"  {name}: {rows[name]}", file=sys.stderr, flush=True)
-    if vectors is not None:
-        vectors.flush()
+    if writer is not None:
+        from aggregator.rerank import open_vectors
+
+        vectors = open_vectors(writer.close(), n, e)
         rows[f"{plan.kind} + re-rank"] = rerank_row(
             methods[plan.kind], rows[plan.kind], vectors, queries, truth, (write_s, write_cpu)
         )
-    del vectors
+        del vectors
     vec_dir.cleanup()
     rows["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return rows
@@ -336,7 +338,7 @@ def index_benchmark(n: int, args: argparse.Namespace) -> dict[str, Any]:
 def rerank_row(
     method: dict[str, Any],
     row: dict[str, Any],
-    vectors: np.ndarray,
+    vectors: Any,
     queries: np.ndarray,
     truth: list[set[int]],
     write: tuple[float, float],
@@ -361,7 +363,7 @@ def rerank_row(
         "recall_at_10": recall,
         "build_s": row["build_s"] + write[0],
         "build_cpu_s": row["build_cpu_s"] + write[1],
-        "disk_bytes": int(vectors.nbytes),
+        "disk_bytes": int(vectors.path.stat().st_size),
         "query_p50_ms": 1e3 * float(np.percentile(times, 50)),
         "query_p99_ms": 1e3 * float(np.percentile(times, 99)),
     }

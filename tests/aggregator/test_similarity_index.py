@@ -120,8 +120,8 @@ def test_budget_path_never_holds_the_embedding_matrix(
     loaded = SimilarityIndex.load(small)
     assert loaded.kind() == reduced.kind() and loaded.kind()["rerank_candidates"] >= 1
     # the full vectors beside the compressed index, read through a memory map for re-ranking
-    assert isinstance(loaded.vectors, np.memmap) and loaded.vectors.shape == (n, e)
-    full = np.asarray(loaded.vectors, dtype=np.float32)
+    assert loaded.vectors is not None and loaded.vectors.shape == (n, e)
+    full = loaded.vectors.read(np.arange(n))
     for i in (0, 40, 95):
         q = full[i] / np.linalg.norm(full[i])
         hits = loaded.search(q, 5, exclude=[loaded.video_ids[i]])

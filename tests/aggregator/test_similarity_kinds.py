@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from aggregator.faiss_index import PQ_DSUB, ivfpq_plan
+from aggregator.rerank import open_vectors, write_vectors
 from aggregator.similarity import INDEX_SHARE, SimilarityIndex, index_matrix, normalize, plan_index
 
 
@@ -144,7 +145,7 @@ def test_saved_compressed_index_reloads(tmp_path: Path) -> None:
         assert float(v @ x[i]) / float(np.linalg.norm(v)) > 0.9
 
 
-def test_reranking_from_the_full_vectors_recovers_what_the_codes_miss() -> None:
+def test_reranking_from_the_full_vectors_recovers_what_the_codes_miss(tmp_path: Path) -> None:
     x = _clustered(3000, 256, seed=3)
     queries, x = x[:100], x[100:]
     n, e = x.shape
@@ -153,7 +154,8 @@ def test_reranking_from_the_full_vectors_recovers_what_the_codes_miss() -> None:
     ids = [f"v{i}" for i in range(n)]
     truth = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :10]
     codes_only = _recall(index, x, queries)
-    reranked = SimilarityIndex(index, ids, [None] * n, vectors=x.astype(np.float16))
+    path = write_vectors(tmp_path / "vectors.npy", [x[:1000], x[1000:]], n, e)
+    reranked = SimilarityIndex(index, ids, [None] * n, vectors=open_vectors(path, n, e))
     found = [[int(h.video_id[1:]) for h in reranked.search(q, 10)] for q in queries]
     recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
     assert recall >= max(codes_only, 0.95), (codes_only, recall)
