@@ -28,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,21 +418,7 @@ def build_index(
             yield normalize(block)
 
     index = empty_index(plan, sample)
-
-    def added() -> Generator[np.ndarray, None, None]:
-        for block in blocks(video_ids):
-            x = normalize(block)
-            index.add(x)
-            yield x
-
-    vectors = None
-    if plan.exact:
-        for _ in added():
-            pass
-        (Path(run_dir) / VECTORS_FILE).unlink(missing_ok=True)  # an earlier compressed build's
-    else:  # the full vectors beside the compressed index, to re-rank its candidates
-        path = write_vectors(Path(run_dir) / VECTORS_FILE, added(), len(video_ids), plan.e)
-        vectors = open_vectors(path, len(video_ids), plan.e)
+    vectors = _fill(index, plan, blocks(video_ids), len(video_ids), Path(run_dir))
     labels = _labels(store, video_ids)
     meta = {
         "run_id": predictor.run_id,
@@ -458,6 +444,28 @@ def build_index(
         meta["seconds"],
     )
     return result
+
+
+def _fill(
+    index: faiss.Index, plan: IndexPlan, blocks: Iterable[np.ndarray], n: int, run_dir: Path
+) -> VectorFile | None:
+    """Add the ``n`` embeddings of ``blocks`` to ``index``; beside a compressed index, also write
+    them to ``run_dir`` for re-ranking and return that file (an exact index: None, and an
+    earlier compressed build's file is removed)."""
+
+    def added() -> Generator[np.ndarray, None, None]:
+        for block in blocks:
+            x = normalize(block)
+            index.add(x)
+            yield x
+
+    if plan.exact:
+        for _ in added():
+            pass
+        (run_dir / VECTORS_FILE).unlink(missing_ok=True)
+        return None
+    path = write_vectors(run_dir / VECTORS_FILE, added(), n, plan.e)
+    return open_vectors(path, n, plan.e)
 
 
 def _check_streams(
