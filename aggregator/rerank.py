@@ -52,10 +52,15 @@ class VectorsWriter:
         self._file.write(np.ascontiguousarray(block, dtype="<f2").tobytes())
         self.done += len(block)
 
+    def abort(self) -> None:
+        """Close and remove the unfinished file."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
     def close(self) -> Path:
         self._file.close()
         if self.done != self.n:
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
             raise ValueError(
                 f"{self.done} embeddings written to {str(self.path)!r}, {self.n} expected"
             )
@@ -70,8 +75,7 @@ def write_vectors(path: str | Path, blocks: Iterable[np.ndarray], n: int, e: int
         for block in blocks:
             writer.add(block)
     except BaseException:
-        writer._file.close()
-        writer._tmp.unlink(missing_ok=True)
+        writer.abort()
         raise
     return writer.close()
 
